@@ -1,0 +1,253 @@
+//! Reading a Hugging Face PerceiverIO checkpoint: `config.json` and safetensors weights
+//! (single file or sharded), f32 / f16 / bf16. PyTorch pickles are refused, never executed.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// An int or a list of ints in config.json (`image_size` may be either).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum IntOrList {
+    /// One value, for both height and width.
+    Int(usize),
+    /// One value per axis.
+    List(Vec<usize>),
+}
+
+/// The fields of transformers' `PerceiverConfig` that shape the computation; defaults match it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct PerceiverConfig {
+    /// Head class names (`PerceiverForImageClassificationFourier`, ...).
+    pub architectures: Vec<String>,
+    /// N.
+    pub num_latents: usize,
+    /// D.
+    pub d_latents: usize,
+    /// Input width without a preprocessor; text embedding width with one.
+    pub d_model: usize,
+    /// Times the shared self-attention block is applied.
+    pub num_blocks: usize,
+    /// Self-attention layers (weight sets) per block.
+    pub num_self_attends_per_block: usize,
+    /// Heads in latent self-attention.
+    pub num_self_attention_heads: usize,
+    /// Heads in the encoder cross-attention.
+    pub num_cross_attention_heads: usize,
+    /// MLP activation (`gelu`, `relu`, ...).
+    pub hidden_act: String,
+    /// Text vocabulary size.
+    pub vocab_size: usize,
+    /// Text positions (and MLM output queries).
+    pub max_position_embeddings: usize,
+    /// Image size of the learned-position image head.
+    pub image_size: IntOrList,
+    /// Input size of the optical flow head.
+    pub train_size: Vec<usize>,
+    /// Video frames (multimodal).
+    pub num_frames: usize,
+    /// Audio samples per video frame (multimodal).
+    pub audio_samples_per_frame: usize,
+    /// Audio samples per patch (multimodal).
+    pub samples_per_patch: usize,
+    /// `[batch, frames, height, width]` of the video decoder queries (multimodal).
+    pub output_shape: Vec<usize>,
+    /// Channels of each multimodal decoder's output.
+    pub output_num_channels: usize,
+    /// Width of the multimodal label query.
+    #[serde(rename = "_label_trainable_num_channels")]
+    pub label_trainable_num_channels: usize,
+    /// `kv` or `q`.
+    pub cross_attention_shape_for_attention: String,
+    /// Query residual in the encoder cross-attention.
+    pub use_query_residual: bool,
+}
+
+impl Default for PerceiverConfig {
+    fn default() -> Self {
+        PerceiverConfig {
+            architectures: vec![],
+            num_latents: 256,
+            d_latents: 1280,
+            d_model: 768,
+            num_blocks: 1,
+            num_self_attends_per_block: 26,
+            num_self_attention_heads: 8,
+            num_cross_attention_heads: 8,
+            hidden_act: "gelu".into(),
+            vocab_size: 262,
+            max_position_embeddings: 2048,
+            image_size: IntOrList::Int(56),
+            train_size: vec![368, 496],
+            num_frames: 16,
+            audio_samples_per_frame: 1920,
+            samples_per_patch: 16,
+            output_shape: vec![1, 16, 224, 224],
+            output_num_channels: 512,
+            label_trainable_num_channels: 1024,
+            cross_attention_shape_for_attention: "kv".into(),
+            use_query_residual: true,
+        }
+    }
+}
+
+impl PerceiverConfig {
+    /// `image_size` as (height, width).
+    pub fn image_hw(&self) -> (usize, usize) {
+        match &self.image_size {
+            IntOrList::Int(s) => (*s, *s),
+            IntOrList::List(v) if v.len() == 2 => (v[0], v[1]),
+            IntOrList::List(v) => (v[0], v[0]),
+        }
+    }
+}
+
+/// One weight tensor, converted to f32.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// Full name in the checkpoint.
+    pub name: String,
+    /// Shape as stored (Linear weights are `[out, in]`).
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// A loaded checkpoint directory.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Parsed `config.json`.
+    pub config: PerceiverConfig,
+    /// `config.json` as JSON (for fields the typed config does not name).
+    pub raw_config: Value,
+    tensors: HashMap<String, Weight>,
+    /// `perceiver.` for head classes, empty for a bare `PerceiverModel`.
+    prefix: String,
+}
+
+fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    for (name, view) in st.iter() {
+        use safetensors::Dtype;
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::I64 | Dtype::I32 if name.ends_with("num_batches_tracked") => continue,
+            other => {
+                return Err(Error::file(path, format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16")))
+            }
+        };
+        out.insert(name.to_string(), Weight { name: name.to_string(), shape: view.shape().to_vec(), data });
+    }
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint directory (`config.json` + `model.safetensors` or a sharded index).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "not a checkpoint directory (expected config.json + model.safetensors)"));
+        }
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+        let raw_config: Value =
+            serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
+        let config: PerceiverConfig = serde_json::from_value(raw_config.clone())
+            .map_err(|e| Error::file(&cfg_path, format!("not a PerceiverConfig: {e}")))?;
+        if raw_config.get("model_type").and_then(Value::as_str).is_some_and(|t| t != "perceiver") {
+            return Err(Error::file(&cfg_path, format!("model_type is {}, expected \"perceiver\"", raw_config["model_type"])));
+        }
+
+        let mut tensors = HashMap::new();
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            read_safetensors(&single, &mut tensors)?;
+        } else if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::file(&index, "no \"weight_map\" object"))?;
+            let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                read_safetensors(&dir.join(shard), &mut tensors)?;
+            }
+        } else {
+            for bin in ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth"] {
+                if dir.join(bin).exists() {
+                    return Err(Error::file(
+                        &dir.join(bin),
+                        "PyTorch pickle checkpoints are not read (loading one executes code); convert it with \
+                         transformers: `Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`",
+                    ));
+                }
+            }
+            return Err(Error::file(&single, "missing (expected model.safetensors or model.safetensors.index.json)"));
+        }
+        let prefix = if tensors.keys().any(|k| k.starts_with("perceiver.")) { "perceiver." } else { "" };
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, raw_config, tensors, prefix: prefix.to_string() })
+    }
+
+    /// The head class named by `architectures[0]`.
+    pub fn architecture(&self) -> Result<&str> {
+        self.config.architectures.first().map(String::as_str).ok_or_else(|| {
+            Error::file(&self.dir.join("config.json"), "no \"architectures\" entry naming the Perceiver head class")
+        })
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// True when the model (under its `perceiver.` prefix, if any) has tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(&self.full_name(name))
+    }
+
+    /// A model tensor by its name under the `perceiver.` prefix (`encoder.cross_attention...`).
+    pub fn get(&self, name: &str) -> Result<&Weight> {
+        self.get_top(&self.full_name(name))
+    }
+
+    /// A tensor by its full name (`embedding_decoder.bias`).
+    pub fn get_top(&self, full: &str) -> Result<&Weight> {
+        self.tensors
+            .get(full)
+            .ok_or_else(|| Error::tensor(full, format!("missing from the checkpoint in {}", self.dir.display())))
+    }
+
+    /// A model tensor whose shape must be `shape` (`None` entries match any size).
+    pub fn get_shaped(&self, name: &str, shape: &[Option<usize>]) -> Result<&Weight> {
+        let w = self.get(name)?;
+        check_shape(w, shape)?;
+        Ok(w)
+    }
+
+    /// Number of parameters (elements of every stored tensor).
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.values().map(|w| w.data.len()).sum()
+    }
+}
+
+/// Checks `w`'s shape against `shape` (`None` = any size) with a one-line error.
+pub fn check_shape(w: &Weight, shape: &[Option<usize>]) -> Result<()> {
+    let ok = w.shape.len() == shape.len() && w.shape.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
+    if ok {
+        return Ok(());
+    }
+    let want: Vec<String> = shape.iter().map(|d| d.map_or("_".to_string(), |d| d.to_string())).collect();
+    Err(Error::tensor(&w.name, format!("has shape {:?}, expected [{}]", w.shape, want.join(", "))))
+}

@@ -1,0 +1,29 @@
+//! The PerceiverIO encoder: the latent array cross-attends to the inputs once, then the
+//! weight-shared block of latent self-attention layers is applied `num_blocks` times.
+
+use crate::blocks::{Builder, LayerOpts};
+use crate::error::Result;
+use crate::graph::Val;
+
+/// Encodes `inputs` (`[B, M, C]`, optional additive mask) into latents `[B, N, D]`.
+pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> {
+    let cfg = b.ck.config.clone();
+    let n = b.ck.get_shaped("embeddings.latents", &[None, None])?.shape.clone();
+    let latents = b.param_as("embeddings.latents", &[Some(n[0]), Some(n[1])], &[1, n[0], n[1]])?;
+    for (k, v) in [("N", n[0]), ("D", n[1]), ("M", inputs.shape[1]), ("C", inputs.shape[2])] {
+        b.dims.insert(k, v);
+    }
+    let cross = LayerOpts { heads: cfg.num_cross_attention_heads, query_residual: cfg.use_query_residual };
+    let mut z = b.scoped("encoder.cross", |b| {
+        b.perceiver_layer("encoder.cross_attention", &latents, Some(inputs), mask, cross)
+    })?;
+    let latent = LayerOpts { heads: cfg.num_self_attention_heads, query_residual: true };
+    for block in 0..cfg.num_blocks {
+        for i in 0..cfg.num_self_attends_per_block {
+            z = b.scoped(&format!("encoder.self.{block}.{i}"), |b| {
+                b.perceiver_layer(&format!("encoder.self_attends.{i}"), &z, None, None, latent)
+            })?;
+        }
+    }
+    Ok(z)
+}

@@ -1,0 +1,429 @@
+//! The exporter's graph: a small, ONNX-shaped IR that the model builders emit and the passes
+//! transform. Every value carries its fixed shape, so builders, passes and `inspect` never need
+//! a separate shape inference.
+
+use std::collections::{HashMap, HashSet};
+
+/// Element type of a graph value or constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// 64-bit signed integer (token ids, indices, shapes).
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// 8-bit signed integer.
+    I8,
+    /// 8-bit unsigned integer.
+    U8,
+    /// Boolean.
+    Bool,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 => 2,
+            DType::I64 => 8,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+}
+
+/// A constant tensor: raw little-endian bytes with a type and a shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorData {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes, row-major.
+    pub bytes: Vec<u8>,
+}
+
+impl TensorData {
+    /// An f32 tensor. Panics if `data` does not fill `shape` (a programming error).
+    pub fn f32(shape: &[usize], data: &[f32]) -> TensorData {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "f32 tensor {shape:?}");
+        TensorData {
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// An i64 tensor. Panics if `data` does not fill `shape` (a programming error).
+    pub fn i64(shape: &[usize], data: &[i64]) -> TensorData {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "i64 tensor {shape:?}");
+        TensorData {
+            dtype: DType::I64,
+            shape: shape.to_vec(),
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as f32 (only for f32 tensors).
+    pub fn as_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32).then(|| {
+            self.bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+}
+
+/// A named, typed, fixed-shape value flowing through the graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Val {
+    /// Unique name in the graph.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Fixed shape.
+    pub shape: Vec<usize>,
+}
+
+impl Val {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the last axis.
+    pub fn last_dim(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+}
+
+/// A node attribute.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    /// Integer.
+    Int(i64),
+    /// Float.
+    Float(f32),
+    /// Integer list.
+    Ints(Vec<i64>),
+    /// String.
+    Str(String),
+    /// Tensor.
+    Tensor(TensorData),
+}
+
+/// One operation, ONNX semantics (`op` is an ONNX op type in `domain`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    /// Unique node name; its first path segment is the model stage (see [`Stage`]).
+    pub name: String,
+    /// ONNX op type.
+    pub op: String,
+    /// ONNX domain ("" for the default domain).
+    pub domain: String,
+    /// Input value names (an empty string is an omitted optional input).
+    pub inputs: Vec<String>,
+    /// Output values.
+    pub outputs: Vec<Val>,
+    /// Attributes, in order.
+    pub attrs: Vec<(String, Attr)>,
+}
+
+/// The exporter's graph.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// Graph inputs, in order.
+    pub inputs: Vec<Val>,
+    /// Graph outputs, in order.
+    pub outputs: Vec<Val>,
+    /// Nodes in topological order.
+    pub nodes: Vec<Node>,
+    /// Constants (ONNX initializers), by name, in insertion order.
+    pub constants: Vec<(String, TensorData)>,
+    /// Key/value metadata written into the ONNX model.
+    pub metadata: Vec<(String, String)>,
+    scope: Vec<String>,
+    counter: usize,
+}
+
+/// Broadcast two shapes numpy-style.
+pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .map(|i| {
+            let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+            let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+            assert!(da == db || da == 1 || db == 1, "cannot broadcast {a:?} with {b:?}");
+            da.max(db)
+        })
+        .collect()
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    /// Pushes a node-name scope: nodes are named `scope/.../op_N` (the first segment is the stage).
+    pub fn push_scope(&mut self, name: &str) {
+        self.scope.push(name.to_string());
+    }
+
+    /// Pops the innermost node-name scope.
+    pub fn pop_scope(&mut self) {
+        self.scope.pop();
+    }
+
+    fn fresh(&mut self, what: &str) -> String {
+        self.counter += 1;
+        let mut name = self.scope.join("/");
+        if !name.is_empty() {
+            name.push('/');
+        }
+        name.push_str(what);
+        name.push('_');
+        name.push_str(&self.counter.to_string());
+        name
+    }
+
+    /// Declares a graph input.
+    pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> Val {
+        let v = Val { name: name.to_string(), dtype, shape: shape.to_vec() };
+        self.inputs.push(v.clone());
+        v
+    }
+
+    /// Declares `v` as a graph output named `name` (through an `Identity` node of that name).
+    pub fn output(&mut self, v: &Val, name: &str) {
+        let node_name = self.fresh("Identity");
+        let out = Val { name: name.to_string(), ..v.clone() };
+        self.nodes.push(Node {
+            name: node_name,
+            op: "Identity".into(),
+            domain: String::new(),
+            inputs: vec![v.name.clone()],
+            outputs: vec![out.clone()],
+            attrs: vec![],
+        });
+        self.outputs.push(out);
+    }
+
+    /// Adds a constant under the current scope and returns it as a value.
+    pub fn constant(&mut self, what: &str, data: TensorData) -> Val {
+        let name = self.fresh(what);
+        let v = Val { name: name.clone(), dtype: data.dtype, shape: data.shape.clone() };
+        self.constants.push((name, data));
+        v
+    }
+
+    /// An f32 constant.
+    pub fn const_f32(&mut self, what: &str, shape: &[usize], data: &[f32]) -> Val {
+        self.constant(what, TensorData::f32(shape, data))
+    }
+
+    /// An f32 scalar constant.
+    pub fn scalar(&mut self, v: f32) -> Val {
+        self.const_f32("scalar", &[], &[v])
+    }
+
+    /// An i64 constant.
+    pub fn const_i64(&mut self, what: &str, data: &[i64]) -> Val {
+        self.constant(what, TensorData::i64(&[data.len()], data))
+    }
+
+    /// Looks up a constant by value name.
+    pub fn constant_data(&self, name: &str) -> Option<&TensorData> {
+        self.constants.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Adds a node with one output of the given type and shape.
+    pub fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&Val],
+        attrs: Vec<(&str, Attr)>,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Val {
+        let name = self.fresh(op);
+        let out = Val { name: name.clone(), dtype, shape };
+        self.nodes.push(Node {
+            name,
+            op: op.to_string(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|v| v.name.clone()).collect(),
+            outputs: vec![out.clone()],
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        });
+        out
+    }
+
+    /// A shape-preserving unary op (`Erf`, `Relu`, `Sin`, ...).
+    pub fn unary(&mut self, op: &str, x: &Val) -> Val {
+        self.node(op, &[x], vec![], x.dtype, x.shape.clone())
+    }
+
+    /// A broadcasting binary op (`Add`, `Sub`, `Mul`, `Div`, ...).
+    pub fn binary(&mut self, op: &str, a: &Val, b: &Val) -> Val {
+        let shape = broadcast(&a.shape, &b.shape);
+        self.node(op, &[a, b], vec![], a.dtype, shape)
+    }
+
+    /// `a + b`.
+    pub fn add(&mut self, a: &Val, b: &Val) -> Val {
+        self.binary("Add", a, b)
+    }
+
+    /// `a * b`.
+    pub fn mul(&mut self, a: &Val, b: &Val) -> Val {
+        self.binary("Mul", a, b)
+    }
+
+    /// `x * s` for a scalar `s`.
+    pub fn mul_scalar(&mut self, x: &Val, s: f32) -> Val {
+        let c = self.scalar(s);
+        self.mul(x, &c)
+    }
+
+    /// Matrix product with numpy broadcasting of the leading axes.
+    pub fn matmul(&mut self, a: &Val, b: &Val) -> Val {
+        let (ra, rb) = (a.shape.len(), b.shape.len());
+        assert!(ra >= 2 && rb >= 2, "matmul {:?} x {:?}", a.shape, b.shape);
+        assert_eq!(a.shape[ra - 1], b.shape[rb - 2], "matmul {:?} x {:?}", a.shape, b.shape);
+        let mut shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2]);
+        shape.push(a.shape[ra - 2]);
+        shape.push(b.shape[rb - 1]);
+        self.node("MatMul", &[a, b], vec![], a.dtype, shape)
+    }
+
+    /// Reshape to a fixed shape.
+    pub fn reshape(&mut self, x: &Val, shape: &[usize]) -> Val {
+        assert_eq!(x.numel(), shape.iter().product::<usize>(), "reshape {:?} -> {shape:?}", x.shape);
+        if x.shape == shape {
+            return x.clone();
+        }
+        let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let c = self.const_i64("shape", &s);
+        self.node("Reshape", &[x, &c], vec![], x.dtype, shape.to_vec())
+    }
+
+    /// Axis permutation.
+    pub fn transpose(&mut self, x: &Val, perm: &[usize]) -> Val {
+        let shape = perm.iter().map(|&p| x.shape[p]).collect();
+        let perm = perm.iter().map(|&p| p as i64).collect();
+        self.node("Transpose", &[x], vec![("perm", Attr::Ints(perm))], x.dtype, shape)
+    }
+
+    /// Concatenation along `axis` (non-negative).
+    pub fn concat(&mut self, xs: &[&Val], axis: usize) -> Val {
+        let mut shape = xs[0].shape.clone();
+        shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
+        for x in xs {
+            assert_eq!(x.shape.len(), shape.len(), "concat ranks");
+        }
+        self.node("Concat", xs, vec![("axis", Attr::Int(axis as i64))], xs[0].dtype, shape)
+    }
+
+    /// Broadcasts `x` to `shape` (ONNX `Expand`); a no-op when already of that shape.
+    pub fn expand(&mut self, x: &Val, shape: &[usize]) -> Val {
+        if x.shape == shape {
+            return x.clone();
+        }
+        let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let c = self.const_i64("shape", &s);
+        self.node("Expand", &[x, &c], vec![], x.dtype, broadcast(&x.shape, shape))
+    }
+
+    /// Gathers rows of `data` along `axis` with integer `indices`.
+    pub fn gather(&mut self, data: &Val, indices: &Val, axis: usize) -> Val {
+        let mut shape = data.shape[..axis].to_vec();
+        shape.extend_from_slice(&indices.shape);
+        shape.extend_from_slice(&data.shape[axis + 1..]);
+        self.node("Gather", &[data, indices], vec![("axis", Attr::Int(axis as i64))], data.dtype, shape)
+    }
+
+    /// Softmax over the last axis.
+    pub fn softmax(&mut self, x: &Val) -> Val {
+        self.node("Softmax", &[x], vec![("axis", Attr::Int(-1))], x.dtype, x.shape.clone())
+    }
+
+    /// Type conversion.
+    pub fn cast(&mut self, x: &Val, to: DType) -> Val {
+        let code = crate::onnx::dtype_code(to) as i64;
+        self.node("Cast", &[x], vec![("to", Attr::Int(code))], to, x.shape.clone())
+    }
+
+    /// Removes nodes and constants that no graph output depends on.
+    pub fn prune(&mut self) {
+        let mut live: HashSet<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if n.outputs.iter().any(|o| live.contains(&o.name)) {
+                keep[i] = true;
+                live.extend(n.inputs.iter().cloned());
+            }
+        }
+        let mut k = keep.into_iter();
+        self.nodes.retain(|_| k.next().unwrap_or(false));
+        self.constants.retain(|(n, _)| live.contains(n));
+    }
+
+    /// Shapes of every named value (inputs, constants, node outputs).
+    pub fn value_shapes(&self) -> HashMap<&str, &[usize]> {
+        let mut m: HashMap<&str, &[usize]> = HashMap::new();
+        for v in &self.inputs {
+            m.insert(&v.name, &v.shape);
+        }
+        for (n, t) in &self.constants {
+            m.insert(n, &t.shape);
+        }
+        for n in &self.nodes {
+            for o in &n.outputs {
+                m.insert(&o.name, &o.shape);
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_follows_numpy() {
+        assert_eq!(broadcast(&[1, 4, 1, 8], &[2, 1, 3, 8]), vec![2, 4, 3, 8]);
+        assert_eq!(broadcast(&[3, 5], &[5]), vec![3, 5]);
+        assert_eq!(broadcast(&[], &[2, 2]), vec![2, 2]);
+    }
+
+    #[test]
+    fn prune_drops_dead_nodes_and_constants() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 3]);
+        let w = g.const_f32("w", &[3, 4], &[0.0; 12]);
+        let dead = g.const_f32("dead", &[3, 4], &[0.0; 12]);
+        let y = g.matmul(&x, &w);
+        let _unused = g.matmul(&x, &dead);
+        g.output(&y, "y");
+        g.prune();
+        assert_eq!(g.nodes.len(), 2, "MatMul + Identity remain");
+        assert_eq!(g.constants.len(), 1);
+        assert_eq!(g.outputs[0].shape, vec![2, 4]);
+    }
+}

@@ -1,0 +1,138 @@
+//! `PerceiverForMultimodalAutoencoding`: video + audio (+ a label that transformers always
+//! masks) encoded together, decoded in chunks of output points chosen by index inputs, the
+//! way transformers' `subsampled_output_points` does it.
+
+use crate::blocks::{Builder, LayerOpts};
+use crate::decoder::{Decoder, Queries};
+use crate::encoder::encode;
+use crate::error::{Error, Result};
+use crate::graph::{DType, Val};
+use crate::position::{fourier_at_indices, Fourier};
+use crate::spec::ExportOptions;
+
+/// Number of chunks the full output is split into when no chunk size is given (as in
+/// transformers' documentation example).
+pub const DEFAULT_CHUNKS: usize = 128;
+
+/// Pads `x` (`[B, M, c]`) to `width` channels with the trainable vector `pad_name` (`[1, width - c]`).
+fn pad(b: &mut Builder, x: &Val, pad_name: &str, width: usize) -> Result<Val> {
+    let c = x.last_dim();
+    let p = b.param(pad_name, &[Some(1), Some(width - c)])?;
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = width - c;
+    let p = b.g.expand(&p, &shape);
+    Ok(b.g.concat(&[x, &p], x.shape.len() - 1))
+}
+
+/// Video position features: 3-D, 32 bands, max resolution (frames, image_size, image_size).
+fn video_fourier(cfg: &crate::checkpoint::PerceiverConfig) -> Fourier {
+    let s = cfg.image_hw().0;
+    Fourier { num_bands: 32, max_resolution: vec![cfg.num_frames, s, s], concat_pos: true, sine_only: false }
+}
+
+/// Builds the multimodal graph: inputs `image` `[B, T, 3, H, W]`, `audio` `[B, S, 1]`,
+/// `image_points` `[Ki]`, `audio_points` `[Ka]`; outputs `audio` `[B, Ka * samples_per_patch]`,
+/// `image` `[B, Ki, 3]`, `label` `[B, num_labels]`.
+pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
+    let cfg = b.ck.config.clone();
+    let batch = b.batch;
+    let (t, spp) = (cfg.num_frames, cfg.samples_per_patch);
+    let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
+    let n_audio = cfg.num_frames * cfg.audio_samples_per_frame;
+    if h % 4 != 0 || w % 4 != 0 || n_audio % spp != 0 || cfg.output_shape.len() != 4 {
+        return Err(Error::invalid(format!(
+            "multimodal: image {h}x{w} must be divisible by 4, audio samples {n_audio} by samples_per_patch {spp}, and output_shape have 4 entries"
+        )));
+    }
+    let common = b.ck.get_shaped("input_preprocessor.mask.image", &[Some(1), None])?.shape[1];
+
+    // Preprocessing: audio patches and video patches with Fourier features, padded to a common
+    // width, then the always-masked label token; concatenated in sorted order (audio, image, label).
+    let x = b.scoped("preprocess", |b| {
+        let audio = b.g.input("audio", DType::F32, &[batch, n_audio, 1]);
+        let na = n_audio / spp;
+        let a = b.g.reshape(&audio, &[batch, na, spp]);
+        let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
+        let pa = b.g.const_f32("audio_positions", &[1, na, fa.width()], &fa.grid(&[na]));
+        let pa = b.g.expand(&pa, &[batch, na, fa.width()]);
+        let a = b.g.concat(&[&a, &pa], 2);
+        let a = pad(b, &a, "input_preprocessor.padding.audio", common)?;
+
+        let video = b.g.input("image", DType::F32, &[batch, t, 3, h, w]);
+        let (hb, wb) = (h / 4, w / 4);
+        // transformers' space_to_depth (block 4): [B*T, 3, Hb, 4, Wb, 4] -> [B*T, Hb, Wb, 4, 4, 3].
+        let v = b.g.reshape(&video, &[batch * t, 3, hb, 4, wb, 4]);
+        let v = b.g.transpose(&v, &[0, 2, 4, 3, 5, 1]);
+        let ni = t * hb * wb;
+        let v = b.g.reshape(&v, &[batch, ni, 48]);
+        let fi = video_fourier(&cfg);
+        let pi = b.g.const_f32("image_positions", &[1, ni, fi.width()], &fi.grid(&[t, hb, wb]));
+        let pi = b.g.expand(&pi, &[batch, ni, fi.width()]);
+        let v = b.g.concat(&[&v, &pi], 2);
+        let v = pad(b, &v, "input_preprocessor.padding.image", common)?;
+
+        let label = b.param_as("input_preprocessor.mask.label", &[Some(1), Some(common)], &[1, 1, common])?;
+        let label = b.g.expand(&label, &[batch, 1, common]);
+        Ok(b.g.concat(&[&a, &v, &label], 1))
+    })?;
+    let z = encode(b, &x, None)?;
+
+    // Decoder queries: Fourier features of the chosen audio patches and video points, and the
+    // trainable label query, each padded to the decoder's query width.
+    let out_dims = cfg.output_shape[1..].to_vec();
+    let total_img: usize = out_dims.iter().product();
+    let total_audio = n_audio / spp;
+    let ki = opts.image_points.unwrap_or((total_img / DEFAULT_CHUNKS).max(1));
+    let ka = opts.audio_points.unwrap_or((total_audio / DEFAULT_CHUNKS).max(1));
+    if ki == 0 || ki > total_img || ka == 0 || ka > total_audio {
+        return Err(Error::invalid(format!(
+            "--image-points must be in 1..={total_img} and --audio-points in 1..={total_audio}"
+        )));
+    }
+    let label_q = "decoder.modalities.label.decoder.output_position_encodings.position_embeddings";
+    let qwidth = b.ck.get_shaped("decoder.padding.label", &[Some(1), None])?.shape[1]
+        + b.ck.get_shaped(label_q, &[Some(1), None])?.shape[1];
+    let image_idx = b.g.input("image_points", DType::I64, &[ki]);
+    let audio_idx = b.g.input("audio_points", DType::I64, &[ka]);
+    let y = b.scoped("decoder", |b| {
+        let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
+        let qa = fourier_at_indices(&mut b.g, &fa, &audio_idx, &[total_audio]);
+        let qa = pad(b, &qa, "decoder.padding.audio", qwidth)?;
+        let fi = video_fourier(&cfg);
+        let qi = fourier_at_indices(&mut b.g, &fi, &image_idx, &out_dims);
+        let qi = pad(b, &qi, "decoder.padding.image", qwidth)?;
+        let ql = b.param(label_q, &[Some(1), None])?;
+        let ql = pad(b, &ql, "decoder.padding.label", qwidth)?;
+        let q = b.g.concat(&[&qa, &qi, &ql], 0);
+        let q = b.g.reshape(&q, &[1, ka + ki + 1, qwidth]);
+        let dec = Decoder {
+            prefix: "decoder.decoder".into(),
+            queries: Queries::Inputs(q.clone()),
+            opts: LayerOpts { heads: 1, query_residual: false },
+        };
+        dec.decode(b, &q, &z)
+    })?;
+
+    // Postprocessing: split the decoded points by modality and project each.
+    b.scoped("postprocess", |b| {
+        let f = y.last_dim();
+        let split = |b: &mut Builder, start: usize, len: usize| -> Val {
+            let idx: Vec<i64> = (start..start + len).map(|i| i as i64).collect();
+            let idx = b.g.const_i64("split", &idx);
+            b.g.gather(&y, &idx, 1)
+        };
+        let ya = split(b, 0, ka);
+        let ya = b.linear("output_postprocessor.modalities.audio.classifier", &ya)?;
+        let ya = b.g.reshape(&ya, &[batch, ka * ya.last_dim()]);
+        let yi = split(b, ka, ki);
+        let yi = b.linear("output_postprocessor.modalities.image.classifier", &yi)?;
+        let yl = split(b, ka + ki, 1);
+        let yl = b.linear("output_postprocessor.modalities.label.classifier", &yl)?;
+        let yl = b.g.reshape(&yl, &[batch, yl.last_dim()]);
+        debug_assert_eq!(f, y.last_dim());
+        b.g.output(&ya, "audio");
+        b.g.output(&yi, "image");
+        b.g.output(&yl, "label");
+        Ok(())
+    })
+}

@@ -1,0 +1,130 @@
+//! Serialises a [`Graph`] into an ONNX `ModelProto` (protobuf types from `tract_onnx::pb`).
+
+use crate::graph::{Attr, DType, Graph, TensorData, Val};
+use prost::Message;
+use tract_onnx::pb;
+
+/// ONNX opset of the default domain used by every exported graph.
+pub const OPSET: i64 = 17;
+/// ONNX IR version written (IR 8 goes with opset 17).
+pub const IR_VERSION: i64 = 8;
+
+/// ONNX `TensorProto.DataType` code of a [`DType`].
+pub fn dtype_code(d: DType) -> i32 {
+    use pb::tensor_proto::DataType as T;
+    (match d {
+        DType::F32 => T::Float,
+        DType::F16 => T::Float16,
+        DType::I64 => T::Int64,
+        DType::I32 => T::Int32,
+        DType::I8 => T::Int8,
+        DType::U8 => T::Uint8,
+        DType::Bool => T::Bool,
+    }) as i32
+}
+
+fn tensor_proto(name: &str, t: &TensorData) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.to_string(),
+        dims: t.shape.iter().map(|&d| d as i64).collect(),
+        data_type: dtype_code(t.dtype),
+        raw_data: t.bytes.clone(),
+        ..Default::default()
+    }
+}
+
+fn value_info(v: &Val) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    pb::ValueInfoProto {
+        name: v.name.clone(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: dtype_code(v.dtype),
+                shape: Some(pb::TensorShapeProto {
+                    dim: v
+                        .shape
+                        .iter()
+                        .map(|&d| Dimension { value: Some(D::DimValue(d as i64)), ..Default::default() })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn attribute(name: &str, a: &Attr) -> pb::AttributeProto {
+    use pb::attribute_proto::AttributeType as A;
+    let mut p = pb::AttributeProto { name: name.to_string(), ..Default::default() };
+    match a {
+        Attr::Int(i) => {
+            p.r#type = A::Int as i32;
+            p.i = *i;
+        }
+        Attr::Float(f) => {
+            p.r#type = A::Float as i32;
+            p.f = *f;
+        }
+        Attr::Ints(v) => {
+            p.r#type = A::Ints as i32;
+            p.ints = v.clone();
+        }
+        Attr::Str(s) => {
+            p.r#type = A::String as i32;
+            p.s = s.as_bytes().to_vec();
+        }
+        Attr::Tensor(t) => {
+            p.r#type = A::Tensor as i32;
+            p.t = Some(tensor_proto("", t));
+        }
+    }
+    p
+}
+
+/// Builds the ONNX model proto of `g`.
+pub fn to_model_proto(g: &Graph) -> pb::ModelProto {
+    let mut domains: Vec<&str> = g.nodes.iter().map(|n| n.domain.as_str()).filter(|d| !d.is_empty()).collect();
+    domains.sort();
+    domains.dedup();
+    let mut opset_import = vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET }];
+    opset_import.extend(domains.iter().map(|d| pb::OperatorSetIdProto { domain: d.to_string(), version: 1 }));
+    let graph = pb::GraphProto {
+        name: "perceiver_edge".into(),
+        node: g
+            .nodes
+            .iter()
+            .map(|n| pb::NodeProto {
+                name: n.name.clone(),
+                op_type: n.op.clone(),
+                domain: n.domain.clone(),
+                input: n.inputs.clone(),
+                output: n.outputs.iter().map(|o| o.name.clone()).collect(),
+                attribute: n.attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        initializer: g.constants.iter().map(|(n, t)| tensor_proto(n, t)).collect(),
+        input: g.inputs.iter().map(value_info).collect(),
+        output: g.outputs.iter().map(value_info).collect(),
+        ..Default::default()
+    };
+    pb::ModelProto {
+        ir_version: IR_VERSION,
+        opset_import,
+        producer_name: "perceiver-edge".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph),
+        metadata_props: g
+            .metadata
+            .iter()
+            .map(|(k, v)| pb::StringStringEntryProto { key: k.clone(), value: v.clone() })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Encodes `g` as ONNX protobuf bytes.
+pub fn to_bytes(g: &Graph) -> Vec<u8> {
+    to_model_proto(g).encode_to_vec()
+}

@@ -1,0 +1,160 @@
+//! Position encodings. Fourier features depend only on the (fixed) index shape, so they are
+//! computed here, in f32 exactly as torch does, and enter the graph as constants. For decoding
+//! an arbitrary subset of output positions, [`fourier_at_indices`] emits the same features as
+//! graph nodes computed from an index input.
+
+use crate::graph::{DType, Graph, Val};
+
+/// Parameters of transformers' `PerceiverFourierPositionEncoding`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fourier {
+    /// Frequency bands per dimension.
+    pub num_bands: usize,
+    /// Resolution the bands are scaled to, one per index dimension.
+    pub max_resolution: Vec<usize>,
+    /// Prepend the raw positions.
+    pub concat_pos: bool,
+    /// Only sines (no cosines).
+    pub sine_only: bool,
+}
+
+impl Fourier {
+    /// Output width: `d * bands * (1 or 2) + (d if concat_pos)`.
+    pub fn width(&self) -> usize {
+        let d = self.max_resolution.len();
+        d * self.num_bands * if self.sine_only { 1 } else { 2 } + if self.concat_pos { d } else { 0 }
+    }
+
+    /// Frequency bands of dimension `d`: `linspace(1, max_resolution[d] / 2, num_bands)`.
+    fn bands(&self, d: usize) -> Vec<f32> {
+        linspace(1.0, self.max_resolution[d] as f32 / 2.0, self.num_bands)
+    }
+
+    /// Features of positions `pos` (`[K, d]`, row-major) as `[K, width]`.
+    pub fn features(&self, pos: &[f32]) -> Vec<f32> {
+        let d = self.max_resolution.len();
+        let k = pos.len() / d;
+        let bands: Vec<Vec<f32>> = (0..d).map(|i| self.bands(i)).collect();
+        let w = self.width();
+        let mut out = Vec::with_capacity(k * w);
+        for p in pos.chunks_exact(d) {
+            // Products as f32, then pi * f as f32 (torch's order); sin/cos rounded from f64.
+            let f: Vec<f32> = (0..d).flat_map(|i| bands[i].iter().map(move |b| std::f32::consts::PI * (p[i] * b))).collect();
+            if self.concat_pos {
+                out.extend_from_slice(p);
+            }
+            out.extend(f.iter().map(|&x| (x as f64).sin() as f32));
+            if !self.sine_only {
+                out.extend(f.iter().map(|&x| (x as f64).cos() as f32));
+            }
+        }
+        out
+    }
+
+    /// Features of the full grid over `index_dims` (`linspace(-1, 1, n)` per axis, 'ij' order).
+    pub fn grid(&self, index_dims: &[usize]) -> Vec<f32> {
+        self.features(&linear_positions(index_dims))
+    }
+}
+
+/// `torch.linspace(start, end, steps)` in f32, with torch's two-sided formula.
+pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps)
+        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 })
+        .collect()
+}
+
+/// transformers' `build_linear_positions`: `[prod(dims), d]` grid of `linspace(-1, 1)` coordinates.
+pub fn linear_positions(index_dims: &[usize]) -> Vec<f32> {
+    let axes: Vec<Vec<f32>> = index_dims.iter().map(|&n| linspace(-1.0, 1.0, n)).collect();
+    let total: usize = index_dims.iter().product();
+    let mut out = Vec::with_capacity(total * index_dims.len());
+    for flat in 0..total {
+        let mut rem = flat;
+        let mut coord = vec![0usize; index_dims.len()];
+        for (i, &n) in index_dims.iter().enumerate().rev() {
+            coord[i] = rem % n;
+            rem /= n;
+        }
+        out.extend(coord.iter().enumerate().map(|(i, &c)| axes[i][c]));
+    }
+    out
+}
+
+/// Graph nodes computing the Fourier features of flat output indices `idx` (`[K]`, int64) over
+/// `index_dims`, with transformers' subsampled-decoding positions `-1 + 2 * coord / dim`.
+/// Returns `[K, width]`.
+pub fn fourier_at_indices(g: &mut Graph, f: &Fourier, idx: &Val, index_dims: &[usize]) -> Val {
+    let k = idx.shape[0];
+    let d = index_dims.len();
+    let mut coords = Vec::new();
+    let mut stride: usize = index_dims.iter().product();
+    for &n in index_dims {
+        stride /= n;
+        let s = g.const_i64("stride", &[stride as i64]);
+        let q = g.binary("Div", idx, &s);
+        let nn = g.const_i64("dim", &[n as i64]);
+        let c = g.binary("Mod", &q, &nn);
+        // (2 * coord) / n - 1, as transformers computes it.
+        let two = g.const_i64("two", &[2]);
+        let c2 = g.binary("Mul", &c, &two);
+        let cf = g.cast(&c2, DType::F32);
+        let nf = g.const_f32("dim_f", &[1], &[n as f32]);
+        let p = g.binary("Div", &cf, &nf);
+        let m1 = g.const_f32("minus_one", &[1], &[-1.0]);
+        let p = g.add(&p, &m1);
+        coords.push(g.reshape(&p, &[k, 1]));
+    }
+    let refs: Vec<&Val> = coords.iter().collect();
+    let pos = if d == 1 { coords[0].clone() } else { g.concat(&refs, 1) };
+    let bands: Vec<f32> = (0..d).flat_map(|i| f.bands(i)).collect();
+    let bands = g.const_f32("bands", &[1, d, f.num_bands], &bands);
+    let p3 = g.reshape(&pos, &[k, d, 1]);
+    let prod = g.mul(&p3, &bands);
+    let prod = g.reshape(&prod, &[k, d * f.num_bands]);
+    let arg = g.mul_scalar(&prod, std::f32::consts::PI);
+    let mut parts = vec![];
+    if f.concat_pos {
+        parts.push(pos.clone());
+    }
+    parts.push(g.unary("Sin", &arg));
+    if !f.sine_only {
+        parts.push(g.unary("Cos", &arg));
+    }
+    let refs: Vec<&Val> = parts.iter().collect();
+    g.concat(&refs, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linspace_matches_torch_endpoints() {
+        let v = linspace(-1.0, 1.0, 5);
+        assert_eq!(v, vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(linspace(1.0, 112.0, 64)[63], 112.0);
+    }
+
+    #[test]
+    fn grid_layout_is_pos_then_sin_then_cos() {
+        let f = Fourier { num_bands: 2, max_resolution: vec![4, 6], concat_pos: true, sine_only: false };
+        assert_eq!(f.width(), 2 * 2 * 2 + 2);
+        let g = f.grid(&[2, 3]);
+        assert_eq!(g.len(), 6 * 10);
+        // Second position: coordinates (-1, 0); bands dim0 = [1, 2], dim1 = [1, 3].
+        let row = &g[10..20];
+        assert_eq!(&row[..2], &[-1.0, 0.0]);
+        let pi = std::f64::consts::PI;
+        let want_sin = [(-pi).sin(), (-2.0 * pi).sin(), 0.0, 0.0];
+        for (a, b) in row[2..6].iter().zip(want_sin) {
+            assert!((*a as f64 - b).abs() < 1e-6);
+        }
+        assert!((row[6] as f64 - (-pi).cos()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,150 @@
+//! What `inspect` reports: architecture sizes, parameters, FLOPs per stage and memory, computed
+//! from the built graph (so it describes exactly what is exported).
+
+use crate::graph::{DType, Graph};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Metadata key under which the summary is stored (as JSON) in the ONNX model.
+pub const METADATA_KEY: &str = "perceiver_edge.summary";
+
+/// Architecture, cost and memory of an exported graph.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    /// transformers head class.
+    pub architecture: String,
+    /// Sizes: `N`, `D` (latents), `M`, `C` (inputs), `O`, `E` (output queries).
+    pub dims: BTreeMap<String, usize>,
+    /// `num_blocks` x `num_self_attends_per_block`.
+    pub depth: (usize, usize),
+    /// Cross- and self-attention heads of the encoder.
+    pub heads: (usize, usize),
+    /// Fixed batch size.
+    pub batch: usize,
+    /// Parameters in the checkpoint.
+    pub parameters: usize,
+    /// Multiply-add FLOPs (2 per MAC) of matmuls and convolutions, per stage, in graph order.
+    pub flops: Vec<(String, u64)>,
+    /// Bytes of constants (weights and precomputed tables) in the graph.
+    pub weight_bytes: usize,
+    /// The largest intermediate value: (name, bytes).
+    pub largest_activation: (String, usize),
+    /// Graph inputs: (name, dtype, shape).
+    pub inputs: Vec<(String, String, Vec<usize>)>,
+    /// Graph outputs: (name, dtype, shape).
+    pub outputs: Vec<(String, String, Vec<usize>)>,
+}
+
+fn stage_of(node: &str) -> String {
+    let first = node.split('/').next().unwrap_or(node);
+    match first {
+        s if s.starts_with("encoder.cross") => "encoder cross-attention".into(),
+        s if s.starts_with("encoder.self") => "latent self-attention".into(),
+        s => s.to_string(),
+    }
+}
+
+fn dtype_name(d: DType) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+/// Computes FLOPs per stage and memory of `g`.
+pub fn cost(g: &Graph) -> (Vec<(String, u64)>, usize, (String, usize)) {
+    let shapes = g.value_shapes();
+    let mut flops: Vec<(String, u64)> = vec![];
+    let mut largest = (String::new(), 0usize);
+    for n in &g.nodes {
+        let out = &n.outputs[0];
+        let numel = out.numel() as u64;
+        let f = match n.op.as_str() {
+            "MatMul" | "MatMulInteger" | "MatMulNBits" => {
+                let k = shapes.get(n.inputs[0].as_str()).and_then(|s| s.last()).copied().unwrap_or(0);
+                2 * numel * k as u64
+            }
+            "Conv" => {
+                let w = shapes.get(n.inputs[1].as_str()).map(|s| s[1..].iter().product::<usize>()).unwrap_or(0);
+                2 * numel * w as u64
+            }
+            _ => 0,
+        };
+        if f > 0 {
+            let stage = stage_of(&n.name);
+            match flops.iter_mut().find(|(s, _)| *s == stage) {
+                Some(e) => e.1 += f,
+                None => flops.push((stage, f)),
+            }
+        }
+        let bytes = out.numel() * out.dtype.size();
+        if bytes > largest.1 {
+            largest = (out.name.clone(), bytes);
+        }
+    }
+    let weight_bytes = g.constants.iter().map(|(_, t)| t.bytes.len()).sum();
+    (flops, weight_bytes, largest)
+}
+
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1048576.0 {
+        format!("{:.2} MiB", b / 1048576.0)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+impl Summary {
+    /// Builds the summary of graph `g` exported from a checkpoint.
+    pub fn new(g: &Graph, architecture: &str, dims: &BTreeMap<&str, usize>, cfg: &crate::checkpoint::PerceiverConfig, batch: usize, parameters: usize) -> Summary {
+        let (flops, weight_bytes, largest_activation) = cost(g);
+        let io = |v: &[crate::graph::Val]| v.iter().map(|v| (v.name.clone(), dtype_name(v.dtype), v.shape.clone())).collect();
+        Summary {
+            architecture: architecture.to_string(),
+            dims: dims.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            depth: (cfg.num_blocks, cfg.num_self_attends_per_block),
+            heads: (cfg.num_cross_attention_heads, cfg.num_self_attention_heads),
+            batch,
+            parameters,
+            flops,
+            weight_bytes,
+            largest_activation,
+            inputs: io(&g.inputs),
+            outputs: io(&g.outputs),
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |k: &str| self.dims.get(k).map_or("-".to_string(), |v| v.to_string());
+        writeln!(f, "architecture   {}", self.architecture)?;
+        writeln!(f, "latents        N x D = {} x {}", d("N"), d("D"))?;
+        writeln!(
+            f,
+            "depth          {} block(s) x {} self-attention layer(s) = {} latent layers (weights shared across blocks)",
+            self.depth.0,
+            self.depth.1,
+            self.depth.0 * self.depth.1
+        )?;
+        writeln!(f, "heads          cross {} / self {}", self.heads.0, self.heads.1)?;
+        writeln!(f, "inputs         M x C = {} x {}", d("M"), d("C"))?;
+        writeln!(f, "output queries O x E = {} x {}", d("O"), d("E"))?;
+        writeln!(f, "batch          {}", self.batch)?;
+        writeln!(f, "parameters     {} ({:.2} M)", self.parameters, self.parameters as f64 / 1e6)?;
+        let total: u64 = self.flops.iter().map(|(_, v)| v).sum();
+        writeln!(f, "FLOPs          {:.4} GFLOPs per inference (matmul + conv, 2 per MAC)", total as f64 / 1e9)?;
+        for (stage, v) in &self.flops {
+            writeln!(f, "  {:<24} {:>12.4} GFLOPs  {:5.1} %", stage, *v as f64 / 1e9, 100.0 * *v as f64 / total.max(1) as f64)?;
+        }
+        writeln!(f, "memory         weights {} ; largest activation {} ({})", human(self.weight_bytes), human(self.largest_activation.1), self.largest_activation.0)?;
+        for (n, t, s) in &self.inputs {
+            writeln!(f, "input          {n}: {t} {s:?}")?;
+        }
+        for (n, t, s) in &self.outputs {
+            writeln!(f, "output         {n}: {t} {s:?}")?;
+        }
+        Ok(())
+    }
+}
