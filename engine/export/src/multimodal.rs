@@ -10,9 +10,16 @@ use crate::graph::{DType, Val};
 use crate::position::{fourier_at_indices, Fourier};
 use crate::spec::ExportOptions;
 
-/// Number of chunks the full output is split into when no chunk size is given (as in
-/// transformers' documentation example).
-pub const DEFAULT_CHUNKS: usize = 128;
+/// Fourier queries `[K, width]` of the points `idx` (in-graph), or of the whole grid (constant).
+fn fourier_queries(b: &mut Builder, f: &Fourier, idx: Option<&Val>, dims: &[usize]) -> Val {
+    match idx {
+        Some(idx) => fourier_at_indices(&mut b.g, f, idx, dims),
+        None => {
+            let rows = dims.iter().product();
+            b.g.const_f32("queries", &[rows, f.width()], &f.grid(dims))
+        }
+    }
+}
 
 /// Pads `x` (`[B, M, c]`) to `width` channels with the trainable vector `pad_name` (`[1, width - c]`).
 fn pad(b: &mut Builder, x: &Val, pad_name: &str, width: usize) -> Result<Val> {
@@ -30,9 +37,10 @@ fn video_fourier(cfg: &crate::checkpoint::PerceiverConfig) -> Fourier {
     Fourier { num_bands: 32, max_resolution: vec![cfg.num_frames, s, s], concat_pos: true, sine_only: false }
 }
 
-/// Builds the multimodal graph: inputs `image` `[B, T, 3, H, W]`, `audio` `[B, S, 1]`,
-/// `image_points` `[Ki]`, `audio_points` `[Ka]`; outputs `audio` `[B, Ka * samples_per_patch]`,
-/// `image` `[B, Ki, 3]`, `label` `[B, num_labels]`.
+/// Builds the multimodal graph: inputs `image` `[B, T, 3, H, W]`, `audio` `[B, S, 1]`, and with
+/// chunked decoding `image_points` `[Ki]` / `audio_points` `[Ka]`; outputs `audio_logits`
+/// `[B, Ka * samples_per_patch]`, `image_logits` `[B, Ki, 3]`, `label_logits` `[B, num_labels]`
+/// (Ki, Ka = every point without chunking).
 pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let cfg = b.ck.config.clone();
     let batch = b.batch;
@@ -48,8 +56,9 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
 
     // Preprocessing: audio patches and video patches with Fourier features, padded to a common
     // width, then the always-masked label token; concatenated in sorted order (audio, image, label).
+    let video = b.g.input("image", DType::F32, &[batch, t, 3, h, w]);
+    let audio = b.g.input("audio", DType::F32, &[batch, n_audio, 1]);
     let x = b.scoped("preprocess", |b| {
-        let audio = b.g.input("audio", DType::F32, &[batch, n_audio, 1]);
         let na = n_audio / spp;
         let a = b.g.reshape(&audio, &[batch, na, spp]);
         let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
@@ -58,7 +67,6 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         let a = b.g.concat(&[&a, &pa], 2);
         let a = pad(b, &a, "input_preprocessor.padding.audio", common)?;
 
-        let video = b.g.input("image", DType::F32, &[batch, t, 3, h, w]);
         let (hb, wb) = (h / 4, w / 4);
         // transformers' space_to_depth (block 4): [B*T, 3, Hb, 4, Wb, 4] -> [B*T, Hb, Wb, 4, 4, 3].
         let v = b.g.reshape(&video, &[batch * t, 3, hb, 4, wb, 4]);
@@ -77,29 +85,28 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     })?;
     let z = encode(b, &x, None)?;
 
-    // Decoder queries: Fourier features of the chosen audio patches and video points, and the
-    // trainable label query, each padded to the decoder's query width.
+    // Decoder queries: Fourier features of the audio patches and video points (all of them on
+    // the linspace grid, or the chunk chosen by an index input), and the trainable label query,
+    // each padded to the decoder's query width.
     let out_dims = cfg.output_shape[1..].to_vec();
     let total_img: usize = out_dims.iter().product();
     let total_audio = n_audio / spp;
-    let ki = opts.image_points.unwrap_or((total_img / DEFAULT_CHUNKS).max(1));
-    let ka = opts.audio_points.unwrap_or((total_audio / DEFAULT_CHUNKS).max(1));
-    if ki == 0 || ki > total_img || ka == 0 || ka > total_audio {
-        return Err(Error::invalid(format!(
-            "--image-points must be in 1..={total_img} and --audio-points in 1..={total_audio}"
-        )));
+    for (k, total, what) in [(opts.image_points, total_img, "--image-points"), (opts.audio_points, total_audio, "--audio-points")] {
+        if k.is_some_and(|k| k == 0 || k > total) {
+            return Err(Error::invalid(format!("{what} must be in 1..={total}")));
+        }
     }
+    let image_idx = opts.image_points.map(|k| b.g.input("image_points", DType::I64, &[k]));
+    let audio_idx = opts.audio_points.map(|k| b.g.input("audio_points", DType::I64, &[k]));
+    let (ki, ka) = (opts.image_points.unwrap_or(total_img), opts.audio_points.unwrap_or(total_audio));
     let label_q = "decoder.modalities.label.decoder.output_position_encodings.position_embeddings";
     let qwidth = b.ck.get_shaped("decoder.padding.label", &[Some(1), None])?.shape[1]
         + b.ck.get_shaped(label_q, &[Some(1), None])?.shape[1];
-    let image_idx = b.g.input("image_points", DType::I64, &[ki]);
-    let audio_idx = b.g.input("audio_points", DType::I64, &[ka]);
     let y = b.scoped("decoder", |b| {
         let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
-        let qa = fourier_at_indices(&mut b.g, &fa, &audio_idx, &[total_audio]);
+        let qa = fourier_queries(b, &fa, audio_idx.as_ref(), &[total_audio]);
         let qa = pad(b, &qa, "decoder.padding.audio", qwidth)?;
-        let fi = video_fourier(&cfg);
-        let qi = fourier_at_indices(&mut b.g, &fi, &image_idx, &out_dims);
+        let qi = fourier_queries(b, &video_fourier(&cfg), image_idx.as_ref(), &out_dims);
         let qi = pad(b, &qi, "decoder.padding.image", qwidth)?;
         let ql = b.param(label_q, &[Some(1), None])?;
         let ql = pad(b, &ql, "decoder.padding.label", qwidth)?;
@@ -130,9 +137,9 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         let yl = b.linear("output_postprocessor.modalities.label.classifier", &yl)?;
         let yl = b.g.reshape(&yl, &[batch, yl.last_dim()]);
         debug_assert_eq!(f, y.last_dim());
-        b.g.output(&ya, "audio");
-        b.g.output(&yi, "image");
-        b.g.output(&yl, "label");
+        b.g.output(&ya, "audio_logits");
+        b.g.output(&yi, "image_logits");
+        b.g.output(&yl, "label_logits");
         Ok(())
     })
 }

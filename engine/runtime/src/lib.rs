@@ -1,1 +1,225 @@
-pub fn x(){}
+//! perceiver-edge runtime (device side): loads a fixed-shape ONNX graph with tract, optimises it
+//! once and runs it with reused state. It carries nothing of the exporter, so a board build
+//! stays small.
+//!
+//! ```no_run
+//! use perceiver_edge_runtime::{Session, Tensor};
+//! let mut session = Session::load("model.onnx".as_ref())?;
+//! let spec = &session.inputs()[0];
+//! let pixels = vec![0f32; spec.shape.iter().product()];
+//! let x = perceiver_edge_runtime::tensor(&spec.shape, &pixels).expect("shape matches");
+//! let outputs = session.run(vec![x])?;
+//! let logits: Vec<f32> = perceiver_edge_runtime::to_vec(&outputs[0]).expect("f32 output");
+//! println!("{logits:?}");
+//! # Ok::<(), perceiver_edge_runtime::Error>(())
+//! ```
+
+pub mod npy;
+
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+pub use tract_onnx::prelude::{DatumType, Tensor};
+
+/// A runtime failure; every message is one line naming the file or input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model file could not be read or prepared.
+    #[error("{path}: {msg}")]
+    Load {
+        /// The model file.
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An input has the wrong count, type or shape.
+    #[error("input `{name}`: {msg}")]
+    Input {
+        /// Graph input name.
+        name: String,
+        /// What was wrong and what was expected.
+        msg: String,
+    },
+    /// A .npy file could not be read or written.
+    #[error("{path}: {msg}")]
+    Npy {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        msg: String,
+    },
+    /// Inference failed.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Result alias for the runtime.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Name, element type and fixed shape of a graph input or output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IoSpec {
+    /// Graph name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DatumType,
+    /// Fixed shape.
+    pub shape: Vec<usize>,
+}
+
+/// Human name of a datum type, numpy-style (`float32`, `int64`).
+pub fn dtype_name(dt: DatumType) -> String {
+    match dt {
+        DatumType::F32 => "float32".into(),
+        DatumType::F16 => "float16".into(),
+        DatumType::F64 => "float64".into(),
+        DatumType::I64 => "int64".into(),
+        DatumType::I32 => "int32".into(),
+        DatumType::I8 => "int8".into(),
+        DatumType::U8 => "uint8".into(),
+        DatumType::Bool => "bool".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A loaded, optimised model with its reusable run state.
+pub struct Session {
+    state: TypedSimpleState,
+    inputs: Vec<IoSpec>,
+    outputs: Vec<IoSpec>,
+    metadata: Vec<(String, String)>,
+}
+
+fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
+    fact.shape
+        .as_concrete()
+        .map(|s| s.to_vec())
+        .ok_or_else(|| Error::Input { name: name.into(), msg: format!("{what} has a symbolic shape; perceiver-edge needs fixed shapes") })
+}
+
+impl Session {
+    /// Loads an ONNX file: fixes shapes, declutters and optimises once.
+    pub fn load(path: &Path) -> Result<Session> {
+        let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
+        let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
+        Session::from_bytes(&bytes).map_err(|e| match e {
+            Error::Load { msg, .. } => load_err(msg),
+            other => other,
+        })
+    }
+
+    /// Loads an ONNX model from memory.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
+        let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &*bytes)
+            .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
+        let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
+        let metadata = typed
+            .properties
+            .iter()
+            .filter_map(|(k, v)| {
+                let key = k.strip_prefix("onnx.metadata_props.")?;
+                let s = v.try_as_plain_ram().ok()?.as_slice::<String>().ok()?.first()?.clone();
+                Some((key.to_string(), s))
+            })
+            .collect();
+        let io = |outlets: &[OutletId], what: &str| -> Result<Vec<IoSpec>> {
+            outlets
+                .iter()
+                .map(|o| {
+                    let fact = typed.outlet_fact(*o).map_err(|e| err(e.to_string()))?;
+                    let name = typed.node(o.node).name.clone();
+                    Ok(IoSpec { shape: fixed_shape(fact, what, &name)?, dtype: fact.datum_type, name })
+                })
+                .collect()
+        };
+        let inputs = io(typed.input_outlets().map_err(|e| err(e.to_string()))?, "input")?;
+        let mut outputs = io(typed.output_outlets().map_err(|e| err(e.to_string()))?, "output")?;
+        // Output nodes carry the ONNX output names as labels.
+        for (spec, o) in outputs.iter_mut().zip(typed.output_outlets().map_err(|e| err(e.to_string()))?) {
+            if let Some(label) = typed.outlet_label(*o) {
+                spec.name = label.to_string();
+            }
+        }
+        let plan: Plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?;
+        let state = TypedSimpleState::new(&plan).map_err(|e| err(e.to_string()))?;
+        Ok(Session { state, inputs, outputs, metadata })
+    }
+
+    /// Graph inputs, in the order `run` takes them.
+    pub fn inputs(&self) -> &[IoSpec] {
+        &self.inputs
+    }
+
+    /// Graph outputs, in the order `run` returns them.
+    pub fn outputs(&self) -> &[IoSpec] {
+        &self.outputs
+    }
+
+    /// ONNX `metadata_props` of the model (the exporter stores its summary there).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// Checks `inputs` against the graph's inputs (count, type, shape).
+    pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<()> {
+        if inputs.len() != self.inputs.len() {
+            let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+            return Err(Error::Input {
+                name: names.join(", "),
+                msg: format!("got {} input(s), the model takes {} ({})", inputs.len(), names.len(), names.join(", ")),
+            });
+        }
+        for (i, t) in inputs.iter().enumerate() {
+            self.check_inputs_one(i, t)?;
+        }
+        Ok(())
+    }
+
+    /// Checks tensor `t` against graph input number `i` (type and shape).
+    pub fn check_inputs_one(&self, i: usize, t: &Tensor) -> Result<()> {
+        let spec = &self.inputs[i];
+        if t.datum_type() != spec.dtype {
+            return Err(Error::Input {
+                name: spec.name.clone(),
+                msg: format!("dtype {}, expected {}", dtype_name(t.datum_type()), dtype_name(spec.dtype)),
+            });
+        }
+        if t.shape() != spec.shape.as_slice() {
+            return Err(Error::Input { name: spec.name.clone(), msg: format!("shape {:?}, expected {:?}", t.shape(), spec.shape) });
+        }
+        Ok(())
+    }
+
+    /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
+    pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.check_inputs(&inputs)?;
+        let outputs = self
+            .state
+            .run(inputs.into_iter().map(TValue::from).collect())
+            .map_err(|e| Error::Run(first_line(&e)))?;
+        Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
+    }
+}
+
+fn first_line(e: &impl std::fmt::Display) -> String {
+    // tract errors carry a cause chain; `{:#}` would span lines.
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// A tensor of `shape` holding `data` (row-major); `None` if the sizes differ.
+pub fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> Option<Tensor> {
+    Tensor::from_shape(shape, data).ok()
+}
+
+/// The elements of a tensor of type `T` as a vector; `None` for another type.
+pub fn to_vec<T: Datum + Clone>(t: &Tensor) -> Option<Vec<T>> {
+    (t.datum_type() == T::datum_type()).then(|| t.try_as_plain_ram().ok()?.as_slice::<T>().ok().map(|s| s.to_vec()))?
+}
