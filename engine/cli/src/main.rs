@@ -94,6 +94,8 @@ impl Sizes {
 }
 
 fn main() {
+    // Panics are bugs; still, report them on one line like every other error.
+    std::panic::set_hook(Box::new(|info| eprintln!("error: internal error: {info}")));
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli.command) {
         eprintln!("error: {e:#}");
@@ -125,7 +127,13 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf]) -> Result<()> {
     let specs = session.inputs().to_vec();
     if inputs.len() != specs.len() {
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        bail!("{}: the model takes {} input(s) ({}), got {}", model.display(), specs.len(), names.join(", "), inputs.len());
+        bail!(
+            "{}: the model takes {} input(s) ({}), got {}",
+            model.display(),
+            specs.len(),
+            names.join(", "),
+            inputs.len()
+        );
     }
     // NAME=FILE pairs may come in any order; plain files follow graph-input order.
     let mut tensors = Vec::with_capacity(specs.len());
@@ -139,14 +147,19 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf]) -> Result<()> {
             None => inputs[i].as_str(),
         };
         let t = npy::read_npy(Path::new(file))?;
-        session.check_inputs_one(i, &t).with_context(|| format!("{file}"))?;
+        session.check_inputs_one(i, &t).with_context(|| file.to_string())?;
         tensors.push(t);
     }
     let out_specs = session.outputs().to_vec();
-    let dir = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/'))).then(|| outputs[0].clone());
+    let dir = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/')))
+        .then(|| outputs[0].clone());
     if dir.is_none() && outputs.len() != out_specs.len() {
         let names: Vec<&str> = out_specs.iter().map(|s| s.name.as_str()).collect();
-        bail!("the model has {} output(s) ({}): give one --output per output, or one folder", names.len(), names.join(", "));
+        bail!(
+            "the model has {} output(s) ({}): give one --output per output, or one folder",
+            names.len(),
+            names.join(", ")
+        );
     }
     let results = session.run(tensors)?;
     if let Some(d) = &dir {
@@ -186,8 +199,8 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
     println!("file           {} ({:.2} MiB)", path.display(), bytes as f64 / 1048576.0);
     match session.metadata(perceiver_edge_export::summary::METADATA_KEY) {
         Some(json) => {
-            let s: perceiver_edge_export::Summary =
-                serde_json::from_str(json).with_context(|| format!("{}: unreadable perceiver-edge summary", path.display()))?;
+            let s: perceiver_edge_export::Summary = serde_json::from_str(json)
+                .with_context(|| format!("{}: unreadable perceiver-edge summary", path.display()))?;
             print!("{s}");
         }
         None => {

@@ -62,7 +62,12 @@ fn compare(c: &Case, name: &str, got: &Path, want: &Path) -> f64 {
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let err = (*a as f64 - *b as f64).abs();
         let tol = c.atol + c.rtol * (*b as f64).abs();
-        assert!(err <= tol, "{}/{} {name}[{i}]: got {a}, transformers {b} (|err| {err:.3e} > {tol:.3e})", c.fixture, c.json["name"]);
+        assert!(
+            err <= tol,
+            "{}/{} {name}[{i}]: got {a}, transformers {b} (|err| {err:.3e} > {tol:.3e})",
+            c.fixture,
+            c.json["name"]
+        );
         worst = worst.max(err);
     }
     worst
@@ -88,7 +93,8 @@ fn export_and_run_all(dir: &Path) -> usize {
         assert!(out.status.success(), "run {}/{case}: {}", c.fixture, String::from_utf8_lossy(&out.stderr));
         for o in c.json["outputs"].as_array().unwrap() {
             let name = o["name"].as_str().unwrap();
-            let worst = compare(c, name, &out_dir.join(format!("{name}.npy")), &c.dir.join(o["file"].as_str().unwrap()));
+            let worst =
+                compare(c, name, &out_dir.join(format!("{name}.npy")), &c.dir.join(o["file"].as_str().unwrap()));
             eprintln!("tract {:>15}/{case:<7} {name:<18} max |err| {worst:.2e}", c.fixture);
         }
     }
@@ -101,7 +107,10 @@ fn python() -> Option<String> {
     if let Ok(p) = std::env::var("PERCEIVER_EDGE_PYTHON") {
         return Some(p);
     }
-    let ok = Command::new("python3").args(["-c", "import onnx, onnxruntime, numpy"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("python3")
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     ok.then(|| "python3".to_string())
 }
 

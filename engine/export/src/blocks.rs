@@ -71,7 +71,10 @@ impl<'a> Builder<'a> {
     pub fn param_as(&mut self, name: &str, check: &[Option<usize>], shape: &[usize]) -> Result<Val> {
         let mut w = self.ck.get_shaped(name, check)?.clone();
         if w.data.len() != shape.iter().product::<usize>() {
-            return Err(Error::tensor(&w.name, format!("has shape {:?}, expected {} elements", w.shape, shape.iter().product::<usize>())));
+            return Err(Error::tensor(
+                &w.name,
+                format!("has shape {:?}, expected {} elements", w.shape, shape.iter().product::<usize>()),
+            ));
         }
         w.shape = shape.to_vec();
         Ok(self.constant(&w, false))
@@ -176,7 +179,14 @@ impl<'a> Builder<'a> {
 
     /// Multi-head attention of `PerceiverSelfAttention` + output dense: queries from `x`,
     /// keys/values from `kv` (cross) or `x` (self); `mask` is additive, `[B, 1, 1, M]`.
-    pub fn attention(&mut self, prefix: &str, x: &Val, kv: Option<&Val>, mask: Option<&Val>, heads: usize) -> Result<Val> {
+    pub fn attention(
+        &mut self,
+        prefix: &str,
+        x: &Val,
+        kv: Option<&Val>,
+        mask: Option<&Val>,
+        heads: usize,
+    ) -> Result<Val> {
         let q_in = self.layer_norm(&format!("{prefix}.self.layernorm1"), x)?;
         let kv_in = match kv {
             Some(kv) => self.layer_norm(&format!("{prefix}.self.layernorm2"), kv)?,
@@ -186,14 +196,20 @@ impl<'a> Builder<'a> {
         let k = self.linear(&format!("{prefix}.self.key"), &kv_in)?;
         let v = self.linear(&format!("{prefix}.self.value"), &kv_in)?;
         for (t, n) in [(&q, "query"), (&k, "key"), (&v, "value")] {
-            if t.last_dim() % heads != 0 {
+            if !t.last_dim().is_multiple_of(heads) {
                 let name = self.ck.get(&format!("{prefix}.self.{n}.weight"))?.name.clone();
-                return Err(Error::tensor(&name, format!("{} channels are not divisible by {heads} heads", t.last_dim())));
+                return Err(Error::tensor(
+                    &name,
+                    format!("{} channels are not divisible by {heads} heads", t.last_dim()),
+                ));
             }
         }
         if q.last_dim() != k.last_dim() {
             let name = self.ck.get(&format!("{prefix}.self.key.weight"))?.name.clone();
-            return Err(Error::tensor(&name, format!("projects to {} channels, expected {} (the query's)", k.last_dim(), q.last_dim())));
+            return Err(Error::tensor(
+                &name,
+                format!("projects to {} channels, expected {} (the query's)", k.last_dim(), q.last_dim()),
+            ));
         }
         let head_dim = q.last_dim() / heads;
         let qh = self.heads(&q, heads, false);
@@ -214,13 +230,23 @@ impl<'a> Builder<'a> {
     }
 
     /// One `PerceiverLayer`: attention (+ query residual), then `y + MLP(LN(y))`.
-    pub fn perceiver_layer(&mut self, prefix: &str, x: &Val, kv: Option<&Val>, mask: Option<&Val>, opts: LayerOpts) -> Result<Val> {
+    pub fn perceiver_layer(
+        &mut self,
+        prefix: &str,
+        x: &Val,
+        kv: Option<&Val>,
+        mask: Option<&Val>,
+        opts: LayerOpts,
+    ) -> Result<Val> {
         let attn = format!("{prefix}.attention");
         let mut y = self.scoped("attention", |b| b.attention(&attn, x, kv, mask, opts.heads))?;
         if opts.query_residual {
             if y.last_dim() != x.last_dim() {
                 let name = self.ck.get(&format!("{attn}.output.dense.weight"))?.name.clone();
-                return Err(Error::tensor(&name, format!("outputs {} channels, the residual needs {}", y.last_dim(), x.last_dim())));
+                return Err(Error::tensor(
+                    &name,
+                    format!("outputs {} channels, the residual needs {}", y.last_dim(), x.last_dim()),
+                ));
             }
             y = self.g.add(&y, x);
         }

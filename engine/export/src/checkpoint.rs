@@ -143,7 +143,10 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>) -> Result<()
             Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::I64 | Dtype::I32 if name.ends_with("num_batches_tracked") => continue,
             other => {
-                return Err(Error::file(path, format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16")))
+                return Err(Error::file(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16"),
+                ))
             }
         };
         out.insert(name.to_string(), Weight { name: name.to_string(), shape: view.shape().to_vec(), data });
@@ -158,13 +161,17 @@ impl Checkpoint {
             return Err(Error::file(dir, "not a checkpoint directory (expected config.json + model.safetensors)"));
         }
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
         let raw_config: Value =
             serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
         let config: PerceiverConfig = serde_json::from_value(raw_config.clone())
             .map_err(|e| Error::file(&cfg_path, format!("not a PerceiverConfig: {e}")))?;
         if raw_config.get("model_type").and_then(Value::as_str).is_some_and(|t| t != "perceiver") {
-            return Err(Error::file(&cfg_path, format!("model_type is {}, expected \"perceiver\"", raw_config["model_type"])));
+            return Err(Error::file(
+                &cfg_path,
+                format!("model_type is {}, expected \"perceiver\"", raw_config["model_type"]),
+            ));
         }
 
         let mut tensors = HashMap::new();
@@ -174,7 +181,8 @@ impl Checkpoint {
             read_safetensors(&single, &mut tensors)?;
         } else if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)
@@ -190,7 +198,7 @@ impl Checkpoint {
                 if dir.join(bin).exists() {
                     return Err(Error::file(
                         &dir.join(bin),
-                        "PyTorch pickle checkpoints are not read (loading one executes code); convert it with \
+                        "PyTorch pickle checkpoints are not read (loading one executes code); convert it to model.safetensors with \
                          transformers: `Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`",
                     ));
                 }

@@ -66,7 +66,8 @@ impl Decoder {
                         (w.data.clone(), w.shape[0])
                     }
                 };
-                let (table, width) = if has_proj { b.linear_const(&proj, &table, rows)? } else { (table.clone(), table.len() / rows) };
+                let (table, width) =
+                    if has_proj { b.linear_const(&proj, &table, rows)? } else { (table.clone(), table.len() / rows) };
                 Ok(match subset {
                     None => b.g.const_f32("queries", &[1, rows, width], &table),
                     Some(idx) => {

@@ -79,12 +79,8 @@ impl TensorData {
 
     /// The elements as f32 (only for f32 tensors).
     pub fn as_f32(&self) -> Option<Vec<f32>> {
-        (self.dtype == DType::F32).then(|| {
-            self.bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        })
+        (self.dtype == DType::F32)
+            .then(|| self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 }
 
@@ -206,6 +202,12 @@ impl Graph {
         let v = Val { name: name.to_string(), dtype, shape: shape.to_vec() };
         self.inputs.push(v.clone());
         v
+    }
+
+    /// Declares the valid value range of integer input `name` (token ids, indices); the runtime
+    /// rejects out-of-range values before running (stored as `perceiver_edge.range.NAME`).
+    pub fn input_range(&mut self, name: &str, lo: i64, hi: i64) {
+        self.metadata.push((format!("perceiver_edge.range.{name}"), format!("{lo} {hi}")));
     }
 
     /// Declares `v` as a graph output named `name` (through an `Identity` node of that name).

@@ -47,7 +47,7 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let (t, spp) = (cfg.num_frames, cfg.samples_per_patch);
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
     let n_audio = cfg.num_frames * cfg.audio_samples_per_frame;
-    if h % 4 != 0 || w % 4 != 0 || n_audio % spp != 0 || cfg.output_shape.len() != 4 {
+    if !h.is_multiple_of(4) || !w.is_multiple_of(4) || !n_audio.is_multiple_of(spp) || cfg.output_shape.len() != 4 {
         return Err(Error::invalid(format!(
             "multimodal: image {h}x{w} must be divisible by 4, audio samples {n_audio} by samples_per_patch {spp}, and output_shape have 4 entries"
         )));
@@ -91,13 +91,17 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let out_dims = cfg.output_shape[1..].to_vec();
     let total_img: usize = out_dims.iter().product();
     let total_audio = n_audio / spp;
-    for (k, total, what) in [(opts.image_points, total_img, "--image-points"), (opts.audio_points, total_audio, "--audio-points")] {
+    for (k, total, what) in
+        [(opts.image_points, total_img, "--image-points"), (opts.audio_points, total_audio, "--audio-points")]
+    {
         if k.is_some_and(|k| k == 0 || k > total) {
             return Err(Error::invalid(format!("{what} must be in 1..={total}")));
         }
     }
     let image_idx = opts.image_points.map(|k| b.g.input("image_points", DType::I64, &[k]));
     let audio_idx = opts.audio_points.map(|k| b.g.input("audio_points", DType::I64, &[k]));
+    b.g.input_range("image_points", 0, total_img as i64 - 1);
+    b.g.input_range("audio_points", 0, total_audio as i64 - 1);
     let (ki, ka) = (opts.image_points.unwrap_or(total_img), opts.audio_points.unwrap_or(total_audio));
     let label_q = "decoder.modalities.label.decoder.output_position_encodings.position_embeddings";
     let qwidth = b.ck.get_shaped("decoder.padding.label", &[Some(1), None])?.shape[1]

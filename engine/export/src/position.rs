@@ -39,7 +39,8 @@ impl Fourier {
         let mut out = Vec::with_capacity(k * w);
         for p in pos.chunks_exact(d) {
             // Products as f32, then pi * f as f32 (torch's order); sin/cos rounded from f64.
-            let f: Vec<f32> = (0..d).flat_map(|i| bands[i].iter().map(move |b| std::f32::consts::PI * (p[i] * b))).collect();
+            let f: Vec<f32> =
+                (0..d).flat_map(|i| bands[i].iter().map(move |b| std::f32::consts::PI * (p[i] * b))).collect();
             if self.concat_pos {
                 out.extend_from_slice(p);
             }
@@ -64,9 +65,7 @@ pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 })
-        .collect()
+    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
 }
 
 /// transformers' `build_linear_positions`: `[prod(dims), d]` grid of `linspace(-1, 1)` coordinates.

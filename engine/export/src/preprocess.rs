@@ -28,6 +28,7 @@ pub fn attention_mask(b: &mut Builder, m: usize) -> Val {
     let batch = b.batch;
     let g = &mut b.g;
     let mask = g.input("attention_mask", DType::I64, &[batch, m]);
+    g.input_range("attention_mask", 0, 1);
     let f = g.cast(&mask, DType::F32);
     let one = g.scalar(1.0);
     let inv = g.binary("Sub", &one, &f);
@@ -58,6 +59,7 @@ pub fn text(b: &mut Builder, seq_len: usize, with_mask: bool) -> Result<Preproce
         return Err(Error::invalid(format!("--seq-len {seq_len} must be in 1..={max_pos} (max_position_embeddings)")));
     }
     let ids = b.g.input("input_ids", DType::I64, &[b.batch, seq_len]);
+    b.g.input_range("input_ids", 0, vocab as i64 - 1);
     let table = b.param("input_preprocessor.embeddings.weight", &[Some(vocab), Some(c)])?;
     let emb = b.g.gather(&table, &ids, 0);
     let pos = b.ck.get_shaped("input_preprocessor.position_embeddings.weight", &[Some(max_pos), Some(c)])?;
@@ -97,7 +99,11 @@ pub fn image_conv1x1(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed
     if pos.shape[0] != h * w {
         return Err(Error::tensor(
             &pos.name,
-            format!("holds {} positions but a {h}x{w} image has {} (use --image-size matching config image_size)", pos.shape[0], h * w),
+            format!(
+                "holds {} positions but a {h}x{w} image has {} (use --image-size matching config image_size)",
+                pos.shape[0],
+                h * w
+            ),
         ));
     }
     let (proj, width) = b.linear_const("input_preprocessor.positions_projection", &pos.data.clone(), h * w)?;

@@ -167,16 +167,26 @@ pub fn read_decoder_decl(path: &Path) -> Result<DecoderDecl> {
     let d: DecoderDecl =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid decoder declaration: {e}")))?;
     if !matches!(d.kind.as_str(), "basic" | "classification") {
-        return Err(Error::file(path, format!("type \"{}\" is not supported (expected basic or classification)", d.kind)));
+        return Err(Error::file(
+            path,
+            format!("type \"{}\" is not supported (expected basic or classification)", d.kind),
+        ));
     }
     match (d.position_encoding.as_str(), &d.fourier) {
         ("trainable", _) => {}
-        ("fourier", Some(f)) if !d.output_index_dims.is_empty() && f.max_resolution.len() == d.output_index_dims.len() => {}
+        ("fourier", Some(f))
+            if !d.output_index_dims.is_empty() && f.max_resolution.len() == d.output_index_dims.len() => {}
         ("fourier", _) => {
-            return Err(Error::file(path, "fourier queries need output_index_dims and fourier.max_resolution of the same length"))
+            return Err(Error::file(
+                path,
+                "fourier queries need output_index_dims and fourier.max_resolution of the same length",
+            ))
         }
         (other, _) => {
-            return Err(Error::file(path, format!("position_encoding \"{other}\" is not supported (expected trainable or fourier)")))
+            return Err(Error::file(
+                path,
+                format!("position_encoding \"{other}\" is not supported (expected trainable or fourier)"),
+            ))
         }
     }
     Ok(d)
@@ -196,17 +206,18 @@ fn first_query(b: &mut Builder, y: &Val) -> Val {
     b.g.reshape(y, &shape)
 }
 
-fn subset_input(b: &mut Builder, k: Option<usize>, max: usize, what: &str) -> Result<Option<Val>> {
+/// The `output_indices` input (`[K]`, values in `0..max`) of `--decode-subset K`.
+fn subset_input(b: &mut Builder, k: Option<usize>, max: usize) -> Result<Option<Val>> {
+    let what = "decode-subset";
     match k {
         None => Ok(None),
         Some(k) if k == 0 || k > max => {
             Err(Error::invalid(format!("--{what} {k} must be in 1..={max} (the number of output positions)")))
         }
-        Some(k) => Ok(Some(b.g.input(
-            if what == "decode-subset" { "output_indices" } else { what },
-            DType::I64,
-            &[k],
-        ))),
+        Some(k) => {
+            b.g.input_range("output_indices", 0, max as i64 - 1);
+            Ok(Some(b.g.input("output_indices", DType::I64, &[k])))
+        }
     }
 }
 
@@ -225,16 +236,29 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
         Ok(())
     };
     use Head::*;
-    uses(opts.image_size.is_some(), "--image-size", &[ImageLearned, ImageFourier, ImageConv, OpticalFlow, MultimodalAutoencoding])?;
+    uses(
+        opts.image_size.is_some(),
+        "--image-size",
+        &[ImageLearned, ImageFourier, ImageConv, OpticalFlow, MultimodalAutoencoding],
+    )?;
     uses(opts.seq_len.is_some(), "--seq-len", &[MaskedLm, SequenceClassification, Bare])?;
     uses(opts.attention_mask, "--attention-mask", &[MaskedLm, SequenceClassification, Bare])?;
     uses(opts.decode_subset.is_some(), "--decode-subset", &[MaskedLm, OpticalFlow, Bare])?;
-    uses(opts.image_points.is_some() || opts.audio_points.is_some(), "--image-points/--audio-points", &[MultimodalAutoencoding])?;
+    uses(
+        opts.image_points.is_some() || opts.audio_points.is_some(),
+        "--image-points/--audio-points",
+        &[MultimodalAutoencoding],
+    )?;
     uses(opts.decoder.is_some(), "--decoder", &[Bare])?;
 
     let mut b = Builder::new(ck, batch);
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
-    let pre = |b: &mut Builder, f: &dyn Fn(&mut Builder) -> Result<preprocess::Preprocessed>| b.scoped("preprocess", |b| f(b));
+    if h == 0 || w == 0 || opts.seq_len == Some(0) {
+        return Err(Error::invalid("--image-size and --seq-len must be positive"));
+    }
+    let pre = |b: &mut Builder, f: &dyn Fn(&mut Builder) -> Result<preprocess::Preprocessed>| {
+        b.scoped("preprocess", |b| f(b))
+    };
     let cls_heads = 1;
     match head {
         ImageLearned | ImageFourier | ImageConv | SequenceClassification => {
@@ -260,9 +284,13 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
             let s = opts.seq_len.unwrap_or(cfg.max_position_embeddings);
             let p = pre(&mut b, &|b| preprocess::text(b, s, opts.attention_mask))?;
             let z = encode(&mut b, &p.inputs, p.mask.as_ref())?;
-            let dec = Decoder { prefix: "decoder".into(), queries: Queries::Trainable, opts: LayerOpts { heads: 8, query_residual: false } };
+            let dec = Decoder {
+                prefix: "decoder".into(),
+                queries: Queries::Trainable,
+                opts: LayerOpts { heads: 8, query_residual: false },
+            };
             let o = dec.num_outputs(&b)?;
-            let idx = subset_input(&mut b, opts.decode_subset, o, "decode-subset")?;
+            let idx = subset_input(&mut b, opts.decode_subset, o)?;
             let y = b.scoped("decoder", |b| {
                 let q = dec.query_array(b, idx.as_ref())?;
                 dec.decode(b, &q, &z)
@@ -289,7 +317,9 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
             let (th, tw) = (cfg.train_size[0], cfg.train_size.get(1).copied().unwrap_or(cfg.train_size[0]));
             let (h, w) = opts.image_size.unwrap_or((th, tw));
             if (h, w) != (th, tw) {
-                return Err(Error::invalid(format!("--image-size {h} {w}: the flow head decodes to train_size {th}x{tw}; export at that size")));
+                return Err(Error::invalid(format!(
+                    "--image-size {h} {w}: the flow head decodes to train_size {th}x{tw}; export at that size"
+                )));
             }
             let p = pre(&mut b, &|b| preprocess::flow_patches(b, h, w))?;
             let z = encode(&mut b, &p.inputs, None)?;
@@ -298,7 +328,7 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
                 queries: Queries::Inputs(p.inputs.clone()),
                 opts: LayerOpts { heads: 1, query_residual: false },
             };
-            let idx = subset_input(&mut b, opts.decode_subset, h * w, "decode-subset")?;
+            let idx = subset_input(&mut b, opts.decode_subset, h * w)?;
             let y = b.scoped("decoder", |b| {
                 let q = dec.query_array(b, idx.as_ref())?;
                 dec.decode(b, &q, &z)
@@ -324,12 +354,10 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
             let has_decoder_weights = ck.has("decoder.decoding_cross_attention.attention.self.query.weight")
                 || ck.has("decoder.decoder.decoding_cross_attention.attention.self.query.weight");
             match decl_path {
-                None if has_decoder_weights => {
-                    return Err(Error::file(
-                        &ck.dir.join(DECODER_FILE),
-                        "missing: the checkpoint has decoder weights but no declaration of its decoder (see the README)",
-                    ))
-                }
+                None if has_decoder_weights => return Err(Error::file(
+                    &ck.dir.join(DECODER_FILE),
+                    "missing: the checkpoint has decoder weights but no declaration of its decoder (see the README)",
+                )),
                 None => {
                     uses(opts.decode_subset.is_some(), "--decode-subset (no decoder)", &[])?;
                     b.g.output(&z, "last_hidden_state");
@@ -361,7 +389,7 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
                     if classification && opts.decode_subset.is_some() {
                         return Err(Error::invalid("--decode-subset does not apply to a classification decoder"));
                     }
-                    let idx = subset_input(&mut b, opts.decode_subset, o, "decode-subset")?;
+                    let idx = subset_input(&mut b, opts.decode_subset, o)?;
                     let y = b.scoped("decoder", |b| {
                         let q = dec.query_array(b, idx.as_ref())?;
                         let y = dec.decode(b, &q, &z)?;
@@ -369,7 +397,10 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
                     })?;
                     if let Some(f) = d.output_num_channels {
                         if y.last_dim() != f {
-                            return Err(Error::file(&path, format!("output_num_channels is {f} but the decoder weights give {}", y.last_dim())));
+                            return Err(Error::file(
+                                &path,
+                                format!("output_num_channels is {f} but the decoder weights give {}", y.last_dim()),
+                            ));
                         }
                     }
                     b.g.output(&y, "logits");

@@ -97,9 +97,18 @@ fn human(bytes: usize) -> String {
 
 impl Summary {
     /// Builds the summary of graph `g` exported from a checkpoint.
-    pub fn new(g: &Graph, architecture: &str, dims: &BTreeMap<&str, usize>, cfg: &crate::checkpoint::PerceiverConfig, batch: usize, parameters: usize) -> Summary {
+    pub fn new(
+        g: &Graph,
+        architecture: &str,
+        dims: &BTreeMap<&str, usize>,
+        cfg: &crate::checkpoint::PerceiverConfig,
+        batch: usize,
+        parameters: usize,
+    ) -> Summary {
         let (flops, weight_bytes, largest_activation) = cost(g);
-        let io = |v: &[crate::graph::Val]| v.iter().map(|v| (v.name.clone(), dtype_name(v.dtype), v.shape.clone())).collect();
+        let io = |v: &[crate::graph::Val]| {
+            v.iter().map(|v| (v.name.clone(), dtype_name(v.dtype), v.shape.clone())).collect()
+        };
         Summary {
             architecture: architecture.to_string(),
             dims: dims.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -136,9 +145,21 @@ impl fmt::Display for Summary {
         let total: u64 = self.flops.iter().map(|(_, v)| v).sum();
         writeln!(f, "FLOPs          {:.4} GFLOPs per inference (matmul + conv, 2 per MAC)", total as f64 / 1e9)?;
         for (stage, v) in &self.flops {
-            writeln!(f, "  {:<24} {:>12.4} GFLOPs  {:5.1} %", stage, *v as f64 / 1e9, 100.0 * *v as f64 / total.max(1) as f64)?;
+            writeln!(
+                f,
+                "  {:<24} {:>12.4} GFLOPs  {:5.1} %",
+                stage,
+                *v as f64 / 1e9,
+                100.0 * *v as f64 / total.max(1) as f64
+            )?;
         }
-        writeln!(f, "memory         weights {} ; largest activation {} ({})", human(self.weight_bytes), human(self.largest_activation.1), self.largest_activation.0)?;
+        writeln!(
+            f,
+            "memory         weights {} ; largest activation {} ({})",
+            human(self.weight_bytes),
+            human(self.largest_activation.1),
+            self.largest_activation.0
+        )?;
         for (n, t, s) in &self.inputs {
             writeln!(f, "input          {n}: {t} {s:?}")?;
         }

@@ -87,17 +87,20 @@ type Plan = Arc<TypedRunnableModel>;
 
 /// A loaded, optimised model with its reusable run state.
 pub struct Session {
+    plan: Plan,
     state: TypedSimpleState,
     inputs: Vec<IoSpec>,
+    /// Valid value range of integer inputs (token ids, indices), by input position.
+    ranges: Vec<Option<(i64, i64)>>,
     outputs: Vec<IoSpec>,
     metadata: Vec<(String, String)>,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
-    fact.shape
-        .as_concrete()
-        .map(|s| s.to_vec())
-        .ok_or_else(|| Error::Input { name: name.into(), msg: format!("{what} has a symbolic shape; perceiver-edge needs fixed shapes") })
+    fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| Error::Input {
+        name: name.into(),
+        msg: format!("{what} has a symbolic shape; perceiver-edge needs fixed shapes"),
+    })
 }
 
 impl Session {
@@ -118,7 +121,7 @@ impl Session {
             .model_for_read(&mut &*bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
         let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
-        let metadata = typed
+        let metadata: Vec<(String, String)> = typed
             .properties
             .iter()
             .filter_map(|(k, v)| {
@@ -150,7 +153,16 @@ impl Session {
             .and_then(|m| m.into_runnable())
             .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?;
         let state = TypedSimpleState::new(&plan).map_err(|e| err(e.to_string()))?;
-        Ok(Session { state, inputs, outputs, metadata })
+        let ranges = inputs
+            .iter()
+            .map(|i| {
+                let key = format!("perceiver_edge.range.{}", i.name);
+                let v = metadata.iter().find(|(k, _)| *k == key)?;
+                let mut it = v.1.split_whitespace().map(|x| x.parse::<i64>().ok());
+                Some((it.next()??, it.next()??))
+            })
+            .collect();
+        Ok(Session { plan, state, inputs, ranges, outputs, metadata })
     }
 
     /// Graph inputs, in the order `run` takes them.
@@ -193,7 +205,18 @@ impl Session {
             });
         }
         if t.shape() != spec.shape.as_slice() {
-            return Err(Error::Input { name: spec.name.clone(), msg: format!("shape {:?}, expected {:?}", t.shape(), spec.shape) });
+            return Err(Error::Input {
+                name: spec.name.clone(),
+                msg: format!("shape {:?}, expected {:?}", t.shape(), spec.shape),
+            });
+        }
+        if let (Some((lo, hi)), Some(values)) = (self.ranges[i], to_vec::<i64>(t)) {
+            if let Some((at, v)) = values.iter().enumerate().find(|(_, v)| **v < lo || **v > hi) {
+                return Err(Error::Input {
+                    name: spec.name.clone(),
+                    msg: format!("value {v} at flat index {at} is out of range {lo}..={hi}"),
+                });
+            }
         }
         Ok(())
     }
@@ -201,11 +224,21 @@ impl Session {
     /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
     pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         self.check_inputs(&inputs)?;
-        let outputs = self
-            .state
-            .run(inputs.into_iter().map(TValue::from).collect())
-            .map_err(|e| Error::Run(first_line(&e)))?;
-        Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
+        let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
+        // A panic inside tract must not take the caller down: report it and start a fresh state.
+        let state = &mut self.state;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inputs))) {
+            Ok(Ok(outputs)) => Ok(outputs.into_iter().map(|v| v.into_tensor()).collect()),
+            Ok(Err(e)) => Err(Error::Run(first_line(&e))),
+            Err(panic) => {
+                self.state = TypedSimpleState::new(&self.plan).map_err(|e| Error::Run(e.to_string()))?;
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                Err(Error::Run(format!("internal error in tract: {}", msg.unwrap_or_default())))
+            }
+        }
     }
 }
 
