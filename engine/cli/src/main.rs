@@ -1,7 +1,9 @@
 //! `perceiver-edge`: export a PerceiverIO checkpoint to ONNX, run it with tract, inspect either.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "export")]
+use clap::Args;
+use clap::{Parser, Subcommand};
 use perceiver_edge_runtime::{npy, Session};
 use std::path::{Path, PathBuf};
 
@@ -36,6 +38,10 @@ enum Command {
         /// (outputs are written there as NAME.npy).
         #[arg(short, long = "output", required = true)]
         outputs: Vec<PathBuf>,
+        /// Also print small outputs (up to 32 values per batch row) and, for [batch, classes]
+        /// outputs, the arg-max class.
+        #[arg(long)]
+        print: bool,
     },
     /// Print architecture, parameters, FLOPs per stage and memory of a checkpoint or ONNX file.
     Inspect {
@@ -114,7 +120,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             print!("{}", exported.summary);
             Ok(())
         }
-        Command::Run { model, inputs, outputs } => run(&model, &inputs, &outputs),
+        Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
         #[cfg(feature = "export")]
         Command::Inspect { path, sizes } => inspect(&path, Some(&sizes)),
         #[cfg(not(feature = "export"))]
@@ -122,7 +128,7 @@ fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
-fn run(model: &Path, inputs: &[String], outputs: &[PathBuf]) -> Result<()> {
+fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool) -> Result<()> {
     let mut session = Session::load(model)?;
     let specs = session.inputs().to_vec();
     if inputs.len() != specs.len() {
@@ -172,8 +178,30 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf]) -> Result<()> {
         };
         npy::write_npy(&path, t)?;
         println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
+        if print {
+            print_values(t);
+        }
     }
     Ok(())
+}
+
+/// Prints each batch row of a small f32 output, with the arg-max of `[batch, classes]` rows.
+fn print_values(t: &perceiver_edge_runtime::Tensor) {
+    let Some(v) = perceiver_edge_runtime::to_vec::<f32>(t) else { return };
+    let rows = t.shape().first().copied().unwrap_or(1).max(1);
+    let per_row = v.len() / rows;
+    if per_row == 0 || per_row > 32 {
+        return;
+    }
+    for (b, row) in v.chunks(per_row).enumerate() {
+        let vals: Vec<String> = row.iter().map(|x| format!("{x:.4}")).collect();
+        let argmax = row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best });
+        if t.rank() == 2 {
+            println!("  [{b}] class {argmax}  [{}]", vals.join(", "));
+        } else {
+            println!("  [{b}] [{}]", vals.join(", "));
+        }
+    }
 }
 
 fn print_io(session: &Session) {

@@ -16,6 +16,11 @@
 
 pub mod npy;
 
+/// The README's library example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
