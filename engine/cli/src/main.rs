@@ -4,7 +4,11 @@ use anyhow::{bail, Context, Result};
 #[cfg(feature = "export")]
 use clap::Args;
 use clap::{Parser, Subcommand};
-use perceiver_edge_runtime::{npy, Session};
+use perceiver_edge_runtime::{bench, npy, Session};
+
+/// Counts heap bytes so `bench` can report peak heap and steady-state growth.
+#[global_allocator]
+static ALLOC: perceiver_edge_runtime::alloc::Counting = perceiver_edge_runtime::alloc::Counting;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -42,6 +46,33 @@ enum Command {
         /// outputs, the arg-max class.
         #[arg(long)]
         print: bool,
+    },
+    /// Benchmark a model: load time, latency percentiles, throughput, memory; `--rate` runs at a
+    /// fixed rate and counts deadline misses.
+    Bench {
+        /// ONNX model.
+        model: PathBuf,
+        /// Measured runs.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Measure for this many seconds instead of a fixed number of runs.
+        #[arg(long, value_name = "S")]
+        duration: Option<f64>,
+        /// Unmeasured warm-up runs.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Matmul threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Paced mode: start a run every 1/HZ seconds (camera loop) and count deadline misses.
+        #[arg(long, value_name = "HZ")]
+        rate: Option<f64>,
+        /// Input .npy files (graph order); synthetic inputs if omitted.
+        #[arg(short, long = "input")]
+        inputs: Vec<PathBuf>,
+        /// Print the report as JSON (stable field names; times in ms, memory in bytes).
+        #[arg(long)]
+        json: bool,
     },
     /// Print architecture, parameters, FLOPs per stage and memory of a checkpoint or ONNX file.
     Inspect {
@@ -121,6 +152,31 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json } => {
+            let positive = |v: f64| v > 0.0 && v.is_finite();
+            if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
+                bail!("--threads, --rate and --duration must be positive");
+            }
+            let opts = bench::BenchOptions {
+                runs,
+                duration: duration.map(std::time::Duration::from_secs_f64),
+                warmup,
+                rate_hz: rate,
+                threads,
+            };
+            let inputs = if inputs.is_empty() {
+                None
+            } else {
+                Some(inputs.iter().map(|p| npy::read_npy(p)).collect::<Result<Vec<_>, _>>()?)
+            };
+            let report = bench::bench(&model, inputs, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_bench(&report);
+            }
+            Ok(())
+        }
         #[cfg(feature = "export")]
         Command::Inspect { path, sizes } => inspect(&path, Some(&sizes)),
         #[cfg(not(feature = "export"))]
@@ -201,6 +257,40 @@ fn print_values(t: &perceiver_edge_runtime::Tensor) {
         } else {
             println!("  [{b}] [{}]", vals.join(", "));
         }
+    }
+}
+
+fn print_bench(r: &bench::BenchReport) {
+    let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} MiB", b as f64 / 1048576.0));
+    let l = &r.latency_ms;
+    println!("model        {}", r.model);
+    println!("load         {:.1} ms (parse + optimise)", r.load_ms);
+    println!("runs         {} measured after {} warm-up, {} thread(s)", r.runs, r.warmup, r.threads);
+    println!(
+        "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  (min {:.3}, mean {:.3}, sd {:.3})",
+        l.p50, l.p90, l.p99, l.max, l.min, l.mean, l.stddev
+    );
+    println!("throughput   {:.1} runs/s", r.throughput_per_s);
+    let m = &r.memory;
+    println!("memory       peak RSS {}  peak heap {}", mib(m.peak_rss), mib(m.peak_heap));
+    println!(
+        "steady state RSS {} -> {}  heap in use {} -> {} (after warm-up -> after last run)",
+        mib(m.rss_after_warmup),
+        mib(m.rss_end),
+        mib(m.heap_after_warmup),
+        mib(m.heap_end)
+    );
+    if let Some(p) = &r.paced {
+        println!(
+            "paced        {:.1} Hz (deadline {:.2} ms): {} deadline miss(es) ({:.2} %), start lateness p50 {:.3} p99 {:.3} max {:.3} ms",
+            p.rate_hz,
+            p.deadline_ms,
+            p.deadline_misses,
+            100.0 * p.miss_rate,
+            p.start_lateness_ms.p50,
+            p.start_lateness_ms.p99,
+            p.start_lateness_ms.max
+        );
     }
 }
 

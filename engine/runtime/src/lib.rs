@@ -14,6 +14,8 @@
 //! # Ok::<(), perceiver_edge_runtime::Error>(())
 //! ```
 
+pub mod alloc;
+pub mod bench;
 pub mod npy;
 
 /// The README's library example, compiled and run as a doc test.
@@ -61,6 +63,22 @@ pub enum Error {
 
 /// Result alias for the runtime.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Sets the number of threads tract's matrix products use (1 = single-threaded, the default).
+/// Needs the `threads` feature (on by default); without it only 1 is accepted.
+pub fn set_threads(n: usize) -> Result<()> {
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{set_default_executor, Executor};
+        set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        Ok(())
+    }
+    #[cfg(not(feature = "threads"))]
+    match n {
+        1 => Ok(()),
+        _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
+    }
+}
 
 /// Name, element type and fixed shape of a graph input or output.
 #[derive(Clone, Debug, PartialEq)]
@@ -178,6 +196,11 @@ impl Session {
     /// Graph outputs, in the order `run` returns them.
     pub fn outputs(&self) -> &[IoSpec] {
         &self.outputs
+    }
+
+    /// Declared value range of integer input `i` (token ids, indices), if any.
+    pub fn input_range(&self, i: usize) -> Option<(i64, i64)> {
+        self.ranges.get(i).copied().flatten()
     }
 
     /// ONNX `metadata_props` of the model (the exporter stores its summary there).
