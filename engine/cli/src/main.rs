@@ -112,6 +112,12 @@ struct Sizes {
     /// Decoder declaration of a bare PerceiverModel [default: CHECKPOINT/perceiver_edge_decoder.json].
     #[arg(long, value_name = "FILE")]
     decoder: Option<PathBuf>,
+    /// Export the unrewritten graph (no performance rewrites; reference for tests and benchmarks).
+    #[arg(long)]
+    no_rewrites: bool,
+    /// Budget knob: skip the rewrites that add precomputed tables (`inspect` shows their size).
+    #[arg(long)]
+    no_position_tables: bool,
 }
 
 #[cfg(feature = "export")]
@@ -126,6 +132,10 @@ impl Sizes {
             image_points: self.image_points,
             audio_points: self.audio_points,
             decoder: self.decoder.clone(),
+            perf: perceiver_edge_export::passes::PerfOptions {
+                no_rewrites: self.no_rewrites,
+                no_position_tables: self.no_position_tables,
+            },
         }
     }
 }

@@ -86,6 +86,9 @@ pub struct ExportOptions {
     /// Decoder declaration of a bare `PerceiverModel` (default: `perceiver_edge_decoder.json`
     /// in the checkpoint directory, if present).
     pub decoder: Option<PathBuf>,
+    /// Performance rewrites (issue #3): `no_rewrites` exports the unrewritten reference graph;
+    /// `no_position_tables` turns off the rewrites that add precomputed tables (budget knob).
+    pub perf: crate::passes::PerfOptions,
 }
 
 /// Declares the decoder of a bare `PerceiverModel` checkpoint (its config.json cannot): the
