@@ -5,8 +5,10 @@ use crate::error::Result;
 use crate::graph::Graph;
 
 // --- performance rewrites (issue #3) ---
+mod constant_query;
 mod position_split;
 mod util;
+pub use constant_query::ConstantQueryAttention;
 pub use position_split::PositionSplit;
 
 /// Which exact performance rewrites run at export (all by default).
@@ -23,6 +25,7 @@ pub fn perf_passes(o: &PerfOptions) -> Vec<&'static dyn Pass> {
     let mut v: Vec<&'static dyn Pass> = vec![];
     if !o.no_rewrites && !o.no_position_tables {
         v.push(&PositionSplit);
+        v.push(&ConstantQueryAttention);
     }
     v
 }

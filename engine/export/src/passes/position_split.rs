@@ -17,7 +17,7 @@
 //! computed in f64. The `[M, O]` tables (one per projection) trade memory for speed: the pass
 //! records their size under `perceiver_edge.tables.position_split` for `inspect`.
 
-use super::util::{consumers, producers};
+use super::util::{const_f32, consumers, producers};
 use super::Pass;
 use crate::error::Result;
 use crate::graph::{Attr, DType, Graph, Node, Val};
@@ -49,11 +49,6 @@ struct Match {
     beta: Vec<f32>,
     eps: f32,
     projs: Vec<Proj>,
-}
-
-fn const_f32(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
-    let t = g.constant_data(name)?;
-    Some((t.shape.clone(), t.as_f32()?))
 }
 
 fn find(g: &Graph, ln: usize) -> Option<Match> {
