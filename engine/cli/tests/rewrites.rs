@@ -61,8 +61,10 @@ fn rewrites_are_exact_on_every_fixture() {
             );
             export(&dir, &args, &["--no-rewrites"], &plain);
             let report = export(&dir, &args, &[], &fast);
-            if report.contains("pass position_split") {
-                fired.push(format!("{fixture}/{case}"));
+            for pass in ["position_split", "constant_query_attention"] {
+                if report.contains(&format!("pass {pass}")) {
+                    fired.push(format!("{pass}:{fixture}/{case}"));
+                }
             }
             let (po, fo) = (
                 tmp.path().join(format!("{fixture}_{case}_plain.out/")),
@@ -101,9 +103,11 @@ fn rewrites_are_exact_on_every_fixture() {
         }
     }
     assert!(n >= 19, "fixtures missing: {n} cases");
-    eprintln!("position_split fired on: {fired:?}");
+    eprintln!("rewrites fired on: {fired:?}");
     for must in ["image_fourier", "image_learned", "image_conv"] {
-        assert!(fired.iter().any(|f| f.starts_with(must)), "position_split did not fire on {must}");
+        for pass in ["position_split", "constant_query_attention"] {
+            assert!(fired.iter().any(|f| f.starts_with(&format!("{pass}:{must}"))), "{pass} did not fire on {must}");
+        }
     }
 }
 
