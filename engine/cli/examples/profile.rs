@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     let mut nodes: Vec<_> = per_node.into_iter().collect();
     nodes.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("slowest nodes:");
-    for (id, t) in nodes.iter().take(25) {
+    for (id, t) in nodes.iter().take(std::env::var("TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(25)) {
         let n = model.node(*id);
         let fact = model.outlet_fact(OutletId::new(*id, 0)).map(|f| format!("{f:?}")).unwrap_or_default();
         println!("  {t:8.3} ms  {:<60} {:<20} {}", n.name, n.op().name(), fact);
