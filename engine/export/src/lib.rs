@@ -14,6 +14,7 @@
 //! ```
 
 pub mod blocks;
+pub mod budget;
 pub mod checkpoint;
 pub mod decoder;
 pub mod encoder;
