@@ -125,7 +125,7 @@ fn bad_budgets_are_rejected() {
     assert!(err(ExportOptions { latents: Some(vec![]), ..Default::default() }).contains("1..=16"));
     assert!(err(ExportOptions { latents: Some(vec![3, 16]), ..Default::default() }).contains("out of range"));
     assert!(err(ExportOptions { latents: Some(vec![3, 2]), ..Default::default() }).contains("ascending"));
-    let t = Tensor::from_shape(&[5, 3, 8, 8], &[0f32; 320]).unwrap();
+    let t = Tensor::from_shape(&[5, 3, 8, 8], &[0f32; 960]).unwrap();
     assert!(split_samples(&t, &[2, 3, 8, 8], "x").unwrap_err().to_string().contains("does not stack"));
     assert!(split_samples(&t, &[1, 3, 4, 4], "x").is_err());
 }

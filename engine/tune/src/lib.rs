@@ -381,16 +381,17 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
-        "candidate", "MFLOPs", "p99 ms", "pred ms", "board ms", "heap MiB", "pred MiB", "top-1 %", "cos min", "acc %", "pareto", "fits"
+        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
+        "candidate", "MFLOPs", "p50 ms", "p99 ms", "pred ms", "board ms", "heap MiB", "pred MiB", "top-1 %", "cos min", "acc %", "pareto", "fits"
     );
     for (i, m) in r.candidates.iter().enumerate() {
         let f = &m.fidelity;
         let _ = writeln!(
             s,
-            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>6} {:>4}{}",
+            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>6} {:>4}{}",
             m.label(),
             m.flops as f64 / 1e6,
+            m.p50_ms,
             m.p99_ms,
             m.predicted_host.latency_ms,
             m.predicted_board.latency_ms,
