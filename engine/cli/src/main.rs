@@ -215,7 +215,11 @@ fn dispatch(cmd: Command) -> Result<()> {
                     let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
                     let imp = perceiver_edge_export::budget::latent_importance(&ck, &opts, &cal.samples)?;
                     let keep = perceiver_edge_export::budget::select_latents(&imp, k)?;
-                    println!("latents kept ({k} of {}, by attention mass on {} samples): {keep:?}", imp.len(), cal.samples.len());
+                    println!(
+                        "latents kept ({k} of {}, by attention mass on {} samples): {keep:?}",
+                        imp.len(),
+                        cal.samples.len()
+                    );
                     opts.latents = Some(keep);
                 }
                 (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),

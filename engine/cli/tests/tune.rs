@@ -23,8 +23,25 @@ fn tune_writes_model_report_and_plot() {
     let out = dir.path().join("out");
     let o = out.to_str().unwrap();
     let (ok, stdout, stderr) = cli(&[
-        "tune", "models/digits", "--target", PROFILE, "--calibrate", DATA, "--labels", LABELS, "-o", o,
-        "--latents", "16,4", "--threads", "1", "--runs", "5", "--warmup", "1", "--quiet",
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "--labels",
+        LABELS,
+        "-o",
+        o,
+        "--latents",
+        "16,4",
+        "--threads",
+        "1",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--quiet",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("K16 B1 T1") && stdout.contains("K4 B1 T1"), "{stdout}");
@@ -32,7 +49,8 @@ fn tune_writes_model_report_and_plot() {
         assert!(out.join(f).is_file(), "{f}");
     }
     assert!(!out.join("candidates").exists(), "candidate files are cleaned up");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let c = r["candidates"].as_array().unwrap();
     assert_eq!(c.len(), 2);
     // The full model against itself is exact; 4 of 16 latents is not.
@@ -57,8 +75,18 @@ fn tune_writes_model_report_and_plot() {
 fn export_budget_knobs() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("k8.onnx");
-    let (ok, stdout, stderr) =
-        cli(&["export", "models/digits", "-o", m.to_str().unwrap(), "--latents", "8", "--calibrate", DATA, "--blocks", "2"]);
+    let (ok, stdout, stderr) = cli(&[
+        "export",
+        "models/digits",
+        "-o",
+        m.to_str().unwrap(),
+        "--latents",
+        "8",
+        "--calibrate",
+        DATA,
+        "--blocks",
+        "2",
+    ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("latents        N x D = 8 x 64"), "{stdout}");
     assert!(stdout.contains("depth          2 block(s) x 2"), "{stdout}");
@@ -80,15 +108,39 @@ fn errors_are_one_line() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[cpu]\ncores = four\n").unwrap();
     let o = dir.path().join("o");
-    let (ok, _, e) =
-        cli(&["tune", "models/digits", "--target", bad.to_str().unwrap(), "--calibrate", DATA, "-o", o.to_str().unwrap()]);
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        bad.to_str().unwrap(),
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+    ]);
     assert!(!ok && e.contains("invalid board profile") && e.contains("line 3"), "{e}");
     let (ok, _, e) = cli(&[
-        "tune", "models/digits", "--target", PROFILE, "--calibrate", "models/digits/config.json", "-o", o.to_str().unwrap(),
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        "models/digits/config.json",
+        "-o",
+        o.to_str().unwrap(),
     ]);
     assert!(!ok && e.starts_with("error:"), "{e}");
     let (ok, _, e) = cli(&[
-        "tune", "models/digits", "--target", PROFILE, "--calibrate", DATA, "--latents", "20", "-o", o.to_str().unwrap(),
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "--latents",
+        "20",
+        "-o",
+        o.to_str().unwrap(),
     ]);
     assert!(!ok && e.contains("1..=16"), "{e}");
     assert!(!o.join("model.onnx").exists());

@@ -131,7 +131,9 @@ pub fn latent_importance(ck: &Checkpoint, opts: &ExportOptions, samples: &[Vec<T
         return Err(Error::invalid("this model has no attention over its latents to calibrate on"));
     }
     let bytes = exported.to_bytes();
-    let run_err = |e: TractError| Error::invalid(format!("calibration run failed: {}", e.to_string().lines().next().unwrap_or("")));
+    let run_err = |e: TractError| {
+        Error::invalid(format!("calibration run failed: {}", e.to_string().lines().next().unwrap_or("")))
+    };
     let plan = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .and_then(|m| m.into_optimized())
@@ -140,7 +142,9 @@ pub fn latent_importance(ck: &Checkpoint, opts: &ExportOptions, samples: &[Vec<T
     let mut total = vec![0f64; n];
     for (s, inputs) in samples.iter().enumerate() {
         let inputs: TVec<TValue> = inputs.iter().cloned().map(TValue::from).collect();
-        let res = plan.run(inputs).map_err(|e| Error::invalid(format!("calibration sample {s}: {}", e.to_string().lines().next().unwrap_or(""))))?;
+        let res = plan.run(inputs).map_err(|e| {
+            Error::invalid(format!("calibration sample {s}: {}", e.to_string().lines().next().unwrap_or("")))
+        })?;
         for &(i, self_attn) in &outs {
             let t = &res[i];
             let shape = t.shape().to_vec();
@@ -233,9 +237,8 @@ pub fn fidelity(reference: &[Vec<f32>], candidate: &[Vec<f32>], row: usize, labe
     let s = reference.len();
     let accuracy = |outs: &[Vec<f32>]| -> Option<f64> {
         let l = labels?;
-        (l.len() == s && outs.iter().all(|o| o.len() == row)).then(|| {
-            outs.iter().zip(l).filter(|(o, &y)| argmax(o) as i64 == y).count() as f64 / s.max(1) as f64
-        })
+        (l.len() == s && outs.iter().all(|o| o.len() == row))
+            .then(|| outs.iter().zip(l).filter(|(o, &y)| argmax(o) as i64 == y).count() as f64 / s.max(1) as f64)
     };
     Fidelity {
         samples: s,

@@ -36,7 +36,8 @@ fn samples() -> (Vec<Vec<Tensor>>, Vec<i64>) {
 
 fn run(ck: &Checkpoint, opts: &ExportOptions, samples: &[Vec<Tensor>]) -> Vec<Vec<f32>> {
     let bytes = build(ck, opts).unwrap().to_bytes();
-    let plan = tract_onnx::onnx().model_for_read(&mut &bytes[..]).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+    let plan =
+        tract_onnx::onnx().model_for_read(&mut &bytes[..]).unwrap().into_optimized().unwrap().into_runnable().unwrap();
     samples
         .iter()
         .map(|s| {

@@ -86,9 +86,10 @@ impl Calibration {
         let batch = self.samples[0][0].shape()[0];
         let pick = |parity: usize| Calibration {
             samples: self.samples.iter().skip(parity).step_by(2).cloned().collect(),
-            labels: self.labels.as_ref().map(|l| {
-                l.chunks(batch).skip(parity).step_by(2).flatten().copied().collect::<Vec<i64>>()
-            }),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| l.chunks(batch).skip(parity).step_by(2).flatten().copied().collect::<Vec<i64>>()),
             source: format!("{} ({} samples)", self.source, if parity == 0 { "even" } else { "odd" }),
         };
         (pick(0), pick(1))

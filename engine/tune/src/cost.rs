@@ -81,7 +81,8 @@ impl HostRates {
     /// Predicts `f` with `threads` threads on the host (`board` None) or on `board`.
     pub fn predict(&self, f: &Features, threads: usize, board: Option<&Profile>) -> Predicted {
         let scale = self.compute_scale(board);
-        let bw = board.map_or(self.bandwidth_gbs, |b| self.bandwidth_gbs * b.mem_bandwidth_gbs / self.host_bandwidth_gbs);
+        let bw =
+            board.map_or(self.bandwidth_gbs, |b| self.bandwidth_gbs * b.mem_bandwidth_gbs / self.host_bandwidth_gbs);
         let usable = board.map_or(threads, |b| threads.min(b.cores)).max(1) as f64;
         let compute_s = f.flops as f64 / (self.gflops_per_thread * scale * 1e9 * usable);
         let overhead_s = f.nodes as f64 * self.us_per_node * 1e-6 / scale;

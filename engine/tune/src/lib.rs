@@ -51,15 +51,23 @@ pub struct Axes {
 
 /// All candidates: every combination of the axes' values, most expensive first, checked against
 /// the trained latent count `n`.
-pub fn candidates(axes: &Axes, n: usize, trained_blocks: usize, board_threads: usize, host_cores: usize) -> Result<Vec<Candidate>> {
+pub fn candidates(
+    axes: &Axes,
+    n: usize,
+    trained_blocks: usize,
+    board_threads: usize,
+    host_cores: usize,
+) -> Result<Vec<Candidate>> {
     let dedup = |mut v: Vec<usize>| {
         v.sort_unstable_by(|a, b| b.cmp(a));
         v.dedup();
         v
     };
-    let latents = dedup(axes.latents.clone().unwrap_or_else(|| {
-        [n, 3 * n / 4, n / 2, n / 4, n / 8].into_iter().filter(|&k| k >= 1).collect()
-    }));
+    let latents = dedup(
+        axes.latents
+            .clone()
+            .unwrap_or_else(|| [n, 3 * n / 4, n / 2, n / 4, n / 8].into_iter().filter(|&k| k >= 1).collect()),
+    );
     let blocks = dedup(axes.blocks.clone().unwrap_or_else(|| {
         std::iter::successors(Some(trained_blocks.max(1)), |&b| (b > 1).then_some(b / 2)).collect()
     }));
@@ -205,7 +213,10 @@ pub struct Report {
     pub files: Vec<String>,
 }
 
-fn first_output(session: &mut Session, samples: &[Vec<perceiver_edge_runtime::Tensor>]) -> Result<(Vec<Vec<f32>>, usize)> {
+fn first_output(
+    session: &mut Session,
+    samples: &[Vec<perceiver_edge_runtime::Tensor>],
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let mut outs = vec![];
     let mut row = 1;
     for s in samples {
@@ -237,10 +248,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create", o.out.display()))?;
 
-    let bar = if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}").expect("template"),
-    );
+    let bar =
+        if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}").expect("template"));
     bar.set_message("host micro-benchmark");
     let rates = cost::calibrate(host_profile.as_ref())?;
     bar.inc(1);
@@ -372,7 +382,14 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         s,
         "board {} ({}, {} cores; deadline {} ms, memory {} MiB); host {} x{}; fit judged on {}",
-        r.target.name, r.target.arch, r.target.cores, r.target.deadline_ms, r.target.memory_mb, r.host.0, r.host.1, r.judged_on
+        r.target.name,
+        r.target.arch,
+        r.target.cores,
+        r.target.deadline_ms,
+        r.target.memory_mb,
+        r.host.0,
+        r.host.1,
+        r.judged_on
     );
     let _ = writeln!(
         s,
@@ -382,7 +399,19 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         s,
         "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
-        "candidate", "MFLOPs", "p50 ms", "p99 ms", "pred ms", "board ms", "heap MiB", "pred MiB", "top-1 %", "cos min", "acc %", "pareto", "fits"
+        "candidate",
+        "MFLOPs",
+        "p50 ms",
+        "p99 ms",
+        "pred ms",
+        "board ms",
+        "heap MiB",
+        "pred MiB",
+        "top-1 %",
+        "cos min",
+        "acc %",
+        "pareto",
+        "fits"
     );
     for (i, m) in r.candidates.iter().enumerate() {
         let f = &m.fidelity;

@@ -71,7 +71,13 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
             xs[i],
             mems[i] / 1048576.0
         );
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#, px(xs[i]) + rad + 2.0, py(ys[i]) - 2.0, esc(&c.label()));
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+            px(xs[i]) + rad + 2.0,
+            py(ys[i]) - 2.0,
+            esc(&c.label())
+        );
         if Some(i) == chosen {
             let _ = writeln!(
                 s,
