@@ -177,7 +177,12 @@ pub fn accumulate(acc: &mut [f64], probs: &[f32], shape: &[usize], exclude_diago
 pub fn split_samples(t: &Tensor, shape: &[usize], what: &str) -> Result<Vec<Tensor>> {
     let ts = t.shape();
     let bad = || Error::invalid(format!("{what}: shape {ts:?} does not stack samples of shape {shape:?}"));
-    if ts.len() != shape.len() || ts[1..] != shape[1..] || shape[0] == 0 || ts[0] % shape[0] != 0 || ts[0] == 0 {
+    if ts.len() != shape.len()
+        || ts[1..] != shape[1..]
+        || shape[0] == 0
+        || !ts[0].is_multiple_of(shape[0])
+        || ts[0] == 0
+    {
         return Err(bad());
     }
     (0..ts[0] / shape[0]).map(|i| t.slice(0, i * shape[0], (i + 1) * shape[0]).map_err(|_| bad())).collect()
