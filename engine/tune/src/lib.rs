@@ -111,7 +111,8 @@ pub struct Measured {
     pub p50_ms: f64,
     /// Measured p99 latency on this host, ms.
     pub p99_ms: f64,
-    /// Measured peak heap while running (weights + activations), bytes.
+    /// Measured peak heap of the loaded model while running (weights + activations; heap in
+    /// use before loading it excluded), bytes; peak RSS where no counting allocator is installed.
     pub memory_bytes: u64,
     /// Cost-model prediction for this host (compare with the measurement).
     pub predicted_host: cost::Predicted,
@@ -291,12 +292,17 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                 (path, fid, feat)
             }
         };
+        // The heap this process already holds (calibration data, graphs) is not the model's.
+        let before = perceiver_edge_runtime::alloc::in_use().unwrap_or(0);
         let r = bench::bench(
             &path,
             Some(bench_inputs.clone()),
             &bench::BenchOptions { runs: o.runs, duration: None, warmup: o.warmup, rate_hz: None, threads: c.threads },
         )?;
-        let memory_bytes = r.memory.peak_heap.or(r.memory.peak_rss).unwrap_or(0);
+        let memory_bytes = match r.memory.peak_heap {
+            Some(p) => p.saturating_sub(before),
+            None => r.memory.peak_rss.unwrap_or(0),
+        };
         measured.push(Measured {
             candidate: *c,
             p50_ms: r.latency_ms.p50,
