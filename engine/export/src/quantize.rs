@@ -10,9 +10,9 @@
 //!   ranges (`QuantizeLinear` with constant parameters feeding `MatMulInteger`). A pure QDQ
 //!   graph (`DequantizeLinear` on the weight) would be folded back to f32 weights by tract, so
 //!   the integer matmul is written explicitly.
-//! - [`Q4`]: `com.microsoft` `MatMulNBits` (4-bit, block 32, symmetric, implicit zero point 8)
-//!   where K is a multiple of 32 (tract keeps those packed as Q4_0); other Linears fall back
-//!   to dynamic int8.
+//! - [`Q4`]: `com.microsoft` `MatMulNBits` (4-bit, block 32, symmetric, implicit zero point 8;
+//!   tract keeps it packed as Q4_0). K is zero-padded to a multiple of 32 where needed;
+//!   Linears with K < 32 fall back to dynamic int8.
 //!
 //! The int8 and q4 passes also store the other large constants (position tables, latents,
 //! embeddings, convolution kernels) as int8 with a per-axis `DequantizeLinear`: that shrinks
@@ -161,9 +161,10 @@ fn linears(g: &Graph) -> Vec<Linear> {
 /// (graph order, deduplicated): what int8-static calibration must measure.
 pub fn int8_activation_inputs(g: &Graph, keep: &KeepF32) -> Vec<String> {
     let mut seen = HashSet::new();
+    let constant = input_independent(g);
     linears(g)
         .into_iter()
-        .filter(|l| !kept(g, l, keep))
+        .filter(|l| !kept(g, l, keep) && !weight_only(l) && !constant.contains(&g.nodes[l.node].inputs[0]))
         .map(|l| g.nodes[l.node].inputs[0].clone())
         .filter(|x| seen.insert(x.clone()))
         .collect()
@@ -401,12 +402,71 @@ fn splice(g: &mut Graph, mut replacements: HashMap<usize, Vec<Node>>) {
     g.prune();
 }
 
+/// Linears whose activations int8 does not quantise by default (weight-only int8 instead):
+/// the encoder's first K/V projections, which read the raw inputs and position features, and
+/// the output layers (decoder `final_layer`, postprocessor classifiers). On the fixtures these
+/// add the largest errors of all Linears (`perceiver-edge compare`); as weight-only int8 they
+/// keep the file small.
+pub const INT8_WEIGHT_ONLY: [&str; 4] = [
+    "encoder.cross_attention.attention.self.key.weight",
+    "encoder.cross_attention.attention.self.value.weight",
+    "final_layer.weight",
+    "output_postprocessor*.weight",
+];
+
+/// True for a Linear the int8 passes quantise weight-only by default.
+fn weight_only(l: &Linear) -> bool {
+    INT8_WEIGHT_ONLY.iter().any(|p| glob_contains(p, &l.weight))
+}
+
+/// Weight-only int8: `DequantizeLinear` (per output channel) feeding the original f32 MatMul.
+/// The file stores int8; tract folds the weight back to f32 at load.
+fn weight_only_linear(g: &mut Graph, l: &Linear) -> Vec<Node> {
+    let mut mm = g.nodes[l.node].clone();
+    let w = g.constant_data(&l.weight).and_then(|t| t.as_f32()).expect("f32 weight");
+    let (q, wscale) = quantize_per_column(&w, l.k, l.n);
+    let (wq, ws, wd) = (format!("{}.q", l.weight), format!("{}.scale", l.weight), format!("{}.dq", l.weight));
+    let mut nodes = vec![];
+    if g.constant_data(&wq).is_none() {
+        g.constants.push((wq.clone(), tensor(DType::I8, &[l.k, l.n], q.iter().map(|v| *v as u8).collect())));
+        g.constants.push((ws.clone(), TensorData::f32(&[l.n], &wscale)));
+        nodes.push(node(
+            format!("{}/DequantizeLinear", l.weight),
+            "DequantizeLinear",
+            vec![wq, ws],
+            val(&wd, DType::F32, &[l.k, l.n]),
+            vec![("axis", Attr::Int(1))],
+        ));
+    }
+    mm.inputs[1] = wd;
+    nodes.push(mm);
+    nodes
+}
+
+/// Values that do not depend on any graph input (computed from constants only): the latents'
+/// and output queries' projections. tract folds them at load, so quantising their activations
+/// would only add error.
+fn input_independent(g: &Graph) -> HashSet<String> {
+    let mut set: HashSet<String> = g.constants.iter().map(|(n, _)| n.clone()).collect();
+    for n in &g.nodes {
+        if !n.inputs.is_empty() && n.inputs.iter().all(|x| x.is_empty() || set.contains(x)) {
+            set.extend(n.outputs.iter().map(|o| o.name.clone()));
+        }
+    }
+    set
+}
+
 fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<String, (f32, f32)>>) -> Result<()> {
     keep.check_all_used(all_names(g).into_iter())?;
+    let constant = input_independent(g);
     let mut rep = HashMap::new();
     let mut shared = HashSet::new();
     for l in linears(g) {
         if kept(g, &l, keep) {
+            continue;
+        }
+        if weight_only(&l) || constant.contains(&g.nodes[l.node].inputs[0]) {
+            rep.insert(l.node, weight_only_linear(g, &l));
             continue;
         }
         let x = g.nodes[l.node].inputs[0].clone();
@@ -464,8 +524,9 @@ impl Pass for Int8Static {
     }
 }
 
-/// 4-bit block-quantised Linear weights (`MatMulNBits`, block 32) where K is a multiple of
-/// 32; dynamic int8 elsewhere.
+/// 4-bit block-quantised Linear weights (`MatMulNBits`, block 32); K is zero-padded to a
+/// multiple of 32 (a `Pad` on the activation) when needed. Linears with K < 32 use dynamic
+/// int8.
 pub struct Q4 {
     /// Nodes and weights kept in f32.
     pub keep: KeepF32,
@@ -483,34 +544,59 @@ impl Pass for Q4 {
             if kept(g, &l, &self.keep) {
                 continue;
             }
-            if !l.k.is_multiple_of(32) {
+            if l.k < 32 {
                 rep.insert(l.node, int8_linear(g, &l, ActQuant::Dynamic, &mut shared));
                 continue;
             }
             let mm = g.nodes[l.node].clone();
-            let w = g.constant_data(&l.weight).and_then(|t| t.as_f32()).expect("f32 weight");
-            let (packed, scales) = quantize_q4(&w, l.k, l.n);
+            let mut nodes = vec![];
+            let mut x = mm.inputs[0].clone();
+            // K not a multiple of 32: zero-pad the weight's rows and the activation's last axis
+            // (one `Pad` per activation), so tract keeps the weight packed as Q4_0.
+            let kp = l.k.next_multiple_of(32);
+            let mut w = g.constant_data(&l.weight).and_then(|t| t.as_f32()).expect("f32 weight");
+            if kp != l.k {
+                w.resize(kp * l.n, 0.0);
+                let padded = format!("{x}.pad32");
+                if shared.insert(padded.clone()) {
+                    let shape = g.value_shapes().get(x.as_str()).map(|s| s.to_vec()).unwrap_or_default();
+                    let rank = shape.len();
+                    let mut pads = vec![0i64; 2 * rank];
+                    pads[2 * rank - 1] = (kp - l.k) as i64;
+                    let pn = format!("{x}.pad32.pads");
+                    g.constants.push((pn.clone(), TensorData::i64(&[2 * rank], &pads)));
+                    let mut out_shape = shape.clone();
+                    out_shape[rank - 1] = kp;
+                    nodes.push(node(
+                        format!("{x}/Pad"),
+                        "Pad",
+                        vec![x.clone(), pn],
+                        val(&padded, DType::F32, &out_shape),
+                        vec![],
+                    ));
+                }
+                x = padded;
+            }
+            let (packed, scales) = quantize_q4(&w, kp, l.n);
             let (bn, sn) = (format!("{}.q4", l.weight), format!("{}.q4scale", l.weight));
             if g.constant_data(&bn).is_none() {
-                g.constants.push((bn.clone(), tensor(DType::U8, &[l.n, l.k / 32, 16], packed)));
-                g.constants.push((sn.clone(), TensorData::f32(&[l.n * (l.k / 32)], &scales)));
+                g.constants.push((bn.clone(), tensor(DType::U8, &[l.n, kp / 32, 16], packed)));
+                g.constants.push((sn.clone(), TensorData::f32(&[l.n * (kp / 32)], &scales)));
             }
-            rep.insert(
-                l.node,
-                vec![Node {
-                    name: mm.name.clone(),
-                    op: "MatMulNBits".into(),
-                    domain: "com.microsoft".into(),
-                    inputs: vec![mm.inputs[0].clone(), bn, sn],
-                    outputs: mm.outputs.clone(),
-                    attrs: vec![
-                        ("K".into(), Attr::Int(l.k as i64)),
-                        ("N".into(), Attr::Int(l.n as i64)),
-                        ("bits".into(), Attr::Int(4)),
-                        ("block_size".into(), Attr::Int(32)),
-                    ],
-                }],
-            );
+            nodes.push(Node {
+                name: mm.name.clone(),
+                op: "MatMulNBits".into(),
+                domain: "com.microsoft".into(),
+                inputs: vec![x, bn, sn],
+                outputs: mm.outputs.clone(),
+                attrs: vec![
+                    ("K".into(), Attr::Int(kp as i64)),
+                    ("N".into(), Attr::Int(l.n as i64)),
+                    ("bits".into(), Attr::Int(4)),
+                    ("block_size".into(), Attr::Int(32)),
+                ],
+            });
+            rep.insert(l.node, nodes);
         }
         splice(g, rep);
         quantize_storage(g, &self.keep);
@@ -519,8 +605,9 @@ impl Pass for Q4 {
     }
 }
 
-/// f16 constants and arithmetic. Graph inputs and outputs stay f32; LayerNorm, Softmax and
-/// nodes matching `keep` run in f32 between casts.
+/// f16 constants and arithmetic. Graph inputs and outputs stay f32; LayerNorm, Softmax, nodes
+/// matching `keep` and the additive attention mask (beyond f16's range) run in f32 between
+/// casts.
 pub struct ToF16 {
     /// Nodes kept in f32 (besides [`F16_KEEP_OPS`]).
     pub keep: KeepF32,
@@ -547,9 +634,18 @@ impl Pass for ToF16 {
         let mut nodes = vec![];
         let f16_code = crate::onnx::dtype_code(DType::F16) as i64;
         let f32_code = crate::onnx::dtype_code(DType::F32) as i64;
+        // Values beyond f16's range (the attention mask's f32::MIN) stay f32 up to the Softmax
+        // that consumes them: in f16 they would become infinities (and 0 * inf = NaN).
+        let out_of_range = |t: &TensorData| t.as_f32().is_some_and(|v| v.iter().any(|x| x.abs() > 65504.0));
+        let mut wide: HashSet<String> = HashSet::new();
         for mut n in std::mem::take(&mut g.nodes) {
             let is_output = n.outputs.iter().any(|o| output_names.contains(&o.name));
-            let keep32 = F16_KEEP_OPS.contains(&n.op.as_str()) || is_output || self.keep.matches(&n.name);
+            let needs_range = n.inputs.iter().any(|x| wide.contains(x) || consts.get(x).is_some_and(out_of_range));
+            if needs_range && !F16_KEEP_OPS.contains(&n.op.as_str()) {
+                wide.extend(n.outputs.iter().map(|o| o.name.clone()));
+            }
+            let keep32 =
+                F16_KEEP_OPS.contains(&n.op.as_str()) || is_output || needs_range || self.keep.matches(&n.name);
             let want = if keep32 { DType::F32 } else { DType::F16 };
             for x in n.inputs.iter_mut() {
                 let Some(&dt) = dtype.get(x.as_str()) else { continue };

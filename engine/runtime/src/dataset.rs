@@ -5,10 +5,11 @@
 //! - one `.npy` file (single-input models): one input of the graph's shape, or a stack
 //!   `[n * batch, ...]` of them along the first axis;
 //! - a folder of `.npy` files, each one input or a stack (single-input models), or, for models
-//!   with several inputs, `NAME.npy` stacks, one per graph input;
+//!   with several inputs, `NAME.npy` stacks, one per graph input; files whose name contains
+//!   `label` are not inputs and are skipped;
 //! - a fixture folder (files named `<case>.in.<INPUT>.npy`, as in `models/reference/fixtures`):
-//!   cases whose input names are the graph's are used, the others skipped (they belong to
-//!   other export variants).
+//!   cases whose input names and shapes fit the graph are used, the others skipped (they belong
+//!   to other export variants).
 
 use crate::npy::read_npy;
 use crate::{dtype_name, Error, IoSpec, Result};
@@ -38,8 +39,10 @@ fn split(path: &Path, t: Tensor, spec: &IoSpec) -> Result<Vec<Tensor>> {
         return Ok(vec![t]);
     }
     let b = spec.shape.first().copied().unwrap_or(1).max(1);
-    let stack_ok =
-        t.rank() == spec.shape.len() && t.rank() > 0 && t.shape()[1..] == spec.shape[1..] && t.shape()[0].is_multiple_of(b);
+    let stack_ok = t.rank() == spec.shape.len()
+        && t.rank() > 0
+        && t.shape()[1..] == spec.shape[1..]
+        && t.shape()[0].is_multiple_of(b);
     if !stack_ok {
         return Err(err(
             path,
@@ -57,10 +60,41 @@ fn split(path: &Path, t: Tensor, spec: &IoSpec) -> Result<Vec<Tensor>> {
 
 fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| err(dir, format!("cannot read folder: {e}")))?;
-    let mut files: Vec<PathBuf> =
-        rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "npy")).collect();
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "npy"))
+        .filter(|p| !p.file_stem().is_some_and(|s| s.to_string_lossy().contains("label")))
+        .collect();
     files.sort();
     Ok(files)
+}
+
+/// Input sets of one fixture case (`<input name> -> file`).
+fn fixture_case(files: &BTreeMap<String, PathBuf>, specs: &[IoSpec]) -> Result<Vec<Vec<Tensor>>> {
+    if specs.len() == 1 {
+        let f = &files[&specs[0].name];
+        return Ok(split(f, read_npy(f)?, &specs[0])?.into_iter().map(|t| vec![t]).collect());
+    }
+    let mut set = vec![];
+    for s in specs {
+        let f = &files[&s.name];
+        let t = read_npy(f)?;
+        if t.shape() != s.shape.as_slice() || t.datum_type() != s.dtype {
+            return Err(err(
+                f,
+                format!(
+                    "{} {:?}, the model's input `{}` is {} {:?}",
+                    dtype_name(t.datum_type()),
+                    t.shape(),
+                    s.name,
+                    dtype_name(s.dtype),
+                    s.shape
+                ),
+            ));
+        }
+        set.push(t);
+    }
+    Ok(vec![set])
 }
 
 /// Reads input sets for a model with inputs `specs` from `path` (see the module docs). Every
@@ -82,7 +116,10 @@ pub fn load_inputs(path: &Path, specs: &[IoSpec]) -> Result<Vec<Vec<Tensor>>> {
                 let input = rest.strip_suffix(".npy").unwrap_or(rest);
                 cases.entry(case.to_string()).or_default().insert(input.to_string(), f.clone());
             }
+            // A case whose files do not fit is another export variant's (batch, size): skipped,
+            // but its error is reported if no case fits.
             let mut sets = vec![];
+            let mut first_err = None;
             for files in cases.values() {
                 let mut have: Vec<&str> = files.keys().map(|s| s.as_str()).collect();
                 let mut want = names.clone();
@@ -91,31 +128,15 @@ pub fn load_inputs(path: &Path, specs: &[IoSpec]) -> Result<Vec<Vec<Tensor>>> {
                 if have != want {
                     continue;
                 }
-                if specs.len() == 1 {
-                    let f = &files[&specs[0].name];
-                    sets.extend(split(f, read_npy(f)?, &specs[0])?.into_iter().map(|t| vec![t]));
-                } else {
-                    let mut set = vec![];
-                    for s in specs {
-                        let f = &files[&s.name];
-                        let t = read_npy(f)?;
-                        if t.shape() != s.shape.as_slice() || t.datum_type() != s.dtype {
-                            return Err(err(
-                                f,
-                                format!(
-                                    "{} {:?}, the model's input `{}` is {} {:?}",
-                                    dtype_name(t.datum_type()),
-                                    t.shape(),
-                                    s.name,
-                                    dtype_name(s.dtype),
-                                    s.shape
-                                ),
-                            ));
-                        }
-                        set.push(t);
+                match fixture_case(files, specs) {
+                    Ok(mut v) => sets.append(&mut v),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
                     }
-                    sets.push(set);
                 }
+            }
+            if let (true, Some(e)) = (sets.is_empty(), first_err) {
+                return Err(e);
             }
             sets
         } else if specs.len() == 1 {
