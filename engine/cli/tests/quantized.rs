@@ -243,3 +243,121 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
         }
     }
 }
+
+/// Runs the CLI, expects exit status 1 with one `error:` line containing every needle.
+fn fails(args: &[&std::ffi::OsStr], needles: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error, got: {err}");
+    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention `{n}`: {err}");
+    }
+}
+
+#[test]
+fn bad_precision_options_and_calibration_data_are_refused_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ck = fixtures_dir().join("image_fourier");
+    let onnx = t.join("out.onnx");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let export_args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut v = vec![os("export"), ck.clone().into_os_string(), os("-o"), onnx.clone().into_os_string()];
+        v.extend(["--image-size", "12", "16"].iter().map(|s| os(s)));
+        v.extend(extra.iter().map(|s| os(s)));
+        v
+    };
+    let check = |extra: &[&str], needles: &[&str]| {
+        let a = export_args(extra);
+        let refs: Vec<&std::ffi::OsStr> = a.iter().map(|s| s.as_os_str()).collect();
+        fails(&refs, needles);
+        assert!(!onnx.exists(), "no output file after a failed export ({extra:?})");
+        let leftovers: Vec<_> = std::fs::read_dir(t)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "no partial file ({extra:?})");
+    };
+    check(&["--precision", "int4"], &["unknown precision \"int4\"", "int8-static"]);
+    check(
+        &["--precision", "int8", "--keep-f32", "no_such_layer"],
+        &["--keep-f32 \"no_such_layer\"", "matches no node"],
+    );
+    check(&["--precision", "f16", "--keep-f32", "no*such"], &["no*such"]);
+    check(&["--keep-f32", "query"], &["--keep-f32 needs a reduced --precision"]);
+    check(&["--precision", "int8", "--calibrate", "x.npy"], &["--calibrate applies to --precision int8-static"]);
+    check(
+        &["--precision", "int8-static", "--calibration-method", "median"],
+        &["unknown calibration method \"median\""],
+    );
+
+    // Calibration data: wrong shape, wrong dtype, empty set, empty folder, missing file.
+    let write = |name: &str, dt: perceiver_edge_runtime::DatumType, shape: &[usize]| {
+        let p = t.join(name);
+        npy::write_npy(&p, &Tensor::zero_dt(dt, shape).unwrap()).unwrap();
+        p.to_string_lossy().to_string()
+    };
+    use perceiver_edge_runtime::DatumType as D;
+    let bad_shape = write("shape.npy", D::F32, &[2, 3, 5, 5]);
+    check(&["--precision", "int8-static", "--calibrate", &bad_shape], &["shape.npy", "[2, 3, 5, 5]", "[1, 3, 12, 16]"]);
+    let bad_dtype = write("dtype.npy", D::I64, &[1, 3, 12, 16]);
+    check(&["--precision", "int8-static", "--calibrate", &bad_dtype], &["dtype.npy", "int64", "float32"]);
+    let empty = write("empty.npy", D::F32, &[0, 3, 12, 16]);
+    check(&["--precision", "int8-static", "--calibrate", &empty], &["empty.npy", "no inputs"]);
+    let empty_dir = t.join("empty_dir");
+    std::fs::create_dir(&empty_dir).unwrap();
+    check(&["--precision", "int8-static", "--calibrate", empty_dir.to_str().unwrap()], &["empty_dir", "no inputs"]);
+    check(&["--precision", "int8-static", "--calibrate", t.join("missing.npy").to_str().unwrap()], &["missing.npy"]);
+    // No calibration data at all: a checkpoint folder without fixture inputs or samples.
+    let bare = t.join("bare_ck");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(ck.join(f), bare.join(f)).unwrap();
+    }
+    let a: Vec<std::ffi::OsString> = vec![
+        os("export"),
+        bare.into_os_string(),
+        os("-o"),
+        onnx.clone().into_os_string(),
+        os("--image-size"),
+        os("12"),
+        os("16"),
+        os("--precision"),
+        os("int8-static"),
+    ];
+    let refs: Vec<&std::ffi::OsStr> = a.iter().map(|s| s.as_os_str()).collect();
+    fails(&refs, &["int8-static needs calibration inputs", "--calibrate"]);
+    assert!(!onnx.exists());
+
+    // compare: graphs with different inputs, bad labels.
+    let (a16, b16) = (t.join("a.onnx"), t.join("b.onnx"));
+    export(&ck, &a16, &["--image-size", "12", "16"]);
+    export(&ck, &b16, &["--image-size", "8", "8", "--precision", "int8"]);
+    let input = write("in.npy", D::F32, &[1, 3, 12, 16]);
+    fails(
+        &[
+            std::ffi::OsStr::new("compare"),
+            a16.as_os_str(),
+            b16.as_os_str(),
+            std::ffi::OsStr::new("--inputs"),
+            std::ffi::OsStr::new(&input),
+        ],
+        &["take different inputs"],
+    );
+    let labels = write("labels.npy", D::I64, &[3]);
+    fails(
+        &[
+            std::ffi::OsStr::new("compare"),
+            a16.as_os_str(),
+            a16.as_os_str(),
+            std::ffi::OsStr::new("--inputs"),
+            std::ffi::OsStr::new(&input),
+            std::ffi::OsStr::new("--labels"),
+            std::ffi::OsStr::new(&labels),
+        ],
+        &["3 labels for 1 output rows"],
+    );
+}

@@ -110,7 +110,7 @@ impl KeepF32 {
             if !names.clone().any(|n| glob_contains(p, n)) {
                 return Err(Error::invalid(format!(
                     "--keep-f32 \"{p}\" matches no node or weight name of the graph (names look like \
-                     `encoder.self_attends.0/attention/MatMul_12` or `perceiver.encoder.cross_attention.attention.self.key.weight.T`)"
+                     `encoder.self.0.1/mlp/MatMul_96` or `perceiver.encoder.cross_attention.attention.self.key.weight.T`)"
                 )));
             }
         }
