@@ -192,11 +192,14 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
     npy::write_npy(&dir.join("eval_labels.npy"), &y.slice(0, 100, n).unwrap()).unwrap();
     let path = |p: &str| dir.join(format!("digits.{p}.onnx"));
     export(&digits, &path("f32"), &[]);
-    for p in PRECISIONS {
-        let mut a = vec!["--precision", p];
+    for p in PRECISIONS.iter().copied().chain(["int8-static-percentile"]) {
+        let mut a = vec!["--precision", p.trim_end_matches("-percentile")];
         let calib = dir.join("calib.npy");
-        if p == "int8-static" {
+        if p.starts_with("int8-static") {
             a.extend(["--calibrate", calib.to_str().unwrap()]);
+        }
+        if p.ends_with("percentile") {
+            a.extend(["--calibration-method", "percentile:99.9"]);
         }
         export(&digits, &path(p), &a);
         let out = bin()
@@ -230,7 +233,7 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
         assert!(r["samples"].as_u64().unwrap() >= 200);
         assert!(!r["layers"].as_array().unwrap().is_empty(), "per-layer table");
         match p {
-            "int8" | "int8-static" => {
+            "int8" | "int8-static" | "int8-static-percentile" => {
                 assert!(agree >= 0.99, "{p}: top-1 agreement {agree}");
                 assert!((acc - acc_ref).abs() <= 0.01, "{p}: accuracy {acc} vs f32 {acc_ref}");
                 assert!(weights <= 0.30, "{p}: weights {weights:.3}x of f32 > 0.30x");

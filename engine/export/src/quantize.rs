@@ -644,8 +644,11 @@ impl Pass for ToF16 {
             if needs_range && !F16_KEEP_OPS.contains(&n.op.as_str()) {
                 wide.extend(n.outputs.iter().map(|o| o.name.clone()));
             }
-            let keep32 =
-                F16_KEEP_OPS.contains(&n.op.as_str()) || is_output || needs_range || self.keep.matches(&n.name);
+            let keep32 = F16_KEEP_OPS.contains(&n.op.as_str())
+                || is_output
+                || needs_range
+                || self.keep.matches(&n.name)
+                || n.inputs.iter().any(|x| consts.contains_key(x) && self.keep.matches(x));
             let want = if keep32 { DType::F32 } else { DType::F16 };
             for x in n.inputs.iter_mut() {
                 let Some(&dt) = dtype.get(x.as_str()) else { continue };
