@@ -67,6 +67,10 @@ enum Command {
         /// Thread counts to try [default: 1 and the board's threads, capped at this host's cores].
         #[arg(long, value_delimiter = ',', value_name = "T,...")]
         threads: Option<Vec<usize>>,
+        /// Precisions to try (f32, f16, int8, int8-static, q4), or `profile` for the board's
+        /// preferred list [default: f32].
+        #[arg(long, value_delimiter = ',', value_name = "P,...")]
+        precisions: Option<Vec<String>>,
         /// Measured runs per candidate.
         #[arg(long, default_value_t = 200)]
         runs: usize,
@@ -314,11 +318,16 @@ fn dispatch(cmd: Command) -> Result<()> {
             latents,
             blocks,
             threads,
+            precisions,
             runs,
             warmup,
             min_agreement,
             quiet,
         } => {
+            let precisions = match precisions {
+                Some(p) if p == ["profile"] => Some(perceiver_edge_tune::Profile::load(&target)?.precisions),
+                other => other,
+            };
             if runs == 0 || !(0.0..=1.0).contains(&min_agreement) {
                 bail!("--runs must be positive and --min-agreement within 0..1");
             }
@@ -329,7 +338,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                 calibrate,
                 labels,
                 out: output,
-                axes: perceiver_edge_tune::Axes { latents, blocks, threads },
+                axes: perceiver_edge_tune::Axes { latents, blocks, threads, precisions },
                 runs,
                 warmup,
                 min_agreement,

@@ -146,3 +146,50 @@ fn errors_are_one_line() {
     assert!(!o.join("model.onnx").exists());
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+#[test]
+fn tune_takes_precision_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("out");
+    let (ok, stdout, stderr) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+        "--latents",
+        "16",
+        "--threads",
+        "1",
+        "--precisions",
+        "f32,f16",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("K16 B1 T1 f16"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["precisions"], serde_json::json!(["f32", "f16"]));
+    let f16 = &r["candidates"][1];
+    assert_eq!(f16["candidate"]["precision"], "f16");
+    assert!(f16["fidelity"]["max_abs"].as_f64().unwrap() > 0.0 && f16["fidelity"]["max_abs"].as_f64().unwrap() < 0.1);
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+        "--precisions",
+        "f8",
+    ]);
+    assert!(!ok && e.contains("unknown precision \"f8\""), "{e}");
+}

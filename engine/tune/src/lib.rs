@@ -20,7 +20,7 @@ pub mod profile;
 
 use anyhow::{bail, Context, Result};
 use perceiver_edge_export::budget::{self, Fidelity};
-use perceiver_edge_export::{Checkpoint, ExportOptions};
+use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions};
 use perceiver_edge_runtime::{bench, to_vec, Session};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ pub struct Candidate {
     pub blocks: usize,
     /// Matmul threads.
     pub threads: usize,
+    /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes).
+    pub precision: &'static str,
 }
 
 /// Candidate values along each axis, before combination.
@@ -47,6 +49,8 @@ pub struct Axes {
     pub blocks: Option<Vec<usize>>,
     /// Thread counts (default: 1 and the board's threads, capped at this host's cores).
     pub threads: Option<Vec<usize>>,
+    /// Precisions (default: f32 only; the board's list is `profile.precisions`).
+    pub precisions: Option<Vec<String>>,
 }
 
 /// All candidates: every combination of the axes' values, most expensive first, checked against
@@ -79,11 +83,24 @@ pub fn candidates(
     if blocks.contains(&0) || threads.contains(&0) {
         bail!("block and thread candidates must be at least 1");
     }
+    let mut precisions: Vec<&'static str> = vec![];
+    for p in axes.precisions.clone().unwrap_or_else(|| vec!["f32".into()]) {
+        let known = Precision::ALL.iter().find(|(_, n)| *n == p).map(|(_, n)| *n);
+        let Some(name) = known else {
+            let names: Vec<&str> = Precision::ALL.iter().map(|(_, n)| *n).collect();
+            bail!("unknown precision \"{p}\" (expected {})", names.join(", "));
+        };
+        if !precisions.contains(&name) {
+            precisions.push(name);
+        }
+    }
     let mut out = vec![];
     for &latents in &latents {
         for &blocks in &blocks {
-            for &threads in &threads {
-                out.push(Candidate { latents, blocks, threads });
+            for &precision in &precisions {
+                for &threads in &threads {
+                    out.push(Candidate { latents, blocks, threads, precision });
+                }
             }
         }
     }
@@ -132,7 +149,8 @@ impl Measured {
     /// Short label, e.g. `K16 B1 T1`.
     pub fn label(&self) -> String {
         let c = self.candidate;
-        format!("K{} B{} T{}", c.latents, c.blocks, c.threads)
+        let p = if c.precision == "f32" { String::new() } else { format!(" {}", c.precision) };
+        format!("K{} B{} T{}{p}", c.latents, c.blocks, c.threads)
     }
 }
 
@@ -202,7 +220,7 @@ pub struct Report {
     pub latent_order: Vec<usize>,
     /// Required top-1 agreement.
     pub min_agreement: f64,
-    /// Precisions considered (f32 only until quantisation lands).
+    /// Precisions considered.
     pub precisions: Vec<String>,
     /// All candidates.
     pub candidates: Vec<Measured>,
@@ -269,11 +287,13 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let mut measured = vec![];
     let mut files_of = vec![];
     let bench_inputs = validate.samples[0].clone();
-    let mut last: Option<(usize, usize, PathBuf, Fidelity, cost::Features)> = None;
+    type Built = ((usize, usize, &'static str), PathBuf, Fidelity, cost::Features);
+    let mut last: Option<Built> = None;
     for c in &cands {
-        bar.set_message(format!("K{} B{} T{}", c.latents, c.blocks, c.threads));
+        bar.set_message(format!("K{} B{} T{} {}", c.latents, c.blocks, c.threads, c.precision));
+        let key = (c.latents, c.blocks, c.precision);
         let (path, fid, feat) = match &last {
-            Some((k, b, p, f, ft)) if *k == c.latents && *b == c.blocks => (p.clone(), f.clone(), ft.clone()),
+            Some((k, p, f, ft)) if *k == key => (p.clone(), f.clone(), ft.clone()),
             _ => {
                 let keep = budget::select_latents(&importance, c.latents)?;
                 let opts = ExportOptions {
@@ -281,14 +301,21 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     blocks: (c.blocks != trained_blocks).then_some(c.blocks),
                     ..base.clone()
                 };
-                let e = perceiver_edge_export::build(&ck, &opts)?;
-                let path = dir.join(format!("k{}-b{}.onnx", c.latents, c.blocks));
+                let mut e = perceiver_edge_export::build(&ck, &opts)?;
+                let precision: Precision = c.precision.parse()?;
+                let q = QuantOptions {
+                    precision,
+                    calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
+                    ..Default::default()
+                };
+                e.quantize(&q, &o.checkpoint, &mut |_, _| {})?;
+                let path = dir.join(format!("k{}-b{}-{}.onnx", c.latents, c.blocks, c.precision));
                 e.write(&path)?;
                 let mut s = Session::load(&path)?;
                 let (out, _) = first_output(&mut s, &validate.samples)?;
                 let fid = budget::fidelity(&ref_out, &out, row, validate.labels.as_deref());
                 let feat = cost::Features::of(&e.graph, &e.summary);
-                last = Some((c.latents, c.blocks, path.clone(), fid.clone(), feat.clone()));
+                last = Some((key, path.clone(), fid.clone(), feat.clone()));
                 (path, fid, feat)
             }
         };
@@ -369,7 +396,15 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         latent_importance: importance,
         latent_order: order,
         min_agreement: o.min_agreement,
-        precisions: vec!["f32".into()],
+        precisions: {
+            let mut p: Vec<String> = vec![];
+            for c in &cands {
+                if !p.iter().any(|x| x == c.precision) {
+                    p.push(c.precision.to_string());
+                }
+            }
+            p
+        },
         candidates: measured,
         chosen,
         chosen_latents,
@@ -483,9 +518,17 @@ mod tests {
         assert_eq!(blocks, vec![8, 4, 2, 1]);
         assert_eq!(c.iter().map(|c| c.latents).max(), Some(4));
         assert!(c.iter().all(|c| c.latents >= 1 && c.threads == 1));
-        let axes = Axes { latents: Some(vec![3, 8, 3]), blocks: Some(vec![2]), threads: Some(vec![1]) };
+        let axes = Axes {
+            latents: Some(vec![3, 8, 3]),
+            blocks: Some(vec![2]),
+            threads: Some(vec![1]),
+            precisions: Some(vec!["f32".into(), "int8".into(), "f32".into()]),
+        };
         let c = candidates(&axes, 8, 1, 4, 4).unwrap();
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.len(), 4);
+        assert_eq!((c[0].precision, c[1].precision, c[2].latents), ("f32", "int8", 3));
+        let bad = Axes { precisions: Some(vec!["f8".into()]), ..Default::default() };
+        assert!(candidates(&bad, 8, 1, 1, 1).unwrap_err().to_string().contains("unknown precision \"f8\""));
         assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1).is_err());
         assert!(candidates(&Axes { blocks: Some(vec![0]), ..Default::default() }, 8, 1, 1, 1).is_err());
     }
@@ -500,7 +543,7 @@ mod tests {
     fn m(latents: usize, threads: usize, top1: f64, fits: bool) -> Measured {
         let p = cost::Predicted { latency_ms: 0.0, memory_bytes: 0.0 };
         Measured {
-            candidate: Candidate { latents, blocks: 1, threads },
+            candidate: Candidate { latents, blocks: 1, threads, precision: "f32" },
             p50_ms: 0.0,
             p99_ms: 0.0,
             memory_bytes: 0,
