@@ -30,6 +30,59 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         sizes: Sizes,
+        #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
+        quant: Quant,
+    },
+    /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
+    /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
+    #[cfg(feature = "export")]
+    Tune {
+        /// Checkpoint directory in Hugging Face layout.
+        checkpoint: PathBuf,
+        /// Board profile (targets/*.toml).
+        #[arg(long)]
+        target: PathBuf,
+        /// Calibration data: a stacked .npy ([S, ...] like the model input) or a folder of .npy
+        /// files (files named *label* are int64 labels).
+        #[arg(long, value_name = "DATA")]
+        calibrate: PathBuf,
+        /// Labels (int64 .npy, one per sample) for accuracy.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Output folder (model.onnx, report.json, tradeoff.svg).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Host profile used to scale predictions to the board [default: targets/x86-64-host.toml
+        /// next to --target, on x86-64].
+        #[arg(long, value_name = "FILE")]
+        host_profile: Option<PathBuf>,
+        /// Latent counts to try [default: N, 3N/4, N/2, N/4, N/8].
+        #[arg(long, value_delimiter = ',', value_name = "K,...")]
+        latents: Option<Vec<usize>>,
+        /// Block repetitions to try [default: trained, halved down to 1].
+        #[arg(long, value_delimiter = ',', value_name = "B,...")]
+        blocks: Option<Vec<usize>>,
+        /// Thread counts to try [default: 1 and the board's threads, capped at this host's cores].
+        #[arg(long, value_delimiter = ',', value_name = "T,...")]
+        threads: Option<Vec<usize>>,
+        /// Precisions to try (f32, f16, int8, int8-static, q4), or `profile` for the board's
+        /// preferred list [default: f32].
+        #[arg(long, value_delimiter = ',', value_name = "P,...")]
+        precisions: Option<Vec<String>>,
+        /// Measured runs per candidate.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Warm-up runs per candidate.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Required top-1 agreement with the full model (0..1).
+        #[arg(long, default_value_t = 0.99)]
+        min_agreement: f64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Run an exported model on .npy inputs and write its outputs as .npy.
     Run {
@@ -46,6 +99,26 @@ enum Command {
         /// outputs, the arg-max class.
         #[arg(long)]
         print: bool,
+    },
+    /// Compare a candidate graph (e.g. quantised) with a reference graph of the same model:
+    /// output errors, top-1 agreement, accuracy with labels, and a per-layer error table.
+    Compare {
+        /// Reference ONNX file (usually the f32 export).
+        reference: PathBuf,
+        /// Candidate ONNX file.
+        candidate: PathBuf,
+        /// Inputs: a .npy file (a stack along axis 0) or a folder of .npy files.
+        #[arg(long, value_name = "DATA")]
+        inputs: PathBuf,
+        /// Labels (.npy int64, one per row of the first output) for task accuracy.
+        #[arg(long, value_name = "LABELS")]
+        labels: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Rows of the per-layer table to print (the largest added errors), 0 = all.
+        #[arg(long, default_value_t = 12)]
+        top: usize,
     },
     /// Benchmark a model: load time, latency percentiles, throughput, memory; `--rate` runs at a
     /// fixed rate and counts deadline misses.
@@ -120,6 +193,50 @@ struct Sizes {
     no_position_tables: bool,
 }
 
+/// Budget knobs of `export`.
+#[cfg(feature = "export")]
+#[derive(Args, Clone, Debug, Default)]
+struct BudgetArgs {
+    /// Keep the K most important of the trained latents, ranked by attention mass on the
+    /// --calibrate DATA (a stacked .npy or a folder of .npy files).
+    #[arg(long, value_name = "K")]
+    latents: Option<usize>,
+    /// Repetitions of the weight-shared latent block [default: config num_blocks].
+    #[arg(long, value_name = "B")]
+    blocks: Option<usize>,
+}
+
+/// Precision options of `export`.
+#[cfg(feature = "export")]
+#[derive(Args, Clone, Debug, Default)]
+struct Quant {
+    /// Numeric precision: f32, f16, int8 (dynamic activations), int8-static (calibrated) or q4.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Calibration inputs for int8-static: a .npy file (stack along axis 0) or a folder
+    /// [default: CHECKPOINT's fixture inputs *.in.*.npy, or CHECKPOINT/samples].
+    #[arg(long, value_name = "DATA")]
+    calibrate: Option<PathBuf>,
+    /// Calibration range: minmax, percentile (99.99) or percentile:P.
+    #[arg(long, default_value = "minmax", value_name = "METHOD")]
+    calibration_method: String,
+    /// Keep nodes / weights whose name contains PATTERN (`*` = any run) in f32; repeatable.
+    #[arg(long = "keep-f32", value_name = "PATTERN")]
+    keep_f32: Vec<String>,
+}
+
+#[cfg(feature = "export")]
+impl Quant {
+    fn options(&self) -> Result<perceiver_edge_export::QuantOptions> {
+        Ok(perceiver_edge_export::QuantOptions {
+            precision: self.precision.parse()?,
+            keep_f32: self.keep_f32.clone(),
+            calibrate: self.calibrate.clone(),
+            method: self.calibration_method.parse()?,
+        })
+    }
+}
+
 #[cfg(feature = "export")]
 impl Sizes {
     fn options(&self) -> perceiver_edge_export::ExportOptions {
@@ -136,6 +253,7 @@ impl Sizes {
                 no_rewrites: self.no_rewrites,
                 no_position_tables: self.no_position_tables,
             },
+            ..Default::default()
         }
     }
 }
@@ -153,12 +271,91 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes } => {
-            let exported = perceiver_edge_export::export(&checkpoint, &sizes.options())?;
+        Command::Export { checkpoint, output, sizes, budget, quant } => {
+            let mut q = quant.options()?;
+            // One --calibrate serves --latents (latent ranking) and int8-static (scales).
+            if budget.latents.is_some() && q.precision != perceiver_edge_export::quantize::Precision::Int8Static {
+                q.calibrate = None;
+            }
+            let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
+            let mut opts = sizes.options();
+            opts.blocks = budget.blocks;
+            match (budget.latents, &quant.calibrate) {
+                (Some(k), Some(data)) => {
+                    let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
+                    let imp = perceiver_edge_export::budget::latent_importance(&ck, &opts, &cal.samples)?;
+                    let keep = perceiver_edge_export::budget::select_latents(&imp, k)?;
+                    println!(
+                        "latents kept ({k} of {}, by attention mass on {} samples): {keep:?}",
+                        imp.len(),
+                        cal.samples.len()
+                    );
+                    opts.latents = Some(keep);
+                }
+                (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
+                (None, _) => {}
+            }
+            let mut exported = perceiver_edge_export::build(&ck, &opts)?;
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            exported.quantize(&q, &checkpoint, &mut |done, total| {
+                let b = bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new(total as u64);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} inputs {elapsed}")
+                            .expect("valid template"),
+                    );
+                    b
+                });
+                b.set_position(done as u64);
+            })?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             exported.write(&output)?;
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             println!("wrote {} ({:.2} MiB)", output.display(), bytes as f64 / 1048576.0);
             print!("{}", exported.summary);
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Tune {
+            checkpoint,
+            target,
+            calibrate,
+            labels,
+            output,
+            host_profile,
+            latents,
+            blocks,
+            threads,
+            precisions,
+            runs,
+            warmup,
+            min_agreement,
+            quiet,
+        } => {
+            let precisions = match precisions {
+                Some(p) if p == ["profile"] => Some(perceiver_edge_tune::Profile::load(&target)?.precisions),
+                other => other,
+            };
+            if runs == 0 || !(0.0..=1.0).contains(&min_agreement) {
+                bail!("--runs must be positive and --min-agreement within 0..1");
+            }
+            let opts = perceiver_edge_tune::TuneOptions {
+                checkpoint,
+                target,
+                host_profile,
+                calibrate,
+                labels,
+                out: output,
+                axes: perceiver_edge_tune::Axes { latents, blocks, threads, precisions },
+                runs,
+                warmup,
+                min_agreement,
+                progress: !quiet,
+            };
+            let report = perceiver_edge_tune::tune(&opts)?;
+            print!("{}", perceiver_edge_tune::table(&report));
             Ok(())
         }
         Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
@@ -186,6 +383,9 @@ fn dispatch(cmd: Command) -> Result<()> {
                 print_bench(&report);
             }
             Ok(())
+        }
+        Command::Compare { reference, candidate, inputs, labels, json, top } => {
+            compare(&reference, &candidate, &inputs, labels.as_deref(), json, top)
         }
         #[cfg(feature = "export")]
         Command::Inspect { path, sizes } => inspect(&path, Some(&sizes)),
@@ -273,7 +473,13 @@ fn print_values(t: &perceiver_edge_runtime::Tensor) {
 fn print_bench(r: &bench::BenchReport) {
     let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} MiB", b as f64 / 1048576.0));
     let l = &r.latency_ms;
-    println!("model        {}", r.model);
+    println!(
+        "model        {} ({}, file {}, resident weights {})",
+        r.model,
+        r.precision,
+        mib(Some(r.file_bytes)),
+        mib(Some(r.resident_weight_bytes))
+    );
     println!("load         {:.1} ms (parse + optimise)", r.load_ms);
     println!("runs         {} measured after {} warm-up, {} thread(s)", r.runs, r.warmup, r.threads);
     println!(
@@ -323,8 +529,7 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
         return Ok(());
     }
     let session = Session::load(path)?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    println!("file           {} ({:.2} MiB)", path.display(), bytes as f64 / 1048576.0);
+    print_file_and_resident(path, &session);
     match session.metadata(perceiver_edge_export::summary::METADATA_KEY) {
         Some(json) => {
             let s: perceiver_edge_export::Summary = serde_json::from_str(json)
@@ -342,11 +547,127 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
 #[cfg(not(feature = "export"))]
 fn inspect(path: &Path) -> Result<()> {
     let session = Session::load(path)?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    println!("file           {} ({:.2} MiB)", path.display(), bytes as f64 / 1048576.0);
+    print_file_and_resident(path, &session);
     if let Some(json) = session.metadata("perceiver_edge.summary") {
         println!("summary        {json}");
     }
     print_io(&session);
+    Ok(())
+}
+
+fn mib(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.2} MiB", bytes as f64 / 1048576.0)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+/// File size, precision and the weight memory tract keeps after optimisation.
+fn print_file_and_resident(path: &Path, session: &Session) {
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as usize;
+    println!("file           {} ({})", path.display(), mib(bytes));
+    println!("precision      {}", session.metadata("perceiver_edge.precision").unwrap_or("f32"));
+    let resident = session.resident_weights();
+    let total: usize = resident.iter().map(|(_, b)| b).sum();
+    let parts: Vec<String> = resident.iter().map(|(k, b)| format!("{k} {}", mib(*b))).collect();
+    println!("resident       {} of constants after tract optimisation ({})", mib(total), parts.join(", "));
+}
+
+fn compare(
+    reference: &Path,
+    candidate: &Path,
+    inputs: &Path,
+    labels: Option<&Path>,
+    json: bool,
+    top: usize,
+) -> Result<()> {
+    use perceiver_edge_runtime::{compare, dataset, to_vec};
+    let specs = Session::load(reference)?.inputs().to_vec();
+    let sets = dataset::load_inputs(inputs, &specs)?;
+    let labels: Option<Vec<i64>> = match labels {
+        None => None,
+        Some(p) => {
+            let t = npy::read_npy(p)?;
+            let v = to_vec::<i64>(&t)
+                .or_else(|| to_vec::<i32>(&t).map(|v| v.into_iter().map(i64::from).collect()))
+                .with_context(|| format!("{}: labels must be int64 or int32", p.display()))?;
+            Some(v)
+        }
+    };
+    let r = compare::compare(reference, candidate, &sets, labels.as_deref(), true)?;
+    let stats = |s: &compare::Stats| {
+        serde_json::json!({"max_abs": s.max_abs, "mean_abs": s.mean_abs, "cosine": s.cosine,
+            "rel_max": s.rel_max, "rel_l2": s.rel_l2})
+    };
+    if json {
+        let v = serde_json::json!({
+            "samples": r.samples,
+            "outputs": r.outputs.iter().map(|(n, s)| serde_json::json!({"name": n, "stats": stats(s)})).collect::<Vec<_>>(),
+            "top1_agreement": r.top1.map(|(a, n)| a as f64 / n as f64),
+            "accuracy": r.accuracy.map(|(a, b)| serde_json::json!({"reference": a, "candidate": b})),
+            "layers": r.layers.iter().map(|l| serde_json::json!({"name": l.name, "reference_op": l.reference_op,
+                "candidate_op": l.candidate_op, "added": l.added, "stats": stats(&l.stats)})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{} input set(s)", r.samples);
+    for (n, s) in &r.outputs {
+        println!(
+            "output {n}: max abs {:.3e}, mean abs {:.3e}, cosine {:.6}, max rel {:.3e}",
+            s.max_abs, s.mean_abs, s.cosine, s.rel_max
+        );
+    }
+    if let Some((a, n)) = r.top1 {
+        println!("top-1 agreement {a}/{n} ({:.2} %)", 100.0 * a as f64 / n as f64);
+    }
+    if let Some((a, b)) = r.accuracy {
+        println!(
+            "accuracy reference {:.2} %, candidate {:.2} % ({:+.2} points)",
+            100.0 * a,
+            100.0 * b,
+            100.0 * (b - a)
+        );
+    }
+    if r.layers.is_empty() {
+        return Ok(());
+    }
+    let mut shown: Vec<usize> = (0..r.layers.len()).collect();
+    if top > 0 && top < shown.len() {
+        shown.sort_by(|&a, &b| r.layers[b].added.total_cmp(&r.layers[a].added));
+        shown.truncate(top);
+        shown.sort();
+        println!(
+            "per-layer error ({} of {} shared values with the largest added error, graph order):",
+            top,
+            r.layers.len()
+        );
+    } else {
+        println!("per-layer error ({} shared values, graph order):", r.layers.len());
+    }
+    println!(
+        "{:<64} {:<22} {:>10} {:>10} {:>10} {:>10}",
+        "value", "op (ref -> cand)", "max abs", "cosine", "rel L2", "added"
+    );
+    let worst = r.layers.iter().enumerate().max_by(|a, b| a.1.added.total_cmp(&b.1.added)).map(|(i, _)| i);
+    for i in shown {
+        let l = &r.layers[i];
+        let op = if l.reference_op == l.candidate_op {
+            l.reference_op.clone()
+        } else {
+            format!("{} -> {}", l.reference_op, l.candidate_op)
+        };
+        println!(
+            "{:<64} {:<22} {:>10.3e} {:>10.6} {:>10.3e} {:>10.3e}{}",
+            l.name,
+            op,
+            l.stats.max_abs,
+            l.stats.cosine,
+            l.stats.rel_l2,
+            l.added,
+            if Some(i) == worst { "  <- largest added error" } else { "" }
+        );
+    }
     Ok(())
 }

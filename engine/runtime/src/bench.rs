@@ -85,6 +85,12 @@ pub struct Memory {
 pub struct BenchReport {
     /// Model file.
     pub model: String,
+    /// Weight precision recorded by the exporter (`f32`, `f16`, `int8`, `int8-static`, `q4`).
+    pub precision: String,
+    /// Size of the model file.
+    pub file_bytes: u64,
+    /// Weight bytes tract keeps resident after optimisation (packed int8 / 4-bit stay small).
+    pub resident_weight_bytes: u64,
     /// Load + optimise time.
     pub load_ms: f64,
     /// Warm-up runs.
@@ -254,6 +260,9 @@ pub fn bench(model: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> 
         if paced.is_some() { samples.len() as f64 / total_s.max(1e-9) } else { 1e3 / latency_ms.mean.max(1e-9) };
     Ok(BenchReport {
         model: model.display().to_string(),
+        precision: session.metadata("perceiver_edge.precision").unwrap_or("f32").to_string(),
+        file_bytes: std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
+        resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
         load_ms,
         warmup: opts.warmup,
         runs: samples.len(),

@@ -16,6 +16,8 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod compare;
+pub mod dataset;
 pub mod npy;
 
 /// The README's library example, compiled and run as a doc test.
@@ -141,10 +143,30 @@ impl Session {
 
     /// Loads an ONNX model from memory.
     pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
+        Session::from_bytes_exposing(bytes, &[]).map(|(s, _)| s)
+    }
+
+    /// Loads an ONNX model from memory with the intermediate values named `extra` (ONNX value
+    /// names) exposed as outputs after the graph's own; names not in the graph are skipped.
+    /// Returns the session and the names actually exposed, in output order.
+    pub fn from_bytes_exposing(bytes: &[u8], extra: &[String]) -> Result<(Session, Vec<String>)> {
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
-        let model = tract_onnx::onnx()
+        let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
+        let mut exposed = vec![];
+        if !extra.is_empty() {
+            let mut outlets = model.output_outlets().map_err(|e| err(e.to_string()))?.to_vec();
+            for name in extra {
+                if let Some(o) = model.find_outlet_label(name) {
+                    if !outlets.contains(&o) {
+                        outlets.push(o);
+                        exposed.push(name.clone());
+                    }
+                }
+            }
+            model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
+        }
         let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         let metadata: Vec<(String, String)> = typed
             .properties
@@ -173,6 +195,10 @@ impl Session {
                 spec.name = label.to_string();
             }
         }
+        let n_own = outputs.len() - exposed.len();
+        for (spec, name) in outputs[n_own..].iter_mut().zip(&exposed) {
+            spec.name = name.clone();
+        }
         let plan: Plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
@@ -187,7 +213,45 @@ impl Session {
                 Some((it.next()??, it.next()??))
             })
             .collect();
-        Ok(Session { plan, state, inputs, ranges, outputs, metadata })
+        Ok((Session { plan, state, inputs, ranges, outputs, metadata }, exposed))
+    }
+
+    /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
+    /// type of their storage (`f32`, `i8`, `q4_0`/packed formats, ...), largest first. This is
+    /// what tract actually holds after it folded or packed the file's weights.
+    pub fn resident_weights(&self) -> Vec<(String, usize)> {
+        use tract_onnx::tract_core::ops::konst::Const;
+        use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+        let mut by: Vec<(String, usize)> = vec![];
+        let mut add = |kind: String, bytes: usize| match by.iter_mut().find(|(k, _)| *k == kind) {
+            Some(e) => e.1 += bytes,
+            None => by.push((kind, bytes)),
+        };
+        // Short name of a packed or block-quantised format (`PackedI8K4 { r: 8, .. }` -> `PackedI8K4`).
+        let short = |debug: String| debug.split(['(', ' ', '{', '[']).next().unwrap_or("exotic").to_string();
+        for node in self.plan.model().nodes() {
+            if let Some(c) = node.op_as::<Const>() {
+                let t = c.val();
+                match c.exotic_fact() {
+                    Some(f) => add(short(format!("{f:?}")), f.mem_size().to_i64().unwrap_or(0) as usize),
+                    None => add(dtype_name(t.datum_type()), t.len() * t.datum_type().size_of()),
+                }
+            } else if let Some(mm) = node.op_as::<OptMatMul>() {
+                // Constant weights are packed into the matmul op itself.
+                for spec in &mm.micro_ops {
+                    if let ProtoFusedSpec::AddMatMul { a, b, .. } = spec {
+                        for operand in [a, b] {
+                            if let MatMulOperand::Const(v) = operand {
+                                let bytes = v.exotic_fact().mem_size().to_i64().unwrap_or(0) as usize;
+                                add(format!("packed {}", short(format!("{:?}", v.format()))), bytes);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        by.sort_by_key(|e| std::cmp::Reverse(e.1));
+        by
     }
 
     /// Graph inputs, in the order `run` takes them.
