@@ -280,6 +280,11 @@ fn dispatch(cmd: Command) -> Result<()> {
             let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
+            // Precomputed position tables (perf rewrites) would stay f32 next to quantised
+            // weights; a reduced-precision export is chosen for memory, so it leaves them out.
+            if q.precision != perceiver_edge_export::quantize::Precision::F32 {
+                opts.perf.no_position_tables = true;
+            }
             match (budget.latents, &quant.calibrate) {
                 (Some(k), Some(data)) => {
                     let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
