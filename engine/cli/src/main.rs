@@ -26,6 +26,13 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         sizes: Sizes,
+        /// Output format: `onnx`, or `pack` (flat weight pack for no_std firmware; image
+        /// Fourier classifiers, batch 1; see firmware-examples/cortex-m).
+        #[arg(long, default_value = "onnx", value_parser = ["onnx", "pack"])]
+        format: String,
+        /// Weight precision of a pack: `f32`, or `int8` (Linear weights, per-row scales).
+        #[arg(long, default_value = "f32")]
+        pack_precision: perceiver_edge_export::pack::Precision,
     },
     /// Run an exported model on .npy inputs and write its outputs as .npy.
     Run {
@@ -112,7 +119,17 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes } => {
+        Command::Export { checkpoint, output, sizes, format, pack_precision } if format == "pack" => {
+            let pack = perceiver_edge_export::pack::export_pack(&checkpoint, &sizes.options(), pack_precision)?;
+            pack.write(&output)?;
+            println!("wrote {} ({} bytes, {:?} weights)", output.display(), pack.bytes.len(), pack_precision);
+            let dims: Vec<String> =
+                perceiver_edge_export::pack::DIMS.iter().zip(&pack.dims).map(|(k, v)| format!("{k}={v}")).collect();
+            println!("dims {}", dims.join(" "));
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Export { checkpoint, output, sizes, .. } => {
             let exported = perceiver_edge_export::export(&checkpoint, &sizes.options())?;
             exported.write(&output)?;
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
