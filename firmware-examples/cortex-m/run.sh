@@ -15,9 +15,9 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 out=$root/target/cortex-m
 mkdir -p "$out"
-precision=${PACK_PRECISION:-f32}
+precision=${PACK_PRECISION:-f32}   # or int8
 
-cargo build --release --quiet -p perceiver-edge
+cargo build --release --quiet --workspace   # same feature set as CI's build: no extra tract build
 bin=$root/target/release/perceiver-edge
 $bin export models/digits --format pack --pack-precision "$precision" -o "$out/digits.pack"
 n=$(python3 -c "import sys; h=open(sys.argv[1],'rb').read(128).decode('latin1'); print(h.split('shape\': (')[1].split(',')[0])" \
@@ -43,7 +43,6 @@ size -A -d "$elf" | awk -v pack="$(stat -c %s "$out/digits.pack")" '
     printf "flash %d bytes (%.1f KiB of 1024 KiB, %.1f %%), of which weight pack %d bytes\n", flash, flash/1024, 100*flash/1048576, pack
     printf "RAM   %d bytes static (%.1f KiB of 192 KiB, %.1f %%): activations + stack margin below\n", ram, ram/1024, 100*ram/196608
   }'
-test_bytes=$(( $(stat -c %s "$PERCEIVER_TEST_INPUTS") ))
 echo "(flash includes the test vectors: $n grey images + $n x 10 host logits)"
 
 for board in "cortex-m4 mps2-an386" "cortex-m7 mps2-an500"; do

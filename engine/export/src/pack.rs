@@ -263,3 +263,82 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
 pub fn export_pack(dir: &Path, opts: &ExportOptions, precision: Precision) -> Result<Pack> {
     build(&Checkpoint::open(dir)?, opts, precision)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(rel: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    }
+
+    fn u32_at(b: &[u8], i: usize) -> usize {
+        u32::from_le_bytes(b[i..i + 4].try_into().unwrap()) as usize
+    }
+
+    /// (offset, elements, kind, scale offset) of tensor `k`.
+    fn entry(p: &Pack, k: usize) -> [usize; 4] {
+        let table = 20 + 4 * DIMS.len();
+        std::array::from_fn(|i| u32_at(&p.bytes, table + 16 * k + 4 * i))
+    }
+
+    fn f32s(p: &Pack, k: usize) -> Vec<f32> {
+        let [off, n, kind, _] = entry(p, k);
+        assert_eq!(kind, 0);
+        p.bytes[off..off + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn f32_pack_holds_the_checkpoint_weights_in_order() {
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let p = build(&ck, &ExportOptions::default(), Precision::F32).unwrap();
+        assert_eq!(&p.bytes[..4], b"PEPK");
+        for (k, v) in [("M", 64), ("C", 261), ("N", 16), ("D", 64), ("LABELS", 10), ("S_LAYERS", 2), ("S_HEADS", 4)] {
+            assert_eq!(p.dim(k), Some(v), "{k}");
+        }
+        // position table, latents, 18 cross, 2 x 16 self, query, 18 decoder, final w + b.
+        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        assert_eq!(count, 2 + 18 + 2 * 16 + 1 + 18 + 2);
+        let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
+        assert_eq!(f32s(&p, 0), f.grid(&[8, 8]));
+        assert_eq!(f32s(&p, 1), ck.get("embeddings.latents").unwrap().data);
+        assert_eq!(f32s(&p, 6), ck.get("encoder.cross_attention.attention.self.query.weight").unwrap().data);
+        assert_eq!(f32s(&p, count - 1), ck.get("decoder.decoder.final_layer.bias").unwrap().data);
+        for k in 0..count {
+            assert_eq!(entry(&p, k)[0] % 4, 0, "tensor {k} is not 4-byte aligned");
+        }
+        assert_eq!(entry(&p, count - 1)[0] + 4 * 10, p.bytes.len());
+    }
+
+    #[test]
+    fn int8_pack_quantises_linear_weights_per_row() {
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let p = build(&ck, &ExportOptions::default(), Precision::Int8).unwrap();
+        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        let [off, n, kind, so] = entry(&p, count - 2);
+        assert_eq!((n, kind), (10 * 64, 1));
+        let w = &ck.get("decoder.decoder.final_layer.weight").unwrap().data;
+        for r in 0..10 {
+            let scale = f32::from_le_bytes(p.bytes[so + 4 * r..so + 4 * r + 4].try_into().unwrap());
+            let row = &w[r * 64..(r + 1) * 64];
+            assert_eq!(scale, row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0);
+            for (c, x) in row.iter().enumerate() {
+                let q = p.bytes[off + r * 64 + c] as i8;
+                assert!((f32::from(q) * scale - x).abs() <= scale / 2.0 + 1e-7);
+            }
+        }
+        // Biases stay f32.
+        assert_eq!(f32s(&p, count - 1), ck.get("decoder.decoder.final_layer.bias").unwrap().data);
+        assert!(p.bytes.len() < 200_000);
+    }
+
+    #[test]
+    fn refuses_other_heads_and_options() {
+        let text = Checkpoint::open(&dir("models/reference/fixtures/seqcls")).unwrap();
+        let e = build(&text, &ExportOptions::default(), Precision::F32).err().unwrap().to_string();
+        assert!(e.contains("PerceiverForImageClassificationFourier"), "{e}");
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let opts = ExportOptions { batch: Some(2), ..Default::default() };
+        assert!(build(&ck, &opts, Precision::F32).is_err());
+    }
+}

@@ -1,11 +1,42 @@
 //! `ar-headset`: 90 Hz marker tracking on synthetic frames; prints deadline and tracking
 //! statistics (and, with `--per-frame`, one JSON line per frame).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use ar_headset::scene::PIXELS;
 use ar_headset::tracker::{self, Config, MarkerModel, Report};
 use clap::Parser;
 use perceiver_edge_runtime::Session;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+fn heldout(model: &mut MarkerModel, dir: &Path) -> Result<()> {
+    let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let p = dir.join(name);
+        let t = perceiver_edge_runtime::npy::read_npy(&p)?;
+        let v = perceiver_edge_runtime::to_vec::<f32>(&t).with_context(|| format!("{}: expected float32", p.display()))?;
+        Ok((t.shape().to_vec(), v))
+    };
+    let (shape, frames) = read("heldout_frames.npy")?;
+    let (_, truth) = read("heldout_positions.npy")?;
+    if shape.len() != 3 || shape[1] * shape[2] != PIXELS || truth.len() != 2 * shape[0] {
+        bail!("{}: expected [K, 16, 16] frames and [K, 2] positions", dir.display());
+    }
+    let mut errs = Vec::with_capacity(shape[0]);
+    for k in 0..shape[0] {
+        let f: [f32; PIXELS] = frames[k * PIXELS..(k + 1) * PIXELS].try_into().expect("size");
+        let p = model.locate(&f)?;
+        errs.push((p[0] - f64::from(truth[2 * k])).hypot(p[1] - f64::from(truth[2 * k + 1])));
+    }
+    let mean = errs.iter().sum::<f64>() / errs.len() as f64;
+    let over = errs.iter().filter(|e| **e > 2.0).count();
+    let median = tracker::percentile(&mut errs.clone(), 0.5);
+    let p95 = tracker::percentile(&mut errs, 0.95);
+    println!(
+        "held-out frames {}: mean {mean:.3} px  median {median:.3} px  p95 {p95:.3} px  >2px {:.2} %  (tract f32)",
+        shape[0],
+        100.0 * over as f64 / shape[0] as f64
+    );
+    Ok(())
+}
 
 #[derive(Parser)]
 #[command(name = "ar-headset", about = "90 Hz PerceiverIO marker tracking on synthetic frames")]
@@ -31,6 +62,10 @@ struct Args {
     /// One JSON line per frame.
     #[arg(long)]
     per_frame: bool,
+    /// Instead of the loop: localisation error of the engine on the held-out frames stored by
+    /// models/train_marker.py in this folder (heldout_frames.npy, heldout_positions.npy).
+    #[arg(long, value_name = "DIR")]
+    heldout: Option<PathBuf>,
 }
 
 fn main() {
@@ -46,6 +81,9 @@ fn real_main() -> Result<()> {
         bail!("--rate must be positive");
     }
     let mut model = MarkerModel::new(Session::load(&a.model)?)?;
+    if let Some(dir) = &a.heldout {
+        return heldout(&mut model, dir);
+    }
     let cfg = Config {
         rate_hz: a.rate,
         frames: a.frames,
