@@ -12,8 +12,31 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const DIMS: [&str; 25] = [
-    "H", "W", "IN_CH", "M", "C", "N", "D", "X_QK", "X_V", "X_HEADS", "X_HIDDEN", "X_RESIDUAL", "S_QK", "S_V",
-    "S_HEADS", "S_HIDDEN", "S_LAYERS", "BLOCKS", "E", "O_QK", "O_V", "O_HEADS", "O_HIDDEN", "O_RESIDUAL", "LABELS",
+    "H",
+    "W",
+    "IN_CH",
+    "M",
+    "C",
+    "N",
+    "D",
+    "X_QK",
+    "X_V",
+    "X_HEADS",
+    "X_HIDDEN",
+    "X_RESIDUAL",
+    "S_QK",
+    "S_V",
+    "S_HEADS",
+    "S_HIDDEN",
+    "S_LAYERS",
+    "BLOCKS",
+    "E",
+    "O_QK",
+    "O_V",
+    "O_HEADS",
+    "O_HIDDEN",
+    "O_RESIDUAL",
+    "LABELS",
 ];
 
 fn var_path(name: &str, default: &str) -> PathBuf {
@@ -50,7 +73,10 @@ fn main() {
 
     let pack_path = var_path("PERCEIVER_PACK", "../../target/cortex-m/digits.pack");
     let pack = fs::read(&pack_path).unwrap_or_else(|e| {
-        panic!("{}: {e} (write it with `perceiver-edge export models/digits --format pack -o ...`)", pack_path.display())
+        panic!(
+            "{}: {e} (write it with `perceiver-edge export models/digits --format pack -o ...`)",
+            pack_path.display()
+        )
     });
     let u32_at = |i: usize| u32::from_le_bytes(pack[i..i + 4].try_into().unwrap());
     assert_eq!(&pack[..4], b"PEPK", "{}: not a perceiver-edge pack", pack_path.display());
@@ -71,7 +97,11 @@ fn main() {
     let (xs, xd) = read_npy_f32(&inputs);
     let (ys, yd) = read_npy_f32(&expected);
     let (h, w, labels) = (dim("H"), dim("W"), dim("LABELS"));
-    assert!(xs.len() == 4 && xs[2] == h && xs[3] == w, "{}: shape {xs:?}, pack wants [K, C, {h}, {w}]", inputs.display());
+    assert!(
+        xs.len() == 4 && xs[2] == h && xs[3] == w,
+        "{}: shape {xs:?}, pack wants [K, C, {h}, {w}]",
+        inputs.display()
+    );
     assert!(ys == vec![xs[0], labels], "{}: shape {ys:?}, expected [{}, {labels}]", expected.display(), xs[0]);
     let per = xs[1] * h * w;
     let mut grey = Vec::with_capacity(xs[0] * h * w * 4);

@@ -41,9 +41,9 @@ size -A -d "$elf" | awk -v pack="$(stat -c %s "$out/digits.pack")" '
   $1 ~ /^\.(bss|uninit)$/ { ram += $2 }
   END {
     printf "flash %d bytes (%.1f KiB of 1024 KiB, %.1f %%), of which weight pack %d bytes\n", flash, flash/1024, 100*flash/1048576, pack
-    printf "RAM   %d bytes static (%.1f KiB of 192 KiB, %.1f %%): activations + stack margin below\n", ram, ram/1024, 100*ram/196608
+    printf "RAM   %d bytes static (%.1f KiB of 192 KiB, %.1f %%): .data + .bss, the activation workspace; the stack comes on top\n", ram, ram/1024, 100*ram/196608
   }'
-echo "(flash includes the test vectors: $n grey images + $n x 10 host logits)"
+echo "(flash includes the test vectors: $n grey images + $n x 10 host logits = $(( n * 64 * 4 + n * 10 * 4 )) bytes)"
 
 for board in "cortex-m4 mps2-an386" "cortex-m7 mps2-an500"; do
   set -- $board

@@ -39,8 +39,31 @@ pub const VERSION: u32 = 1;
 
 /// Header dims, in file order.
 pub const DIMS: [&str; 25] = [
-    "H", "W", "IN_CH", "M", "C", "N", "D", "X_QK", "X_V", "X_HEADS", "X_HIDDEN", "X_RESIDUAL", "S_QK", "S_V",
-    "S_HEADS", "S_HIDDEN", "S_LAYERS", "BLOCKS", "E", "O_QK", "O_V", "O_HEADS", "O_HIDDEN", "O_RESIDUAL", "LABELS",
+    "H",
+    "W",
+    "IN_CH",
+    "M",
+    "C",
+    "N",
+    "D",
+    "X_QK",
+    "X_V",
+    "X_HEADS",
+    "X_HIDDEN",
+    "X_RESIDUAL",
+    "S_QK",
+    "S_V",
+    "S_HEADS",
+    "S_HIDDEN",
+    "S_LAYERS",
+    "BLOCKS",
+    "E",
+    "O_QK",
+    "O_V",
+    "O_HEADS",
+    "O_HIDDEN",
+    "O_RESIDUAL",
+    "LABELS",
 ];
 
 /// Weight precision of a pack.

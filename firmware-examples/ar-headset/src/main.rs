@@ -12,7 +12,8 @@ fn heldout(model: &mut MarkerModel, dir: &Path) -> Result<()> {
     let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
         let p = dir.join(name);
         let t = perceiver_edge_runtime::npy::read_npy(&p)?;
-        let v = perceiver_edge_runtime::to_vec::<f32>(&t).with_context(|| format!("{}: expected float32", p.display()))?;
+        let v =
+            perceiver_edge_runtime::to_vec::<f32>(&t).with_context(|| format!("{}: expected float32", p.display()))?;
         Ok((t.shape().to_vec(), v))
     };
     let (shape, frames) = read("heldout_frames.npy")?;
@@ -96,20 +97,51 @@ fn real_main() -> Result<()> {
         if a.per_frame {
             println!(
                 r#"{{"k":{},"processed":{},"missed":{},"latency_ms":{:.3},"output_px":[{:.3},{:.3}],"truth_px":[{:.3},{:.3}]}}"#,
-                r.k, r.processed, r.missed, r.latency_us / 1e3, r.output_px[0], r.output_px[1], r.truth_px[0], r.truth_px[1]
+                r.k,
+                r.processed,
+                r.missed,
+                r.latency_us / 1e3,
+                r.output_px[0],
+                r.output_px[1],
+                r.truth_px[0],
+                r.truth_px[1]
             );
         }
     })?;
     let r = Report::of(&results);
     let period_ms = 1e3 / a.rate;
-    println!("ar-headset: {} frames at {} Hz (deadline {:.2} ms), stall every {} frames ({} ms)",
-        r.frames, a.rate, period_ms, a.spike_every, if a.spike_every > 0 { a.spike_ms } else { 0.0 });
-    println!("  processed {}  dropped {} ({:.1} %)  deadline misses {} ({:.2} %)",
-        r.processed, r.dropped, 100.0 * r.dropped as f64 / r.frames as f64, r.missed, 100.0 * r.missed as f64 / r.frames as f64);
+    println!(
+        "ar-headset: {} frames at {} Hz (deadline {:.2} ms), stall every {} frames ({} ms)",
+        r.frames,
+        a.rate,
+        period_ms,
+        a.spike_every,
+        if a.spike_every > 0 { a.spike_ms } else { 0.0 }
+    );
+    println!(
+        "  processed {}  dropped {} ({:.1} %)  deadline misses {} ({:.2} %)",
+        r.processed,
+        r.dropped,
+        100.0 * r.dropped as f64 / r.frames as f64,
+        r.missed,
+        100.0 * r.missed as f64 / r.frames as f64
+    );
     println!("  latency ms      p50 {:.3}  p99 {:.3}  max {:.3}", r.latency_ms[0], r.latency_ms[1], r.latency_ms[2]);
-    println!("  inference ms    p50 {:.3}  p99 {:.3}  max {:.3}", r.inference_ms[0], r.inference_ms[1], r.inference_ms[2]);
-    println!("  model error px  mean {:.3}  p95 {:.3}   (processed frames, raw heat-map estimate)", r.measured_err_px[0], r.measured_err_px[1]);
-    println!("  output error px mean {:.3}  p95 {:.3}   (filtered / predicted, every frame)", r.output_err_px[0], r.output_err_px[1]);
-    println!("  output error    mean {:.3} deg  p95 {:.3} deg (viewing-ray angle, 60 deg FOV)", r.angle_err_deg[0], r.angle_err_deg[1]);
+    println!(
+        "  inference ms    p50 {:.3}  p99 {:.3}  max {:.3}",
+        r.inference_ms[0], r.inference_ms[1], r.inference_ms[2]
+    );
+    println!(
+        "  model error px  mean {:.3}  p95 {:.3}   (processed frames, raw heat-map estimate)",
+        r.measured_err_px[0], r.measured_err_px[1]
+    );
+    println!(
+        "  output error px mean {:.3}  p95 {:.3}   (filtered / predicted, every frame)",
+        r.output_err_px[0], r.output_err_px[1]
+    );
+    println!(
+        "  output error    mean {:.3} deg  p95 {:.3} deg (viewing-ray angle, 60 deg FOV)",
+        r.angle_err_deg[0], r.angle_err_deg[1]
+    );
     Ok(())
 }

@@ -65,7 +65,8 @@ pub fn render(s: &Scene, rng: &mut Rng, out: &mut [f32; PIXELS]) {
         for j in 0..SIZE {
             let (x, y) = (j as f64, i as f64);
             let r = (x - s.marker[0]).hypot(y - s.marker[1]);
-            let marker = (-(r - 2.0).powi(2) / (2.0 * 0.45f64.powi(2))).exp() + (-(r * r) / (2.0 * 0.55f64.powi(2))).exp();
+            let marker =
+                (-(r - 2.0).powi(2) / (2.0 * 0.45f64.powi(2))).exp() + (-(r * r) / (2.0 * 0.55f64.powi(2))).exp();
             let rb2 = (x - s.blob[0]).powi(2) + (y - s.blob[1]).powi(2);
             let blob = s.blob_amp * (-rb2 / (2.0 * 1.3f64.powi(2))).exp();
             let bg = s.level + s.grad[0] * (x - 7.5) / 15.0 + s.grad[1] * (y - 7.5) / 15.0;

@@ -12,18 +12,37 @@ use std::time::{Duration, Instant};
 
 /// Decides whether to run inference for a frame, from a running estimate of the engine time
 /// (exponentially weighted mean and mean absolute deviation, as TCP estimates round trips).
+/// It never drops more than `max_in_row` frames in a row (the prediction would drift, and the
+/// estimate could never recover from one slow outlier), and each drop forgets part of the
+/// deviation.
 #[derive(Clone, Debug)]
 pub struct DropPolicy {
     mean_us: f64,
     dev_us: f64,
+    in_row: u32,
     /// Deviations added to the mean for the time budget.
     pub k: f64,
+    /// Most consecutive drops.
+    pub max_in_row: u32,
 }
 
 impl DropPolicy {
     /// A policy that expects `initial_us` per inference until it has measured.
     pub fn new(initial_us: f64) -> DropPolicy {
-        DropPolicy { mean_us: initial_us, dev_us: initial_us / 4.0, k: 4.0 }
+        DropPolicy { mean_us: initial_us, dev_us: initial_us / 4.0, in_row: 0, k: 3.0, max_in_row: 2 }
+    }
+
+    /// Decides for one frame with `remaining_us` left before its deadline, and records the
+    /// decision: true = drop it.
+    pub fn decide(&mut self, remaining_us: f64) -> bool {
+        let drop = self.in_row < self.max_in_row && self.should_drop(remaining_us);
+        if drop {
+            self.in_row += 1;
+            self.dev_us *= 0.75;
+        } else {
+            self.in_row = 0;
+        }
+        drop
     }
 
     /// Time to budget for one inference: mean + k deviations.
@@ -144,8 +163,7 @@ impl Report {
         let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
         let mut lat: Vec<f64> = results.iter().map(|r| r.latency_us / 1e3).collect();
         let mut inf: Vec<f64> = results.iter().filter(|r| r.processed).map(|r| r.inference_us / 1e3).collect();
-        let mut meas: Vec<f64> =
-            results.iter().filter_map(|r| r.measured_px.map(|m| err(m, r.truth_px))).collect();
+        let mut meas: Vec<f64> = results.iter().filter_map(|r| r.measured_px.map(|m| err(m, r.truth_px))).collect();
         let mut out: Vec<f64> = results.iter().map(|r| err(r.output_px, r.truth_px)).collect();
         let mut ang: Vec<f64> = results.iter().map(|r| r.angle_err_deg).collect();
         let tri = |v: &mut Vec<f64>| [percentile(v, 0.5), percentile(v, 0.99), percentile(v, 1.0)];
@@ -206,7 +224,11 @@ fn spin(d: Duration) {
 }
 
 /// Runs the loop in real time; calls `each` with every frame's result.
-pub fn run(model: &mut MarkerModel, cfg: &Config, mut each: impl FnMut(&FrameResult)) -> anyhow::Result<Vec<FrameResult>> {
+pub fn run(
+    model: &mut MarkerModel,
+    cfg: &Config,
+    mut each: impl FnMut(&FrameResult),
+) -> anyhow::Result<Vec<FrameResult>> {
     let period = Duration::from_secs_f64(1.0 / cfg.rate_hz);
     let dt = period.as_secs_f64();
     let cam = Camera::new(SIZE, SIZE, cfg.hfov_deg);
@@ -228,7 +250,7 @@ pub fn run(model: &mut MarkerModel, cfg: &Config, mut each: impl FnMut(&FrameRes
             spin(Duration::from_secs_f64(cfg.spike_ms / 1e3));
         }
         let remaining_us = deadline.saturating_duration_since(Instant::now()).as_secs_f64() * 1e6;
-        let (processed, measured, inference_us) = if filter.started() && policy.should_drop(remaining_us) {
+        let (processed, measured, inference_us) = if filter.started() && policy.decide(remaining_us) {
             filter.coast(dt);
             (false, None, 0.0)
         } else {

@@ -90,9 +90,8 @@ pub struct Summary {
     pub latency_mean_us: f64,
     /// Engine-time percentiles p50, p99 and max, microseconds.
     pub inference_us: [u32; 3],
-    /// Classes per sequence number, for the caller's own checks (index = seq; `None` = no
-    /// result for that frame).
-    pub classes: Vec<Option<usize>>,
+    /// Correct classes (when labels were given).
+    pub correct: u32,
 }
 
 /// Pixel values the model takes (0..1) from temperatures.
@@ -169,7 +168,7 @@ where
     let dropped = AtomicU32::new(0);
     let sensor_errors = AtomicU32::new(0);
     let late_ticks = AtomicU32::new(0);
-    let mut summary = Summary { frames: cfg.frames, classes: vec![None; cfg.frames as usize], ..Default::default() };
+    let mut summary = Summary { frames: cfg.frames, ..Default::default() };
     let mut latency = LatencyStats::default();
     let mut engine = LatencyStats::default();
     let mut correct = 0u32;
@@ -228,7 +227,6 @@ where
             };
             summary.published += 1;
             summary.deadline_misses += u32::from(d.missed);
-            summary.classes[d.seq as usize] = Some(d.class);
             if let Some(l) = labels.filter(|l| !l.is_empty()) {
                 correct += u32::from(l[d.seq as usize % l.len()] == d.class as i64);
             }
@@ -248,6 +246,7 @@ where
         Ok(())
     })?;
 
+    summary.correct = correct;
     summary.dropped = dropped.into_inner();
     summary.sensor_errors = sensor_errors.into_inner();
     summary.late_ticks = late_ticks.into_inner();
