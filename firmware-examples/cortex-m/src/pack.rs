@@ -65,6 +65,7 @@ impl Reader {
         unsafe {
             assert!(offset + n * if kind == 1 { 1 } else { 4 } <= PACK.0.len());
             if kind == 1 {
+                assert!(scales > 0 && scales < offset && (offset - scales) % 4 == 0, "bad int8 scales");
                 let q = core::slice::from_raw_parts(base.add(offset) as *const i8, n);
                 // Scales run up to the data: (offset - scales) / 4 rows.
                 let s = core::slice::from_raw_parts(base.add(scales) as *const f32, (offset - scales) / 4);
