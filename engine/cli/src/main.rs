@@ -205,7 +205,9 @@ fn dispatch(cmd: Command) -> Result<()> {
         #[cfg(feature = "export")]
         Command::Export { checkpoint, output, sizes, format, pack_precision, quant } if format == "pack" => {
             if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() {
-                bail!("--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8");
+                bail!(
+                    "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
+                );
             }
             let pack = perceiver_edge_export::pack::export_pack(&checkpoint, &sizes.options(), pack_precision)?;
             pack.write(&output)?;
