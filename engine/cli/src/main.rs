@@ -4,7 +4,11 @@ use anyhow::{bail, Context, Result};
 #[cfg(feature = "export")]
 use clap::Args;
 use clap::{Parser, Subcommand};
-use perceiver_edge_runtime::{npy, Session};
+use perceiver_edge_runtime::{bench, npy, Session};
+
+/// Counts heap bytes so `bench` can report peak heap and steady-state growth.
+#[global_allocator]
+static ALLOC: perceiver_edge_runtime::alloc::Counting = perceiver_edge_runtime::alloc::Counting;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -26,6 +30,8 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         sizes: Sizes,
+        #[command(flatten)]
+        quant: Quant,
         /// Output format: `onnx`, or `pack` (flat weight pack for no_std firmware; image
         /// Fourier classifiers, batch 1; see firmware-examples/cortex-m).
         #[arg(long, default_value = "onnx", value_parser = ["onnx", "pack"])]
@@ -49,6 +55,53 @@ enum Command {
         /// outputs, the arg-max class.
         #[arg(long)]
         print: bool,
+    },
+    /// Compare a candidate graph (e.g. quantised) with a reference graph of the same model:
+    /// output errors, top-1 agreement, accuracy with labels, and a per-layer error table.
+    Compare {
+        /// Reference ONNX file (usually the f32 export).
+        reference: PathBuf,
+        /// Candidate ONNX file.
+        candidate: PathBuf,
+        /// Inputs: a .npy file (a stack along axis 0) or a folder of .npy files.
+        #[arg(long, value_name = "DATA")]
+        inputs: PathBuf,
+        /// Labels (.npy int64, one per row of the first output) for task accuracy.
+        #[arg(long, value_name = "LABELS")]
+        labels: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Rows of the per-layer table to print (the largest added errors), 0 = all.
+        #[arg(long, default_value_t = 12)]
+        top: usize,
+    },
+    /// Benchmark a model: load time, latency percentiles, throughput, memory; `--rate` runs at a
+    /// fixed rate and counts deadline misses.
+    Bench {
+        /// ONNX model.
+        model: PathBuf,
+        /// Measured runs.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Measure for this many seconds instead of a fixed number of runs.
+        #[arg(long, value_name = "S")]
+        duration: Option<f64>,
+        /// Unmeasured warm-up runs.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Matmul threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Paced mode: start a run every 1/HZ seconds (camera loop) and count deadline misses.
+        #[arg(long, value_name = "HZ")]
+        rate: Option<f64>,
+        /// Input .npy files (graph order); synthetic inputs if omitted.
+        #[arg(short, long = "input")]
+        inputs: Vec<PathBuf>,
+        /// Print the report as JSON (stable field names; times in ms, memory in bytes).
+        #[arg(long)]
+        json: bool,
     },
     /// Print architecture, parameters, FLOPs per stage and memory of a checkpoint or ONNX file.
     Inspect {
@@ -90,6 +143,37 @@ struct Sizes {
     decoder: Option<PathBuf>,
 }
 
+/// Precision options of `export`.
+#[cfg(feature = "export")]
+#[derive(Args, Clone, Debug, Default)]
+struct Quant {
+    /// Numeric precision: f32, f16, int8 (dynamic activations), int8-static (calibrated) or q4.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Calibration inputs for int8-static: a .npy file (stack along axis 0) or a folder
+    /// [default: CHECKPOINT's fixture inputs *.in.*.npy, or CHECKPOINT/samples].
+    #[arg(long, value_name = "DATA")]
+    calibrate: Option<PathBuf>,
+    /// Calibration range: minmax, percentile (99.99) or percentile:P.
+    #[arg(long, default_value = "minmax", value_name = "METHOD")]
+    calibration_method: String,
+    /// Keep nodes / weights whose name contains PATTERN (`*` = any run) in f32; repeatable.
+    #[arg(long = "keep-f32", value_name = "PATTERN")]
+    keep_f32: Vec<String>,
+}
+
+#[cfg(feature = "export")]
+impl Quant {
+    fn options(&self) -> Result<perceiver_edge_export::QuantOptions> {
+        Ok(perceiver_edge_export::QuantOptions {
+            precision: self.precision.parse()?,
+            keep_f32: self.keep_f32.clone(),
+            calibrate: self.calibrate.clone(),
+            method: self.calibration_method.parse()?,
+        })
+    }
+}
+
 #[cfg(feature = "export")]
 impl Sizes {
     fn options(&self) -> perceiver_edge_export::ExportOptions {
@@ -119,7 +203,12 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, format, pack_precision } if format == "pack" => {
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant } if format == "pack" => {
+            if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() {
+                bail!(
+                    "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
+                );
+            }
             let pack = perceiver_edge_export::pack::export_pack(&checkpoint, &sizes.options(), pack_precision)?;
             pack.write(&output)?;
             println!("wrote {} ({} bytes, {:?} weights)", output.display(), pack.bytes.len(), pack_precision);
@@ -129,8 +218,24 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, .. } => {
-            let exported = perceiver_edge_export::export(&checkpoint, &sizes.options())?;
+        Command::Export { checkpoint, output, sizes, quant, .. } => {
+            let q = quant.options()?;
+            let mut exported = perceiver_edge_export::export(&checkpoint, &sizes.options())?;
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            exported.quantize(&q, &checkpoint, &mut |done, total| {
+                let b = bar.get_or_insert_with(|| {
+                    let b = indicatif::ProgressBar::new(total as u64);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} inputs {elapsed}")
+                            .expect("valid template"),
+                    );
+                    b
+                });
+                b.set_position(done as u64);
+            })?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             exported.write(&output)?;
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             println!("wrote {} ({:.2} MiB)", output.display(), bytes as f64 / 1048576.0);
@@ -138,6 +243,34 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json } => {
+            let positive = |v: f64| v > 0.0 && v.is_finite();
+            if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
+                bail!("--threads, --rate and --duration must be positive");
+            }
+            let opts = bench::BenchOptions {
+                runs,
+                duration: duration.map(std::time::Duration::from_secs_f64),
+                warmup,
+                rate_hz: rate,
+                threads,
+            };
+            let inputs = if inputs.is_empty() {
+                None
+            } else {
+                Some(inputs.iter().map(|p| npy::read_npy(p)).collect::<Result<Vec<_>, _>>()?)
+            };
+            let report = bench::bench(&model, inputs, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_bench(&report);
+            }
+            Ok(())
+        }
+        Command::Compare { reference, candidate, inputs, labels, json, top } => {
+            compare(&reference, &candidate, &inputs, labels.as_deref(), json, top)
+        }
         #[cfg(feature = "export")]
         Command::Inspect { path, sizes } => inspect(&path, Some(&sizes)),
         #[cfg(not(feature = "export"))]
@@ -221,6 +354,46 @@ fn print_values(t: &perceiver_edge_runtime::Tensor) {
     }
 }
 
+fn print_bench(r: &bench::BenchReport) {
+    let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} MiB", b as f64 / 1048576.0));
+    let l = &r.latency_ms;
+    println!(
+        "model        {} ({}, file {}, resident weights {})",
+        r.model,
+        r.precision,
+        mib(Some(r.file_bytes)),
+        mib(Some(r.resident_weight_bytes))
+    );
+    println!("load         {:.1} ms (parse + optimise)", r.load_ms);
+    println!("runs         {} measured after {} warm-up, {} thread(s)", r.runs, r.warmup, r.threads);
+    println!(
+        "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  (min {:.3}, mean {:.3}, sd {:.3})",
+        l.p50, l.p90, l.p99, l.max, l.min, l.mean, l.stddev
+    );
+    println!("throughput   {:.1} runs/s", r.throughput_per_s);
+    let m = &r.memory;
+    println!("memory       peak RSS {}  peak heap {}", mib(m.peak_rss), mib(m.peak_heap));
+    println!(
+        "steady state RSS {} -> {}  heap in use {} -> {} (after warm-up -> after last run)",
+        mib(m.rss_after_warmup),
+        mib(m.rss_end),
+        mib(m.heap_after_warmup),
+        mib(m.heap_end)
+    );
+    if let Some(p) = &r.paced {
+        println!(
+            "paced        {:.1} Hz (deadline {:.2} ms): {} deadline miss(es) ({:.2} %), start lateness p50 {:.3} p99 {:.3} max {:.3} ms",
+            p.rate_hz,
+            p.deadline_ms,
+            p.deadline_misses,
+            100.0 * p.miss_rate,
+            p.start_lateness_ms.p50,
+            p.start_lateness_ms.p99,
+            p.start_lateness_ms.max
+        );
+    }
+}
+
 fn print_io(session: &Session) {
     for s in session.inputs() {
         println!("input          {}: {} {:?}", s.name, perceiver_edge_runtime::dtype_name(s.dtype), s.shape);
@@ -240,8 +413,7 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
         return Ok(());
     }
     let session = Session::load(path)?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    println!("file           {} ({:.2} MiB)", path.display(), bytes as f64 / 1048576.0);
+    print_file_and_resident(path, &session);
     match session.metadata(perceiver_edge_export::summary::METADATA_KEY) {
         Some(json) => {
             let s: perceiver_edge_export::Summary = serde_json::from_str(json)
@@ -259,11 +431,127 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
 #[cfg(not(feature = "export"))]
 fn inspect(path: &Path) -> Result<()> {
     let session = Session::load(path)?;
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    println!("file           {} ({:.2} MiB)", path.display(), bytes as f64 / 1048576.0);
+    print_file_and_resident(path, &session);
     if let Some(json) = session.metadata("perceiver_edge.summary") {
         println!("summary        {json}");
     }
     print_io(&session);
+    Ok(())
+}
+
+fn mib(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.2} MiB", bytes as f64 / 1048576.0)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+/// File size, precision and the weight memory tract keeps after optimisation.
+fn print_file_and_resident(path: &Path, session: &Session) {
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as usize;
+    println!("file           {} ({})", path.display(), mib(bytes));
+    println!("precision      {}", session.metadata("perceiver_edge.precision").unwrap_or("f32"));
+    let resident = session.resident_weights();
+    let total: usize = resident.iter().map(|(_, b)| b).sum();
+    let parts: Vec<String> = resident.iter().map(|(k, b)| format!("{k} {}", mib(*b))).collect();
+    println!("resident       {} of constants after tract optimisation ({})", mib(total), parts.join(", "));
+}
+
+fn compare(
+    reference: &Path,
+    candidate: &Path,
+    inputs: &Path,
+    labels: Option<&Path>,
+    json: bool,
+    top: usize,
+) -> Result<()> {
+    use perceiver_edge_runtime::{compare, dataset, to_vec};
+    let specs = Session::load(reference)?.inputs().to_vec();
+    let sets = dataset::load_inputs(inputs, &specs)?;
+    let labels: Option<Vec<i64>> = match labels {
+        None => None,
+        Some(p) => {
+            let t = npy::read_npy(p)?;
+            let v = to_vec::<i64>(&t)
+                .or_else(|| to_vec::<i32>(&t).map(|v| v.into_iter().map(i64::from).collect()))
+                .with_context(|| format!("{}: labels must be int64 or int32", p.display()))?;
+            Some(v)
+        }
+    };
+    let r = compare::compare(reference, candidate, &sets, labels.as_deref(), true)?;
+    let stats = |s: &compare::Stats| {
+        serde_json::json!({"max_abs": s.max_abs, "mean_abs": s.mean_abs, "cosine": s.cosine,
+            "rel_max": s.rel_max, "rel_l2": s.rel_l2})
+    };
+    if json {
+        let v = serde_json::json!({
+            "samples": r.samples,
+            "outputs": r.outputs.iter().map(|(n, s)| serde_json::json!({"name": n, "stats": stats(s)})).collect::<Vec<_>>(),
+            "top1_agreement": r.top1.map(|(a, n)| a as f64 / n as f64),
+            "accuracy": r.accuracy.map(|(a, b)| serde_json::json!({"reference": a, "candidate": b})),
+            "layers": r.layers.iter().map(|l| serde_json::json!({"name": l.name, "reference_op": l.reference_op,
+                "candidate_op": l.candidate_op, "added": l.added, "stats": stats(&l.stats)})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{} input set(s)", r.samples);
+    for (n, s) in &r.outputs {
+        println!(
+            "output {n}: max abs {:.3e}, mean abs {:.3e}, cosine {:.6}, max rel {:.3e}",
+            s.max_abs, s.mean_abs, s.cosine, s.rel_max
+        );
+    }
+    if let Some((a, n)) = r.top1 {
+        println!("top-1 agreement {a}/{n} ({:.2} %)", 100.0 * a as f64 / n as f64);
+    }
+    if let Some((a, b)) = r.accuracy {
+        println!(
+            "accuracy reference {:.2} %, candidate {:.2} % ({:+.2} points)",
+            100.0 * a,
+            100.0 * b,
+            100.0 * (b - a)
+        );
+    }
+    if r.layers.is_empty() {
+        return Ok(());
+    }
+    let mut shown: Vec<usize> = (0..r.layers.len()).collect();
+    if top > 0 && top < shown.len() {
+        shown.sort_by(|&a, &b| r.layers[b].added.total_cmp(&r.layers[a].added));
+        shown.truncate(top);
+        shown.sort();
+        println!(
+            "per-layer error ({} of {} shared values with the largest added error, graph order):",
+            top,
+            r.layers.len()
+        );
+    } else {
+        println!("per-layer error ({} shared values, graph order):", r.layers.len());
+    }
+    println!(
+        "{:<64} {:<22} {:>10} {:>10} {:>10} {:>10}",
+        "value", "op (ref -> cand)", "max abs", "cosine", "rel L2", "added"
+    );
+    let worst = r.layers.iter().enumerate().max_by(|a, b| a.1.added.total_cmp(&b.1.added)).map(|(i, _)| i);
+    for i in shown {
+        let l = &r.layers[i];
+        let op = if l.reference_op == l.candidate_op {
+            l.reference_op.clone()
+        } else {
+            format!("{} -> {}", l.reference_op, l.candidate_op)
+        };
+        println!(
+            "{:<64} {:<22} {:>10.3e} {:>10.6} {:>10.3e} {:>10.3e}{}",
+            l.name,
+            op,
+            l.stats.max_abs,
+            l.stats.cosine,
+            l.stats.rel_l2,
+            l.added,
+            if Some(i) == worst { "  <- largest added error" } else { "" }
+        );
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod blocks;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod decoder;
 pub mod encoder;
@@ -25,17 +26,19 @@ pub mod pack;
 pub mod passes;
 pub mod position;
 pub mod preprocess;
+pub mod quantize;
 pub mod spec;
 pub mod summary;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use graph::Graph;
+pub use quantize::{KeepF32, Precision};
 pub use spec::{ExportOptions, Head};
 pub use summary::Summary;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// An exported model: the final graph and its summary.
 pub struct Exported {
@@ -79,4 +82,91 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
 /// Opens checkpoint directory `dir` and exports it with `opts`.
 pub fn export(dir: &Path, opts: &ExportOptions) -> Result<Exported> {
     build(&Checkpoint::open(dir)?, opts)
+}
+
+/// Precision options of `export` (`--precision`, `--keep-f32`, `--calibrate`).
+#[derive(Clone, Debug)]
+pub struct QuantOptions {
+    /// Target precision.
+    pub precision: Precision,
+    /// Name patterns of nodes / weights kept in f32 (see [`KeepF32`]).
+    pub keep_f32: Vec<String>,
+    /// Calibration data for int8-static (default: the checkpoint folder's fixture inputs
+    /// `*.in.*.npy`, or its `samples/` folder).
+    pub calibrate: Option<PathBuf>,
+    /// How calibration ranges are chosen.
+    pub method: calibrate::Method,
+}
+
+impl Default for QuantOptions {
+    fn default() -> Self {
+        QuantOptions { precision: Precision::F32, keep_f32: vec![], calibrate: None, method: calibrate::Method::MinMax }
+    }
+}
+
+/// Where int8-static draws calibration inputs when no `--calibrate` is given.
+fn default_calibration(checkpoint: &Path) -> Option<PathBuf> {
+    let has_fixture_inputs = std::fs::read_dir(checkpoint).ok()?.filter_map(|e| e.ok()).any(|e| {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        n.contains(".in.") && n.ends_with(".npy")
+    });
+    if has_fixture_inputs {
+        return Some(checkpoint.to_path_buf());
+    }
+    let samples = checkpoint.join("samples");
+    samples.is_dir().then_some(samples)
+}
+
+impl Exported {
+    /// Rewrites the graph to `q.precision` (a no-op for f32) and updates the summary.
+    /// `checkpoint` is where default calibration inputs are looked for; `progress(done, total)`
+    /// is called during calibration.
+    pub fn quantize(
+        &mut self,
+        q: &QuantOptions,
+        checkpoint: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        if q.precision == Precision::F32 && !q.keep_f32.is_empty() {
+            return Err(Error::invalid("--keep-f32 needs a reduced --precision (f16, int8, int8-static or q4)"));
+        }
+        if q.precision != Precision::Int8Static && q.calibrate.is_some() {
+            return Err(Error::invalid("--calibrate applies to --precision int8-static only"));
+        }
+        let keep = KeepF32::new(&q.keep_f32);
+        let ranges = if q.precision == Precision::Int8Static {
+            let data = q.calibrate.clone().or_else(|| default_calibration(checkpoint)).ok_or_else(|| {
+                Error::invalid("int8-static needs calibration inputs: give --calibrate DATA (.npy file or folder)")
+            })?;
+            keep.check_all_used(
+                self.graph
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .chain(self.graph.constants.iter().map(|(n, _)| n.as_str())),
+            )?;
+            let inputs = calibrate::load(&self.graph, &data)?;
+            let values = quantize::int8_activation_inputs(&self.graph, &keep);
+            Some(calibrate::ranges(&self.graph, &values, &inputs, q.method, progress)?)
+        } else {
+            None
+        };
+        let Some(pass) = quantize::pass_for(q.precision, &keep, ranges)? else { return Ok(()) };
+        pass.run(&mut self.graph)?;
+        for (k, v) in self.graph.metadata.iter_mut() {
+            if k == "perceiver_edge.passes" {
+                v.push(',');
+                v.push_str(pass.name());
+            }
+        }
+        self.summary.weight_bytes = summary::cost(&self.graph).1;
+        let json = serde_json::to_string(&self.summary).expect("summary serialises");
+        for (k, v) in self.graph.metadata.iter_mut() {
+            if k == summary::METADATA_KEY {
+                *v = json.clone();
+            }
+        }
+        Ok(())
+    }
 }

@@ -65,7 +65,12 @@ pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
+    (0..steps)
+        .map(|i| {
+            let (base, k) = if i < half { (start, i as f64) } else { (end, -((steps - 1 - i) as f64)) };
+            (base as f64 + step as f64 * k) as f32
+        })
+        .collect()
 }
 
 /// transformers' `build_linear_positions`: `[prod(dims), d]` grid of `linspace(-1, 1)` coordinates.
@@ -134,10 +139,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn linspace_matches_torch_endpoints() {
+    fn linspace_matches_torch_bits() {
         let v = linspace(-1.0, 1.0, 5);
         assert_eq!(v, vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
         assert_eq!(linspace(1.0, 112.0, 64)[63], 112.0);
+        // torch.linspace(-1, 1, 55)[9] and torch.linspace(1, 28, 64)[3] (torch 2.15, x86-64),
+        // where f32 arithmetic or an f32 FMA rounds differently.
+        let want: [(f32, f32, usize, usize, u32); 2] = [(-1.0, 1.0, 55, 9, 0xbf2aaaab), (1.0, 28.0, 64, 3, 0x40124925)];
+        for (s, e, n, i, bits) in want {
+            assert_eq!(linspace(s, e, n)[i].to_bits(), bits, "linspace({s}, {e}, {n})[{i}]");
+        }
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! # Ok::<(), perceiver_edge_runtime::Error>(())
 //! ```
 
+pub mod alloc;
+pub mod bench;
+pub mod compare;
+pub mod dataset;
 pub mod npy;
 
 /// The README's library example, compiled and run as a doc test.
@@ -61,6 +65,22 @@ pub enum Error {
 
 /// Result alias for the runtime.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Sets the number of threads tract's matrix products use (1 = single-threaded, the default).
+/// Needs the `threads` feature (on by default); without it only 1 is accepted.
+pub fn set_threads(n: usize) -> Result<()> {
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{set_default_executor, Executor};
+        set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        Ok(())
+    }
+    #[cfg(not(feature = "threads"))]
+    match n {
+        1 => Ok(()),
+        _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
+    }
+}
 
 /// Name, element type and fixed shape of a graph input or output.
 #[derive(Clone, Debug, PartialEq)]
@@ -121,10 +141,30 @@ impl Session {
 
     /// Loads an ONNX model from memory.
     pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
+        Session::from_bytes_exposing(bytes, &[]).map(|(s, _)| s)
+    }
+
+    /// Loads an ONNX model from memory with the intermediate values named `extra` (ONNX value
+    /// names) exposed as outputs after the graph's own; names not in the graph are skipped.
+    /// Returns the session and the names actually exposed, in output order.
+    pub fn from_bytes_exposing(bytes: &[u8], extra: &[String]) -> Result<(Session, Vec<String>)> {
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
-        let model = tract_onnx::onnx()
+        let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
+        let mut exposed = vec![];
+        if !extra.is_empty() {
+            let mut outlets = model.output_outlets().map_err(|e| err(e.to_string()))?.to_vec();
+            for name in extra {
+                if let Some(o) = model.find_outlet_label(name) {
+                    if !outlets.contains(&o) {
+                        outlets.push(o);
+                        exposed.push(name.clone());
+                    }
+                }
+            }
+            model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
+        }
         let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         let metadata: Vec<(String, String)> = typed
             .properties
@@ -153,6 +193,10 @@ impl Session {
                 spec.name = label.to_string();
             }
         }
+        let n_own = outputs.len() - exposed.len();
+        for (spec, name) in outputs[n_own..].iter_mut().zip(&exposed) {
+            spec.name = name.clone();
+        }
         let plan: Plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
@@ -167,7 +211,45 @@ impl Session {
                 Some((it.next()??, it.next()??))
             })
             .collect();
-        Ok(Session { plan, state, inputs, ranges, outputs, metadata })
+        Ok((Session { plan, state, inputs, ranges, outputs, metadata }, exposed))
+    }
+
+    /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
+    /// type of their storage (`f32`, `i8`, `q4_0`/packed formats, ...), largest first. This is
+    /// what tract actually holds after it folded or packed the file's weights.
+    pub fn resident_weights(&self) -> Vec<(String, usize)> {
+        use tract_onnx::tract_core::ops::konst::Const;
+        use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+        let mut by: Vec<(String, usize)> = vec![];
+        let mut add = |kind: String, bytes: usize| match by.iter_mut().find(|(k, _)| *k == kind) {
+            Some(e) => e.1 += bytes,
+            None => by.push((kind, bytes)),
+        };
+        // Short name of a packed or block-quantised format (`PackedI8K4 { r: 8, .. }` -> `PackedI8K4`).
+        let short = |debug: String| debug.split(['(', ' ', '{', '[']).next().unwrap_or("exotic").to_string();
+        for node in self.plan.model().nodes() {
+            if let Some(c) = node.op_as::<Const>() {
+                let t = c.val();
+                match c.exotic_fact() {
+                    Some(f) => add(short(format!("{f:?}")), f.mem_size().to_i64().unwrap_or(0) as usize),
+                    None => add(dtype_name(t.datum_type()), t.len() * t.datum_type().size_of()),
+                }
+            } else if let Some(mm) = node.op_as::<OptMatMul>() {
+                // Constant weights are packed into the matmul op itself.
+                for spec in &mm.micro_ops {
+                    if let ProtoFusedSpec::AddMatMul { a, b, .. } = spec {
+                        for operand in [a, b] {
+                            if let MatMulOperand::Const(v) = operand {
+                                let bytes = v.exotic_fact().mem_size().to_i64().unwrap_or(0) as usize;
+                                add(format!("packed {}", short(format!("{:?}", v.format()))), bytes);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        by.sort_by_key(|e| std::cmp::Reverse(e.1));
+        by
     }
 
     /// Graph inputs, in the order `run` takes them.
@@ -178,6 +260,11 @@ impl Session {
     /// Graph outputs, in the order `run` returns them.
     pub fn outputs(&self) -> &[IoSpec] {
         &self.outputs
+    }
+
+    /// Declared value range of integer input `i` (token ids, indices), if any.
+    pub fn input_range(&self, i: usize) -> Option<(i64, i64)> {
+        self.ranges.get(i).copied().flatten()
     }
 
     /// ONNX `metadata_props` of the model (the exporter stores its summary there).

@@ -1,0 +1,58 @@
+//! A counting global allocator: heap bytes in use and their peak. A binary opts in with
+//! `#[global_allocator] static A: perceiver_edge_runtime::alloc::Counting = Counting;`
+//! (the CLI does); without it the figures are `None`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+static IN_USE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// The system allocator with byte counting.
+pub struct Counting;
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grow(layout.size() as u64);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+            grow(new_size as u64);
+        }
+        p
+    }
+}
+
+fn grow(bytes: u64) {
+    ACTIVE.store(true, Ordering::Relaxed);
+    let now = IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+/// Heap bytes in use, if the counting allocator is installed.
+pub fn in_use() -> Option<u64> {
+    ACTIVE.load(Ordering::Relaxed).then(|| IN_USE.load(Ordering::Relaxed))
+}
+
+/// Peak heap bytes in use since start or the last [`reset_peak`].
+pub fn peak() -> Option<u64> {
+    ACTIVE.load(Ordering::Relaxed).then(|| PEAK.load(Ordering::Relaxed))
+}
+
+/// Restarts peak tracking from the current usage.
+pub fn reset_peak() {
+    PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
+}

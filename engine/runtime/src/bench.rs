@@ -1,0 +1,313 @@
+//! Self-benchmark: load time, latency percentiles, throughput, memory (peak RSS, heap, growth
+//! over the run) and a paced mode that runs at a fixed rate like a camera loop and counts
+//! deadline misses. The JSON form ([`BenchReport`]) is stable; see the README.
+
+use crate::{alloc, Error, Result, Session};
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::*;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Measured runs (ignored when `duration` is set).
+    pub runs: usize,
+    /// Measure for this long instead of a fixed count.
+    pub duration: Option<Duration>,
+    /// Unmeasured runs first.
+    pub warmup: usize,
+    /// Fixed rate in Hz (paced mode), or as fast as possible.
+    pub rate_hz: Option<f64>,
+    /// Matmul threads (1 = single-threaded).
+    pub threads: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { runs: 100, duration: None, warmup: 5, rate_hz: None, threads: 1 }
+    }
+}
+
+/// Latency distribution in milliseconds.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Latency {
+    /// Fastest run.
+    pub min: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest run.
+    pub max: f64,
+    /// Standard deviation.
+    pub stddev: f64,
+}
+
+/// Fixed-rate results.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Paced {
+    /// Requested rate.
+    pub rate_hz: f64,
+    /// Period = deadline of each frame, ms.
+    pub deadline_ms: f64,
+    /// Frames finished after their deadline (scheduled start + period).
+    pub deadline_misses: usize,
+    /// `deadline_misses / runs`.
+    pub miss_rate: f64,
+    /// Lateness of each frame's start behind its schedule, ms (jitter).
+    pub start_lateness_ms: Latency,
+}
+
+/// Memory figures in bytes (`None` where the platform or build cannot tell).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Memory {
+    /// Peak resident set size of the process (Linux `VmHWM`).
+    pub peak_rss: Option<u64>,
+    /// Resident set size after warm-up.
+    pub rss_after_warmup: Option<u64>,
+    /// Resident set size after the last run.
+    pub rss_end: Option<u64>,
+    /// Peak heap bytes in use (needs the counting allocator, which the CLI installs).
+    pub peak_heap: Option<u64>,
+    /// Heap bytes in use after warm-up.
+    pub heap_after_warmup: Option<u64>,
+    /// Heap bytes in use after the last run; equal to `heap_after_warmup` in a steady state.
+    pub heap_end: Option<u64>,
+}
+
+/// Everything `bench` measured. Field names and units are stable (times in ms, memory in bytes).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BenchReport {
+    /// Model file.
+    pub model: String,
+    /// Weight precision recorded by the exporter (`f32`, `f16`, `int8`, `int8-static`, `q4`).
+    pub precision: String,
+    /// Size of the model file.
+    pub file_bytes: u64,
+    /// Weight bytes tract keeps resident after optimisation (packed int8 / 4-bit stay small).
+    pub resident_weight_bytes: u64,
+    /// Load + optimise time.
+    pub load_ms: f64,
+    /// Warm-up runs.
+    pub warmup: usize,
+    /// Measured runs.
+    pub runs: usize,
+    /// Matmul threads.
+    pub threads: usize,
+    /// Per-run latency.
+    pub latency_ms: Latency,
+    /// Runs per second (free-running: 1000 / mean latency; paced: achieved rate).
+    pub throughput_per_s: f64,
+    /// Memory.
+    pub memory: Memory,
+    /// Fixed-rate results, in paced mode.
+    pub paced: Option<Paced>,
+}
+
+/// Percentile `q` (0..=100) of sorted `v`, linear interpolation between ranks (numpy's default).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = (q / 100.0).clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// Summary statistics of samples in ms.
+pub fn latency(samples: &[f64]) -> Latency {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len().max(1) as f64;
+    let mean = s.iter().sum::<f64>() / n;
+    let var = s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    Latency {
+        min: s.first().copied().unwrap_or(f64::NAN),
+        mean,
+        p50: percentile(&s, 50.0),
+        p90: percentile(&s, 90.0),
+        p99: percentile(&s, 99.0),
+        max: s.last().copied().unwrap_or(f64::NAN),
+        stddev: var.sqrt(),
+    }
+}
+
+/// Deadline misses of a paced run: frame `i` is scheduled at `i * period`; it misses when it
+/// finishes (`ends[i]`, offset from the first schedule) after `scheduled + period`.
+pub fn deadline_misses(ends: &[f64], period: f64) -> usize {
+    ends.iter().enumerate().filter(|(i, end)| **end > (*i as f64 + 1.0) * period).count()
+}
+
+/// Reads a `VmXXX:` field of /proc/self/status in bytes (Linux only).
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Deterministic inputs matching the model's inputs: f32 values in [-1, 1), integer inputs
+/// within their declared range (token ids, distinct indices, all-ones masks).
+pub fn synthetic_inputs(session: &Session) -> Result<Vec<Tensor>> {
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    session
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let n: usize = spec.shape.iter().product();
+            let t = match spec.dtype {
+                DatumType::F32 => {
+                    let v: Vec<f32> = (0..n).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
+                    Tensor::from_shape(&spec.shape, &v)
+                }
+                DatumType::I64 => {
+                    let (lo, hi) = session.input_range(i).unwrap_or((0, 0));
+                    let v: Vec<i64> = if spec.name == "attention_mask" {
+                        vec![1; n]
+                    } else if spec.shape.len() == 1 {
+                        // Index inputs: distinct positions spread over the range.
+                        (0..n as i64).map(|k| lo + k * (hi - lo + 1) / n as i64).collect()
+                    } else {
+                        (0..n).map(|_| lo + (next() % (hi - lo + 1) as u64) as i64).collect()
+                    };
+                    Tensor::from_shape(&spec.shape, &v)
+                }
+                other => {
+                    return Err(Error::Input {
+                        name: spec.name.clone(),
+                        msg: format!("no synthetic data for {other:?} inputs; pass --input"),
+                    })
+                }
+            };
+            t.map_err(|e| Error::Run(e.to_string()))
+        })
+        .collect()
+}
+
+/// Loads `model` and benchmarks it on `inputs` (synthetic ones if `None`).
+pub fn bench(model: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> Result<BenchReport> {
+    crate::set_threads(opts.threads)?;
+    let t0 = Instant::now();
+    let mut session = Session::load(model)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let inputs = match inputs {
+        Some(i) => i,
+        None => synthetic_inputs(&session)?,
+    };
+    session.check_inputs(&inputs)?;
+    for _ in 0..opts.warmup {
+        session.run(inputs.clone())?;
+    }
+    let rss_after_warmup = proc_status_bytes("VmRSS:");
+    let heap_after_warmup = alloc::in_use();
+    alloc::reset_peak();
+
+    let mut samples = Vec::with_capacity(opts.runs);
+    let (mut starts, mut ends) = (vec![], vec![]);
+    let period = opts.rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz));
+    let begin = Instant::now();
+    let mut i = 0usize;
+    loop {
+        let done = match opts.duration {
+            Some(d) => begin.elapsed() >= d,
+            None => i >= opts.runs,
+        };
+        if done {
+            break;
+        }
+        if let Some(p) = period {
+            let scheduled = begin + p * i as u32;
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+        }
+        let s = Instant::now();
+        session.run(inputs.clone())?;
+        let e = Instant::now();
+        samples.push((e - s).as_secs_f64() * 1e3);
+        starts.push((s - begin).as_secs_f64() * 1e3);
+        ends.push((e - begin).as_secs_f64() * 1e3);
+        i += 1;
+    }
+    let total_s = begin.elapsed().as_secs_f64();
+    let latency_ms = latency(&samples);
+    let paced = period.map(|p| {
+        let p_ms = p.as_secs_f64() * 1e3;
+        let lateness: Vec<f64> = starts.iter().enumerate().map(|(i, s)| (s - i as f64 * p_ms).max(0.0)).collect();
+        let misses = deadline_misses(&ends, p_ms);
+        Paced {
+            rate_hz: opts.rate_hz.unwrap_or_default(),
+            deadline_ms: p_ms,
+            deadline_misses: misses,
+            miss_rate: misses as f64 / samples.len().max(1) as f64,
+            start_lateness_ms: latency(&lateness),
+        }
+    });
+    let throughput_per_s =
+        if paced.is_some() { samples.len() as f64 / total_s.max(1e-9) } else { 1e3 / latency_ms.mean.max(1e-9) };
+    Ok(BenchReport {
+        model: model.display().to_string(),
+        precision: session.metadata("perceiver_edge.precision").unwrap_or("f32").to_string(),
+        file_bytes: std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
+        resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
+        load_ms,
+        warmup: opts.warmup,
+        runs: samples.len(),
+        threads: opts.threads,
+        latency_ms,
+        throughput_per_s,
+        memory: Memory {
+            peak_rss: proc_status_bytes("VmHWM:"),
+            rss_after_warmup,
+            rss_end: proc_status_bytes("VmRSS:"),
+            peak_heap: alloc::peak(),
+            heap_after_warmup,
+            heap_end: alloc::in_use(),
+        },
+        paced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_match_numpy_linear_interpolation() {
+        // numpy.percentile([1, 2, 3, 4, 10], [50, 90, 99]) = [3.0, 7.6, 9.76]
+        let v = [1.0, 2.0, 3.0, 4.0, 10.0];
+        assert_eq!(percentile(&v, 50.0), 3.0);
+        assert!((percentile(&v, 90.0) - 7.6).abs() < 1e-12);
+        assert!((percentile(&v, 99.0) - 9.76).abs() < 1e-12);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 10.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn latency_summary() {
+        let l = latency(&[4.0, 2.0, 2.0, 4.0]);
+        assert_eq!((l.min, l.max, l.mean, l.p50), (2.0, 4.0, 3.0, 3.0));
+        assert_eq!(l.stddev, 1.0);
+    }
+
+    #[test]
+    fn deadline_misses_count_late_finishes() {
+        // period 10 ms: frame 0 due at 10, frame 1 at 20, frame 2 at 30.
+        let ends = [9.0, 21.0, 30.0];
+        assert_eq!(deadline_misses(&ends, 10.0), 1);
+    }
+}
