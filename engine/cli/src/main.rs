@@ -31,6 +31,8 @@ enum Command {
         #[command(flatten)]
         sizes: Sizes,
         #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
         quant: Quant,
         /// Output format: `onnx`, or `pack` (flat weight pack for no_std firmware; image
         /// Fourier classifiers, batch 1; see firmware-examples/cortex-m).
@@ -39,6 +41,55 @@ enum Command {
         /// Weight precision of a pack: `f32`, or `int8` (Linear weights, per-row scales).
         #[arg(long, default_value = "f32")]
         pack_precision: perceiver_edge_export::pack::Precision,
+    },
+    /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
+    /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
+    #[cfg(feature = "export")]
+    Tune {
+        /// Checkpoint directory in Hugging Face layout.
+        checkpoint: PathBuf,
+        /// Board profile (targets/*.toml).
+        #[arg(long)]
+        target: PathBuf,
+        /// Calibration data: a stacked .npy ([S, ...] like the model input) or a folder of .npy
+        /// files (files named *label* are int64 labels).
+        #[arg(long, value_name = "DATA")]
+        calibrate: PathBuf,
+        /// Labels (int64 .npy, one per sample) for accuracy.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Output folder (model.onnx, report.json, tradeoff.svg).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Host profile used to scale predictions to the board [default: targets/x86-64-host.toml
+        /// next to --target, on x86-64].
+        #[arg(long, value_name = "FILE")]
+        host_profile: Option<PathBuf>,
+        /// Latent counts to try [default: N, 3N/4, N/2, N/4, N/8].
+        #[arg(long, value_delimiter = ',', value_name = "K,...")]
+        latents: Option<Vec<usize>>,
+        /// Block repetitions to try [default: trained, halved down to 1].
+        #[arg(long, value_delimiter = ',', value_name = "B,...")]
+        blocks: Option<Vec<usize>>,
+        /// Thread counts to try [default: 1 and the board's threads, capped at this host's cores].
+        #[arg(long, value_delimiter = ',', value_name = "T,...")]
+        threads: Option<Vec<usize>>,
+        /// Precisions to try (f32, f16, int8, int8-static, q4), or `profile` for the board's
+        /// preferred list [default: f32].
+        #[arg(long, value_delimiter = ',', value_name = "P,...")]
+        precisions: Option<Vec<String>>,
+        /// Measured runs per candidate.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// Warm-up runs per candidate.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Required top-1 agreement with the full model (0..1).
+        #[arg(long, default_value_t = 0.99)]
+        min_agreement: f64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Run an exported model on .npy inputs and write its outputs as .npy.
     Run {
@@ -143,6 +194,19 @@ struct Sizes {
     decoder: Option<PathBuf>,
 }
 
+/// Budget knobs of `export`.
+#[cfg(feature = "export")]
+#[derive(Args, Clone, Debug, Default)]
+struct BudgetArgs {
+    /// Keep the K most important of the trained latents, ranked by attention mass on the
+    /// --calibrate DATA (a stacked .npy or a folder of .npy files).
+    #[arg(long, value_name = "K")]
+    latents: Option<usize>,
+    /// Repetitions of the weight-shared latent block [default: config num_blocks].
+    #[arg(long, value_name = "B")]
+    blocks: Option<usize>,
+}
+
 /// Precision options of `export`.
 #[cfg(feature = "export")]
 #[derive(Args, Clone, Debug, Default)]
@@ -186,6 +250,7 @@ impl Sizes {
             image_points: self.image_points,
             audio_points: self.audio_points,
             decoder: self.decoder.clone(),
+            ..Default::default()
         }
     }
 }
@@ -203,7 +268,10 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, format, pack_precision, quant } if format == "pack" => {
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget } if format == "pack" => {
+            if budget.latents.is_some() || budget.blocks.is_some() {
+                bail!("--latents/--blocks apply to ONNX exports, not to a pack");
+            }
             if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() {
                 bail!(
                     "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
@@ -218,9 +286,31 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, quant, .. } => {
-            let q = quant.options()?;
-            let mut exported = perceiver_edge_export::export(&checkpoint, &sizes.options())?;
+        Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
+            let mut q = quant.options()?;
+            // One --calibrate serves --latents (latent ranking) and int8-static (scales).
+            if budget.latents.is_some() && q.precision != perceiver_edge_export::quantize::Precision::Int8Static {
+                q.calibrate = None;
+            }
+            let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
+            let mut opts = sizes.options();
+            opts.blocks = budget.blocks;
+            match (budget.latents, &quant.calibrate) {
+                (Some(k), Some(data)) => {
+                    let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
+                    let imp = perceiver_edge_export::budget::latent_importance(&ck, &opts, &cal.samples)?;
+                    let keep = perceiver_edge_export::budget::select_latents(&imp, k)?;
+                    println!(
+                        "latents kept ({k} of {}, by attention mass on {} samples): {keep:?}",
+                        imp.len(),
+                        cal.samples.len()
+                    );
+                    opts.latents = Some(keep);
+                }
+                (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
+                (None, _) => {}
+            }
+            let mut exported = perceiver_edge_export::build(&ck, &opts)?;
             let mut bar: Option<indicatif::ProgressBar> = None;
             exported.quantize(&q, &checkpoint, &mut |done, total| {
                 let b = bar.get_or_insert_with(|| {
@@ -240,6 +330,47 @@ fn dispatch(cmd: Command) -> Result<()> {
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
             println!("wrote {} ({:.2} MiB)", output.display(), bytes as f64 / 1048576.0);
             print!("{}", exported.summary);
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Tune {
+            checkpoint,
+            target,
+            calibrate,
+            labels,
+            output,
+            host_profile,
+            latents,
+            blocks,
+            threads,
+            precisions,
+            runs,
+            warmup,
+            min_agreement,
+            quiet,
+        } => {
+            let precisions = match precisions {
+                Some(p) if p == ["profile"] => Some(perceiver_edge_tune::Profile::load(&target)?.precisions),
+                other => other,
+            };
+            if runs == 0 || !(0.0..=1.0).contains(&min_agreement) {
+                bail!("--runs must be positive and --min-agreement within 0..1");
+            }
+            let opts = perceiver_edge_tune::TuneOptions {
+                checkpoint,
+                target,
+                host_profile,
+                calibrate,
+                labels,
+                out: output,
+                axes: perceiver_edge_tune::Axes { latents, blocks, threads, precisions },
+                runs,
+                warmup,
+                min_agreement,
+                progress: !quiet,
+            };
+            let report = perceiver_edge_tune::tune(&opts)?;
+            print!("{}", perceiver_edge_tune::table(&report));
             Ok(())
         }
         Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),

@@ -19,6 +19,11 @@ pub struct Builder<'a> {
     pub batch: usize,
     /// Architecture sizes noted while building (`N`, `D`, `M`, `C`, `O`, `E`), for `inspect`.
     pub dims: BTreeMap<&'static str, usize>,
+    /// Budget knobs (kept latents, block repetitions) and calibration hooks.
+    pub budget: crate::budget::Budget,
+    /// With `budget.expose_attention`: every attention's probabilities `[B, H, Lq, Lk]`, with
+    /// the checkpoint prefix of the attention that produced them, in graph order.
+    pub attention_probs: Vec<(String, Val)>,
     weights: HashMap<String, Val>,
 }
 
@@ -34,7 +39,15 @@ pub struct LayerOpts {
 impl<'a> Builder<'a> {
     /// A builder over `ck` for graphs of batch size `batch`.
     pub fn new(ck: &'a Checkpoint, batch: usize) -> Builder<'a> {
-        Builder { g: Graph::new(), ck, batch, dims: BTreeMap::new(), weights: HashMap::new() }
+        Builder {
+            g: Graph::new(),
+            ck,
+            batch,
+            dims: BTreeMap::new(),
+            budget: Default::default(),
+            attention_probs: vec![],
+            weights: HashMap::new(),
+        }
     }
 
     /// A checkpoint tensor as a graph constant, optionally transposed (2-D only), cached by name.
@@ -222,6 +235,9 @@ impl<'a> Builder<'a> {
             scores = self.g.add(&scores, m);
         }
         let probs = self.g.softmax(&scores);
+        if self.budget.expose_attention {
+            self.attention_probs.push((prefix.to_string(), probs.clone()));
+        }
         let ctx = self.g.matmul(&probs, &vh);
         let ctx = self.g.transpose(&ctx, &[0, 2, 1, 3]);
         let (b, n, h, d) = (ctx.shape[0], ctx.shape[1], ctx.shape[2], ctx.shape[3]);

@@ -9,7 +9,16 @@ use crate::graph::Val;
 pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> {
     let cfg = b.ck.config.clone();
     let n = b.ck.get_shaped("embeddings.latents", &[None, None])?.shape.clone();
-    let latents = b.param_as("embeddings.latents", &[Some(n[0]), Some(n[1])], &[1, n[0], n[1]])?;
+    let latents = match b.budget.latents.clone() {
+        // `--latents K`: a constant holding only the kept rows of the trained latent array.
+        Some(keep) => {
+            let all = b.ck.get_shaped("embeddings.latents", &[Some(n[0]), Some(n[1])])?.clone();
+            let rows = crate::budget::gather_rows(&all, &keep)?;
+            b.g.const_f32("embeddings.latents.kept", &[1, keep.len(), n[1]], &rows)
+        }
+        None => b.param_as("embeddings.latents", &[Some(n[0]), Some(n[1])], &[1, n[0], n[1]])?,
+    };
+    let n = [latents.shape[1], n[1]];
     for (k, v) in [("N", n[0]), ("D", n[1]), ("M", inputs.shape[1]), ("C", inputs.shape[2])] {
         b.dims.insert(k, v);
     }
@@ -18,7 +27,8 @@ pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> 
         b.perceiver_layer("encoder.cross_attention", &latents, Some(inputs), mask, cross)
     })?;
     let latent = LayerOpts { heads: cfg.num_self_attention_heads, query_residual: true };
-    for block in 0..cfg.num_blocks {
+    let blocks = b.budget.blocks.unwrap_or(cfg.num_blocks);
+    for block in 0..blocks {
         for i in 0..cfg.num_self_attends_per_block {
             z = b.scoped(&format!("encoder.self.{block}.{i}"), |b| {
                 b.perceiver_layer(&format!("encoder.self_attends.{i}"), &z, None, None, latent)

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod blocks;
+pub mod budget;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod decoder;

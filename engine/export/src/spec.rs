@@ -86,6 +86,14 @@ pub struct ExportOptions {
     /// Decoder declaration of a bare `PerceiverModel` (default: `perceiver_edge_decoder.json`
     /// in the checkpoint directory, if present).
     pub decoder: Option<PathBuf>,
+    /// `--latents K`: indices of the trained latents to keep, strictly ascending (choose them
+    /// with [`crate::budget::latent_importance`] and [`crate::budget::select_latents`]).
+    pub latents: Option<Vec<usize>>,
+    /// `--blocks B`: repetitions of the weight-shared latent block (default `num_blocks`).
+    pub blocks: Option<usize>,
+    /// Calibration: expose every attention's probabilities as extra outputs
+    /// (`attention_probs.{i}.{checkpoint prefix}`).
+    pub expose_attention: bool,
 }
 
 /// Declares the decoder of a bare `PerceiverModel` checkpoint (its config.json cannot): the
@@ -252,6 +260,7 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
     uses(opts.decoder.is_some(), "--decoder", &[Bare])?;
 
     let mut b = Builder::new(ck, batch);
+    b.budget = crate::budget::Budget::from_options(ck, opts)?;
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
     if h == 0 || w == 0 || opts.seq_len == Some(0) {
         return Err(Error::invalid("--image-size and --seq-len must be positive"));
@@ -408,8 +417,12 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
             }
         }
     }
+    for (i, (prefix, probs)) in std::mem::take(&mut b.attention_probs).into_iter().enumerate() {
+        b.g.output(&probs, &format!("{}.{i}.{prefix}", crate::budget::PROBS_OUTPUT));
+    }
     let mut g = b.g;
     g.prune();
-    let summary = Summary::new(&g, head.class_name(), &b.dims, cfg, batch, ck.parameter_count());
+    let mut summary = Summary::new(&g, head.class_name(), &b.dims, cfg, batch, ck.parameter_count());
+    summary.depth.0 = b.budget.blocks.unwrap_or(cfg.num_blocks);
     Ok((g, summary))
 }

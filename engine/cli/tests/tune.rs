@@ -1,0 +1,195 @@
+//! `perceiver-edge tune` and `export --latents/--blocks` end to end on the bundled digits model.
+//! Assertions do not depend on timing: files, candidates, fidelity, importance order, errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_perceiver-edge")).args(args).current_dir(root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+const PROFILE: &str = "engine/tune/tests/data/raspberry-pi-5.toml";
+const DATA: &str = "models/digits/samples/heldout_inputs.npy";
+const LABELS: &str = "models/digits/samples/heldout_labels.npy";
+
+#[test]
+fn tune_writes_model_report_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let (ok, stdout, stderr) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "--labels",
+        LABELS,
+        "-o",
+        o,
+        "--latents",
+        "16,4",
+        "--threads",
+        "1",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("K16 B1 T1") && stdout.contains("K4 B1 T1"), "{stdout}");
+    for f in ["model.onnx", "report.json", "tradeoff.svg"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    assert!(!out.join("candidates").exists(), "candidate files are cleaned up");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let c = r["candidates"].as_array().unwrap();
+    assert_eq!(c.len(), 2);
+    // The full model against itself is exact; 4 of 16 latents is not.
+    assert_eq!(c[0]["fidelity"]["max_abs"].as_f64(), Some(0.0));
+    assert_eq!(c[0]["fidelity"]["top1_agreement"].as_f64(), Some(1.0));
+    assert!(c[1]["fidelity"]["max_abs"].as_f64().unwrap() > 0.0);
+    assert_eq!(c[0]["fidelity"]["samples"].as_u64(), Some(225), "validated on the odd half");
+    assert!(c[0]["fidelity"]["accuracy"].as_f64().unwrap() > 0.9);
+    assert_eq!(r["calibration"][1].as_u64(), Some(225));
+    // Latent order is the transformers reference's (models/reference/latent_importance.py).
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("models/reference/fixtures/digits_latent_importance.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r["latent_order"], fixture["order"]);
+    assert_eq!(r["judged_on"], "predicted for the board");
+    let svg = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("K4 B1 T1"));
+}
+
+#[test]
+fn export_budget_knobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("k8.onnx");
+    let (ok, stdout, stderr) = cli(&[
+        "export",
+        "models/digits",
+        "-o",
+        m.to_str().unwrap(),
+        "--latents",
+        "8",
+        "--calibrate",
+        DATA,
+        "--blocks",
+        "2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("latents        N x D = 8 x 64"), "{stdout}");
+    assert!(stdout.contains("depth          2 block(s) x 2"), "{stdout}");
+    assert!(stdout.contains("latents kept (8 of 16"), "{stdout}");
+    assert!(Path::new(&m).is_file());
+}
+
+#[test]
+fn errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("x.onnx");
+    let m = m.to_str().unwrap();
+    let (ok, _, e) = cli(&["export", "models/digits", "-o", m, "--latents", "8"]);
+    assert!(!ok && e.contains("give --calibrate DATA"), "{e}");
+    let (ok, _, e) = cli(&["export", "models/digits", "-o", m, "--latents", "17", "--calibrate", DATA]);
+    assert!(!ok && e.contains("1..=16"), "{e}");
+    let (ok, _, e) = cli(&["export", "models/digits", "-o", m, "--blocks", "0"]);
+    assert!(!ok && e.contains("--blocks must be at least 1"), "{e}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\n[cpu]\ncores = four\n").unwrap();
+    let o = dir.path().join("o");
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        bad.to_str().unwrap(),
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("invalid board profile") && e.contains("line 3"), "{e}");
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        "models/digits/config.json",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.starts_with("error:"), "{e}");
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "--latents",
+        "20",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("1..=16"), "{e}");
+    assert!(!o.join("model.onnx").exists());
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+#[test]
+fn tune_takes_precision_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("out");
+    let (ok, stdout, stderr) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+        "--latents",
+        "16",
+        "--threads",
+        "1",
+        "--precisions",
+        "f32,f16",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("K16 B1 T1 f16"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["precisions"], serde_json::json!(["f32", "f16"]));
+    let f16 = &r["candidates"][1];
+    assert_eq!(f16["candidate"]["precision"], "f16");
+    assert!(f16["fidelity"]["max_abs"].as_f64().unwrap() > 0.0 && f16["fidelity"]["max_abs"].as_f64().unwrap() < 0.1);
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "-o",
+        o.to_str().unwrap(),
+        "--precisions",
+        "f8",
+    ]);
+    assert!(!ok && e.contains("unknown precision \"f8\""), "{e}");
+}

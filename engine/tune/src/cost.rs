@@ -1,0 +1,217 @@
+//! Cost model: predicts latency and memory of an exported graph from its FLOPs, bytes and node
+//! count (the exporter's [`Summary`]), calibrated by a short micro-benchmark of the host and
+//! scaled to a board by its profile's peak GFLOP/s and memory bandwidth.
+//!
+//! latency = FLOPs / (per-thread GFLOP/s x threads used) + nodes x per-node overhead
+//!         + weight bytes / bandwidth
+//!
+//! memory  = weight bytes + 2 x largest activation + runtime base
+//!
+//! On the host the three rates come from the micro-benchmark (a 256^3 matmul chain, a chain of
+//! 100 tiny matmuls, a 32 MiB copy), all run through the same runtime. For a board, compute rates are
+//! scaled by the ratio of per-core peak GFLOP/s (board profile / host profile) and bandwidth by
+//! the ratio of bandwidths, i.e. the board is assumed to reach the same fraction of its peak as
+//! the host does of its own.
+
+use crate::profile::Profile;
+use anyhow::Result;
+use perceiver_edge_export::graph::{DType, Graph};
+use perceiver_edge_export::Summary;
+use perceiver_edge_runtime::{alloc, tensor, Session};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Measured host rates.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HostRates {
+    /// Single-thread matmul GFLOP/s.
+    pub gflops_per_thread: f64,
+    /// Fixed cost per graph node, microseconds.
+    pub us_per_node: f64,
+    /// Copy bandwidth, GB/s.
+    pub bandwidth_gbs: f64,
+    /// Heap the runtime uses for a near-empty graph, bytes.
+    pub base_heap_bytes: f64,
+    /// Host peak f32 GFLOP/s per core and bandwidth assumed for scaling (from the host profile).
+    pub host_peak_gflops_per_core: f64,
+    /// Host memory bandwidth assumed for scaling, GB/s.
+    pub host_bandwidth_gbs: f64,
+}
+
+/// What the model needs to know about one exported candidate.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Features {
+    /// FLOPs per inference.
+    pub flops: u64,
+    /// Graph nodes.
+    pub nodes: usize,
+    /// Constant bytes.
+    pub weight_bytes: usize,
+    /// Largest activation bytes.
+    pub largest_activation: usize,
+}
+
+impl Features {
+    /// Features of an exported graph.
+    pub fn of(g: &Graph, s: &Summary) -> Features {
+        Features {
+            flops: s.flops.iter().map(|(_, f)| f).sum(),
+            nodes: g.nodes.len(),
+            weight_bytes: s.weight_bytes,
+            largest_activation: s.largest_activation.1,
+        }
+    }
+}
+
+/// A prediction.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Predicted {
+    /// Latency, ms.
+    pub latency_ms: f64,
+    /// Peak memory, bytes.
+    pub memory_bytes: f64,
+}
+
+impl HostRates {
+    /// Per-core compute speed-up of `board` over the host (1 for the host itself).
+    fn compute_scale(&self, board: Option<&Profile>) -> f64 {
+        board.map_or(1.0, |b| (b.peak_gflops_f32 / b.cores as f64) / self.host_peak_gflops_per_core)
+    }
+
+    /// Predicts `f` with `threads` threads on the host (`board` None) or on `board`.
+    pub fn predict(&self, f: &Features, threads: usize, board: Option<&Profile>) -> Predicted {
+        let scale = self.compute_scale(board);
+        let bw =
+            board.map_or(self.bandwidth_gbs, |b| self.bandwidth_gbs * b.mem_bandwidth_gbs / self.host_bandwidth_gbs);
+        let usable = board.map_or(threads, |b| threads.min(b.cores)).max(1) as f64;
+        let compute_s = f.flops as f64 / (self.gflops_per_thread * scale * 1e9 * usable);
+        let overhead_s = f.nodes as f64 * self.us_per_node * 1e-6 / scale;
+        let memory_s = f.weight_bytes as f64 / (bw * 1e9);
+        Predicted {
+            latency_ms: (compute_s + overhead_s + memory_s) * 1e3,
+            memory_bytes: f.weight_bytes as f64 + 2.0 * f.largest_activation as f64 + self.base_heap_bytes,
+        }
+    }
+}
+
+fn time_runs(session: &mut Session, inputs: &[perceiver_edge_runtime::Tensor], runs: usize) -> Result<f64> {
+    session.run(inputs.to_vec())?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs {
+        let t = Instant::now();
+        session.run(inputs.to_vec())?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn session_of(g: &Graph) -> Result<Session> {
+    Ok(Session::from_bytes(&perceiver_edge_export::onnx::to_bytes(g))?)
+}
+
+/// Runs the host micro-benchmark (well under a second) single-threaded. `host` is the host's
+/// profile, if known (peak per core and bandwidth for scaling to boards); without one the host
+/// is assumed to peak at 64 GFLOP/s per core (AVX2 FMA at 2 GHz) and reach 20 GB/s.
+pub fn calibrate(host: Option<&Profile>) -> Result<HostRates> {
+    perceiver_edge_runtime::set_threads(1)?;
+    // Compute: 4 chained 256x256 matmuls (134 MFLOP).
+    let n = 256;
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[n, n]);
+    let w: Vec<f32> = (0..n * n).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+    let mut y = x.clone();
+    for i in 0..4 {
+        let wc = g.const_f32(&format!("w{i}"), &[n, n], &w);
+        y = g.matmul(&y, &wc);
+        y = g.mul_scalar(&y, 1.0 / 16.0);
+    }
+    g.output(&y, "y");
+    let mut s = session_of(&g)?;
+    let xin = tensor(&[n, n], &w).expect("shape");
+    let t = time_runs(&mut s, std::slice::from_ref(&xin), 5)?;
+    let gflops_per_thread = 4.0 * 2.0 * (n * n * n) as f64 / t / 1e9;
+    // Per-node cost: 100 chained [1, 16] x [16, 16] matmuls (tract cannot fuse them; their
+    // compute, 51 kFLOP, is negligible), so the time is mostly per-node dispatch.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[1, 16]);
+    let mut y = x.clone();
+    let small: Vec<f32> = (0..256).map(|i| if i % 17 == 0 { 1.0 } else { 0.0 }).collect();
+    for i in 0..100 {
+        let wc = g.const_f32(&format!("s{i}"), &[16, 16], &small);
+        y = g.matmul(&y, &wc);
+    }
+    g.output(&y, "y");
+    let before = alloc::in_use();
+    let mut s = session_of(&g)?;
+    let xin = tensor(&[1, 16], &[0.5f32; 16]).expect("shape");
+    s.run(vec![xin.clone()])?;
+    // Like `bench`: the peak while running, over the heap in use before loading.
+    alloc::reset_peak();
+    let t = time_runs(&mut s, std::slice::from_ref(&xin), 20)?;
+    let weights_bytes = 100.0 * 256.0 * 4.0;
+    let base_heap_bytes = match (alloc::peak(), before) {
+        (Some(p), Some(b)) => (p.saturating_sub(b) as f64 - weights_bytes).max(0.0),
+        _ => 0.0,
+    };
+    let us_per_node = t * 1e6 / g.nodes.len() as f64;
+    // Bandwidth: copy 32 MiB.
+    let src = vec![1u8; 32 << 20];
+    let mut dst = vec![0u8; 32 << 20];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let bandwidth_gbs = 2.0 * src.len() as f64 / best / 1e9;
+    Ok(HostRates {
+        gflops_per_thread,
+        us_per_node,
+        bandwidth_gbs,
+        base_heap_bytes,
+        host_peak_gflops_per_core: host.map_or(64.0, |h| h.peak_gflops_f32 / h.cores as f64),
+        host_bandwidth_gbs: host.map_or(20.0, |h| h.mem_bandwidth_gbs),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rates() -> HostRates {
+        HostRates {
+            gflops_per_thread: 10.0,
+            us_per_node: 1.0,
+            bandwidth_gbs: 10.0,
+            base_heap_bytes: 1000.0,
+            host_peak_gflops_per_core: 40.0,
+            host_bandwidth_gbs: 20.0,
+        }
+    }
+
+    #[test]
+    fn host_prediction_adds_compute_overhead_and_weights() {
+        let f = Features { flops: 1_000_000_000, nodes: 100, weight_bytes: 10_000_000, largest_activation: 500 };
+        let p = rates().predict(&f, 1, None);
+        // 100 ms compute + 0.1 ms nodes + 1 ms weights
+        assert!((p.latency_ms - 101.1).abs() < 1e-9, "{}", p.latency_ms);
+        assert_eq!(p.memory_bytes, 10_000_000.0 + 1000.0 + 1000.0);
+        let p2 = rates().predict(&f, 2, None);
+        assert!((p2.latency_ms - 51.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn board_prediction_scales_by_peak_per_core_and_bandwidth() {
+        let board = Profile::parse(
+            "name = \"b\"\n[cpu]\narch = \"aarch64\"\ncores = 4\npeak_gflops_f32 = 80.0\nmem_bandwidth_gbs = 10.0\n\
+             [budget]\nmemory_mb = 64\ndeadline_ms = 10\nrate_hz = 30\nthreads = 4\n",
+        )
+        .unwrap();
+        let f = Features { flops: 1_000_000_000, nodes: 100, weight_bytes: 10_000_000, largest_activation: 0 };
+        // per-core peak 20 vs host 40: half speed; bandwidth 10 vs 20: half.
+        let p = rates().predict(&f, 8, Some(&board));
+        // compute 1e9 / (10e9 * 0.5 * 4) = 50 ms; nodes 0.2 ms; weights 10e6 / 5e9 = 2 ms.
+        assert!((p.latency_ms - 52.2).abs() < 1e-9, "{}", p.latency_ms);
+    }
+}

@@ -1,0 +1,574 @@
+//! `perceiver-edge tune`: fits a PerceiverIO checkpoint to a board. It explores candidate budgets
+//! (kept latents, repetitions of the shared latent block, matmul threads), exports each one,
+//! measures it on this machine (p99 latency and peak heap through the runtime's `bench`), measures
+//! its fidelity against the full model on held-out calibration samples, predicts its latency and
+//! memory on the board with the [`cost`] model, marks the Pareto-optimal candidates and picks one:
+//!
+//! * a candidate **fits** when its p99 latency is within the board's deadline and its memory
+//!   within the board's budget (judged on the board prediction when the board is not this
+//!   machine's architecture, on the measurement otherwise);
+//! * the **chosen** one is the fastest fitting candidate whose top-1 agreement with the full model
+//!   is at least `min_agreement`; if none is that faithful, the most faithful fitting one.
+//!
+//! Latents are chosen by [`perceiver_edge_export::budget::latent_importance`] on the
+//! even-numbered calibration samples; fidelity is measured on the odd-numbered ones.
+
+pub mod calib;
+pub mod cost;
+pub mod plot;
+pub mod profile;
+
+use anyhow::{bail, Context, Result};
+use perceiver_edge_export::budget::{self, Fidelity};
+use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions};
+use perceiver_edge_runtime::{bench, to_vec, Session};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+pub use profile::Profile;
+
+/// One point of the search space.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Candidate {
+    /// Latents kept (of the trained N).
+    pub latents: usize,
+    /// Repetitions of the shared latent block.
+    pub blocks: usize,
+    /// Matmul threads.
+    pub threads: usize,
+    /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes).
+    pub precision: &'static str,
+}
+
+/// Candidate values along each axis, before combination.
+#[derive(Clone, Debug, Default)]
+pub struct Axes {
+    /// Latent counts (default: N, 3N/4, N/2, N/4, N/8).
+    pub latents: Option<Vec<usize>>,
+    /// Block counts (default: the trained count, halved down to 1).
+    pub blocks: Option<Vec<usize>>,
+    /// Thread counts (default: 1 and the board's threads, capped at this host's cores).
+    pub threads: Option<Vec<usize>>,
+    /// Precisions (default: f32 only; the board's list is `profile.precisions`).
+    pub precisions: Option<Vec<String>>,
+}
+
+/// All candidates: every combination of the axes' values, most expensive first, checked against
+/// the trained latent count `n`.
+pub fn candidates(
+    axes: &Axes,
+    n: usize,
+    trained_blocks: usize,
+    board_threads: usize,
+    host_cores: usize,
+) -> Result<Vec<Candidate>> {
+    let dedup = |mut v: Vec<usize>| {
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.dedup();
+        v
+    };
+    let latents = dedup(
+        axes.latents
+            .clone()
+            .unwrap_or_else(|| [n, 3 * n / 4, n / 2, n / 4, n / 8].into_iter().filter(|&k| k >= 1).collect()),
+    );
+    let blocks = dedup(axes.blocks.clone().unwrap_or_else(|| {
+        std::iter::successors(Some(trained_blocks.max(1)), |&b| (b > 1).then_some(b / 2)).collect()
+    }));
+    let mut threads = dedup(axes.threads.clone().unwrap_or_else(|| vec![1, board_threads.min(host_cores).max(1)]));
+    threads.reverse();
+    if let Some(k) = latents.iter().find(|&&k| k == 0 || k > n) {
+        bail!("latent candidate {k} must be in 1..={n} (the trained latents)");
+    }
+    if blocks.contains(&0) || threads.contains(&0) {
+        bail!("block and thread candidates must be at least 1");
+    }
+    let mut precisions: Vec<&'static str> = vec![];
+    for p in axes.precisions.clone().unwrap_or_else(|| vec!["f32".into()]) {
+        let known = Precision::ALL.iter().find(|(_, n)| *n == p).map(|(_, n)| *n);
+        let Some(name) = known else {
+            let names: Vec<&str> = Precision::ALL.iter().map(|(_, n)| *n).collect();
+            bail!("unknown precision \"{p}\" (expected {})", names.join(", "));
+        };
+        if !precisions.contains(&name) {
+            precisions.push(name);
+        }
+    }
+    let mut out = vec![];
+    for &latents in &latents {
+        for &blocks in &blocks {
+            for &precision in &precisions {
+                for &threads in &threads {
+                    out.push(Candidate { latents, blocks, threads, precision });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Pareto flags of points `(latency, memory, fidelity)`: lower latency and memory and higher
+/// fidelity are better; a point is Pareto-optimal when no other point is at least as good on all
+/// three and better on one.
+pub fn pareto(points: &[(f64, f64, f64)]) -> Vec<bool> {
+    points
+        .iter()
+        .map(|&(l, m, f)| {
+            !points.iter().any(|&(l2, m2, f2)| l2 <= l && m2 <= m && f2 >= f && (l2 < l || m2 < m || f2 > f))
+        })
+        .collect()
+}
+
+/// A measured candidate.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measured {
+    /// The budget.
+    pub candidate: Candidate,
+    /// Measured p50 latency on this host, ms.
+    pub p50_ms: f64,
+    /// Measured p99 latency on this host, ms.
+    pub p99_ms: f64,
+    /// Measured peak heap of the loaded model while running (weights + activations; heap in
+    /// use before loading it excluded), bytes; peak RSS where no counting allocator is installed.
+    pub memory_bytes: u64,
+    /// Cost-model prediction for this host (compare with the measurement).
+    pub predicted_host: cost::Predicted,
+    /// Cost-model prediction for the board.
+    pub predicted_board: cost::Predicted,
+    /// FLOPs per inference.
+    pub flops: u64,
+    /// Fidelity against the full model on the validation samples.
+    pub fidelity: Fidelity,
+    /// Within the board's deadline and memory budget.
+    pub fits: bool,
+    /// Pareto-optimal among all candidates.
+    pub pareto: bool,
+}
+
+impl Measured {
+    /// Short label, e.g. `K16 B1 T1`.
+    pub fn label(&self) -> String {
+        let c = self.candidate;
+        let p = if c.precision == "f32" { String::new() } else { format!(" {}", c.precision) };
+        format!("K{} B{} T{}{p}", c.latents, c.blocks, c.threads)
+    }
+}
+
+/// Picks the fastest fitting candidate with top-1 agreement >= `min_agreement` (latency as
+/// judged: `lat[i]`), else the most faithful fitting one (then the fastest); `None` if none fits.
+pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usize> {
+    let fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].fits).collect();
+    let key = |i: usize| (lat[i], cands[i].candidate.threads, i);
+    let faithful = fitting.iter().copied().filter(|&i| cands[i].fidelity.top1_agreement >= min_agreement);
+    faithful.min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")).or_else(|| {
+        fitting.iter().copied().max_by(|&a, &b| {
+            let (fa, fb) = (&cands[a].fidelity, &cands[b].fidelity);
+            fa.top1_agreement
+                .total_cmp(&fb.top1_agreement)
+                .then(fa.mean_cosine.total_cmp(&fb.mean_cosine))
+                .then(key(b).partial_cmp(&key(a)).expect("finite"))
+        })
+    })
+}
+
+/// Options of [`tune`].
+#[derive(Clone, Debug)]
+pub struct TuneOptions {
+    /// Checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Board profile.
+    pub target: PathBuf,
+    /// Host profile (for scaling predictions); default: `x86-64-host.toml` next to the target
+    /// if this host is x86-64 and the file exists.
+    pub host_profile: Option<PathBuf>,
+    /// Calibration data.
+    pub calibrate: PathBuf,
+    /// Labels (int64, one per sample).
+    pub labels: Option<PathBuf>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Candidate axes.
+    pub axes: Axes,
+    /// Measured runs per candidate.
+    pub runs: usize,
+    /// Warm-up runs per candidate.
+    pub warmup: usize,
+    /// Required top-1 agreement with the full model.
+    pub min_agreement: f64,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Everything `tune` found; written as `report.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Checkpoint.
+    pub checkpoint: String,
+    /// The board.
+    pub target: Profile,
+    /// Host architecture and cores.
+    pub host: (String, usize),
+    /// Whether fit was judged on predictions (board differs from host) or measurements.
+    pub judged_on: String,
+    /// Host micro-benchmark.
+    pub host_rates: cost::HostRates,
+    /// Calibration source, selection and validation sample counts.
+    pub calibration: (String, usize, usize),
+    /// Importance of each trained latent (selection samples).
+    pub latent_importance: Vec<f64>,
+    /// Latent indices, most important first.
+    pub latent_order: Vec<usize>,
+    /// Required top-1 agreement.
+    pub min_agreement: f64,
+    /// Precisions considered.
+    pub precisions: Vec<String>,
+    /// All candidates.
+    pub candidates: Vec<Measured>,
+    /// Index of the chosen candidate, if any fits.
+    pub chosen: Option<usize>,
+    /// Kept latent indices of the chosen candidate.
+    pub chosen_latents: Option<Vec<usize>>,
+    /// Files written.
+    pub files: Vec<String>,
+}
+
+fn first_output(
+    session: &mut Session,
+    samples: &[Vec<perceiver_edge_runtime::Tensor>],
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let mut outs = vec![];
+    let mut row = 1;
+    for s in samples {
+        let y = session.run(s.clone())?.remove(0);
+        row = *y.shape().last().unwrap_or(&1);
+        outs.push(to_vec::<f32>(&y).context("the model's first output is not f32")?);
+    }
+    Ok((outs, row))
+}
+
+/// Runs the search; see the crate documentation.
+pub fn tune(o: &TuneOptions) -> Result<Report> {
+    let board = Profile::load(&o.target)?;
+    let host_arch = std::env::consts::ARCH.to_string();
+    let host_cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let host_profile_path = o.host_profile.clone().or_else(|| {
+        let p = o.target.parent()?.join("x86-64-host.toml");
+        (host_arch == "x86_64" && p.is_file()).then_some(p)
+    });
+    let host_profile = host_profile_path.as_deref().map(Profile::load).transpose()?;
+    let judge_measured = board.arch.replace('-', "_") == host_arch;
+    let ck = Checkpoint::open(&o.checkpoint)?;
+    let base = ExportOptions::default();
+    let full = perceiver_edge_export::build(&ck, &base)?;
+    let n = *full.summary.dims.get("N").context("model has no latent array")?;
+    let trained_blocks = full.summary.depth.0;
+    let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.inputs)?;
+    let (select, validate) = cal.split();
+    let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
+    std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create", o.out.display()))?;
+
+    let bar =
+        if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}").expect("template"));
+    bar.set_message("host micro-benchmark");
+    let rates = cost::calibrate(host_profile.as_ref())?;
+    bar.inc(1);
+    bar.set_message("latent importance");
+    let importance = budget::latent_importance(&ck, &base, &select.samples)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| importance[b].total_cmp(&importance[a]).then(a.cmp(&b)));
+    bar.inc(1);
+
+    let mut reference = Session::from_bytes(&full.to_bytes())?;
+    let (ref_out, row) = first_output(&mut reference, &validate.samples)?;
+    drop(reference);
+    let dir = o.out.join("candidates");
+    std::fs::create_dir_all(&dir)?;
+    let mut measured = vec![];
+    let mut files_of = vec![];
+    let bench_inputs = validate.samples[0].clone();
+    type Built = ((usize, usize, &'static str), PathBuf, Fidelity, cost::Features);
+    let mut last: Option<Built> = None;
+    for c in &cands {
+        bar.set_message(format!("K{} B{} T{} {}", c.latents, c.blocks, c.threads, c.precision));
+        let key = (c.latents, c.blocks, c.precision);
+        let (path, fid, feat) = match &last {
+            Some((k, p, f, ft)) if *k == key => (p.clone(), f.clone(), ft.clone()),
+            _ => {
+                let keep = budget::select_latents(&importance, c.latents)?;
+                let opts = ExportOptions {
+                    latents: (c.latents < n).then_some(keep),
+                    blocks: (c.blocks != trained_blocks).then_some(c.blocks),
+                    ..base.clone()
+                };
+                let mut e = perceiver_edge_export::build(&ck, &opts)?;
+                let precision: Precision = c.precision.parse()?;
+                let q = QuantOptions {
+                    precision,
+                    calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
+                    ..Default::default()
+                };
+                e.quantize(&q, &o.checkpoint, &mut |_, _| {})?;
+                let path = dir.join(format!("k{}-b{}-{}.onnx", c.latents, c.blocks, c.precision));
+                e.write(&path)?;
+                let mut s = Session::load(&path)?;
+                let (out, _) = first_output(&mut s, &validate.samples)?;
+                let fid = budget::fidelity(&ref_out, &out, row, validate.labels.as_deref());
+                let feat = cost::Features::of(&e.graph, &e.summary);
+                last = Some((key, path.clone(), fid.clone(), feat.clone()));
+                (path, fid, feat)
+            }
+        };
+        // The heap this process already holds (calibration data, graphs) is not the model's.
+        let before = perceiver_edge_runtime::alloc::in_use().unwrap_or(0);
+        let r = bench::bench(
+            &path,
+            Some(bench_inputs.clone()),
+            &bench::BenchOptions { runs: o.runs, duration: None, warmup: o.warmup, rate_hz: None, threads: c.threads },
+        )?;
+        let memory_bytes = match r.memory.peak_heap {
+            Some(p) => p.saturating_sub(before),
+            None => r.memory.peak_rss.unwrap_or(0),
+        };
+        measured.push(Measured {
+            candidate: *c,
+            p50_ms: r.latency_ms.p50,
+            p99_ms: r.latency_ms.p99,
+            memory_bytes,
+            predicted_host: rates.predict(&feat, c.threads, None),
+            predicted_board: rates.predict(&feat, c.threads, Some(&board)),
+            flops: feat.flops,
+            fidelity: fid,
+            fits: false,
+            pareto: false,
+        });
+        files_of.push(path);
+        bar.inc(1);
+    }
+    perceiver_edge_runtime::set_threads(1)?;
+    bar.finish_and_clear();
+
+    let budget_bytes = board.memory_mb * 1048576.0;
+    let judged: Vec<(f64, f64)> = measured
+        .iter()
+        .map(|m| {
+            if judge_measured {
+                (m.p99_ms, m.memory_bytes as f64)
+            } else {
+                (m.predicted_board.latency_ms, m.predicted_board.memory_bytes)
+            }
+        })
+        .collect();
+    let flags = pareto(
+        &measured.iter().map(|m| (m.p99_ms, m.memory_bytes as f64, m.fidelity.top1_agreement)).collect::<Vec<_>>(),
+    );
+    for ((m, p), (l, mem)) in measured.iter_mut().zip(flags).zip(&judged) {
+        m.pareto = p;
+        m.fits = *l <= board.deadline_ms && *mem <= budget_bytes;
+    }
+    let lat: Vec<f64> = judged.iter().map(|j| j.0).collect();
+    let chosen = choose(&measured, &lat, o.min_agreement);
+    let mut files = vec![];
+    let chosen_latents = match chosen {
+        Some(i) => {
+            let model = o.out.join("model.onnx");
+            std::fs::copy(&files_of[i], &model).with_context(|| format!("{}: cannot write", model.display()))?;
+            files.push(model.display().to_string());
+            Some(budget::select_latents(&importance, measured[i].candidate.latents)?)
+        }
+        None => None,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let title = format!("{} on {} (measured here; deadline from profile)", o.checkpoint.display(), board.name);
+    let svg_path = o.out.join("tradeoff.svg");
+    std::fs::write(&svg_path, plot::svg(&measured, chosen, board.deadline_ms, &title))
+        .with_context(|| format!("{}: cannot write", svg_path.display()))?;
+    files.push(svg_path.display().to_string());
+    let json_path = o.out.join("report.json");
+    files.push(json_path.display().to_string());
+    let report = Report {
+        checkpoint: o.checkpoint.display().to_string(),
+        target: board.clone(),
+        host: (host_arch, host_cores),
+        judged_on: if judge_measured { "measured".into() } else { "predicted for the board".into() },
+        host_rates: rates,
+        calibration: (cal.source.clone(), select.samples.len(), validate.samples.len()),
+        latent_importance: importance,
+        latent_order: order,
+        min_agreement: o.min_agreement,
+        precisions: {
+            let mut p: Vec<String> = vec![];
+            for c in &cands {
+                if !p.iter().any(|x| x == c.precision) {
+                    p.push(c.precision.to_string());
+                }
+            }
+            p
+        },
+        candidates: measured,
+        chosen,
+        chosen_latents,
+        files,
+    };
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("{}: cannot write", json_path.display()))?;
+    Ok(report)
+}
+
+/// The Pareto table and the choice, as printed by `perceiver-edge tune`.
+pub fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let mib = |b: f64| b / 1048576.0;
+    let _ = writeln!(
+        s,
+        "board {} ({}, {} cores; deadline {} ms, memory {} MiB); host {} x{}; fit judged on {}",
+        r.target.name,
+        r.target.arch,
+        r.target.cores,
+        r.target.deadline_ms,
+        r.target.memory_mb,
+        r.host.0,
+        r.host.1,
+        r.judged_on
+    );
+    let _ = writeln!(
+        s,
+        "host rates: {:.2} GFLOP/s per thread, {:.2} us per node, {:.1} GB/s copy",
+        r.host_rates.gflops_per_thread, r.host_rates.us_per_node, r.host_rates.bandwidth_gbs
+    );
+    let _ = writeln!(
+        s,
+        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
+        "candidate",
+        "MFLOPs",
+        "p50 ms",
+        "p99 ms",
+        "pred ms",
+        "board ms",
+        "heap MiB",
+        "pred MiB",
+        "top-1 %",
+        "cos min",
+        "acc %",
+        "pareto",
+        "fits"
+    );
+    for (i, m) in r.candidates.iter().enumerate() {
+        let f = &m.fidelity;
+        let _ = writeln!(
+            s,
+            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>6} {:>4}{}",
+            m.label(),
+            m.flops as f64 / 1e6,
+            m.p50_ms,
+            m.p99_ms,
+            m.predicted_host.latency_ms,
+            m.predicted_board.latency_ms,
+            mib(m.memory_bytes as f64),
+            mib(m.predicted_host.memory_bytes),
+            100.0 * f.top1_agreement,
+            f.min_cosine,
+            f.accuracy.map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
+            if m.pareto { "*" } else { "" },
+            if m.fits { "yes" } else { "no" },
+            if Some(i) == r.chosen { "  <- chosen" } else { "" }
+        );
+    }
+    match r.chosen {
+        Some(i) => {
+            let _ = writeln!(
+                s,
+                "chosen {} (top-1 agreement >= {:.1} % required); latents kept {:?}",
+                r.candidates[i].label(),
+                100.0 * r.min_agreement,
+                r.chosen_latents.as_deref().unwrap_or(&[])
+            );
+        }
+        None => {
+            let _ = writeln!(s, "no candidate fits the board's deadline and memory budget: no model written");
+        }
+    }
+    for f in &r.files {
+        let _ = writeln!(s, "wrote {f}");
+    }
+    s
+}
+
+/// Loads calibration data for `ck` exported with `opts` (for `export --latents K --calibrate`).
+pub fn calibration_for(ck: &Checkpoint, opts: &ExportOptions, data: &Path) -> Result<calib::Calibration> {
+    let g = perceiver_edge_export::build(ck, opts)?;
+    calib::load(data, None, &g.graph.inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_grid() {
+        let c = candidates(&Axes::default(), 16, 1, 4, 2).unwrap();
+        let lat: Vec<usize> = c.iter().map(|c| c.latents).collect();
+        assert_eq!(lat, vec![16, 16, 12, 12, 8, 8, 4, 4, 2, 2]);
+        assert!(c.iter().all(|c| c.blocks == 1));
+        assert_eq!(c[0].threads, 1);
+        assert_eq!(c[1].threads, 2, "board threads capped at the host's cores");
+        let c = candidates(&Axes::default(), 4, 8, 1, 8).unwrap();
+        let blocks: Vec<usize> = c.iter().filter(|c| c.latents == 4).map(|c| c.blocks).collect();
+        assert_eq!(blocks, vec![8, 4, 2, 1]);
+        assert_eq!(c.iter().map(|c| c.latents).max(), Some(4));
+        assert!(c.iter().all(|c| c.latents >= 1 && c.threads == 1));
+        let axes = Axes {
+            latents: Some(vec![3, 8, 3]),
+            blocks: Some(vec![2]),
+            threads: Some(vec![1]),
+            precisions: Some(vec!["f32".into(), "int8".into(), "f32".into()]),
+        };
+        let c = candidates(&axes, 8, 1, 4, 4).unwrap();
+        assert_eq!(c.len(), 4);
+        assert_eq!((c[0].precision, c[1].precision, c[2].latents), ("f32", "int8", 3));
+        let bad = Axes { precisions: Some(vec!["f8".into()]), ..Default::default() };
+        assert!(candidates(&bad, 8, 1, 1, 1).unwrap_err().to_string().contains("unknown precision \"f8\""));
+        assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1).is_err());
+        assert!(candidates(&Axes { blocks: Some(vec![0]), ..Default::default() }, 8, 1, 1, 1).is_err());
+    }
+
+    #[test]
+    fn pareto_front() {
+        // (latency, memory, fidelity)
+        let pts = [(1.0, 1.0, 0.9), (2.0, 2.0, 1.0), (2.0, 2.0, 0.9), (1.0, 1.0, 0.9), (0.5, 3.0, 0.5)];
+        assert_eq!(pareto(&pts), vec![true, true, false, true, true]);
+    }
+
+    fn m(latents: usize, threads: usize, top1: f64, fits: bool) -> Measured {
+        let p = cost::Predicted { latency_ms: 0.0, memory_bytes: 0.0 };
+        Measured {
+            candidate: Candidate { latents, blocks: 1, threads, precision: "f32" },
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            memory_bytes: 0,
+            predicted_host: p,
+            predicted_board: p,
+            flops: 0,
+            fidelity: Fidelity { top1_agreement: top1, mean_cosine: top1, ..Default::default() },
+            fits,
+            pareto: false,
+        }
+    }
+
+    #[test]
+    fn choice_is_the_fastest_faithful_fitting_candidate() {
+        let c = [m(16, 1, 1.0, true), m(8, 1, 0.995, true), m(4, 1, 0.9, true), m(2, 1, 0.5, false)];
+        let lat = [4.0, 2.0, 1.0, 0.5];
+        assert_eq!(choose(&c, &lat, 0.99), Some(1));
+        assert_eq!(choose(&c, &lat, 1.0), Some(0));
+        // None faithful enough: the most faithful that fits.
+        let c2 = [m(4, 1, 0.9, true), m(2, 1, 0.8, true), m(1, 1, 0.99, false)];
+        assert_eq!(choose(&c2, &[2.0, 1.0, 0.5], 0.95), Some(0));
+        // Nothing fits.
+        assert_eq!(choose(&[m(4, 1, 1.0, false)], &[1.0], 0.9), None);
+        // Latency tie: fewer threads.
+        let c3 = [m(4, 2, 1.0, true), m(4, 1, 1.0, true)];
+        assert_eq!(choose(&c3, &[1.0, 1.0], 0.9), Some(1));
+    }
+}
