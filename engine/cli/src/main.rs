@@ -34,6 +34,13 @@ enum Command {
         budget: BudgetArgs,
         #[command(flatten)]
         quant: Quant,
+        /// Output format: `onnx`, or `pack` (flat weight pack for no_std firmware; image
+        /// Fourier classifiers, batch 1; see firmware-examples/cortex-m).
+        #[arg(long, default_value = "onnx", value_parser = ["onnx", "pack"])]
+        format: String,
+        /// Weight precision of a pack: `f32`, or `int8` (Linear weights, per-row scales).
+        #[arg(long, default_value = "f32")]
+        pack_precision: perceiver_edge_export::pack::Precision,
     },
     /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
     /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
@@ -271,7 +278,25 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, budget, quant } => {
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget } if format == "pack" => {
+            if budget.latents.is_some() || budget.blocks.is_some() {
+                bail!("--latents/--blocks apply to ONNX exports, not to a pack");
+            }
+            if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() {
+                bail!(
+                    "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
+                );
+            }
+            let pack = perceiver_edge_export::pack::export_pack(&checkpoint, &sizes.options(), pack_precision)?;
+            pack.write(&output)?;
+            println!("wrote {} ({} bytes, {:?} weights)", output.display(), pack.bytes.len(), pack_precision);
+            let dims: Vec<String> =
+                perceiver_edge_export::pack::DIMS.iter().zip(&pack.dims).map(|(k, v)| format!("{k}={v}")).collect();
+            println!("dims {}", dims.join(" "));
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
             let mut q = quant.options()?;
             // One --calibrate serves --latents (latent ranking) and int8-static (scales).
             if budget.latents.is_some() && q.precision != perceiver_edge_export::quantize::Precision::Int8Static {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod graph;
 pub mod multimodal;
 pub mod onnx;
+pub mod pack;
 pub mod passes;
 pub mod position;
 pub mod preprocess;

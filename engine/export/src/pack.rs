@@ -1,0 +1,367 @@
+//! Flat weight pack for microcontrollers (`perceiver-edge export --format pack`): every tensor
+//! the forward pass needs, in a fixed order, behind a small header, so `no_std` firmware can
+//! include the file from flash and read it without parsing (see firmware-examples/cortex-m).
+//!
+//! Supported head: `PerceiverForImageClassificationFourier` (image pixels + Fourier features,
+//! encoder, classification decoder). Input-independent parts are precomputed here: the Fourier
+//! position table of the export's image size is stored, not recomputed on the device.
+//!
+//! Layout (little-endian, every section 4-byte aligned):
+//!
+//! ```text
+//! 0    "PEPK"  magic
+//! 4    u32     version (1)
+//! 8    u32     weight precision: 0 = f32, 1 = int8 (Linear weights only, see below)
+//! 12   u32     number of dims (DIMS.len())
+//! 16   u32[]   dims, in the order of [`DIMS`]
+//! ..   u32     number of tensors T
+//! ..   T x (u32 offset, u32 elements, u32 kind, u32 scale_offset)   kind 0 = f32, 1 = int8
+//! ..   data
+//! ```
+//!
+//! int8 tensors (Linear weights `[out, in]` in int8 mode) are symmetric per output row:
+//! `w[r][c] = q[r][c] * scale[r]`, `scale[r] = max_c |w[r][c]| / 127`, scales as f32 at
+//! `scale_offset`. Everything else (biases, LayerNorms, latents, queries, position table) is f32.
+//!
+//! Tensor order: position table `[M, C - 3]`; latents `[N, D]`; encoder cross-attention layer;
+//! `S_LAYERS` self-attention layers; decoder query `[1, E]`; decoder cross-attention layer;
+//! final layer weight and bias. A layer is: layernorm1 w, b; (cross only) layernorm2 w, b; query
+//! w, b; key w, b; value w, b; output dense w, b; layernorm w, b; mlp dense1 w, b; dense2 w, b.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::position::Fourier;
+use crate::spec::{ExportOptions, Head};
+use std::path::Path;
+
+/// Pack format version.
+pub const VERSION: u32 = 1;
+
+/// Header dims, in file order.
+pub const DIMS: [&str; 25] = [
+    "H",
+    "W",
+    "IN_CH",
+    "M",
+    "C",
+    "N",
+    "D",
+    "X_QK",
+    "X_V",
+    "X_HEADS",
+    "X_HIDDEN",
+    "X_RESIDUAL",
+    "S_QK",
+    "S_V",
+    "S_HEADS",
+    "S_HIDDEN",
+    "S_LAYERS",
+    "BLOCKS",
+    "E",
+    "O_QK",
+    "O_V",
+    "O_HEADS",
+    "O_HIDDEN",
+    "O_RESIDUAL",
+    "LABELS",
+];
+
+/// Weight precision of a pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Every tensor f32 (bit-exact weights).
+    F32,
+    /// Linear weights int8 with one f32 scale per output row; the rest f32.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Precision, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "int8" => Ok(Precision::Int8),
+            other => Err(format!("unknown pack precision {other} (expected f32 or int8)")),
+        }
+    }
+}
+
+/// A pack in memory.
+pub struct Pack {
+    /// Header dims, in [`DIMS`] order.
+    pub dims: Vec<u32>,
+    /// The file contents.
+    pub bytes: Vec<u8>,
+}
+
+impl Pack {
+    /// Value of header dim `name`.
+    pub fn dim(&self, name: &str) -> Option<u32> {
+        DIMS.iter().position(|d| *d == name).map(|i| self.dims[i])
+    }
+
+    /// Writes the pack atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("model.pack")));
+        std::fs::write(&tmp, &self.bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::file(path, format!("cannot write: {e}"))
+        })
+    }
+}
+
+struct Entry {
+    data: Vec<f32>,
+    rows: usize,
+    quantise: bool,
+}
+
+fn layer(ck: &Checkpoint, prefix: &str, cross: bool, out: &mut Vec<Entry>) -> Result<()> {
+    let mut names = vec!["attention.self.layernorm1"];
+    if cross {
+        names.push("attention.self.layernorm2");
+    }
+    names.extend([
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "layernorm",
+        "mlp.dense1",
+        "mlp.dense2",
+    ]);
+    for n in names {
+        let w = ck.get(&format!("{prefix}.{n}.weight"))?;
+        let b = ck.get(&format!("{prefix}.{n}.bias"))?;
+        let matrix = w.shape.len() == 2;
+        out.push(Entry { data: w.data.clone(), rows: w.shape[0], quantise: matrix });
+        out.push(Entry { data: b.data.clone(), rows: 1, quantise: false });
+    }
+    Ok(())
+}
+
+fn rows(ck: &Checkpoint, name: &str) -> Result<u32> {
+    Ok(ck.get(name)?.shape[0] as u32)
+}
+
+/// Builds the pack of an opened checkpoint (`opts.image_size` overrides the config's size).
+pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Result<Pack> {
+    let head = Head::of(ck)?;
+    if head != Head::ImageFourier {
+        return Err(Error::invalid(format!(
+            "--format pack supports PerceiverForImageClassificationFourier only, not {}",
+            head.class_name()
+        )));
+    }
+    let unsupported = opts.batch.is_some_and(|b| b != 1)
+        || opts.seq_len.is_some()
+        || opts.attention_mask
+        || opts.decode_subset.is_some()
+        || opts.image_points.is_some()
+        || opts.audio_points.is_some()
+        || opts.decoder.is_some();
+    if unsupported {
+        return Err(Error::invalid("--format pack takes --image-size only (batch 1)"));
+    }
+    let cfg = &ck.config;
+    let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
+    if h == 0 || w == 0 {
+        return Err(Error::invalid("--image-size must be positive"));
+    }
+    let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
+    let lat = ck.get_shaped("embeddings.latents", &[None, None])?;
+    let (n, d) = (lat.shape[0], lat.shape[1]);
+    let x = "encoder.cross_attention";
+    let s0 = "encoder.self_attends.0";
+    let dec = "decoder.decoder";
+    let dx = format!("{dec}.decoding_cross_attention");
+    let query = ck.get_shaped(&format!("{dec}.output_position_encodings.position_embeddings"), &[Some(1), None])?;
+    let e = query.shape[1];
+    let labels = ck.get_shaped(&format!("{dec}.final_layer.weight"), &[None, Some(e)])?.shape[0];
+    let c = 3 + f.width();
+    ck.get_shaped(&format!("{x}.attention.self.key.weight"), &[None, Some(c)])?;
+    let dims = vec![
+        h as u32,
+        w as u32,
+        3,
+        (h * w) as u32,
+        c as u32,
+        n as u32,
+        d as u32,
+        rows(ck, &format!("{x}.attention.self.query.weight"))?,
+        rows(ck, &format!("{x}.attention.self.value.weight"))?,
+        cfg.num_cross_attention_heads as u32,
+        rows(ck, &format!("{x}.mlp.dense1.weight"))?,
+        u32::from(cfg.use_query_residual),
+        rows(ck, &format!("{s0}.attention.self.query.weight"))?,
+        rows(ck, &format!("{s0}.attention.self.value.weight"))?,
+        cfg.num_self_attention_heads as u32,
+        rows(ck, &format!("{s0}.mlp.dense1.weight"))?,
+        cfg.num_self_attends_per_block as u32,
+        cfg.num_blocks as u32,
+        e as u32,
+        rows(ck, &format!("{dx}.attention.self.query.weight"))?,
+        rows(ck, &format!("{dx}.attention.self.value.weight"))?,
+        1,
+        rows(ck, &format!("{dx}.mlp.dense1.weight"))?,
+        1,
+        labels as u32,
+    ];
+    for (name, heads, qk, v) in [("cross", 9, 7, 8), ("self", 14, 12, 13), ("decoder", 21, 19, 20)] {
+        if dims[heads] == 0 || dims[qk] % dims[heads] != 0 || dims[v] % dims[heads] != 0 {
+            return Err(Error::invalid(format!("{name} attention: qk/v widths do not split into heads")));
+        }
+    }
+
+    let mut entries = vec![
+        Entry { data: f.grid(&[h, w]), rows: h * w, quantise: false },
+        Entry { data: lat.data.clone(), rows: n, quantise: false },
+    ];
+    layer(ck, x, true, &mut entries)?;
+    for i in 0..cfg.num_self_attends_per_block {
+        layer(ck, &format!("encoder.self_attends.{i}"), false, &mut entries)?;
+    }
+    entries.push(Entry { data: query.data.clone(), rows: 1, quantise: false });
+    layer(ck, &dx, true, &mut entries)?;
+    let fw = ck.get(&format!("{dec}.final_layer.weight"))?;
+    entries.push(Entry { data: fw.data.clone(), rows: labels, quantise: true });
+    entries.push(Entry { data: ck.get(&format!("{dec}.final_layer.bias"))?.data.clone(), rows: 1, quantise: false });
+
+    let mut out = Vec::new();
+    out.extend_from_slice(b"PEPK");
+    for v in [VERSION, u32::from(precision == Precision::Int8), dims.len() as u32] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in &dims {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    let table_at = out.len();
+    out.resize(table_at + 16 * entries.len(), 0);
+    for (k, en) in entries.iter().enumerate() {
+        let int8 = precision == Precision::Int8 && en.quantise;
+        let mut scale_offset = 0u32;
+        let offset;
+        if int8 {
+            let cols = en.data.len() / en.rows;
+            let scales: Vec<f32> = en
+                .data
+                .chunks_exact(cols)
+                .map(|r| {
+                    let m = r.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                    if m > 0.0 {
+                        m / 127.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            scale_offset = out.len() as u32;
+            for s in &scales {
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+            offset = out.len() as u32;
+            for (r, row) in en.data.chunks_exact(cols).enumerate() {
+                out.extend(row.iter().map(|&x| (x / scales[r]).round().clamp(-127.0, 127.0) as i8 as u8));
+            }
+            while out.len() % 4 != 0 {
+                out.push(0);
+            }
+        } else {
+            offset = out.len() as u32;
+            for v in &en.data {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let t = table_at + 16 * k;
+        for (i, v) in [offset, en.data.len() as u32, u32::from(int8), scale_offset].iter().enumerate() {
+            out[t + 4 * i..t + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(Pack { dims, bytes: out })
+}
+
+/// Opens checkpoint directory `dir` and builds its pack.
+pub fn export_pack(dir: &Path, opts: &ExportOptions, precision: Precision) -> Result<Pack> {
+    build(&Checkpoint::open(dir)?, opts, precision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(rel: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+    }
+
+    fn u32_at(b: &[u8], i: usize) -> usize {
+        u32::from_le_bytes(b[i..i + 4].try_into().unwrap()) as usize
+    }
+
+    /// (offset, elements, kind, scale offset) of tensor `k`.
+    fn entry(p: &Pack, k: usize) -> [usize; 4] {
+        let table = 20 + 4 * DIMS.len();
+        std::array::from_fn(|i| u32_at(&p.bytes, table + 16 * k + 4 * i))
+    }
+
+    fn f32s(p: &Pack, k: usize) -> Vec<f32> {
+        let [off, n, kind, _] = entry(p, k);
+        assert_eq!(kind, 0);
+        p.bytes[off..off + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn f32_pack_holds_the_checkpoint_weights_in_order() {
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let p = build(&ck, &ExportOptions::default(), Precision::F32).unwrap();
+        assert_eq!(&p.bytes[..4], b"PEPK");
+        for (k, v) in [("M", 64), ("C", 261), ("N", 16), ("D", 64), ("LABELS", 10), ("S_LAYERS", 2), ("S_HEADS", 4)] {
+            assert_eq!(p.dim(k), Some(v), "{k}");
+        }
+        // position table, latents, 18 cross, 2 x 16 self, query, 18 decoder, final w + b.
+        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        assert_eq!(count, 2 + 18 + 2 * 16 + 1 + 18 + 2);
+        let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
+        assert_eq!(f32s(&p, 0), f.grid(&[8, 8]));
+        assert_eq!(f32s(&p, 1), ck.get("embeddings.latents").unwrap().data);
+        assert_eq!(f32s(&p, 6), ck.get("encoder.cross_attention.attention.self.query.weight").unwrap().data);
+        assert_eq!(f32s(&p, count - 1), ck.get("decoder.decoder.final_layer.bias").unwrap().data);
+        for k in 0..count {
+            assert_eq!(entry(&p, k)[0] % 4, 0, "tensor {k} is not 4-byte aligned");
+        }
+        assert_eq!(entry(&p, count - 1)[0] + 4 * 10, p.bytes.len());
+    }
+
+    #[test]
+    fn int8_pack_quantises_linear_weights_per_row() {
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let p = build(&ck, &ExportOptions::default(), Precision::Int8).unwrap();
+        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        let [off, n, kind, so] = entry(&p, count - 2);
+        assert_eq!((n, kind), (10 * 64, 1));
+        let w = &ck.get("decoder.decoder.final_layer.weight").unwrap().data;
+        for r in 0..10 {
+            let scale = f32::from_le_bytes(p.bytes[so + 4 * r..so + 4 * r + 4].try_into().unwrap());
+            let row = &w[r * 64..(r + 1) * 64];
+            assert_eq!(scale, row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0);
+            for (c, x) in row.iter().enumerate() {
+                let q = p.bytes[off + r * 64 + c] as i8;
+                assert!((f32::from(q) * scale - x).abs() <= scale / 2.0 + 1e-7);
+            }
+        }
+        // Biases stay f32.
+        assert_eq!(f32s(&p, count - 1), ck.get("decoder.decoder.final_layer.bias").unwrap().data);
+        assert!(p.bytes.len() < 200_000);
+    }
+
+    #[test]
+    fn refuses_other_heads_and_options() {
+        let text = Checkpoint::open(&dir("models/reference/fixtures/seqcls")).unwrap();
+        let e = build(&text, &ExportOptions::default(), Precision::F32).err().unwrap().to_string();
+        assert!(e.contains("PerceiverForImageClassificationFourier"), "{e}");
+        let ck = Checkpoint::open(&dir("models/digits")).unwrap();
+        let opts = ExportOptions { batch: Some(2), ..Default::default() };
+        assert!(build(&ck, &opts, Precision::F32).is_err());
+    }
+}
