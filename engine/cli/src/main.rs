@@ -192,6 +192,12 @@ struct Sizes {
     /// Decoder declaration of a bare PerceiverModel [default: CHECKPOINT/perceiver_edge_decoder.json].
     #[arg(long, value_name = "FILE")]
     decoder: Option<PathBuf>,
+    /// Export the unrewritten graph (no performance rewrites; reference for tests and benchmarks).
+    #[arg(long)]
+    no_rewrites: bool,
+    /// Budget knob: skip the rewrites that add precomputed tables (`inspect` shows their size).
+    #[arg(long)]
+    no_position_tables: bool,
 }
 
 /// Budget knobs of `export`.
@@ -250,6 +256,10 @@ impl Sizes {
             image_points: self.image_points,
             audio_points: self.audio_points,
             decoder: self.decoder.clone(),
+            perf: perceiver_edge_export::passes::PerfOptions {
+                no_rewrites: self.no_rewrites,
+                no_position_tables: self.no_position_tables,
+            },
             ..Default::default()
         }
     }
@@ -295,6 +305,11 @@ fn dispatch(cmd: Command) -> Result<()> {
             let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
+            // Precomputed position tables (perf rewrites) would stay f32 next to quantised
+            // weights; a reduced-precision export is chosen for memory, so it leaves them out.
+            if q.precision != perceiver_edge_export::quantize::Precision::F32 {
+                opts.perf.no_position_tables = true;
+            }
             match (budget.latents, &quant.calibrate) {
                 (Some(k), Some(data)) => {
                     let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;

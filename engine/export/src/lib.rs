@@ -73,8 +73,11 @@ impl Exported {
 
 /// Builds the graph of an opened checkpoint and runs the default passes.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (mut graph, summary) = spec::build_graph(ck, opts)?;
-    passes::run_all(&mut graph, &[&passes::Prune])?;
+    let (mut graph, mut summary) = spec::build_graph(ck, opts)?;
+    let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
+    list.push(&passes::Prune);
+    passes::run_all(&mut graph, &list)?;
+    summary.after_passes(&graph);
     let json = serde_json::to_string(&summary).expect("summary serialises");
     graph.metadata.push((summary::METADATA_KEY.into(), json));
     Ok(Exported { graph, summary })

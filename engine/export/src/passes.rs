@@ -4,6 +4,33 @@
 use crate::error::Result;
 use crate::graph::Graph;
 
+// --- performance rewrites (issue #3) ---
+mod constant_query;
+mod position_split;
+mod util;
+pub use constant_query::ConstantQueryAttention;
+pub use position_split::PositionSplit;
+
+/// Which exact performance rewrites run at export (all by default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PerfOptions {
+    /// Export the unrewritten graph (the reference the rewrites are tested against).
+    pub no_rewrites: bool,
+    /// Skip the rewrites that add precomputed tables (memory for speed; `inspect` reports them).
+    pub no_position_tables: bool,
+}
+
+/// The performance passes selected by `o`, in order.
+pub fn perf_passes(o: &PerfOptions) -> Vec<&'static dyn Pass> {
+    let mut v: Vec<&'static dyn Pass> = vec![];
+    if !o.no_rewrites && !o.no_position_tables {
+        v.push(&PositionSplit);
+        v.push(&ConstantQueryAttention);
+    }
+    v
+}
+// --- end performance rewrites ---
+
 /// A named `Graph -> Graph` rewrite.
 pub trait Pass {
     /// Short name used on the command line and in reports.

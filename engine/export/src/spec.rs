@@ -86,6 +86,9 @@ pub struct ExportOptions {
     /// Decoder declaration of a bare `PerceiverModel` (default: `perceiver_edge_decoder.json`
     /// in the checkpoint directory, if present).
     pub decoder: Option<PathBuf>,
+    /// Performance rewrites (issue #3): `no_rewrites` exports the unrewritten reference graph;
+    /// `no_position_tables` turns off the rewrites that add precomputed tables (budget knob).
+    pub perf: crate::passes::PerfOptions,
     /// `--latents K`: indices of the trained latents to keep, strictly ascending (choose them
     /// with [`crate::budget::latent_importance`] and [`crate::budget::select_latents`]).
     pub latents: Option<Vec<usize>>,

@@ -34,6 +34,9 @@ pub struct Summary {
     pub inputs: Vec<(String, String, Vec<usize>)>,
     /// Graph outputs: (name, dtype, shape).
     pub outputs: Vec<(String, String, Vec<usize>)>,
+    /// Precomputed tables added by rewrite passes (memory traded for speed): (pass, bytes).
+    #[serde(default)]
+    pub tables: Vec<(String, usize)>,
 }
 
 fn stage_of(node: &str) -> String {
@@ -121,7 +124,22 @@ impl Summary {
             largest_activation,
             inputs: io(&g.inputs),
             outputs: io(&g.outputs),
+            tables: vec![],
         }
+    }
+
+    /// Recomputes cost and memory of the graph after the rewrite passes, and collects the
+    /// tables they recorded (`perceiver_edge.tables.PASS` metadata).
+    pub fn after_passes(&mut self, g: &Graph) {
+        let (flops, weight_bytes, largest) = cost(g);
+        self.flops = flops;
+        self.weight_bytes = weight_bytes;
+        self.largest_activation = largest;
+        self.tables = g
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("perceiver_edge.tables.")?.to_string(), v.parse().ok()?)))
+            .collect();
     }
 }
 
@@ -160,6 +178,13 @@ impl fmt::Display for Summary {
             human(self.largest_activation.1),
             self.largest_activation.0
         )?;
+        for (pass, bytes) in &self.tables {
+            writeln!(
+                f,
+                "  table        {} of precomputed constants from pass {pass} (off: --no-position-tables)",
+                human(*bytes)
+            )?;
+        }
         for (n, t, s) in &self.inputs {
             writeln!(f, "input          {n}: {t} {s:?}")?;
         }

@@ -1,0 +1,80 @@
+//! Per-node profile of an exported graph in tract: loads it the way `Session` does (declutter,
+//! optimise), runs it on synthetic inputs and times every node of the optimised plan with
+//! `SimpleState::run_plan_with_eval`, then prints time per stage (the first segment of the
+//! exporter's node names), per op and the slowest nodes.
+//!
+//! ```sh
+//! cargo run --release -p perceiver-edge --example profile -- model.onnx [RUNS]
+//! ```
+
+use perceiver_edge_runtime::tract_onnx;
+use perceiver_edge_runtime::{bench::synthetic_inputs, Session};
+use std::collections::HashMap;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+
+fn stage(name: &str) -> String {
+    let first = name.split('/').next().unwrap_or(name);
+    match first {
+        s if s.starts_with("encoder.cross") => "encoder cross-attention".into(),
+        s if s.starts_with("encoder.self") => "latent self-attention".into(),
+        s => s.to_string(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).expect("usage: profile MODEL.onnx [RUNS]");
+    let runs: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(20);
+    let session = Session::load(path.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let inputs = synthetic_inputs(&session).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = tract_onnx::onnx().model_for_path(path)?.into_optimized()?.into_runnable()?;
+    let mut state = TypedSimpleState::new(&plan)?;
+    let mut per_node: HashMap<usize, f64> = HashMap::new();
+    let tv: TVec<TValue> = inputs.iter().cloned().map(|t| t.into_tvalue()).collect();
+    state.run(tv.clone())?;
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        state.run_plan_with_eval(tv.clone(), |ctx, st, node, input| {
+            let t = Instant::now();
+            let r = tract_onnx::tract_core::plan::eval(ctx, st, node, input);
+            *per_node.entry(node.id).or_default() += t.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            r
+        })?;
+    }
+    let wall = t0.elapsed().as_secs_f64() * 1e3 / runs as f64;
+    let model = plan.model();
+    let total: f64 = per_node.values().sum();
+    let mut by_stage: Vec<(String, f64)> = vec![];
+    let mut by_op: HashMap<String, f64> = HashMap::new();
+    for (id, t) in &per_node {
+        let n = model.node(*id);
+        let s = stage(&n.name);
+        match by_stage.iter_mut().find(|(k, _)| *k == s) {
+            Some(e) => e.1 += t,
+            None => by_stage.push((s, *t)),
+        }
+        *by_op.entry(n.op().name().to_string()).or_default() += t;
+    }
+    by_stage.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("{path}: {wall:.2} ms per run (wall, {runs} runs), {total:.2} ms in nodes");
+    println!("per stage:");
+    for (s, t) in &by_stage {
+        println!("  {s:<28} {t:8.3} ms  {:5.1} %", 100.0 * t / total);
+    }
+    let mut ops: Vec<_> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("per op:");
+    for (s, t) in ops.iter().take(12) {
+        println!("  {s:<28} {t:8.3} ms  {:5.1} %", 100.0 * t / total);
+    }
+    let mut nodes: Vec<_> = per_node.into_iter().collect();
+    nodes.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("slowest nodes:");
+    for (id, t) in nodes.iter().take(std::env::var("TOP").ok().and_then(|v| v.parse().ok()).unwrap_or(25)) {
+        let n = model.node(*id);
+        let fact = model.outlet_fact(OutletId::new(*id, 0)).map(|f| format!("{f:?}")).unwrap_or_default();
+        println!("  {t:8.3} ms  {:<60} {:<20} {}", n.name, n.op().name(), fact);
+    }
+    Ok(())
+}

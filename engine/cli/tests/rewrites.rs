@@ -1,0 +1,122 @@
+//! The exact performance rewrites (issue #3), tested against the graph without them: every
+//! fixture case is exported twice (`--no-rewrites` and default), both run in tract; outputs must
+//! agree to 1e-5 (+ 1e-5 relative) with each other and still match transformers' outputs to the
+//! fixture tolerance. The rewrites must actually fire on the heads with position features.
+
+use perceiver_edge_runtime::{npy, to_vec};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_perceiver-edge"))
+}
+
+fn read(p: &Path) -> Vec<f32> {
+    to_vec(&npy::read_npy(p).unwrap()).expect("f32 output")
+}
+
+fn export(dir: &Path, args: &[&str], extra: &[&str], onnx: &Path) -> String {
+    let out = bin().arg("export").arg(dir).arg("-o").arg(onnx).args(args).args(extra).output().unwrap();
+    assert!(out.status.success(), "export {dir:?} {args:?} {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = bin().arg("inspect").arg(onnx).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(onnx: &Path, inputs: &[PathBuf], out_dir: &Path) {
+    let mut cmd = bin();
+    cmd.arg("run").arg(onnx);
+    for i in inputs {
+        cmd.arg("--input").arg(i);
+    }
+    let out = cmd.arg("--output").arg(out_dir).output().unwrap();
+    assert!(out.status.success(), "run {onnx:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn rewrites_are_exact_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = root().join("models/reference/fixtures");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    let mut fired = vec![];
+    let mut n = 0;
+    for dir in dirs.into_iter().filter(|d| d.join("fixture.json").is_file()) {
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+        let fixture = dir.file_name().unwrap().to_string_lossy().into_owned();
+        for c in meta["cases"].as_array().unwrap() {
+            let case = c["name"].as_str().unwrap();
+            let atol = c["atol"].as_f64().or(meta["atol"].as_f64()).unwrap_or(1e-4);
+            let rtol = c["rtol"].as_f64().or(meta["rtol"].as_f64()).unwrap_or(1e-5);
+            let args: Vec<&str> = c["export_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            let inputs: Vec<PathBuf> =
+                c["inputs"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
+            let (plain, fast) = (
+                tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
+                tmp.path().join(format!("{fixture}_{case}_fast.onnx")),
+            );
+            export(&dir, &args, &["--no-rewrites"], &plain);
+            let report = export(&dir, &args, &[], &fast);
+            for pass in ["position_split", "constant_query_attention"] {
+                if report.contains(&format!("pass {pass}")) {
+                    fired.push(format!("{pass}:{fixture}/{case}"));
+                }
+            }
+            let (po, fo) = (
+                tmp.path().join(format!("{fixture}_{case}_plain.out/")),
+                tmp.path().join(format!("{fixture}_{case}_fast.out/")),
+            );
+            run(&plain, &inputs, &po);
+            run(&fast, &inputs, &fo);
+            for o in c["outputs"].as_array().unwrap() {
+                let name = o["name"].as_str().unwrap();
+                let p = read(&po.join(format!("{name}.npy")));
+                let f = read(&fo.join(format!("{name}.npy")));
+                let want = read(&dir.join(o["file"].as_str().unwrap()));
+                assert_eq!(p.len(), f.len());
+                let (mut d_pf, mut d_ft) = (0f64, 0f64);
+                for i in 0..p.len() {
+                    let e = (p[i] as f64 - f[i] as f64).abs();
+                    assert!(
+                        e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
+                        "{fixture}/{case} {name}[{i}]: rewritten {} vs plain {} ({e:.2e})",
+                        f[i],
+                        p[i]
+                    );
+                    let t = (f[i] as f64 - want[i] as f64).abs();
+                    assert!(
+                        t <= atol + rtol * (want[i] as f64).abs(),
+                        "{fixture}/{case} {name}[{i}]: rewritten {} vs transformers {} ({t:.2e})",
+                        f[i],
+                        want[i]
+                    );
+                    d_pf = d_pf.max(e);
+                    d_ft = d_ft.max(t);
+                }
+                eprintln!("{fixture:>15}/{case:<7} {name:<18} |rewritten - plain| {d_pf:.2e}  |rewritten - transformers| {d_ft:.2e}");
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 19, "fixtures missing: {n} cases");
+    eprintln!("rewrites fired on: {fired:?}");
+    for must in ["image_fourier", "image_learned", "image_conv"] {
+        for pass in ["position_split", "constant_query_attention"] {
+            assert!(fired.iter().any(|f| f.starts_with(&format!("{pass}:{must}"))), "{pass} did not fire on {must}");
+        }
+    }
+}
+
+#[test]
+fn position_tables_are_a_budget_knob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = root().join("models/reference/fixtures/image_fourier");
+    let on = export(&dir, &["--image-size", "12", "16"], &[], &tmp.path().join("on.onnx"));
+    let off = export(&dir, &["--image-size", "12", "16"], &["--no-position-tables"], &tmp.path().join("off.onnx"));
+    assert!(on.contains("of precomputed constants from pass position_split"), "{on}");
+    assert!(!off.contains("position_split"), "{off}");
+}

@@ -1,0 +1,268 @@
+//! `constant_query_attention`: cross-attention whose queries are constant (the encoder's
+//! latents: LayerNorm and Q projection evaluated at export time) and whose keys / values are in
+//! `position_split` form `K = r * (z Wz + T) + c` (`z = [dx | dp]`, the few data channels).
+//!
+//! ```text
+//! scores_h = Q_h K_h^T / s = r^T * (A_h + B_h z^T) + (Q_h c_h / s)     A_h = Q_h T_h^T / s [N, M]
+//!                                                                      B_h = Q_h Wz_h^T / s
+//! ```
+//!
+//! The last term is constant along each softmax row, so it is dropped (softmax is invariant to
+//! it). Values are never built: with `p' = probs * r^T`,
+//!
+//! ```text
+//! probs_h V_h = p'_h Tv_h + (p'_h z) Wz_h + cv_h        (rows of probs sum to 1)
+//! ```
+//!
+//! so the per-inference work is one `[N, M] x [M, dv]` matmul with constant right side plus
+//! products with the `Cd + 1` data columns. The `[H, N, M]` score table replaces the key table
+//! of `position_split` (memory: `H N M` floats instead of `M dk`).
+
+use super::util::{const_f32, consumers, eval_const, producers};
+use super::Pass;
+use crate::error::Result;
+use crate::graph::{Attr, DType, Graph, Node, Val};
+
+/// See the module documentation.
+pub struct ConstantQueryAttention;
+
+/// `Add(Mul(Add(MatMul(z, Wz), T), r), c)` as emitted by `position_split`.
+struct Split {
+    z: Val,
+    r: Val,
+    wz: Vec<f32>,
+    t: Vec<f32>,
+    c: Vec<f32>,
+    o: usize,
+}
+
+fn val(g: &Graph, name: &str) -> Option<Val> {
+    let shapes = g.value_shapes();
+    Some(Val { name: name.to_string(), dtype: DType::F32, shape: shapes.get(name)?.to_vec() })
+}
+
+fn split_form(g: &Graph, name: &str) -> Option<Split> {
+    let prod = producers(g);
+    let node = |v: &str, op: &str| -> Option<&Node> { Some(&g.nodes[*prod.get(v)?]).filter(|n| n.op == op) };
+    let add_c = node(name, "Add")?;
+    let (_, c) = const_f32(g, &add_c.inputs[1])?;
+    let mul_r = node(&add_c.inputs[0], "Mul")?;
+    if const_f32(g, &mul_r.inputs[1]).is_some() {
+        return None;
+    }
+    let add_t = node(&mul_r.inputs[0], "Add")?;
+    let (_, t) = const_f32(g, &add_t.inputs[1])?;
+    let mm = node(&add_t.inputs[0], "MatMul")?;
+    let (ws, wz) = const_f32(g, &mm.inputs[1])?;
+    let (z, r) = (val(g, &mm.inputs[0])?, val(g, &mul_r.inputs[1])?);
+    (ws.len() == 2 && c.len() == ws[1] && z.shape.len() == 3 && r.shape == [z.shape[0], z.shape[1], 1]).then(|| Split {
+        z,
+        r,
+        wz,
+        t,
+        c,
+        o: ws[1],
+    })
+}
+
+/// Follows `x -> Reshape [B, M, H, d] -> Transpose(perm)` and returns the transpose's output.
+fn heads_of(g: &Graph, x: &str, perm: &[i64]) -> Option<String> {
+    let [ri] = consumers(g, x)[..] else { return None };
+    let rs = &g.nodes[ri];
+    if rs.op != "Reshape" || rs.outputs[0].shape.len() != 4 {
+        return None;
+    }
+    let [ti] = consumers(g, &rs.outputs[0].name)[..] else { return None };
+    let tr = &g.nodes[ti];
+    let ok = tr.op == "Transpose" && matches!(tr.attrs.first(), Some((_, Attr::Ints(p))) if p == perm);
+    ok.then(|| tr.outputs[0].name.clone())
+}
+
+struct Match {
+    /// The `Div` node producing the scaled scores, and the `probs @ V` node.
+    div: usize,
+    ctx: usize,
+    k: Split,
+    v: Split,
+    /// `[H, N, dk]` constant queries and the score divisor.
+    q: Vec<f32>,
+    heads: usize,
+    n: usize,
+    dk: usize,
+    divisor: f32,
+    probs: Val,
+}
+
+fn find(g: &Graph, div: usize) -> Option<Match> {
+    let d = &g.nodes[div];
+    if d.op != "Div" {
+        return None;
+    }
+    let (ds, dv) = const_f32(g, &d.inputs[1])?;
+    if !ds.is_empty() {
+        return None;
+    }
+    let prod = producers(g);
+    let sm = &g.nodes[*prod.get(d.inputs[0].as_str())?];
+    if sm.op != "MatMul" {
+        return None;
+    }
+    let (qs, q) = eval_const(g, &sm.inputs[0])?;
+    if qs.len() != 4 || qs[0] != 1 {
+        return None;
+    }
+    let (heads, n, dk) = (qs[1], qs[2], qs[3]);
+    // Keys: Transpose [0,2,3,1] of Reshape of a split-form projection.
+    let kt = &g.nodes[*prod.get(sm.inputs[1].as_str())?];
+    let kr = &g.nodes[*prod.get(kt.inputs.first()?.as_str())?];
+    let k_name = kr.inputs.first()?.clone();
+    if heads_of(g, &k_name, &[0, 2, 3, 1]).as_deref() != Some(sm.inputs[1].as_str()) {
+        return None;
+    }
+    let k = split_form(g, &k_name)?;
+    // Scores -> (mask Add) -> Softmax -> MatMul(probs, Vh).
+    let mut cur = d.outputs[0].name.clone();
+    let probs = loop {
+        let [ci] = consumers(g, &cur)[..] else { return None };
+        let c = &g.nodes[ci];
+        match c.op.as_str() {
+            "Add" if c.inputs[0] == cur => cur = c.outputs[0].name.clone(),
+            "Softmax" => break c.outputs[0].clone(),
+            _ => return None,
+        }
+    };
+    let [ctx] = consumers(g, &probs.name)[..] else { return None };
+    let cm = &g.nodes[ctx];
+    if cm.op != "MatMul" || cm.inputs[0] != probs.name {
+        return None;
+    }
+    let vt = &g.nodes[*prod.get(cm.inputs[1].as_str())?];
+    let vr = &g.nodes[*prod.get(vt.inputs.first()?.as_str())?];
+    let v_name = vr.inputs.first()?.clone();
+    if heads_of(g, &v_name, &[0, 2, 1, 3]).as_deref() != Some(cm.inputs[1].as_str()) {
+        return None;
+    }
+    let v = split_form(g, &v_name)?;
+    if v.z.name != k.z.name || v.r.name != k.r.name || k.o != heads * dk || v.o % heads != 0 {
+        return None;
+    }
+    Some(Match { div, ctx, k, v, q, heads, n, dk, divisor: dv[0], probs })
+}
+
+/// Emits nodes via `f` and moves them to just before node `at` (by name), renaming the last
+/// one's output to `out`.
+fn emit_before(g: &mut Graph, at: &str, out: &Val, f: impl FnOnce(&mut Graph)) {
+    let scope: Vec<String> = at.split('/').map(String::from).collect();
+    for s in &scope[..scope.len() - 1] {
+        g.push_scope(s);
+    }
+    let start = g.nodes.len();
+    f(g);
+    g.nodes.last_mut().expect("emitted").outputs[0] = out.clone();
+    for _ in &scope[..scope.len() - 1] {
+        g.pop_scope();
+    }
+    let new: Vec<Node> = g.nodes.drain(start..).collect();
+    let i = g.nodes.iter().position(|n| n.name == at).expect("anchor node");
+    g.nodes.splice(i..i, new);
+}
+
+fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
+    let (b, m, cz) = (mt.k.z.shape[0], mt.k.z.shape[1], mt.k.z.shape[2]);
+    let (h, n, dk) = (mt.heads, mt.n, mt.dk);
+    let dv = mt.v.o / h;
+    let div = mt.divisor as f64;
+    // A [H, N, M] and B [H, N, Cz] (scores tables), Tv [H, M, dv], Wvz [H, Cz, dv], cv [H, 1, dv].
+    let mut a = vec![0f32; h * n * m];
+    let mut bq = vec![0f32; h * n * cz];
+    for hh in 0..h {
+        for i in 0..n {
+            let qrow = &mt.q[(hh * n + i) * dk..(hh * n + i + 1) * dk];
+            for j in 0..m {
+                let trow = &mt.k.t[j * mt.k.o + hh * dk..j * mt.k.o + (hh + 1) * dk];
+                let s: f64 = qrow.iter().zip(trow).map(|(x, y)| *x as f64 * *y as f64).sum();
+                a[(hh * n + i) * m + j] = (s / div) as f32;
+            }
+            for c in 0..cz {
+                let s: f64 = (0..dk).map(|e| qrow[e] as f64 * mt.k.wz[c * mt.k.o + hh * dk + e] as f64).sum();
+                bq[(hh * n + i) * cz + c] = (s / div) as f32;
+            }
+        }
+    }
+    let per_head = |x: &[f32], rows: usize| -> Vec<f32> {
+        let mut y = vec![0f32; h * rows * dv];
+        for hh in 0..h {
+            for r in 0..rows {
+                for e in 0..dv {
+                    y[(hh * rows + r) * dv + e] = x[r * mt.v.o + hh * dv + e];
+                }
+            }
+        }
+        y
+    };
+    let tv = per_head(&mt.v.t, m);
+    let wvz = per_head(&mt.v.wz, cz);
+    let cv = per_head(&mt.v.c, 1);
+    let div_node = g.nodes[mt.div].clone();
+    let ctx_node = g.nodes[mt.ctx].clone();
+    let (z, r) = (mt.k.z.clone(), mt.k.r.clone());
+    let rt_name = std::cell::RefCell::new(String::new());
+    emit_before(g, &div_node.name, &div_node.outputs[0], |g| {
+        let zt = g.transpose(&z, &[0, 2, 1]);
+        let zt = g.reshape(&zt, &[b, 1, cz, m]);
+        let bv = g.const_f32("query_data_scores", &[h, n, cz], &bq);
+        let s = g.matmul(&bv, &zt);
+        let av = g.const_f32("query_position_scores", &[h, n, m], &a);
+        let s = g.add(&s, &av);
+        let rt = g.reshape(&r, &[b, 1, 1, m]);
+        *rt_name.borrow_mut() = rt.name.clone();
+        let _ = g.mul(&s, &rt);
+    });
+    let rt = Val { name: rt_name.into_inner(), dtype: DType::F32, shape: vec![b, 1, 1, m] };
+    let probs = mt.probs.clone();
+    emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
+        let pr = g.mul(&probs, &rt);
+        let tvv = g.const_f32("value_position_table", &[h, m, dv], &tv);
+        let c1 = g.matmul(&pr, &tvv);
+        let z4 = g.reshape(&z, &[b, 1, m, cz]);
+        let pz = g.matmul(&pr, &z4);
+        let wv = g.const_f32("value_data_weight", &[h, cz, dv], &wvz);
+        let c2 = g.matmul(&pz, &wv);
+        let c = g.add(&c1, &c2);
+        let cvv = g.const_f32("value_bias", &[h, 1, dv], &cv);
+        let _ = g.add(&c, &cvv);
+    });
+    for name in [&div_node.name, &ctx_node.name] {
+        let i = g.nodes.iter().position(|n| n.name == *name).expect("replaced node");
+        g.nodes.remove(i);
+    }
+    // Score table added; the key table of position_split goes away.
+    (a.len() * 4, mt.k.t.len() * 4)
+}
+
+impl Pass for ConstantQueryAttention {
+    fn name(&self) -> &'static str {
+        "constant_query_attention"
+    }
+    fn run(&self, g: &mut Graph) -> Result<()> {
+        let (mut added, mut removed) = (0, 0);
+        let mut i = 0;
+        while i < g.nodes.len() {
+            if let Some(mt) = find(g, i) {
+                let (a, r) = rewrite(g, mt);
+                added += a;
+                removed += r;
+            }
+            i += 1;
+        }
+        if added > 0 {
+            g.prune();
+            g.metadata.push(("perceiver_edge.tables.constant_query_attention".into(), added.to_string()));
+            if let Some(e) = g.metadata.iter_mut().find(|(k, _)| k == "perceiver_edge.tables.position_split") {
+                let v: usize = e.1.parse().unwrap_or(0);
+                e.1 = v.saturating_sub(removed).to_string();
+            }
+        }
+        Ok(())
+    }
+}
