@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 #[cfg(feature = "export")]
 use clap::Args;
 use clap::{Parser, Subcommand};
-use perceiver_edge_runtime::{bench, npy, Session};
+use perceiver_edge_runtime::{bench, npy, profile::Profile, Device, Session};
 
 /// Counts heap bytes so `bench` can report peak heap and steady-state growth.
 #[global_allocator]
@@ -46,6 +46,9 @@ enum Command {
         /// outputs, the arg-max class.
         #[arg(long)]
         print: bool,
+        /// Where to run: cpu, or cuda (builds with `--features cuda`; Jetson / NVIDIA GPU).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
     },
     /// Benchmark a model: load time, latency percentiles, throughput, memory; `--rate` runs at a
     /// fixed rate and counts deadline misses.
@@ -73,6 +76,14 @@ enum Command {
         /// Print the report as JSON (stable field names; times in ms, memory in bytes).
         #[arg(long)]
         json: bool,
+        /// Where to run: cpu, or cuda (builds with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
+    },
+    /// Check a board profile (targets/*.toml) and print what it says.
+    Profile {
+        /// Profile file, e.g. targets/raspberry-pi-5.toml.
+        file: PathBuf,
     },
     /// Print architecture, parameters, FLOPs per stage and memory of a checkpoint or ONNX file.
     Inspect {
@@ -130,6 +141,14 @@ impl Sizes {
     }
 }
 
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    let d = Device::parse(s).ok_or_else(|| format!("unknown device `{s}` (cpu or cuda)"))?;
+    if !d.compiled_in() {
+        return Err(format!("this build has no {s} support (rebuild with `--features {s}`)"));
+    }
+    Ok(d)
+}
+
 fn main() {
     // Panics are bugs; still, report them on one line like every other error.
     std::panic::set_hook(Box::new(|info| eprintln!("error: internal error: {info}")));
@@ -151,8 +170,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             print!("{}", exported.summary);
             Ok(())
         }
-        Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
-        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json } => {
+        Command::Run { model, inputs, outputs, print, device } => run(&model, &inputs, &outputs, print, device),
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device } => {
             let positive = |v: f64| v > 0.0 && v.is_finite();
             if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
                 bail!("--threads, --rate and --duration must be positive");
@@ -169,12 +188,29 @@ fn dispatch(cmd: Command) -> Result<()> {
             } else {
                 Some(inputs.iter().map(|p| npy::read_npy(p)).collect::<Result<Vec<_>, _>>()?)
             };
-            let report = bench::bench(&model, inputs, &opts)?;
+            let report = bench::bench_on(&model, inputs, &opts, device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_bench(&report);
             }
+            Ok(())
+        }
+        Command::Profile { file } => {
+            let profile = Profile::load(&file)?;
+            print!("{profile}");
+            let host = perceiver_edge_runtime::profile::host_cpu();
+            let yn = |x: bool| if x { "yes" } else { "no" };
+            let differs = profile.host_mismatches(&host);
+            println!(
+                "this machine   {}, {} cores, neon {}, fp16 {}, dotprod {}: {}",
+                host.arch,
+                host.cores,
+                yn(host.neon),
+                yn(host.fp16),
+                yn(host.dotprod),
+                if differs.is_empty() { "can be this board".to_string() } else { format!("differs ({})", differs.join("; ")) }
+            );
             Ok(())
         }
         #[cfg(feature = "export")]
@@ -184,8 +220,8 @@ fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
-fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool) -> Result<()> {
-    let mut session = Session::load(model)?;
+fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device: Device) -> Result<()> {
+    let mut session = Session::load_on(model, device)?;
     let specs = session.inputs().to_vec();
     if inputs.len() != specs.len() {
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
