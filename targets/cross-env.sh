@@ -59,11 +59,3 @@ cross_setup() {
   export "CARGO_TARGET_${up}_RUNNER=$QEMU"
   export TRIPLE QEMU
 }
-
-# Prints "$1 took Ns" after running the rest of the arguments.
-timed() {
-  local what=$1 t0=$SECONDS
-  shift
-  "$@"
-  echo "== $what took $((SECONDS - t0)) s"
-}

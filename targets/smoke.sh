@@ -17,8 +17,9 @@ ls -l "$bin"
 
 # The host binary (with the exporter; the host toolchain, not rustc-web) makes the ONNX file and
 # the reference output. Already built by the host test suite: this only re-links if needed.
-env -u RUSTC -u RUSTDOC cargo build --release -p perceiver-edge
-host=target/release/perceiver-edge
+# PERCEIVER_EDGE_HOST_BIN names another host build with the exporter instead.
+host=${PERCEIVER_EDGE_HOST_BIN:-target/release/perceiver-edge}
+[ -n "${PERCEIVER_EDGE_HOST_BIN:-}" ] || env -u RUSTC -u RUSTDOC cargo build --release -p perceiver-edge
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$host" export models/digits -o "$tmp/digits.onnx" >/dev/null

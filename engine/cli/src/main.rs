@@ -209,7 +209,11 @@ fn dispatch(cmd: Command) -> Result<()> {
                 yn(host.neon),
                 yn(host.fp16),
                 yn(host.dotprod),
-                if differs.is_empty() { "can be this board".to_string() } else { format!("differs ({})", differs.join("; ")) }
+                if differs.is_empty() {
+                    "can be this board".to_string()
+                } else {
+                    format!("differs ({})", differs.join("; "))
+                }
             );
             Ok(())
         }

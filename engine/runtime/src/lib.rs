@@ -147,11 +147,13 @@ fn cuda_plan(typed: TypedModel) -> std::result::Result<Plan, String> {
     // Naming the crate links it, so its runtime registers itself with tract-core.
     std::hint::black_box(&tract_cuda::CudaTransform);
     let runtime = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
-        .map_err(|e| format!("CUDA is not usable here: {}", first_line(&e)))?
+        // `{:#}`: the whole cause chain on one line (which library or driver check failed).
+        .map_err(|e| format!("CUDA is not usable here: {}", format!("{e:#}").replace('\n', " ")))?
         .ok_or("this build has no CUDA runtime registered")?;
     let model = typed.into_decluttered().map_err(|e| format!("cannot declutter the graph: {}", first_line(&e)))?;
-    let runnable =
-        runtime.prepare(model).map_err(|e| format!("cannot prepare the graph for CUDA: {}", first_line(&e)))?;
+    let runnable = runtime
+        .prepare(model)
+        .map_err(|e| format!("cannot prepare the graph for CUDA: {}", format!("{e:#}").replace('\n', " ")))?;
     runnable.typed_plan().cloned().ok_or_else(|| "the CUDA runtime returned no tract plan".to_string())
 }
 

