@@ -30,7 +30,8 @@ fn digits_in_f16_matches_f32() -> TractResult<()> {
         let x16 = x.cast_to_dt(DatumType::F16)?.into_owned();
         let out16 = f16_plan.run(tvec!(x16.into()))?[0].clone().into_tensor();
         assert_eq!(out16.datum_type(), DatumType::F16, "the transform makes outputs f16 too");
-        let got: Vec<f32> = to_vec(&out16.cast_to_dt(DatumType::F32)?).unwrap();
+        let as_f32 = out16.cast_to_dt(DatumType::F32)?;
+        let got: Vec<f32> = to_vec(&as_f32).unwrap();
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
