@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 #[cfg(feature = "export")]
 use clap::Args;
 use clap::{Parser, Subcommand};
-use perceiver_edge_runtime::{bench, npy, Session};
+use perceiver_edge_runtime::{bench, npy, profile::Profile, Device, Session};
 
 /// Counts heap bytes so `bench` can report peak heap and steady-state growth.
 #[global_allocator]
@@ -106,6 +106,9 @@ enum Command {
         /// outputs, the arg-max class.
         #[arg(long)]
         print: bool,
+        /// Where to run: cpu, or cuda (builds with `--features cuda`; Jetson / NVIDIA GPU).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
     },
     /// Compare a candidate graph (e.g. quantised) with a reference graph of the same model:
     /// output errors, top-1 agreement, accuracy with labels, and a per-layer error table.
@@ -153,6 +156,14 @@ enum Command {
         /// Print the report as JSON (stable field names; times in ms, memory in bytes).
         #[arg(long)]
         json: bool,
+        /// Where to run: cpu, or cuda (builds with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
+    },
+    /// Check a board profile (targets/*.toml) and print what it says.
+    Profile {
+        /// Profile file, e.g. targets/raspberry-pi-5.toml.
+        file: PathBuf,
     },
     /// Print architecture, parameters, FLOPs per stage and memory of a checkpoint or ONNX file.
     Inspect {
@@ -263,6 +274,14 @@ impl Sizes {
             ..Default::default()
         }
     }
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    let d = Device::parse(s).ok_or_else(|| format!("unknown device `{s}` (cpu or cuda)"))?;
+    if !d.compiled_in() {
+        return Err(format!("this build has no {s} support (rebuild with `--features {s}`)"));
+    }
+    Ok(d)
 }
 
 fn main() {
@@ -388,8 +407,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             print!("{}", perceiver_edge_tune::table(&report));
             Ok(())
         }
-        Command::Run { model, inputs, outputs, print } => run(&model, &inputs, &outputs, print),
-        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json } => {
+        Command::Run { model, inputs, outputs, print, device } => run(&model, &inputs, &outputs, print, device),
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device } => {
             let positive = |v: f64| v > 0.0 && v.is_finite();
             if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
                 bail!("--threads, --rate and --duration must be positive");
@@ -406,7 +425,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             } else {
                 Some(inputs.iter().map(|p| npy::read_npy(p)).collect::<Result<Vec<_>, _>>()?)
             };
-            let report = bench::bench(&model, inputs, &opts)?;
+            let report = bench::bench_on(&model, inputs, &opts, device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -417,6 +436,27 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Compare { reference, candidate, inputs, labels, json, top } => {
             compare(&reference, &candidate, &inputs, labels.as_deref(), json, top)
         }
+        Command::Profile { file } => {
+            let profile = Profile::load(&file)?;
+            print!("{profile}");
+            let host = perceiver_edge_runtime::profile::host_cpu();
+            let yn = |x: bool| if x { "yes" } else { "no" };
+            let differs = profile.host_mismatches(&host);
+            println!(
+                "this machine   {}, {} cores, neon {}, fp16 {}, dotprod {}: {}",
+                host.arch,
+                host.cores,
+                yn(host.neon),
+                yn(host.fp16),
+                yn(host.dotprod),
+                if differs.is_empty() {
+                    "can be this board".to_string()
+                } else {
+                    format!("differs ({})", differs.join("; "))
+                }
+            );
+            Ok(())
+        }
         #[cfg(feature = "export")]
         Command::Inspect { path, sizes } => inspect(&path, Some(&sizes)),
         #[cfg(not(feature = "export"))]
@@ -424,8 +464,8 @@ fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
-fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool) -> Result<()> {
-    let mut session = Session::load(model)?;
+fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device: Device) -> Result<()> {
+    let mut session = Session::load_on(model, device)?;
     let specs = session.inputs().to_vec();
     if inputs.len() != specs.len() {
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();

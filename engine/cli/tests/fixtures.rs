@@ -15,8 +15,20 @@ fn fixtures_dir() -> PathBuf {
     root().join("models/reference/fixtures")
 }
 
+/// The CLI binary; under emulation (`PERCEIVER_EDGE_TEST_RUNNER="qemu-aarch64 -cpu max -L ..."`,
+/// set by targets/test-aarch64.sh) it is started through the emulator, as cargo starts the tests.
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_perceiver-edge"))
+    let exe = env!("CARGO_BIN_EXE_perceiver-edge");
+    let runner = std::env::var("PERCEIVER_EDGE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(emulator) => {
+            let mut cmd = Command::new(emulator);
+            cmd.args(words).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    }
 }
 
 struct Case {

@@ -198,9 +198,19 @@ pub fn synthetic_inputs(session: &Session) -> Result<Vec<Tensor>> {
 
 /// Loads `model` and benchmarks it on `inputs` (synthetic ones if `None`).
 pub fn bench(model: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> Result<BenchReport> {
+    bench_on(model, inputs, opts, crate::Device::Cpu)
+}
+
+/// [`bench`] with the model prepared for `device` (CPU or, with the `cuda` feature, CUDA).
+pub fn bench_on(
+    model: &Path,
+    inputs: Option<Vec<Tensor>>,
+    opts: &BenchOptions,
+    device: crate::Device,
+) -> Result<BenchReport> {
     crate::set_threads(opts.threads)?;
     let t0 = Instant::now();
-    let mut session = Session::load(model)?;
+    let mut session = Session::load_on(model, device)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = match inputs {
         Some(i) => i,

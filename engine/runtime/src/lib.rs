@@ -19,6 +19,7 @@ pub mod bench;
 pub mod compare;
 pub mod dataset;
 pub mod npy;
+pub mod profile;
 
 /// The README's library example, compiled and run as a doc test.
 #[cfg(doctest)]
@@ -112,6 +113,59 @@ pub fn dtype_name(dt: DatumType) -> String {
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// tract's CPU kernels (NEON / fp16 / SDOT on aarch64, AVX2 / FMA on x86-64).
+    #[default]
+    Cpu,
+    /// tract's CUDA backend (Jetson Orin, desktop NVIDIA GPUs). Needs the `cuda` feature at build
+    /// time and a CUDA driver and GPU at run time.
+    Cuda,
+}
+
+impl Device {
+    /// Parses `cpu` or `cuda`.
+    pub fn parse(s: &str) -> Option<Device> {
+        match s {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda),
+            _ => None,
+        }
+    }
+
+    /// Whether this build can run on the device at all (CUDA: built with the `cuda` feature;
+    /// a GPU is only looked for when a model is loaded).
+    pub fn compiled_in(self) -> bool {
+        match self {
+            Device::Cpu => true,
+            Device::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+/// Prepares a typed model with tract-cuda's runtime (CUDA transform, optimisation, device
+/// memory handling); the result is an ordinary tract plan whose ops run on the GPU.
+#[cfg(feature = "cuda")]
+fn cuda_plan(typed: TypedModel) -> std::result::Result<Plan, String> {
+    // Naming the crate links it, so its runtime registers itself with tract-core.
+    std::hint::black_box(&tract_cuda::CudaTransform);
+    let runtime = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        // `{:#}`: the whole cause chain on one line (which library or driver check failed).
+        .map_err(|e| format!("CUDA is not usable here: {}", format!("{e:#}").replace('\n', " ")))?
+        .ok_or("this build has no CUDA runtime registered")?;
+    let model = typed.into_decluttered().map_err(|e| format!("cannot declutter the graph: {}", first_line(&e)))?;
+    let runnable = runtime
+        .prepare(model)
+        .map_err(|e| format!("cannot prepare the graph for CUDA: {}", format!("{e:#}").replace('\n', " ")))?;
+    runnable.typed_plan().cloned().ok_or_else(|| "the CUDA runtime returned no tract plan".to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_plan(_typed: TypedModel) -> std::result::Result<Plan, String> {
+    Err("this build has no CUDA support (rebuild with `--features cuda`)".to_string())
+}
+
 /// A loaded, optimised model with its reusable run state.
 pub struct Session {
     plan: Plan,
@@ -131,25 +185,40 @@ fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
 }
 
 impl Session {
-    /// Loads an ONNX file: fixes shapes, declutters and optimises once.
+    /// Loads an ONNX file: fixes shapes, declutters and optimises once (on the CPU).
     pub fn load(path: &Path) -> Result<Session> {
+        Session::load_on(path, Device::Cpu)
+    }
+
+    /// Loads an ONNX file and prepares it for `device`.
+    pub fn load_on(path: &Path, device: Device) -> Result<Session> {
         let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
         let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
-        Session::from_bytes(&bytes).map_err(|e| match e {
+        Session::from_bytes_on(&bytes, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
             other => other,
         })
     }
 
-    /// Loads an ONNX model from memory.
+    /// Loads an ONNX model from memory (CPU).
     pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
-        Session::from_bytes_exposing(bytes, &[]).map(|(s, _)| s)
+        Session::from_bytes_on(bytes, Device::Cpu)
     }
 
-    /// Loads an ONNX model from memory with the intermediate values named `extra` (ONNX value
-    /// names) exposed as outputs after the graph's own; names not in the graph are skipped.
+    /// Loads an ONNX model from memory and prepares it for `device`.
+    pub fn from_bytes_on(bytes: &[u8], device: Device) -> Result<Session> {
+        Session::from_bytes_exposing_on(bytes, &[], device).map(|(s, _)| s)
+    }
+
+    /// Loads an ONNX model from memory (CPU) with the intermediate values named `extra` (ONNX
+    /// value names) exposed as outputs after the graph's own; names not in the graph are skipped.
     /// Returns the session and the names actually exposed, in output order.
     pub fn from_bytes_exposing(bytes: &[u8], extra: &[String]) -> Result<(Session, Vec<String>)> {
+        Session::from_bytes_exposing_on(bytes, extra, Device::Cpu)
+    }
+
+    /// [`Session::from_bytes_exposing`] on `device`.
+    pub fn from_bytes_exposing_on(bytes: &[u8], extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*bytes)
@@ -199,10 +268,13 @@ impl Session {
         for (spec, name) in outputs[n_own..].iter_mut().zip(&exposed) {
             spec.name = name.clone();
         }
-        let plan: Plan = typed
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?;
+        let plan: Plan = match device {
+            Device::Cpu => typed
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
+            Device::Cuda => cuda_plan(typed).map_err(err)?,
+        };
         let state = TypedSimpleState::new(&plan).map_err(|e| err(e.to_string()))?;
         let ranges = inputs
             .iter()
