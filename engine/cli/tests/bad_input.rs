@@ -5,26 +5,12 @@ use perceiver_edge_runtime::{npy, to_vec};
 use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::*;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/reference/fixtures").join(name)
-}
-
-/// The CLI binary; under emulation (`PERCEIVER_EDGE_TEST_RUNNER="qemu-aarch64 -cpu max -L ..."`,
-/// set by targets/test-aarch64.sh) it is started through the emulator, as cargo starts the tests.
-fn bin() -> Command {
-    let exe = env!("CARGO_BIN_EXE_perceiver-edge");
-    let runner = std::env::var("PERCEIVER_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut cmd = Command::new(emulator);
-            cmd.args(words).arg(exe);
-            cmd
-        }
-        None => Command::new(exe),
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -7,29 +7,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn fixtures_dir() -> PathBuf {
-    root().join("models/reference/fixtures")
-}
-
-/// The CLI binary; under emulation (`PERCEIVER_EDGE_TEST_RUNNER="qemu-aarch64 -cpu max -L ..."`,
-/// set by targets/test-aarch64.sh) it is started through the emulator, as cargo starts the tests.
-fn bin() -> Command {
-    let exe = env!("CARGO_BIN_EXE_perceiver-edge");
-    let runner = std::env::var("PERCEIVER_EDGE_TEST_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(emulator) => {
-            let mut cmd = Command::new(emulator);
-            cmd.args(words).arg(exe);
-            cmd
-        }
-        None => Command::new(exe),
-    }
-}
+mod common;
+use common::*;
 
 struct Case {
     fixture: String,
@@ -111,19 +90,6 @@ fn export_and_run_all(dir: &Path) -> usize {
         }
     }
     cases.len()
-}
-
-/// The Python interpreter with onnx + onnxruntime: `PERCEIVER_EDGE_PYTHON` (required to work
-/// when set, as in CI) or `python3` if it has them.
-fn python() -> Option<String> {
-    if let Ok(p) = std::env::var("PERCEIVER_EDGE_PYTHON") {
-        return Some(p);
-    }
-    let ok = Command::new("python3")
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| "python3".to_string())
 }
 
 #[test]

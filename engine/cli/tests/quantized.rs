@@ -13,28 +13,8 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn fixtures_dir() -> PathBuf {
-    root().join("models/reference/fixtures")
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_perceiver-edge"))
-}
-
-fn python() -> Option<String> {
-    if let Ok(p) = std::env::var("PERCEIVER_EDGE_PYTHON") {
-        return Some(p);
-    }
-    let ok = Command::new("python3")
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| "python3".to_string())
-}
+mod common;
+use common::*;
 
 fn export(checkpoint: &Path, onnx: &Path, args: &[&str]) {
     let out = bin().arg("export").arg(checkpoint).arg("-o").arg(onnx).args(args).output().unwrap();
