@@ -61,8 +61,9 @@ fn rewrites_are_exact_on_every_fixture() {
             );
             export(&dir, &args, &["--no-rewrites"], &plain);
             let report = export(&dir, &args, &[], &fast);
-            for pass in ["position_split", "constant_query_attention"] {
-                if report.contains(&format!("pass {pass}")) {
+            let rewrites = report.lines().find(|l| l.starts_with("rewrites")).unwrap_or("");
+            for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
+                if rewrites.contains(&format!("{pass} x")) {
                     fired.push(format!("{pass}:{fixture}/{case}"));
                 }
             }
@@ -105,7 +106,7 @@ fn rewrites_are_exact_on_every_fixture() {
     assert!(n >= 19, "fixtures missing: {n} cases");
     eprintln!("rewrites fired on: {fired:?}");
     for must in ["image_fourier", "image_learned", "image_conv"] {
-        for pass in ["position_split", "constant_query_attention"] {
+        for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
             assert!(fired.iter().any(|f| f.starts_with(&format!("{pass}:{must}"))), "{pass} did not fire on {must}");
         }
     }

@@ -6,9 +6,11 @@ use crate::graph::Graph;
 
 // --- performance rewrites (issue #3) ---
 mod constant_query;
+mod few_queries;
 mod position_split;
 mod util;
 pub use constant_query::ConstantQueryAttention;
+pub use few_queries::FewQueryAttention;
 pub use position_split::PositionSplit;
 
 /// Which exact performance rewrites run at export (all by default).
@@ -26,6 +28,9 @@ pub fn perf_passes(o: &PerfOptions) -> Vec<&'static dyn Pass> {
     if !o.no_rewrites && !o.no_position_tables {
         v.push(&PositionSplit);
         v.push(&ConstantQueryAttention);
+    }
+    if !o.no_rewrites {
+        v.push(&FewQueryAttention);
     }
     v
 }
@@ -49,6 +54,14 @@ impl Pass for Prune {
     fn run(&self, g: &mut Graph) -> Result<()> {
         g.prune();
         Ok(())
+    }
+}
+
+/// Records in `g`'s metadata that pass `name` rewrote `sites` places (`inspect` and the export
+/// report list them).
+pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
+    if sites > 0 {
+        g.metadata.push((format!("perceiver_edge.rewrites.{name}"), sites.to_string()));
     }
 }
 

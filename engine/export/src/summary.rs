@@ -37,6 +37,9 @@ pub struct Summary {
     /// Precomputed tables added by rewrite passes (memory traded for speed): (pass, bytes).
     #[serde(default)]
     pub tables: Vec<(String, usize)>,
+    /// Exact rewrite passes that changed the graph: (pass, sites rewritten).
+    #[serde(default)]
+    pub rewrites: Vec<(String, usize)>,
 }
 
 fn stage_of(node: &str) -> String {
@@ -125,6 +128,7 @@ impl Summary {
             inputs: io(&g.inputs),
             outputs: io(&g.outputs),
             tables: vec![],
+            rewrites: vec![],
         }
     }
 
@@ -139,6 +143,11 @@ impl Summary {
             .metadata
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("perceiver_edge.tables.")?.to_string(), v.parse().ok()?)))
+            .collect();
+        self.rewrites = g
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("perceiver_edge.rewrites.")?.to_string(), v.parse().ok()?)))
             .collect();
     }
 }
@@ -178,6 +187,10 @@ impl fmt::Display for Summary {
             human(self.largest_activation.1),
             self.largest_activation.0
         )?;
+        if !self.rewrites.is_empty() {
+            let list: Vec<String> = self.rewrites.iter().map(|(p, n)| format!("{p} x{n}")).collect();
+            writeln!(f, "rewrites       {} (exact; off: --no-rewrites)", list.join(", "))?;
+        }
         for (pass, bytes) in &self.tables {
             writeln!(
                 f,

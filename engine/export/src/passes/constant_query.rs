@@ -18,10 +18,10 @@
 //! products with the `Cd + 1` data columns. The `[H, N, M]` score table replaces the key table
 //! of `position_split` (memory: `H N M` floats instead of `M dk`).
 
-use super::util::{const_f32, consumers, eval_const, producers};
+use super::util::{attention_core, const_f32, emit_before, eval_const, producers, val};
 use super::Pass;
 use crate::error::Result;
-use crate::graph::{Attr, DType, Graph, Node, Val};
+use crate::graph::{DType, Graph, Node, Val};
 
 /// See the module documentation.
 pub struct ConstantQueryAttention;
@@ -34,11 +34,6 @@ struct Split {
     t: Vec<f32>,
     c: Vec<f32>,
     o: usize,
-}
-
-fn val(g: &Graph, name: &str) -> Option<Val> {
-    let shapes = g.value_shapes();
-    Some(Val { name: name.to_string(), dtype: DType::F32, shape: shapes.get(name)?.to_vec() })
 }
 
 fn split_form(g: &Graph, name: &str) -> Option<Split> {
@@ -65,19 +60,6 @@ fn split_form(g: &Graph, name: &str) -> Option<Split> {
     })
 }
 
-/// Follows `x -> Reshape [B, M, H, d] -> Transpose(perm)` and returns the transpose's output.
-fn heads_of(g: &Graph, x: &str, perm: &[i64]) -> Option<String> {
-    let [ri] = consumers(g, x)[..] else { return None };
-    let rs = &g.nodes[ri];
-    if rs.op != "Reshape" || rs.outputs[0].shape.len() != 4 {
-        return None;
-    }
-    let [ti] = consumers(g, &rs.outputs[0].name)[..] else { return None };
-    let tr = &g.nodes[ti];
-    let ok = tr.op == "Transpose" && matches!(tr.attrs.first(), Some((_, Attr::Ints(p))) if p == perm);
-    ok.then(|| tr.outputs[0].name.clone())
-}
-
 struct Match {
     /// The `Div` node producing the scaled scores, and the `probs @ V` node.
     div: usize,
@@ -94,77 +76,18 @@ struct Match {
 }
 
 fn find(g: &Graph, div: usize) -> Option<Match> {
-    let d = &g.nodes[div];
-    if d.op != "Div" {
-        return None;
-    }
-    let (ds, dv) = const_f32(g, &d.inputs[1])?;
-    if !ds.is_empty() {
-        return None;
-    }
-    let prod = producers(g);
-    let sm = &g.nodes[*prod.get(d.inputs[0].as_str())?];
-    if sm.op != "MatMul" {
-        return None;
-    }
-    let (qs, q) = eval_const(g, &sm.inputs[0])?;
+    let core = attention_core(g, div)?;
+    let (qs, q) = eval_const(g, &core.q)?;
     if qs.len() != 4 || qs[0] != 1 {
         return None;
     }
     let (heads, n, dk) = (qs[1], qs[2], qs[3]);
-    // Keys: Transpose [0,2,3,1] of Reshape of a split-form projection.
-    let kt = &g.nodes[*prod.get(sm.inputs[1].as_str())?];
-    let kr = &g.nodes[*prod.get(kt.inputs.first()?.as_str())?];
-    let k_name = kr.inputs.first()?.clone();
-    if heads_of(g, &k_name, &[0, 2, 3, 1]).as_deref() != Some(sm.inputs[1].as_str()) {
-        return None;
-    }
-    let k = split_form(g, &k_name)?;
-    // Scores -> (mask Add) -> Softmax -> MatMul(probs, Vh).
-    let mut cur = d.outputs[0].name.clone();
-    let probs = loop {
-        let [ci] = consumers(g, &cur)[..] else { return None };
-        let c = &g.nodes[ci];
-        match c.op.as_str() {
-            "Add" if c.inputs[0] == cur => cur = c.outputs[0].name.clone(),
-            "Softmax" => break c.outputs[0].clone(),
-            _ => return None,
-        }
-    };
-    let [ctx] = consumers(g, &probs.name)[..] else { return None };
-    let cm = &g.nodes[ctx];
-    if cm.op != "MatMul" || cm.inputs[0] != probs.name {
-        return None;
-    }
-    let vt = &g.nodes[*prod.get(cm.inputs[1].as_str())?];
-    let vr = &g.nodes[*prod.get(vt.inputs.first()?.as_str())?];
-    let v_name = vr.inputs.first()?.clone();
-    if heads_of(g, &v_name, &[0, 2, 1, 3]).as_deref() != Some(cm.inputs[1].as_str()) {
-        return None;
-    }
-    let v = split_form(g, &v_name)?;
+    let k = split_form(g, &core.k)?;
+    let v = split_form(g, &core.v)?;
     if v.z.name != k.z.name || v.r.name != k.r.name || k.o != heads * dk || v.o % heads != 0 {
         return None;
     }
-    Some(Match { div, ctx, k, v, q, heads, n, dk, divisor: dv[0], probs })
-}
-
-/// Emits nodes via `f` and moves them to just before node `at` (by name), renaming the last
-/// one's output to `out`.
-fn emit_before(g: &mut Graph, at: &str, out: &Val, f: impl FnOnce(&mut Graph)) {
-    let scope: Vec<String> = at.split('/').map(String::from).collect();
-    for s in &scope[..scope.len() - 1] {
-        g.push_scope(s);
-    }
-    let start = g.nodes.len();
-    f(g);
-    g.nodes.last_mut().expect("emitted").outputs[0] = out.clone();
-    for _ in &scope[..scope.len() - 1] {
-        g.pop_scope();
-    }
-    let new: Vec<Node> = g.nodes.drain(start..).collect();
-    let i = g.nodes.iter().position(|n| n.name == at).expect("anchor node");
-    g.nodes.splice(i..i, new);
+    Some(Match { div, ctx: core.ctx, k, v, q, heads, n, dk, divisor: core.divisor, probs: core.probs })
 }
 
 fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
@@ -245,16 +168,18 @@ impl Pass for ConstantQueryAttention {
         "constant_query_attention"
     }
     fn run(&self, g: &mut Graph) -> Result<()> {
-        let (mut added, mut removed) = (0, 0);
+        let (mut added, mut removed, mut sites) = (0, 0, 0);
         let mut i = 0;
         while i < g.nodes.len() {
             if let Some(mt) = find(g, i) {
                 let (a, r) = rewrite(g, mt);
                 added += a;
                 removed += r;
+                sites += 1;
             }
             i += 1;
         }
+        super::record_rewrites(g, self.name(), sites);
         if added > 0 {
             g.prune();
             g.metadata.push(("perceiver_edge.tables.constant_query_attention".into(), added.to_string()));

@@ -13,6 +13,13 @@
 //!               Tc = (p - pbar) @ (g_p W_p)    [M, O] precomputed table
 //! ```
 //!
+//! and since `mu` is linear in `d`, the product with `[dx | dp]` folds into one with `d` itself
+//! (no concat, `Cd` columns): with `wp = sum_p g_p W_p` and `u = 1^T (g_d W_d) + wp`,
+//!
+//! ```text
+//! [dx | dp] @ [g_d W_d ; wp] + Tc = d @ (g_d W_d - u / C) + (Tc + pbar wp - (S1p / C) u)
+//! ```
+//!
 //! This is LayerNorm's algebra rearranged (exact up to f32 rounding); the constants are
 //! computed in f64. The `[M, O]` tables (one per projection) trade memory for speed: the pass
 //! records their size under `perceiver_edge.tables.position_split` for `inspect`.
@@ -147,6 +154,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
     let mut pbar = vec![0f32; m];
     let mut qp = vec![0f32; m];
     let mut centred = vec![0f64; m * p];
+    let mut mean64 = vec![0f64; m];
     for r in 0..m {
         let row = &mt.pos[r * p..(r + 1) * p];
         let s: f64 = row.iter().map(|&v| v as f64).sum();
@@ -154,6 +162,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
         let q: f64 = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
         s1[r] = s as f32;
         pbar[r] = mean as f32;
+        mean64[r] = mean;
         qp[r] = (q / c as f64 + mt.eps as f64) as f32;
         for j in 0..p {
             centred[r * p + j] = row[j] as f64 - mean;
@@ -188,27 +197,26 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
     let var = g.add(&var, &qpv);
     let sd = g.unary("Sqrt", &var);
     let r = g.unary("Reciprocal", &sd);
-    let z = g.concat(&[&dx, &dp], 2);
     let mut table_bytes = 0;
     let mut remove = vec![mt.ln];
     for proj in &mt.projs {
         let o = proj.o;
         let w = |ch: usize, k: usize| proj.w[ch * o + k] as f64;
-        let mut wz = vec![0f32; (cd + 1) * o];
-        for i in 0..cd {
-            for k in 0..o {
-                wz[i * o + k] = (mt.gamma[di(i)] as f64 * w(di(i), k)) as f32;
-            }
-        }
         let mut gp = vec![0f64; p * o];
         for j in 0..p {
             for k in 0..o {
                 gp[j * o + k] = mt.gamma[pj(j)] as f64 * w(pj(j), k);
             }
         }
-        // The sum in f64 then one rounding.
-        for k in 0..o {
-            wz[cd * o + k] = (0..p).map(|j| gp[j * o + k]).sum::<f64>() as f32;
+        // wp = sum_p g_p W_p and u = 1^T (g_d W_d) + wp, in f64.
+        let wd = |i: usize, k: usize| mt.gamma[di(i)] as f64 * w(di(i), k);
+        let wp: Vec<f64> = (0..o).map(|k| (0..p).map(|j| gp[j * o + k]).sum()).collect();
+        let u: Vec<f64> = (0..o).map(|k| (0..cd).map(|i| wd(i, k)).sum::<f64>() + wp[k]).collect();
+        let mut wz = vec![0f32; cd * o];
+        for i in 0..cd {
+            for k in 0..o {
+                wz[i * o + k] = (wd(i, k) - u[k] / c as f64) as f32;
+            }
         }
         let mut table = vec![0f32; m * o];
         let mut acc = vec![0f64; o];
@@ -221,8 +229,9 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
                     acc[k] += cv * gr[k];
                 }
             }
+            let (pm, sc) = (mean64[r], mean64[r] * p as f64 / c as f64);
             for k in 0..o {
-                table[r * o + k] = acc[k] as f32;
+                table[r * o + k] = (acc[k] + pm * wp[k] - sc * u[k]) as f32;
             }
         }
         let cst: Vec<f32> = (0..o)
@@ -232,8 +241,8 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
             })
             .collect();
         table_bytes += table.len() * 4;
-        let wzv = g.const_f32("split_weight", &[cd + 1, o], &wz);
-        let t = g.matmul(&z, &wzv);
+        let wzv = g.const_f32("split_weight", &[cd, o], &wz);
+        let t = g.matmul(x, &wzv);
         let tv = g.const_f32("position_table", &[m, o], &table);
         let t = g.add(&t, &tv);
         let t = g.mul(&t, &r);
@@ -265,14 +274,16 @@ impl Pass for PositionSplit {
         "position_split"
     }
     fn run(&self, g: &mut Graph) -> Result<()> {
-        let mut total = 0;
+        let (mut total, mut sites) = (0, 0);
         let mut i = 0;
         while i < g.nodes.len() {
             if let Some(mt) = find(g, i) {
                 total += rewrite(g, mt);
+                sites += 1;
             }
             i += 1;
         }
+        super::record_rewrites(g, self.name(), sites);
         if total > 0 {
             g.metadata.push(("perceiver_edge.tables.position_split".into(), total.to_string()));
         }

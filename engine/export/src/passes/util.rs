@@ -1,6 +1,6 @@
 //! Graph queries shared by the rewrite passes.
 
-use crate::graph::Graph;
+use crate::graph::{Attr, DType, Graph, Node, Val};
 use std::collections::HashMap;
 
 /// Value name -> index of the node that produces it.
@@ -133,4 +133,99 @@ pub fn eval_const(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         _ => return None,
     };
     (out.len() == shape.iter().product::<usize>()).then_some((shape, out))
+}
+
+/// The f32 value `name` with its shape.
+pub fn val(g: &Graph, name: &str) -> Option<Val> {
+    let shapes = g.value_shapes();
+    Some(Val { name: name.to_string(), dtype: DType::F32, shape: shapes.get(name)?.to_vec() })
+}
+
+/// Follows `x -> Reshape [B, M, H, d] -> Transpose(perm)` and returns the transpose's output.
+pub fn heads_of(g: &Graph, x: &str, perm: &[i64]) -> Option<String> {
+    let [ri] = consumers(g, x)[..] else { return None };
+    let rs = &g.nodes[ri];
+    if rs.op != "Reshape" || rs.outputs[0].shape.len() != 4 {
+        return None;
+    }
+    let [ti] = consumers(g, &rs.outputs[0].name)[..] else { return None };
+    let tr = &g.nodes[ti];
+    let ok = tr.op == "Transpose" && matches!(tr.attrs.first(), Some((_, Attr::Ints(p))) if p == perm);
+    ok.then(|| tr.outputs[0].name.clone())
+}
+
+/// Emits nodes via `f` and moves them to just before node `at` (by name), renaming the last
+/// one's output to `out`.
+pub fn emit_before(g: &mut Graph, at: &str, out: &Val, f: impl FnOnce(&mut Graph)) {
+    let scope: Vec<String> = at.split('/').map(String::from).collect();
+    for s in &scope[..scope.len() - 1] {
+        g.push_scope(s);
+    }
+    let start = g.nodes.len();
+    f(g);
+    g.nodes.last_mut().expect("emitted").outputs[0] = out.clone();
+    for _ in &scope[..scope.len() - 1] {
+        g.pop_scope();
+    }
+    let new: Vec<Node> = g.nodes.drain(start..).collect();
+    let i = g.nodes.iter().position(|n| n.name == at).expect("anchor node");
+    g.nodes.splice(i..i, new);
+}
+
+/// One attention core as the exporter emits it:
+/// `Div(MatMul(Qh, Transpose(Reshape(K))), s) -> (Add mask)* -> Softmax -> MatMul(probs, Vh)`,
+/// with `Qh = [B, H, O, dk]`, `Kh^T` from `K [B, N, H dk]` (perm `[0, 2, 3, 1]`) and `Vh` from
+/// `V [B, N, H dv]` (perm `[0, 2, 1, 3]`).
+pub struct AttentionCore {
+    /// The scores divisor `s`.
+    pub divisor: f32,
+    /// The queries `Qh` as fed to the scores `MatMul`.
+    pub q: String,
+    /// `K` and `V` before their head split.
+    pub k: String,
+    pub v: String,
+    /// The softmax output and the `probs @ Vh` node.
+    pub probs: Val,
+    pub ctx: usize,
+}
+
+/// Matches the [`AttentionCore`] whose scores divisor is node `div`.
+pub fn attention_core(g: &Graph, div: usize) -> Option<AttentionCore> {
+    let d = &g.nodes[div];
+    if d.op != "Div" {
+        return None;
+    }
+    let (ds, dv) = const_f32(g, &d.inputs[1])?;
+    if !ds.is_empty() {
+        return None;
+    }
+    let prod = producers(g);
+    let sm = &g.nodes[*prod.get(d.inputs[0].as_str())?];
+    if sm.op != "MatMul" {
+        return None;
+    }
+    let pre_heads = |heads: &str, perm: &[i64]| -> Option<String> {
+        let t = &g.nodes[*prod.get(heads)?];
+        let r = &g.nodes[*prod.get(t.inputs.first()?.as_str())?];
+        let x = r.inputs.first()?.clone();
+        (heads_of(g, &x, perm).as_deref() == Some(heads)).then_some(x)
+    };
+    let k = pre_heads(&sm.inputs[1], &[0, 2, 3, 1])?;
+    let mut cur = d.outputs[0].name.clone();
+    let probs = loop {
+        let [ci] = consumers(g, &cur)[..] else { return None };
+        let c = &g.nodes[ci];
+        match c.op.as_str() {
+            "Add" if c.inputs[0] == cur => cur = c.outputs[0].name.clone(),
+            "Softmax" => break c.outputs[0].clone(),
+            _ => return None,
+        }
+    };
+    let [ctx] = consumers(g, &probs.name)[..] else { return None };
+    let cm = &g.nodes[ctx];
+    if cm.op != "MatMul" || cm.inputs[0] != probs.name {
+        return None;
+    }
+    let v = pre_heads(&cm.inputs[1], &[0, 2, 1, 3])?;
+    Some(AttentionCore { divisor: dv[0], q: sm.inputs[0].clone(), k, v, probs, ctx })
 }

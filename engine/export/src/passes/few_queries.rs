@@ -1,0 +1,176 @@
+//! `few_query_attention`: cross-attention with a few constant queries (a classification
+//! decoder's single query, say) over runtime keys `K = X Wk + bk`, `V = X Wv + bv`.
+//!
+//! The key and value projections cost `2 N D (H dk)` per inference although only `O` queries
+//! read them. With the queries constant, they fold into the keys' weights:
+//!
+//! ```text
+//! scores_h = Q_h K_h^T / s = G_h X^T + (Q_h bk_h^T / s)      G_h = Q_h Wk_h^T / s   [O, D]
+//! probs_h V_h = (probs_h X) Wv_h + bv_h                       (rows of probs sum to 1)
+//! ```
+//!
+//! The second scores term is constant along each softmax row, so it is dropped. Per inference
+//! this leaves `2 H O N D` multiply-adds for scores and `probs X`, plus `H O D dv`; the pass
+//! applies where that is less than what it replaces. It adds no table (`G` is `H O D` floats),
+//! so it also runs with `--no-position-tables`.
+
+use super::util::{attention_core, const_f32, emit_before, eval_const, producers, val};
+use super::Pass;
+use crate::error::Result;
+use crate::graph::{Graph, Val};
+
+/// See the module documentation.
+pub struct FewQueryAttention;
+
+/// `Add(MatMul(x, W), b)` or `MatMul(x, W)` with constant `W [D, o]` (and `b [o]`).
+struct Linear {
+    x: Val,
+    w: Vec<f32>,
+    d: usize,
+    o: usize,
+    b: Option<Vec<f32>>,
+}
+
+fn linear_form(g: &Graph, name: &str) -> Option<Linear> {
+    let prod = producers(g);
+    let mut n = &g.nodes[*prod.get(name)?];
+    let mut b = None;
+    if n.op == "Add" {
+        let (bs, bv) = const_f32(g, &n.inputs[1])?;
+        b = Some((bs, bv));
+        n = &g.nodes[*prod.get(n.inputs[0].as_str())?];
+    }
+    if n.op != "MatMul" || eval_const(g, &n.inputs[0]).is_some() {
+        return None;
+    }
+    let (ws, w) = const_f32(g, &n.inputs[1])?;
+    let x = val(g, &n.inputs[0])?;
+    if ws.len() != 2 || x.shape.len() != 3 || x.shape[2] != ws[0] {
+        return None;
+    }
+    let b = match b {
+        Some((bs, bv)) if bs == [ws[1]] => Some(bv),
+        Some(_) => return None,
+        None => None,
+    };
+    Some(Linear { x, w, d: ws[0], o: ws[1], b })
+}
+
+struct Match {
+    div: usize,
+    ctx: usize,
+    k: Linear,
+    v: Linear,
+    /// `[H, O, dk]` constant queries.
+    q: Vec<f32>,
+    heads: usize,
+    o: usize,
+    dk: usize,
+    divisor: f32,
+    probs: Val,
+}
+
+fn find(g: &Graph, div: usize) -> Option<Match> {
+    let core = attention_core(g, div)?;
+    let (qs, q) = eval_const(g, &core.q)?;
+    if qs.len() != 4 || qs[0] != 1 {
+        return None;
+    }
+    let (heads, o, dk) = (qs[1], qs[2], qs[3]);
+    let k = linear_form(g, &core.k)?;
+    let v = linear_form(g, &core.v)?;
+    if v.x.name != k.x.name || k.o != heads * dk || v.o % heads != 0 {
+        return None;
+    }
+    // Multiply-adds per batch item, before and after.
+    let (n, d, dv) = (k.x.shape[1], k.d, v.o / heads);
+    let before = n * d * (k.o + v.o) + heads * o * n * (dk + dv);
+    let after = 2 * heads * o * n * d + heads * o * d * dv;
+    (after < before).then_some(Match {
+        div,
+        ctx: core.ctx,
+        k,
+        v,
+        q,
+        heads,
+        o,
+        dk,
+        divisor: core.divisor,
+        probs: core.probs,
+    })
+}
+
+fn rewrite(g: &mut Graph, mt: Match) {
+    let (h, o, dk) = (mt.heads, mt.o, mt.dk);
+    let (b, n, d) = (mt.k.x.shape[0], mt.k.x.shape[1], mt.k.d);
+    let dv = mt.v.o / h;
+    let div = mt.divisor as f64;
+    // G [H, O, D] = Q_h Wk_h^T / s, in f64.
+    let mut gq = vec![0f32; h * o * d];
+    for hh in 0..h {
+        for i in 0..o {
+            let qrow = &mt.q[(hh * o + i) * dk..(hh * o + i + 1) * dk];
+            for e in 0..d {
+                let wrow = &mt.k.w[e * mt.k.o + hh * dk..e * mt.k.o + (hh + 1) * dk];
+                let s: f64 = qrow.iter().zip(wrow).map(|(x, y)| *x as f64 * *y as f64).sum();
+                gq[(hh * o + i) * d + e] = (s / div) as f32;
+            }
+        }
+    }
+    // Wv per head [H, D, dv] and bv [H, 1, dv].
+    let mut wv = vec![0f32; h * d * dv];
+    for hh in 0..h {
+        for e in 0..d {
+            for j in 0..dv {
+                wv[(hh * d + e) * dv + j] = mt.v.w[e * mt.v.o + hh * dv + j];
+            }
+        }
+    }
+    let div_node = g.nodes[mt.div].clone();
+    let ctx_node = g.nodes[mt.ctx].clone();
+    let x = mt.k.x.clone();
+    emit_before(g, &div_node.name, &div_node.outputs[0], |g| {
+        let xt = g.transpose(&x, &[0, 2, 1]);
+        let xt = g.reshape(&xt, &[b, 1, d, n]);
+        let gv = g.const_f32("query_key_weight", &[h, o, d], &gq);
+        let _ = g.matmul(&gv, &xt);
+    });
+    let probs = mt.probs.clone();
+    let bias = mt.v.b.clone();
+    emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
+        let x4 = g.reshape(&x, &[b, 1, n, d]);
+        let px = g.matmul(&probs, &x4);
+        let wvv = g.const_f32("value_weight_heads", &[h, d, dv], &wv);
+        let c = g.matmul(&px, &wvv);
+        if let Some(bv) = bias {
+            let bh = g.const_f32("value_bias_heads", &[h, 1, dv], &bv);
+            let _ = g.add(&c, &bh);
+        }
+    });
+    for name in [&div_node.name, &ctx_node.name] {
+        let i = g.nodes.iter().position(|nd| nd.name == *name).expect("replaced node");
+        g.nodes.remove(i);
+    }
+}
+
+impl Pass for FewQueryAttention {
+    fn name(&self) -> &'static str {
+        "few_query_attention"
+    }
+    fn run(&self, g: &mut Graph) -> Result<()> {
+        let mut sites = 0;
+        let mut i = 0;
+        while i < g.nodes.len() {
+            if let Some(mt) = find(g, i) {
+                rewrite(g, mt);
+                sites += 1;
+            }
+            i += 1;
+        }
+        if sites > 0 {
+            g.prune();
+        }
+        super::record_rewrites(g, self.name(), sites);
+        Ok(())
+    }
+}
