@@ -1,7 +1,7 @@
 # Sourced by build-aarch64.sh, build-armv7.sh and test-aarch64.sh: `cross_setup aarch64|armv7`
 # installs (once) Debian's rustc-web with the target's standard library, a cross gcc and
 # qemu-user, then exports what cargo needs to cross-build and what qemu needs to run the result:
-#   TRIPLE  the Rust target            QEMU  "qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu"
+#   TRIPLE  the Rust target            QEMU  "qemu-aarch64 -cpu max" (binaries are static)
 # The rustup toolchain stays the default for host builds; cross builds use RUSTC=/usr/bin/rustc
 # (rustc-web 1.96; tract 0.23.9 needs >= 1.91 and edition 2024). No rustup target is downloaded.
 
@@ -54,8 +54,12 @@ cross_setup() {
   up=${up//-/_}
   export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
   export "CARGO_TARGET_${up}_LINKER=$gnu-gcc"
+  # Static glibc binaries: they run on any board's distribution (no glibc version match needed),
+  # and under qemu-user dynamically linked programs hang at their first pthread_create on this
+  # kind of machine (seen with qemu 7.2 and 10.0: a C program too), while static ones run.
+  export "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static"
   export "CC_${TRIPLE//-/_}=$gnu-gcc" "AR_${TRIPLE//-/_}=$gnu-ar"
-  QEMU="$qemu -cpu max -L /usr/$gnu"
+  QEMU="$qemu -cpu max"
   export "CARGO_TARGET_${up}_RUNNER=$QEMU"
   export TRIPLE QEMU
 }

@@ -139,14 +139,14 @@ impl Device {
     pub fn compiled_in(self) -> bool {
         match self {
             Device::Cpu => true,
-            Device::Cuda => cfg!(feature = "cuda"),
+            Device::Cuda => cfg!(any(feature = "cuda", feature = "cuda-13")),
         }
     }
 }
 
 /// Prepares a typed model with tract-cuda's runtime (CUDA transform, optimisation, device
 /// memory handling); the result is an ordinary tract plan whose ops run on the GPU.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-13"))]
 fn cuda_plan(typed: TypedModel) -> std::result::Result<Plan, String> {
     // Naming the crate links it, so its runtime registers itself with tract-core.
     std::hint::black_box(&tract_cuda::CudaTransform);
@@ -161,7 +161,7 @@ fn cuda_plan(typed: TypedModel) -> std::result::Result<Plan, String> {
     runnable.typed_plan().cloned().ok_or_else(|| "the CUDA runtime returned no tract plan".to_string())
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "cuda-13")))]
 fn cuda_plan(_typed: TypedModel) -> std::result::Result<Plan, String> {
     Err("this build has no CUDA support (rebuild with `--features cuda`)".to_string())
 }
