@@ -14,7 +14,7 @@ pub fn fixtures_dir() -> PathBuf {
     root().join("models/reference/fixtures")
 }
 
-/// The CLI binary; under emulation (`PERCEIVER_EDGE_TEST_RUNNER="qemu-aarch64 -cpu max -L ..."`,
+/// The CLI binary; under emulation (`PERCEIVER_EDGE_TEST_RUNNER="qemu-aarch64 -cpu max"`,
 /// set by targets/test-aarch64.sh) it is started through the emulator, as cargo starts the tests.
 pub fn bin() -> Command {
     let exe = env!("CARGO_BIN_EXE_perceiver-edge");
