@@ -270,6 +270,7 @@ impl Sizes {
             perf: perceiver_edge_export::passes::PerfOptions {
                 no_rewrites: self.no_rewrites,
                 no_position_tables: self.no_position_tables,
+                quantised: false,
             },
             ..Default::default()
         }
@@ -324,11 +325,10 @@ fn dispatch(cmd: Command) -> Result<()> {
             let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
-            // Precomputed position tables (perf rewrites) would stay f32 next to quantised
-            // weights; a reduced-precision export is chosen for memory, so it leaves them out.
-            if q.precision != perceiver_edge_export::quantize::Precision::F32 {
-                opts.perf.no_position_tables = true;
-            }
+            // Precomputed position tables (perf rewrites) stay f32 next to quantised weights; a
+            // reduced-precision export is chosen for size, so it keeps them only where they make
+            // the graph smaller (few inputs).
+            opts = perceiver_edge_export::options_for_precision(&ck, &opts, q.precision)?;
             match (budget.latents, &quant.calibrate) {
                 (Some(k), Some(data)) => {
                     let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;

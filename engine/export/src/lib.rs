@@ -83,6 +83,55 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     Ok(Exported { graph, summary })
 }
 
+/// Names of the constants the rewrites precompute from constant queries and positions (kept in
+/// f32 by the int8 and q4 passes: attention scores are where quantisation error hurts most).
+pub const TABLE_CONSTANTS: &[&str] =
+    &["position_table", "query_position_scores", "value_position_table", "query_key_weight"];
+
+/// Whether a constant of `name` is a rewrite table (see [`TABLE_CONSTANTS`]).
+pub fn is_table(name: &str) -> bool {
+    TABLE_CONSTANTS.iter().any(|t| name.contains(t))
+}
+
+/// Whether the table rewrites make a graph stored at `weight_bytes` bytes per weight (f32 4,
+/// f16 2, int8 1, q4 0.5) smaller: with few inputs the f32 tables are smaller than the position
+/// features and projections they replace, with many they are larger. Builds the graph both ways
+/// (no quantisation, no calibration) and compares constant bytes, tables counted in f32.
+pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) -> Result<bool> {
+    let bytes = |no_position_tables: bool| -> Result<f64> {
+        let mut o = opts.clone();
+        o.perf.no_position_tables = no_position_tables;
+        let (mut g, _) = spec::build_graph(ck, &o)?;
+        let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&o.perf);
+        list.push(&passes::Prune);
+        passes::run_all(&mut g, &list)?;
+        Ok(g.constants
+            .iter()
+            .filter(|(_, t)| t.dtype == graph::DType::F32)
+            .map(|(n, t)| {
+                let per = if is_table(n) || t.len() < quantize::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
+                per * t.len() as f64
+            })
+            .sum())
+    };
+    if opts.perf.no_rewrites || opts.perf.no_position_tables {
+        return Ok(false);
+    }
+    Ok(bytes(false)? < bytes(true)?)
+}
+
+/// `opts` adjusted for a graph that will be stored at `precision`: quantised graphs keep the
+/// table rewrites only where they make the graph smaller (see [`tables_pay_off`]) and int8 / q4
+/// graphs skip `few_query_attention` (see [`passes::PerfOptions::quantised`]).
+pub fn options_for_precision(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Result<ExportOptions> {
+    let mut o = opts.clone();
+    o.perf.quantised = matches!(precision, Precision::Int8 | Precision::Int8Static | Precision::Q4);
+    if precision.weight_bytes() < 4.0 && !tables_pay_off(ck, &o, precision.weight_bytes())? {
+        o.perf.no_position_tables = true;
+    }
+    Ok(o)
+}
+
 /// Opens checkpoint directory `dir` and exports it with `opts`.
 pub fn export(dir: &Path, opts: &ExportOptions) -> Result<Exported> {
     build(&Checkpoint::open(dir)?, opts)

@@ -55,6 +55,16 @@ impl Precision {
         (Precision::Q4, "q4"),
     ];
 
+    /// Bytes per stored weight (q4: half a byte, block scales aside).
+    pub fn weight_bytes(self) -> f64 {
+        match self {
+            Precision::F32 => 4.0,
+            Precision::F16 => 2.0,
+            Precision::Int8 | Precision::Int8Static => 1.0,
+            Precision::Q4 => 0.5,
+        }
+    }
+
     /// The command-line name.
     pub fn name(self) -> &'static str {
         Precision::ALL.iter().find(|(p, _)| *p == self).map(|(_, n)| *n).unwrap_or("?")
@@ -171,7 +181,7 @@ pub fn int8_activation_inputs(g: &Graph, keep: &KeepF32) -> Vec<String> {
 }
 
 fn kept(g: &Graph, l: &Linear, keep: &KeepF32) -> bool {
-    keep.matches(&g.nodes[l.node].name) || keep.matches(&l.weight)
+    keep.matches(&g.nodes[l.node].name) || keep.matches(&l.weight) || crate::is_table(&l.weight)
 }
 
 fn all_names(g: &Graph) -> Vec<&str> {
@@ -238,6 +248,7 @@ pub fn quantize_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
 
 /// Replaces the large f32 constants that are not Linear weights (and not LayerNorm
 /// parameters) by int8 codes + per-axis scales + `DequantizeLinear`, keeping their names.
+/// Per-head `[H, K, N]` MatMul weights (from the attention rewrites) are stored this way too.
 fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
     let mut uses: HashMap<String, Vec<(String, usize)>> = HashMap::new();
     for n in &g.nodes {
@@ -253,7 +264,10 @@ fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
             || t.len() < MIN_QUANT_ELEMENTS
             || t.shape.is_empty()
             || keep.matches(&name)
-            || u.iter().any(|(op, i)| (op == "LayerNormalization" && *i > 0) || (op == "MatMul" && *i == 1));
+            || crate::is_table(&name)
+            || u.iter().any(|(op, i)| {
+                (op == "LayerNormalization" && *i > 0) || (op == "MatMul" && *i == 1 && t.shape.len() == 2)
+            });
         if skip {
             constants.push((name, t));
             continue;

@@ -301,8 +301,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     blocks: (c.blocks != trained_blocks).then_some(c.blocks),
                     ..base.clone()
                 };
-                let mut e = perceiver_edge_export::build(&ck, &opts)?;
                 let precision: Precision = c.precision.parse()?;
+                let opts = perceiver_edge_export::options_for_precision(&ck, &opts, precision)?;
+                let mut e = perceiver_edge_export::build(&ck, &opts)?;
                 let q = QuantOptions {
                     precision,
                     calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),

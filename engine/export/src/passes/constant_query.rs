@@ -149,7 +149,8 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         let c1 = g.matmul(&pr, &tvv);
         let z4 = g.reshape(&z, &[b, 1, m, cz]);
         let pz = g.matmul(&pr, &z4);
-        let wv = g.const_f32("value_data_weight", &[h, cz, dv], &wvz);
+        let wshape: &[usize] = if h == 1 { &[cz, dv] } else { &[h, cz, dv] };
+        let wv = g.const_f32("value_data_weight", wshape, &wvz);
         let c2 = g.matmul(&pz, &wv);
         let c = g.add(&c1, &c2);
         let cvv = g.const_f32("value_bias", &[h, 1, dv], &cv);

@@ -5,7 +5,7 @@
 //! read them. With the queries constant, they fold into the keys' weights:
 //!
 //! ```text
-//! scores_h = Q_h K_h^T / s = G_h X^T + (Q_h bk_h^T / s)      G_h = Q_h Wk_h^T / s   [O, D]
+//! scores_h = Q_h K_h^T / s = (X G_h^T)^T + (Q_h bk_h^T / s)  G_h = Q_h Wk_h^T / s   [O, D]
 //! probs_h V_h = (probs_h X) Wv_h + bv_h                       (rows of probs sum to 1)
 //! ```
 //!
@@ -105,15 +105,16 @@ fn rewrite(g: &mut Graph, mt: Match) {
     let (b, n, d) = (mt.k.x.shape[0], mt.k.x.shape[1], mt.k.d);
     let dv = mt.v.o / h;
     let div = mt.divisor as f64;
-    // G [H, O, D] = Q_h Wk_h^T / s, in f64.
-    let mut gq = vec![0f32; h * o * d];
+    // G^T [D, H O] (G_h = Q_h Wk_h^T / s), in f64: the scores are `X @ G^T`, a Linear with a
+    // constant 2-D weight (quantised like the key projection it replaces), moved to heads after.
+    let mut gt = vec![0f32; d * h * o];
     for hh in 0..h {
         for i in 0..o {
             let qrow = &mt.q[(hh * o + i) * dk..(hh * o + i + 1) * dk];
             for e in 0..d {
                 let wrow = &mt.k.w[e * mt.k.o + hh * dk..e * mt.k.o + (hh + 1) * dk];
                 let s: f64 = qrow.iter().zip(wrow).map(|(x, y)| *x as f64 * *y as f64).sum();
-                gq[(hh * o + i) * d + e] = (s / div) as f32;
+                gt[e * h * o + hh * o + i] = (s / div) as f32;
             }
         }
     }
@@ -130,17 +131,19 @@ fn rewrite(g: &mut Graph, mt: Match) {
     let ctx_node = g.nodes[mt.ctx].clone();
     let x = mt.k.x.clone();
     emit_before(g, &div_node.name, &div_node.outputs[0], |g| {
-        let xt = g.transpose(&x, &[0, 2, 1]);
-        let xt = g.reshape(&xt, &[b, 1, d, n]);
-        let gv = g.const_f32("query_key_weight", &[h, o, d], &gq);
-        let _ = g.matmul(&gv, &xt);
+        let gv = g.const_f32("query_key_weight", &[d, h * o], &gt);
+        let s = g.matmul(&x, &gv);
+        let s = g.reshape(&s, &[b, n, h, o]);
+        let _ = g.transpose(&s, &[0, 2, 3, 1]);
     });
     let probs = mt.probs.clone();
     let bias = mt.v.b.clone();
     emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
         let x4 = g.reshape(&x, &[b, 1, n, d]);
         let px = g.matmul(&probs, &x4);
-        let wvv = g.const_f32("value_weight_heads", &[h, d, dv], &wv);
+        // One head: a 2-D weight, so quantisation treats it as a Linear.
+        let wshape: &[usize] = if h == 1 { &[d, dv] } else { &[h, d, dv] };
+        let wvv = g.const_f32("value_weight_heads", wshape, &wv);
         let c = g.matmul(&px, &wvv);
         if let Some(bv) = bias {
             let bh = g.const_f32("value_bias_heads", &[h, 1, dv], &bv);
