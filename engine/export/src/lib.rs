@@ -206,7 +206,10 @@ impl Exported {
             None
         };
         let Some(pass) = quantize::pass_for(q.precision, &keep, ranges)? else { return Ok(()) };
+        let primary: std::collections::HashSet<String> =
+            self.graph.nodes.iter().flat_map(|n| n.outputs.iter().map(|o| o.name.clone())).collect();
         pass.run(&mut self.graph)?;
+        quantize::compact_names(&mut self.graph, &primary);
         for (k, v) in self.graph.metadata.iter_mut() {
             if k == "perceiver_edge.passes" {
                 v.push(',');

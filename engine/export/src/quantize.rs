@@ -311,6 +311,42 @@ fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
     g.nodes = new_nodes;
 }
 
+/// Short names for what a quantisation pass added. Names are a fixed cost of an ONNX file (each
+/// appears in its producer and every consumer): on a small model they are a third of an int8
+/// file. Constants become `c<i>`, values the pass introduced `q<i>` and their nodes
+/// `<stage>/q<i>` (the first name segment is kept: profiles group nodes by it). Values in
+/// `primary` (those of the graph before quantisation) keep their names, so `compare` still
+/// matches them against the f32 graph layer by layer.
+pub fn compact_names(g: &mut Graph, primary: &HashSet<String>) {
+    let mut map: HashMap<String, String> = HashMap::new();
+    for (i, (name, _)) in g.constants.iter_mut().enumerate() {
+        let short = format!("c{i}");
+        map.insert(std::mem::replace(name, short.clone()), short);
+    }
+    let io: HashSet<String> = g.inputs.iter().chain(&g.outputs).map(|v| v.name.clone()).collect();
+    let mut k = 0;
+    for n in &mut g.nodes {
+        let mut internal = false;
+        for o in &mut n.outputs {
+            if !primary.contains(&o.name) && !io.contains(&o.name) {
+                let short = format!("q{k}");
+                k += 1;
+                map.insert(std::mem::replace(&mut o.name, short.clone()), short);
+                internal = true;
+            }
+        }
+        if internal && !primary.contains(&n.name) {
+            let stage = n.name.split('/').next().unwrap_or("").to_string();
+            n.name = format!("{stage}/{}", n.outputs[0].name);
+        }
+        for x in &mut n.inputs {
+            if let Some(s) = map.get(x.as_str()) {
+                *x = s.clone();
+            }
+        }
+    }
+}
+
 /// Activation quantisation parameters: scale and u8 zero point of the range `[lo, hi]`
 /// (widened to contain 0).
 pub fn u8_params(lo: f32, hi: f32) -> (f32, u8) {
