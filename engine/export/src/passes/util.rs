@@ -229,3 +229,94 @@ pub fn attention_core(g: &Graph, div: usize) -> Option<AttentionCore> {
     let v = pre_heads(&cm.inputs[1], &[0, 2, 1, 3])?;
     Some(AttentionCore { divisor: dv[0], q: sm.inputs[0].clone(), k, v, probs, ctx })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn broadcast_repeats_unit_axes() {
+        assert_eq!(broadcast_to(&[2, 1], &[1.0, 2.0], &[2, 3]), [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert_eq!(broadcast_to(&[3], &[1.0, 2.0, 3.0], &[2, 3]), [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn evaluates_matmul_bias_transpose_and_layernorm() {
+        let mut g = Graph::new();
+        let a = g.const_f32("a", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let w = g.const_f32("w", &[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, -1.0]);
+        let b = g.const_f32("b", &[2], &[0.5, -0.5]);
+        let mm = g.matmul(&a, &w);
+        let y = g.add(&mm, &b);
+        // [[1+3, 2-3], [4+6, 5-6]] + [0.5, -0.5]
+        close(&eval_const(&g, &y.name).unwrap().1, &[4.5, -1.5, 10.5, -1.5]);
+        let t = g.transpose(&a, &[1, 0]);
+        let (ts, tv) = eval_const(&g, &t.name).unwrap();
+        assert_eq!(ts, [3, 2]);
+        close(&tv, &[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        // LayerNorm of [1, 2, 3]: mean 2, var 2/3 -> (x - 2) / sqrt(2/3 + eps).
+        let gamma = g.const_f32("g", &[3], &[1.0, 1.0, 2.0]);
+        let beta = g.const_f32("be", &[3], &[0.0, 1.0, 0.0]);
+        let ln = g.node(
+            "LayerNormalization",
+            &[&a, &gamma, &beta],
+            vec![("epsilon", Attr::Float(0.0))],
+            DType::F32,
+            vec![2, 3],
+        );
+        let s = (2.0f32 / 3.0).sqrt();
+        close(&eval_const(&g, &ln.name).unwrap().1, &[-1.0 / s, 1.0, 2.0 / s, -1.0 / s, 1.0, 2.0 / s]);
+    }
+
+    #[test]
+    fn a_graph_input_is_not_constant() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 3]);
+        let w = g.const_f32("w", &[3, 1], &[1.0, 1.0, 1.0]);
+        let y = g.matmul(&x, &w);
+        assert!(eval_const(&g, &y.name).is_none());
+        assert!(eval_const(&g, &w.name).is_some());
+    }
+
+    #[test]
+    fn matches_the_attention_core_the_blocks_emit() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[1, 4, 6]);
+        let wq = g.const_f32("wq", &[6, 6], &[0.1; 36]);
+        let wk = g.const_f32("wk", &[6, 6], &[0.2; 36]);
+        let wv = g.const_f32("wv", &[6, 6], &[0.3; 36]);
+        let (q, k, v) = (g.matmul(&x, &wq), g.matmul(&x, &wk), g.matmul(&x, &wv));
+        let heads = |g: &mut Graph, t: &Val, perm: &[usize]| {
+            let r = g.reshape(t, &[1, 4, 2, 3]);
+            g.transpose(&r, perm)
+        };
+        let qh = heads(&mut g, &q, &[0, 2, 1, 3]);
+        let kt = heads(&mut g, &k, &[0, 2, 3, 1]);
+        let vh = heads(&mut g, &v, &[0, 2, 1, 3]);
+        let s = g.matmul(&qh, &kt);
+        let d = g.scalar(3f32.sqrt());
+        let s = g.binary("Div", &s, &d);
+        let p = g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))], DType::F32, s.shape.clone());
+        let ctx = g.matmul(&p, &vh);
+        let div = g.nodes.iter().position(|n| n.op == "Div").unwrap();
+        let core = attention_core(&g, div).expect("matched");
+        assert_eq!(
+            (core.q.as_str(), core.k.as_str(), core.v.as_str()),
+            (qh.name.as_str(), k.name.as_str(), v.name.as_str())
+        );
+        assert_eq!(core.probs.name, p.name);
+        assert_eq!(g.nodes[core.ctx].outputs[0].name, ctx.name);
+        assert!((core.divisor - 3f32.sqrt()).abs() < 1e-7);
+        // Scores not produced by a MatMul: no match.
+        let mm = g.nodes.iter().position(|n| n.outputs[0].name == s.name).unwrap();
+        g.nodes[mm].op = "Add".into();
+        assert!(attention_core(&g, div).is_none());
+    }
+}
