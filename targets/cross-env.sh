@@ -17,7 +17,8 @@ cross_setup() {
   installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
   local missing=()
   installed rustc-web || missing+=(rustc-web)
-  for p in "libstd-rust-web-dev:$debarch" "gcc-$gnu" "libc6-dev-$debarch-cross" qemu-user; do
+  [ -d "/usr/lib/rustlib/$TRIPLE/lib" ] || missing+=("libstd-rust-web-dev:$debarch")
+  for p in "gcc-$gnu" "libc6-dev-$debarch-cross" qemu-user; do
     installed "$p" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -42,8 +43,29 @@ cross_setup() {
       esac
     done
     if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${want[@]}" >/dev/null; then
-      echo "error: could not install ${want[*]} from apt (rustc-web $v needs libstd-rust-web-dev:$debarch of the same version, published in bookworm-security)" >&2
-      return 1
+      # The mirror's bookworm-security armhf index has failed its size check here: install the
+      # rest, and take the target's std (rlibs only; nothing to run) from the pool directly.
+      local rest=() std=""
+      for p in "${want[@]}"; do
+        case "$p" in libstd-rust-web-dev:*) std=$p ;; *) rest+=("$p") ;; esac
+      done
+      if [ ${#rest[@]} -gt 0 ] && ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${rest[@]}" >/dev/null; then
+        echo "error: could not install ${rest[*]} from apt" >&2
+        return 1
+      fi
+      if [ -n "$std" ]; then
+        local deb="libstd-rust-web-dev_${v#*:}_$debarch.deb" tmp
+        tmp=$(mktemp -d)
+        echo "== apt could not install $std; fetching $deb from the bookworm-security pool"
+        if ! curl -sSfL -o "$tmp/$deb" "http://deb.debian.org/debian-security/pool/updates/main/r/rustc-web/$deb"; then
+          echo "error: could not install $std (rustc-web $v needs the target's std of the same version, published in bookworm-security)" >&2
+          rm -rf "$tmp"
+          return 1
+        fi
+        dpkg -x "$tmp/$deb" "$tmp/x"
+        $sudo cp -r "$tmp/x/usr/lib/rustlib/$TRIPLE" /usr/lib/rustlib/
+        rm -rf "$tmp"
+      fi
     fi
   fi
   if [ ! -d "/usr/lib/rustlib/$TRIPLE/lib" ]; then
