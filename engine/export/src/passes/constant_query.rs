@@ -18,7 +18,7 @@
 //! products with the `Cd + 1` data columns. The `[H, N, M]` score table replaces the key table
 //! of `position_split` (memory: `H N M` floats instead of `M dk`).
 
-use super::util::{attention_core, const_f32, emit_before, eval_const, producers, val};
+use super::util::{const_f32, constant_query_core, emit_before, producers, val, ConstantQueryCore};
 use super::Pass;
 use crate::error::Result;
 use crate::graph::{DType, Graph, Node, Val};
@@ -61,46 +61,32 @@ fn split_form(g: &Graph, name: &str) -> Option<Split> {
 }
 
 struct Match {
-    /// The `Div` node producing the scaled scores, and the `probs @ V` node.
-    div: usize,
-    ctx: usize,
+    cq: ConstantQueryCore,
     k: Split,
     v: Split,
-    /// `[H, N, dk]` constant queries and the score divisor.
-    q: Vec<f32>,
-    heads: usize,
-    n: usize,
-    dk: usize,
-    divisor: f32,
-    probs: Val,
 }
 
 fn find(g: &Graph, div: usize) -> Option<Match> {
-    let core = attention_core(g, div)?;
-    let (qs, q) = eval_const(g, &core.q)?;
-    if qs.len() != 4 || qs[0] != 1 {
+    let cq = constant_query_core(g, div)?;
+    let k = split_form(g, &cq.core.k)?;
+    let v = split_form(g, &cq.core.v)?;
+    if v.z.name != k.z.name || v.r.name != k.r.name || k.o != cq.heads * cq.dk || v.o % cq.heads != 0 {
         return None;
     }
-    let (heads, n, dk) = (qs[1], qs[2], qs[3]);
-    let k = split_form(g, &core.k)?;
-    let v = split_form(g, &core.v)?;
-    if v.z.name != k.z.name || v.r.name != k.r.name || k.o != heads * dk || v.o % heads != 0 {
-        return None;
-    }
-    Some(Match { div, ctx: core.ctx, k, v, q, heads, n, dk, divisor: core.divisor, probs: core.probs })
+    Some(Match { cq, k, v })
 }
 
 fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     let (b, m, cz) = (mt.k.z.shape[0], mt.k.z.shape[1], mt.k.z.shape[2]);
-    let (h, n, dk) = (mt.heads, mt.n, mt.dk);
+    let (h, n, dk) = (mt.cq.heads, mt.cq.rows, mt.cq.dk);
     let dv = mt.v.o / h;
-    let div = mt.divisor as f64;
+    let div = mt.cq.core.divisor as f64;
     // A [H, N, M] and B [H, N, Cz] (scores tables), Tv [H, M, dv], Wvz [H, Cz, dv], cv [H, 1, dv].
     let mut a = vec![0f32; h * n * m];
     let mut bq = vec![0f32; h * n * cz];
     for hh in 0..h {
         for i in 0..n {
-            let qrow = &mt.q[(hh * n + i) * dk..(hh * n + i + 1) * dk];
+            let qrow = &mt.cq.q[(hh * n + i) * dk..(hh * n + i + 1) * dk];
             for j in 0..m {
                 let trow = &mt.k.t[j * mt.k.o + hh * dk..j * mt.k.o + (hh + 1) * dk];
                 let s: f64 = qrow.iter().zip(trow).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -126,8 +112,8 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     let tv = per_head(&mt.v.t, m);
     let wvz = per_head(&mt.v.wz, cz);
     let cv = per_head(&mt.v.c, 1);
-    let div_node = g.nodes[mt.div].clone();
-    let ctx_node = g.nodes[mt.ctx].clone();
+    let div_node = g.nodes[mt.cq.div].clone();
+    let ctx_node = g.nodes[mt.cq.core.ctx].clone();
     let (z, r) = (mt.k.z.clone(), mt.k.r.clone());
     let rt_name = std::cell::RefCell::new(String::new());
     emit_before(g, &div_node.name, &div_node.outputs[0], |g| {
@@ -142,7 +128,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         let _ = g.mul(&s, &rt);
     });
     let rt = Val { name: rt_name.into_inner(), dtype: DType::F32, shape: vec![b, 1, 1, m] };
-    let probs = mt.probs.clone();
+    let probs = mt.cq.core.probs.clone();
     emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
         let pr = g.mul(&probs, &rt);
         let tvv = g.const_f32("value_position_table", &[h, m, dv], &tv);

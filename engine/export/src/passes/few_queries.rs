@@ -14,7 +14,7 @@
 //! applies where that is less than what it replaces. It adds no table (`G` is `H O D` floats),
 //! so it also runs with `--no-position-tables`.
 
-use super::util::{attention_core, const_f32, emit_before, eval_const, producers, val};
+use super::util::{const_f32, constant_query_core, emit_before, eval_const, producers, val, ConstantQueryCore};
 use super::Pass;
 use crate::error::Result;
 use crate::graph::{Graph, Val};
@@ -57,28 +57,16 @@ fn linear_form(g: &Graph, name: &str) -> Option<Linear> {
 }
 
 struct Match {
-    div: usize,
-    ctx: usize,
+    cq: ConstantQueryCore,
     k: Linear,
     v: Linear,
-    /// `[H, O, dk]` constant queries.
-    q: Vec<f32>,
-    heads: usize,
-    o: usize,
-    dk: usize,
-    divisor: f32,
-    probs: Val,
 }
 
 fn find(g: &Graph, div: usize) -> Option<Match> {
-    let core = attention_core(g, div)?;
-    let (qs, q) = eval_const(g, &core.q)?;
-    if qs.len() != 4 || qs[0] != 1 {
-        return None;
-    }
-    let (heads, o, dk) = (qs[1], qs[2], qs[3]);
-    let k = linear_form(g, &core.k)?;
-    let v = linear_form(g, &core.v)?;
+    let cq = constant_query_core(g, div)?;
+    let (heads, o, dk) = (cq.heads, cq.rows, cq.dk);
+    let k = linear_form(g, &cq.core.k)?;
+    let v = linear_form(g, &cq.core.v)?;
     if v.x.name != k.x.name || k.o != heads * dk || v.o % heads != 0 {
         return None;
     }
@@ -86,31 +74,20 @@ fn find(g: &Graph, div: usize) -> Option<Match> {
     let (n, d, dv) = (k.x.shape[1], k.d, v.o / heads);
     let before = n * d * (k.o + v.o) + heads * o * n * (dk + dv);
     let after = 2 * heads * o * n * d + heads * o * d * dv;
-    (after < before).then_some(Match {
-        div,
-        ctx: core.ctx,
-        k,
-        v,
-        q,
-        heads,
-        o,
-        dk,
-        divisor: core.divisor,
-        probs: core.probs,
-    })
+    (after < before).then_some(Match { cq, k, v })
 }
 
 fn rewrite(g: &mut Graph, mt: Match) {
-    let (h, o, dk) = (mt.heads, mt.o, mt.dk);
+    let (h, o, dk) = (mt.cq.heads, mt.cq.rows, mt.cq.dk);
     let (b, n, d) = (mt.k.x.shape[0], mt.k.x.shape[1], mt.k.d);
     let dv = mt.v.o / h;
-    let div = mt.divisor as f64;
+    let div = mt.cq.core.divisor as f64;
     // G^T [D, H O] (G_h = Q_h Wk_h^T / s), in f64: the scores are `X @ G^T`, a Linear with a
     // constant 2-D weight (quantised like the key projection it replaces), moved to heads after.
     let mut gt = vec![0f32; d * h * o];
     for hh in 0..h {
         for i in 0..o {
-            let qrow = &mt.q[(hh * o + i) * dk..(hh * o + i + 1) * dk];
+            let qrow = &mt.cq.q[(hh * o + i) * dk..(hh * o + i + 1) * dk];
             for e in 0..d {
                 let wrow = &mt.k.w[e * mt.k.o + hh * dk..e * mt.k.o + (hh + 1) * dk];
                 let s: f64 = qrow.iter().zip(wrow).map(|(x, y)| *x as f64 * *y as f64).sum();
@@ -127,8 +104,8 @@ fn rewrite(g: &mut Graph, mt: Match) {
             }
         }
     }
-    let div_node = g.nodes[mt.div].clone();
-    let ctx_node = g.nodes[mt.ctx].clone();
+    let div_node = g.nodes[mt.cq.div].clone();
+    let ctx_node = g.nodes[mt.cq.core.ctx].clone();
     let x = mt.k.x.clone();
     emit_before(g, &div_node.name, &div_node.outputs[0], |g| {
         let gv = g.const_f32("query_key_weight", &[d, h * o], &gt);
@@ -136,7 +113,7 @@ fn rewrite(g: &mut Graph, mt: Match) {
         let s = g.reshape(&s, &[b, n, h, o]);
         let _ = g.transpose(&s, &[0, 2, 3, 1]);
     });
-    let probs = mt.probs.clone();
+    let probs = mt.cq.core.probs.clone();
     let bias = mt.v.b.clone();
     emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
         let x4 = g.reshape(&x, &[b, 1, n, d]);

@@ -189,6 +189,29 @@ pub struct AttentionCore {
     pub ctx: usize,
 }
 
+/// An [`AttentionCore`] whose queries are constant (evaluated at export time).
+pub struct ConstantQueryCore {
+    /// The `Div` node producing the scaled scores.
+    pub div: usize,
+    pub core: AttentionCore,
+    /// `[H, O, dk]` queries, row-major.
+    pub q: Vec<f32>,
+    pub heads: usize,
+    /// Queries per head.
+    pub rows: usize,
+    pub dk: usize,
+}
+
+/// Matches an [`AttentionCore`] at node `div` whose queries (batch 1) are constant.
+pub fn constant_query_core(g: &Graph, div: usize) -> Option<ConstantQueryCore> {
+    let core = attention_core(g, div)?;
+    let (qs, q) = eval_const(g, &core.q)?;
+    if qs.len() != 4 || qs[0] != 1 {
+        return None;
+    }
+    Some(ConstantQueryCore { div, q, heads: qs[1], rows: qs[2], dk: qs[3], core })
+}
+
 /// Matches the [`AttentionCore`] whose scores divisor is node `div`.
 pub fn attention_core(g: &Graph, div: usize) -> Option<AttentionCore> {
     let d = &g.nodes[div];
