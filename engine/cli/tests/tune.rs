@@ -118,7 +118,7 @@ fn errors_are_one_line() {
         "-o",
         o.to_str().unwrap(),
     ]);
-    assert!(!ok && e.contains("invalid board profile") && e.contains("line 3"), "{e}");
+    assert!(!ok && e.contains("bad.toml") && e.contains("line 3") && e.lines().count() == 1, "{e}");
     let (ok, _, e) = cli(&[
         "tune",
         "models/digits",

@@ -204,8 +204,10 @@ mod tests {
     #[test]
     fn board_prediction_scales_by_peak_per_core_and_bandwidth() {
         let board = Profile::parse(
-            "name = \"b\"\n[cpu]\narch = \"aarch64\"\ncores = 4\npeak_gflops_f32 = 80.0\nmem_bandwidth_gbs = 10.0\n\
-             [budget]\nmemory_mb = 64\ndeadline_ms = 10\nrate_hz = 30\nthreads = 4\n",
+            "name = \"b\"\n[cpu]\narch = \"aarch64\"\ntarget = \"aarch64-unknown-linux-gnu\"\ncores = 4\n\
+             neon = true\nfp16 = false\ndotprod = false\npeak_gflops_f32 = 80.0\nmem_bandwidth_gbs = 10.0\n\
+             [budget]\nmemory_mb = 64\ndeadline_ms = 10\nrate_hz = 30\nthreads = 4\nprecisions = [\"f32\"]\n",
+            "b.toml",
         )
         .unwrap();
         let f = Features { flops: 1_000_000_000, nodes: 100, weight_bytes: 10_000_000, largest_activation: 0 };
