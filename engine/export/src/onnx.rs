@@ -95,7 +95,9 @@ pub fn to_model_proto(g: &Graph) -> pb::ModelProto {
             .nodes
             .iter()
             .map(|n| pb::NodeProto {
-                name: n.name.clone(),
+                // A node named like its first output is written unnamed: ONNX readers (tract,
+                // onnxruntime) name it after that output, and the file saves a copy of the name.
+                name: if n.outputs.first().is_some_and(|o| o.name == n.name) { String::new() } else { n.name.clone() },
                 op_type: n.op.clone(),
                 domain: n.domain.clone(),
                 input: n.inputs.clone(),

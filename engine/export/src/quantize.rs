@@ -248,7 +248,8 @@ pub fn quantize_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
 
 /// Replaces the large f32 constants that are not Linear weights (and not LayerNorm
 /// parameters) by int8 codes + per-axis scales + `DequantizeLinear`, keeping their names.
-/// Per-head `[H, K, N]` MatMul weights (from the attention rewrites) are stored this way too.
+/// Per-head `[H, K, N]` MatMul weights (from the attention rewrites) are stored this way too;
+/// the rewrites' precomputed tables are stored f16.
 fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
     let mut uses: HashMap<String, Vec<(String, usize)>> = HashMap::new();
     for n in &g.nodes {
@@ -264,11 +265,30 @@ fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
             || t.len() < MIN_QUANT_ELEMENTS
             || t.shape.is_empty()
             || keep.matches(&name)
-            || crate::is_table(&name)
             || u.iter().any(|(op, i)| {
                 (op == "LayerNormalization" && *i > 0) || (op == "MatMul" && *i == 1 && t.shape.len() == 2)
             });
-        if skip {
+        if !skip && crate::is_table(&name) {
+            // Precomputed tables: f16 storage (relative error 5e-4, well below int8's) and a
+            // `Cast` back to f32; tract folds it at load.
+            let bytes: Vec<u8> = t
+                .as_f32()
+                .expect("f32 constant")
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let hn = format!("{name}.f16");
+            constants.push((hn.clone(), tensor(DType::F16, &t.shape, bytes)));
+            new_nodes.push(node(
+                format!("{name}/Cast"),
+                "Cast",
+                vec![hn],
+                val(&name, DType::F32, &t.shape),
+                vec![("to", Attr::Int(crate::onnx::dtype_code(DType::F32) as i64))],
+            ));
+            continue;
+        }
+        if skip || crate::is_table(&name) {
             constants.push((name, t));
             continue;
         }
