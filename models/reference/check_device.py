@@ -41,7 +41,8 @@ def main():
     ap.add_argument("--precision", default=None, help="export precision (default f32)")
     ap.add_argument("--reference-bin", default=None, help="host binary giving the reference outputs "
                     "of a quantised graph (default: --export-bin)")
-    ap.add_argument("--atol", type=float, default=1e-4, help="tolerance against the host (quantised)")
+    ap.add_argument("--atol", type=float, default=None, help="tolerance against the host (quantised; "
+                    "default 1e-4, f16: 1e-2 x max |output|, as ARM computes in f16 where x86 emulates)")
     ap.add_argument("--rtol", type=float, default=1e-4)
     args = ap.parse_args()
     runner = shlex.split(args.runner)
@@ -83,7 +84,12 @@ def main():
                     got = np.load(os.path.join(out_dir, o["name"] + ".npy")).astype(np.float64)
                     if quantised:
                         want = np.load(os.path.join(ref_dir, o["name"] + ".npy")).astype(np.float64)
-                        atol, rtol = args.atol, args.rtol
+                        if args.atol is not None:
+                            atol, rtol = args.atol, args.rtol
+                        elif args.precision == "f16":
+                            atol, rtol = 1e-2 * float(np.abs(want).max()), 0.0
+                        else:
+                            atol, rtol = 1e-4, args.rtol
                     else:
                         want = np.load(os.path.join(d, o["file"])).astype(np.float64)
                     if got.shape != want.shape:
