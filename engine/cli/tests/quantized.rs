@@ -218,13 +218,13 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
             "int8" | "int8-static" | "int8-static-percentile" => {
                 assert!(agree >= 0.99, "{p}: top-1 agreement {agree}");
                 assert!((acc - acc_ref).abs() <= 0.01, "{p}: accuracy {acc} vs f32 {acc_ref}");
-                assert!(weights <= 0.30, "{p}: weights {weights:.3}x of f32 > 0.30x");
+                assert!(weights <= 0.30 && file <= 0.30, "{p}: weights {weights:.3}x, file {file:.3}x of f32 > 0.30x");
             }
             "f16" => {
                 assert!(stats["rel_max"].as_f64().unwrap() <= 1e-2);
-                assert!(weights <= 0.55, "f16: weights {weights:.3}x of f32 > 0.55x");
+                assert!(weights <= 0.55 && file <= 0.55, "f16: weights {weights:.3}x, file {file:.3}x of f32 > 0.55x");
             }
-            _ => assert!(weights <= 0.20, "q4: weights {weights:.3}x of f32 > 0.20x"),
+            _ => assert!(weights <= 0.20 && file <= 0.20, "q4: weights {weights:.3}x, file {file:.3}x of f32 > 0.20x"),
         }
     }
 }
