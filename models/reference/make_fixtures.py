@@ -354,6 +354,9 @@ def fx_image_learned() -> Fixture:
     x2 = randn(rng, 1, 3, 8, 8)
     y1 = np32(run(model, pixel_values=tt(x1)).logits)
     y2 = np32(run(model, pixel_values=tt(x2)).logits)
+    # Another resolution: the trained 8x8 positions resized bicubically (interpolate_pos_encoding).
+    x3 = randn(rng, 1, 3, 6, 10)
+    y3 = np32(run(model, pixel_values=tt(x3), interpolate_pos_encoding=True).logits)
     fx = Fixture(
         "image_learned",
         "PerceiverForImageClassificationLearned, conv1x1 (256 ch) + trainable "
@@ -361,7 +364,10 @@ def fx_image_learned() -> Fixture:
         "self 2 / cross 4, use_query_residual False, qk/v 32, 4 labels.",
         model,
     )
-    fx.cases = [Case("default", ["--image-size", "8", "8"], [("pixel_values", x1)], [("logits", y1)])]
+    fx.cases = [
+        Case("default", ["--image-size", "8", "8"], [("pixel_values", x1)], [("logits", y1)]),
+        Case("interp", ["--image-size", "6", "10"], [("pixel_values", x3)], [("logits", y3)]),
+    ]
     fx.sensitivity = (y1, y2)
     return fx
 

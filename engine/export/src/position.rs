@@ -90,6 +90,44 @@ pub fn linear_positions(index_dims: &[usize]) -> Vec<f32> {
     out
 }
 
+/// transformers' `PerceiverTrainablePositionEncoding.interpolate_pos_encoding`: the `[S*S, C]`
+/// trained positions as an `S x S` grid resized to `h x w` with torch's bicubic interpolation
+/// (`align_corners=False`, A = -0.75, edge pixels repeated). Returns `[h*w, C]`, computed in f64.
+pub fn bicubic_positions(table: &[f32], side: usize, channels: usize, h: usize, w: usize) -> Vec<f32> {
+    const A: f64 = -0.75;
+    let cc1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cc2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    // Source taps and weights along one axis, as torch's upsample_bicubic2d computes them.
+    let taps = |out: usize| -> Vec<([usize; 4], [f64; 4])> {
+        let scale = side as f32 / out as f32;
+        (0..out)
+            .map(|o| {
+                let src = scale as f64 * (o as f64 + 0.5) - 0.5;
+                let i0 = src.floor();
+                let t = src - i0;
+                let idx = [-1i64, 0, 1, 2].map(|d| (i0 as i64 + d).clamp(0, side as i64 - 1) as usize);
+                (idx, [cc2(t + 1.0), cc1(t), cc1(1.0 - t), cc2(2.0 - t)])
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h), taps(w));
+    let mut out = vec![0f32; h * w * channels];
+    for (y, (iy, wy)) in ty.iter().enumerate() {
+        for (x, (ix, wx)) in tx.iter().enumerate() {
+            for c in 0..channels {
+                let mut acc = 0f64;
+                for a in 0..4 {
+                    for b in 0..4 {
+                        acc += wy[a] * wx[b] * table[(iy[a] * side + ix[b]) * channels + c] as f64;
+                    }
+                }
+                out[(y * w + x) * channels + c] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
 /// Graph nodes computing the Fourier features of flat output indices `idx` (`[K]`, int64) over
 /// `index_dims`, with transformers' subsampled-decoding positions `-1 + 2 * coord / dim`.
 /// Returns `[K, width]`.

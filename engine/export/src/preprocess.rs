@@ -96,17 +96,24 @@ pub fn image_conv1x1(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed
     let y = b.g.add(&y, &bias);
     let pname = "input_preprocessor.position_embeddings.position_embeddings";
     let pos = b.ck.get_shaped(pname, &[None, None])?;
-    if pos.shape[0] != h * w {
-        return Err(Error::tensor(
-            &pos.name,
-            format!(
-                "holds {} positions but a {h}x{w} image has {} (use --image-size matching config image_size)",
-                pos.shape[0],
-                h * w
-            ),
-        ));
-    }
-    let (proj, width) = b.linear_const("input_preprocessor.positions_projection", &pos.data.clone(), h * w)?;
+    // Another resolution: transformers' `interpolate_pos_encoding=True` (bicubic resize of the
+    // trained square grid); the same count in another shape is used as is, as transformers does.
+    let table = if pos.shape[0] == h * w {
+        pos.data.clone()
+    } else {
+        let side = (pos.shape[0] as f64).sqrt().round() as usize;
+        if side * side != pos.shape[0] {
+            return Err(Error::tensor(
+                &pos.name,
+                format!(
+                    "holds {} positions, not a square grid, so a {h}x{w} image cannot be interpolated (use --image-size with {} pixels)",
+                    pos.shape[0], pos.shape[0]
+                ),
+            ));
+        }
+        crate::position::bicubic_positions(&pos.data, side, pos.shape[1], h, w)
+    };
+    let (proj, width) = b.linear_const("input_preprocessor.positions_projection", &table, h * w)?;
     Ok(Preprocessed::plain(concat_positions(b, &y, &proj, width)))
 }
 
