@@ -1,7 +1,8 @@
 # Sourced by build-aarch64.sh, build-armv7.sh and test-aarch64.sh: `cross_setup aarch64|armv7`
 # installs (once) Debian's rustc-web with the target's standard library, a cross gcc and
 # qemu-user, then exports what cargo needs to cross-build and what qemu needs to run the result:
-#   TRIPLE  the Rust target            QEMU  "qemu-aarch64 -cpu max" (binaries are static)
+#   TRIPLE  the Rust target            QEMU  "qemu-aarch64 -cpu max" (static binaries) or
+#                                      "qemu-arm -cpu max -L /usr/arm-linux-gnueabihf" (dynamic)
 # The rustup toolchain stays the default for host builds; cross builds use RUSTC=/usr/bin/rustc
 # (rustc-web 1.96; tract 0.23.9 needs >= 1.91 and edition 2024). No rustup target is downloaded.
 
@@ -76,12 +77,20 @@ cross_setup() {
   up=${up//-/_}
   export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
   export "CARGO_TARGET_${up}_LINKER=$gnu-gcc"
-  # Static glibc binaries: they run on any board's distribution (no glibc version match needed),
-  # and under qemu-user dynamically linked programs hang at their first pthread_create on this
-  # kind of machine (seen with qemu 7.2 and 10.0: a C program too), while static ones run.
-  export "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static"
+  # aarch64: static glibc binaries. They run on any board's distribution (no glibc version match
+  # needed), and under qemu-user dynamically linked programs hang at their first pthread_create
+  # on this kind of machine (seen with qemu 7.2 and 10.0: a C program too), while static ones
+  # run, threads and all (the test binaries start one per test). armv7: dynamic, since the
+  # static build of the CLI segfaults at its first instruction under qemu-arm (a static Rust
+  # hello-world runs; not investigated further); the single-threaded smoke run works dynamic.
+  local gnu_root=""
+  if [ "$arch" = aarch64 ]; then
+    export "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static"
+  else
+    gnu_root=" -L /usr/$gnu"
+  fi
   export "CC_${TRIPLE//-/_}=$gnu-gcc" "AR_${TRIPLE//-/_}=$gnu-ar"
-  QEMU="$qemu -cpu max"
+  QEMU="$qemu -cpu max$gnu_root"
   export "CARGO_TARGET_${up}_RUNNER=$QEMU"
   export TRIPLE QEMU
 }
