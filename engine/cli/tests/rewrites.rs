@@ -6,15 +6,9 @@
 use perceiver_edge_runtime::{npy, to_vec};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_perceiver-edge"))
-}
+mod common;
+use common::{bin, root};
 
 fn read(p: &Path) -> Vec<f32> {
     to_vec(&npy::read_npy(p).unwrap()).expect("f32 output")

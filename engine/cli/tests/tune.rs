@@ -1,15 +1,13 @@
 //! `perceiver-edge tune` and `export --latents/--blocks` end to end on the bundled digits model.
 //! Assertions do not depend on timing: files, candidates, fidelity, importance order, errors.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{bin, root};
 
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_perceiver-edge")).args(args).current_dir(root()).output().unwrap();
+    let out = bin().args(args).current_dir(root()).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -108,42 +106,21 @@ fn errors_are_one_line() {
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[cpu]\ncores = four\n").unwrap();
     let o = dir.path().join("o");
-    let (ok, _, e) = cli(&[
-        "tune",
-        "models/digits",
-        "--target",
-        bad.to_str().unwrap(),
-        "--calibrate",
-        DATA,
-        "-o",
-        o.to_str().unwrap(),
-    ]);
+    let o = o.to_str().unwrap();
+    // `tune models/digits --target T --calibrate C [extra] -o o`
+    let tune = |target: &str, calibrate: &str, extra: &[&str]| {
+        let mut args = vec!["tune", "models/digits", "--target", target, "--calibrate", calibrate];
+        args.extend_from_slice(extra);
+        args.extend(["-o", o]);
+        cli(&args)
+    };
+    let (ok, _, e) = tune(bad.to_str().unwrap(), DATA, &[]);
     assert!(!ok && e.contains("bad.toml") && e.contains("line 3") && e.lines().count() == 1, "{e}");
-    let (ok, _, e) = cli(&[
-        "tune",
-        "models/digits",
-        "--target",
-        PROFILE,
-        "--calibrate",
-        "models/digits/config.json",
-        "-o",
-        o.to_str().unwrap(),
-    ]);
+    let (ok, _, e) = tune(PROFILE, "models/digits/config.json", &[]);
     assert!(!ok && e.starts_with("error:"), "{e}");
-    let (ok, _, e) = cli(&[
-        "tune",
-        "models/digits",
-        "--target",
-        PROFILE,
-        "--calibrate",
-        DATA,
-        "--latents",
-        "20",
-        "-o",
-        o.to_str().unwrap(),
-    ]);
+    let (ok, _, e) = tune(PROFILE, DATA, &["--latents", "20"]);
     assert!(!ok && e.contains("1..=16"), "{e}");
-    assert!(!o.join("model.onnx").exists());
+    assert!(!Path::new(o).join("model.onnx").exists());
     assert_eq!(e.lines().count(), 1, "{e}");
 }
 
