@@ -13,15 +13,6 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tract_onnx::prelude::*;
 
-fn stage(name: &str) -> String {
-    let first = name.split('/').next().unwrap_or(name);
-    match first {
-        s if s.starts_with("encoder.cross") => "encoder cross-attention".into(),
-        s if s.starts_with("encoder.self") => "latent self-attention".into(),
-        s => s.to_string(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("usage: profile MODEL.onnx [RUNS]");
@@ -49,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut by_op: HashMap<String, f64> = HashMap::new();
     for (id, t) in &per_node {
         let n = model.node(*id);
-        let s = stage(&n.name);
+        let s = perceiver_edge_runtime::metadata::stage_of(&n.name);
         match by_stage.iter_mut().find(|(k, _)| *k == s) {
             Some(e) => e.1 += t,
             None => by_stage.push((s, *t)),

@@ -319,7 +319,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
             let mut q = quant.options()?;
             // One --calibrate serves --latents (latent ranking) and int8-static (scales).
-            if budget.latents.is_some() && q.precision != perceiver_edge_export::quantize::Precision::Int8Static {
+            if budget.latents.is_some() && q.precision != perceiver_edge_export::Precision::Int8Static {
                 q.calibrate = None;
             }
             let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
@@ -332,8 +332,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             match (budget.latents, &quant.calibrate) {
                 (Some(k), Some(data)) => {
                     let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
-                    let imp = perceiver_edge_export::budget::latent_importance(&ck, &opts, &cal.samples)?;
-                    let keep = perceiver_edge_export::budget::select_latents(&imp, k)?;
+                    let imp = perceiver_edge_export::analysis::latent_importance(&ck, &opts, &cal.samples)?;
+                    let keep = perceiver_edge_export::analysis::select_latents(&imp, k)?;
                     println!(
                         "latents kept ({k} of {}, by attention mass on {} samples): {keep:?}",
                         imp.len(),
@@ -600,7 +600,7 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
     }
     let session = Session::load(path)?;
     print_file_and_resident(path, &session);
-    match session.metadata(perceiver_edge_export::summary::METADATA_KEY) {
+    match session.metadata(perceiver_edge_runtime::metadata::SUMMARY) {
         Some(json) => {
             let s: perceiver_edge_export::Summary = serde_json::from_str(json)
                 .with_context(|| format!("{}: unreadable perceiver-edge summary", path.display()))?;
@@ -618,7 +618,7 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
 fn inspect(path: &Path) -> Result<()> {
     let session = Session::load(path)?;
     print_file_and_resident(path, &session);
-    if let Some(json) = session.metadata("perceiver_edge.summary") {
+    if let Some(json) = session.metadata(perceiver_edge_runtime::metadata::SUMMARY) {
         println!("summary        {json}");
     }
     print_io(&session);
@@ -637,7 +637,7 @@ fn mib(bytes: usize) -> String {
 fn print_file_and_resident(path: &Path, session: &Session) {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as usize;
     println!("file           {} ({})", path.display(), mib(bytes));
-    println!("precision      {}", session.metadata("perceiver_edge.precision").unwrap_or("f32"));
+    println!("precision      {}", session.metadata(perceiver_edge_runtime::metadata::PRECISION).unwrap_or("f32"));
     let resident = session.resident_weights();
     let total: usize = resident.iter().map(|(_, b)| b).sum();
     let parts: Vec<String> = resident.iter().map(|(k, b)| format!("{k} {}", mib(*b))).collect();
@@ -666,20 +666,8 @@ fn compare(
         }
     };
     let r = compare::compare(reference, candidate, &sets, labels.as_deref(), true)?;
-    let stats = |s: &compare::Stats| {
-        serde_json::json!({"max_abs": s.max_abs, "mean_abs": s.mean_abs, "cosine": s.cosine,
-            "rel_max": s.rel_max, "rel_l2": s.rel_l2})
-    };
     if json {
-        let v = serde_json::json!({
-            "samples": r.samples,
-            "outputs": r.outputs.iter().map(|(n, s)| serde_json::json!({"name": n, "stats": stats(s)})).collect::<Vec<_>>(),
-            "top1_agreement": r.top1.map(|(a, n)| a as f64 / n as f64),
-            "accuracy": r.accuracy.map(|(a, b)| serde_json::json!({"reference": a, "candidate": b})),
-            "layers": r.layers.iter().map(|l| serde_json::json!({"name": l.name, "reference_op": l.reference_op,
-                "candidate_op": l.candidate_op, "added": l.added, "stats": stats(&l.stats)})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
     println!("{} input set(s)", r.samples);

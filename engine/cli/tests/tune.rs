@@ -57,7 +57,7 @@ fn tune_writes_model_report_and_plot() {
     assert!(c[1]["fidelity"]["max_abs"].as_f64().unwrap() > 0.0);
     assert_eq!(c[0]["fidelity"]["samples"].as_u64(), Some(225), "validated on the odd half");
     assert!(c[0]["fidelity"]["accuracy"].as_f64().unwrap() > 0.9);
-    assert_eq!(r["calibration"][1].as_u64(), Some(225));
+    assert_eq!(r["calibration"]["selection"].as_u64(), Some(225));
     // Latent order is the transformers reference's (models/reference/latent_importance.py).
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("models/reference/fixtures/digits_latent_importance.json")).unwrap(),

@@ -24,6 +24,21 @@ pub enum Error {
     /// The configuration or an option is unsupported or inconsistent.
     #[error("{0}")]
     Invalid(String),
+    /// An output file could not be written.
+    #[error("{path}: cannot write: {source}")]
+    Write {
+        /// The file that was to be written.
+        path: String,
+        /// The I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Running a graph (calibration, analysis) or reading its data failed in the runtime.
+    #[error(transparent)]
+    Runtime(#[from] perceiver_edge_runtime::Error),
+    /// A precision name that is not known.
+    #[error(transparent)]
+    Precision(#[from] perceiver_edge_runtime::precision::UnknownPrecision),
 }
 
 impl Error {
@@ -35,6 +50,11 @@ impl Error {
     /// A tensor error.
     pub fn tensor(name: &str, msg: impl Into<String>) -> Error {
         Error::Tensor { name: name.to_string(), msg: msg.into() }
+    }
+
+    /// A failed write of `path`.
+    pub fn write(path: &Path, source: std::io::Error) -> Error {
+        Error::Write { path: path.display().to_string(), source }
     }
 
     /// An invalid configuration or option.

@@ -2,8 +2,17 @@
 //! layout (`config.json` + `model.safetensors`) and writes one self-contained, fixed-shape ONNX
 //! graph that reproduces transformers' forward pass.
 //!
-//! Data flow: [`Checkpoint`] -> [`spec::build_graph`] (one module per PerceiverIO concept emits
-//! nodes into a [`Graph`]) -> [`passes`] -> [`onnx`] bytes.
+//! Layers, low to high; each module uses only those below it:
+//!
+//! - [`error`], [`options`] (what the user asks), [`checkpoint`] (what the user has);
+//! - [`ir`]: the [`Graph`] and its ONNX serialisation;
+//! - [`model`]: the PerceiverIO concepts (blocks, encoder, decoder, preprocessors, positions,
+//!   budget knobs) emitting nodes into a graph; [`summary`] describes a built graph;
+//! - [`heads`]: one file per transformers head family, and the dispatch [`heads::build_graph`];
+//! - [`passes`]: exact rewrites, their tables, and quantisation ([`passes::quant`]);
+//! - this file: [`build`] / [`export`] (options -> checkpoint -> heads -> model -> ir -> passes
+//!   -> bytes); above it, [`analysis`] (latent importance, runs whole models) and [`pack`] (the
+//!   microcontroller weight pack).
 //!
 //! ```no_run
 //! use perceiver_edge_export::{export, ExportOptions};
@@ -13,32 +22,29 @@
 //! # Ok::<(), perceiver_edge_export::Error>(())
 //! ```
 
-pub mod blocks;
-pub mod budget;
-pub mod calibrate;
+pub mod analysis;
 pub mod checkpoint;
-pub mod decoder;
-pub mod encoder;
 pub mod error;
-pub mod graph;
-pub mod multimodal;
-pub mod onnx;
+pub mod heads;
+pub mod ir;
+pub mod model;
+pub mod options;
 pub mod pack;
 pub mod passes;
-pub mod position;
-pub mod preprocess;
-pub mod quantize;
-pub mod spec;
 pub mod summary;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
-pub use graph::Graph;
-pub use quantize::{KeepF32, Precision};
-pub use spec::{ExportOptions, Head};
+pub use heads::Head;
+pub use ir::Graph;
+pub use options::ExportOptions;
+pub use passes::quant::{calibrate, KeepF32};
+/// Metadata keys (shared with the runtime, which reads them).
+pub use perceiver_edge_runtime::metadata;
+pub use perceiver_edge_runtime::precision::Precision;
 pub use summary::Summary;
 
-use std::io::Write;
+use passes::tables::is_table;
 use std::path::{Path, PathBuf};
 
 /// An exported model: the final graph and its summary.
@@ -52,45 +58,26 @@ pub struct Exported {
 impl Exported {
     /// ONNX protobuf bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        onnx::to_bytes(&self.graph)
+        ir::onnx::to_bytes(&self.graph)
     }
 
-    /// Writes the ONNX file atomically: a temporary file in the same folder, then a rename, so
-    /// a failure never leaves a partial model behind.
+    /// Writes the ONNX file atomically ([`perceiver_edge_runtime::fsio::write_atomic`]), so a
+    /// failure never leaves a partial model behind.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_bytes();
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx")));
-        let res = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-            .and_then(|_| std::fs::rename(&tmp, path));
-        res.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::file(path, format!("cannot write: {e}"))
-        })
+        perceiver_edge_runtime::fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))
     }
 }
 
 /// Builds the graph of an opened checkpoint and runs the default passes.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (mut graph, mut summary) = spec::build_graph(ck, opts)?;
+    let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
     list.push(&passes::Prune);
     passes::run_all(&mut graph, &list)?;
     summary.after_passes(&graph);
     let json = serde_json::to_string(&summary).expect("summary serialises");
-    graph.metadata.push((summary::METADATA_KEY.into(), json));
+    graph.metadata.push((metadata::SUMMARY.into(), json));
     Ok(Exported { graph, summary })
-}
-
-/// Names of the constants the rewrites precompute from constant queries and positions (kept in
-/// f32 by the int8 and q4 passes: attention scores are where quantisation error hurts most).
-pub const TABLE_CONSTANTS: &[&str] =
-    &["position_table", "query_position_scores", "value_position_table", "query_key_weight"];
-
-/// Whether a constant of `name` is a rewrite table (see [`TABLE_CONSTANTS`]).
-pub fn is_table(name: &str) -> bool {
-    TABLE_CONSTANTS.iter().any(|t| name.contains(t))
 }
 
 /// Whether the table rewrites make a graph stored at `weight_bytes` bytes per weight (f32 4,
@@ -101,15 +88,15 @@ pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) 
     let bytes = |no_position_tables: bool| -> Result<f64> {
         let mut o = opts.clone();
         o.perf.no_position_tables = no_position_tables;
-        let (mut g, _) = spec::build_graph(ck, &o)?;
+        let (mut g, _) = heads::build_graph(ck, &o)?;
         let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&o.perf);
         list.push(&passes::Prune);
         passes::run_all(&mut g, &list)?;
         Ok(g.constants
             .iter()
-            .filter(|(_, t)| t.dtype == graph::DType::F32)
+            .filter(|(_, t)| t.dtype == ir::DType::F32)
             .map(|(n, t)| {
-                let per = if is_table(n) || t.len() < quantize::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
+                let per = if is_table(n) || t.len() < passes::quant::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
                 per * t.len() as f64
             })
             .sum())
@@ -125,7 +112,7 @@ pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) 
 /// graphs skip `few_query_attention` (see [`passes::PerfOptions::quantised`]).
 pub fn options_for_precision(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Result<ExportOptions> {
     let mut o = opts.clone();
-    o.perf.quantised = matches!(precision, Precision::Int8 | Precision::Int8Static | Precision::Q4);
+    o.perf.quantised = precision.is_integer();
     if precision.weight_bytes() < 4.0 && !tables_pay_off(ck, &o, precision.weight_bytes())? {
         o.perf.no_position_tables = true;
     }
@@ -200,26 +187,26 @@ impl Exported {
                     .chain(self.graph.constants.iter().map(|(n, _)| n.as_str())),
             )?;
             let inputs = calibrate::load(&self.graph, &data)?;
-            let values = quantize::int8_activation_inputs(&self.graph, &keep);
+            let values = passes::quant::int8_activation_inputs(&self.graph, &keep);
             Some(calibrate::ranges(&self.graph, &values, &inputs, q.method, progress)?)
         } else {
             None
         };
-        let Some(pass) = quantize::pass_for(q.precision, &keep, ranges)? else { return Ok(()) };
+        let Some(pass) = passes::quant::pass_for(q.precision, &keep, ranges)? else { return Ok(()) };
         let primary: std::collections::HashSet<String> =
             self.graph.nodes.iter().flat_map(|n| n.outputs.iter().map(|o| o.name.clone())).collect();
         pass.run(&mut self.graph)?;
-        quantize::compact_names(&mut self.graph, &primary);
+        passes::quant::compact_names(&mut self.graph, &primary);
         for (k, v) in self.graph.metadata.iter_mut() {
-            if k == "perceiver_edge.passes" {
+            if k == metadata::PASSES {
                 v.push(',');
                 v.push_str(pass.name());
             }
         }
-        self.summary.weight_bytes = summary::cost(&self.graph).1;
+        self.summary.weight_bytes = summary::cost(&self.graph).weight_bytes;
         let json = serde_json::to_string(&self.summary).expect("summary serialises");
         for (k, v) in self.graph.metadata.iter_mut() {
-            if k == summary::METADATA_KEY {
+            if k == metadata::SUMMARY {
                 *v = json.clone();
             }
         }

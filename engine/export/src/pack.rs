@@ -30,8 +30,9 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::position::Fourier;
-use crate::spec::{ExportOptions, Head};
+use crate::heads::Head;
+use crate::model::position::Fourier;
+use crate::options::ExportOptions;
 use std::path::Path;
 
 /// Pack format version.

@@ -1,13 +1,14 @@
 //! What `inspect` reports: architecture sizes, parameters, FLOPs per stage and memory, computed
 //! from the built graph (so it describes exactly what is exported).
 
-use crate::graph::{DType, Graph};
+use crate::ir::{DType, Graph};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Metadata key under which the summary is stored (as JSON) in the ONNX model.
-pub const METADATA_KEY: &str = "perceiver_edge.summary";
+/// The summary is stored as JSON in the ONNX model under [`metadata::SUMMARY`]; its fields keep
+/// the tuple form already written into exported files, which `inspect` reads back.
+use crate::metadata;
 
 /// Architecture, cost and memory of an exported graph.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -42,21 +43,23 @@ pub struct Summary {
     pub rewrites: Vec<(String, usize)>,
 }
 
-fn stage_of(node: &str) -> String {
-    let first = node.split('/').next().unwrap_or(node);
-    match first {
-        s if s.starts_with("encoder.cross") => "encoder cross-attention".into(),
-        s if s.starts_with("encoder.self") => "latent self-attention".into(),
-        s => s.to_string(),
-    }
-}
-
 fn dtype_name(d: DType) -> String {
     format!("{d:?}").to_lowercase()
 }
 
+/// What a graph costs to run and to hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cost {
+    /// Multiply-add FLOPs (2 per MAC) of matmuls and convolutions, per stage, in graph order.
+    pub flops: Vec<(String, u64)>,
+    /// Bytes of constants (weights and precomputed tables).
+    pub weight_bytes: usize,
+    /// The largest intermediate value: (name, bytes).
+    pub largest_activation: (String, usize),
+}
+
 /// Computes FLOPs per stage and memory of `g`.
-pub fn cost(g: &Graph) -> (Vec<(String, u64)>, usize, (String, usize)) {
+pub fn cost(g: &Graph) -> Cost {
     let shapes = g.value_shapes();
     let mut flops: Vec<(String, u64)> = vec![];
     let mut largest = (String::new(), 0usize);
@@ -75,7 +78,7 @@ pub fn cost(g: &Graph) -> (Vec<(String, u64)>, usize, (String, usize)) {
             _ => 0,
         };
         if f > 0 {
-            let stage = stage_of(&n.name);
+            let stage = metadata::stage_of(&n.name);
             match flops.iter_mut().find(|(s, _)| *s == stage) {
                 Some(e) => e.1 += f,
                 None => flops.push((stage, f)),
@@ -87,7 +90,7 @@ pub fn cost(g: &Graph) -> (Vec<(String, u64)>, usize, (String, usize)) {
         }
     }
     let weight_bytes = g.constants.iter().map(|(_, t)| t.bytes.len()).sum();
-    (flops, weight_bytes, largest)
+    Cost { flops, weight_bytes, largest_activation: largest }
 }
 
 fn human(bytes: usize) -> String {
@@ -111,10 +114,9 @@ impl Summary {
         batch: usize,
         parameters: usize,
     ) -> Summary {
-        let (flops, weight_bytes, largest_activation) = cost(g);
-        let io = |v: &[crate::graph::Val]| {
-            v.iter().map(|v| (v.name.clone(), dtype_name(v.dtype), v.shape.clone())).collect()
-        };
+        let Cost { flops, weight_bytes, largest_activation } = cost(g);
+        let io =
+            |v: &[crate::ir::Val]| v.iter().map(|v| (v.name.clone(), dtype_name(v.dtype), v.shape.clone())).collect();
         Summary {
             architecture: architecture.to_string(),
             dims: dims.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
@@ -135,19 +137,19 @@ impl Summary {
     /// Recomputes cost and memory of the graph after the rewrite passes, and collects the
     /// tables they recorded (`perceiver_edge.tables.PASS` metadata).
     pub fn after_passes(&mut self, g: &Graph) {
-        let (flops, weight_bytes, largest) = cost(g);
-        self.flops = flops;
-        self.weight_bytes = weight_bytes;
-        self.largest_activation = largest;
+        let c = cost(g);
+        self.flops = c.flops;
+        self.weight_bytes = c.weight_bytes;
+        self.largest_activation = c.largest_activation;
         self.tables = g
             .metadata
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("perceiver_edge.tables.")?.to_string(), v.parse().ok()?)))
+            .filter_map(|(k, v)| Some((k.strip_prefix(metadata::TABLES_PREFIX)?.to_string(), v.parse().ok()?)))
             .collect();
         self.rewrites = g
             .metadata
             .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("perceiver_edge.rewrites.")?.to_string(), v.parse().ok()?)))
+            .filter_map(|(k, v)| Some((k.strip_prefix(metadata::REWRITES_PREFIX)?.to_string(), v.parse().ok()?)))
             .collect();
     }
 }

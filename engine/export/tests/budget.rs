@@ -2,8 +2,10 @@
 //! are exact, fewer latents lose a measured amount, and latent importance matches an independent
 //! transformers computation (models/reference/latent_importance.py).
 
-use perceiver_edge_export::budget::{fidelity, latent_importance, select_latents, split_samples};
+use perceiver_edge_export::analysis::{latent_importance, select_latents};
 use perceiver_edge_export::{build, Checkpoint, ExportOptions};
+use perceiver_edge_runtime::compare::fidelity;
+use perceiver_edge_runtime::dataset::split_samples;
 use std::path::PathBuf;
 use tract_onnx::prelude::*;
 

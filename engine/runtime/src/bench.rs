@@ -270,7 +270,7 @@ pub fn bench_on(
         if paced.is_some() { samples.len() as f64 / total_s.max(1e-9) } else { 1e3 / latency_ms.mean.max(1e-9) };
     Ok(BenchReport {
         model: model.display().to_string(),
-        precision: session.metadata("perceiver_edge.precision").unwrap_or("f32").to_string(),
+        precision: session.metadata(crate::metadata::PRECISION).unwrap_or("f32").to_string(),
         file_bytes: std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
         resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
         load_ms,

@@ -8,13 +8,14 @@
 
 use crate::{to_vec, Error, Result, Session, Tensor};
 use prost::Message;
+use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use tract_onnx::pb;
 use tract_onnx::prelude::DatumType;
 
 /// Error statistics of one value over all compared inputs.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Stats {
     /// Largest |candidate - reference|.
     pub max_abs: f64,
@@ -75,7 +76,7 @@ impl Acc {
 }
 
 /// One row of the per-layer table.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Layer {
     /// Value (and reference node) name.
     pub name: String,
@@ -89,19 +90,46 @@ pub struct Layer {
     pub added: f64,
 }
 
-/// What `compare` measured.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What `compare` measured (`compare --json` prints its serialised form).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
     /// Input sets compared.
     pub samples: usize,
-    /// Graph outputs: name and statistics.
+    /// Graph outputs: name and statistics (serialised as `{"name", "stats"}` objects).
+    #[serde(serialize_with = "named_stats")]
     pub outputs: Vec<(String, Stats)>,
-    /// Arg-max agreement over the last axis of the first output: (agreeing rows, rows).
+    /// Arg-max agreement over the last axis of the first output: (agreeing rows, rows)
+    /// (serialised as the fraction `top1_agreement`).
+    #[serde(rename = "top1_agreement", serialize_with = "fraction")]
     pub top1: Option<(usize, usize)>,
-    /// With labels: (reference accuracy, candidate accuracy), fractions of rows.
+    /// With labels: (reference accuracy, candidate accuracy), fractions of rows (serialised as
+    /// `{"reference", "candidate"}`).
+    #[serde(serialize_with = "accuracies")]
     pub accuracy: Option<(f64, f64)>,
     /// Intermediate values present in both graphs, in reference graph order.
     pub layers: Vec<Layer>,
+}
+
+fn named_stats<S: serde::Serializer>(v: &[(String, Stats)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Named<'a> {
+        name: &'a str,
+        stats: &'a Stats,
+    }
+    s.collect_seq(v.iter().map(|(name, stats)| Named { name, stats }))
+}
+
+fn fraction<S: serde::Serializer>(v: &Option<(usize, usize)>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    v.map(|(a, n)| a as f64 / n as f64).serialize(s)
+}
+
+fn accuracies<S: serde::Serializer>(v: &Option<(f64, f64)>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Accuracy {
+        reference: f64,
+        candidate: f64,
+    }
+    v.map(|(reference, candidate)| Accuracy { reference, candidate }).serialize(s)
 }
 
 /// Producer op of every value and the inputs of its node, from the ONNX file, in graph order.
@@ -124,9 +152,77 @@ fn floats(t: &Tensor) -> Option<Vec<f32>> {
 }
 
 fn argmax_rows(v: &[f32], width: usize) -> Vec<usize> {
-    v.chunks(width.max(1))
-        .map(|r| r.iter().enumerate().fold(0, |best, (i, x)| if *x > r[best] { i } else { best }))
-        .collect()
+    v.chunks(width.max(1)).map(argmax).collect()
+}
+
+/// Fidelity of a candidate's outputs against the full model's, over the same samples.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Fidelity {
+    /// Samples compared.
+    pub samples: usize,
+    /// Largest element-wise absolute difference.
+    pub max_abs: f64,
+    /// Mean element-wise absolute difference.
+    pub mean_abs: f64,
+    /// Smallest per-sample cosine similarity of the flattened outputs.
+    pub min_cosine: f64,
+    /// Mean per-sample cosine similarity.
+    pub mean_cosine: f64,
+    /// Fraction of rows (last axis) whose arg-max agrees with the full model's.
+    pub top1_agreement: f64,
+    /// Accuracy of the candidate against labels (one label per sample, one row per sample).
+    pub accuracy: Option<f64>,
+    /// Accuracy of the full model against the same labels.
+    pub reference_accuracy: Option<f64>,
+}
+
+/// Index of the largest value (the first one on ties; 0 for an empty slice).
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
+}
+
+/// Compares `candidate` with `reference` outputs (one flattened output per sample, rows of
+/// `row` values); `labels` (one per sample) gives accuracies when each sample is one row.
+pub fn fidelity(reference: &[Vec<f32>], candidate: &[Vec<f32>], row: usize, labels: Option<&[i64]>) -> Fidelity {
+    assert_eq!(reference.len(), candidate.len(), "same samples");
+    let (mut max_abs, mut sum_abs, mut count) = (0f64, 0f64, 0usize);
+    let (mut min_cos, mut sum_cos) = (f64::INFINITY, 0f64);
+    let (mut agree, mut rows) = (0usize, 0usize);
+    for (r, c) in reference.iter().zip(candidate) {
+        let (mut dot, mut nr, mut nc) = (0f64, 0f64, 0f64);
+        for (&a, &b) in r.iter().zip(c) {
+            let d = (a as f64 - b as f64).abs();
+            max_abs = max_abs.max(d);
+            sum_abs += d;
+            dot += a as f64 * b as f64;
+            nr += a as f64 * a as f64;
+            nc += b as f64 * b as f64;
+        }
+        count += r.len();
+        let cos = if nr == 0.0 && nc == 0.0 { 1.0 } else { dot / (nr.sqrt() * nc.sqrt()).max(1e-300) };
+        min_cos = min_cos.min(cos);
+        sum_cos += cos;
+        for (rr, cr) in r.chunks(row.max(1)).zip(c.chunks(row.max(1))) {
+            agree += usize::from(argmax(rr) == argmax(cr));
+            rows += 1;
+        }
+    }
+    let s = reference.len();
+    let accuracy = |outs: &[Vec<f32>]| -> Option<f64> {
+        let l = labels?;
+        (l.len() == s && outs.iter().all(|o| o.len() == row))
+            .then(|| outs.iter().zip(l).filter(|(o, &y)| argmax(o) as i64 == y).count() as f64 / s.max(1) as f64)
+    };
+    Fidelity {
+        samples: s,
+        max_abs,
+        mean_abs: sum_abs / count.max(1) as f64,
+        min_cosine: if s == 0 { 1.0 } else { min_cos },
+        mean_cosine: if s == 0 { 1.0 } else { sum_cos / s as f64 },
+        top1_agreement: agree as f64 / rows.max(1) as f64,
+        accuracy: accuracy(candidate),
+        reference_accuracy: accuracy(reference),
+    }
 }
 
 /// Runs `reference` and `candidate` (ONNX files of the same model) on `inputs` and compares
@@ -262,6 +358,20 @@ pub fn compare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fidelity_measures() {
+        let r = vec![vec![1.0f32, 0.0, 0.0], vec![0.0, 2.0, 0.0]];
+        let f = fidelity(&r, &r, 3, Some(&[0, 2]));
+        assert_eq!((f.max_abs, f.mean_abs, f.top1_agreement), (0.0, 0.0, 1.0));
+        assert!((f.min_cosine - 1.0).abs() < 1e-12);
+        assert_eq!((f.accuracy, f.reference_accuracy), (Some(0.5), Some(0.5)));
+        let c = vec![vec![1.0f32, 0.0, 0.0], vec![0.0, 0.0, 2.0]];
+        let f = fidelity(&r, &c, 3, Some(&[0, 2]));
+        assert_eq!((f.max_abs, f.top1_agreement, f.accuracy), (2.0, 0.5, Some(1.0)));
+        assert!((f.mean_abs - 4.0 / 6.0).abs() < 1e-12);
+        assert!(f.min_cosine.abs() < 1e-12 && (f.mean_cosine - 0.5).abs() < 1e-12);
+    }
 
     #[test]
     fn stats_of_identical_and_scaled_values() {

@@ -21,6 +21,24 @@ fn err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Npy { path: path.display().to_string(), msg: msg.into() }
 }
 
+/// Splits stacked data `[S, ...]` into samples shaped like graph input `shape` (`[batch, ...]`);
+/// `S` must be a multiple of the batch size. A tensor shaped exactly like the input is one
+/// sample. `what` names the data in the error.
+pub fn split_samples(t: &Tensor, shape: &[usize], what: &str) -> Result<Vec<Tensor>> {
+    let ts = t.shape();
+    let bad = || err(Path::new(what), format!("shape {ts:?} does not stack samples of shape {shape:?}"));
+    if ts.len() != shape.len()
+        || shape.is_empty()
+        || ts[1..] != shape[1..]
+        || shape[0] == 0
+        || !ts[0].is_multiple_of(shape[0])
+        || ts[0] == 0
+    {
+        return Err(bad());
+    }
+    (0..ts[0] / shape[0]).map(|i| t.slice(0, i * shape[0], (i + 1) * shape[0]).map_err(|_| bad())).collect()
+}
+
 /// Splits `t` (read from `path`) into inputs of `spec`: `t` is one input or a stack of them
 /// along axis 0.
 fn split(path: &Path, t: Tensor, spec: &IoSpec) -> Result<Vec<Tensor>> {
@@ -55,7 +73,7 @@ fn split(path: &Path, t: Tensor, spec: &IoSpec) -> Result<Vec<Tensor>> {
             ),
         ));
     }
-    (0..t.shape()[0] / b).map(|i| t.slice(0, i * b, (i + 1) * b).map_err(|e| err(path, e.to_string()))).collect()
+    split_samples(&t, &spec.shape, &path.display().to_string())
 }
 
 fn npy_files(dir: &Path) -> Result<Vec<PathBuf>> {

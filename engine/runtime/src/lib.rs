@@ -18,7 +18,10 @@ pub mod alloc;
 pub mod bench;
 pub mod compare;
 pub mod dataset;
+pub mod fsio;
+pub mod metadata;
 pub mod npy;
+pub mod precision;
 pub mod profile;
 
 /// The README's library example, compiled and run as a doc test.
@@ -279,7 +282,7 @@ impl Session {
         let ranges = inputs
             .iter()
             .map(|i| {
-                let key = format!("perceiver_edge.range.{}", i.name);
+                let key = metadata::range_key(&i.name);
                 let v = metadata.iter().find(|(k, _)| *k == key)?;
                 let mut it = v.1.split_whitespace().map(|x| x.parse::<i64>().ok());
                 Some((it.next()??, it.next()??))

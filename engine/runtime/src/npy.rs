@@ -32,30 +32,26 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
         })
 }
 
-/// Writes a tensor as `.npy` (atomically: a temporary file, then a rename).
+/// Writes a tensor as `.npy` atomically (through [`crate::fsio::write_atomic_with`]).
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
-    let tmp = path.with_extension("npy.partial");
-    let res = (|| -> std::result::Result<(), String> {
-        let f = File::create(&tmp).map_err(|e| e.to_string())?;
-        let w = std::io::BufWriter::new(f);
-        let r = match t.datum_type() {
-            DatumType::F32 => t.to_plain_array_view::<f32>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::F64 => t.to_plain_array_view::<f64>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::I64 => t.to_plain_array_view::<i64>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::I32 => t.to_plain_array_view::<i32>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::I8 => t.to_plain_array_view::<i8>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::U8 => t.to_plain_array_view::<u8>().map_err(|e| e.to_string())?.write_npy(w),
-            DatumType::F16 => {
-                let f = t.cast_to::<f32>().map_err(|e| e.to_string())?;
-                f.to_plain_array_view::<f32>().map_err(|e| e.to_string())?.write_npy(w)
-            }
-            other => return Err(format!("cannot write {} tensors", dtype_name(other))),
-        };
-        r.map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        npy_err(path, format!("cannot write: {e}"))
-    })
+    let dt = t.datum_type();
+    let view_err = |e: TractError| npy_err(path, format!("cannot write: {e}"));
+    let f32_copy;
+    let t = if dt == DatumType::F16 {
+        f32_copy = t.cast_to::<f32>().map_err(view_err)?.into_owned();
+        &f32_copy
+    } else {
+        t
+    };
+    let io = |e: ndarray_npy::WriteNpyError| std::io::Error::other(e.to_string());
+    let res = crate::fsio::write_atomic_with(path, |w| match t.datum_type() {
+        DatumType::F32 => t.to_plain_array_view::<f32>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        DatumType::F64 => t.to_plain_array_view::<f64>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        DatumType::I64 => t.to_plain_array_view::<i64>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        DatumType::I32 => t.to_plain_array_view::<i32>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        DatumType::I8 => t.to_plain_array_view::<i8>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        DatumType::U8 => t.to_plain_array_view::<u8>().map_err(std::io::Error::other)?.write_npy(w).map_err(io),
+        other => Err(std::io::Error::other(format!("cannot write {} tensors", dtype_name(other)))),
+    });
+    res.map_err(|e| npy_err(path, format!("cannot write: {e}")))
 }

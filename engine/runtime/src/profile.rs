@@ -96,28 +96,7 @@ impl Arch {
     }
 }
 
-/// Numeric precision of a model's arithmetic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float.
-    F16,
-    /// 8-bit integer (quantised).
-    Int8,
-}
-
-impl Precision {
-    /// The name used in profiles.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Int8 => "int8",
-        }
-    }
-}
+pub use crate::precision::Precision;
 
 /// A profile that could not be read or is invalid: `FILE: KEY: message` on one line.
 #[derive(Clone, Debug, PartialEq)]
@@ -329,18 +308,16 @@ impl Profile {
             b.err("precisions", format!("expected an array like [\"f16\", \"f32\"], got {}", show(b.get("precisions"))))
         })?;
         if list.is_empty() {
-            return Err(b.err("precisions", "must list at least one of f32, f16, int8"));
+            return Err(b.err("precisions", "must list at least one of f32, f16, int8, int8-static, q4"));
         }
         let mut precisions = Vec::with_capacity(list.len());
         for v in list {
-            let p = match v.as_str() {
-                Some("f32") => Precision::F32,
-                Some("f16") => Precision::F16,
-                Some("int8") => Precision::Int8,
-                _ => return Err(b.err("precisions", format!("{} is not one of \"f32\", \"f16\", \"int8\"", show(v)))),
+            let Some(p) = v.as_str().and_then(|s| s.parse::<Precision>().ok()) else {
+                let names: Vec<String> = Precision::ALL.iter().map(|(_, n)| format!("\"{n}\"")).collect();
+                return Err(b.err("precisions", format!("{} is not one of {}", show(v), names.join(", "))));
             };
             if precisions.contains(&p) {
-                return Err(b.err("precisions", format!("\"{}\" is listed twice", p.as_str())));
+                return Err(b.err("precisions", format!("\"{}\" is listed twice", p.name())));
             }
             precisions.push(p);
         }
@@ -357,7 +334,7 @@ impl Profile {
     /// but only fast with `dotprod` on ARM or VNNI on x86, which must be measured).
     pub fn native(&self, p: Precision) -> bool {
         match p {
-            Precision::F32 | Precision::Int8 => true,
+            Precision::F32 | Precision::Int8 | Precision::Int8Static | Precision::Q4 => true,
             Precision::F16 => self.cpu.fp16,
         }
     }
@@ -439,7 +416,7 @@ impl fmt::Display for Profile {
         let ps: Vec<String> = b
             .precisions
             .iter()
-            .map(|p| if self.native(*p) { p.as_str().to_string() } else { format!("{} (emulated here)", p.as_str()) })
+            .map(|p| if self.native(*p) { p.name().to_string() } else { format!("{} (emulated here)", p.name()) })
             .collect();
         writeln!(f, "precisions     {}", ps.join(", "))
     }
@@ -551,12 +528,12 @@ precisions = ["f16", "int8", "f32"]
             (
                 "[\"f16\", \"int8\", \"f32\"]",
                 "[\"f16\", \"bf16\"]",
-                "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\"",
+                "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\", \"int8-static\", \"q4\"",
             ),
             (
                 "[\"f16\", \"int8\", \"f32\"]",
                 "[]",
-                "x.toml: budget.precisions: must list at least one of f32, f16, int8",
+                "x.toml: budget.precisions: must list at least one of f32, f16, int8, int8-static, q4",
             ),
             (
                 "[\"f16\", \"int8\", \"f32\"]",

@@ -2,9 +2,7 @@
 //! samples shaped like the graph's input, with optional integer labels.
 
 use anyhow::{bail, Context, Result};
-use perceiver_edge_export::budget::split_samples;
-use perceiver_edge_export::graph::Val;
-use perceiver_edge_runtime::{npy, to_vec, Tensor};
+use perceiver_edge_runtime::{dataset, npy, to_vec, IoSpec, Tensor};
 use std::path::{Path, PathBuf};
 
 /// Calibration samples (each the graph's inputs, in order) and their labels, if known.
@@ -22,38 +20,30 @@ fn is_label_file(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("label"))
 }
 
-/// Loads `data` (a stacked `.npy` or a folder of `.npy` files; files whose name contains
-/// `label` are labels) for a graph with `inputs` (one input only). `labels` overrides.
-pub fn load(data: &Path, labels: Option<&Path>, inputs: &[Val]) -> Result<Calibration> {
+/// Loads `data` through the runtime's one dataset reader ([`dataset::load_inputs`]: a stacked
+/// `.npy`, a folder of them, or a fixture folder) for a graph with `inputs` (one input only);
+/// in a folder, a `.npy` file whose name contains `label` holds the labels. `labels` overrides.
+pub fn load(data: &Path, labels: Option<&Path>, inputs: &[IoSpec]) -> Result<Calibration> {
     if inputs.len() != 1 {
         let names: Vec<&str> = inputs.iter().map(|v| v.name.as_str()).collect();
         bail!("calibration supports single-input models; this one takes {}", names.join(", "));
     }
-    let (files, mut label_files): (Vec<PathBuf>, Vec<PathBuf>) = if data.is_dir() {
+    if !data.exists() {
+        bail!("{}: no such calibration file or folder", data.display());
+    }
+    let samples = dataset::load_inputs(data, inputs)?;
+    let mut label_files: Vec<PathBuf> = if data.is_dir() {
         let mut all: Vec<PathBuf> = std::fs::read_dir(data)
             .with_context(|| format!("{}: cannot list", data.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+            .filter(|p| p.extension().is_some_and(|e| e == "npy") && is_label_file(p))
             .collect();
         all.sort();
-        all.into_iter().partition(|p| !is_label_file(p))
-    } else if data.exists() {
-        (vec![data.to_path_buf()], vec![])
+        all
     } else {
-        bail!("{}: no such calibration file or folder", data.display());
+        vec![]
     };
-    if files.is_empty() {
-        bail!("{}: no .npy calibration files", data.display());
-    }
-    let shape = &inputs[0].shape;
-    let mut samples = vec![];
-    for f in &files {
-        let t = npy::read_npy(f)?;
-        let what = f.display().to_string();
-        for s in split_samples(&t, shape, &what)? {
-            samples.push(vec![s]);
-        }
-    }
+    let batch = inputs[0].shape[0];
     if let Some(l) = labels {
         label_files = vec![l.to_path_buf()];
     }
@@ -61,9 +51,9 @@ pub fn load(data: &Path, labels: Option<&Path>, inputs: &[Val]) -> Result<Calibr
         [one] => {
             let t = npy::read_npy(one)?;
             let v = to_vec::<i64>(&t).with_context(|| format!("{}: labels must be int64", one.display()))?;
-            if v.len() != samples.len() * shape[0] {
+            if v.len() != samples.len() * batch {
                 if labels.is_some() {
-                    bail!("{}: {} labels for {} samples", one.display(), v.len(), samples.len() * shape[0]);
+                    bail!("{}: {} labels for {} samples", one.display(), v.len(), samples.len() * batch);
                 }
                 None // a folder's label file that does not match: no accuracy
             } else {

@@ -15,7 +15,7 @@
 
 use crate::profile::Profile;
 use anyhow::Result;
-use perceiver_edge_export::graph::{DType, Graph};
+use perceiver_edge_export::ir::{DType, Graph};
 use perceiver_edge_export::Summary;
 use perceiver_edge_runtime::{alloc, tensor, Session};
 use serde::Serialize;
@@ -106,13 +106,13 @@ fn time_runs(session: &mut Session, inputs: &[perceiver_edge_runtime::Tensor], r
 }
 
 fn session_of(g: &Graph) -> Result<Session> {
-    Ok(Session::from_bytes(&perceiver_edge_export::onnx::to_bytes(g))?)
+    Ok(Session::from_bytes(&perceiver_edge_export::ir::onnx::to_bytes(g))?)
 }
 
 /// Runs the host micro-benchmark (well under a second) single-threaded. `host` is the host's
 /// profile, if known (peak per core and bandwidth for scaling to boards); without one the host
 /// is assumed to peak at 64 GFLOP/s per core (AVX2 FMA at 2 GHz) and reach 20 GB/s.
-pub fn calibrate(host: Option<&Profile>) -> Result<HostRates> {
+pub fn measure_host(host: Option<&Profile>) -> Result<HostRates> {
     perceiver_edge_runtime::set_threads(1)?;
     // Compute: 4 chained 256x256 matmuls (134 MFLOP).
     let n = 256;

@@ -10,7 +10,7 @@
 //! * the **chosen** one is the fastest fitting candidate whose top-1 agreement with the full model
 //!   is at least `min_agreement`; if none is that faithful, the most faithful fitting one.
 //!
-//! Latents are chosen by [`perceiver_edge_export::budget::latent_importance`] on the
+//! Latents are chosen by [`perceiver_edge_export::analysis::latent_importance`] on the
 //! even-numbered calibration samples; fidelity is measured on the odd-numbered ones.
 
 pub mod calib;
@@ -19,8 +19,9 @@ pub mod plot;
 pub mod profile;
 
 use anyhow::{bail, Context, Result};
-use perceiver_edge_export::budget::{self, Fidelity};
+use perceiver_edge_export::analysis;
 use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions};
+use perceiver_edge_runtime::compare::{fidelity, Fidelity};
 use perceiver_edge_runtime::{bench, to_vec, Session};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 pub use profile::Profile;
 
 /// One point of the search space.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Hash)]
 pub struct Candidate {
     /// Latents kept (of the trained N).
     pub latents: usize,
@@ -37,7 +38,7 @@ pub struct Candidate {
     /// Matmul threads.
     pub threads: usize,
     /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes).
-    pub precision: &'static str,
+    pub precision: Precision,
 }
 
 /// Candidate values along each axis, before combination.
@@ -83,15 +84,11 @@ pub fn candidates(
     if blocks.contains(&0) || threads.contains(&0) {
         bail!("block and thread candidates must be at least 1");
     }
-    let mut precisions: Vec<&'static str> = vec![];
+    let mut precisions: Vec<Precision> = vec![];
     for p in axes.precisions.clone().unwrap_or_else(|| vec!["f32".into()]) {
-        let known = Precision::ALL.iter().find(|(_, n)| *n == p).map(|(_, n)| *n);
-        let Some(name) = known else {
-            let names: Vec<&str> = Precision::ALL.iter().map(|(_, n)| *n).collect();
-            bail!("unknown precision \"{p}\" (expected {})", names.join(", "));
-        };
-        if !precisions.contains(&name) {
-            precisions.push(name);
+        let p: Precision = p.parse()?;
+        if !precisions.contains(&p) {
+            precisions.push(p);
         }
     }
     let mut out = vec![];
@@ -117,6 +114,26 @@ pub fn pareto(points: &[(f64, f64, f64)]) -> Vec<bool> {
             !points.iter().any(|&(l2, m2, f2)| l2 <= l && m2 <= m && f2 >= f && (l2 < l || m2 < m || f2 > f))
         })
         .collect()
+}
+
+/// The host a tuning run measured on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Host {
+    /// CPU architecture (`x86_64`, `aarch64`, ...).
+    pub arch: String,
+    /// Cores available.
+    pub cores: usize,
+}
+
+/// Where the calibration data came from and how it was split.
+#[derive(Clone, Debug, Serialize)]
+pub struct CalibrationUse {
+    /// The data path.
+    pub source: String,
+    /// Samples that chose the latents.
+    pub selection: usize,
+    /// Samples that measured fidelity.
+    pub validation: usize,
 }
 
 /// A measured candidate.
@@ -149,7 +166,7 @@ impl Measured {
     /// Short label, e.g. `K16 B1 T1`.
     pub fn label(&self) -> String {
         let c = self.candidate;
-        let p = if c.precision == "f32" { String::new() } else { format!(" {}", c.precision) };
+        let p = if c.precision == Precision::F32 { String::new() } else { format!(" {}", c.precision) };
         format!("K{} B{} T{}{p}", c.latents, c.blocks, c.threads)
     }
 }
@@ -207,13 +224,13 @@ pub struct Report {
     /// The board.
     pub target: Profile,
     /// Host architecture and cores.
-    pub host: (String, usize),
+    pub host: Host,
     /// Whether fit was judged on predictions (board differs from host) or measurements.
     pub judged_on: String,
     /// Host micro-benchmark.
     pub host_rates: cost::HostRates,
     /// Calibration source, selection and validation sample counts.
-    pub calibration: (String, usize, usize),
+    pub calibration: CalibrationUse,
     /// Importance of each trained latent (selection samples).
     pub latent_importance: Vec<f64>,
     /// Latent indices, most important first.
@@ -262,7 +279,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let full = perceiver_edge_export::build(&ck, &base)?;
     let n = *full.summary.dims.get("N").context("model has no latent array")?;
     let trained_blocks = full.summary.depth.0;
-    let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.inputs)?;
+    let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
     let (select, validate) = cal.split();
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
     std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create", o.out.display()))?;
@@ -271,10 +288,10 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}").expect("template"));
     bar.set_message("host micro-benchmark");
-    let rates = cost::calibrate(host_profile.as_ref())?;
+    let rates = cost::measure_host(host_profile.as_ref())?;
     bar.inc(1);
     bar.set_message("latent importance");
-    let importance = budget::latent_importance(&ck, &base, &select.samples)?;
+    let importance = analysis::latent_importance(&ck, &base, &select.samples)?;
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| importance[b].total_cmp(&importance[a]).then(a.cmp(&b)));
     bar.inc(1);
@@ -287,7 +304,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let mut measured = vec![];
     let mut files_of = vec![];
     let bench_inputs = validate.samples[0].clone();
-    type Built = ((usize, usize, &'static str), PathBuf, Fidelity, cost::Features);
+    type Built = ((usize, usize, Precision), PathBuf, Fidelity, cost::Features);
     let mut last: Option<Built> = None;
     for c in &cands {
         bar.set_message(format!("K{} B{} T{} {}", c.latents, c.blocks, c.threads, c.precision));
@@ -295,13 +312,13 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         let (path, fid, feat) = match &last {
             Some((k, p, f, ft)) if *k == key => (p.clone(), f.clone(), ft.clone()),
             _ => {
-                let keep = budget::select_latents(&importance, c.latents)?;
+                let keep = analysis::select_latents(&importance, c.latents)?;
                 let opts = ExportOptions {
                     latents: (c.latents < n).then_some(keep),
                     blocks: (c.blocks != trained_blocks).then_some(c.blocks),
                     ..base.clone()
                 };
-                let precision: Precision = c.precision.parse()?;
+                let precision = c.precision;
                 let opts = perceiver_edge_export::options_for_precision(&ck, &opts, precision)?;
                 let mut e = perceiver_edge_export::build(&ck, &opts)?;
                 let q = QuantOptions {
@@ -314,7 +331,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                 e.write(&path)?;
                 let mut s = Session::load(&path)?;
                 let (out, _) = first_output(&mut s, &validate.samples)?;
-                let fid = budget::fidelity(&ref_out, &out, row, validate.labels.as_deref());
+                let fid = fidelity(&ref_out, &out, row, validate.labels.as_deref());
                 let feat = cost::Features::of(&e.graph, &e.summary);
                 last = Some((key, path.clone(), fid.clone(), feat.clone()));
                 (path, fid, feat)
@@ -375,7 +392,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             let model = o.out.join("model.onnx");
             std::fs::copy(&files_of[i], &model).with_context(|| format!("{}: cannot write", model.display()))?;
             files.push(model.display().to_string());
-            Some(budget::select_latents(&importance, measured[i].candidate.latents)?)
+            Some(analysis::select_latents(&importance, measured[i].candidate.latents)?)
         }
         None => None,
     };
@@ -390,17 +407,21 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let report = Report {
         checkpoint: o.checkpoint.display().to_string(),
         target: board.clone(),
-        host: (host_arch, host_cores),
+        host: Host { arch: host_arch, cores: host_cores },
         judged_on: if judge_measured { "measured".into() } else { "predicted for the board".into() },
         host_rates: rates,
-        calibration: (cal.source.clone(), select.samples.len(), validate.samples.len()),
+        calibration: CalibrationUse {
+            source: cal.source.clone(),
+            selection: select.samples.len(),
+            validation: validate.samples.len(),
+        },
         latent_importance: importance,
         latent_order: order,
         min_agreement: o.min_agreement,
         precisions: {
             let mut p: Vec<String> = vec![];
             for c in &cands {
-                if !p.iter().any(|x| x == c.precision) {
+                if !p.iter().any(|x| x == c.precision.name()) {
                     p.push(c.precision.to_string());
                 }
             }
@@ -429,8 +450,8 @@ pub fn table(r: &Report) -> String {
         r.target.cores,
         r.target.deadline_ms,
         r.target.memory_mb,
-        r.host.0,
-        r.host.1,
+        r.host.arch,
+        r.host.cores,
         r.judged_on
     );
     let _ = writeln!(
@@ -499,7 +520,7 @@ pub fn table(r: &Report) -> String {
 /// Loads calibration data for `ck` exported with `opts` (for `export --latents K --calibrate`).
 pub fn calibration_for(ck: &Checkpoint, opts: &ExportOptions, data: &Path) -> Result<calib::Calibration> {
     let g = perceiver_edge_export::build(ck, opts)?;
-    calib::load(data, None, &g.graph.inputs)
+    calib::load(data, None, &g.graph.input_specs())
 }
 
 #[cfg(test)]
@@ -527,7 +548,7 @@ mod tests {
         };
         let c = candidates(&axes, 8, 1, 4, 4).unwrap();
         assert_eq!(c.len(), 4);
-        assert_eq!((c[0].precision, c[1].precision, c[2].latents), ("f32", "int8", 3));
+        assert_eq!((c[0].precision, c[1].precision, c[2].latents), (Precision::F32, Precision::Int8, 3));
         let bad = Axes { precisions: Some(vec!["f8".into()]), ..Default::default() };
         assert!(candidates(&bad, 8, 1, 1, 1).unwrap_err().to_string().contains("unknown precision \"f8\""));
         assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1).is_err());
@@ -544,7 +565,7 @@ mod tests {
     fn m(latents: usize, threads: usize, top1: f64, fits: bool) -> Measured {
         let p = cost::Predicted { latency_ms: 0.0, memory_bytes: 0.0 };
         Measured {
-            candidate: Candidate { latents, blocks: 1, threads, precision: "f32" },
+            candidate: Candidate { latents, blocks: 1, threads, precision: Precision::F32 },
             p50_ms: 0.0,
             p99_ms: 0.0,
             memory_bytes: 0,

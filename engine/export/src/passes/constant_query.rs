@@ -19,9 +19,9 @@
 //! of `position_split` (memory: `H N M` floats instead of `M dk`).
 
 use super::util::{const_f32, constant_query_core, emit_before, producers, val, ConstantQueryCore};
-use super::Pass;
+use super::{Pass, PositionSplit};
 use crate::error::Result;
-use crate::graph::{DType, Graph, Node, Val};
+use crate::ir::{DType, Graph, Node, Val};
 
 /// See the module documentation.
 pub struct ConstantQueryAttention;
@@ -169,8 +169,10 @@ impl Pass for ConstantQueryAttention {
         super::record_rewrites(g, self.name(), sites);
         if added > 0 {
             g.prune();
-            g.metadata.push(("perceiver_edge.tables.constant_query_attention".into(), added.to_string()));
-            if let Some(e) = g.metadata.iter_mut().find(|(k, _)| k == "perceiver_edge.tables.position_split") {
+            g.metadata.push((crate::metadata::tables_key(self.name()), added.to_string()));
+            if let Some(e) =
+                g.metadata.iter_mut().find(|(k, _)| *k == crate::metadata::tables_key(PositionSplit.name()))
+            {
                 let v: usize = e.1.parse().unwrap_or(0);
                 e.1 = v.saturating_sub(removed).to_string();
             }

@@ -17,7 +17,7 @@
 use super::util::{const_f32, constant_query_core, emit_before, eval_const, producers, val, ConstantQueryCore};
 use super::Pass;
 use crate::error::Result;
-use crate::graph::{Graph, Val};
+use crate::ir::{Graph, Val};
 
 /// See the module documentation.
 pub struct FewQueryAttention;

@@ -27,7 +27,7 @@
 use super::util::{const_f32, consumers, producers};
 use super::Pass;
 use crate::error::Result;
-use crate::graph::{Attr, DType, Graph, Node, Val};
+use crate::ir::{Attr, DType, Graph, Node, Val};
 
 /// See the module documentation.
 pub struct PositionSplit;
@@ -285,7 +285,7 @@ impl Pass for PositionSplit {
         }
         super::record_rewrites(g, self.name(), sites);
         if total > 0 {
-            g.metadata.push(("perceiver_edge.tables.position_split".into(), total.to_string()));
+            g.metadata.push((crate::metadata::tables_key(self.name()), total.to_string()));
         }
         g.prune();
         Ok(())

@@ -1,6 +1,6 @@
 //! Graph queries shared by the rewrite passes.
 
-use crate::graph::{Attr, DType, Graph, Node, Val};
+use crate::ir::{Attr, DType, Graph, Node, Val};
 use std::collections::HashMap;
 
 /// Value name -> index of the node that produces it.
@@ -82,7 +82,7 @@ pub fn eval_const(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         "Transpose" => {
             let (s, x) = arg(0)?;
             let perm: Vec<usize> = match n.attrs.iter().find(|(k, _)| k == "perm") {
-                Some((_, crate::graph::Attr::Ints(p))) => p.iter().map(|&v| v as usize).collect(),
+                Some((_, crate::ir::Attr::Ints(p))) => p.iter().map(|&v| v as usize).collect(),
                 _ => return None,
             };
             let (si, so) = (strides(&s), strides(&shape));
@@ -115,7 +115,7 @@ pub fn eval_const(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
             let (_, w) = arg(1)?;
             let (_, b) = arg(2)?;
             let eps = match n.attrs.iter().find(|(k, _)| k == "epsilon") {
-                Some((_, crate::graph::Attr::Float(e))) => *e as f64,
+                Some((_, crate::ir::Attr::Float(e))) => *e as f64,
                 _ => 1e-5,
             };
             let c = w.len();

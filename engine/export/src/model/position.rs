@@ -3,7 +3,7 @@
 //! an arbitrary subset of output positions, [`fourier_at_indices`] emits the same features as
 //! graph nodes computed from an index input.
 
-use crate::graph::{DType, Graph, Val};
+use crate::ir::{DType, Graph, Val};
 
 /// Parameters of transformers' `PerceiverFourierPositionEncoding`.
 #[derive(Clone, Debug, PartialEq)]

@@ -2,8 +2,8 @@
 //! quantised Linear exposed as extra outputs, over a calibration set.
 
 use crate::error::{Error, Result};
-use crate::graph::Graph;
-use perceiver_edge_runtime::{dataset, to_vec, IoSpec, Session, Tensor};
+use crate::ir::Graph;
+use perceiver_edge_runtime::{dataset, to_vec, Session, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -42,30 +42,9 @@ impl std::str::FromStr for Method {
 /// Values kept per tensor for percentiles (a strided sample beyond this).
 const PERCENTILE_SAMPLE: usize = 1 << 20;
 
-/// The graph's inputs as runtime specs.
-pub fn input_specs(g: &Graph) -> Vec<IoSpec> {
-    use perceiver_edge_runtime::DatumType as D;
-    g.inputs
-        .iter()
-        .map(|v| IoSpec {
-            name: v.name.clone(),
-            dtype: match v.dtype {
-                crate::graph::DType::F32 => D::F32,
-                crate::graph::DType::F16 => D::F16,
-                crate::graph::DType::I64 => D::I64,
-                crate::graph::DType::I32 => D::I32,
-                crate::graph::DType::I8 => D::I8,
-                crate::graph::DType::U8 => D::U8,
-                crate::graph::DType::Bool => D::Bool,
-            },
-            shape: v.shape.clone(),
-        })
-        .collect()
-}
-
 /// Reads calibration inputs for graph `g` from `path` (see [`perceiver_edge_runtime::dataset`]).
 pub fn load(g: &Graph, path: &Path) -> Result<Vec<Vec<Tensor>>> {
-    dataset::load_inputs(path, &input_specs(g)).map_err(|e| Error::invalid(e.to_string()))
+    Ok(dataset::load_inputs(path, &g.input_specs())?)
 }
 
 /// Runs f32 graph `g` on every input set and returns the range of each value in `values`;
@@ -95,7 +74,7 @@ pub fn ranges(
             .ok_or_else(|| Error::invalid(format!("calibration: no value `{v}` in the graph")))?;
         probe.output(&val, &format!("calibrate:{v}"));
     }
-    let bytes = crate::onnx::to_bytes(&probe);
+    let bytes = crate::ir::onnx::to_bytes(&probe);
     let mut session = Session::from_bytes(&bytes).map_err(|e| Error::invalid(format!("calibration: {e}")))?;
     let mut minmax = vec![(f32::INFINITY, f32::NEG_INFINITY); values.len()];
     let mut samples: Vec<Vec<f32>> = vec![vec![]; values.len()];

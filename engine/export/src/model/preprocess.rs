@@ -2,10 +2,10 @@
 //! attends to (text embeddings, image pixels / conv stems with position features, flow
 //! patches, multimodal video + audio, or raw sensor tokens).
 
-use crate::blocks::Builder;
 use crate::error::{Error, Result};
-use crate::graph::{Attr, DType, Val};
-use crate::position::Fourier;
+use crate::ir::{Attr, DType, Val};
+use crate::model::blocks::Builder;
+use crate::model::position::Fourier;
 
 /// What a preprocessor hands to the encoder and decoders.
 pub struct Preprocessed {
@@ -111,7 +111,7 @@ pub fn image_conv1x1(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed
                 ),
             ));
         }
-        crate::position::bicubic_positions(&pos.data, side, pos.shape[1], h, w)
+        crate::model::position::bicubic_positions(&pos.data, side, pos.shape[1], h, w)
     };
     let (proj, width) = b.linear_const("input_preprocessor.positions_projection", &table, h * w)?;
     Ok(Preprocessed::plain(concat_positions(b, &y, &proj, width)))

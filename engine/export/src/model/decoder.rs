@@ -2,10 +2,10 @@
 //! cross-attend to the latents, then an optional final projection. With an index input the
 //! graph decodes only a subset of output positions.
 
-use crate::blocks::{Builder, LayerOpts};
 use crate::error::Result;
-use crate::graph::Val;
-use crate::position::{fourier_at_indices, Fourier};
+use crate::ir::Val;
+use crate::model::blocks::{Builder, LayerOpts};
+use crate::model::position::{fourier_at_indices, Fourier};
 
 /// Where a decoder's output queries come from.
 #[derive(Clone, Debug)]

@@ -1,6 +1,6 @@
 //! Serialises a [`Graph`] into an ONNX `ModelProto` (protobuf types from `tract_onnx::pb`).
 
-use crate::graph::{Attr, DType, Graph, TensorData, Val};
+use super::graph::{Attr, Graph, TensorData, Val};
 use prost::Message;
 use tract_onnx::pb;
 
@@ -9,25 +9,11 @@ pub const OPSET: i64 = 17;
 /// ONNX IR version written (IR 8 goes with opset 17).
 pub const IR_VERSION: i64 = 8;
 
-/// ONNX `TensorProto.DataType` code of a [`DType`].
-pub fn dtype_code(d: DType) -> i32 {
-    use pb::tensor_proto::DataType as T;
-    (match d {
-        DType::F32 => T::Float,
-        DType::F16 => T::Float16,
-        DType::I64 => T::Int64,
-        DType::I32 => T::Int32,
-        DType::I8 => T::Int8,
-        DType::U8 => T::Uint8,
-        DType::Bool => T::Bool,
-    }) as i32
-}
-
 fn tensor_proto(name: &str, t: &TensorData) -> pb::TensorProto {
     pb::TensorProto {
         name: name.to_string(),
         dims: t.shape.iter().map(|&d| d as i64).collect(),
-        data_type: dtype_code(t.dtype),
+        data_type: t.dtype.onnx_code(),
         raw_data: t.bytes.clone(),
         ..Default::default()
     }
@@ -39,7 +25,7 @@ fn value_info(v: &Val) -> pb::ValueInfoProto {
         name: v.name.clone(),
         r#type: Some(pb::TypeProto {
             value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: dtype_code(v.dtype),
+                elem_type: v.dtype.onnx_code(),
                 shape: Some(pb::TensorShapeProto {
                     dim: v
                         .shape

@@ -2,30 +2,20 @@
 //! graph's outputs (exact passes) or state its tolerance (lossy ones, e.g. quantisation).
 
 use crate::error::Result;
-use crate::graph::Graph;
+use crate::ir::Graph;
 
 // --- performance rewrites (issue #3) ---
 mod constant_query;
 mod few_queries;
 mod position_split;
+pub mod quant;
+pub mod tables;
 mod util;
 pub use constant_query::ConstantQueryAttention;
 pub use few_queries::FewQueryAttention;
 pub use position_split::PositionSplit;
 
-/// Which exact performance rewrites run at export (all by default).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PerfOptions {
-    /// Export the unrewritten graph (the reference the rewrites are tested against).
-    pub no_rewrites: bool,
-    /// Skip the rewrites that add precomputed tables (memory for speed; `inspect` reports them).
-    pub no_position_tables: bool,
-    /// The graph will be quantised to int8 / q4: `few_query_attention` is skipped. Exact in
-    /// f32, it would quantise the probability-weighted mean of the keys' inputs once instead of
-    /// each key's projection (whose errors the softmax average partly cancels): measured on the
-    /// seqcls fixture, int8 cosine 0.99891 with it against 0.99988 without.
-    pub quantised: bool,
-}
+pub use crate::options::PerfOptions;
 
 /// The performance passes selected by `o`, in order.
 pub fn perf_passes(o: &PerfOptions) -> Vec<&'static dyn Pass> {
@@ -66,7 +56,7 @@ impl Pass for Prune {
 /// report list them).
 pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
     if sites > 0 {
-        g.metadata.push((format!("perceiver_edge.rewrites.{name}"), sites.to_string()));
+        g.metadata.push((crate::metadata::rewrites_key(name), sites.to_string()));
     }
 }
 
@@ -77,6 +67,6 @@ pub fn run_all(g: &mut Graph, passes: &[&dyn Pass]) -> Result<()> {
         p.run(g)?;
         names.push(p.name());
     }
-    g.metadata.push(("perceiver_edge.passes".into(), names.join(",")));
+    g.metadata.push((crate::metadata::PASSES.into(), names.join(",")));
     Ok(())
 }

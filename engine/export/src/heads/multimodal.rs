@@ -2,13 +2,13 @@
 //! masks) encoded together, decoded in chunks of output points chosen by index inputs, the
 //! way transformers' `subsampled_output_points` does it.
 
-use crate::blocks::{Builder, LayerOpts};
-use crate::decoder::{Decoder, Queries};
-use crate::encoder::encode;
 use crate::error::{Error, Result};
-use crate::graph::{DType, Val};
-use crate::position::{fourier_at_indices, Fourier};
-use crate::spec::ExportOptions;
+use crate::ir::{DType, Val};
+use crate::model::blocks::{Builder, LayerOpts};
+use crate::model::decoder::{Decoder, Queries};
+use crate::model::encoder::encode;
+use crate::model::position::{fourier_at_indices, Fourier};
+use crate::options::ExportOptions;
 
 /// Fourier queries `[K, width]` of the points `idx` (in-graph), or of the whole grid (constant).
 fn fourier_queries(b: &mut Builder, f: &Fourier, idx: Option<&Val>, dims: &[usize]) -> Val {

@@ -1,9 +1,9 @@
 //! The PerceiverIO encoder: the latent array cross-attends to the inputs once, then the
 //! weight-shared block of latent self-attention layers is applied `num_blocks` times.
 
-use crate::blocks::{Builder, LayerOpts};
 use crate::error::Result;
-use crate::graph::Val;
+use crate::ir::Val;
+use crate::model::blocks::{Builder, LayerOpts};
 
 /// Encodes `inputs` (`[B, M, C]`, optional additive mask) into latents `[B, N, D]`.
 pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> {
@@ -13,7 +13,7 @@ pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> 
         // `--latents K`: a constant holding only the kept rows of the trained latent array.
         Some(keep) => {
             let all = b.ck.get_shaped("embeddings.latents", &[Some(n[0]), Some(n[1])])?.clone();
-            let rows = crate::budget::gather_rows(&all, &keep)?;
+            let rows = crate::model::budget::gather_rows(&all, &keep)?;
             b.g.const_f32("embeddings.latents.kept", &[1, keep.len(), n[1]], &rows)
         }
         None => b.param_as("embeddings.latents", &[Some(n[0]), Some(n[1])], &[1, n[0], n[1]])?,

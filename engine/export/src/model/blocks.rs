@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{Checkpoint, Weight};
 use crate::error::{Error, Result};
-use crate::graph::{Attr, DType, Graph, TensorData, Val};
+use crate::ir::{Attr, DType, Graph, TensorData, Val};
 use std::collections::{BTreeMap, HashMap};
 
 /// LayerNorm epsilon: transformers' Perceiver uses `nn.LayerNorm` defaults, not `layer_norm_eps`.
@@ -20,7 +20,7 @@ pub struct Builder<'a> {
     /// Architecture sizes noted while building (`N`, `D`, `M`, `C`, `O`, `E`), for `inspect`.
     pub dims: BTreeMap<&'static str, usize>,
     /// Budget knobs (kept latents, block repetitions) and calibration hooks.
-    pub budget: crate::budget::Budget,
+    pub budget: crate::model::budget::Budget,
     /// With `budget.expose_attention`: every attention's probabilities `[B, H, Lq, Lk]`, with
     /// the checkpoint prefix of the attention that produced them, in graph order.
     pub attention_probs: Vec<(String, Val)>,

@@ -33,6 +33,34 @@ impl DType {
             DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
+
+    /// The runtime's element type.
+    pub fn datum_type(self) -> perceiver_edge_runtime::DatumType {
+        use perceiver_edge_runtime::DatumType as D;
+        match self {
+            DType::F32 => D::F32,
+            DType::F16 => D::F16,
+            DType::I64 => D::I64,
+            DType::I32 => D::I32,
+            DType::I8 => D::I8,
+            DType::U8 => D::U8,
+            DType::Bool => D::Bool,
+        }
+    }
+
+    /// ONNX `TensorProto.DataType` code.
+    pub fn onnx_code(self) -> i32 {
+        use tract_onnx::pb::tensor_proto::DataType as T;
+        (match self {
+            DType::F32 => T::Float,
+            DType::F16 => T::Float16,
+            DType::I64 => T::Int64,
+            DType::I32 => T::Int32,
+            DType::I8 => T::Int8,
+            DType::U8 => T::Uint8,
+            DType::Bool => T::Bool,
+        }) as i32
+    }
 }
 
 /// A constant tensor: raw little-endian bytes with a type and a shape.
@@ -207,7 +235,7 @@ impl Graph {
     /// Declares the valid value range of integer input `name` (token ids, indices); the runtime
     /// rejects out-of-range values before running (stored as `perceiver_edge.range.NAME`).
     pub fn input_range(&mut self, name: &str, lo: i64, hi: i64) {
-        self.metadata.push((format!("perceiver_edge.range.{name}"), format!("{lo} {hi}")));
+        self.metadata.push((perceiver_edge_runtime::metadata::range_key(name), format!("{lo} {hi}")));
     }
 
     /// Declares `v` as a graph output named `name` (through an `Identity` node of that name).
@@ -366,8 +394,18 @@ impl Graph {
 
     /// Type conversion.
     pub fn cast(&mut self, x: &Val, to: DType) -> Val {
-        let code = crate::onnx::dtype_code(to) as i64;
+        let code = to.onnx_code() as i64;
         self.node("Cast", &[x], vec![("to", Attr::Int(code))], to, x.shape.clone())
+    }
+
+    /// The graph's inputs as runtime specs (what the runtime's dataset reader checks against).
+    pub fn input_specs(&self) -> Vec<perceiver_edge_runtime::IoSpec> {
+        let spec = |v: &Val| perceiver_edge_runtime::IoSpec {
+            name: v.name.clone(),
+            dtype: v.dtype.datum_type(),
+            shape: v.shape.clone(),
+        };
+        self.inputs.iter().map(spec).collect()
     }
 
     /// Removes nodes and constants that no graph output depends on.

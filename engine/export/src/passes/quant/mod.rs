@@ -1,0 +1,127 @@
+//! Reduced-precision graphs: one [`Pass`] per precision over the exporter's [`Graph`].
+//!
+//! - [`ToF16`]: f16 constants and arithmetic; graph inputs and outputs stay f32 (a `Cast` at
+//!   each end), and the sensitive ops (LayerNorm, Softmax) run in f32 between casts.
+//! - [`Int8Dynamic`]: every Linear (`MatMul` by a constant weight) becomes
+//!   `DynamicQuantizeLinear` + `MatMulInteger` with per-output-channel symmetric int8 weights,
+//!   then one f32 rescale (`x_scale * w_scale[n]`). tract keeps the weight int8 and runs an
+//!   int8 kernel with i32 accumulation.
+//! - [`Int8Static`]: the same, with the activation scale and zero point fixed from calibration
+//!   ranges (`QuantizeLinear` with constant parameters feeding `MatMulInteger`). A pure QDQ
+//!   graph (`DequantizeLinear` on the weight) would be folded back to f32 weights by tract, so
+//!   the integer matmul is written explicitly.
+//! - [`Q4`]: `com.microsoft` `MatMulNBits` (4-bit, block 32, symmetric, implicit zero point 8;
+//!   tract keeps it packed as Q4_0). K is zero-padded to a multiple of 32 where needed;
+//!   Linears with K < 32 fall back to dynamic int8.
+//!
+//! The int8 and q4 passes also store the other large constants (position tables, latents,
+//! embeddings, convolution kernels) as int8 with a per-axis `DequantizeLinear`: that shrinks
+//! the file; tract folds them back to f32 at load.
+//!
+//! Every rewritten node keeps the name of the value it replaces, so the graphs stay comparable
+//! layer by layer (`perceiver-edge compare`).
+
+mod int8;
+mod math;
+mod policy;
+mod q4;
+mod storage;
+mod to_f16;
+
+pub mod calibrate;
+
+pub use int8::*;
+pub use math::*;
+pub use policy::*;
+pub use q4::*;
+pub use storage::*;
+pub use to_f16::*;
+
+pub use perceiver_edge_runtime::precision::Precision;
+
+use crate::error::{Error, Result};
+use crate::ir::{Attr, DType, Graph, Node, TensorData, Val};
+use crate::metadata;
+use crate::passes::{tables::is_table, Pass};
+use half::f16;
+use std::collections::{HashMap, HashSet};
+
+fn node(name: String, op: &str, inputs: Vec<String>, out: Val, attrs: Vec<(&str, Attr)>) -> Node {
+    Node {
+        name,
+        op: op.into(),
+        domain: String::new(),
+        inputs,
+        outputs: vec![out],
+        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    }
+}
+
+fn val(name: impl Into<String>, dtype: DType, shape: &[usize]) -> Val {
+    Val { name: name.into(), dtype, shape: shape.to_vec() }
+}
+
+fn tensor(dtype: DType, shape: &[usize], bytes: Vec<u8>) -> TensorData {
+    TensorData { dtype, shape: shape.to_vec(), bytes }
+}
+
+/// The pass of `precision` (`None` for f32). `ranges` are needed for int8-static only.
+pub fn pass_for(
+    precision: Precision,
+    keep: &KeepF32,
+    ranges: Option<HashMap<String, (f32, f32)>>,
+) -> Result<Option<Box<dyn Pass>>> {
+    Ok(match precision {
+        Precision::F32 => None,
+        Precision::F16 => Some(Box::new(ToF16 { keep: keep.clone() })),
+        Precision::Int8 => Some(Box::new(Int8Dynamic { keep: keep.clone() })),
+        Precision::Int8Static => Some(Box::new(Int8Static {
+            keep: keep.clone(),
+            ranges: ranges.ok_or_else(|| Error::invalid("int8-static needs calibration ranges"))?,
+        })),
+        Precision::Q4 => Some(Box::new(Q4 { keep: keep.clone() })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_contains("query", "a.query.weight"));
+        assert!(glob_contains("encoder.cross*key", "perceiver.encoder.cross_attention.self.key.weight.T"));
+        assert!(!glob_contains("cross*query", "encoder.self.key"));
+        assert!(glob_contains("*", "x"));
+    }
+
+    #[test]
+    fn per_column_int8_roundtrips_within_half_a_step() {
+        let w = [0.5f32, -2.0, 0.25, 1.0, -0.125, 0.0];
+        let (q, s) = quantize_per_column(&w, 3, 2);
+        assert_eq!(q[1], -127);
+        for i in 0..6 {
+            assert!((q[i] as f32 * s[i % 2] - w[i]).abs() <= s[i % 2] / 2.0 + 1e-7);
+        }
+    }
+
+    #[test]
+    fn q4_packs_low_nibble_first() {
+        let (k, n) = (32, 1);
+        let w: Vec<f32> = (0..k).map(|i| i as f32 - 16.0).collect();
+        let (b, s) = quantize_q4(&w, k, n);
+        let d = s[0];
+        assert_eq!(d, 2.0);
+        let code = |i: usize| (b[i / 2] >> (4 * (i % 2))) & 15;
+        assert_eq!(code(0), 0, "-16 = (0 - 8) * 2");
+        for (i, wi) in w.iter().enumerate() {
+            assert!(((code(i) as f32 - 8.0) * d - wi).abs() <= 1.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn unknown_precision_is_one_line() {
+        let e = "int4".parse::<Precision>().unwrap_err().to_string();
+        assert!(e.contains("int4") && e.contains("int8-static") && !e.contains('\n'));
+    }
+}
