@@ -1,6 +1,6 @@
 //! Self-benchmark: load time, latency percentiles, throughput, memory (peak RSS, heap, growth
 //! over the run) and a paced mode that runs at a fixed rate like a camera loop and counts
-//! deadline misses. The JSON form ([`BenchReport`]) is stable; see the README.
+//! deadline misses. The JSON form ([`BenchReport`]) is stable; see docs/cli.md (`bench`).
 
 use crate::{alloc, Error, Result, Session};
 use serde::Serialize;
