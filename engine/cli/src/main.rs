@@ -12,7 +12,13 @@ static ALLOC: perceiver_edge_runtime::alloc::Counting = perceiver_edge_runtime::
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "perceiver-edge", version, about = "PerceiverIO on edge hardware: export, run, inspect")]
+#[command(
+    name = "perceiver-edge",
+    version,
+    about = "PerceiverIO on edge hardware: export, run, inspect",
+    after_help = "Code layout: engine/runtime (Session, shared vocabulary), engine/export (ir -> model -> heads -> passes), \
+                  engine/tune, engine/cli; see docs/layout.md. Every subcommand: perceiver-edge help SUBCOMMAND."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
