@@ -20,6 +20,14 @@ quantise the activation (measured: up to 9e-2 relative on int8-static logits).
 The error against transformers' outputs is reported too (informative; the Rust test
 asserts the issue's targets on tract's outputs).
 
+On x86 CPUs without VNNI, onnxruntime's u8 x s8 integer matmul (MLAS, vpmaddubsw) adds
+pairs of products in saturating int16, so a MatMulInteger with u8 activations near 255 and
+s8 weights near +-127 comes out wrong (onnxruntime's quantisation tool offers `reduce_range`
+for this). This script probes that once (one small MatMulInteger against exact integer
+arithmetic); where onnxruntime saturates, graphs containing MatMulInteger are still checked
+(onnx.checker, onnxruntime runs them, shapes, finite values) but their parity with tract is
+not asserted, and the line says so.
+
 Prints one line per graph and ends with "N passed, M failed". Exits non-zero on any
 failure or when no graph was found. Needs numpy, onnx and onnxruntime only.
 """
@@ -50,6 +58,34 @@ def metrics(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return cos, rel
 
 
+def ort_int8_exact() -> tuple[bool, int]:
+    """Whether onnxruntime's u8 x s8 MatMulInteger is exact on this CPU (see the docstring)."""
+    from onnx import helper, numpy_helper, TensorProto
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (16, 64)).astype(np.uint8)
+    w = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    g = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [16, 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    err = int(np.abs(y.astype(np.int64) - a.astype(np.int64) @ w.astype(np.int64)).max())
+    return err == 0, err
+
+
+INT8_EXACT: tuple[bool, int] | None = None
+
+
+def uses_matmul_integer(path: Path) -> bool:
+    return any(n.op_type == "MatMulInteger" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def within(precision: str, cos: float, rel: float) -> bool:
     if precision == "f16":
         return rel <= 1e-2
@@ -73,6 +109,10 @@ def check(path: Path, precision: str, fixture_dir: Path, case: dict, tract_dir: 
         providers=["CPUExecutionProvider"],
         disabled_optimizers=["QDQSelectorActionTransformer"],
     )
+    global INT8_EXACT
+    if INT8_EXACT is None:
+        INT8_EXACT = ort_int8_exact()
+    parity = INT8_EXACT[0] or not uses_matmul_integer(path)
     feeds = {i["name"]: np.load(fixture_dir / i["file"]) for i in case["inputs"]}
     names = [o["name"] for o in case["outputs"]]
     got = sess.run(names, feeds)
@@ -86,9 +126,15 @@ def check(path: Path, precision: str, fixture_dir: Path, case: dict, tract_dir: 
             return False, f"{spec['name']}: shape {list(y.shape)} vs tract {list(t.shape)} or non-finite"
         cos, rel = metrics(y, t)
         tcos, trel = metrics(y, np.load(fixture_dir / spec["file"]))
-        ok &= within(precision, cos, rel)
+        if parity:
+            ok &= within(precision, cos, rel)
         parts.append(
             f"{spec['name']}: vs tract cos {cos:.6f} rel {rel:.1e}; vs transformers cos {tcos:.6f} rel {trel:.1e}"
+        )
+    if not parity:
+        parts.append(
+            f"parity with tract not asserted: onnxruntime's u8 x s8 MatMulInteger saturates on this CPU "
+            f"(probe error {INT8_EXACT[1]}; no VNNI)"
         )
     return ok, "; ".join(parts)
 
