@@ -6,18 +6,9 @@
 //! encoder, classification decoder). Input-independent parts are precomputed here: the Fourier
 //! position table of the export's image size is stored, not recomputed on the device.
 //!
-//! Layout (little-endian, every section 4-byte aligned):
-//!
-//! ```text
-//! 0    "PEPK"  magic
-//! 4    u32     version (1)
-//! 8    u32     weight precision: 0 = f32, 1 = int8 (Linear weights only, see below)
-//! 12   u32     number of dims (DIMS.len())
-//! 16   u32[]   dims, in the order of [`DIMS`]
-//! ..   u32     number of tensors T
-//! ..   T x (u32 offset, u32 elements, u32 kind, u32 scale_offset)   kind 0 = f32, 1 = int8
-//! ..   data
-//! ```
+//! Layout: the `perceiver-edge-pack-format` crate (magic, version, [`DIMS`], header, tensor
+//! table); every section 4-byte aligned, weight precision 0 = f32, 1 = int8 (Linear weights
+//! only, see below), tensor kind 0 = f32, 1 = int8.
 //!
 //! int8 tensors (Linear weights `[out, in]` in int8 mode) are symmetric per output row:
 //! `w[r][c] = q[r][c] * scale[r]`, `scale[r] = max_c |w[r][c]| / 127`, scales as f32 at
@@ -33,39 +24,11 @@ use crate::error::{Error, Result};
 use crate::heads::Head;
 use crate::model::position::Fourier;
 use crate::options::ExportOptions;
+use perceiver_edge_pack_format::{self as pack_format, dim, Kind, TensorEntry, NUM_DIMS};
 use std::path::Path;
 
-/// Pack format version.
-pub const VERSION: u32 = 1;
-
-/// Header dims, in file order.
-pub const DIMS: [&str; 25] = [
-    "H",
-    "W",
-    "IN_CH",
-    "M",
-    "C",
-    "N",
-    "D",
-    "X_QK",
-    "X_V",
-    "X_HEADS",
-    "X_HIDDEN",
-    "X_RESIDUAL",
-    "S_QK",
-    "S_V",
-    "S_HEADS",
-    "S_HIDDEN",
-    "S_LAYERS",
-    "BLOCKS",
-    "E",
-    "O_QK",
-    "O_V",
-    "O_HEADS",
-    "O_HIDDEN",
-    "O_RESIDUAL",
-    "LABELS",
-];
+// The format version and the header dims table, in file order, as before.
+pub use perceiver_edge_pack_format::{DIMS, VERSION};
 
 /// Weight precision of a pack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,14 +39,34 @@ pub enum Precision {
     Int8,
 }
 
+impl Precision {
+    fn to_format(self) -> pack_format::Precision {
+        match self {
+            Precision::F32 => pack_format::Precision::F32,
+            Precision::Int8 => pack_format::Precision::Int8,
+        }
+    }
+}
+
+/// The pack stores a subset of the exporter's precisions.
+impl TryFrom<crate::Precision> for Precision {
+    type Error = String;
+    fn try_from(p: crate::Precision) -> std::result::Result<Precision, String> {
+        match p {
+            crate::Precision::F32 => Ok(Precision::F32),
+            crate::Precision::Int8 => Ok(Precision::Int8),
+            other => Err(format!("a pack stores f32 or int8 weights, not {other}")),
+        }
+    }
+}
+
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Precision, String> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "int8" => Ok(Precision::Int8),
-            other => Err(format!("unknown pack precision {other} (expected f32 or int8)")),
-        }
+        s.parse::<crate::Precision>()
+            .ok()
+            .and_then(|p| Precision::try_from(p).ok())
+            .ok_or_else(|| format!("unknown pack precision {s} (expected f32 or int8)"))
     }
 }
 
@@ -98,17 +81,12 @@ pub struct Pack {
 impl Pack {
     /// Value of header dim `name`.
     pub fn dim(&self, name: &str) -> Option<u32> {
-        DIMS.iter().position(|d| *d == name).map(|i| self.dims[i])
+        pack_format::dim_index(name).and_then(|i| self.dims.get(i).copied())
     }
 
     /// Writes the pack atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("model.pack")));
-        std::fs::write(&tmp, &self.bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::file(path, format!("cannot write: {e}"))
-        })
+        perceiver_edge_runtime::fsio::write_atomic(path, &self.bytes).map_err(|e| Error::write(path, e))
     }
 }
 
@@ -182,7 +160,7 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
     let labels = ck.get_shaped(&format!("{dec}.final_layer.weight"), &[None, Some(e)])?.shape[0];
     let c = 3 + f.width();
     ck.get_shaped(&format!("{x}.attention.self.key.weight"), &[None, Some(c)])?;
-    let dims = vec![
+    let dims: [u32; NUM_DIMS] = [
         h as u32,
         w as u32,
         3,
@@ -209,8 +187,12 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
         1,
         labels as u32,
     ];
-    for (name, heads, qk, v) in [("cross", 9, 7, 8), ("self", 14, 12, 13), ("decoder", 21, 19, 20)] {
-        if dims[heads] == 0 || dims[qk] % dims[heads] != 0 || dims[v] % dims[heads] != 0 {
+    for (name, heads, qk, v) in [
+        ("cross", dim::X_HEADS, dim::X_QK, dim::X_V),
+        ("self", dim::S_HEADS, dim::S_QK, dim::S_V),
+        ("decoder", dim::O_HEADS, dim::O_QK, dim::O_V),
+    ] {
+        if dims[heads] == 0 || !dims[qk].is_multiple_of(dims[heads]) || !dims[v].is_multiple_of(dims[heads]) {
             return Err(Error::invalid(format!("{name} attention: qk/v widths do not split into heads")));
         }
     }
@@ -229,18 +211,10 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
     entries.push(Entry { data: fw.data.clone(), rows: labels, quantise: true });
     entries.push(Entry { data: ck.get(&format!("{dec}.final_layer.bias"))?.data.clone(), rows: 1, quantise: false });
 
-    let mut out = Vec::new();
-    out.extend_from_slice(b"PEPK");
-    for v in [VERSION, u32::from(precision == Precision::Int8), dims.len() as u32] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    for v in &dims {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    let table_at = out.len();
-    out.resize(table_at + 16 * entries.len(), 0);
-    for (k, en) in entries.iter().enumerate() {
+    // Header space first (written once the data offsets are known), then the data.
+    let mut out = vec![0u8; pack_format::header_len(entries.len())];
+    let mut table = Vec::with_capacity(entries.len());
+    for en in &entries {
         let int8 = precision == Precision::Int8 && en.quantise;
         let mut scale_offset = 0u32;
         let offset;
@@ -266,7 +240,7 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
             for (r, row) in en.data.chunks_exact(cols).enumerate() {
                 out.extend(row.iter().map(|&x| (x / scales[r]).round().clamp(-127.0, 127.0) as i8 as u8));
             }
-            while out.len() % 4 != 0 {
+            while !out.len().is_multiple_of(4) {
                 out.push(0);
             }
         } else {
@@ -275,12 +249,17 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let t = table_at + 16 * k;
-        for (i, v) in [offset, en.data.len() as u32, u32::from(int8), scale_offset].iter().enumerate() {
-            out[t + 4 * i..t + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
-        }
+        let kind = if int8 { Kind::Int8 } else { Kind::F32 };
+        table.push(TensorEntry { offset, elements: en.data.len() as u32, kind, scale_offset });
     }
-    Ok(Pack { dims, bytes: out })
+    if u32::try_from(out.len()).is_err() {
+        return Err(Error::invalid("pack larger than 4 GiB: its u32 offsets cannot address it"));
+    }
+    pack_format::write_header(&mut out, precision.to_format(), &dims, &table)
+        .map_err(|e| Error::invalid(format!("pack header: {e}")))?;
+    // What the firmware's reader accepts: check the header as it will.
+    pack_format::Header::parse(&out).map_err(|e| Error::invalid(format!("pack header: {e}")))?;
+    Ok(Pack { dims: dims.to_vec(), bytes: out })
 }
 
 /// Opens checkpoint directory `dir` and builds its pack.
@@ -296,14 +275,14 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
     }
 
-    fn u32_at(b: &[u8], i: usize) -> usize {
-        u32::from_le_bytes(b[i..i + 4].try_into().unwrap()) as usize
+    fn tensors(p: &Pack) -> usize {
+        pack_format::Header::parse(&p.bytes).unwrap().tensor_count()
     }
 
-    /// (offset, elements, kind, scale offset) of tensor `k`.
+    /// (offset, elements, kind, scale offset) of tensor `k`, through the format crate's parser.
     fn entry(p: &Pack, k: usize) -> [usize; 4] {
-        let table = 20 + 4 * DIMS.len();
-        std::array::from_fn(|i| u32_at(&p.bytes, table + 16 * k + 4 * i))
+        let e = pack_format::Header::parse(&p.bytes).unwrap().entry(k).unwrap();
+        [e.offset, e.elements, e.kind.code(), e.scale_offset].map(|v| v as usize)
     }
 
     fn f32s(p: &Pack, k: usize) -> Vec<f32> {
@@ -321,7 +300,7 @@ mod tests {
             assert_eq!(p.dim(k), Some(v), "{k}");
         }
         // position table, latents, 18 cross, 2 x 16 self, query, 18 decoder, final w + b.
-        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        let count = tensors(&p);
         assert_eq!(count, 2 + 18 + 2 * 16 + 1 + 18 + 2);
         let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
         assert_eq!(f32s(&p, 0), f.grid(&[8, 8]));
@@ -338,7 +317,7 @@ mod tests {
     fn int8_pack_quantises_linear_weights_per_row() {
         let ck = Checkpoint::open(&dir("models/digits")).unwrap();
         let p = build(&ck, &ExportOptions::default(), Precision::Int8).unwrap();
-        let count = u32_at(&p.bytes, 16 + 4 * DIMS.len());
+        let count = tensors(&p);
         let [off, n, kind, so] = entry(&p, count - 2);
         assert_eq!((n, kind), (10 * 64, 1));
         let w = &ck.get("decoder.decoder.final_layer.weight").unwrap().data;
