@@ -323,48 +323,39 @@ fn dispatch(cmd: Command) -> Result<()> {
         }
         #[cfg(feature = "export")]
         Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
-            let mut q = quant.options()?;
-            // One --calibrate serves --latents (latent ranking) and int8-static (scales).
-            if budget.latents.is_some() && q.precision != perceiver_edge_export::Precision::Int8Static {
-                q.calibrate = None;
-            }
-            let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
-            // Precomputed position tables (perf rewrites) stay f32 next to quantised weights; a
-            // reduced-precision export is chosen for size, so it keeps them only where they make
-            // the graph smaller (few inputs).
-            opts = perceiver_edge_export::options_for_precision(&ck, &opts, q.precision)?;
-            match (budget.latents, &quant.calibrate) {
-                (Some(k), Some(data)) => {
-                    let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data)?;
-                    let imp = perceiver_edge_export::analysis::latent_importance(&ck, &opts, &cal.samples)?;
-                    let keep = perceiver_edge_export::analysis::select_latents(&imp, k)?;
-                    println!(
-                        "latents kept ({k} of {}, by attention mass on {} samples): {keep:?}",
-                        imp.len(),
-                        cal.samples.len()
-                    );
-                    opts.latents = Some(keep);
-                }
-                (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
-                (None, _) => {}
-            }
-            let mut exported = perceiver_edge_export::build(&ck, &opts)?;
             let mut bar: Option<indicatif::ProgressBar> = None;
-            exported.quantize(&q, &checkpoint, &mut |done, total| {
-                let b = bar.get_or_insert_with(|| {
-                    let b = indicatif::ProgressBar::new(total as u64);
-                    b.set_style(
-                        indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} inputs {elapsed}")
+            let (exported, choice) = perceiver_edge_tune::export_checkpoint(
+                &checkpoint,
+                opts,
+                budget.latents,
+                quant.options()?,
+                &mut |done, total| {
+                    let b = bar.get_or_insert_with(|| {
+                        let b = indicatif::ProgressBar::new(total as u64);
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "calibrating {bar:30} {pos}/{len} inputs {elapsed}",
+                            )
                             .expect("valid template"),
-                    );
-                    b
-                });
-                b.set_position(done as u64);
-            })?;
+                        );
+                        b
+                    });
+                    b.set_position(done as u64);
+                },
+            )?;
             if let Some(b) = bar {
                 b.finish_and_clear();
+            }
+            if let Some(c) = &choice {
+                println!(
+                    "latents kept ({} of {}, by attention mass on {} samples): {:?}",
+                    c.kept.len(),
+                    c.trained,
+                    c.samples,
+                    c.kept
+                );
             }
             exported.write(&output)?;
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);

@@ -555,7 +555,7 @@ fn run_export(
     calibration_method: &str,
     keep_f32: Vec<String>,
 ) -> PyResult<ExportResult> {
-    let mut q = ex::QuantOptions {
+    let q = ex::QuantOptions {
         precision: precision.parse().map_err(|e: rt::precision::UnknownPrecision| value_err(e.to_string()))?,
         keep_f32,
         calibrate: calibrate.clone(),
@@ -564,29 +564,15 @@ fn run_export(
     if let Some(c) = &calibrate {
         existing(c)?;
     }
-    // One `calibrate` serves `latents` (latent ranking) and int8-static (scales), as in the CLI.
-    if latents.is_some() && q.precision != ex::Precision::Int8Static {
-        q.calibrate = None;
+    if latents.is_some() && calibrate.is_none() {
+        return Err(value_err("latents=K chooses latents on calibration data: give calibrate=DATA"));
     }
-    let ck = ex::Checkpoint::open(checkpoint).map_err(export_err)?;
     let mut opts = sizes.options();
     opts.blocks = blocks;
-    opts = ex::options_for_precision(&ck, &opts, q.precision).map_err(export_err)?;
-    let mut latents_kept = None;
-    match (latents, &calibrate) {
-        (Some(k), Some(data)) => {
-            let cal = perceiver_edge_tune::calibration_for(&ck, &opts, data).map_err(anyhow_err)?;
-            let imp = ex::analysis::latent_importance(&ck, &opts, &cal.samples).map_err(export_err)?;
-            let keep = ex::analysis::select_latents(&imp, k).map_err(export_err)?;
-            latents_kept = Some(keep.clone());
-            opts.latents = Some(keep);
-        }
-        (Some(_), None) => return Err(value_err("latents=K chooses latents on calibration data: give calibrate=DATA")),
-        (None, _) => {}
-    }
-    let mut exported = ex::build(&ck, &opts).map_err(export_err)?;
-    exported.quantize(&q, checkpoint, &mut |_, _| {}).map_err(export_err)?;
+    let (exported, choice) =
+        perceiver_edge_tune::export_checkpoint(checkpoint, opts, latents, q, &mut |_, _| {}).map_err(anyhow_err)?;
     exported.write(output).map_err(export_err)?;
+    let latents_kept = choice.map(|c| c.kept);
     Ok(ExportResult { summary: exported.summary, latents_kept })
 }
 

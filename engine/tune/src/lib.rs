@@ -523,6 +523,53 @@ pub fn calibration_for(ck: &Checkpoint, opts: &ExportOptions, data: &Path) -> Re
     calib::load(data, None, &g.graph.input_specs())
 }
 
+/// Latents an export budget kept, chosen by [`analysis::latent_importance`].
+#[derive(Clone, Debug)]
+pub struct LatentChoice {
+    /// Kept latent indices, ascending.
+    pub kept: Vec<usize>,
+    /// Trained latents.
+    pub trained: usize,
+    /// Calibration samples the choice was made on.
+    pub samples: usize,
+}
+
+/// The `export` pipeline shared by the CLI and the Python package: precision-dependent rewrite
+/// options, `latents` kept by importance on the calibration data (one `q.calibrate` serves the
+/// latent ranking and, for int8-static only, the activation scales), build, then quantise.
+/// `progress(done, total)` follows int8-static calibration.
+pub fn export_checkpoint(
+    checkpoint: &Path,
+    mut opts: ExportOptions,
+    latents: Option<usize>,
+    mut q: QuantOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(perceiver_edge_export::Exported, Option<LatentChoice>)> {
+    let data = q.calibrate.clone();
+    if latents.is_some() && q.precision != Precision::Int8Static {
+        q.calibrate = None;
+    }
+    let ck = Checkpoint::open(checkpoint)?;
+    // Precomputed position tables stay f32 next to quantised weights; a reduced-precision export
+    // is chosen for size, so it keeps them only where they make the graph smaller.
+    opts = perceiver_edge_export::options_for_precision(&ck, &opts, q.precision)?;
+    let mut choice = None;
+    match (latents, &data) {
+        (Some(k), Some(data)) => {
+            let cal = calibration_for(&ck, &opts, data)?;
+            let imp = analysis::latent_importance(&ck, &opts, &cal.samples)?;
+            let kept = analysis::select_latents(&imp, k)?;
+            choice = Some(LatentChoice { kept: kept.clone(), trained: imp.len(), samples: cal.samples.len() });
+            opts.latents = Some(kept);
+        }
+        (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
+        (None, _) => {}
+    }
+    let mut exported = perceiver_edge_export::build(&ck, &opts)?;
+    exported.quantize(&q, checkpoint, progress)?;
+    Ok((exported, choice))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
