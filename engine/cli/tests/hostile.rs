@@ -586,3 +586,24 @@ fn broken_sensors_are_noticed() {
     assert_eq!(r["nonfinite_input_values"], 2);
     assert_eq!(r["nonfinite_output_runs"], 3, "NaN inputs give NaN logits on every run");
 }
+
+/// Inputs the fuzzers found (engine/cli/tests/data/fuzz-findings), each once a panic or an
+/// allocation abort: now a one-line error.
+#[test]
+fn fuzz_findings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-findings");
+    let model = t.join("m.onnx");
+    export_ok(&fixture("image_fourier"), &model, &["--image-size", "12", "16"]);
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".onnx") {
+            refused(t, &[&"inspect", &p], &[&name]);
+            refused(t, &[&"bench", &p, &"--runs", &"1"], &[&name]);
+        } else if name.ends_with(".npy") {
+            refused(t, &[&"run", &model, &"--input", &p, &"--output", &t.join("y.npy")], &[&name]);
+        }
+    }
+}

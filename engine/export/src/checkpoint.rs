@@ -180,6 +180,8 @@ pub struct Checkpoint {
 /// Reads the tensors of one safetensors file into `out`. With `only`, the file must hold
 /// exactly the tensors a shard index assigns to it.
 fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option<&[&str]>) -> Result<()> {
+    let len = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?.len();
+    perceiver_edge_runtime::limits::check_fits_memory(len).map_err(|m| Error::file(path, m))?;
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;

@@ -448,7 +448,7 @@ impl Model {
         inputs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let opts = bench::BenchOptions::from_flags(runs, duration, warmup, rate, threads)
-            .map_err(|e| value_err(&e.to_string().replace("--", "")))?;
+            .map_err(|e| value_err(e.to_string().replace("--", "")))?;
         let inputs = inputs.map(|d| tensors_from_dict(d, &self.inputs)).transpose()?;
         let report = detached(py, || {
             let r = bench::bench_on(&self.path, inputs, &opts, self.device).map_err(runtime_err);

@@ -55,7 +55,7 @@ fn check_tensor(t: &TensorProto, what: &str) -> Result<(), String> {
 }
 
 /// The int64 values of constant `name` (an initializer or a `Constant` node), if it is one.
-fn const_ints<'a>(proto: &'a ModelProto, name: &str) -> Option<Vec<i64>> {
+fn const_ints(proto: &ModelProto, name: &str) -> Option<Vec<i64>> {
     let g = proto.graph.as_ref()?;
     let t = g.initializer.iter().find(|t| t.name == name).or_else(|| {
         g.node
@@ -86,11 +86,64 @@ fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
     limits::tensor_bytes(&dims, 1).map(|_| ()).map_err(|m| format!("node `{}` ({}): {m}", n.name, n.op_type))
 }
 
+/// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
+/// must be a permutation of `0..n` (tract sizes its axis bookkeeping by the largest entry), and
+/// no integer list is absurdly long.
+fn check_attributes(n: &NodeProto) -> Result<(), String> {
+    const MAX_RANK: usize = 64;
+    for a in &n.attribute {
+        if a.ints.len() > 1 << 16 {
+            return Err(format!(
+                "node `{}` ({}): attribute `{}` holds {} integers",
+                n.name,
+                n.op_type,
+                a.name,
+                a.ints.len()
+            ));
+        }
+    }
+    if n.op_type == "Transpose" {
+        if let Some(perm) = n.attribute.iter().find(|a| a.name == "perm") {
+            let len = perm.ints.len();
+            let mut seen = vec![false; len];
+            let ok = len <= MAX_RANK
+                && perm.ints.iter().all(|&p| match usize::try_from(p) {
+                    Ok(p) if p < len && !seen[p] => {
+                        seen[p] = true;
+                        true
+                    }
+                    _ => false,
+                });
+            if !ok {
+                return Err(format!(
+                    "node `{}` (Transpose): perm {:?} is not a permutation of 0..{len}",
+                    n.name, perm.ints
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the protobuf before tract parses it.
 pub fn check_proto(proto: &ModelProto) -> Result<(), String> {
     let g = proto.graph.as_ref().ok_or("not a loadable ONNX model: the model has no graph")?;
     for t in &g.initializer {
         check_tensor(t, "initializer")?;
+    }
+    let mut known: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+    known.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    known.extend(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+    for n in &g.node {
+        if let Some(i) = n.input.iter().find(|i| !i.is_empty() && !known.contains(i.as_str())) {
+            return Err(format!(
+                "node `{}` ({}) reads `{i}`, which no node, initializer or graph input produces",
+                n.name, n.op_type
+            ));
+        }
+    }
+    if let Some(o) = g.output.iter().find(|o| !known.contains(o.name.as_str())) {
+        return Err(format!("graph output `{}` is produced by no node, initializer or graph input", o.name));
     }
     for n in &g.node {
         for a in &n.attribute {
@@ -99,6 +152,7 @@ pub fn check_proto(proto: &ModelProto) -> Result<(), String> {
             }
         }
         check_shape_node(proto, n)?;
+        check_attributes(n)?;
     }
     Ok(())
 }

@@ -46,7 +46,22 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let batch = b.batch;
     let (t, spp) = (cfg.num_frames, cfg.samples_per_patch);
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
-    let n_audio = cfg.num_frames * cfg.audio_samples_per_frame;
+    let n_audio = cfg.num_frames.saturating_mul(cfg.audio_samples_per_frame);
+    let sizes = [
+        ("num_frames", t),
+        ("samples_per_patch", spp),
+        ("audio_samples_per_frame", cfg.audio_samples_per_frame),
+        ("output_num_channels", cfg.output_num_channels),
+    ];
+    if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+        return Err(Error::file(&b.ck.dir.join("config.json"), format!("{k} is 0, expected at least 1")));
+    }
+    if cfg.output_shape.contains(&0) {
+        return Err(Error::file(
+            &b.ck.dir.join("config.json"),
+            "output_shape has a 0 entry, expected sizes of at least 1",
+        ));
+    }
     if !h.is_multiple_of(4) || !w.is_multiple_of(4) || !n_audio.is_multiple_of(spp) || cfg.output_shape.len() != 4 {
         return Err(Error::invalid(format!(
             "multimodal: image {h}x{w} must be divisible by 4, audio samples {n_audio} by samples_per_patch {spp}, and output_shape have 4 entries"
