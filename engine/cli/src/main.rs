@@ -328,6 +328,10 @@ fn main() {
         Ok(Err(e)) => format!("{e:#}").replace('\n', " "),
         Err(_) => {
             let what = LAST_PANIC.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            if what.contains("failed printing to stdout") {
+                // The reader went away (`| head`): stop quietly, as a SIGPIPE would.
+                std::process::exit(141);
+            }
             format!("internal error: {what}")
         }
     };

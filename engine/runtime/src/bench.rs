@@ -293,12 +293,25 @@ pub fn bench_on(
     for _ in 0..opts.warmup {
         session.run(inputs.clone())?;
     }
+    // The per-run records are allocated before the steady-state snapshot, so a long run shows
+    // the model's memory, not the benchmark's own bookkeeping. Runs expected: the count, or
+    // the duration at the paced rate (or at the warm-up speed), up to a million (24 MB).
+    let expected = match (opts.duration, opts.rate_hz) {
+        (None, _) => opts.runs,
+        (Some(d), Some(hz)) => (d.as_secs_f64() * hz).ceil() as usize + 1,
+        (Some(d), None) => {
+            let t = Instant::now();
+            session.run(inputs.clone())?;
+            (d.as_secs_f64() / t.elapsed().as_secs_f64().max(1e-6) * 1.25) as usize + 1
+        }
+    }
+    .min(1_000_000);
+    let mut samples = Vec::with_capacity(expected);
+    let (mut starts, mut ends) = (Vec::with_capacity(expected), Vec::with_capacity(expected));
     let rss_after_warmup = proc_status_bytes("VmRSS:");
     let heap_after_warmup = alloc::in_use();
     alloc::reset_peak();
 
-    let mut samples = Vec::with_capacity(opts.runs);
-    let (mut starts, mut ends) = (vec![], vec![]);
     let period = opts.rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz));
     let begin = Instant::now();
     let mut i = 0usize;
