@@ -25,6 +25,7 @@ pub mod metadata;
 pub mod npy;
 pub mod precision;
 pub mod profile;
+pub mod split;
 
 /// The README's library example, compiled and run as a doc test.
 #[cfg(doctest)]

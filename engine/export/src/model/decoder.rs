@@ -51,7 +51,7 @@ impl Decoder {
             (Queries::Inputs(x), None) => Ok(x.clone()),
             (Queries::Inputs(x), Some(idx)) => Ok(b.g.gather(x, idx, 1)),
             // Subsampled Fourier queries use transformers' `-1 + 2 * i / n` positions: computed in-graph.
-            (Queries::Fourier(f, dims), Some(idx)) => {
+            (Queries::Fourier(f, dims), Some(idx)) if !b.grid_subset => {
                 let q = fourier_at_indices(&mut b.g, f, idx, dims);
                 let q = if has_proj { b.linear(&proj, &q)? } else { q };
                 let w = q.last_dim();
