@@ -516,6 +516,15 @@ fn dispatch(cmd: Command) -> Result<()> {
             if let Some(n) = inputs.as_deref().map(bench::count_nonfinite).filter(|&n| n > 0) {
                 eprintln!("warning: the inputs hold {n} NaN or infinite value(s)");
             }
+            if perceiver_edge_runtime::split::is_split(&model) {
+                let r = bench::bench_split(&model, inputs, &opts)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print_split_bench(&r);
+                }
+                return Ok(());
+            }
             let report = bench::bench_on(&model, inputs, &opts, device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -747,6 +756,7 @@ fn run_split(
     }
     let t0 = std::time::Instant::now();
     let z = match (blocks, deadline_ms) {
+        (Some(0), _) => bail!("--blocks 0: expected at least 1 (as export --blocks)"),
         (Some(b), _) => model.encode_with_blocks(tensors, b)?,
         (None, Some(ms)) => {
             if !(ms > 0.0 && ms.is_finite()) {
@@ -869,6 +879,23 @@ fn print_bench(r: &bench::BenchReport) {
             p.start_lateness_ms.p99,
             p.start_lateness_ms.max
         );
+    }
+}
+
+fn print_split_bench(r: &bench::SplitBenchReport) {
+    let l = |x: &bench::Latency| format!("p50 {:.3}  p99 {:.3} ms", x.p50, x.p99);
+    println!("model        {} (split; {} runs per step, {} thread(s))", r.model, r.runs, r.threads);
+    println!("load         {:.1} ms (every part)", r.load_ms);
+    println!("encoder      {}", l(&r.encoder_ms));
+    if let Some(b) = &r.block_ms {
+        println!("block        {}  (one application)", l(b));
+    }
+    for d in &r.decode_ms {
+        let what = d.queries.map_or("every position".to_string(), |k| format!("{k} position(s)"));
+        println!("decode       {}  ({what})", l(&d.latency_ms));
+    }
+    for b in &r.per_block_count_ms {
+        println!("end to end   {}  ({} block application(s), full decode)", l(&b.latency_ms), b.blocks);
     }
 }
 

@@ -272,3 +272,24 @@ fn bad_split_input_is_refused() {
     assert!(err.contains("decoder_q64.onnx") && err.contains("index input is [1]"), "{err}");
     assert!(!t.join("o2").exists());
 }
+
+#[test]
+fn bench_times_each_part_and_each_block_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    for (name, blocks, decoders) in [("image_fourier/b1", 2, 1), ("flow/full", 0, 3)] {
+        let c = cases().into_iter().find(|c| c.name == name).unwrap();
+        let split = t.join(name.replace('/', "_"));
+        ok(bin().arg("export").arg(&c.dir).arg("-o").arg(&split).args(&c.args).arg("--split"));
+        let out = ok(bin().arg("bench").arg(&split).args(["--runs", "3", "--warmup", "1", "--json"]));
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["block_ms"].is_null(), blocks == 0, "{name}");
+        assert_eq!(r["decode_ms"].as_array().unwrap().len(), decoders, "{name}");
+        let per = r["per_block_count_ms"].as_array().unwrap();
+        let counts: Vec<u64> = per.iter().map(|p| p["blocks"].as_u64().unwrap()).collect();
+        assert_eq!(counts, if blocks == 0 { vec![0] } else { (1..=blocks).collect() }, "{name}");
+        for p in per {
+            assert!(p["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+        }
+    }
+}

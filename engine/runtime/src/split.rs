@@ -221,6 +221,25 @@ impl Model {
         &self.inputs
     }
 
+    /// Declared value range of model input `i` (token ids), from the part that takes it.
+    pub fn input_range(&self, i: usize) -> Option<(i64, i64)> {
+        let name = &self.inputs.get(i)?.name;
+        std::iter::once(&self.encoder).chain(self.decoders.iter().map(|(_, s)| s)).find_map(|s| {
+            let at = s.inputs().iter().position(|x| x.name == *name)?;
+            s.input_range(at)
+        })
+    }
+
+    /// One more application of the block to a copy of `z` (for benchmarks).
+    pub fn apply_block_once(&mut self, z: &Latents) -> Result<Latents> {
+        let mut z = z.clone();
+        if self.block.is_none() {
+            return Err(Error::Run(format!("{} has no weight-shared block", self.dir.display())));
+        }
+        self.apply_block(&mut z)?;
+        Ok(z)
+    }
+
     /// The outputs of a full decode.
     pub fn outputs(&self) -> &[IoSpec] {
         self.decoders[0].1.outputs()
@@ -231,8 +250,8 @@ impl Model {
         self.encode_with_blocks(inputs, self.manifest.blocks)
     }
 
-    /// Encodes `inputs` applying the shared block `blocks` times (at least 1 when the model has
-    /// a block part; a model without one takes only its fixed depth, given as 0 or its value).
+    /// Encodes `inputs` applying the shared block `blocks` times (0: the cross-attention only).
+    /// A model without a block part has a fixed depth and takes only `blocks` = 0.
     pub fn encode_with_blocks(&mut self, inputs: Vec<Tensor>, blocks: usize) -> Result<Latents> {
         let mut z = self.encode_cross(inputs)?;
         self.check_blocks(blocks)?;
@@ -264,12 +283,12 @@ impl Model {
 
     fn check_blocks(&self, blocks: usize) -> Result<()> {
         let ok = match self.block {
-            Some(_) => (1..=crate::limits::MAX_LATENT_LAYERS).contains(&blocks),
+            Some(_) => blocks <= crate::limits::MAX_LATENT_LAYERS,
             None => blocks == 0,
         };
         if !ok {
             let msg = match self.block {
-                Some(_) => format!("--blocks {blocks}: expected 1 to {}", crate::limits::MAX_LATENT_LAYERS),
+                Some(_) => format!("--blocks {blocks}: expected at most {}", crate::limits::MAX_LATENT_LAYERS),
                 None => format!("--blocks {blocks}: {} has no weight-shared block to repeat", self.dir.display()),
             };
             return Err(Error::Run(msg));
