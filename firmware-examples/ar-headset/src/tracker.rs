@@ -195,7 +195,7 @@ enum Engine {
     Single(Session),
     /// A split model folder (`export --split`): encode, then decode only a window around the
     /// prediction, or the whole map when there is none.
-    Split(perceiver_edge_runtime::split::Model),
+    Split(Box<perceiver_edge_runtime::split::Model>),
 }
 
 /// The marker model: tokens in, marker position out.
@@ -246,7 +246,7 @@ impl MarkerModel {
                     m.manifest().num_queries
                 );
             }
-            return Ok(MarkerModel::with(Engine::Split(m)));
+            return Ok(MarkerModel::with(Engine::Split(Box::new(m))));
         }
         MarkerModel::new(Session::load(path)?)
     }
