@@ -192,7 +192,7 @@ pub const LOST_LOGIT: f32 = 0.0;
 /// How the marker model runs.
 enum Engine {
     /// One graph: every heat-map position, every frame.
-    Single(Session),
+    Single(Box<Session>),
     /// A split model folder (`export --split`): encode, then decode only a window around the
     /// prediction, or the whole map when there is none.
     Split(Box<perceiver_edge_runtime::split::Model>),
@@ -231,7 +231,7 @@ impl MarkerModel {
     /// Wraps `session`; errors unless it takes `[1, 256, 27]` tokens.
     pub fn new(session: Session) -> anyhow::Result<MarkerModel> {
         check_inputs(session.inputs())?;
-        Ok(MarkerModel::with(Engine::Single(session)))
+        Ok(MarkerModel::with(Engine::Single(Box::new(session))))
     }
 
     /// Loads an ONNX file or a split model folder (`export models/marker --seq-len 256 --split`).
