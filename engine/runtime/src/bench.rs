@@ -312,6 +312,11 @@ pub fn bench_on(
     .min(1_000_000);
     let mut samples = Vec::with_capacity(expected);
     let (mut starts, mut ends) = (Vec::with_capacity(expected), Vec::with_capacity(expected));
+    for v in [&mut samples, &mut starts, &mut ends] {
+        // Touch the pages now, so resident memory at the snapshot already holds them.
+        v.resize(expected, 0.0f64);
+        v.clear();
+    }
     let rss_after_warmup = proc_status_bytes("VmRSS:");
     let heap_after_warmup = alloc::in_use();
     alloc::reset_peak();
