@@ -4,8 +4,8 @@
     python check_split.py DIR --input NAME=FILE ... --expect NAME=FILE ... [--atol A --rtol R]
 
 Checks every part with onnx.checker (full_check), then chains them as the engine does:
-encoder (model inputs -> latents), the block part `blocks` times (manifest), the full decoder
-(latents + the model inputs it reads). Every output must be within atol + rtol * |expected| of
+encoder (model inputs -> latents, and any query-side values such as optical flow's `queries`),
+the block part `blocks` times (manifest), the full decoder (latents + the values it reads). Every output must be within atol + rtol * |expected| of
 the expected .npy. Prints one line; exits non-zero on any failure. Needs numpy, onnx and
 onnxruntime (requirements-ci.txt).
 """
@@ -38,7 +38,10 @@ def main() -> int:
     m = json.loads((a.dir / "manifest.json").read_text())
     feeds = {k: np.load(v) for k, v in (s.split("=", 1) for s in a.input)}
     enc = session(a.dir / m["encoder"])
-    z = enc.run(["latents"], {i.name: feeds[i.name] for i in enc.get_inputs()})[0]
+    names = [o.name for o in enc.get_outputs()]
+    carried = dict(zip(names, enc.run(names, {i.name: feeds[i.name] for i in enc.get_inputs()})))
+    z = carried.pop("latents")
+    feeds.update(carried)  # encoder outputs the decoders read (optical flow's queries)
     if m["block"]:
         blk = session(a.dir / m["block"])
         for _ in range(m["blocks"]):

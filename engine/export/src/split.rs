@@ -10,11 +10,12 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::heads::{self, Head};
 use crate::ir::{Graph, Val};
+use crate::model::decoder::MARK_QUERIES;
 use crate::model::encoder::{MARK_BLOCK, MARK_CROSS};
 use crate::options::ExportOptions;
 use crate::summary::Summary;
 use crate::{metadata, passes, Exported};
-use perceiver_edge_runtime::split::{DecoderPart, Manifest, FORMAT, LATENTS, LATENTS_OUT, MANIFEST};
+use perceiver_edge_runtime::split::{DecoderPart, Manifest, FORMAT, LATENTS, LATENTS_OUT, MANIFEST, QUERIES};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -38,9 +39,9 @@ fn mark(g: &Graph, name: &str) -> Result<Val> {
         .ok_or_else(|| Error::invalid(format!("internal: the graph has no mark {name}")))
 }
 
-/// The part of `g` that reads value `from` (renamed to the input [`LATENTS`]) instead of
-/// computing it, and outputs `outputs` (`None`: the graph's own outputs) under the given names.
-fn cut(g: &Graph, from: Option<&Val>, outputs: Option<&[(Val, &str)]>) -> Graph {
+/// The part of `g` that reads the values `from` as inputs (under the given names) instead of
+/// computing them, and outputs `outputs` (`None`: the graph's own outputs) under the given names.
+fn cut(g: &Graph, from: &[(Val, &str)], outputs: Option<&[(Val, &str)]>) -> Graph {
     let mut p = g.clone();
     p.marks.clear();
     if let Some(outs) = outputs {
@@ -51,15 +52,15 @@ fn cut(g: &Graph, from: Option<&Val>, outputs: Option<&[(Val, &str)]>) -> Graph 
             p.output(v, name);
         }
     }
-    if let Some(z) = from {
+    for (z, name) in from {
         for n in &mut p.nodes {
             for i in &mut n.inputs {
                 if *i == z.name {
-                    *i = LATENTS.to_string();
+                    *i = name.to_string();
                 }
             }
         }
-        p.inputs.push(Val { name: LATENTS.into(), ..z.clone() });
+        p.inputs.push(Val { name: name.to_string(), ..z.clone() });
     }
     p.prune();
     let used: HashSet<String> = p.nodes.iter().flat_map(|n| n.inputs.iter().cloned()).collect();
@@ -109,17 +110,21 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
     let mut template = summary.clone();
     template.depth.0 = depth;
 
+    // Input-dependent decoder queries (optical flow) are computed once, by the encoder.
+    let queries = mark(&g, MARK_QUERIES).ok();
+    let carried = |z: &Val, q: Option<&Val>| -> Vec<(Val, &'static str)> {
+        std::iter::once((z.clone(), LATENTS)).chain(q.map(|q| (q.clone(), QUERIES))).collect()
+    };
     let mut parts = vec![];
     let enc_out = if shared { &cross } else { &block0 };
-    parts.push((
-        "encoder.onnx".to_string(),
-        finish(cut(&g, None, Some(&[(enc_out.clone(), LATENTS)])), "encoder", ck, opts, &template)?,
-    ));
+    let encoder = cut(&g, &[], Some(&carried(enc_out, queries.as_ref())));
+    parts.push(("encoder.onnx".to_string(), finish(encoder, "encoder", ck, opts, &template)?));
     if shared {
-        let block = cut(&g, Some(&cross), Some(&[(block0.clone(), LATENTS_OUT)]));
+        let block = cut(&g, &[(cross.clone(), LATENTS)], Some(&[(block0.clone(), LATENTS_OUT)]));
         parts.push(("block.onnx".to_string(), finish(block, "block", ck, opts, &template)?));
     }
-    parts.push(("decoder.onnx".to_string(), finish(cut(&g, Some(&block0), None), "decoder", ck, opts, &template)?));
+    let decoder = cut(&g, &carried(&block0, queries.as_ref()), None);
+    parts.push(("decoder.onnx".to_string(), finish(decoder, "decoder", ck, opts, &template)?));
 
     let num_queries = summary.dims.get("O").copied().unwrap_or(1);
     let chooses = matches!(head, Head::MaskedLm | Head::OpticalFlow) || (head == Head::Bare && num_queries > 1);
@@ -137,8 +142,10 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
             let o = ExportOptions { decode_subset: Some(k), grid_subset: true, ..one.clone() };
             let (gk, _) = heads::build_graph(ck, &o)?;
             let z = mark(&gk, &format!("{MARK_BLOCK}0"))?;
+            let q = mark(&gk, MARK_QUERIES).ok();
             let file = format!("decoder_q{k}.onnx");
-            parts.push((file.clone(), finish(cut(&gk, Some(&z), None), "decoder", ck, opts, &template)?));
+            let decoder = cut(&gk, &carried(&z, q.as_ref()), None);
+            parts.push((file.clone(), finish(decoder, "decoder", ck, opts, &template)?));
             decoders.push(DecoderPart { file, queries: Some(k) });
             index_input = Some("output_indices".to_string());
         }

@@ -16,6 +16,9 @@ pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: &str = "perceiver-edge-split";
 /// Name of the latents input / output of every part.
 pub const LATENTS: &str = "latents";
+/// Name of input-dependent decoder queries the encoder computes once and the decoders read
+/// (optical flow's preprocessed inputs).
+pub const QUERIES: &str = "queries";
 /// Name of the block part's output.
 pub const LATENTS_OUT: &str = "latents_out";
 
@@ -109,7 +112,7 @@ pub struct Latents {
     pub value: Tensor,
     /// Block applications it has had.
     pub blocks: usize,
-    /// The model inputs the decoders also read (query-side inputs), by name.
+    /// The model inputs and encoder outputs the decoders also read (query-side values), by name.
     side: Vec<(String, Tensor)>,
 }
 
@@ -166,6 +169,8 @@ impl Model {
         }
         let mut decoders = vec![];
         let mut inputs: Vec<IoSpec> = encoder.inputs().to_vec();
+        // Encoder outputs besides the latents are handed to the decoders (not model inputs).
+        let carried: Vec<IoSpec> = encoder.outputs().iter().filter(|o| o.name != LATENTS).cloned().collect();
         for d in &m.decoders {
             let s = load(&d.file)?;
             for spec in s.inputs() {
@@ -187,6 +192,16 @@ impl Model {
                             format!(
                                 "decoder {} index input is {:?}, the manifest says {:?}",
                                 d.file, spec.shape, d.queries
+                            ),
+                        ));
+                    }
+                } else if let Some(c) = carried.iter().find(|c| c.name == spec.name) {
+                    if c.shape != spec.shape {
+                        return Err(bad(
+                            dir,
+                            format!(
+                                "decoder {} takes `{}` {:?}, the encoder gives {:?}",
+                                d.file, spec.name, spec.shape, c.shape
                             ),
                         ));
                     }
@@ -312,8 +327,16 @@ impl Model {
             .map(|spec| side.iter().find(|(n, _)| *n == spec.name).map(|(_, t)| t.clone()).expect("encoder input"))
             .collect();
         let out = self.encoder.run(enc)?;
-        let at = self.encoder.outputs().iter().position(|o| o.name == LATENTS).expect("checked at load");
-        let value = out.into_iter().nth(at).expect("output");
+        let mut side = side;
+        let mut value = None;
+        for (spec, t) in self.encoder.outputs().iter().zip(out) {
+            if spec.name == LATENTS {
+                value = Some(t);
+            } else {
+                side.push((spec.name.clone(), t));
+            }
+        }
+        let value = value.expect("checked at load");
         let blocks = if self.block.is_some() { 0 } else { self.manifest.blocks };
         Ok(Latents { value, blocks, side })
     }

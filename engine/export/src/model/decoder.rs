@@ -7,6 +7,10 @@ use crate::ir::Val;
 use crate::model::blocks::{Builder, LayerOpts};
 use crate::model::position::{fourier_at_indices, Fourier};
 
+/// Graph mark of input-dependent decoder queries (optical flow's preprocessed inputs): a split
+/// export computes them once in the encoder and hands them to the decoders.
+pub const MARK_QUERIES: &str = "decoder.queries";
+
 /// Where a decoder's output queries come from.
 #[derive(Clone, Debug)]
 pub enum Queries {
