@@ -908,8 +908,32 @@ fn print_io(session: &Session) {
     }
 }
 
+/// `inspect` of a split model folder: the manifest, then each part's file and resident weights.
+fn inspect_split(dir: &Path) -> Result<()> {
+    let m = perceiver_edge_runtime::split::Manifest::load(dir)?;
+    println!("split model    {} ({})", dir.display(), m.architecture);
+    println!(
+        "depth          block part applied {} time(s){}",
+        m.blocks,
+        if m.block.is_none() { " (no weight-shared block: the encoder holds every latent layer)" } else { "" }
+    );
+    let buckets: Vec<String> = m.decoders.iter().filter_map(|d| d.queries.map(|k| k.to_string())).collect();
+    println!("queries        {} output positions; buckets [{}]", m.num_queries, buckets.join(", "));
+    let files = std::iter::once(&m.encoder).chain(m.block.iter()).chain(m.decoders.iter().map(|d| &d.file));
+    for f in files {
+        let session = Session::load(&dir.join(f))?;
+        println!("-- {f}");
+        print_file_and_resident(&dir.join(f), &session);
+        print_io(&session);
+    }
+    Ok(())
+}
+
 #[cfg(feature = "export")]
 fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
+    if perceiver_edge_runtime::split::is_split(path) {
+        return inspect_split(path);
+    }
     if path.is_dir() {
         let opts = sizes.map(Sizes::options).unwrap_or_default();
         let ck = perceiver_edge_export::Checkpoint::open(path)?;
@@ -935,6 +959,9 @@ fn inspect(path: &Path, sizes: Option<&Sizes>) -> Result<()> {
 
 #[cfg(not(feature = "export"))]
 fn inspect(path: &Path) -> Result<()> {
+    if perceiver_edge_runtime::split::is_split(path) {
+        return inspect_split(path);
+    }
     let session = Session::load(path)?;
     print_file_and_resident(path, &session);
     if let Some(json) = session.metadata(perceiver_edge_runtime::metadata::SUMMARY) {

@@ -281,6 +281,11 @@ fn bench_times_each_part_and_each_block_count() {
         let c = cases().into_iter().find(|c| c.name == name).unwrap();
         let split = t.join(name.replace('/', "_"));
         ok(bin().arg("export").arg(&c.dir).arg("-o").arg(&split).args(&c.args).arg("--split"));
+        let said = ok(bin().arg("inspect").arg(&split));
+        assert!(
+            said.contains("split model") && said.contains("-- encoder.onnx") && said.contains("-- decoder.onnx"),
+            "{said}"
+        );
         let out = ok(bin().arg("bench").arg(&split).args(["--runs", "3", "--warmup", "1", "--json"]));
         let r: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(r["block_ms"].is_null(), blocks == 0, "{name}");
