@@ -32,7 +32,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() && !p.is_symlink() {
+            if p.is_symlink() {
+                let target = std::fs::read_link(&p).unwrap();
+                m.insert(p.clone(), target.to_string_lossy().as_bytes().to_vec());
+            } else if p.is_dir() {
                 stack.push(p);
             } else {
                 m.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
@@ -585,6 +588,26 @@ fn broken_sensors_are_noticed() {
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["nonfinite_input_values"], 2);
     assert_eq!(r["nonfinite_output_runs"], 3, "NaN inputs give NaN logits on every run");
+}
+
+/// Devices and folders where a file is expected: refused before reading (reading /dev/zero
+/// would never end).
+#[test]
+fn device_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let zero = Path::new("/dev/zero");
+    refused(t, &[&"bench", &zero, &"--runs", &"1"], &["/dev/zero", "not a regular file"]);
+    refused(t, &[&"inspect", &zero], &["/dev/zero", "not a regular file"]);
+    refused(t, &[&"profile", &zero], &["/dev/zero", "not a regular file"]);
+    let ck = t.join("ck");
+    copy_dir(&fixture("image_fourier"), &ck);
+    std::fs::remove_file(ck.join("config.json")).unwrap();
+    std::os::unix::fs::symlink(zero, ck.join("config.json")).unwrap();
+    refused(t, &[&"export", &ck, &"-o", &t.join("m.onnx")], &["config.json", "not a regular file"]);
+    let model = t.join("m2.onnx");
+    export_ok(&fixture("image_fourier"), &model, &["--image-size", "12", "16"]);
+    refused(t, &[&"run", &model, &"--input", &zero, &"--output", &t.join("y.npy")], &["/dev/zero"]);
 }
 
 /// Inputs the fuzzers found (engine/cli/tests/data/fuzz-findings), each once a panic or an

@@ -182,7 +182,8 @@ pub struct Checkpoint {
 fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option<&[&str]>) -> Result<()> {
     let len = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?.len();
     perceiver_edge_runtime::limits::check_fits_memory(len).map_err(|m| Error::file(path, m))?;
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let bytes = perceiver_edge_runtime::fsio::read_file(path, u64::MAX)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     if let Some(only) = only {
@@ -260,8 +261,8 @@ impl Checkpoint {
             return Err(Error::file(dir, "not a checkpoint directory (expected config.json + model.safetensors)"));
         }
         let cfg_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+        let text = perceiver_edge_runtime::fsio::read_text(&cfg_path, perceiver_edge_runtime::fsio::MAX_TEXT_BYTES)
+            .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
         let raw_config: Value =
             serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
         let config: PerceiverConfig = serde_json::from_value(raw_config.clone())
@@ -280,7 +281,8 @@ impl Checkpoint {
         if single.is_file() {
             read_safetensors(&single, &mut tensors, None)?;
         } else if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+            let text = perceiver_edge_runtime::fsio::read_text(&index, perceiver_edge_runtime::fsio::MAX_TEXT_BYTES)
+                .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
             let v: Value =
                 serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
             let map = v

@@ -236,7 +236,8 @@ pub fn compare(
     layers: bool,
 ) -> Result<Report> {
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| Error::Load { path: p.display().to_string(), msg: format!("cannot read: {e}") })
+        crate::fsio::read_file(p, u64::MAX)
+            .map_err(|e| Error::Load { path: p.display().to_string(), msg: format!("cannot read: {e}") })
     };
     let (rb, cb) = (read(reference)?, read(candidate)?);
     let (rp, cp) = (producers(&rb, reference)?, producers(&cb, candidate)?);

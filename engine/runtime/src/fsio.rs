@@ -66,6 +66,28 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::
     stage_with(path, fill)?.commit()
 }
 
+/// Reads a whole file, refusing what is not a regular file (a device such as `/dev/zero` or a
+/// FIFO would never end, a folder cannot be read) and files over `max` bytes, before reading.
+pub fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!("holds {} bytes, more than the {max} accepted", meta.len())));
+    }
+    std::fs::read(path)
+}
+
+/// [`read_file`] as UTF-8 text.
+pub fn read_text(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_file(path, max)?).map_err(|_| std::io::Error::other("not UTF-8 text"))
+}
+
+/// The most bytes a JSON or TOML file the engine reads may hold (configs, indexes, manifests,
+/// board profiles): 16 MiB, far above any real one.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
 /// True when `a` and `b` name the same existing file (same device and inode on Unix, same
 /// canonical path elsewhere), however they are spelled (links, `..`, relative paths).
 pub fn same_file(a: &Path, b: &Path) -> bool {

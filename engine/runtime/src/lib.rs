@@ -213,7 +213,7 @@ impl Session {
         let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
         let len = std::fs::metadata(path).map_err(|e| load_err(format!("cannot read: {e}")))?.len();
         limits::check_fits_memory(len).map_err(load_err)?;
-        let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
+        let bytes = fsio::read_file(path, u64::MAX).map_err(|e| load_err(format!("cannot read: {e}")))?;
         Session::from_bytes_on(&bytes, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
             other => other,

@@ -221,7 +221,7 @@ impl Profile {
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ProfileError {
+        let text = crate::fsio::read_text(path, crate::fsio::MAX_TEXT_BYTES).map_err(|e| ProfileError {
             file: file.clone(),
             key: None,
             msg: format!("cannot read: {e}"),

@@ -76,7 +76,8 @@ impl Manifest {
     /// Reads and checks `DIR/manifest.json`.
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| bad(dir, format!("cannot read: {e}")))?;
+        let text = crate::fsio::read_text(&path, crate::fsio::MAX_TEXT_BYTES)
+            .map_err(|e| bad(dir, format!("cannot read: {e}")))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(dir, format!("not a split manifest: {e}")))?;
         if m.format != FORMAT || m.version != 1 {
             return Err(bad(dir, format!("format {} version {}, expected {FORMAT} version 1", m.format, m.version)));

@@ -88,7 +88,8 @@ pub const DECODER_FILE: &str = "perceiver_edge_decoder.json";
 
 /// Reads a decoder declaration.
 pub fn read_decoder_decl(path: &Path) -> Result<DecoderDecl> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = perceiver_edge_runtime::fsio::read_text(path, perceiver_edge_runtime::fsio::MAX_TEXT_BYTES)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let d: DecoderDecl =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid decoder declaration: {e}")))?;
     if !matches!(d.kind.as_str(), "basic" | "classification") {
