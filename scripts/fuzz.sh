@@ -4,6 +4,9 @@
 #
 #   scripts/fuzz.sh [TARGET|all] [RUNS]      default: all, 1000000 runs each
 #   FUZZ_TIME=SECONDS scripts/fuzz.sh ...    stop each target after SECONDS instead (-max_total_time)
+#   FUZZ_KEEP_GOING=1 FUZZ_TIME=SECONDS ...   record crashes and go on (-fork=1 -ignore_crashes=1
+#                                             -ignore_ooms=1 -ignore_timeouts=1): to collect every
+#                                             finding in one run; the default stops at the first
 #
 # Targets: export_checkpoint npy_inputs onnx_load_run board_profile pack_reader (bodies in
 # engine/fuzz-targets). Each fuzzes fuzz/work/corpus/TARGET (new inputs land there, gitignored)
@@ -30,6 +33,7 @@ flags=(--sanitizer none --debug-assertions)
 cargo +nightly fuzz build "${flags[@]}" >&2
 limit=(-runs="$runs")
 [ -n "${FUZZ_TIME:-}" ] && limit=(-max_total_time="$FUZZ_TIME")
+[ -n "${FUZZ_KEEP_GOING:-}" ] && limit+=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
 summary=()
 for t in "${targets[@]}"; do
   mkdir -p "work/corpus/$t" "artifacts/$t"
@@ -41,7 +45,10 @@ for t in "${targets[@]}"; do
     "${limit[@]}" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1 \
     > "$log" 2>&1 || rc=$?
   secs=$(echo "$(date +%s.%N) - $start" | bc)
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo '?')
+  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)
+  # fork mode prints no final stats: take the last status line (#EXECS ...)
+  [ -z "$execs" ] && execs=$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#' || true)
+  [ -z "$execs" ] && execs='?'
   crashes=$(( $(find "artifacts/$t" -type f | wc -l) - before ))
   line=$(printf '%-18s %9s execs  %8.1f s  %7s exec/s  crashes %d  exit %d  (log fuzz/%s)' "$t" "$execs" "$secs" \
     "$( [ "$execs" != '?' ] && echo "$execs / $secs" | bc || echo '?')" "$crashes" "$rc" "$log")

@@ -25,7 +25,7 @@ impl<'a> HostReader<'a> {
             .map_err(|e| format!("bad pack: {e}"))?;
         self.next += 1;
         let in_pack = |at: usize, bytes: usize| -> &'a [u8] {
-            assert!(at % 4 == 0, "tensor {}: unaligned offset {at} accepted", self.next - 1);
+            assert!(at.is_multiple_of(4), "tensor {}: unaligned offset {at} accepted", self.next - 1);
             let end = at.checked_add(bytes).expect("range end overflows");
             self.pack.get(at..end).unwrap_or_else(|| {
                 panic!("tensor {}: bytes {at}..{end} accepted, the pack has {}", self.next - 1, self.pack.len())

@@ -58,8 +58,23 @@ impl Rng {
 }
 
 const INTERESTING_U32: [u32; 10] = [0, 1, 2, 3, 4, 0x7f, 0xffff, 0x7fff_ffff, 0x8000_0000, u32::MAX];
-const INTERESTING_NUMBERS: [&str; 12] =
-    ["0", "-1", "1", "2", "1000000", "4294967296", "1e300", "-0", "null", "3.5", "99999999999999999999", "\"x\""];
+const INTERESTING_NUMBERS: [&str; 15] = [
+    "0",
+    "-1",
+    "1",
+    "2",
+    "1000000",
+    "4294967296",
+    "1e300",
+    "-0",
+    "null",
+    "3.5",
+    "99999999999999999999",
+    "\"x\"",
+    "[]",
+    "[0]",
+    "1e9",
+];
 
 /// One mutation of `s`: `text` inputs also get their numbers replaced.
 fn mutate(s: &[u8], rng: &mut Rng, text: bool) -> Vec<u8> {
@@ -130,11 +145,11 @@ fn cases(target: &str) -> usize {
         return n;
     }
     match target {
-        "export_checkpoint" => 1500,
-        "npy_inputs" => 3000,
+        "export_checkpoint" => 8000,
+        "npy_inputs" => 8000,
         "onnx_load_run" => 1500,
-        "board_profile" => 5000,
-        "pack_reader" => 5000,
+        "board_profile" => 50_000,
+        "pack_reader" => 200_000,
         _ => 1000,
     }
 }

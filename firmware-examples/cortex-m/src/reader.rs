@@ -38,7 +38,7 @@ pub fn locate(
     }
     let (offset, scale_offset, scales) = (e.offset as usize, e.scale_offset as usize, e.scale_count());
     let end = offset.checked_add(e.data_len()).ok_or("pack tensor outside the pack")?;
-    if offset % 4 != 0 || offset < header.byte_len() || end > pack_len {
+    if !offset.is_multiple_of(4) || offset < header.byte_len() || end > pack_len {
         return Err("pack tensor outside the pack");
     }
     match (e.kind, rows) {
@@ -46,7 +46,10 @@ pub fn locate(
         (Kind::Int8, None) => return Err("expected an f32 tensor, the pack has int8"),
         (Kind::Int8, Some(rows)) => {
             let scales_end = scales.checked_mul(4).and_then(|n| n.checked_add(scale_offset));
-            if scale_offset % 4 != 0 || scale_offset < header.byte_len() || scales_end.is_none_or(|s| s > offset) {
+            if !scale_offset.is_multiple_of(4)
+                || scale_offset < header.byte_len()
+                || scales_end.is_none_or(|s| s > offset)
+            {
                 return Err("pack tensor scales outside the pack");
             }
             if scales != rows {
@@ -61,7 +64,7 @@ pub fn locate(
 /// and dividing their attention widths, `M = H * W`, `C >= IN_CH`, residual flags 0 or 1.
 pub fn check_dims(dims: &[u32; NUM_DIMS]) -> Result<(), &'static str> {
     let d = |i: usize| dims[i] as usize;
-    let heads_ok = |heads: usize, qk: usize, v: usize| heads > 0 && qk % heads == 0 && v % heads == 0;
+    let heads_ok = |heads: usize, qk: usize, v: usize| heads > 0 && qk.is_multiple_of(heads) && v.is_multiple_of(heads);
     if !heads_ok(d(dim::X_HEADS), d(dim::X_QK), d(dim::X_V))
         || !heads_ok(d(dim::S_HEADS), d(dim::S_QK), d(dim::S_V))
         || !heads_ok(d(dim::O_HEADS), d(dim::O_QK), d(dim::O_V))
