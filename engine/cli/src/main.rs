@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Refuse any single tensor (input, weight, activation, table) larger than this many GiB.
+    #[arg(long, global = true, value_name = "GIB", default_value_t = 4.0)]
+    max_tensor_gib: f64,
 }
 
 #[derive(Subcommand)]
@@ -291,14 +294,49 @@ fn parse_device(s: &str) -> std::result::Result<Device, String> {
     Ok(d)
 }
 
+/// Where the last panic happened and what it said (the hook stays silent: a panic is reported
+/// once, on one line, by `main`, or turned into an error where it is caught).
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn main() {
-    // Panics are bugs; still, report them on one line like every other error.
-    std::panic::set_hook(Box::new(|info| eprintln!("error: internal error: {info}")));
-    let cli = Cli::parse();
-    if let Err(e) = dispatch(cli.command) {
-        eprintln!("error: {e:#}");
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.to_string().replace('\n', " ");
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(msg);
+        }
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's own message, first line only (it adds a tip and the usage), exit status 1.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            std::process::exit(1);
+        }
+    };
+    let gib = cli.max_tensor_gib;
+    if !(gib > 0.0 && gib <= 1e6) {
+        eprintln!("error: --max-tensor-gib {gib}: expected a size in GiB in (0, 1000000]");
         std::process::exit(1);
     }
+    perceiver_edge_runtime::limits::set_max_tensor_bytes((gib * (1u64 << 30) as f64) as u64);
+    // Panics are bugs; still, report them on one line like every other error, exit status 1.
+    let result = std::panic::catch_unwind(|| dispatch(cli.command));
+    let msg = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{e:#}").replace('\n', " "),
+        Err(_) => {
+            let what = LAST_PANIC.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            if what.contains("failed printing to stdout") {
+                // The reader went away (`| head`): stop quietly, as a SIGPIPE would.
+                std::process::exit(141);
+            }
+            format!("internal error: {what}")
+        }
+    };
+    eprintln!("error: {msg}");
+    std::process::exit(1);
 }
 
 fn dispatch(cmd: Command) -> Result<()> {
@@ -313,6 +351,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                     "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
                 );
             }
+            refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, None)?;
             let pack = perceiver_edge_export::pack::export_pack(&checkpoint, &sizes.options(), pack_precision)?;
             pack.write(&output)?;
             println!("wrote {} ({} bytes, {:?} weights)", output.display(), pack.bytes.len(), pack_precision);
@@ -323,6 +362,7 @@ fn dispatch(cmd: Command) -> Result<()> {
         }
         #[cfg(feature = "export")]
         Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
+            refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, quant.calibrate.as_deref())?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
             let mut bar: Option<indicatif::ProgressBar> = None;
@@ -406,22 +446,15 @@ fn dispatch(cmd: Command) -> Result<()> {
         }
         Command::Run { model, inputs, outputs, print, device } => run(&model, &inputs, &outputs, print, device),
         Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device } => {
-            let positive = |v: f64| v > 0.0 && v.is_finite();
-            if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
-                bail!("--threads, --rate and --duration must be positive");
-            }
-            let opts = bench::BenchOptions {
-                runs,
-                duration: duration.map(std::time::Duration::from_secs_f64),
-                warmup,
-                rate_hz: rate,
-                threads,
-            };
+            let opts = bench::BenchOptions::from_flags(runs, duration, warmup, rate, threads)?;
             let inputs = if inputs.is_empty() {
                 None
             } else {
                 Some(inputs.iter().map(|p| npy::read_npy(p)).collect::<Result<Vec<_>, _>>()?)
             };
+            if let Some(n) = inputs.as_deref().map(bench::count_nonfinite).filter(|&n| n > 0) {
+                eprintln!("warning: the inputs hold {n} NaN or infinite value(s)");
+            }
             let report = bench::bench_on(&model, inputs, &opts, device)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -476,6 +509,7 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
     }
     // NAME=FILE pairs may come in any order; plain files follow graph-input order.
     let mut tensors = Vec::with_capacity(specs.len());
+    let mut files: Vec<&Path> = vec![model];
     for (i, spec) in specs.iter().enumerate() {
         let named = inputs.iter().find_map(|a| a.strip_prefix(&format!("{}=", spec.name)));
         let file = match named {
@@ -487,7 +521,12 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
         };
         let t = npy::read_npy(Path::new(file))?;
         session.check_inputs_one(i, &t).with_context(|| file.to_string())?;
+        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(&t));
+        if bad > 0 {
+            eprintln!("warning: {file}: input `{}` holds {bad} NaN or infinite value(s)", spec.name);
+        }
         tensors.push(t);
+        files.push(Path::new(file));
     }
     let out_specs = session.outputs().to_vec();
     let dir = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/')))
@@ -500,22 +539,74 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
             names.join(", ")
         );
     }
+    // Output paths: every one checked before anything runs or is written.
+    let mut paths = Vec::with_capacity(out_specs.len());
+    for (i, spec) in out_specs.iter().enumerate() {
+        let path = match &dir {
+            Some(d) if perceiver_edge_runtime::fsio::is_plain_file_name(&spec.name) => d.join(format!("{}.npy", spec.name)),
+            Some(d) => bail!(
+                "{}: output name {:?} is not a plain file name, so it cannot be written into {}; give one --output FILE per output",
+                model.display(),
+                spec.name,
+                d.display()
+            ),
+            None => outputs[i].clone(),
+        };
+        perceiver_edge_runtime::fsio::check_not_input(&path, &files).map_err(anyhow::Error::msg)?;
+        if paths.contains(&path) {
+            bail!("{}: given for two outputs", path.display());
+        }
+        paths.push(path);
+    }
     let results = session.run(tensors)?;
     if let Some(d) = &dir {
         std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create folder", d.display()))?;
     }
-    for (i, (t, spec)) in results.iter().zip(&out_specs).enumerate() {
-        let path = match &dir {
-            Some(d) => d.join(format!("{}.npy", spec.name)),
-            None => outputs[i].clone(),
-        };
-        npy::write_npy(&path, t)?;
+    // All outputs are staged first and renamed into place together: all or none.
+    let staged = results.iter().zip(&paths).map(|(t, p)| npy::stage_npy(p, t)).collect::<Result<Vec<_>, _>>()?;
+    for s in staged {
+        let p = s.path().to_path_buf();
+        s.commit().with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    for ((t, spec), path) in results.iter().zip(&out_specs).zip(&paths) {
         println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
         if print {
             print_values(t);
         }
+        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(t));
+        if bad > 0 {
+            eprintln!("warning: output `{}` holds {bad} NaN or infinite value(s)", spec.name);
+        }
     }
     Ok(())
+}
+
+/// Refuses an export output that is one of the files the export reads: the checkpoint's
+/// config, weights and shards (any `.json` / `.safetensors` in its folder), the decoder
+/// declaration, the calibration data.
+#[cfg(feature = "export")]
+fn refuse_overwriting_checkpoint(
+    output: &Path,
+    checkpoint: &Path,
+    sizes: &Sizes,
+    calibrate: Option<&Path>,
+) -> Result<()> {
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(checkpoint)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json" || x == "safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    inputs.extend(sizes.decoder.iter().cloned());
+    if let Some(c) = calibrate {
+        match std::fs::read_dir(c) {
+            Ok(rd) => inputs.extend(rd.filter_map(|e| e.ok().map(|e| e.path()))),
+            Err(_) => inputs.push(c.to_path_buf()),
+        }
+    }
+    let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    perceiver_edge_runtime::fsio::check_not_input(output, &refs).map_err(anyhow::Error::msg)
 }
 
 /// Prints each batch row of a small f32 output, with the arg-max of `[batch, classes]` rows.
@@ -554,6 +645,12 @@ fn print_bench(r: &bench::BenchReport) {
         l.p50, l.p90, l.p99, l.max, l.min, l.mean, l.stddev
     );
     println!("throughput   {:.1} runs/s", r.throughput_per_s);
+    if r.nonfinite_input_values > 0 || r.nonfinite_output_runs > 0 {
+        println!(
+            "non-finite   {} NaN/Inf input value(s); {} of {} runs gave NaN/Inf outputs",
+            r.nonfinite_input_values, r.nonfinite_output_runs, r.runs
+        );
+    }
     let m = &r.memory;
     println!("memory       peak RSS {}  peak heap {}", mib(m.peak_rss), mib(m.peak_heap));
     println!(

@@ -95,13 +95,60 @@ impl Default for PerceiverConfig {
 }
 
 impl PerceiverConfig {
-    /// `image_size` as (height, width).
+    /// `image_size` as (height, width) (a one-element list is square). [`Checkpoint::open`]
+    /// has checked the list's length and values.
     pub fn image_hw(&self) -> (usize, usize) {
         match &self.image_size {
             IntOrList::Int(s) => (*s, *s),
-            IntOrList::List(v) if v.len() == 2 => (v[0], v[1]),
-            IntOrList::List(v) => (v[0], v[0]),
+            IntOrList::List(v) if v.len() >= 2 => (v[0], v[1]),
+            IntOrList::List(v) => (v.first().copied().unwrap_or(1), v.first().copied().unwrap_or(1)),
         }
+    }
+
+    /// `train_size` as (height, width). [`Checkpoint::open`] has checked it.
+    pub fn train_hw(&self) -> (usize, usize) {
+        match self.train_size[..] {
+            [h, w] => (h, w),
+            _ => (1, 1),
+        }
+    }
+
+    /// Checks the values the graph's shapes come from: sizes at least 1, lists of the right
+    /// length, nothing beyond the limits. The message names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("num_latents", self.num_latents),
+            ("d_latents", self.d_latents),
+            ("d_model", self.d_model),
+            ("num_blocks", self.num_blocks),
+            ("num_self_attends_per_block", self.num_self_attends_per_block),
+            ("num_self_attention_heads", self.num_self_attention_heads),
+            ("num_cross_attention_heads", self.num_cross_attention_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((k, v)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{k} is {v}, expected at least 1"));
+        }
+        match &self.image_size {
+            IntOrList::Int(0) => return Err("image_size is 0, expected at least 1".into()),
+            IntOrList::List(v) if v.is_empty() || v.len() > 2 || v.contains(&0) => {
+                return Err(format!("image_size is {v:?}, expected one or two sizes of at least 1"))
+            }
+            _ => {}
+        }
+        if self.train_size.len() != 2 || self.train_size.contains(&0) {
+            return Err(format!("train_size is {:?}, expected [height, width], each at least 1", self.train_size));
+        }
+        let layers = self.num_blocks.saturating_mul(self.num_self_attends_per_block);
+        let max = perceiver_edge_runtime::limits::MAX_LATENT_LAYERS;
+        if layers > max {
+            return Err(format!(
+                "num_blocks {} x num_self_attends_per_block {} = {layers} latent layers, more than the {max} accepted",
+                self.num_blocks, self.num_self_attends_per_block
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -130,11 +177,32 @@ pub struct Checkpoint {
     prefix: String,
 }
 
-fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>) -> Result<()> {
+/// Reads the tensors of one safetensors file into `out`. With `only`, the file must hold
+/// exactly the tensors a shard index assigns to it.
+fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option<&[&str]>) -> Result<()> {
+    let len = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?.len();
+    perceiver_edge_runtime::limits::check_fits_memory(len).map_err(|m| Error::file(path, m))?;
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    if let Some(only) = only {
+        if let Some(n) = only.iter().find(|n| !st.names().contains(n)) {
+            return Err(Error::file(
+                path,
+                format!("the shard index assigns tensor `{n}` to this shard, but it is not in it"),
+            ));
+        }
+        if let Some(n) = st.names().into_iter().find(|n| !only.contains(n)) {
+            return Err(Error::file(
+                path,
+                format!("holds tensor `{n}`, which the shard index assigns to another shard"),
+            ));
+        }
+    }
     for (name, view) in st.iter() {
+        if out.contains_key(name) {
+            return Err(Error::file(path, format!("tensor `{name}` is defined twice in the checkpoint")));
+        }
         use safetensors::Dtype;
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
@@ -149,9 +217,40 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>) -> Result<()
                 ))
             }
         };
+        if data.is_empty() {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, with no elements", view.shape())));
+        }
+        let bad = data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::file(path, format!("tensor `{name}` holds {bad} NaN or infinite value(s)")));
+        }
         out.insert(name.to_string(), Weight { name: name.to_string(), shape: view.shape().to_vec(), data });
     }
     Ok(())
+}
+
+/// A shard named by `model.safetensors.index.json`, confined to the checkpoint folder: a plain
+/// relative name, no `..`, resolving (through any symlink) to a regular file inside `dir`.
+fn shard_path(dir: &Path, index: &Path, shard: &str) -> Result<PathBuf> {
+    let rel = Path::new(shard);
+    let plain = !shard.is_empty()
+        && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        && !shard.contains('\\');
+    if !plain {
+        return Err(Error::file(index, format!("shard \"{shard}\" is not a file name inside the checkpoint folder")));
+    }
+    let path = dir.join(rel);
+    let (real, real_dir) = match (path.canonicalize(), dir.canonicalize()) {
+        (Ok(r), Ok(d)) => (r, d),
+        _ => return Err(Error::file(&path, "missing (named by model.safetensors.index.json)")),
+    };
+    if !real.starts_with(&real_dir) || !real.is_file() {
+        return Err(Error::file(
+            index,
+            format!("shard \"{shard}\" resolves to {}, not a file inside the checkpoint folder", real.display()),
+        ));
+    }
+    Ok(path)
 }
 
 impl Checkpoint {
@@ -167,6 +266,7 @@ impl Checkpoint {
             serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
         let config: PerceiverConfig = serde_json::from_value(raw_config.clone())
             .map_err(|e| Error::file(&cfg_path, format!("not a PerceiverConfig: {e}")))?;
+        config.validate().map_err(|m| Error::file(&cfg_path, m))?;
         if raw_config.get("model_type").and_then(Value::as_str).is_some_and(|t| t != "perceiver") {
             return Err(Error::file(
                 &cfg_path,
@@ -178,7 +278,7 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         if single.is_file() {
-            read_safetensors(&single, &mut tensors)?;
+            read_safetensors(&single, &mut tensors, None)?;
         } else if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
             let v: Value =
@@ -187,11 +287,17 @@ impl Checkpoint {
                 .get("weight_map")
                 .and_then(Value::as_object)
                 .ok_or_else(|| Error::file(&index, "no \"weight_map\" object"))?;
-            let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-            shards.sort();
-            shards.dedup();
-            for shard in shards {
-                read_safetensors(&dir.join(shard), &mut tensors)?;
+            // shard -> the tensors the index assigns to it
+            let mut shards: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for (tensor, shard) in map {
+                let shard = shard
+                    .as_str()
+                    .ok_or_else(|| Error::file(&index, format!("weight_map entry `{tensor}` is not a file name")))?;
+                shards.entry(shard).or_default().push(tensor.as_str());
+            }
+            for (shard, names) in &shards {
+                let path = shard_path(dir, &index, shard)?;
+                read_safetensors(&path, &mut tensors, Some(names))?;
             }
         } else {
             for bin in ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth"] {
@@ -206,7 +312,44 @@ impl Checkpoint {
             return Err(Error::file(&single, "missing (expected model.safetensors or model.safetensors.index.json)"));
         }
         let prefix = if tensors.keys().any(|k| k.starts_with("perceiver.")) { "perceiver." } else { "" };
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, raw_config, tensors, prefix: prefix.to_string() })
+        let ck = Checkpoint { dir: dir.to_path_buf(), config, raw_config, tensors, prefix: prefix.to_string() };
+        ck.check_config_against_weights().map_err(|m| Error::file(&cfg_path, m))?;
+        Ok(ck)
+    }
+
+    /// The config keys the weights also state must agree with them: `num_latents` and
+    /// `d_latents` (the latent array's shape), `num_self_attends_per_block` (the stored latent
+    /// layers: fewer would silently drop trained layers).
+    fn check_config_against_weights(&self) -> std::result::Result<(), String> {
+        let c = &self.config;
+        if let Ok(l) = self.get("embeddings.latents") {
+            if l.shape.len() != 2 {
+                return Err(format!("the weights' latent array {} has shape {:?}, expected [N, D]", l.name, l.shape));
+            }
+            if l.shape[0] != c.num_latents {
+                return Err(format!(
+                    "num_latents is {}, the weights' {} has {} rows",
+                    c.num_latents, l.name, l.shape[0]
+                ));
+            }
+            if l.shape[1] != c.d_latents {
+                return Err(format!("d_latents is {}, the weights' {} is {} wide", c.d_latents, l.name, l.shape[1]));
+            }
+        }
+        let marker = format!("{}encoder.self_attends.", self.prefix);
+        let stored = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(&marker)?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1);
+        if stored > c.num_self_attends_per_block {
+            return Err(format!(
+                "num_self_attends_per_block is {}, the weights hold {stored} latent self-attention layers",
+                c.num_self_attends_per_block
+            ));
+        }
+        Ok(())
     }
 
     /// The head class named by `architectures[0]`.

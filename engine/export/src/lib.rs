@@ -74,6 +74,9 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
     list.push(&passes::Prune);
     passes::run_all(&mut graph, &list)?;
+    if let Some(e) = graph.error.take() {
+        return Err(Error::invalid(format!("{}: after the rewrites: {e}", ck.dir.display())));
+    }
     summary.after_passes(&graph);
     let json = serde_json::to_string(&summary).expect("summary serialises");
     graph.metadata.push((metadata::SUMMARY.into(), json));

@@ -198,7 +198,7 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Res
     }
 
     let mut entries = vec![
-        Entry { data: f.grid(&[h, w]), rows: h * w, quantise: false },
+        Entry { data: f.grid(&[h, w])?, rows: h * w, quantise: false },
         Entry { data: lat.data.clone(), rows: n, quantise: false },
     ];
     layer(ck, x, true, &mut entries)?;
@@ -303,7 +303,7 @@ mod tests {
         let count = tensors(&p);
         assert_eq!(count, 2 + 18 + 2 * 16 + 1 + 18 + 2);
         let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
-        assert_eq!(f32s(&p, 0), f.grid(&[8, 8]));
+        assert_eq!(f32s(&p, 0), f.grid(&[8, 8]).unwrap());
         assert_eq!(f32s(&p, 1), ck.get("embeddings.latents").unwrap().data);
         assert_eq!(f32s(&p, 6), ck.get("encoder.cross_attention.attention.self.query.weight").unwrap().data);
         assert_eq!(f32s(&p, count - 1), ck.get("decoder.decoder.final_layer.bias").unwrap().data);

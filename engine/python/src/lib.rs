@@ -447,21 +447,9 @@ impl Model {
         rate: Option<f64>,
         inputs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let positive = |v: f64| v > 0.0 && v.is_finite();
-        if threads == 0 || rate.is_some_and(|r| !positive(r)) || duration.is_some_and(|d| !positive(d)) {
-            return Err(value_err("threads, rate and duration must be positive"));
-        }
-        if runs == 0 && duration.is_none() {
-            return Err(value_err("runs must be positive (or give a duration)"));
-        }
+        let opts = bench::BenchOptions::from_flags(runs, duration, warmup, rate, threads)
+            .map_err(|e| value_err(e.to_string().replace("--", "")))?;
         let inputs = inputs.map(|d| tensors_from_dict(d, &self.inputs)).transpose()?;
-        let opts = bench::BenchOptions {
-            runs,
-            duration: duration.map(std::time::Duration::from_secs_f64),
-            warmup,
-            rate_hz: rate,
-            threads,
-        };
         let report = detached(py, || {
             let r = bench::bench_on(&self.path, inputs, &opts, self.device).map_err(runtime_err);
             // bench sets the matmul threads for its runs; later `run` calls keep the count

@@ -112,11 +112,17 @@ def test_bad_export_options(tmp_path):
 
 
 def test_bench_options(digits):
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="threads 0: expected 1 to 256"):
         digits.bench(threads=0)
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="threads 100000: expected 1 to 256"):
+        digits.bench(threads=100000)
+    with pytest.raises(ValueError, match=r"rate -1: expected Hz in"):
         digits.bench(rate=-1.0)
-    with pytest.raises(ValueError, match="runs must be positive"):
+    with pytest.raises(ValueError, match=r"rate 1e-300: expected Hz in"):
+        digits.bench(rate=1e-300)
+    with pytest.raises(ValueError, match=r"duration 1e20: expected seconds in"):
+        digits.bench(duration=1e20)
+    with pytest.raises(ValueError, match="runs 0: expected 1 to"):
         digits.bench(runs=0)
     with pytest.raises(ValueError, match="input `pixel_values`: dtype float64"):
         digits.bench(runs=1, inputs={"pixel_values": X.astype(np.float64)})

@@ -1,6 +1,10 @@
 //! A counting global allocator: heap bytes in use and their peak. A binary opts in with
 //! `#[global_allocator] static A: perceiver_edge_runtime::alloc::Counting = Counting;`
 //! (the CLI does); without it the figures are `None`.
+//!
+//! It also turns an allocation the system refuses into a one-line `error:` and exit status 1
+//! instead of Rust's abort (SIGABRT): a size that slipped past the checks in [`crate::limits`]
+//! still ends like any other bad input.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,9 +19,10 @@ pub struct Counting;
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size() as u64);
+        if p.is_null() {
+            refused(layout.size());
         }
+        grow(layout.size() as u64);
         p
     }
 
@@ -28,12 +33,26 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-            grow(new_size as u64);
+        if p.is_null() {
+            refused(new_size);
         }
+        IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        grow(new_size as u64);
         p
     }
+}
+
+/// Reports a refused allocation on one line and exits with status 1. Nothing here allocates:
+/// `write!` to the unbuffered stderr formats piece by piece.
+#[cold]
+fn refused(bytes: usize) -> ! {
+    use std::io::Write;
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let _ = writeln!(
+        std::io::stderr(),
+        "error: out of memory: the system refused an allocation of {gib:.2} GiB; a size in the input or the options is too large for this machine"
+    );
+    std::process::exit(1)
 }
 
 fn grow(bytes: u64) {

@@ -23,6 +23,73 @@ pub struct BenchOptions {
     pub threads: usize,
 }
 
+/// The most measured or warm-up runs one benchmark takes (latencies are kept per run).
+pub const MAX_RUNS: usize = 10_000_000;
+/// The longest `duration`: one week.
+pub const MAX_DURATION_S: f64 = 7.0 * 24.0 * 3600.0;
+/// The slowest and fastest paced rates, in Hz.
+pub const RATE_RANGE_HZ: (f64, f64) = (1e-3, 1e6);
+
+/// A flag value as a person would type it (`0.5`, `1e20`, `1e-300`).
+fn num(x: f64) -> String {
+    if x == 0.0 || (1e-3..1e7).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
+}
+
+impl BenchOptions {
+    /// Options from flag values (seconds, Hz), each checked: one-line errors naming the flag.
+    pub fn from_flags(
+        runs: usize,
+        duration_s: Option<f64>,
+        warmup: usize,
+        rate_hz: Option<f64>,
+        threads: usize,
+    ) -> Result<BenchOptions> {
+        let bad = |msg: String| Err(Error::Run(msg));
+        if duration_s.is_none() && !(1..=MAX_RUNS).contains(&runs) {
+            return bad(format!("--runs {runs}: expected 1 to {MAX_RUNS} (or give --duration)"));
+        }
+        if warmup > MAX_RUNS {
+            return bad(format!("--warmup {warmup}: expected at most {MAX_RUNS}"));
+        }
+        if let Some(d) = duration_s {
+            if !(d > 0.0 && d <= MAX_DURATION_S) {
+                return bad(format!("--duration {}: expected seconds in (0, {MAX_DURATION_S}]", num(d)));
+            }
+        }
+        if let Some(r) = rate_hz {
+            let (lo, hi) = RATE_RANGE_HZ;
+            if !(lo..=hi).contains(&r) {
+                return bad(format!("--rate {}: expected Hz in [{}, {}]", num(r), num(lo), num(hi)));
+            }
+        }
+        if threads == 0 || threads > crate::limits::MAX_THREADS {
+            return bad(format!("--threads {threads}: expected 1 to {}", crate::limits::MAX_THREADS));
+        }
+        Ok(BenchOptions { runs, duration: duration_s.map(Duration::from_secs_f64), warmup, rate_hz, threads })
+    }
+}
+
+/// Non-finite (NaN or infinite) values among the float elements of `tensors`.
+pub fn count_nonfinite(tensors: &[Tensor]) -> usize {
+    fn count<T: Datum + Copy>(t: &Tensor, finite: impl Fn(T) -> bool) -> usize {
+        let plain = t.try_as_plain_ram().ok();
+        plain.and_then(|p| p.as_slice::<T>().ok().map(|v| v.iter().filter(|x| !finite(**x)).count())).unwrap_or(0)
+    }
+    tensors
+        .iter()
+        .map(|t| match t.datum_type() {
+            DatumType::F32 => count::<f32>(t, f32::is_finite),
+            DatumType::F64 => count::<f64>(t, f64::is_finite),
+            DatumType::F16 => count::<f16>(t, |x| x.to_f32().is_finite()),
+            _ => 0,
+        })
+        .sum()
+}
+
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions { runs: 100, duration: None, warmup: 5, rate_hz: None, threads: 1 }
@@ -99,6 +166,10 @@ pub struct BenchReport {
     pub runs: usize,
     /// Matmul threads.
     pub threads: usize,
+    /// NaN / infinite values in the inputs (a broken sensor shows up here).
+    pub nonfinite_input_values: usize,
+    /// Measured runs whose outputs held a NaN or infinite value.
+    pub nonfinite_output_runs: usize,
     /// Per-run latency.
     pub latency_ms: Latency,
     /// Runs per second (free-running: 1000 / mean latency; paced: achieved rate).
@@ -217,15 +288,30 @@ pub fn bench_on(
         None => synthetic_inputs(&session)?,
     };
     session.check_inputs(&inputs)?;
+    let nonfinite_input_values = count_nonfinite(&inputs);
+    let mut nonfinite_output_runs = 0;
     for _ in 0..opts.warmup {
         session.run(inputs.clone())?;
     }
+    // The per-run records are allocated before the steady-state snapshot, so a long run shows
+    // the model's memory, not the benchmark's own bookkeeping. Runs expected: the count, or
+    // the duration at the paced rate (or at the warm-up speed), up to a million (24 MB).
+    let expected = match (opts.duration, opts.rate_hz) {
+        (None, _) => opts.runs,
+        (Some(d), Some(hz)) => (d.as_secs_f64() * hz).ceil() as usize + 1,
+        (Some(d), None) => {
+            let t = Instant::now();
+            session.run(inputs.clone())?;
+            (d.as_secs_f64() / t.elapsed().as_secs_f64().max(1e-6) * 1.25) as usize + 1
+        }
+    }
+    .min(1_000_000);
+    let mut samples = Vec::with_capacity(expected);
+    let (mut starts, mut ends) = (Vec::with_capacity(expected), Vec::with_capacity(expected));
     let rss_after_warmup = proc_status_bytes("VmRSS:");
     let heap_after_warmup = alloc::in_use();
     alloc::reset_peak();
 
-    let mut samples = Vec::with_capacity(opts.runs);
-    let (mut starts, mut ends) = (vec![], vec![]);
     let period = opts.rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz));
     let begin = Instant::now();
     let mut i = 0usize;
@@ -238,15 +324,16 @@ pub fn bench_on(
             break;
         }
         if let Some(p) = period {
-            let scheduled = begin + p * i as u32;
+            let scheduled = begin + p.mul_f64(i as f64);
             let now = Instant::now();
             if scheduled > now {
                 std::thread::sleep(scheduled - now);
             }
         }
         let s = Instant::now();
-        session.run(inputs.clone())?;
+        let outputs = session.run(inputs.clone())?;
         let e = Instant::now();
+        nonfinite_output_runs += (count_nonfinite(&outputs) > 0) as usize;
         samples.push((e - s).as_secs_f64() * 1e3);
         starts.push((s - begin).as_secs_f64() * 1e3);
         ends.push((e - begin).as_secs_f64() * 1e3);
@@ -277,6 +364,8 @@ pub fn bench_on(
         warmup: opts.warmup,
         runs: samples.len(),
         threads: opts.threads,
+        nonfinite_input_values,
+        nonfinite_output_runs,
         latency_ms,
         throughput_per_s,
         memory: Memory {

@@ -268,6 +268,21 @@ pub fn compare(
             msg: format!("{} and {} have different outputs", reference.display(), candidate.display()),
         });
     }
+    for (r, c) in rs.outputs()[..n_out].iter().zip(&cs.outputs()[..n_out]) {
+        if r.shape != c.shape {
+            return Err(Error::Input {
+                name: r.name.clone(),
+                msg: format!(
+                    "output shape {:?} in {} but {:?} (`{}`) in {}: the graphs are not of the same model",
+                    r.shape,
+                    reference.display(),
+                    c.shape,
+                    c.name,
+                    candidate.display()
+                ),
+            });
+        }
+    }
     let common: Vec<String> = rexp.iter().filter(|n| cexp.contains(n)).cloned().collect();
     let rpos: HashMap<&str, usize> = rexp.iter().enumerate().map(|(i, n)| (n.as_str(), n_out + i)).collect();
     let cpos: HashMap<&str, usize> = cexp.iter().enumerate().map(|(i, n)| (n.as_str(), n_out + i)).collect();

@@ -19,6 +19,8 @@ pub mod bench;
 pub mod compare;
 pub mod dataset;
 pub mod fsio;
+mod guard;
+pub mod limits;
 pub mod metadata;
 pub mod npy;
 pub mod precision;
@@ -75,6 +77,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Sets the number of threads tract's matrix products use (1 = single-threaded, the default).
 /// Needs the `threads` feature (on by default); without it only 1 is accepted.
 pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 || n > limits::MAX_THREADS {
+        return Err(Error::Run(format!("--threads {n}: expected 1 to {}", limits::MAX_THREADS)));
+    }
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{set_default_executor, Executor};
@@ -196,6 +201,8 @@ impl Session {
     /// Loads an ONNX file and prepares it for `device`.
     pub fn load_on(path: &Path, device: Device) -> Result<Session> {
         let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
+        let len = std::fs::metadata(path).map_err(|e| load_err(format!("cannot read: {e}")))?.len();
+        limits::check_fits_memory(len).map_err(load_err)?;
         let bytes = std::fs::read(path).map_err(|e| load_err(format!("cannot read: {e}")))?;
         Session::from_bytes_on(&bytes, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
@@ -222,10 +229,26 @@ impl Session {
 
     /// [`Session::from_bytes_exposing`] on `device`.
     pub fn from_bytes_exposing_on(bytes: &[u8], extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
+        // A panic inside tract (a malformed graph it did not expect) becomes a load error.
+        match std::panic::catch_unwind(|| Session::load_unguarded(bytes, extra, device)) {
+            Ok(r) => r,
+            Err(panic) => Err(Error::Load {
+                path: "<memory>".into(),
+                msg: format!("not a loadable ONNX model: internal error in tract: {}", panic_message(&panic)),
+            }),
+        }
+    }
+
+    fn load_unguarded(bytes: &[u8], extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
+        use prost::Message;
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
+        let proto = tract_onnx::pb::ModelProto::decode(bytes)
+            .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
+        guard::check_proto(&proto).map_err(err)?;
         let mut model = tract_onnx::onnx()
-            .model_for_read(&mut &*bytes)
+            .model_for_proto_model(&proto)
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
+        drop(proto);
         let mut exposed = vec![];
         if !extra.is_empty() {
             let mut outlets = model.output_outlets().map_err(|e| err(e.to_string()))?.to_vec();
@@ -240,6 +263,7 @@ impl Session {
             model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
         }
         let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
+        guard::check_facts(&typed).map_err(err)?;
         let metadata: Vec<(String, String)> = typed
             .properties
             .iter()
@@ -279,7 +303,7 @@ impl Session {
             Device::Cuda => cuda_plan(typed).map_err(err)?,
         };
         let state = TypedSimpleState::new(&plan).map_err(|e| err(e.to_string()))?;
-        let ranges = inputs
+        let ranges: Vec<Option<(i64, i64)>> = inputs
             .iter()
             .map(|i| {
                 let key = metadata::range_key(&i.name);
@@ -288,6 +312,17 @@ impl Session {
                 Some((it.next()??, it.next()??))
             })
             .collect();
+        for (spec, range) in inputs.iter().zip(&ranges) {
+            if let Some((lo, hi)) = *range {
+                if lo > hi || lo.checked_sub(1).is_none() || hi.checked_add(1).is_none() {
+                    return Err(err(format!(
+                        "metadata `{}` declares the empty or unbounded value range {lo}..={hi} for input `{}`",
+                        metadata::range_key(&spec.name),
+                        spec.name
+                    )));
+                }
+            }
+        }
         Ok((Session { plan, state, inputs, ranges, outputs, metadata }, exposed))
     }
 
@@ -401,14 +436,16 @@ impl Session {
             Ok(Err(e)) => Err(Error::Run(first_line(&e))),
             Err(panic) => {
                 self.state = TypedSimpleState::new(&self.plan).map_err(|e| Error::Run(e.to_string()))?;
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                Err(Error::Run(format!("internal error in tract: {}", msg.unwrap_or_default())))
+                Err(Error::Run(format!("internal error in tract: {}", panic_message(&panic))))
             }
         }
     }
+}
+
+/// The message of a caught panic, on one line.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+    msg.unwrap_or_default().replace('\n', " ")
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {

@@ -84,6 +84,14 @@ pub fn candidates(
     if blocks.contains(&0) || threads.contains(&0) {
         bail!("block and thread candidates must be at least 1");
     }
+    let max_layers = perceiver_edge_runtime::limits::MAX_LATENT_LAYERS;
+    if let Some(b) = blocks.iter().find(|&&b| b > max_layers) {
+        bail!("--blocks {b}: expected at most {max_layers}");
+    }
+    let max_threads = perceiver_edge_runtime::limits::MAX_THREADS;
+    if let Some(t) = threads.iter().find(|&&t| t > max_threads) {
+        bail!("--threads {t}: expected 1 to {max_threads}");
+    }
     let mut precisions: Vec<Precision> = vec![];
     for p in axes.precisions.clone().unwrap_or_else(|| vec!["f32".into()]) {
         let p: Precision = p.parse()?;
@@ -282,7 +290,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
     let (select, validate) = cal.split();
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
-    std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create", o.out.display()))?;
+    // Everything is written into a work folder next to OUT and moved into OUT at the end: a
+    // failure leaves OUT as it was.
+    let work = WorkDir::create(&o.out)?;
 
     let bar =
         if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
@@ -299,8 +309,8 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let mut reference = Session::from_bytes(&full.to_bytes())?;
     let (ref_out, row) = first_output(&mut reference, &validate.samples)?;
     drop(reference);
-    let dir = o.out.join("candidates");
-    std::fs::create_dir_all(&dir)?;
+    let dir = work.path.join("candidates");
+    std::fs::create_dir(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut measured = vec![];
     let mut files_of = vec![];
     let bench_inputs = validate.samples[0].clone();
@@ -389,21 +399,20 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let mut files = vec![];
     let chosen_latents = match chosen {
         Some(i) => {
-            let model = o.out.join("model.onnx");
-            std::fs::copy(&files_of[i], &model).with_context(|| format!("{}: cannot write", model.display()))?;
-            files.push(model.display().to_string());
+            let model = work.path.join("model.onnx");
+            std::fs::rename(&files_of[i], &model).with_context(|| format!("{}: cannot write", model.display()))?;
+            files.push(o.out.join("model.onnx").display().to_string());
             Some(analysis::select_latents(&importance, measured[i].candidate.latents)?)
         }
         None => None,
     };
-    let _ = std::fs::remove_dir_all(&dir);
     let title = format!("{} on {} (measured here; deadline from profile)", o.checkpoint.display(), board.name);
-    let svg_path = o.out.join("tradeoff.svg");
+    let svg_path = work.path.join("tradeoff.svg");
     std::fs::write(&svg_path, plot::svg(&measured, chosen, board.deadline_ms, &title))
         .with_context(|| format!("{}: cannot write", svg_path.display()))?;
-    files.push(svg_path.display().to_string());
-    let json_path = o.out.join("report.json");
-    files.push(json_path.display().to_string());
+    files.push(o.out.join("tradeoff.svg").display().to_string());
+    let json_path = work.path.join("report.json");
+    files.push(o.out.join("report.json").display().to_string());
     let report = Report {
         checkpoint: o.checkpoint.display().to_string(),
         target: board.clone(),
@@ -434,7 +443,55 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     };
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
+    work.finish()?;
     Ok(report)
+}
+
+/// `tune`'s work folder: a new folder next to OUT (unique name, created exclusively), moved
+/// into place by [`WorkDir::finish`]; removed with what it holds if tune fails.
+struct WorkDir {
+    path: PathBuf,
+    out: PathBuf,
+    done: bool,
+}
+
+impl WorkDir {
+    fn create(out: &Path) -> Result<WorkDir> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = out.file_name().and_then(|n| n.to_str()).context("-o must name a folder")?;
+        if out.exists() && !out.is_dir() {
+            bail!("{}: exists and is not a folder (tune writes a folder)", out.display());
+        }
+        let path = parent.join(format!(".{name}.tune-{}.partial", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        Ok(WorkDir { path, out: out.to_path_buf(), done: false })
+    }
+
+    /// Moves the results into OUT: the whole folder when OUT does not exist yet, otherwise
+    /// file by file (each replaced atomically), then removes the work folder.
+    fn finish(mut self) -> Result<()> {
+        let _ = std::fs::remove_dir_all(self.path.join("candidates"));
+        if !self.out.exists() {
+            std::fs::rename(&self.path, &self.out).with_context(|| format!("{}: cannot create", self.out.display()))?;
+        } else {
+            for e in std::fs::read_dir(&self.path)? {
+                let e = e?;
+                let to = self.out.join(e.file_name());
+                std::fs::rename(e.path(), &to).with_context(|| format!("{}: cannot write", to.display()))?;
+            }
+            std::fs::remove_dir(&self.path)?;
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// The Pareto table and the choice, as printed by `perceiver-edge tune`.

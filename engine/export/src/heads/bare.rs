@@ -114,6 +114,13 @@ pub fn read_decoder_decl(path: &Path) -> Result<DecoderDecl> {
             ))
         }
     }
+    let zero_res = d.fourier.as_ref().is_some_and(|f| f.num_bands == 0 || f.max_resolution.contains(&0));
+    if d.num_heads == 0 || d.output_index_dims.contains(&0) || zero_res {
+        return Err(Error::file(
+            path,
+            "num_heads, output_index_dims, fourier.num_bands and fourier.max_resolution must be at least 1",
+        ));
+    }
     Ok(d)
 }
 

@@ -152,6 +152,9 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
     for (i, (prefix, probs)) in std::mem::take(&mut b.attention_probs).into_iter().enumerate() {
         b.g.output(&probs, &format!("{}.{i}.{prefix}", metadata::PROBS_OUTPUT));
     }
+    if let Some(e) = b.g.error.take() {
+        return Err(Error::invalid(format!("{}: {e}", ck.dir.display())));
+    }
     let mut g = b.g;
     g.prune();
     let mut summary = Summary::new(&g, head.class_name(), &b.dims, cfg, batch, ck.parameter_count());

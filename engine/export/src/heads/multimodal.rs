@@ -11,14 +11,14 @@ use crate::model::position::{fourier_at_indices, Fourier};
 use crate::options::ExportOptions;
 
 /// Fourier queries `[K, width]` of the points `idx` (in-graph), or of the whole grid (constant).
-fn fourier_queries(b: &mut Builder, f: &Fourier, idx: Option<&Val>, dims: &[usize]) -> Val {
-    match idx {
+fn fourier_queries(b: &mut Builder, f: &Fourier, idx: Option<&Val>, dims: &[usize]) -> Result<Val> {
+    Ok(match idx {
         Some(idx) => fourier_at_indices(&mut b.g, f, idx, dims),
         None => {
             let rows = dims.iter().product();
-            b.g.const_f32("queries", &[rows, f.width()], &f.grid(dims))
+            b.g.const_f32("queries", &[rows, f.width()], &f.grid(dims)?)
         }
-    }
+    })
 }
 
 /// Pads `x` (`[B, M, c]`) to `width` channels with the trainable vector `pad_name` (`[1, width - c]`).
@@ -46,7 +46,22 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let batch = b.batch;
     let (t, spp) = (cfg.num_frames, cfg.samples_per_patch);
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
-    let n_audio = cfg.num_frames * cfg.audio_samples_per_frame;
+    let n_audio = cfg.num_frames.saturating_mul(cfg.audio_samples_per_frame);
+    let sizes = [
+        ("num_frames", t),
+        ("samples_per_patch", spp),
+        ("audio_samples_per_frame", cfg.audio_samples_per_frame),
+        ("output_num_channels", cfg.output_num_channels),
+    ];
+    if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+        return Err(Error::file(&b.ck.dir.join("config.json"), format!("{k} is 0, expected at least 1")));
+    }
+    if cfg.output_shape.contains(&0) {
+        return Err(Error::file(
+            &b.ck.dir.join("config.json"),
+            "output_shape has a 0 entry, expected sizes of at least 1",
+        ));
+    }
     if !h.is_multiple_of(4) || !w.is_multiple_of(4) || !n_audio.is_multiple_of(spp) || cfg.output_shape.len() != 4 {
         return Err(Error::invalid(format!(
             "multimodal: image {h}x{w} must be divisible by 4, audio samples {n_audio} by samples_per_patch {spp}, and output_shape have 4 entries"
@@ -62,7 +77,7 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         let na = n_audio / spp;
         let a = b.g.reshape(&audio, &[batch, na, spp]);
         let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
-        let pa = b.g.const_f32("audio_positions", &[1, na, fa.width()], &fa.grid(&[na]));
+        let pa = b.g.const_f32("audio_positions", &[1, na, fa.width()], &fa.grid(&[na])?);
         let pa = b.g.expand(&pa, &[batch, na, fa.width()]);
         let a = b.g.concat(&[&a, &pa], 2);
         let a = pad(b, &a, "input_preprocessor.padding.audio", common)?;
@@ -74,7 +89,7 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         let ni = t * hb * wb;
         let v = b.g.reshape(&v, &[batch, ni, 48]);
         let fi = video_fourier(&cfg);
-        let pi = b.g.const_f32("image_positions", &[1, ni, fi.width()], &fi.grid(&[t, hb, wb]));
+        let pi = b.g.const_f32("image_positions", &[1, ni, fi.width()], &fi.grid(&[t, hb, wb])?);
         let pi = b.g.expand(&pi, &[batch, ni, fi.width()]);
         let v = b.g.concat(&[&v, &pi], 2);
         let v = pad(b, &v, "input_preprocessor.padding.image", common)?;
@@ -108,9 +123,9 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         + b.ck.get_shaped(label_q, &[Some(1), None])?.shape[1];
     let y = b.scoped("decoder", |b| {
         let fa = Fourier { num_bands: 192, max_resolution: vec![n_audio], concat_pos: true, sine_only: false };
-        let qa = fourier_queries(b, &fa, audio_idx.as_ref(), &[total_audio]);
+        let qa = fourier_queries(b, &fa, audio_idx.as_ref(), &[total_audio])?;
         let qa = pad(b, &qa, "decoder.padding.audio", qwidth)?;
-        let qi = fourier_queries(b, &video_fourier(&cfg), image_idx.as_ref(), &out_dims);
+        let qi = fourier_queries(b, &video_fourier(&cfg), image_idx.as_ref(), &out_dims)?;
         let qi = pad(b, &qi, "decoder.padding.image", qwidth)?;
         let ql = b.param(label_q, &[Some(1), None])?;
         let ql = pad(b, &ql, "decoder.padding.label", qwidth)?;

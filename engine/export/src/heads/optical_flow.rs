@@ -15,7 +15,7 @@ pub(super) fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     let ck = b.ck;
     let cfg = &ck.config;
     let batch = b.batch;
-    let (th, tw) = (cfg.train_size[0], cfg.train_size.get(1).copied().unwrap_or(cfg.train_size[0]));
+    let (th, tw) = cfg.train_hw();
     let (h, w) = opts.image_size.unwrap_or((th, tw));
     if (h, w) != (th, tw) {
         return Err(Error::invalid(format!(

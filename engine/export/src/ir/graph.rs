@@ -180,19 +180,22 @@ pub struct Graph {
     pub constants: Vec<(String, TensorData)>,
     /// Key/value metadata written into the ONNX model.
     pub metadata: Vec<(String, String)>,
+    /// The first shape error met while building (operands that do not fit, a value over the
+    /// size limit): building goes on with a stand-in shape and the caller reports this, so bad
+    /// checkpoint weights end in an error naming the place, never a panic.
+    pub error: Option<String>,
     scope: Vec<String>,
     counter: usize,
 }
 
-/// Broadcast two shapes numpy-style.
-pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
+/// Broadcast two shapes numpy-style; `None` when they do not broadcast.
+pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     (0..n)
         .map(|i| {
             let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
             let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-            assert!(da == db || da == 1 || db == 1, "cannot broadcast {a:?} with {b:?}");
-            da.max(db)
+            (da == db || da == 1 || db == 1).then_some(da.max(db))
         })
         .collect()
 }
@@ -213,6 +216,22 @@ impl Graph {
         self.scope.pop();
     }
 
+    /// Records a shape error at the current scope (the first one is kept; see [`Graph::error`]).
+    pub fn fail(&mut self, msg: impl Into<String>) {
+        if self.error.is_none() {
+            let at = self.scope.join("/");
+            let msg = msg.into();
+            self.error = Some(if at.is_empty() { msg } else { format!("{at}: {msg}") });
+        }
+    }
+
+    /// Checks a value's size against [`perceiver_edge_runtime::limits`]; records an error if over.
+    fn check_size(&mut self, name: &str, dtype: DType, shape: &[usize]) {
+        if let Err(m) = perceiver_edge_runtime::limits::tensor_bytes(shape, dtype.size()) {
+            self.fail(format!("value `{name}`: {m}"));
+        }
+    }
+
     fn fresh(&mut self, what: &str) -> String {
         self.counter += 1;
         let mut name = self.scope.join("/");
@@ -227,6 +246,7 @@ impl Graph {
 
     /// Declares a graph input.
     pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> Val {
+        self.check_size(name, dtype, shape);
         let v = Val { name: name.to_string(), dtype, shape: shape.to_vec() };
         self.inputs.push(v.clone());
         v
@@ -291,6 +311,7 @@ impl Graph {
         shape: Vec<usize>,
     ) -> Val {
         let name = self.fresh(op);
+        self.check_size(&name, dtype, &shape);
         let out = Val { name: name.clone(), dtype, shape };
         self.nodes.push(Node {
             name,
@@ -310,7 +331,10 @@ impl Graph {
 
     /// A broadcasting binary op (`Add`, `Sub`, `Mul`, `Div`, ...).
     pub fn binary(&mut self, op: &str, a: &Val, b: &Val) -> Val {
-        let shape = broadcast(&a.shape, &b.shape);
+        let shape = broadcast(&a.shape, &b.shape).unwrap_or_else(|| {
+            self.fail(format!("{op} of shapes {:?} and {:?}: widths disagree", a.shape, b.shape));
+            a.shape.clone()
+        });
         self.node(op, &[a, b], vec![], a.dtype, shape)
     }
 
@@ -333,17 +357,32 @@ impl Graph {
     /// Matrix product with numpy broadcasting of the leading axes.
     pub fn matmul(&mut self, a: &Val, b: &Val) -> Val {
         let (ra, rb) = (a.shape.len(), b.shape.len());
-        assert!(ra >= 2 && rb >= 2, "matmul {:?} x {:?}", a.shape, b.shape);
-        assert_eq!(a.shape[ra - 1], b.shape[rb - 2], "matmul {:?} x {:?}", a.shape, b.shape);
-        let mut shape = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2]);
-        shape.push(a.shape[ra - 2]);
-        shape.push(b.shape[rb - 1]);
+        let lead = (ra >= 2 && rb >= 2).then(|| broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2])).flatten();
+        let shape = match lead {
+            Some(mut shape) if a.shape[ra - 1] == b.shape[rb - 2] => {
+                shape.push(a.shape[ra - 2]);
+                shape.push(b.shape[rb - 1]);
+                shape
+            }
+            _ => {
+                self.fail(format!("MatMul of shapes {:?} and {:?}: widths disagree", a.shape, b.shape));
+                let mut shape = a.shape.clone();
+                if let (Some(l), Some(&n)) = (shape.last_mut(), b.shape.last()) {
+                    *l = n;
+                }
+                shape
+            }
+        };
         self.node("MatMul", &[a, b], vec![], a.dtype, shape)
     }
 
     /// Reshape to a fixed shape.
     pub fn reshape(&mut self, x: &Val, shape: &[usize]) -> Val {
-        assert_eq!(x.numel(), shape.iter().product::<usize>(), "reshape {:?} -> {shape:?}", x.shape);
+        if x.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+            != shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+        {
+            self.fail(format!("Reshape of shape {:?} to {shape:?}: sizes differ", x.shape));
+        }
         if x.shape == shape {
             return x.clone();
         }
@@ -354,7 +393,13 @@ impl Graph {
 
     /// Axis permutation.
     pub fn transpose(&mut self, x: &Val, perm: &[usize]) -> Val {
-        let shape = perm.iter().map(|&p| x.shape[p]).collect();
+        let shape = match perm.iter().map(|&p| x.shape.get(p).copied()).collect::<Option<Vec<usize>>>() {
+            Some(s) if perm.len() == x.shape.len() => s,
+            _ => {
+                self.fail(format!("Transpose of shape {:?} by {perm:?}: ranks differ", x.shape));
+                x.shape.clone()
+            }
+        };
         let perm = perm.iter().map(|&p| p as i64).collect();
         self.node("Transpose", &[x], vec![("perm", Attr::Ints(perm))], x.dtype, shape)
     }
@@ -362,9 +407,16 @@ impl Graph {
     /// Concatenation along `axis` (non-negative).
     pub fn concat(&mut self, xs: &[&Val], axis: usize) -> Val {
         let mut shape = xs[0].shape.clone();
-        shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
-        for x in xs {
-            assert_eq!(x.shape.len(), shape.len(), "concat ranks");
+        let fits = |x: &&Val| {
+            x.shape.len() == shape.len()
+                && axis < shape.len()
+                && x.shape.iter().zip(&shape).enumerate().all(|(i, (a, b))| i == axis || a == b)
+        };
+        if xs.iter().all(fits) {
+            shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
+        } else {
+            let shapes: Vec<&Vec<usize>> = xs.iter().map(|x| &x.shape).collect();
+            self.fail(format!("Concat of shapes {shapes:?} on axis {axis}: other axes differ"));
         }
         self.node("Concat", xs, vec![("axis", Attr::Int(axis as i64))], xs[0].dtype, shape)
     }
@@ -376,11 +428,19 @@ impl Graph {
         }
         let s: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let c = self.const_i64("shape", &s);
-        self.node("Expand", &[x, &c], vec![], x.dtype, broadcast(&x.shape, shape))
+        let out = broadcast(&x.shape, shape).unwrap_or_else(|| {
+            self.fail(format!("Expand of shape {:?} to {shape:?}: widths disagree", x.shape));
+            shape.to_vec()
+        });
+        self.node("Expand", &[x, &c], vec![], x.dtype, out)
     }
 
     /// Gathers rows of `data` along `axis` with integer `indices`.
     pub fn gather(&mut self, data: &Val, indices: &Val, axis: usize) -> Val {
+        if axis >= data.shape.len() {
+            self.fail(format!("Gather on axis {axis} of shape {:?}", data.shape));
+            return data.clone();
+        }
         let mut shape = data.shape[..axis].to_vec();
         shape.extend_from_slice(&indices.shape);
         shape.extend_from_slice(&data.shape[axis + 1..]);
@@ -447,9 +507,26 @@ mod tests {
 
     #[test]
     fn broadcast_follows_numpy() {
-        assert_eq!(broadcast(&[1, 4, 1, 8], &[2, 1, 3, 8]), vec![2, 4, 3, 8]);
-        assert_eq!(broadcast(&[3, 5], &[5]), vec![3, 5]);
-        assert_eq!(broadcast(&[], &[2, 2]), vec![2, 2]);
+        assert_eq!(broadcast(&[1, 4, 1, 8], &[2, 1, 3, 8]), Some(vec![2, 4, 3, 8]));
+        assert_eq!(broadcast(&[3, 5], &[5]), Some(vec![3, 5]));
+        assert_eq!(broadcast(&[], &[2, 2]), Some(vec![2, 2]));
+        assert_eq!(broadcast(&[3, 5], &[4]), None);
+    }
+
+    #[test]
+    fn shape_errors_are_recorded_not_panics() {
+        let mut g = Graph::new();
+        g.push_scope("encoder");
+        let x = g.input("x", DType::F32, &[2, 3]);
+        let w = g.const_f32("w", &[4, 5], &[0.0; 20]);
+        let y = g.matmul(&x, &w);
+        assert_eq!(y.shape, vec![2, 5], "a stand-in shape keeps building going");
+        let _ = g.add(&x, &w);
+        let e = g.error.clone().unwrap();
+        assert!(e.starts_with("encoder: MatMul of shapes [2, 3] and [4, 5]"), "the first error is kept: {e}");
+        let mut g = Graph::new();
+        g.input("huge", DType::F32, &[1 << 20, 1 << 20]);
+        assert!(g.error.unwrap().contains("over the 4.00 GiB limit"));
     }
 
     #[test]

@@ -31,6 +31,13 @@ impl Budget {
         if opts.blocks == Some(0) {
             return Err(Error::invalid("--blocks must be at least 1"));
         }
+        let per_block = ck.config.num_self_attends_per_block;
+        let max = perceiver_edge_runtime::limits::MAX_LATENT_LAYERS;
+        if let Some(b) = opts.blocks.filter(|b| b.saturating_mul(per_block) > max) {
+            return Err(Error::invalid(format!(
+                "--blocks {b}: {b} x {per_block} layers per block is more than the {max} latent layers accepted"
+            )));
+        }
         if let Some(keep) = &opts.latents {
             let n = ck.get_shaped("embeddings.latents", &[None, None])?.shape[0];
             check_keep(keep, n)?;

@@ -60,7 +60,7 @@ impl Decoder {
             // Input-independent queries: a constant table (projected at export time).
             (Queries::Trainable | Queries::Fourier(..), _) => {
                 let (table, rows) = match &self.queries {
-                    Queries::Fourier(f, dims) => (f.grid(dims), dims.iter().product()),
+                    Queries::Fourier(f, dims) => (f.grid(dims)?, dims.iter().product()),
                     _ => {
                         let w = b.ck.get_shaped(&self.pos_name(), &[None, None])?;
                         (w.data.clone(), w.shape[0])

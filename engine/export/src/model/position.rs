@@ -53,8 +53,18 @@ impl Fourier {
     }
 
     /// Features of the full grid over `index_dims` (`linspace(-1, 1, n)` per axis, 'ij' order).
-    pub fn grid(&self, index_dims: &[usize]) -> Vec<f32> {
-        self.features(&linear_positions(index_dims))
+    /// Its size is checked against [`perceiver_edge_runtime::limits`] before anything is
+    /// computed (the grid comes from `--image-size` or config.json's sizes).
+    pub fn grid(&self, index_dims: &[usize]) -> crate::error::Result<Vec<f32>> {
+        let rows = index_dims.iter().fold(1usize, |a, &d| a.saturating_mul(d));
+        let cols = self.width().max(index_dims.len());
+        perceiver_edge_runtime::limits::tensor_bytes(&[rows, cols], 4).map_err(|m| {
+            crate::error::Error::invalid(format!(
+                "position features of the input grid {index_dims:?} ({} values each): {m}",
+                self.width()
+            ))
+        })?;
+        Ok(self.features(&linear_positions(index_dims)))
     }
 }
 
@@ -193,7 +203,7 @@ mod tests {
     fn grid_layout_is_pos_then_sin_then_cos() {
         let f = Fourier { num_bands: 2, max_resolution: vec![4, 6], concat_pos: true, sine_only: false };
         assert_eq!(f.width(), 2 * 2 * 2 + 2);
-        let g = f.grid(&[2, 3]);
+        let g = f.grid(&[2, 3]).unwrap();
         assert_eq!(g.len(), 6 * 10);
         // Second position: coordinates (-1, 0); bands dim0 = [1, 2], dim1 = [1, 3].
         let row = &g[10..20];

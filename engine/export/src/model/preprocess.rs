@@ -78,7 +78,7 @@ pub fn image_pixels(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed>
     let x = pixel_input(b, h, w);
     let x = channels_last(b, &x);
     let f = Fourier { num_bands: 64, max_resolution: vec![224, 224], concat_pos: true, sine_only: false };
-    Ok(Preprocessed::plain(concat_positions(b, &x, &f.grid(&[h, w]), f.width())))
+    Ok(Preprocessed::plain(concat_positions(b, &x, &f.grid(&[h, w])?, f.width())))
 }
 
 /// Learned head (`prep_type="conv1x1"`): 1x1 conv to 256 channels + projected trainable positions.
@@ -160,7 +160,7 @@ pub fn image_conv(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed> {
     );
     let y = channels_last(b, &y);
     let f = Fourier { num_bands: 64, max_resolution: vec![56, 56], concat_pos: true, sine_only: false };
-    Ok(Preprocessed::plain(concat_positions(b, &y, &f.grid(&[hp, wp]), f.width())))
+    Ok(Preprocessed::plain(concat_positions(b, &y, &f.grid(&[hp, wp])?, f.width())))
 }
 
 /// Optical flow (`prep_type="patches"`): input `[B, 2, 27, H, W]`, frames folded into 54
@@ -172,7 +172,7 @@ pub fn flow_patches(b: &mut Builder, h: usize, w: usize) -> Result<Preprocessed>
     let y = b.linear("input_preprocessor.conv_after_patches", &t)?;
     let train = &b.ck.config.train_size;
     let f = Fourier { num_bands: 64, max_resolution: train.clone(), concat_pos: true, sine_only: false };
-    Ok(Preprocessed::plain(concat_positions(b, &y, &f.grid(&[h, w]), f.width())))
+    Ok(Preprocessed::plain(concat_positions(b, &y, &f.grid(&[h, w])?, f.width())))
 }
 
 /// Bare `PerceiverModel` without a preprocessor: `inputs` `[B, M, d_model]` as given.

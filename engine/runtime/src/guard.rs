@@ -1,0 +1,174 @@
+//! Checks of an ONNX model before tract builds anything from it: every initializer's declared
+//! size against the bytes it holds and against [`crate::limits`], element types the engine
+//! handles, constant shapes fed to `ConstantOfShape`; then, once typed, every value's size.
+//! A graph that fails here would otherwise make tract allocate what the file does not hold,
+//! or panic.
+
+use crate::limits;
+use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+use tract_onnx::prelude::*;
+
+/// Bytes of one element of ONNX data type `code`, for the types a graph may carry.
+fn elem_bytes(code: i32) -> Option<usize> {
+    use DataType as T;
+    Some(match T::try_from(code).ok()? {
+        T::Float | T::Int32 | T::Uint32 => 4,
+        T::Uint8 | T::Int8 | T::Bool => 1,
+        T::Uint16 | T::Int16 | T::Float16 | T::Bfloat16 => 2,
+        T::Int64 | T::Double | T::Uint64 => 8,
+        _ => return None,
+    })
+}
+
+/// Checks one constant tensor (`what` names it in the message).
+fn check_tensor(t: &TensorProto, what: &str) -> Result<(), String> {
+    let name = format!("{what} `{}`", t.name);
+    let size = elem_bytes(t.data_type).ok_or_else(|| match DataType::try_from(t.data_type) {
+        Ok(DataType::String) => format!("{name} is a string tensor; perceiver-edge runs numeric graphs only"),
+        _ => format!("{name} has ONNX data type {}, which perceiver-edge does not run", t.data_type),
+    })?;
+    let dims: Vec<usize> = t
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("{name} has a negative dimension {d}")))
+        .collect::<Result<_, _>>()?;
+    let bytes = limits::tensor_bytes(&dims, size).map_err(|m| format!("{name}: {m}"))?;
+    if t.data_location == Some(1) {
+        return Ok(()); // external data: its length is checked where it is read
+    }
+    let numel = bytes / size;
+    let held = if !t.raw_data.is_empty() {
+        if t.raw_data.len() != bytes {
+            return Err(format!(
+                "{name} declares shape {dims:?} ({bytes} bytes) but holds {} bytes of data",
+                t.raw_data.len()
+            ));
+        }
+        numel
+    } else {
+        t.float_data.len() + t.int32_data.len() + t.int64_data.len() + t.double_data.len() + t.uint64_data.len()
+    };
+    if held != numel && !(numel == 0 && held == 0) {
+        return Err(format!("{name} declares shape {dims:?} ({numel} elements) but holds {held}"));
+    }
+    Ok(())
+}
+
+/// The int64 values of constant `name` (an initializer or a `Constant` node), if it is one.
+fn const_ints(proto: &ModelProto, name: &str) -> Option<Vec<i64>> {
+    let g = proto.graph.as_ref()?;
+    let t = g.initializer.iter().find(|t| t.name == name).or_else(|| {
+        g.node
+            .iter()
+            .find(|n| n.op_type == "Constant" && n.output.iter().any(|o| o == name))
+            .and_then(|n| n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()))
+    })?;
+    if t.data_type != DataType::Int64 as i32 {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        return Some(t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect());
+    }
+    Some(t.int64_data.clone())
+}
+
+/// Checks a node whose output size is given by a constant shape input.
+fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
+    let shape_input = match n.op_type.as_str() {
+        "ConstantOfShape" => n.input.first(),
+        "Expand" | "Reshape" | "Tile" => n.input.get(1),
+        _ => None,
+    };
+    let Some(values) = shape_input.and_then(|i| const_ints(proto, i)) else { return Ok(()) };
+    // Reshape's -1 / 0 entries and Tile's repeats only shrink or multiply what exists; a
+    // negative entry anywhere else is an error tract reports itself.
+    let dims: Vec<usize> = values.iter().map(|&d| d.max(1) as usize).collect();
+    limits::tensor_bytes(&dims, 1).map(|_| ()).map_err(|m| format!("node `{}` ({}): {m}", n.name, n.op_type))
+}
+
+/// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
+/// must be a permutation of `0..n` (tract sizes its axis bookkeeping by the largest entry), and
+/// no integer list is absurdly long.
+fn check_attributes(n: &NodeProto) -> Result<(), String> {
+    const MAX_RANK: usize = 64;
+    for a in &n.attribute {
+        if a.ints.len() > 1 << 16 {
+            return Err(format!(
+                "node `{}` ({}): attribute `{}` holds {} integers",
+                n.name,
+                n.op_type,
+                a.name,
+                a.ints.len()
+            ));
+        }
+    }
+    if n.op_type == "Transpose" {
+        if let Some(perm) = n.attribute.iter().find(|a| a.name == "perm") {
+            let len = perm.ints.len();
+            let mut seen = vec![false; len];
+            let ok = len <= MAX_RANK
+                && perm.ints.iter().all(|&p| match usize::try_from(p) {
+                    Ok(p) if p < len && !seen[p] => {
+                        seen[p] = true;
+                        true
+                    }
+                    _ => false,
+                });
+            if !ok {
+                return Err(format!(
+                    "node `{}` (Transpose): perm {:?} is not a permutation of 0..{len}",
+                    n.name, perm.ints
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the protobuf before tract parses it.
+pub fn check_proto(proto: &ModelProto) -> Result<(), String> {
+    let g = proto.graph.as_ref().ok_or("not a loadable ONNX model: the model has no graph")?;
+    for t in &g.initializer {
+        check_tensor(t, "initializer")?;
+    }
+    let mut known: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+    known.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    known.extend(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+    for n in &g.node {
+        if let Some(i) = n.input.iter().find(|i| !i.is_empty() && !known.contains(i.as_str())) {
+            return Err(format!(
+                "node `{}` ({}) reads `{i}`, which no node, initializer or graph input produces",
+                n.name, n.op_type
+            ));
+        }
+    }
+    if let Some(o) = g.output.iter().find(|o| !known.contains(o.name.as_str())) {
+        return Err(format!("graph output `{}` is produced by no node, initializer or graph input", o.name));
+    }
+    for n in &g.node {
+        for a in &n.attribute {
+            if let Some(t) = &a.t {
+                check_tensor(t, &format!("node `{}` attribute `{}`", n.name, a.name))?;
+            }
+        }
+        check_shape_node(proto, n)?;
+        check_attributes(n)?;
+    }
+    Ok(())
+}
+
+/// Checks every value of the typed graph against the ceiling on one tensor, before tract
+/// optimises (and so folds constants and allocates).
+pub fn check_facts(model: &TypedModel) -> Result<(), String> {
+    for node in model.nodes() {
+        for (ix, out) in node.outputs.iter().enumerate() {
+            let Some(shape) = out.fact.shape.as_concrete() else { continue };
+            let size = out.fact.datum_type.size_of();
+            limits::tensor_bytes(shape, size).map_err(|m| {
+                let which = if node.outputs.len() > 1 { format!(" output {ix}") } else { String::new() };
+                format!("node `{}`{which}: {m}", node.name)
+            })?;
+        }
+    }
+    Ok(())
+}
