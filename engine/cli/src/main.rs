@@ -50,6 +50,14 @@ enum Command {
         /// Weight precision of a pack: `f32`, or `int8` (Linear weights, per-row scales).
         #[arg(long, default_value = "f32")]
         pack_precision: perceiver_edge_export::pack::Precision,
+        /// Encode once, query many: write a model folder (-o DIR/) with encoder.onnx, block.onnx
+        /// (weight-shared blocks), decoder.onnx and per-bucket decoders, and manifest.json.
+        #[arg(long)]
+        split: bool,
+        /// With --split: query counts of the extra decoders [default: 1,64,1024, those below
+        /// the full output count].
+        #[arg(long, value_delimiter = ',', value_name = "K,...")]
+        buckets: Option<Vec<usize>>,
     },
     /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
     /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
@@ -118,6 +126,18 @@ enum Command {
         /// Where to run: cpu, or cuda (builds with `--features cuda`; Jetson / NVIDIA GPU).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
+        /// Split model folder: decode only these output positions (int64 .npy, [K], or [S, K]
+        /// for S query sets against one encoding); repeatable.
+        #[arg(long = "points", value_name = "FILE")]
+        points: Vec<PathBuf>,
+        /// Split model folder: apply the weight-shared block this many times [default: the
+        /// exported depth].
+        #[arg(long, value_name = "B")]
+        blocks: Option<usize>,
+        /// Split model folder: apply blocks while they fit in this many milliseconds (anytime
+        /// mode); prints how many ran.
+        #[arg(long, value_name = "MS", conflicts_with = "blocks")]
+        deadline_ms: Option<f64>,
     },
     /// Compare a candidate graph (e.g. quantised) with a reference graph of the same model:
     /// output errors, top-1 agreement, accuracy with labels, and a per-layer error table.
@@ -342,7 +362,37 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget } if format == "pack" => {
+        #[cfg(feature = "export")]
+        Command::Export { checkpoint, output, sizes, budget, quant, split: true, buckets, format, .. } => {
+            if format != "onnx" || quant.precision != "f32" || quant.calibrate.is_some() || budget.latents.is_some() {
+                bail!("--split writes f32 ONNX parts; --format pack, --precision, --calibrate and --latents apply to single-graph exports");
+            }
+            refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, None)?;
+            let mut opts = sizes.options();
+            opts.blocks = budget.blocks;
+            let ck = perceiver_edge_export::Checkpoint::open(&checkpoint)?;
+            let split = perceiver_edge_export::split::build_split(&ck, &opts, buckets.as_deref())?;
+            split.write(&output)?;
+            for (file, part) in &split.parts {
+                let bytes = part.to_bytes().len();
+                println!("wrote {} ({:.2} MiB)", output.join(file).display(), bytes as f64 / 1048576.0);
+            }
+            let m = &split.manifest;
+            let buckets: Vec<String> = m.decoders.iter().filter_map(|d| d.queries.map(|k| k.to_string())).collect();
+            println!(
+                "wrote {} ({}: block applied {} time(s), {} output positions, query buckets [{}])",
+                output.join(perceiver_edge_runtime::split::MANIFEST).display(),
+                m.architecture,
+                m.blocks,
+                m.num_queries,
+                buckets.join(", ")
+            );
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget, .. }
+            if format == "pack" =>
+        {
             if budget.latents.is_some() || budget.blocks.is_some() {
                 bail!("--latents/--blocks apply to ONNX exports, not to a pack");
             }
@@ -444,7 +494,18 @@ fn dispatch(cmd: Command) -> Result<()> {
             print!("{}", perceiver_edge_tune::table(&report));
             Ok(())
         }
-        Command::Run { model, inputs, outputs, print, device } => run(&model, &inputs, &outputs, print, device),
+        Command::Run { model, inputs, outputs, print, device, points, blocks, deadline_ms } => {
+            if perceiver_edge_runtime::split::is_split(&model) {
+                return run_split(&model, &inputs, &outputs, &points, blocks, deadline_ms);
+            }
+            if !points.is_empty() || blocks.is_some() || deadline_ms.is_some() {
+                bail!(
+                    "{}: --points, --blocks and --deadline-ms need a split model folder (export --split)",
+                    model.display()
+                );
+            }
+            run(&model, &inputs, &outputs, print, device)
+        }
         Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device } => {
             let opts = bench::BenchOptions::from_flags(runs, duration, warmup, rate, threads)?;
             let inputs = if inputs.is_empty() {
@@ -454,6 +515,15 @@ fn dispatch(cmd: Command) -> Result<()> {
             };
             if let Some(n) = inputs.as_deref().map(bench::count_nonfinite).filter(|&n| n > 0) {
                 eprintln!("warning: the inputs hold {n} NaN or infinite value(s)");
+            }
+            if perceiver_edge_runtime::split::is_split(&model) {
+                let r = bench::bench_split(&model, inputs, &opts)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print_split_bench(&r);
+                }
+                return Ok(());
             }
             let report = bench::bench_on(&model, inputs, &opts, device)?;
             if json {
@@ -609,6 +679,144 @@ fn refuse_overwriting_checkpoint(
     perceiver_edge_runtime::fsio::check_not_input(output, &refs).map_err(anyhow::Error::msg)
 }
 
+/// `run` on a split model folder: encode once, apply the block `blocks` times (or within a
+/// deadline), decode all positions or each `--points` set.
+fn run_split(
+    dir: &Path,
+    inputs: &[String],
+    outputs: &[PathBuf],
+    points: &[PathBuf],
+    blocks: Option<usize>,
+    deadline_ms: Option<f64>,
+) -> Result<()> {
+    use perceiver_edge_runtime::{split::Model, to_vec, Tensor};
+    let mut model = Model::load(dir)?;
+    let specs = model.inputs().to_vec();
+    if inputs.len() != specs.len() {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        bail!(
+            "{}: the model takes {} input(s) ({}), got {}",
+            dir.display(),
+            specs.len(),
+            names.join(", "),
+            inputs.len()
+        );
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut tensors = vec![];
+    for (spec, file) in specs.iter().zip(inputs) {
+        let file = file.strip_prefix(&format!("{}=", spec.name)).unwrap_or(file);
+        let t = npy::read_npy(Path::new(file))?;
+        if t.datum_type() != spec.dtype || t.shape() != spec.shape.as_slice() {
+            bail!(
+                "{file}: input `{}`: {} {:?}, expected {} {:?}",
+                spec.name,
+                perceiver_edge_runtime::dtype_name(t.datum_type()),
+                t.shape(),
+                perceiver_edge_runtime::dtype_name(spec.dtype),
+                spec.shape
+            );
+        }
+        tensors.push(t);
+        files.push(PathBuf::from(file));
+    }
+    // Query sets: each --points file is [K] or [S, K].
+    let mut sets: Vec<Vec<i64>> = vec![];
+    for p in points {
+        let t = npy::read_npy(p)?;
+        let v = to_vec::<i64>(&t).with_context(|| format!("{}: points must be int64", p.display()))?;
+        match t.shape() {
+            [k] if *k > 0 => sets.push(v),
+            [s, k] if *s > 0 && *k > 0 => sets.extend(v.chunks(*k).map(<[i64]>::to_vec)),
+            other => bail!("{}: points of shape {other:?}, expected [K] or [S, K] with K >= 1", p.display()),
+        }
+        files.push(p.clone());
+    }
+    if sets.len() > 1 && sets.iter().any(|s| s.len() != sets[0].len()) {
+        bail!("--points: query sets of different sizes; give sets of one size, or run once per size");
+    }
+    let out_specs = model.outputs().to_vec();
+    let dir_out = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/')))
+        .then(|| outputs[0].clone());
+    if dir_out.is_none() && outputs.len() != out_specs.len() {
+        bail!("the model has {} output(s): give one --output per output, or one folder", out_specs.len());
+    }
+    let mut paths = vec![];
+    for (i, spec) in out_specs.iter().enumerate() {
+        let path = match &dir_out {
+            Some(d) if perceiver_edge_runtime::fsio::is_plain_file_name(&spec.name) => {
+                d.join(format!("{}.npy", spec.name))
+            }
+            Some(_) => bail!("output name {:?} is not a plain file name; give one --output FILE per output", spec.name),
+            None => outputs[i].clone(),
+        };
+        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        perceiver_edge_runtime::fsio::check_not_input(&path, &refs).map_err(anyhow::Error::msg)?;
+        paths.push(path);
+    }
+    let t0 = std::time::Instant::now();
+    let z = match (blocks, deadline_ms) {
+        (Some(0), _) => bail!("--blocks 0: expected at least 1 (as export --blocks)"),
+        (Some(b), _) => model.encode_with_blocks(tensors, b)?,
+        (None, Some(ms)) => {
+            if !(ms > 0.0 && ms.is_finite()) {
+                bail!("--deadline-ms {ms}: expected a positive number of milliseconds");
+            }
+            model.encode_within(tensors, std::time::Duration::from_secs_f64(ms / 1e3))?
+        }
+        (None, None) => model.encode(tensors)?,
+    };
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = std::time::Instant::now();
+    let results: Vec<Tensor> = if sets.is_empty() {
+        model.decode_all(&z)?
+    } else {
+        let mut per_set: Vec<Vec<Tensor>> = vec![];
+        for s in &sets {
+            per_set.push(model.decode(&z, s)?);
+        }
+        if per_set.len() == 1 {
+            per_set.pop().expect("one set")
+        } else {
+            (0..out_specs.len())
+                .map(|o| {
+                    let parts: Vec<Tensor> = per_set.iter().map(|r| r[o].clone()).collect();
+                    Tensor::stack_tensors(
+                        0,
+                        &parts
+                            .iter()
+                            .map(|t| t.clone().into_shape(&[&[1][..], t.shape()].concat()).expect("reshape"))
+                            .collect::<Vec<_>>(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+    if let Some(d) = &dir_out {
+        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create folder", d.display()))?;
+    }
+    let staged = results.iter().zip(&paths).map(|(t, p)| npy::stage_npy(p, t)).collect::<Result<Vec<_>, _>>()?;
+    for s in staged {
+        let p = s.path().to_path_buf();
+        s.commit().with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    for ((t, spec), path) in results.iter().zip(&out_specs).zip(&paths) {
+        println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
+    }
+    println!(
+        "encoded with {} block application(s) in {encode_ms:.2} ms; decoded {} in {decode_ms:.2} ms",
+        z.blocks,
+        if sets.is_empty() {
+            "every position".to_string()
+        } else {
+            format!("{} set(s) of {} position(s)", sets.len(), sets[0].len())
+        }
+    );
+    Ok(())
+}
+
 /// Prints each batch row of a small f32 output, with the arg-max of `[batch, classes]` rows.
 fn print_values(t: &perceiver_edge_runtime::Tensor) {
     let Some(v) = perceiver_edge_runtime::to_vec::<f32>(t) else { return };
@@ -671,6 +879,23 @@ fn print_bench(r: &bench::BenchReport) {
             p.start_lateness_ms.p99,
             p.start_lateness_ms.max
         );
+    }
+}
+
+fn print_split_bench(r: &bench::SplitBenchReport) {
+    let l = |x: &bench::Latency| format!("p50 {:.3}  p99 {:.3} ms", x.p50, x.p99);
+    println!("model        {} (split; {} runs per step, {} thread(s))", r.model, r.runs, r.threads);
+    println!("load         {:.1} ms (every part)", r.load_ms);
+    println!("encoder      {}", l(&r.encoder_ms));
+    if let Some(b) = &r.block_ms {
+        println!("block        {}  (one application)", l(b));
+    }
+    for d in &r.decode_ms {
+        let what = d.queries.map_or("every position".to_string(), |k| format!("{k} position(s)"));
+        println!("decode       {}  ({what})", l(&d.latency_ms));
+    }
+    for b in &r.per_block_count_ms {
+        println!("end to end   {}  ({} block application(s), full decode)", l(&b.latency_ms), b.blocks);
     }
 }
 

@@ -1,12 +1,13 @@
 //! The exporter's error type: every message is one line naming the file or tensor at fault.
 
+use perceiver_edge_runtime::one_line;
 use std::path::Path;
 
 /// An export failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file is missing, unreadable or malformed.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", one_line(.path), one_line(.msg))]
     File {
         /// The file at fault.
         path: String,
@@ -14,7 +15,7 @@ pub enum Error {
         msg: String,
     },
     /// A checkpoint tensor is missing or has the wrong shape.
-    #[error("tensor `{name}`: {msg}")]
+    #[error("tensor `{}`: {}", one_line(.name), one_line(.msg))]
     Tensor {
         /// Full tensor name as stored in the checkpoint.
         name: String,
@@ -22,7 +23,7 @@ pub enum Error {
         msg: String,
     },
     /// The configuration or an option is unsupported or inconsistent.
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Invalid(String),
     /// An output file could not be written.
     #[error("{path}: cannot write: {source}")]

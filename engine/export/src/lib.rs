@@ -31,6 +31,7 @@ pub mod model;
 pub mod options;
 pub mod pack;
 pub mod passes;
+pub mod split;
 pub mod summary;
 
 pub use checkpoint::Checkpoint;

@@ -34,6 +34,10 @@ pub struct ExportOptions {
     /// Calibration: expose every attention's probabilities as extra outputs
     /// (`attention_probs.{i}.{checkpoint prefix}`).
     pub expose_attention: bool,
+    /// With `decode_subset`: the chosen queries are rows of the full query grid, so decoding
+    /// them equals the full output at those positions (split export). Off, Fourier queries of a
+    /// subset use transformers' `subsampled_output_points` positions `-1 + 2 i / n`.
+    pub grid_subset: bool,
 }
 
 /// Which exact performance rewrites run at export (all by default).

@@ -225,6 +225,11 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
 /// Deterministic inputs matching the model's inputs: f32 values in [-1, 1), integer inputs
 /// within their declared range (token ids, distinct indices, all-ones masks).
 pub fn synthetic_inputs(session: &Session) -> Result<Vec<Tensor>> {
+    synthetic_for(session.inputs(), |i| session.input_range(i))
+}
+
+/// [`synthetic_inputs`] for input specs with their declared ranges.
+pub fn synthetic_for(specs: &[crate::IoSpec], range: impl Fn(usize) -> Option<(i64, i64)>) -> Result<Vec<Tensor>> {
     let mut seed = 0x2545F4914F6CDD1Du64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -232,8 +237,7 @@ pub fn synthetic_inputs(session: &Session) -> Result<Vec<Tensor>> {
         seed ^= seed << 17;
         seed
     };
-    session
-        .inputs()
+    specs
         .iter()
         .enumerate()
         .map(|(i, spec)| {
@@ -244,7 +248,7 @@ pub fn synthetic_inputs(session: &Session) -> Result<Vec<Tensor>> {
                     Tensor::from_shape(&spec.shape, &v)
                 }
                 DatumType::I64 => {
-                    let (lo, hi) = session.input_range(i).unwrap_or((0, 0));
+                    let (lo, hi) = range(i).unwrap_or((0, 0));
                     let v: Vec<i64> = if spec.name == "attention_mask" {
                         vec![1; n]
                     } else if spec.shape.len() == 1 {
@@ -308,6 +312,11 @@ pub fn bench_on(
     .min(1_000_000);
     let mut samples = Vec::with_capacity(expected);
     let (mut starts, mut ends) = (Vec::with_capacity(expected), Vec::with_capacity(expected));
+    for v in [&mut samples, &mut starts, &mut ends] {
+        // Touch the pages now, so resident memory at the snapshot already holds them.
+        v.resize(expected, 0.0f64);
+        v.clear();
+    }
     let rss_after_warmup = proc_status_bytes("VmRSS:");
     let heap_after_warmup = alloc::in_use();
     alloc::reset_peak();
@@ -377,6 +386,102 @@ pub fn bench_on(
             heap_end: alloc::in_use(),
         },
         paced,
+    })
+}
+
+/// What `bench` measures on a split model folder ([`crate::split`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct SplitBenchReport {
+    /// The folder.
+    pub model: String,
+    /// Loading and optimising every part.
+    pub load_ms: f64,
+    /// Measured runs of each step.
+    pub runs: usize,
+    /// Matmul threads.
+    pub threads: usize,
+    /// Encoder (inputs -> latents, including the cross-attention).
+    pub encoder_ms: Latency,
+    /// One application of the weight-shared block, if the model has one.
+    pub block_ms: Option<Latency>,
+    /// Decoding: every position (`queries` null), and each bucket at its full size.
+    pub decode_ms: Vec<DecodeTime>,
+    /// End to end (encode with B block applications, decode every position), for B = 1 to the
+    /// exported depth.
+    pub per_block_count_ms: Vec<BlockCountTime>,
+}
+
+/// Decode latency for one query count.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeTime {
+    /// Positions decoded (`None`: every position, the full decoder).
+    pub queries: Option<usize>,
+    /// Latency.
+    pub latency_ms: Latency,
+}
+
+/// End-to-end latency for one block count.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockCountTime {
+    /// Block applications.
+    pub blocks: usize,
+    /// Latency.
+    pub latency_ms: Latency,
+}
+
+/// Benchmarks a split model folder: each part on its own, then end to end per block count.
+pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> Result<SplitBenchReport> {
+    crate::set_threads(opts.threads)?;
+    let t0 = Instant::now();
+    let mut model = crate::split::Model::load(dir)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let inputs = match inputs {
+        Some(i) => i,
+        None => synthetic_for(model.inputs(), |i| model.input_range(i))?,
+    };
+    let runs = opts.runs.max(1);
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Latency> {
+        for _ in 0..opts.warmup {
+            f()?;
+        }
+        let mut v = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            f()?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(latency(&v))
+    };
+    let m = model.manifest().clone();
+    let encoder_ms = time(&mut || model.encode_with_blocks(inputs.clone(), 0).map(|_| ()))?;
+    let z = model.encode(inputs.clone())?;
+    let block_ms = match m.block {
+        Some(_) => Some(time(&mut || model.apply_block_once(&z).map(|_| ()))?),
+        None => None,
+    };
+    let mut decode_ms = vec![DecodeTime { queries: None, latency_ms: time(&mut || model.decode_all(&z).map(|_| ()))? }];
+    for d in m.decoders.iter().skip(1) {
+        let k = d.queries.expect("bucket");
+        let idx: Vec<i64> = (0..k as i64).map(|i| i * m.num_queries as i64 / k as i64).collect();
+        decode_ms.push(DecodeTime { queries: Some(k), latency_ms: time(&mut || model.decode(&z, &idx).map(|_| ()))? });
+    }
+    let mut per_block_count_ms = vec![];
+    for b in if m.blocks > 0 { 1..=m.blocks } else { 0..=0 } {
+        let l = time(&mut || {
+            let z = model.encode_with_blocks(inputs.clone(), b)?;
+            model.decode_all(&z).map(|_| ())
+        })?;
+        per_block_count_ms.push(BlockCountTime { blocks: b, latency_ms: l });
+    }
+    Ok(SplitBenchReport {
+        model: dir.display().to_string(),
+        load_ms,
+        runs,
+        threads: opts.threads,
+        encoder_ms,
+        block_ms,
+        decode_ms,
+        per_block_count_ms,
     })
 }
 

@@ -102,6 +102,16 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
             ));
         }
     }
+    // tract loops over axis ranges it derives from these: keep them within any real rank.
+    for a in n.attribute.iter().filter(|a| a.name == "axis" || a.name == "axes") {
+        let vals = if a.name == "axis" { std::slice::from_ref(&a.i) } else { &a.ints[..] };
+        if let Some(v) = vals.iter().find(|v| !(-(MAX_RANK as i64)..MAX_RANK as i64).contains(v)) {
+            return Err(format!(
+                "node `{}` ({}): {} {v} is outside -{MAX_RANK}..{MAX_RANK}",
+                n.name, n.op_type, a.name
+            ));
+        }
+    }
     if n.op_type == "Transpose" {
         if let Some(perm) = n.attribute.iter().find(|a| a.name == "perm") {
             let len = perm.ints.len();

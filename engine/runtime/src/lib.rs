@@ -25,6 +25,7 @@ pub mod metadata;
 pub mod npy;
 pub mod precision;
 pub mod profile;
+pub mod split;
 
 /// The README's library example, compiled and run as a doc test.
 #[cfg(doctest)]
@@ -43,7 +44,7 @@ pub use tract_onnx::prelude::{DatumType, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The model file could not be read or prepared.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", one_line(.path), one_line(.msg))]
     Load {
         /// The model file.
         path: String,
@@ -51,7 +52,7 @@ pub enum Error {
         msg: String,
     },
     /// An input has the wrong count, type or shape.
-    #[error("input `{name}`: {msg}")]
+    #[error("input `{}`: {}", one_line(.name), one_line(.msg))]
     Input {
         /// Graph input name.
         name: String,
@@ -59,7 +60,7 @@ pub enum Error {
         msg: String,
     },
     /// A .npy file could not be read or written.
-    #[error("{path}: {msg}")]
+    #[error("{}: {}", one_line(.path), one_line(.msg))]
     Npy {
         /// The file.
         path: String,
@@ -67,8 +68,17 @@ pub enum Error {
         msg: String,
     },
     /// Inference failed.
-    #[error("inference failed: {0}")]
+    #[error("inference failed: {}", one_line(.0))]
     Run(String),
+}
+
+/// `s` on one line: control characters (a newline in a tensor or node name taken from a file)
+/// are written escaped, as Rust string literals write them, so every error stays one line.
+pub fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Result alias for the runtime.

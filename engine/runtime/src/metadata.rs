@@ -7,6 +7,8 @@ pub const SUMMARY: &str = "perceiver_edge.summary";
 pub const PRECISION: &str = "perceiver_edge.precision";
 /// The passes that ran at export, comma-separated, in order.
 pub const PASSES: &str = "perceiver_edge.passes";
+/// Role of a split-export part (`encoder`, `block`, `decoder`); see [`crate::split`].
+pub const PART: &str = "perceiver_edge.part";
 /// Prefix of an input's declared value range (`lo hi`): `perceiver_edge.range.INPUT`.
 pub const RANGE_PREFIX: &str = "perceiver_edge.range.";
 /// Prefix of the bytes of precomputed tables a pass added: `perceiver_edge.tables.PASS`.

@@ -181,38 +181,137 @@ impl Report {
     }
 }
 
-/// The marker model behind a session: tokens in, marker position out.
+/// Side of the heat-map window decoded around the tracker's prediction (7 x 7 = 49 of the 256
+/// positions: the split export's 64-query decoder).
+pub const WINDOW: usize = 7;
+
+/// A window whose best logit is below this does not hold the marker (on the held-out frames the
+/// background sits near -8 and the marker's peak between +9 and +13): decode the full map.
+pub const LOST_LOGIT: f32 = 0.0;
+
+/// How the marker model runs.
+enum Engine {
+    /// One graph: every heat-map position, every frame.
+    Single(Box<Session>),
+    /// A split model folder (`export --split`): encode, then decode only a window around the
+    /// prediction, or the whole map when there is none.
+    Split(Box<perceiver_edge_runtime::split::Model>),
+}
+
+/// The marker model: tokens in, marker position out.
 pub struct MarkerModel {
-    session: Session,
+    engine: Engine,
     table: Vec<f32>,
     tokens: Vec<f32>,
+    /// Frames located from a window / from the full map (split models).
+    pub windowed: u64,
+    /// Frames that needed the full map (no prediction, or the peak on the window's border).
+    pub full: u64,
+}
+
+fn check_inputs(inputs: &[perceiver_edge_runtime::IoSpec]) -> anyhow::Result<()> {
+    match inputs {
+        [i] if i.shape == [1, PIXELS, TOKEN_WIDTH] => Ok(()),
+        other => anyhow::bail!(
+            "expected the marker model (one input [1, 256, 27]; export it with --seq-len 256), got {:?}",
+            other.iter().map(|i| (&i.name, &i.shape)).collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// Flat positions of the `WINDOW` x `WINDOW` window centred as near `px` (x, y) as the grid
+/// allows.
+pub fn window_around(px: [f64; 2]) -> Vec<i64> {
+    let start = |c: f64| ((c.round() as i64) - (WINDOW as i64) / 2).clamp(0, (SIZE - WINDOW) as i64);
+    let (x0, y0) = (start(px[0]), start(px[1]));
+    (y0..y0 + WINDOW as i64).flat_map(|y| (x0..x0 + WINDOW as i64).map(move |x| y * SIZE as i64 + x)).collect()
 }
 
 impl MarkerModel {
     /// Wraps `session`; errors unless it takes `[1, 256, 27]` tokens.
     pub fn new(session: Session) -> anyhow::Result<MarkerModel> {
-        let want = [1, PIXELS, TOKEN_WIDTH];
-        match session.inputs() {
-            [i] if i.shape == want => {}
-            other => anyhow::bail!(
-                "expected the marker model (one input [1, 256, 27]; export it with --seq-len 256), got {:?}",
-                other.iter().map(|i| (&i.name, &i.shape)).collect::<Vec<_>>()
-            ),
-        }
-        Ok(MarkerModel { session, table: position_table(), tokens: vec![0.0; PIXELS * TOKEN_WIDTH] })
+        check_inputs(session.inputs())?;
+        Ok(MarkerModel::with(Engine::Single(Box::new(session))))
     }
 
-    /// Heat-map logits `[256]` of a frame.
+    /// Loads an ONNX file or a split model folder (`export models/marker --seq-len 256 --split`).
+    pub fn load(path: &std::path::Path) -> anyhow::Result<MarkerModel> {
+        if perceiver_edge_runtime::split::is_split(path) {
+            let m = perceiver_edge_runtime::split::Model::load(path)?;
+            check_inputs(m.inputs())?;
+            if m.manifest().num_queries != PIXELS {
+                anyhow::bail!(
+                    "{}: expected 256 heat-map positions, the model decodes {}",
+                    path.display(),
+                    m.manifest().num_queries
+                );
+            }
+            return Ok(MarkerModel::with(Engine::Split(Box::new(m))));
+        }
+        MarkerModel::new(Session::load(path)?)
+    }
+
+    fn with(engine: Engine) -> MarkerModel {
+        MarkerModel { engine, table: position_table(), tokens: vec![0.0; PIXELS * TOKEN_WIDTH], windowed: 0, full: 0 }
+    }
+
+    /// Heat-map logits `[256]` of a frame (every position).
     pub fn heat_map(&mut self, frame: &[f32; PIXELS]) -> anyhow::Result<Vec<f32>> {
         fill_tokens(frame, &self.table, &mut self.tokens);
         let x = perceiver_edge_runtime::tensor(&[1, PIXELS, TOKEN_WIDTH], &self.tokens).expect("shape");
-        let out = self.session.run(vec![x])?;
+        let out = match &mut self.engine {
+            Engine::Single(s) => s.run(vec![x])?,
+            Engine::Split(m) => {
+                let z = m.encode(vec![x])?;
+                m.decode_all(&z)?
+            }
+        };
         perceiver_edge_runtime::to_vec::<f32>(&out[0]).ok_or_else(|| anyhow::anyhow!("output is not f32"))
     }
 
     /// Marker centre (x, y) in pixels.
     pub fn locate(&mut self, frame: &[f32; PIXELS]) -> anyhow::Result<[f64; 2]> {
-        Ok(locate(&self.heat_map(frame)?).0)
+        self.locate_near(frame, None)
+    }
+
+    /// Marker centre (x, y) in pixels, using `prediction` (x, y) when the model is split: only
+    /// the window around it is decoded; the full map is decoded when there is no prediction, or
+    /// the window's peak lies on its border or is below [`LOST_LOGIT`] (the marker is not in
+    /// the window: tracking is lost).
+    /// The centroid of `locate` needs only ratios of probabilities inside the 3 x 3 window
+    /// around the peak, so a window gives the same position as the full map.
+    pub fn locate_near(&mut self, frame: &[f32; PIXELS], prediction: Option<[f64; 2]>) -> anyhow::Result<[f64; 2]> {
+        let (Engine::Split(m), Some(p)) = (&mut self.engine, prediction) else {
+            self.full += 1;
+            return Ok(locate(&self.heat_map(frame)?).0);
+        };
+        fill_tokens(frame, &self.table, &mut self.tokens);
+        let x = perceiver_edge_runtime::tensor(&[1, PIXELS, TOKEN_WIDTH], &self.tokens).expect("shape");
+        let z = m.encode(vec![x])?;
+        let idx = window_around(p);
+        let out = m.decode(&z, &idx)?;
+        let vals =
+            perceiver_edge_runtime::to_vec::<f32>(&out[0]).ok_or_else(|| anyhow::anyhow!("output is not f32"))?;
+        let best = (0..idx.len()).fold(0, |b, k| if vals[k] > vals[b] { k } else { b });
+        let (r, c) = (best / WINDOW, best % WINDOW);
+        let at_edge = |v: usize, start: i64| {
+            let g = start + v as i64; // grid coordinate: a border of the grid is a true border
+            (v == 0 && g > 0) || (v == WINDOW - 1 && g < SIZE as i64 - 1)
+        };
+        let (y0, x0) = (idx[0] / SIZE as i64, idx[0] % SIZE as i64);
+        if at_edge(r, y0) || at_edge(c, x0) || vals[best] < LOST_LOGIT {
+            let all = m.decode_all(&z)?;
+            self.full += 1;
+            let v =
+                perceiver_edge_runtime::to_vec::<f32>(&all[0]).ok_or_else(|| anyhow::anyhow!("output is not f32"))?;
+            return Ok(locate(&v).0);
+        }
+        let mut logits = vec![f32::NEG_INFINITY; PIXELS];
+        for (k, &i) in idx.iter().enumerate() {
+            logits[i as usize] = vals[k];
+        }
+        self.windowed += 1;
+        Ok(locate(&logits).0)
     }
 }
 
@@ -255,7 +354,11 @@ pub fn run(
             (false, None, 0.0)
         } else {
             let t0 = Instant::now();
-            let px = model.locate(&frame)?;
+            let hint = filter.started().then(|| {
+                let p = cam.project(filter.predicted(dt));
+                [p.x, p.y]
+            });
+            let px = model.locate_near(&frame, hint)?;
             let us = t0.elapsed().as_secs_f64() * 1e6;
             policy.observe(us);
             filter.update(cam.normalise(Vector2::new(px[0], px[1])), dt);

@@ -180,3 +180,37 @@ fn short_run_reports_consistent_statistics() {
     b.frame(10, &mut fb);
     assert_eq!(fa, fb);
 }
+
+/// The split model decoding only a 7x7 window around a prediction locates the marker where the
+/// full heat map does (transformers' locate on the stored held-out frames), and falls back to the
+/// full map when the prediction is far off.
+#[test]
+fn windowed_decode_locates_like_the_full_map() {
+    let dir = std::env::temp_dir().join(format!("ar-headset-split-{}", std::process::id()));
+    let opts = perceiver_edge_export::ExportOptions { seq_len: Some(256), ..Default::default() };
+    let ck = perceiver_edge_export::Checkpoint::open(&root().join("models/marker")).unwrap();
+    perceiver_edge_export::split::build_split(&ck, &opts, None).unwrap().write(&dir).unwrap();
+    let mut split = MarkerModel::load(&dir).unwrap();
+    let mut single = MarkerModel::new(Session::load(&marker_onnx()).unwrap()).unwrap();
+    let (shape, frames) = read_f32("models/marker/samples/heldout_frames.npy");
+    let (_, truth) = read_f32("models/marker/samples/heldout_positions.npy");
+    let n = shape[0].min(64);
+    for k in 0..n {
+        let f = frame(&frames, k);
+        let full = single.locate(&f).unwrap();
+        let hint = [truth[2 * k] as f64 + 1.0, truth[2 * k + 1] as f64 - 1.0];
+        let win = split.locate_near(&f, Some(hint)).unwrap();
+        let d = (full[0] - win[0]).hypot(full[1] - win[1]);
+        assert!(d < 1e-4, "frame {k}: window {win:?} vs full map {full:?}");
+    }
+    assert!(split.windowed >= n as u64 * 9 / 10, "most frames use the window ({} of {n})", split.windowed);
+    // A prediction in the wrong corner: the window's peak is on its border, so the full map decides.
+    let f = frame(&frames, 0);
+    let far = if truth[0] < 8.0 { [15.0, 15.0] } else { [0.0, 0.0] };
+    let before = split.full;
+    let p = split.locate_near(&f, Some(far)).unwrap();
+    let full = single.locate(&f).unwrap();
+    assert!((p[0] - full[0]).hypot(p[1] - full[1]) < 1e-4);
+    assert_eq!(split.full, before + 1, "fell back to the full map");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

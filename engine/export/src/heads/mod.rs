@@ -136,6 +136,7 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
 
     let mut b = Builder::new(ck, batch);
     b.budget = Budget::from_options(ck, opts)?;
+    b.grid_subset = opts.grid_subset;
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());
     if h == 0 || w == 0 || opts.seq_len == Some(0) {
         return Err(Error::invalid("--image-size and --seq-len must be positive"));

@@ -23,6 +23,7 @@ pub(super) fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         )));
     }
     let p = preprocess(b, |b| pre::flow_patches(b, h, w))?;
+    b.g.marks.push((crate::model::decoder::MARK_QUERIES.into(), p.inputs.clone()));
     let z = encode(b, &p.inputs, None)?;
     let dec = Decoder {
         prefix: "decoder.decoder".into(),

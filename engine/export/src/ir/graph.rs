@@ -184,6 +184,9 @@ pub struct Graph {
     /// size limit): building goes on with a stand-in shape and the caller reports this, so bad
     /// checkpoint weights end in an error naming the place, never a panic.
     pub error: Option<String>,
+    /// Named values where a split export may cut the graph (`latents.cross`, `latents.block.K`);
+    /// not written to ONNX.
+    pub marks: Vec<(String, Val)>,
     scope: Vec<String>,
     counter: usize,
 }

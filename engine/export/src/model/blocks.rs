@@ -24,6 +24,8 @@ pub struct Builder<'a> {
     /// With `budget.expose_attention`: every attention's probabilities `[B, H, Lq, Lk]`, with
     /// the checkpoint prefix of the attention that produced them, in graph order.
     pub attention_probs: Vec<(String, Val)>,
+    /// Subset queries are rows of the full query grid ([`crate::options::ExportOptions::grid_subset`]).
+    pub grid_subset: bool,
     weights: HashMap<String, Val>,
 }
 
@@ -46,6 +48,7 @@ impl<'a> Builder<'a> {
             dims: BTreeMap::new(),
             budget: Default::default(),
             attention_probs: vec![],
+            grid_subset: false,
             weights: HashMap::new(),
         }
     }

@@ -7,6 +7,10 @@ use crate::ir::Val;
 use crate::model::blocks::{Builder, LayerOpts};
 use crate::model::position::{fourier_at_indices, Fourier};
 
+/// Graph mark of input-dependent decoder queries (optical flow's preprocessed inputs): a split
+/// export computes them once in the encoder and hands them to the decoders.
+pub const MARK_QUERIES: &str = "decoder.queries";
+
 /// Where a decoder's output queries come from.
 #[derive(Clone, Debug)]
 pub enum Queries {
@@ -51,7 +55,7 @@ impl Decoder {
             (Queries::Inputs(x), None) => Ok(x.clone()),
             (Queries::Inputs(x), Some(idx)) => Ok(b.g.gather(x, idx, 1)),
             // Subsampled Fourier queries use transformers' `-1 + 2 * i / n` positions: computed in-graph.
-            (Queries::Fourier(f, dims), Some(idx)) => {
+            (Queries::Fourier(f, dims), Some(idx)) if !b.grid_subset => {
                 let q = fourier_at_indices(&mut b.g, f, idx, dims);
                 let q = if has_proj { b.linear(&proj, &q)? } else { q };
                 let w = q.last_dim();

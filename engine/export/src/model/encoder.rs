@@ -5,6 +5,11 @@ use crate::error::Result;
 use crate::ir::Val;
 use crate::model::blocks::{Builder, LayerOpts};
 
+/// Graph mark of the latents after the encoder cross-attention.
+pub const MARK_CROSS: &str = "latents.cross";
+/// Graph mark prefix of the latents after block K (`latents.block.K`).
+pub const MARK_BLOCK: &str = "latents.block.";
+
 /// Encodes `inputs` (`[B, M, C]`, optional additive mask) into latents `[B, N, D]`.
 pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> {
     let cfg = b.ck.config.clone();
@@ -26,6 +31,7 @@ pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> 
     let mut z = b.scoped("encoder.cross", |b| {
         b.perceiver_layer("encoder.cross_attention", &latents, Some(inputs), mask, cross)
     })?;
+    b.g.marks.push((MARK_CROSS.into(), z.clone()));
     let latent = LayerOpts { heads: cfg.num_self_attention_heads, query_residual: true };
     let blocks = b.budget.blocks.unwrap_or(cfg.num_blocks);
     for block in 0..blocks {
@@ -34,6 +40,7 @@ pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> 
                 b.perceiver_layer(&format!("encoder.self_attends.{i}"), &z, None, None, latent)
             })?;
         }
+        b.g.marks.push((format!("{MARK_BLOCK}{block}"), z.clone()));
     }
     Ok(z)
 }
