@@ -21,7 +21,7 @@ pub struct Linear<const I: usize, const O: usize> {
 
 impl<const I: usize, const O: usize> Linear<I, O> {
     fn read(r: &mut Reader) -> Self {
-        Linear { w: r.take(I * O), b: r.take(O).f32() }
+        Linear { w: r.take_matrix(O, I), b: r.take(O) }
     }
 
     /// `y = W x + b`.
@@ -57,7 +57,7 @@ pub struct Norm {
 
 impl Norm {
     fn read(r: &mut Reader, k: usize) -> Self {
-        Norm { w: r.take(k).f32(), b: r.take(k).f32() }
+        Norm { w: r.take(k), b: r.take(k) }
     }
 
     /// `out = (x - mean) / sqrt(var + eps) * w + b` (biased variance, as torch).
@@ -235,11 +235,11 @@ impl Model {
     /// Reads every tensor of the pack (in pack order) and checks that none is left.
     pub fn load() -> Model {
         let mut r = Reader::new();
-        let pos = r.take(M * (C - IN_CH)).f32();
-        let latents = r.take(N * D).f32();
+        let pos = r.take(M * (C - IN_CH));
+        let latents = r.take(N * D);
         let cross = Layer::read(&mut r, true, X_HEADS, X_RESIDUAL == 1);
         let latent_layers = core::array::from_fn(|_| Layer::read(&mut r, false, S_HEADS, true));
-        let query = r.take(E).f32();
+        let query = r.take(E);
         let decoder = Layer::read(&mut r, true, O_HEADS, O_RESIDUAL == 1);
         let last = Linear::read(&mut r);
         assert!(r.remaining() == 0, "pack has extra tensors");

@@ -8,6 +8,7 @@
 
 mod forward;
 mod pack;
+mod reader;
 
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};

@@ -1,0 +1,7 @@
+#![no_main]
+//! Target `onnx_load_run`: the body is perceiver_edge_fuzz_targets::onnx_load_run (engine/fuzz-targets).
+
+#[global_allocator]
+static ALLOC: perceiver_edge_fuzz_targets::alloc_cap::CappedAlloc = perceiver_edge_fuzz_targets::alloc_cap::CappedAlloc;
+
+libfuzzer_sys::fuzz_target!(init: perceiver_edge_fuzz_targets::fuzz_init(), |data: &[u8]| perceiver_edge_fuzz_targets::onnx_load_run(data));
