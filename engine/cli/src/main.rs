@@ -50,6 +50,11 @@ enum Command {
         /// Weight precision of a pack: `f32`, or `int8` (Linear weights, per-row scales).
         #[arg(long, default_value = "f32")]
         pack_precision: perceiver_edge_export::pack::Precision,
+        /// Store the weights as ONNX external data in one side file next to the model
+        /// (OUTPUT.data, offsets aligned to 4096). Automatic when the single file would pass
+        /// protobuf's 2 GiB limit.
+        #[arg(long)]
+        external_data: bool,
     },
     /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
     /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
@@ -342,7 +347,12 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget } if format == "pack" => {
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget, external_data }
+            if format == "pack" =>
+        {
+            if external_data {
+                bail!("--external-data applies to ONNX exports, not to a pack");
+            }
             if budget.latents.is_some() || budget.blocks.is_some() {
                 bail!("--latents/--blocks apply to ONNX exports, not to a pack");
             }
@@ -361,8 +371,14 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
+        Command::Export { checkpoint, output, sizes, budget, quant, external_data, .. } => {
             refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, quant.calibrate.as_deref())?;
+            refuse_overwriting_checkpoint(
+                &perceiver_edge_export::Exported::external_data_path(&output),
+                &checkpoint,
+                &sizes,
+                quant.calibrate.as_deref(),
+            )?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
             let mut bar: Option<indicatif::ProgressBar> = None;
@@ -397,9 +413,18 @@ fn dispatch(cmd: Command) -> Result<()> {
                     c.kept
                 );
             }
-            exported.write(&output)?;
-            let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-            println!("wrote {} ({:.2} MiB)", output.display(), bytes as f64 / 1048576.0);
+            let side = exported.write_with(&output, external_data)?;
+            let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+            match side {
+                None => println!("wrote {} ({:.2} MiB)", output.display(), size(&output)),
+                Some(d) => println!(
+                    "wrote {} ({:.2} MiB) and its external data {} ({:.2} MiB)",
+                    output.display(),
+                    size(&output),
+                    d.display(),
+                    size(&d)
+                ),
+            }
             print!("{}", exported.summary);
             Ok(())
         }

@@ -62,9 +62,48 @@ impl Exported {
     }
 
     /// Writes the ONNX file atomically ([`perceiver_edge_runtime::fsio::write_atomic`]), so a
-    /// failure never leaves a partial model behind.
+    /// failure never leaves a partial model behind. A graph that would pass protobuf's 2 GiB
+    /// limit is written with external data (see [`Exported::write_with`]).
     pub fn write(&self, path: &Path) -> Result<()> {
-        perceiver_edge_runtime::fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))
+        self.write_with(path, false).map(|_| ())
+    }
+
+    /// The side file an external-data export of `path` writes: `path` with `.data` appended
+    /// (`model.onnx` -> `model.onnx.data`), in the same folder.
+    pub fn external_data_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "model.onnx".into());
+        name.push(".data");
+        path.with_file_name(name)
+    }
+
+    /// Writes the ONNX file; with `external_data`, or when the single file would pass
+    /// protobuf's 2 GiB limit ([`ir::onnx::needs_external_data`]), the weights go to ONNX's
+    /// standard external data in one side file next to it ([`Exported::external_data_path`];
+    /// see [`ir::onnx::write_external`]). Both files are staged and then committed together
+    /// ([`perceiver_edge_runtime::fsio::stage_with`]): on failure neither is written. Returns
+    /// the side file's path when one was written.
+    pub fn write_with(&self, path: &Path, external_data: bool) -> Result<Option<PathBuf>> {
+        use perceiver_edge_runtime::fsio;
+        if !external_data && !ir::onnx::needs_external_data(&self.graph) {
+            fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))?;
+            return Ok(None);
+        }
+        let data_path = Self::external_data_path(path);
+        let location = data_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::invalid(format!("{}: the output name must be valid UTF-8", path.display())))?
+            .to_string();
+        let mut model_bytes = vec![];
+        let data = fsio::stage_with(&data_path, |w| {
+            ir::onnx::write_external(&self.graph, &mut model_bytes, w, &location).map(|_| ())
+        })
+        .map_err(|e| Error::write(&data_path, e))?;
+        let model = fsio::stage_with(path, |w| w.write_all(&model_bytes)).map_err(|e| Error::write(path, e))?;
+        // The data first: a model file never points at a side file that is not there yet.
+        data.commit().map_err(|e| Error::write(&data_path, e))?;
+        model.commit().map_err(|e| Error::write(path, e))?;
+        Ok(Some(data_path))
     }
 }
 
