@@ -220,7 +220,12 @@ struct Sizes {
     /// Export the unrewritten graph (no performance rewrites; reference for tests and benchmarks).
     #[arg(long)]
     no_rewrites: bool,
-    /// Budget knob: skip the rewrites that add precomputed tables (`inspect` shows their size).
+    /// Precomputed tables of the exact rewrites (memory bought for speed): `auto` keeps a table
+    /// only when it is no larger than the constants it replaces and all tables stay within 25 %
+    /// of the weights; `all` keeps every one; `none` adds none. The export report lists each.
+    #[arg(long, value_parser = ["auto", "all", "none"], value_name = "POLICY", conflicts_with = "no_position_tables")]
+    tables: Option<String>,
+    /// Same as `--tables none`.
     #[arg(long)]
     no_position_tables: bool,
 }
@@ -283,8 +288,12 @@ impl Sizes {
             decoder: self.decoder.clone(),
             perf: perceiver_edge_export::passes::PerfOptions {
                 no_rewrites: self.no_rewrites,
-                no_position_tables: self.no_position_tables,
-                quantised: false,
+                tables: match (self.no_position_tables, self.tables.as_deref()) {
+                    (true, _) => perceiver_edge_export::Tables::None,
+                    (false, Some(t)) => t.parse().expect("clap checked the value"),
+                    (false, None) => perceiver_edge_export::Tables::Auto,
+                },
+                ..Default::default()
             },
             ..Default::default()
         }
