@@ -39,12 +39,15 @@ fn auto_keeps_tables_that_pay_and_drops_the_rest() {
     let report = auto.summary.to_string();
     assert!(report.contains("kept    position_split") && report.contains("GFLOPs per inference"), "{report}");
 
-    // A share too small for the tables: auto skips them, without building them, and the graph
-    // is exactly the `none` graph.
-    let tight = build(&ck, &with(Tables::Auto, Some(0.01))).unwrap();
+    // Here the tables shrink the graph, so even a zero share keeps them.
+    let zero = build(&ck, &with(Tables::Auto, Some(0.0))).unwrap();
+    assert_eq!(zero.to_bytes(), all.to_bytes());
+    // A negative share stands for a budget the tables cannot meet: auto skips them and the
+    // graph is exactly the `none` graph.
+    let tight = build(&ck, &with(Tables::Auto, Some(-0.5))).unwrap();
     assert_eq!(tight.to_bytes(), none.to_bytes());
     let d = &tight.summary.table_decisions;
-    assert!(!d[0].kept && d[0].reason.contains("would pass 1 %"), "{d:?}");
+    assert!(!d[0].kept && d[0].reason.contains("would grow"), "{d:?}");
     assert!(!d[1].kept && d[1].reason.contains("needs position_split"), "{d:?}");
     assert!(none.summary.table_decisions.iter().all(|d| !d.kept));
     assert!(none.summary.tables.is_empty() && !all.summary.tables.is_empty());
