@@ -314,7 +314,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let judge_measured = board.arch.replace('-', "_") == host_arch;
     let ck = Checkpoint::open(&o.checkpoint)?;
     let auto = perceiver_edge_export::build(&ck, &ExportOptions::default())?;
-    let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb as f64 * 1048576.0);
+    let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb * 1048576.0);
     let mut base = ExportOptions::default();
     base.perf.tables = tables;
     let full = if tables == Tables::Auto { auto } else { perceiver_edge_export::build(&ck, &base)? };
