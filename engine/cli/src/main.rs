@@ -665,8 +665,13 @@ fn print_values(t: &perceiver_edge_runtime::Tensor) {
 fn print_bench(r: &bench::BenchReport) {
     let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} MiB", b as f64 / 1048576.0));
     let l = &r.latency_ms;
+    let external = if r.external_data_bytes > 0 {
+        format!(" + external data {}", mib(Some(r.external_data_bytes)))
+    } else {
+        String::new()
+    };
     println!(
-        "model        {} ({}, file {}, resident weights {})",
+        "model        {} ({}, file {}{external}, resident weights {})",
         r.model,
         r.precision,
         mib(Some(r.file_bytes)),
@@ -764,7 +769,10 @@ fn mib(bytes: usize) -> String {
 /// File size, precision and the weight memory tract keeps after optimisation.
 fn print_file_and_resident(path: &Path, session: &Session) {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as usize;
-    println!("file           {} ({})", path.display(), mib(bytes));
+    match session.external_data_bytes() {
+        0 => println!("file           {} ({})", path.display(), mib(bytes)),
+        ext => println!("file           {} ({}) + external data {}", path.display(), mib(bytes), mib(ext as usize)),
+    }
     println!("precision      {}", session.metadata(perceiver_edge_runtime::metadata::PRECISION).unwrap_or("f32"));
     let resident = session.resident_weights();
     let total: usize = resident.iter().map(|(_, b)| b).sum();

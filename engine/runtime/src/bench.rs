@@ -156,6 +156,9 @@ pub struct BenchReport {
     pub precision: String,
     /// Size of the model file.
     pub file_bytes: u64,
+    /// Bytes its tensors keep in ONNX external data (side file); absent when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub external_data_bytes: u64,
     /// Weight bytes tract keeps resident after optimisation (packed int8 / 4-bit stay small).
     pub resident_weight_bytes: u64,
     /// Load + optimise time.
@@ -359,6 +362,7 @@ pub fn bench_on(
         model: model.display().to_string(),
         precision: session.metadata(crate::metadata::PRECISION).unwrap_or("f32").to_string(),
         file_bytes: std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
+        external_data_bytes: session.external_data_bytes(),
         resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
         load_ms,
         warmup: opts.warmup,
@@ -409,4 +413,8 @@ mod tests {
         let ends = [9.0, 21.0, 30.0];
         assert_eq!(deadline_misses(&ends, 10.0), 1);
     }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

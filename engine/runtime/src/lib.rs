@@ -183,6 +183,8 @@ pub struct Session {
     ranges: Vec<Option<(i64, i64)>>,
     outputs: Vec<IoSpec>,
     metadata: Vec<(String, String)>,
+    /// Bytes its tensors keep in ONNX external data files (0 for a self-contained model).
+    external_bytes: u64,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
@@ -372,7 +374,7 @@ impl Session {
                 }
             }
         }
-        Ok((Session { plan, state, inputs, ranges, outputs, metadata }, exposed))
+        Ok((Session { plan, state, inputs, ranges, outputs, metadata, external_bytes: external }, exposed))
     }
 
     /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
@@ -411,6 +413,12 @@ impl Session {
         }
         by.sort_by_key(|e| std::cmp::Reverse(e.1));
         by
+    }
+
+    /// Bytes of the model's tensors read from ONNX external data (side files next to the
+    /// model, `export --external-data`); 0 for a self-contained model.
+    pub fn external_data_bytes(&self) -> u64 {
+        self.external_bytes
     }
 
     /// Graph inputs, in the order `run` takes them.
