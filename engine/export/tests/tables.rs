@@ -63,6 +63,10 @@ fn auto_keeps_tables_that_pay_and_drops_the_rest() {
 fn external_data_round_trips() {
     let ck = digits();
     let e = build(&ck, &ExportOptions::default()).unwrap();
+    // The size bound that switches to external data past 2 GiB is an upper bound, and close.
+    let (bound, real) = (perceiver_edge_export::ir::onnx::single_file_bound(&e.graph), e.to_bytes().len() as u64);
+    assert!(bound >= real && bound < real + real / 20, "bound {bound}, file {real}");
+    assert!(!perceiver_edge_export::ir::onnx::needs_external_data(&e.graph));
     let dir = tempfile_dir();
     let single = dir.join("m.onnx");
     let ext = dir.join("e.onnx");
