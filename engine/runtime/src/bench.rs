@@ -384,6 +384,10 @@ pub fn bench_on(
     })
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,8 +417,4 @@ mod tests {
         let ends = [9.0, 21.0, 30.0];
         assert_eq!(deadline_misses(&ends, 10.0), 1);
     }
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
 }
