@@ -98,13 +98,19 @@ def export(
     calibrate: Optional[_StrPath] = None,
     calibration_method: str = "minmax",
     keep_f32: Optional[Sequence[str]] = None,
+    tables: Optional[str] = None,
+    external_data: bool = False,
 ) -> Dict[str, Any]:
     """``perceiver-edge export CHECKPOINT -o OUTPUT``: writes one fixed-shape ONNX file
     (atomically). Options are the CLI's (``--image-size H W`` is ``image_size=(H, W)``,
-    ``--keep-f32 P`` is ``keep_f32=[P, ...]``). Returns the summary: ``architecture, dims,
-    depth, heads, batch, parameters, flops, weight_bytes, largest_activation, inputs, outputs,
-    tables, rewrites`` plus ``path``, ``file_bytes``, ``precision`` and, with ``latents``,
-    ``latents_kept``."""
+    ``--keep-f32 P`` is ``keep_f32=[P, ...]``, ``--tables auto|all|none`` is ``tables="..."``,
+    ``no_position_tables=True`` is ``tables="none"``, ``--external-data`` is
+    ``external_data=True``: the weights go to ``OUTPUT.data``, as they do automatically past
+    2 GiB). Returns the summary: ``architecture, dims, depth, heads, batch, parameters, flops,
+    weight_bytes, largest_activation, inputs, outputs, tables, rewrites`` plus ``path``,
+    ``file_bytes``, ``precision``, ``table_decisions`` (``(pass, kept, bytes, replaces,
+    flops_saved, reason)`` per table rewrite), with external data ``external_data`` and
+    ``external_data_bytes``, and, with ``latents``, ``latents_kept``."""
 
 def inspect(
     path: _StrPath,
@@ -119,6 +125,7 @@ def inspect(
     decoder: Optional[_StrPath] = None,
     no_rewrites: bool = False,
     no_position_tables: bool = False,
+    tables: Optional[str] = None,
 ) -> Dict[str, Any]:
     """``perceiver-edge inspect``: for a checkpoint folder, the summary of the graph it would
     export (shape options as in ``export``); for an ``.onnx`` file, the stored summary plus

@@ -185,7 +185,8 @@ extern "C" {
  * Loads an ONNX model exported by `perceiver-edge export` from a file, and fixes, types and
  * optimises it once. On success `*out` is a new handle (free it with `pe_model_free`); on
  * failure `*out` is NULL and the status is `PE_LOAD` (unreadable file, not ONNX, symbolic
- * shapes) or `PE_NULL_ARGUMENT`.
+ * shapes) or `PE_NULL_ARGUMENT`. A model with ONNX external data (`export --external-data`)
+ * reads it from the side file in the model's folder, checked and confined to that folder.
  *
  * # Safety
  * `path` is NULL or a NUL-terminated string; `out` is NULL or points to writable storage for a
@@ -196,7 +197,8 @@ enum pe_status pe_model_load(const char *path, struct pe_model **out);
 /**
  * Loads an ONNX model from `len` bytes at `data` (a file read into memory, or a model linked
  * into the firmware image). The bytes are parsed during the call and not kept: the caller may
- * free them afterwards. Same results and statuses as `pe_model_load`.
+ * free them afterwards. Same results and statuses as `pe_model_load`, except that a model with
+ * external data is refused (`PE_LOAD`): it has no folder to read it from.
  *
  * # Safety
  * `data` is NULL or points to `len` readable bytes; `out` is NULL or points to writable storage

@@ -150,3 +150,24 @@ fn every_fixture_case_matches_transformers_and_the_runtime() {
         );
     }
 }
+
+#[test]
+fn external_data_loads_by_path_and_is_refused_from_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = digits(tmp.path());
+    let ext = tmp.path().join("digits-ext.onnx");
+    let e = perceiver_edge_export::export(&root().join("models/digits"), &Default::default()).unwrap();
+    assert!(e.write_with(&ext, true).unwrap().is_some());
+    let (a, b) = (Model::load(&single), Model::load(&ext));
+    for (name, x) in digit_samples() {
+        assert_eq!(a.run(&[bytes_of(&x)]).unwrap(), b.run(&[bytes_of(&x)]).unwrap(), "{name}");
+    }
+    // From memory there is no folder to read the side file from: refused, the tensor named.
+    let bytes = std::fs::read(&ext).unwrap();
+    let mut m = std::ptr::null_mut();
+    let status = unsafe { pe_model_load_from_memory(bytes.as_ptr().cast(), bytes.len(), &mut m) };
+    assert_eq!(status, pe_status::PE_LOAD);
+    assert!(m.is_null());
+    let err = last_error();
+    assert!(err.contains("external file") && err.contains("digits-ext.onnx.data"), "{err}");
+}

@@ -58,6 +58,11 @@ enum Command {
         /// the full output count].
         #[arg(long, value_delimiter = ',', value_name = "K,...")]
         buckets: Option<Vec<usize>>,
+        /// Store the weights as ONNX external data in one side file next to the model
+        /// (OUTPUT.data, offsets aligned to 4096). Automatic when the single file would pass
+        /// protobuf's 2 GiB limit.
+        #[arg(long)]
+        external_data: bool,
     },
     /// Fit a checkpoint to a board: explore latents / blocks / threads, measure latency, memory and
     /// fidelity here, print a Pareto table, write the chosen ONNX, report.json and tradeoff.svg.
@@ -235,7 +240,12 @@ struct Sizes {
     /// Export the unrewritten graph (no performance rewrites; reference for tests and benchmarks).
     #[arg(long)]
     no_rewrites: bool,
-    /// Budget knob: skip the rewrites that add precomputed tables (`inspect` shows their size).
+    /// Precomputed tables of the exact rewrites (memory bought for speed): `auto` keeps a table
+    /// only when it is no larger than the constants it replaces and all tables stay within 25 %
+    /// of the weights; `all` keeps every one; `none` adds none. The export report lists each.
+    #[arg(long, value_parser = ["auto", "all", "none"], value_name = "POLICY", conflicts_with = "no_position_tables")]
+    tables: Option<String>,
+    /// Same as `--tables none`.
     #[arg(long)]
     no_position_tables: bool,
 }
@@ -298,8 +308,12 @@ impl Sizes {
             decoder: self.decoder.clone(),
             perf: perceiver_edge_export::passes::PerfOptions {
                 no_rewrites: self.no_rewrites,
-                no_position_tables: self.no_position_tables,
-                quantised: false,
+                tables: match (self.no_position_tables, self.tables.as_deref()) {
+                    (true, _) => perceiver_edge_export::Tables::None,
+                    (false, Some(t)) => t.parse().expect("clap checked the value"),
+                    (false, None) => perceiver_edge_export::Tables::Auto,
+                },
+                ..Default::default()
             },
             ..Default::default()
         }
@@ -363,7 +377,10 @@ fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, budget, quant, split: true, buckets, format, .. } => {
+        Command::Export { checkpoint, output, sizes, budget, quant, split: true, buckets, format, external_data, .. } => {
+            if external_data {
+                bail!("--external-data applies to single-graph exports; --split parts hold their weights inline");
+            }
             if format != "onnx" || quant.precision != "f32" || quant.calibrate.is_some() || budget.latents.is_some() {
                 bail!("--split writes f32 ONNX parts; --format pack, --precision, --calibrate and --latents apply to single-graph exports");
             }
@@ -390,9 +407,12 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget, .. }
+        Command::Export { checkpoint, output, sizes, format, pack_precision, quant, budget, external_data, .. }
             if format == "pack" =>
         {
+            if external_data {
+                bail!("--external-data applies to ONNX exports, not to a pack");
+            }
             if budget.latents.is_some() || budget.blocks.is_some() {
                 bail!("--latents/--blocks apply to ONNX exports, not to a pack");
             }
@@ -411,8 +431,14 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, budget, quant, .. } => {
+        Command::Export { checkpoint, output, sizes, budget, quant, external_data, .. } => {
             refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, quant.calibrate.as_deref())?;
+            refuse_overwriting_checkpoint(
+                &perceiver_edge_export::Exported::external_data_path(&output),
+                &checkpoint,
+                &sizes,
+                quant.calibrate.as_deref(),
+            )?;
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
             let mut bar: Option<indicatif::ProgressBar> = None;
@@ -447,9 +473,18 @@ fn dispatch(cmd: Command) -> Result<()> {
                     c.kept
                 );
             }
-            exported.write(&output)?;
-            let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-            println!("wrote {} ({:.2} MiB)", output.display(), bytes as f64 / 1048576.0);
+            let side = exported.write_with(&output, external_data)?;
+            let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+            match side {
+                None => println!("wrote {} ({:.2} MiB)", output.display(), size(&output)),
+                Some(d) => println!(
+                    "wrote {} ({:.2} MiB) and its external data {} ({:.2} MiB)",
+                    output.display(),
+                    size(&output),
+                    d.display(),
+                    size(&d)
+                ),
+            }
             print!("{}", exported.summary);
             Ok(())
         }
@@ -839,8 +874,13 @@ fn print_values(t: &perceiver_edge_runtime::Tensor) {
 fn print_bench(r: &bench::BenchReport) {
     let mib = |b: Option<u64>| b.map_or("n/a".to_string(), |b| format!("{:.2} MiB", b as f64 / 1048576.0));
     let l = &r.latency_ms;
+    let external = if r.external_data_bytes > 0 {
+        format!(" + external data {}", mib(Some(r.external_data_bytes)))
+    } else {
+        String::new()
+    };
     println!(
-        "model        {} ({}, file {}, resident weights {})",
+        "model        {} ({}, file {}{external}, resident weights {})",
         r.model,
         r.precision,
         mib(Some(r.file_bytes)),
@@ -982,7 +1022,10 @@ fn mib(bytes: usize) -> String {
 /// File size, precision and the weight memory tract keeps after optimisation.
 fn print_file_and_resident(path: &Path, session: &Session) {
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as usize;
-    println!("file           {} ({})", path.display(), mib(bytes));
+    match session.external_data_bytes() {
+        0 => println!("file           {} ({})", path.display(), mib(bytes)),
+        ext => println!("file           {} ({}) + external data {}", path.display(), mib(bytes), mib(ext as usize)),
+    }
     println!("precision      {}", session.metadata(perceiver_edge_runtime::metadata::PRECISION).unwrap_or("f32"));
     let resident = session.resident_weights();
     let total: usize = resident.iter().map(|(_, b)| b).sum();

@@ -54,7 +54,8 @@ fn rewrites_are_exact_on_every_fixture() {
                 tmp.path().join(format!("{fixture}_{case}_fast.onnx")),
             );
             export(&dir, &args, &["--no-rewrites"], &plain);
-            let report = export(&dir, &args, &[], &fast);
+            // Every table rewrite, whatever the default policy keeps: they are what is tested.
+            let report = export(&dir, &args, &["--tables", "all"], &fast);
             let rewrites = report.lines().find(|l| l.starts_with("rewrites")).unwrap_or("");
             for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
                 if rewrites.contains(&format!("{pass} x")) {
@@ -110,8 +111,33 @@ fn rewrites_are_exact_on_every_fixture() {
 fn position_tables_are_a_budget_knob() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = root().join("models/reference/fixtures/image_fourier");
-    let on = export(&dir, &["--image-size", "12", "16"], &[], &tmp.path().join("on.onnx"));
-    let off = export(&dir, &["--image-size", "12", "16"], &["--no-position-tables"], &tmp.path().join("off.onnx"));
+    let size = ["--image-size", "12", "16"];
+    let on = export(&dir, &size, &["--tables", "all"], &tmp.path().join("on.onnx"));
+    let off = export(&dir, &size, &["--no-position-tables"], &tmp.path().join("off.onnx"));
     assert!(on.contains("of precomputed constants from pass position_split"), "{on}");
     assert!(!off.contains("position_split"), "{off}");
+    // `--tables none` is `--no-position-tables`; on this fixture `auto` keeps the tables (they
+    // are smaller than the position features they replace), so it is `all`.
+    export(&dir, &size, &["--tables", "none"], &tmp.path().join("none.onnx"));
+    export(&dir, &size, &[], &tmp.path().join("auto.onnx"));
+    let bytes = |n: &str| std::fs::read(tmp.path().join(n)).unwrap();
+    assert_eq!(bytes("none.onnx"), bytes("off.onnx"));
+    assert_eq!(bytes("auto.onnx"), bytes("on.onnx"));
+    // The export report lists each table rewrite with its bytes and the FLOPs it saves.
+    let out = bin().arg("export").arg(&dir).args(size).arg("-o").arg(tmp.path().join("r.onnx")).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    for pass in ["position_split", "constant_query_attention"] {
+        assert!(
+            report.lines().any(|l| l.contains(&format!("kept    {pass}:")) && l.contains("GFLOPs per inference")),
+            "{report}"
+        );
+    }
+    let out = bin()
+        .arg("export")
+        .arg(&dir)
+        .args(["--tables", "none", "--no-position-tables", "-o"])
+        .arg(tmp.path().join("x.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "the two spellings conflict");
 }

@@ -192,6 +192,9 @@ fn blocks_at_run_time_equal_blocks_at_export() {
     ok(bin().arg("export").arg(&c.dir).arg("-o").arg(&split).args(&c.args).arg("--split"));
     let m: Value = serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["blocks"], 2, "the fixture's trained depth");
+    // The exact rewrites still apply across the cut: the constant-query ones in the encoder.
+    let said = ok(bin().arg("inspect").arg(split.join("encoder.onnx")));
+    assert!(said.contains("position_split x1") && said.contains("constant_query_attention x1"), "{said}");
     for b in [1, 2, 3] {
         let single = t.join(format!("b{b}.onnx"));
         ok(bin().arg("export").arg(&c.dir).arg("-o").arg(&single).args(&c.args).args(["--blocks", &b.to_string()]));

@@ -38,7 +38,7 @@ pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use heads::Head;
 pub use ir::Graph;
-pub use options::ExportOptions;
+pub use options::{ExportOptions, Tables};
 pub use passes::quant::{calibrate, KeepF32};
 /// Metadata keys (shared with the runtime, which reads them).
 pub use perceiver_edge_runtime::metadata;
@@ -63,39 +63,82 @@ impl Exported {
     }
 
     /// Writes the ONNX file atomically ([`perceiver_edge_runtime::fsio::write_atomic`]), so a
-    /// failure never leaves a partial model behind.
+    /// failure never leaves a partial model behind. A graph that would pass protobuf's 2 GiB
+    /// limit is written with external data (see [`Exported::write_with`]).
     pub fn write(&self, path: &Path) -> Result<()> {
-        perceiver_edge_runtime::fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))
+        self.write_with(path, false).map(|_| ())
+    }
+
+    /// The side file an external-data export of `path` writes: `path` with `.data` appended
+    /// (`model.onnx` -> `model.onnx.data`), in the same folder.
+    pub fn external_data_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "model.onnx".into());
+        name.push(".data");
+        path.with_file_name(name)
+    }
+
+    /// Writes the ONNX file; with `external_data`, or when the single file would pass
+    /// protobuf's 2 GiB limit ([`ir::onnx::needs_external_data`]), the weights go to ONNX's
+    /// standard external data in one side file next to it ([`Exported::external_data_path`];
+    /// see [`ir::onnx::write_external`]). Both files are staged and then committed together
+    /// ([`perceiver_edge_runtime::fsio::stage_with`]): on failure neither is written. Returns
+    /// the side file's path when one was written.
+    pub fn write_with(&self, path: &Path, external_data: bool) -> Result<Option<PathBuf>> {
+        use perceiver_edge_runtime::fsio;
+        if !external_data && !ir::onnx::needs_external_data(&self.graph) {
+            fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))?;
+            return Ok(None);
+        }
+        let data_path = Self::external_data_path(path);
+        let location = data_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::invalid(format!("{}: the output name must be valid UTF-8", path.display())))?
+            .to_string();
+        let mut model_bytes = vec![];
+        let data = fsio::stage_with(&data_path, |w| {
+            ir::onnx::write_external(&self.graph, &mut model_bytes, w, &location).map(|_| ())
+        })
+        .map_err(|e| Error::write(&data_path, e))?;
+        let model = fsio::stage_with(path, |w| w.write_all(&model_bytes)).map_err(|e| Error::write(path, e))?;
+        // The data first: a model file never points at a side file that is not there yet.
+        data.commit().map_err(|e| Error::write(&data_path, e))?;
+        model.commit().map_err(|e| Error::write(path, e))?;
+        Ok(Some(data_path))
     }
 }
 
 /// Builds the graph of an opened checkpoint and runs the default passes.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
+    let (done, decisions) = passes::tables::apply(&mut graph, &opts.perf)?;
     let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
     list.push(&passes::Prune);
-    passes::run_all(&mut graph, &list)?;
+    passes::run_all_after(&mut graph, &done, &list)?;
     if let Some(e) = graph.error.take() {
         return Err(Error::invalid(format!("{}: after the rewrites: {e}", ck.dir.display())));
     }
     summary.after_passes(&graph);
+    summary.table_decisions = decisions;
     let json = serde_json::to_string(&summary).expect("summary serialises");
     graph.metadata.push((metadata::SUMMARY.into(), json));
     Ok(Exported { graph, summary })
 }
 
-/// Whether the table rewrites make a graph stored at `weight_bytes` bytes per weight (f32 4,
-/// f16 2, int8 1, q4 0.5) smaller: with few inputs the f32 tables are smaller than the position
-/// features and projections they replace, with many they are larger. Builds the graph both ways
-/// (no quantisation, no calibration) and compares constant bytes, tables counted in f32.
+/// Whether the table rewrites `opts.perf.tables` keeps make a graph stored at `weight_bytes`
+/// bytes per weight (f32 4, f16 2, int8 1, q4 0.5) smaller: with few inputs the f32 tables are
+/// smaller than the position features and projections they replace, with many they are larger.
+/// Builds the graph both ways (no quantisation, no calibration) and compares constant bytes,
+/// tables counted in f32.
 pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) -> Result<bool> {
-    let bytes = |no_position_tables: bool| -> Result<f64> {
+    let bytes = |tables: options::Tables| -> Result<f64> {
         let mut o = opts.clone();
-        o.perf.no_position_tables = no_position_tables;
+        o.perf.tables = tables;
         let (mut g, _) = heads::build_graph(ck, &o)?;
+        let (done, _) = passes::tables::apply(&mut g, &o.perf)?;
         let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&o.perf);
         list.push(&passes::Prune);
-        passes::run_all(&mut g, &list)?;
+        passes::run_all_after(&mut g, &done, &list)?;
         Ok(g.constants
             .iter()
             .filter(|(_, t)| t.dtype == ir::DType::F32)
@@ -105,20 +148,25 @@ pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) 
             })
             .sum())
     };
-    if opts.perf.no_rewrites || opts.perf.no_position_tables {
+    if opts.perf.no_rewrites || opts.perf.tables == options::Tables::None {
         return Ok(false);
     }
-    Ok(bytes(false)? < bytes(true)?)
+    Ok(bytes(opts.perf.tables)? < bytes(options::Tables::None)?)
 }
 
-/// `opts` adjusted for a graph that will be stored at `precision`: quantised graphs keep the
-/// table rewrites only where they make the graph smaller (see [`tables_pay_off`]) and int8 / q4
-/// graphs skip `few_query_attention` (see [`passes::PerfOptions::quantised`]).
+/// `opts` adjusted for a graph that will be stored at `precision`: with `--tables auto`,
+/// quantised graphs keep the table rewrites only where they make the graph smaller at that
+/// precision (see [`tables_pay_off`]); int8 / q4 graphs skip `few_query_attention` (see
+/// [`passes::PerfOptions::quantised`]).
 pub fn options_for_precision(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Result<ExportOptions> {
     let mut o = opts.clone();
     o.perf.quantised = precision.is_integer();
-    if precision.weight_bytes() < 4.0 && !tables_pay_off(ck, &o, precision.weight_bytes())? {
-        o.perf.no_position_tables = true;
+    if precision.weight_bytes() < 4.0
+        && o.perf.tables == options::Tables::Auto
+        && !tables_pay_off(ck, &o, precision.weight_bytes())?
+    {
+        o.perf.tables = options::Tables::None;
+        o.perf.tables_off_reason = Some("auto: at the stored precision the f32 tables outweigh what they replace");
     }
     Ok(o)
 }

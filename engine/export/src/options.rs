@@ -24,7 +24,7 @@ pub struct ExportOptions {
     /// in the checkpoint directory, if present).
     pub decoder: Option<PathBuf>,
     /// Performance rewrites (issue #3): `no_rewrites` exports the unrewritten reference graph;
-    /// `no_position_tables` turns off the rewrites that add precomputed tables (budget knob).
+    /// `tables` chooses which precomputed tables the rewrites keep (budget knob).
     pub perf: PerfOptions,
     /// `--latents K`: indices of the trained latents to keep, strictly ascending (choose them
     /// with [`crate::analysis::latent_importance`] and [`crate::analysis::select_latents`]).
@@ -40,13 +40,57 @@ pub struct ExportOptions {
     pub grid_subset: bool,
 }
 
-/// Which exact performance rewrites run at export (all by default).
+/// Which precomputed tables the exact rewrites `position_split` and `constant_query_attention`
+/// may add (`--tables`): memory bought for speed. See [`crate::passes::tables`] for the rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tables {
+    /// Keep a rewrite's tables only when they are no larger than the constants the rewrite
+    /// removes and all kept tables stay within [`crate::passes::tables::MAX_SHARE`] of the
+    /// model's weight bytes (quantised exports also require them to pay off at the stored
+    /// precision, see [`crate::tables_pay_off`]).
+    #[default]
+    Auto,
+    /// Every table rewrite that applies, whatever it costs.
+    All,
+    /// No table rewrites (`--no-position-tables`).
+    None,
+}
+
+impl std::str::FromStr for Tables {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Tables> {
+        match s {
+            "auto" => Ok(Tables::Auto),
+            "all" => Ok(Tables::All),
+            "none" => Ok(Tables::None),
+            _ => Err(crate::Error::invalid(format!("--tables {s}: expected auto, all or none"))),
+        }
+    }
+}
+
+impl Tables {
+    /// The option's spelling on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tables::Auto => "auto",
+            Tables::All => "all",
+            Tables::None => "none",
+        }
+    }
+}
+
+/// Which exact performance rewrites run at export (all by default; tables by [`Tables`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PerfOptions {
     /// Export the unrewritten graph (the reference the rewrites are tested against).
     pub no_rewrites: bool,
-    /// Skip the rewrites that add precomputed tables (memory for speed; `inspect` reports them).
-    pub no_position_tables: bool,
+    /// Which rewrite tables are kept (memory for speed; the export report lists each).
+    pub tables: Tables,
+    /// Why the tables were turned off for this export, when not by the user (reported).
+    pub tables_off_reason: Option<&'static str>,
+    /// The share of the weights `auto` may spend on tables (default
+    /// [`crate::passes::tables::MAX_SHARE`]; a library knob, tests use it).
+    pub max_table_share: Option<f64>,
     /// The graph will be quantised to int8 / q4: `few_query_attention` is skipped. Exact in
     /// f32, it would quantise the probability-weighted mean of the keys' inputs once instead of
     /// each key's projection (whose errors the softmax average partly cancels): measured on the

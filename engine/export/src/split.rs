@@ -79,13 +79,15 @@ fn finish(mut g: Graph, role: &str, ck: &Checkpoint, opts: &ExportOptions, templ
     let dims: std::collections::BTreeMap<&str, usize> = dims.into_iter().collect();
     let mut summary = Summary::new(&g, &template.architecture, &dims, &ck.config, template.batch, template.parameters);
     summary.depth = template.depth;
+    let (done, decisions) = passes::tables::apply(&mut g, &opts.perf)?;
     let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
     list.push(&passes::Prune);
-    passes::run_all(&mut g, &list)?;
+    passes::run_all_after(&mut g, &done, &list)?;
     if let Some(e) = g.error.take() {
         return Err(Error::invalid(format!("{}: {role}: {e}", ck.dir.display())));
     }
     summary.after_passes(&g);
+    summary.table_decisions = decisions;
     g.metadata.push((metadata::SUMMARY.into(), serde_json::to_string(&summary).expect("summary serialises")));
     g.metadata.push((metadata::PART.into(), role.into()));
     Ok(Exported { graph: g, summary })

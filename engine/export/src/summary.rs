@@ -41,6 +41,34 @@ pub struct Summary {
     /// Exact rewrite passes that changed the graph: (pass, sites rewritten).
     #[serde(default)]
     pub rewrites: Vec<(String, usize)>,
+    /// The table policy's decisions at export (`--tables`): printed by `export`, not stored in
+    /// the file (whose summary keeps `tables`, the tables it holds).
+    #[serde(skip)]
+    pub table_decisions: Vec<TableDecision>,
+}
+
+/// One table rewrite kept or skipped by the table policy (see [`crate::passes::tables`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableDecision {
+    /// The rewrite pass.
+    pub pass: String,
+    /// Whether its tables are in the exported graph.
+    pub kept: bool,
+    /// Bytes of its tables (measured, or estimated from the matched shapes when it was not run).
+    pub bytes: usize,
+    /// Bytes of the constants the rewrite removes, when known.
+    pub replaces: Option<usize>,
+    /// Multiply-add FLOPs (2 per MAC) per inference the rewrite saves (0: unknown).
+    pub flops_saved: u64,
+    /// Why it was kept or skipped.
+    pub reason: String,
+}
+
+impl TableDecision {
+    /// A rewrite skipped before anything about it could be measured.
+    pub fn unknown(pass: &str, reason: String) -> TableDecision {
+        TableDecision { pass: pass.to_string(), reason, ..Default::default() }
+    }
 }
 
 fn dtype_name(d: DType) -> String {
@@ -93,7 +121,8 @@ pub fn cost(g: &Graph) -> Cost {
     Cost { flops, weight_bytes, largest_activation: largest }
 }
 
-fn human(bytes: usize) -> String {
+/// `bytes` in B, KiB or MiB.
+pub fn human(bytes: usize) -> String {
     let b = bytes as f64;
     if b >= 1048576.0 {
         format!("{:.2} MiB", b / 1048576.0)
@@ -131,6 +160,7 @@ impl Summary {
             outputs: io(&g.outputs),
             tables: vec![],
             rewrites: vec![],
+            table_decisions: vec![],
         }
     }
 
@@ -193,11 +223,29 @@ impl fmt::Display for Summary {
             let list: Vec<String> = self.rewrites.iter().map(|(p, n)| format!("{p} x{n}")).collect();
             writeln!(f, "rewrites       {} (exact; off: --no-rewrites)", list.join(", "))?;
         }
-        for (pass, bytes) in &self.tables {
+        if self.table_decisions.is_empty() {
+            for (pass, bytes) in &self.tables {
+                writeln!(
+                    f,
+                    "  table        {} of precomputed constants from pass {pass} (off: --tables none)",
+                    human(*bytes)
+                )?;
+            }
+        }
+        for d in &self.table_decisions {
+            let what = if d.kept { "kept   " } else { "skipped" };
+            if d.bytes == 0 && !d.kept {
+                writeln!(f, "  table        {what} {} ({})", d.pass, d.reason)?;
+                continue;
+            }
+            let replaces = d.replaces.map(|r| format!(", replaces {}", human(r))).unwrap_or_default();
             writeln!(
                 f,
-                "  table        {} of precomputed constants from pass {pass} (off: --no-position-tables)",
-                human(*bytes)
+                "  table        {what} {}: {}{replaces}, saves {:.4} GFLOPs per inference where it runs ({})",
+                d.pass,
+                human(d.bytes),
+                d.flops_saved as f64 / 1e9,
+                d.reason
             )?;
         }
         for (n, t, s) in &self.inputs {

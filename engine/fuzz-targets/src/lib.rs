@@ -144,7 +144,9 @@ pub fn export_checkpoint(data: &[u8]) {
         opts.batch = Some(2);
     }
     opts.perf.no_rewrites = f & flags::NO_REWRITES != 0;
-    opts.perf.no_position_tables = f & flags::NO_POSITION_TABLES != 0;
+    if f & flags::NO_POSITION_TABLES != 0 {
+        opts.perf.tables = perceiver_edge_export::options::Tables::None;
+    }
     match perceiver_edge_export::export(&dir.0, &opts) {
         Ok(out) => {
             let bytes = out.to_bytes();

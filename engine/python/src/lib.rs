@@ -488,7 +488,20 @@ struct Sizes {
     audio_points: Option<usize>,
     decoder: Option<PathBuf>,
     no_rewrites: bool,
-    no_position_tables: bool,
+    tables: ex::Tables,
+}
+
+/// The table policy from `tables` (`"auto"`, `"all"`, `"none"`) and the older
+/// `no_position_tables` flag (same as `"none"`).
+fn table_policy(tables: Option<&str>, no_position_tables: bool) -> PyResult<ex::Tables> {
+    match (tables, no_position_tables) {
+        (Some(t), true) if t != "none" => {
+            Err(value_err(format!("tables={t:?} and no_position_tables=True contradict each other")))
+        }
+        (_, true) => Ok(ex::Tables::None),
+        (Some(t), false) => t.parse().map_err(export_err),
+        (None, false) => Ok(ex::Tables::Auto),
+    }
 }
 
 impl Sizes {
@@ -502,7 +515,7 @@ impl Sizes {
             || self.audio_points.is_some()
             || self.decoder.is_some()
             || self.no_rewrites
-            || self.no_position_tables
+            || self.tables != ex::Tables::Auto
     }
 
     fn options(&self) -> ex::ExportOptions {
@@ -515,11 +528,7 @@ impl Sizes {
             image_points: self.image_points,
             audio_points: self.audio_points,
             decoder: self.decoder.clone(),
-            perf: ex::passes::PerfOptions {
-                no_rewrites: self.no_rewrites,
-                no_position_tables: self.no_position_tables,
-                quantised: false,
-            },
+            perf: ex::passes::PerfOptions { no_rewrites: self.no_rewrites, tables: self.tables, ..Default::default() },
             ..Default::default()
         }
     }
@@ -529,6 +538,8 @@ impl Sizes {
 struct ExportResult {
     summary: ex::Summary,
     latents_kept: Option<Vec<usize>>,
+    /// The external-data side file, when one was written.
+    data_path: Option<PathBuf>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -542,6 +553,7 @@ fn run_export(
     calibrate: Option<PathBuf>,
     calibration_method: &str,
     keep_f32: Vec<String>,
+    external_data: bool,
 ) -> PyResult<ExportResult> {
     let q = ex::QuantOptions {
         precision: precision.parse().map_err(|e: rt::precision::UnknownPrecision| value_err(e.to_string()))?,
@@ -559,9 +571,9 @@ fn run_export(
     opts.blocks = blocks;
     let (exported, choice) =
         perceiver_edge_tune::export_checkpoint(checkpoint, opts, latents, q, &mut |_, _| {}).map_err(anyhow_err)?;
-    exported.write(output).map_err(export_err)?;
+    let data_path = exported.write_with(output, external_data).map_err(export_err)?;
     let latents_kept = choice.map(|c| c.kept);
-    Ok(ExportResult { summary: exported.summary, latents_kept })
+    Ok(ExportResult { summary: exported.summary, latents_kept, data_path })
 }
 
 /// Exports a checkpoint folder (config.json + model.safetensors) to one fixed-shape ONNX file,
@@ -572,7 +584,7 @@ fn run_export(
     checkpoint, output, precision = "f32", *, batch = None, image_size = None, seq_len = None,
     attention_mask = false, decode_subset = None, image_points = None, audio_points = None,
     decoder = None, no_rewrites = false, no_position_tables = false, latents = None, blocks = None,
-    calibrate = None, calibration_method = "minmax", keep_f32 = None
+    calibrate = None, calibration_method = "minmax", keep_f32 = None, tables = None, external_data = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn py_export(
@@ -595,6 +607,8 @@ fn py_export(
     calibrate: Option<PathBuf>,
     calibration_method: &str,
     keep_f32: Option<Vec<String>>,
+    tables: Option<&str>,
+    external_data: bool,
 ) -> PyResult<Py<PyAny>> {
     existing(&checkpoint)?;
     if let Some(d) = &decoder {
@@ -610,7 +624,7 @@ fn py_export(
         audio_points,
         decoder,
         no_rewrites,
-        no_position_tables,
+        tables: table_policy(tables, no_position_tables)?,
     };
     let precision_name = precision.to_string();
     let method = calibration_method.to_string();
@@ -625,6 +639,7 @@ fn py_export(
             calibrate,
             &method,
             keep_f32.unwrap_or_default(),
+            external_data,
         )
     })?;
     let dict = to_py(py, &result.summary)?;
@@ -632,6 +647,17 @@ fn py_export(
     d.set_item("path", output.display().to_string())?;
     d.set_item("file_bytes", std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0))?;
     d.set_item("precision", precision)?;
+    if let Some(p) = &result.data_path {
+        d.set_item("external_data", p.display().to_string())?;
+        d.set_item("external_data_bytes", std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))?;
+    }
+    let decisions: Vec<_> = result
+        .summary
+        .table_decisions
+        .iter()
+        .map(|t| (t.pass.clone(), t.kept, t.bytes, t.replaces, t.flops_saved, t.reason.clone()))
+        .collect();
+    d.set_item("table_decisions", decisions)?;
     if let Some(k) = result.latents_kept {
         d.set_item("latents_kept", k)?;
     }
@@ -646,7 +672,7 @@ fn py_export(
 #[pyo3(name = "inspect", signature = (
     path, *, batch = None, image_size = None, seq_len = None, attention_mask = false,
     decode_subset = None, image_points = None, audio_points = None, decoder = None,
-    no_rewrites = false, no_position_tables = false
+    no_rewrites = false, no_position_tables = false, tables = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn py_inspect(
@@ -662,6 +688,7 @@ fn py_inspect(
     decoder: Option<PathBuf>,
     no_rewrites: bool,
     no_position_tables: bool,
+    tables: Option<&str>,
 ) -> PyResult<Py<PyAny>> {
     existing(&path)?;
     let sizes = Sizes {
@@ -674,7 +701,7 @@ fn py_inspect(
         audio_points,
         decoder,
         no_rewrites,
-        no_position_tables,
+        tables: table_policy(tables, no_position_tables)?,
     };
     if path.is_dir() {
         let summary = detached(py, || {

@@ -156,6 +156,9 @@ pub struct BenchReport {
     pub precision: String,
     /// Size of the model file.
     pub file_bytes: u64,
+    /// Bytes its tensors keep in ONNX external data (side file); absent when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub external_data_bytes: u64,
     /// Weight bytes tract keeps resident after optimisation (packed int8 / 4-bit stay small).
     pub resident_weight_bytes: u64,
     /// Load + optimise time.
@@ -368,6 +371,7 @@ pub fn bench_on(
         model: model.display().to_string(),
         precision: session.metadata(crate::metadata::PRECISION).unwrap_or("f32").to_string(),
         file_bytes: std::fs::metadata(model).map(|m| m.len()).unwrap_or(0),
+        external_data_bytes: session.external_data_bytes(),
         resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
         load_ms,
         warmup: opts.warmup,
@@ -483,6 +487,10 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
         decode_ms,
         per_block_count_ms,
     })
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[cfg(test)]

@@ -254,8 +254,11 @@ pub fn compare(
         Error::Load { msg, .. } => Error::Load { path: p.display().to_string(), msg },
         o => o,
     };
-    let (mut rs, rexp) = Session::from_bytes_exposing(&rb, &names).map_err(|e| with_path(reference, e))?;
-    let (mut cs, cexp) = Session::from_bytes_exposing(&cb, &names).map_err(|e| with_path(candidate, e))?;
+    let dir = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let (mut rs, rexp) = Session::from_bytes_in(&rb, Some(&dir(reference)), &names, crate::Device::Cpu)
+        .map_err(|e| with_path(reference, e))?;
+    let (mut cs, cexp) = Session::from_bytes_in(&cb, Some(&dir(candidate)), &names, crate::Device::Cpu)
+        .map_err(|e| with_path(candidate, e))?;
     if rs.inputs() != cs.inputs() {
         return Err(Error::Input {
             name: rs.inputs().iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),

@@ -1,11 +1,14 @@
 //! Checks of an ONNX model before tract builds anything from it: every initializer's declared
-//! size against the bytes it holds and against [`crate::limits`], element types the engine
+//! size against the bytes it holds (or, for external data, against its side file, confined to
+//! the model's folder) and against [`crate::limits`], element types the engine
 //! handles, constant shapes fed to `ConstantOfShape`; then, once typed, every value's size.
 //! A graph that fails here would otherwise make tract allocate what the file does not hold,
 //! or panic.
 
 use crate::limits;
-use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+use std::path::{Component, Path};
+use tract_onnx::pb::tensor_proto::{DataLocation, DataType};
+use tract_onnx::pb::{ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 
 /// Bytes of one element of ONNX data type `code`, for the types a graph may carry.
@@ -20,8 +23,70 @@ fn elem_bytes(code: i32) -> Option<usize> {
     })
 }
 
-/// Checks one constant tensor (`what` names it in the message).
-fn check_tensor(t: &TensorProto, what: &str) -> Result<(), String> {
+/// Checks an external-data tensor of `bytes` declared bytes: its `location` is a relative path
+/// confined to the model's folder `dir` (no absolute path, no `..`, no symlink out of it), the
+/// side file exists, and `offset` + `length` lie within it with `length` equal to the declared
+/// size. Returns the length.
+fn check_external(t: &TensorProto, name: &str, bytes: usize, dir: Option<&Path>) -> Result<u64, String> {
+    let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.as_str());
+    let location = entry("location").ok_or_else(|| format!("{name} is external data without a `location`"))?;
+    if !t.raw_data.is_empty() {
+        return Err(format!("{name} holds both inline data and an external location `{location}`"));
+    }
+    let dir = dir.ok_or_else(|| {
+        format!("{name} keeps its data in the external file `{location}`; load the model from its file so its folder is known")
+    })?;
+    let file = dir.join(location);
+    let shown = file.display();
+    let confined = !location.is_empty()
+        && Path::new(location).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !confined {
+        return Err(format!(
+            "{name}: external data location `{location}` must be a relative path inside the model's folder {}",
+            dir.display()
+        ));
+    }
+    let meta = std::fs::metadata(&file).map_err(|e| format!("{name}: external data file {shown}: {e}"))?;
+    let (root, real) = (dir.canonicalize(), file.canonicalize());
+    match (root, real) {
+        (Ok(root), Ok(real)) if real.starts_with(&root) && meta.is_file() => {}
+        (Ok(_), Ok(real)) if !meta.is_file() => {
+            return Err(format!("{name}: external data file {shown} ({}) is not a file", real.display()))
+        }
+        (Ok(root), Ok(real)) => {
+            return Err(format!(
+                "{name}: external data file {shown} resolves to {}, outside the model's folder {}",
+                real.display(),
+                root.display()
+            ))
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(format!("{name}: external data file {shown}: {e}")),
+    }
+    let number = |k: &str| -> Result<Option<u64>, String> {
+        entry(k)
+            .map(|v| v.parse::<u64>().map_err(|_| format!("{name}: external data `{k}` is `{v}`, not a byte count")))
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    let file_len = meta.len();
+    let length = match number("length")? {
+        Some(l) => l,
+        None => file_len.saturating_sub(offset),
+    };
+    if length != bytes as u64 {
+        return Err(format!("{name} declares {bytes} bytes but its external data in {shown} has length {length}"));
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= file_len => Ok(length),
+        _ => Err(format!(
+            "{name}: external data file {shown} holds {file_len} bytes, shorter than offset {offset} + length {length}"
+        )),
+    }
+}
+
+/// Checks one constant tensor (`what` names it in the message); external data is looked for in
+/// `dir`. Returns the bytes it keeps in an external file (0 for inline data).
+fn check_tensor(t: &TensorProto, what: &str, dir: Option<&Path>) -> Result<u64, String> {
     let name = format!("{what} `{}`", t.name);
     let size = elem_bytes(t.data_type).ok_or_else(|| match DataType::try_from(t.data_type) {
         Ok(DataType::String) => format!("{name} is a string tensor; perceiver-edge runs numeric graphs only"),
@@ -33,8 +98,8 @@ fn check_tensor(t: &TensorProto, what: &str) -> Result<(), String> {
         .map(|&d| usize::try_from(d).map_err(|_| format!("{name} has a negative dimension {d}")))
         .collect::<Result<_, _>>()?;
     let bytes = limits::tensor_bytes(&dims, size).map_err(|m| format!("{name}: {m}"))?;
-    if t.data_location == Some(1) {
-        return Ok(()); // external data: its length is checked where it is read
+    if t.data_location == Some(DataLocation::External as i32) {
+        return check_external(t, &name, bytes, dir);
     }
     let numel = bytes / size;
     let held = if !t.raw_data.is_empty() {
@@ -51,7 +116,7 @@ fn check_tensor(t: &TensorProto, what: &str) -> Result<(), String> {
     if held != numel && !(numel == 0 && held == 0) {
         return Err(format!("{name} declares shape {dims:?} ({numel} elements) but holds {held}"));
     }
-    Ok(())
+    Ok(0)
 }
 
 /// The int64 values of constant `name` (an initializer or a `Constant` node), if it is one.
@@ -135,11 +200,14 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the protobuf before tract parses it.
-pub fn check_proto(proto: &ModelProto) -> Result<(), String> {
+/// Checks the protobuf before tract parses it; external data is looked for in the model's
+/// folder `dir` (`None`: a model from memory, which must hold all its data). Returns the bytes
+/// its tensors keep in external files.
+pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String> {
     let g = proto.graph.as_ref().ok_or("not a loadable ONNX model: the model has no graph")?;
+    let mut external = 0u64;
     for t in &g.initializer {
-        check_tensor(t, "initializer")?;
+        external += check_tensor(t, "initializer", dir)?;
     }
     let mut known: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
     known.extend(g.initializer.iter().map(|t| t.name.as_str()));
@@ -158,13 +226,13 @@ pub fn check_proto(proto: &ModelProto) -> Result<(), String> {
     for n in &g.node {
         for a in &n.attribute {
             if let Some(t) = &a.t {
-                check_tensor(t, &format!("node `{}` attribute `{}`", n.name, a.name))?;
+                external += check_tensor(t, &format!("node `{}` attribute `{}`", n.name, a.name), dir)?;
             }
         }
         check_shape_node(proto, n)?;
         check_attributes(n)?;
     }
-    Ok(())
+    Ok(external)
 }
 
 /// Checks every value of the typed graph against the ceiling on one tensor, before tract

@@ -193,6 +193,8 @@ pub struct Session {
     ranges: Vec<Option<(i64, i64)>>,
     outputs: Vec<IoSpec>,
     metadata: Vec<(String, String)>,
+    /// Bytes its tensors keep in ONNX external data files (0 for a self-contained model).
+    external_bytes: u64,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
@@ -208,13 +210,27 @@ impl Session {
         Session::load_on(path, Device::Cpu)
     }
 
-    /// Loads an ONNX file and prepares it for `device`.
+    /// Loads an ONNX file and prepares it for `device`. External data (ONNX's `location` /
+    /// `offset` / `length` initializers) is read from the model's folder, confined to it, and
+    /// checked against the side file before tract reads it.
     pub fn load_on(path: &Path, device: Device) -> Result<Session> {
+        Session::load_exposing_on(path, &[], device).map(|(s, _)| s)
+    }
+
+    /// [`Session::from_bytes_exposing`] for an ONNX file (CPU): the model's folder is where its
+    /// external data is looked for.
+    pub fn load_exposing(path: &Path, extra: &[String]) -> Result<(Session, Vec<String>)> {
+        Session::load_exposing_on(path, extra, Device::Cpu)
+    }
+
+    /// [`Session::load_exposing`] on `device`.
+    pub fn load_exposing_on(path: &Path, extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
         let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
         let len = std::fs::metadata(path).map_err(|e| load_err(format!("cannot read: {e}")))?.len();
         limits::check_fits_memory(len).map_err(load_err)?;
         let bytes = fsio::read_file(path, u64::MAX).map_err(|e| load_err(format!("cannot read: {e}")))?;
-        Session::from_bytes_on(&bytes, device).map_err(|e| match e {
+        let dir = model_dir(path);
+        Session::from_bytes_in(&bytes, Some(&dir), extra, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
             other => other,
         })
@@ -232,15 +248,28 @@ impl Session {
 
     /// Loads an ONNX model from memory (CPU) with the intermediate values named `extra` (ONNX
     /// value names) exposed as outputs after the graph's own; names not in the graph are skipped.
-    /// Returns the session and the names actually exposed, in output order.
+    /// Returns the session and the names actually exposed, in output order. A model with
+    /// external data needs its folder: load it with [`Session::load_exposing`].
     pub fn from_bytes_exposing(bytes: &[u8], extra: &[String]) -> Result<(Session, Vec<String>)> {
         Session::from_bytes_exposing_on(bytes, extra, Device::Cpu)
     }
 
     /// [`Session::from_bytes_exposing`] on `device`.
     pub fn from_bytes_exposing_on(bytes: &[u8], extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
+        Session::from_bytes_in(bytes, None, extra, device)
+    }
+
+    /// Loads ONNX protobuf `bytes` whose external data, if any, lies in folder `dir` (the model
+    /// file's folder; `None`: the model must hold all its data), exposing `extra` values (see
+    /// [`Session::from_bytes_exposing`]) and preparing it for `device`.
+    pub fn from_bytes_in(
+        bytes: &[u8],
+        dir: Option<&Path>,
+        extra: &[String],
+        device: Device,
+    ) -> Result<(Session, Vec<String>)> {
         // A panic inside tract (a malformed graph it did not expect) becomes a load error.
-        match std::panic::catch_unwind(|| Session::load_unguarded(bytes, extra, device)) {
+        match std::panic::catch_unwind(|| Session::load_unguarded(bytes, dir, extra, device)) {
             Ok(r) => r,
             Err(panic) => Err(Error::Load {
                 path: "<memory>".into(),
@@ -249,16 +278,38 @@ impl Session {
         }
     }
 
-    fn load_unguarded(bytes: &[u8], extra: &[String], device: Device) -> Result<(Session, Vec<String>)> {
+    fn load_unguarded(
+        bytes: &[u8],
+        dir: Option<&Path>,
+        extra: &[String],
+        device: Device,
+    ) -> Result<(Session, Vec<String>)> {
         use prost::Message;
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
         let proto = tract_onnx::pb::ModelProto::decode(bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
-        guard::check_proto(&proto).map_err(err)?;
-        let mut model = tract_onnx::onnx()
-            .model_for_proto_model(&proto)
+        let external = guard::check_proto(&proto, dir).map_err(err)?;
+        if external > 0 {
+            limits::check_fits_memory(bytes.len() as u64 + external).map_err(err)?;
+        }
+        // tract resolves external data only when given the model's folder (as UTF-8); it reads
+        // each tensor through a memory map of the side file and copies it into its own memory.
+        let dir_str = match dir {
+            Some(d) if external > 0 => Some(
+                d.to_str()
+                    .ok_or_else(|| err(format!("{}: the model's folder must be valid UTF-8", d.display())))?
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        let parsed = tract_onnx::onnx()
+            .parse(&proto, dir_str.as_deref())
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
         drop(proto);
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(err(format!("not a loadable ONNX model: unresolved inputs {:?}", parsed.unresolved_inputs)));
+        }
+        let mut model = parsed.model;
         let mut exposed = vec![];
         if !extra.is_empty() {
             let mut outlets = model.output_outlets().map_err(|e| err(e.to_string()))?.to_vec();
@@ -333,7 +384,7 @@ impl Session {
                 }
             }
         }
-        Ok((Session { plan, state, inputs, ranges, outputs, metadata }, exposed))
+        Ok((Session { plan, state, inputs, ranges, outputs, metadata, external_bytes: external }, exposed))
     }
 
     /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
@@ -372,6 +423,12 @@ impl Session {
         }
         by.sort_by_key(|e| std::cmp::Reverse(e.1));
         by
+    }
+
+    /// Bytes of the model's tensors read from ONNX external data (side files next to the
+    /// model, `export --external-data`); 0 for a self-contained model.
+    pub fn external_data_bytes(&self) -> u64 {
+        self.external_bytes
     }
 
     /// Graph inputs, in the order `run` takes them.
@@ -449,6 +506,14 @@ impl Session {
                 Err(Error::Run(format!("internal error in tract: {}", panic_message(&panic))))
             }
         }
+    }
+}
+
+/// The folder of model file `path` (`.` for a bare file name): where its external data lies.
+fn model_dir(path: &Path) -> std::path::PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
     }
 }
 

@@ -20,7 +20,7 @@ pub mod profile;
 
 use anyhow::{bail, Context, Result};
 use perceiver_edge_export::analysis;
-use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions};
+use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions, Tables};
 use perceiver_edge_runtime::compare::{fidelity, Fidelity};
 use perceiver_edge_runtime::{bench, to_vec, Session};
 use serde::Serialize;
@@ -255,6 +255,9 @@ pub struct Report {
     pub chosen_latents: Option<Vec<usize>>,
     /// Files written.
     pub files: Vec<String>,
+    /// Table policy used for every candidate, chosen from the board's memory
+    /// ([`tables_for_board`]), and why.
+    pub tables: String,
 }
 
 fn first_output(
@@ -271,6 +274,33 @@ fn first_output(
     Ok((outs, row))
 }
 
+/// The table policy for a board with `budget_bytes` of memory, from the summary of the `auto`
+/// export: `all` when the model with every table (the auto model plus the skipped tables'
+/// bytes, an upper bound) and twice its largest activation fit the budget; `auto` when only the
+/// auto model does; `none` when even that does not (tables are the first memory given up).
+/// Returns the policy and why, for the report.
+pub fn tables_for_board(auto: &perceiver_edge_export::Summary, budget_bytes: f64) -> (Tables, String) {
+    let act = 2.0 * auto.largest_activation.1 as f64;
+    let with_auto = auto.weight_bytes as f64 + act;
+    let skipped: usize = auto.table_decisions.iter().filter(|d| !d.kept).map(|d| d.bytes).sum();
+    let with_all = with_auto + skipped as f64;
+    let mib = |b: f64| b / 1048576.0;
+    if with_auto > budget_bytes {
+        (
+            Tables::None,
+            format!(
+                "none: with its tables the model needs {:.1} MiB, over the board's {:.0} MiB",
+                mib(with_auto),
+                mib(budget_bytes)
+            ),
+        )
+    } else if skipped > 0 && with_all <= budget_bytes {
+        (Tables::All, format!("all: every table fits ({:.1} MiB of {:.0} MiB)", mib(with_all), mib(budget_bytes)))
+    } else {
+        (Tables::Auto, format!("auto: {:.1} MiB of {:.0} MiB", mib(with_auto), mib(budget_bytes)))
+    }
+}
+
 /// Runs the search; see the crate documentation.
 pub fn tune(o: &TuneOptions) -> Result<Report> {
     let board = Profile::load(&o.target)?;
@@ -283,8 +313,11 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let host_profile = host_profile_path.as_deref().map(Profile::load).transpose()?;
     let judge_measured = board.arch.replace('-', "_") == host_arch;
     let ck = Checkpoint::open(&o.checkpoint)?;
-    let base = ExportOptions::default();
-    let full = perceiver_edge_export::build(&ck, &base)?;
+    let auto = perceiver_edge_export::build(&ck, &ExportOptions::default())?;
+    let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb * 1048576.0);
+    let mut base = ExportOptions::default();
+    base.perf.tables = tables;
+    let full = if tables == Tables::Auto { auto } else { perceiver_edge_export::build(&ck, &base)? };
     let n = *full.summary.dims.get("N").context("model has no latent array")?;
     let trained_blocks = full.summary.depth.0;
     let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
@@ -440,6 +473,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         chosen,
         chosen_latents,
         files,
+        tables: tables_reason,
     };
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
@@ -511,6 +545,7 @@ pub fn table(r: &Report) -> String {
         r.host.cores,
         r.judged_on
     );
+    let _ = writeln!(s, "tables {}", r.tables);
     let _ = writeln!(
         s,
         "host rates: {:.2} GFLOP/s per thread, {:.2} us per node, {:.1} GB/s copy",
@@ -630,6 +665,20 @@ pub fn export_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_follow_board_memory() {
+        use perceiver_edge_export::summary::TableDecision;
+        let ck =
+            Checkpoint::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap();
+        let mut s = perceiver_edge_export::build(&ck, &ExportOptions::default()).unwrap().summary;
+        let need = (s.weight_bytes + 2 * s.largest_activation.1) as f64;
+        assert_eq!(tables_for_board(&s, need * 0.9).0, Tables::None);
+        assert_eq!(tables_for_board(&s, need * 1.1).0, Tables::Auto, "nothing skipped: auto is all");
+        s.table_decisions.push(TableDecision { pass: "x".into(), bytes: 1 << 20, ..Default::default() });
+        assert_eq!(tables_for_board(&s, need + 1.5 * 1048576.0).0, Tables::All);
+        assert_eq!(tables_for_board(&s, need + 0.5 * 1048576.0).0, Tables::Auto);
+    }
 
     #[test]
     fn candidate_grid() {

@@ -70,6 +70,86 @@ fn attribute(name: &str, a: &Attr) -> pb::AttributeProto {
 
 /// Builds the ONNX model proto of `g`.
 pub fn to_model_proto(g: &Graph) -> pb::ModelProto {
+    model_proto_with(g, g.constants.iter().map(|(n, t)| tensor_proto(n, t)).collect())
+}
+
+/// The largest protobuf message protobuf readers accept (2 GiB - 1): the onnx package,
+/// onnxruntime and the ONNX checker refuse a larger single-file model.
+pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+/// Initializers of at least this many bytes go to the side file in an external-data export
+/// (onnx's own `convert_model_to_external_data` default); smaller ones stay inline.
+pub const EXTERNAL_MIN_BYTES: usize = 1024;
+/// Alignment of each tensor's offset in the side file (a page: the reader may map it).
+pub const EXTERNAL_ALIGN: u64 = 4096;
+
+/// An upper bound of the single-file encoding's size: the constants' bytes plus the graph
+/// without them, plus 16 bytes of field headers per constant. Computed without encoding (so
+/// without copying the weights).
+pub fn single_file_bound(g: &Graph) -> u64 {
+    let skeleton = model_proto_with(g, g.constants.iter().map(|(n, t)| skeleton_proto(n, t)).collect()).encoded_len();
+    let data: u64 = g.constants.iter().map(|(_, t)| t.bytes.len() as u64 + 16).sum();
+    skeleton as u64 + data
+}
+
+/// Whether the single-file encoding of `g` could pass protobuf's 2 GiB limit.
+pub fn needs_external_data(g: &Graph) -> bool {
+    single_file_bound(g) > PROTOBUF_LIMIT
+}
+
+fn skeleton_proto(name: &str, t: &TensorData) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.to_string(),
+        dims: t.shape.iter().map(|&d| d as i64).collect(),
+        data_type: t.dtype.onnx_code(),
+        ..Default::default()
+    }
+}
+
+/// Writes `g` with ONNX's standard external data: every initializer of at least
+/// [`EXTERNAL_MIN_BYTES`] is stored in `data` at an offset aligned to [`EXTERNAL_ALIGN`] and
+/// described in the model (`data_location = EXTERNAL`, `external_data` entries `location`,
+/// `offset`, `length`); `location` is the side file's name relative to the model's folder. The
+/// weights are streamed from the graph: nothing is copied into the protobuf. Returns the side
+/// file's length.
+pub fn write_external(
+    g: &Graph,
+    model: &mut dyn std::io::Write,
+    data: &mut dyn std::io::Write,
+    location: &str,
+) -> std::io::Result<u64> {
+    let mut offset = 0u64;
+    let mut initializers = Vec::with_capacity(g.constants.len());
+    let mut external = vec![];
+    for (n, t) in &g.constants {
+        if t.bytes.len() < EXTERNAL_MIN_BYTES {
+            initializers.push(tensor_proto(n, t));
+            continue;
+        }
+        let at = offset.div_ceil(EXTERNAL_ALIGN) * EXTERNAL_ALIGN;
+        let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+        let mut p = skeleton_proto(n, t);
+        p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+        p.external_data = vec![
+            entry("location", location.to_string()),
+            entry("offset", at.to_string()),
+            entry("length", t.bytes.len().to_string()),
+        ];
+        initializers.push(p);
+        external.push((at, &t.bytes));
+        offset = at + t.bytes.len() as u64;
+    }
+    let mut written = 0u64;
+    for (at, bytes) in external {
+        let pad = (at - written) as usize;
+        data.write_all(&vec![0u8; pad])?;
+        data.write_all(bytes)?;
+        written = at + bytes.len() as u64;
+    }
+    model.write_all(&model_proto_with(g, initializers).encode_to_vec())?;
+    Ok(written)
+}
+
+fn model_proto_with(g: &Graph, initializer: Vec<pb::TensorProto>) -> pb::ModelProto {
     let mut domains: Vec<&str> = g.nodes.iter().map(|n| n.domain.as_str()).filter(|d| !d.is_empty()).collect();
     domains.sort();
     domains.dedup();
@@ -92,7 +172,7 @@ pub fn to_model_proto(g: &Graph) -> pb::ModelProto {
                 ..Default::default()
             })
             .collect(),
-        initializer: g.constants.iter().map(|(n, t)| tensor_proto(n, t)).collect(),
+        initializer,
         input: g.inputs.iter().map(value_info).collect(),
         output: g.outputs.iter().map(value_info).collect(),
         ..Default::default()

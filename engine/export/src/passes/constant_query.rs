@@ -150,6 +150,20 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     (a.len() * 4, mt.k.t.len() * 4)
 }
 
+/// What the rewrite would do to `g` (after `position_split`) without doing it: (sites, bytes of
+/// the `[H, N, M]` score tables it would add, bytes of the key tables they replace).
+pub(crate) fn estimate(g: &Graph) -> (usize, usize, usize) {
+    let (mut sites, mut added, mut removed) = (0, 0, 0);
+    for i in 0..g.nodes.len() {
+        if let Some(mt) = find(g, i) {
+            sites += 1;
+            added += mt.cq.heads * mt.cq.rows * mt.k.z.shape[1] * 4;
+            removed += mt.k.t.len() * 4;
+        }
+    }
+    (sites, added, removed)
+}
+
 impl Pass for ConstantQueryAttention {
     fn name(&self) -> &'static str {
         "constant_query_attention"

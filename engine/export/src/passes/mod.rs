@@ -17,13 +17,10 @@ pub use position_split::PositionSplit;
 
 pub use crate::options::PerfOptions;
 
-/// The performance passes selected by `o`, in order.
+/// The performance passes selected by `o` that add no tables, in order (the table rewrites run
+/// before them, by [`tables::apply`]).
 pub fn perf_passes(o: &PerfOptions) -> Vec<&'static dyn Pass> {
     let mut v: Vec<&'static dyn Pass> = vec![];
-    if !o.no_rewrites && !o.no_position_tables {
-        v.push(&PositionSplit);
-        v.push(&ConstantQueryAttention);
-    }
     if !o.no_rewrites && !o.quantised {
         v.push(&FewQueryAttention);
     }
@@ -62,7 +59,12 @@ pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
 
 /// Runs `passes` in order, recording their names in the graph metadata.
 pub fn run_all(g: &mut Graph, passes: &[&dyn Pass]) -> Result<()> {
-    let mut names = vec![];
+    run_all_after(g, &[], passes)
+}
+
+/// [`run_all`] after the passes named `done` already ran (recorded first).
+pub fn run_all_after(g: &mut Graph, done: &[&str], passes: &[&dyn Pass]) -> Result<()> {
+    let mut names: Vec<&str> = done.to_vec();
     for p in passes {
         p.run(g)?;
         names.push(p.name());

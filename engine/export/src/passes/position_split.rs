@@ -269,6 +269,24 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
     table_bytes
 }
 
+/// What the rewrite would do to `g` without doing it: (sites, table bytes it would add,
+/// multiply-add FLOPs per inference it would save: each projection's product shrinks from `C`
+/// to `Cd` input channels).
+pub(crate) fn estimate(g: &Graph) -> (usize, usize, u64) {
+    let (mut sites, mut bytes, mut flops) = (0, 0, 0u64);
+    for i in 0..g.nodes.len() {
+        if let Some(mt) = find(g, i) {
+            let (b, m) = (mt.data.shape[0], mt.data.shape[1]);
+            sites += 1;
+            for proj in &mt.projs {
+                bytes += m * proj.o * 4;
+                flops += 2 * (b * m * mt.p * proj.o) as u64;
+            }
+        }
+    }
+    (sites, bytes, flops)
+}
+
 impl Pass for PositionSplit {
     fn name(&self) -> &'static str {
         "position_split"

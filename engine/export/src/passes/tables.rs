@@ -1,12 +1,206 @@
 //! The precomputed tables the rewrites add (memory bought for speed): their names, so the
-//! quantisation passes and the export report can tell them from weights.
+//! quantisation passes and the export report can tell them from weights, and the policy that
+//! decides which are kept (`--tables auto|all|none`).
+//!
+//! **The `auto` rule.** The table rewrites run in order (`position_split`, then
+//! `constant_query_attention`, which needs the first one's tables). A rewrite's tables are kept
+//! when the graph's constants grow by no more than [`MAX_SHARE`] (25 %) of the model's weight
+//! bytes (the constants the outputs depend on before any table rewrite), counting every kept
+//! rewrite together: tables no larger than the constants they replace (position features,
+//! projection weights, an earlier table) always pass; larger ones pass while the excess stays
+//! within the share.
+//!
+//! Growth is measured on the rewritten graph. Before that, a rewrite whose estimated tables
+//! (sizes from the matched shapes, nothing computed) exceed the weights plus the share, so
+//! that it must fail whatever it replaces, is skipped without building them. When
+//! `position_split` is skipped, `constant_query_attention` cannot apply. `all` keeps every
+//! table that applies; `none` runs neither rewrite. Each decision is listed in the export report
+//! with the table bytes, the bytes replaced and the multiply-add FLOPs per inference the rewrite
+//! saves where it runs (before `few_query_attention`).
+
+use super::{constant_query, position_split, ConstantQueryAttention, Pass, PositionSplit};
+use crate::error::Result;
+use crate::ir::{Graph, TensorData};
+use crate::options::{PerfOptions, Tables};
+use crate::summary::TableDecision;
 
 /// Names of the constants the rewrites precompute from constant queries and positions (kept in
 /// f32 by the int8 and q4 passes: attention scores are where quantisation error hurts most).
 pub const TABLE_CONSTANTS: &[&str] =
     &["position_table", "query_position_scores", "value_position_table", "query_key_weight"];
 
+/// The largest share of the model's weight bytes by which `auto` lets tables grow the graph.
+pub const MAX_SHARE: f64 = 0.25;
+
 /// Whether a constant of `name` is a rewrite table (see [`TABLE_CONSTANTS`]).
 pub fn is_table(name: &str) -> bool {
     TABLE_CONSTANTS.iter().any(|t| name.contains(t))
+}
+
+/// Constant bytes and multiply-add FLOPs of what the outputs depend on (what the final prune
+/// keeps), measured on a copy of the graph without the constants' data.
+fn live_cost(g: &Graph) -> (usize, u64) {
+    let mut s = Graph::default();
+    s.inputs = g.inputs.clone();
+    s.outputs = g.outputs.clone();
+    s.nodes = g.nodes.clone();
+    s.constants = g
+        .constants
+        .iter()
+        .map(|(n, t)| (n.clone(), TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: vec![] }))
+        .collect();
+    s.prune();
+    let len: std::collections::HashMap<&str, usize> =
+        g.constants.iter().map(|(n, t)| (n.as_str(), t.bytes.len())).collect();
+    let bytes = s.constants.iter().map(|(n, _)| len.get(n.as_str()).copied().unwrap_or(0)).sum();
+    (bytes, crate::summary::cost(&s).flops.iter().map(|(_, f)| f).sum())
+}
+
+/// What one table rewrite did to a graph.
+struct Step {
+    /// Bytes of the tables it recorded.
+    tables: usize,
+    /// Bytes of constants it removed (net of the other constants it added).
+    replaces: usize,
+    /// Multiply-add FLOPs per inference saved.
+    flops_saved: u64,
+}
+
+fn run_measured(g: &mut Graph, pass: &dyn Pass) -> Result<Step> {
+    let (bytes, flops) = live_cost(g);
+    pass.run(g)?;
+    let key = crate::metadata::tables_key(pass.name());
+    let tables = g.metadata.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let (bytes_after, flops_after) = live_cost(g);
+    let removed = (bytes + tables).saturating_sub(bytes_after);
+    Ok(Step { tables, replaces: removed, flops_saved: flops.saturating_sub(flops_after) })
+}
+
+fn decision(pass: &dyn Pass, kept: bool, step: &Step, reason: String) -> TableDecision {
+    TableDecision {
+        pass: pass.name().to_string(),
+        kept,
+        bytes: step.tables,
+        replaces: Some(step.replaces),
+        flops_saved: step.flops_saved,
+        reason,
+    }
+}
+
+fn human(b: usize) -> String {
+    crate::summary::human(b)
+}
+
+/// Runs the table rewrites on `g` as policy `o.tables` decides (see the module documentation).
+/// Returns the names of the rewrites applied (for the graph's pass list) and every decision.
+pub fn apply(g: &mut Graph, o: &PerfOptions) -> Result<(Vec<&'static str>, Vec<TableDecision>)> {
+    let (split, cq): (&dyn Pass, &dyn Pass) = (&PositionSplit, &ConstantQueryAttention);
+    let mut decisions = vec![];
+    if o.no_rewrites {
+        return Ok((vec![], decisions));
+    }
+    let needs = || format!("needs {}'s tables", split.name());
+    if o.tables == Tables::None {
+        let (sites, bytes, flops) = position_split::estimate(g);
+        if sites > 0 {
+            let reason = o.tables_off_reason.unwrap_or("--tables none").to_string();
+            decisions.push(TableDecision {
+                pass: split.name().into(),
+                kept: false,
+                bytes,
+                replaces: None,
+                flops_saved: flops,
+                reason,
+            });
+            decisions.push(TableDecision::unknown(cq.name(), needs()));
+        }
+        return Ok((vec![], decisions));
+    }
+    let names = vec![split.name(), cq.name()];
+    let (sites, estimate, estimate_flops) = position_split::estimate(g);
+    if sites == 0 || o.tables == Tables::All {
+        // Nothing to decide (or `all`): both rewrites run on the graph itself.
+        let why = if o.tables == Tables::All { "--tables all" } else { "auto" };
+        for pass in [split, cq] {
+            let step = run_measured(g, pass)?;
+            if step.tables > 0 {
+                decisions.push(decision(pass, true, &step, why.to_string()));
+            }
+        }
+        return Ok((names, decisions));
+    }
+    let weights = live_cost(g).0;
+    let share = o.max_table_share.unwrap_or(MAX_SHARE);
+    let budget = (share * weights as f64) as i64;
+    let signed = |b: i64| if b < 0 { format!("-{}", human(b.unsigned_abs() as usize)) } else { human(b as usize) };
+    let over = |t: usize, growth: Option<i64>| match growth {
+        None => format!(
+            "auto: {} of tables, more than the {} of weights plus {:.0} %",
+            human(t),
+            human(weights),
+            share * 100.0
+        ),
+        Some(g) => format!(
+            "auto: the graph would grow by {}, over {:.0} % of the {} of weights",
+            signed(g),
+            share * 100.0,
+            human(weights)
+        ),
+    };
+    let kept_why = |growth: i64| {
+        if growth <= 0 {
+            "auto: no larger than what they replace".to_string()
+        } else {
+            format!("auto: the graph grows by {}, within {:.0} % of the weights", signed(growth), share * 100.0)
+        }
+    };
+    if estimate as i64 > weights as i64 + budget {
+        decisions.push(TableDecision {
+            pass: split.name().into(),
+            kept: false,
+            bytes: estimate,
+            replaces: None,
+            flops_saved: estimate_flops,
+            reason: over(estimate, None),
+        });
+        decisions.push(TableDecision::unknown(cq.name(), needs()));
+        return Ok((vec![], decisions));
+    }
+    let mut g1 = g.clone();
+    let s1 = run_measured(&mut g1, split)?;
+    let growth1 = s1.tables as i64 - s1.replaces as i64;
+    if growth1 > budget {
+        decisions.push(decision(split, false, &s1, over(s1.tables, Some(growth1))));
+        decisions.push(TableDecision::unknown(cq.name(), needs()));
+        return Ok((vec![], decisions));
+    }
+    *g = g1;
+    decisions.push(decision(split, true, &s1, kept_why(growth1)));
+    let (cq_sites, added, removed) = constant_query::estimate(g);
+    if cq_sites == 0 {
+        run_measured(g, cq)?;
+        return Ok((names, decisions));
+    }
+    if added as i64 > (removed + weights) as i64 + budget {
+        decisions.push(TableDecision {
+            pass: cq.name().into(),
+            kept: false,
+            bytes: added,
+            replaces: Some(removed),
+            flops_saved: 0,
+            reason: over(added, None),
+        });
+        return Ok((vec![split.name()], decisions));
+    }
+    let mut g2 = g.clone();
+    let s2 = run_measured(&mut g2, cq)?;
+    // Net change of both rewrites together (may be negative: tables replacing larger features).
+    let total = growth1 + s2.tables as i64 - s2.replaces as i64;
+    if total > budget {
+        decisions.push(decision(cq, false, &s2, over(s2.tables, Some(total))));
+        return Ok((vec![split.name()], decisions));
+    }
+    *g = g2;
+    decisions.push(decision(cq, true, &s2, kept_why(total)));
+    Ok((names, decisions))
 }
