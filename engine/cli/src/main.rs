@@ -376,8 +376,18 @@ fn main() {
 fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         #[cfg(feature = "export")]
-        #[cfg(feature = "export")]
-        Command::Export { checkpoint, output, sizes, budget, quant, split: true, buckets, format, external_data, .. } => {
+        Command::Export {
+            checkpoint,
+            output,
+            sizes,
+            budget,
+            quant,
+            split: true,
+            buckets,
+            format,
+            external_data,
+            ..
+        } => {
             if external_data {
                 bail!("--external-data applies to single-graph exports; --split parts hold their weights inline");
             }
