@@ -644,6 +644,31 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
         files.push(Path::new(file));
     }
     let out_specs = session.outputs().to_vec();
+    let (paths, dir) = output_paths(model, outputs, &out_specs, &files)?;
+    let results = session.run(tensors)?;
+    write_outputs(&results, &paths, dir.as_deref())?;
+    for ((t, spec), path) in results.iter().zip(&out_specs).zip(&paths) {
+        println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
+        if print {
+            print_values(t);
+        }
+        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(t));
+        if bad > 0 {
+            eprintln!("warning: output `{}` holds {bad} NaN or infinite value(s)", spec.name);
+        }
+    }
+    Ok(())
+}
+
+/// Where `run` writes each output: one `--output` per output, or one folder (`NAME.npy` for
+/// outputs with plain file names). Every path is checked before anything runs: none may be one
+/// of `inputs`, none given twice. Returns the paths and the folder, if one.
+fn output_paths(
+    model: &Path,
+    outputs: &[PathBuf],
+    out_specs: &[perceiver_edge_runtime::IoSpec],
+    inputs: &[&Path],
+) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
     let dir = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/')))
         .then(|| outputs[0].clone());
     if dir.is_none() && outputs.len() != out_specs.len() {
@@ -654,7 +679,6 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
             names.join(", ")
         );
     }
-    // Output paths: every one checked before anything runs or is written.
     let mut paths = Vec::with_capacity(out_specs.len());
     for (i, spec) in out_specs.iter().enumerate() {
         let path = match &dir {
@@ -667,31 +691,25 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
             ),
             None => outputs[i].clone(),
         };
-        perceiver_edge_runtime::fsio::check_not_input(&path, &files).map_err(anyhow::Error::msg)?;
+        perceiver_edge_runtime::fsio::check_not_input(&path, inputs).map_err(anyhow::Error::msg)?;
         if paths.contains(&path) {
             bail!("{}: given for two outputs", path.display());
         }
         paths.push(path);
     }
-    let results = session.run(tensors)?;
-    if let Some(d) = &dir {
+    Ok((paths, dir))
+}
+
+/// Writes `results` to `paths` all or none: each staged under a temporary name, then all
+/// renamed into place (creating the output folder `dir` first).
+fn write_outputs(results: &[perceiver_edge_runtime::Tensor], paths: &[PathBuf], dir: Option<&Path>) -> Result<()> {
+    if let Some(d) = dir {
         std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create folder", d.display()))?;
     }
-    // All outputs are staged first and renamed into place together: all or none.
-    let staged = results.iter().zip(&paths).map(|(t, p)| npy::stage_npy(p, t)).collect::<Result<Vec<_>, _>>()?;
+    let staged = results.iter().zip(paths).map(|(t, p)| npy::stage_npy(p, t)).collect::<Result<Vec<_>, _>>()?;
     for s in staged {
         let p = s.path().to_path_buf();
         s.commit().with_context(|| format!("{}: cannot write", p.display()))?;
-    }
-    for ((t, spec), path) in results.iter().zip(&out_specs).zip(&paths) {
-        println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
-        if print {
-            print_values(t);
-        }
-        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(t));
-        if bad > 0 {
-            eprintln!("warning: output `{}` holds {bad} NaN or infinite value(s)", spec.name);
-        }
     }
     Ok(())
 }
@@ -781,24 +799,8 @@ fn run_split(
         bail!("--points: query sets of different sizes; give sets of one size, or run once per size");
     }
     let out_specs = model.outputs().to_vec();
-    let dir_out = (outputs.len() == 1 && (outputs[0].is_dir() || outputs[0].to_string_lossy().ends_with('/')))
-        .then(|| outputs[0].clone());
-    if dir_out.is_none() && outputs.len() != out_specs.len() {
-        bail!("the model has {} output(s): give one --output per output, or one folder", out_specs.len());
-    }
-    let mut paths = vec![];
-    for (i, spec) in out_specs.iter().enumerate() {
-        let path = match &dir_out {
-            Some(d) if perceiver_edge_runtime::fsio::is_plain_file_name(&spec.name) => {
-                d.join(format!("{}.npy", spec.name))
-            }
-            Some(_) => bail!("output name {:?} is not a plain file name; give one --output FILE per output", spec.name),
-            None => outputs[i].clone(),
-        };
-        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        perceiver_edge_runtime::fsio::check_not_input(&path, &refs).map_err(anyhow::Error::msg)?;
-        paths.push(path);
-    }
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (paths, dir_out) = output_paths(dir, outputs, &out_specs, &refs)?;
     let t0 = std::time::Instant::now();
     let z = match (blocks, deadline_ms) {
         (Some(0), _) => bail!("--blocks 0: expected at least 1 (as export --blocks)"),
@@ -839,14 +841,7 @@ fn run_split(
         }
     };
     let decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-    if let Some(d) = &dir_out {
-        std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create folder", d.display()))?;
-    }
-    let staged = results.iter().zip(&paths).map(|(t, p)| npy::stage_npy(p, t)).collect::<Result<Vec<_>, _>>()?;
-    for s in staged {
-        let p = s.path().to_path_buf();
-        s.commit().with_context(|| format!("{}: cannot write", p.display()))?;
-    }
+    write_outputs(&results, &paths, dir_out.as_deref())?;
     for ((t, spec), path) in results.iter().zip(&out_specs).zip(&paths) {
         println!("{} {:?} -> {}", spec.name, t.shape(), path.display());
     }

@@ -6,51 +6,11 @@
 
 use perceiver_edge_runtime::tract_onnx::pb;
 use prost::Message;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
 use common::*;
-
-/// Every file under `dir` (not following links) with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            } else {
-                m.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
-            }
-        }
-    }
-    m
-}
-
-/// Runs the CLI: expects exit 1, one `error:` line containing every needle, `dir` unchanged.
-fn refused(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>], needles: &[&str]) {
-    let before = snapshot(dir);
-    let out = bin().args(args.iter().map(|a| a.as_ref())).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().to_string()).collect();
-    assert_eq!(out.status.code(), Some(1), "exit status for {shown:?}: stderr {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line for {shown:?}, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{shown:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{shown:?}: the error should mention `{n}`: {err}");
-    }
-    assert_eq!(before, snapshot(dir), "{shown:?}: files appeared, vanished or changed");
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 /// Exports the image_fourier fixture into `dir` twice: `single.onnx` and `ext.onnx` (+ data).
 fn export_both(dir: &Path) -> (PathBuf, PathBuf) {

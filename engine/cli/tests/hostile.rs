@@ -5,7 +5,7 @@
 use perceiver_edge_runtime::tract_onnx::pb;
 use prost::Message;
 use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -22,51 +22,6 @@ fn copy_dir(from: &Path, to: &Path) {
         if e.path().is_file() {
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
-    }
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_symlink() {
-                let target = std::fs::read_link(&p).unwrap();
-                m.insert(p.clone(), target.to_string_lossy().as_bytes().to_vec());
-            } else if p.is_dir() {
-                stack.push(p);
-            } else {
-                m.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
-            }
-        }
-    }
-    m
-}
-
-/// Runs the CLI in `dir`'s world: expects exit 1, one `error:` line containing every needle,
-/// and `dir` unchanged afterwards.
-fn refused(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>], needles: &[&str]) {
-    let before = snapshot(dir);
-    let out = bin().args(args.iter().map(|a| a.as_ref())).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().to_string()).collect();
-    assert_eq!(out.status.code(), Some(1), "exit status for {shown:?}: stderr {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line for {shown:?}, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{shown:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{shown:?}: the error should mention `{n}`: {err}");
-    }
-    let after = snapshot(dir);
-    assert_eq!(
-        before.keys().collect::<Vec<_>>(),
-        after.keys().collect::<Vec<_>>(),
-        "{shown:?}: files appeared or vanished"
-    );
-    for (p, b) in &before {
-        assert!(after[p] == *b, "{shown:?}: {} changed", p.display());
     }
 }
 

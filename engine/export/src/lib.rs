@@ -111,10 +111,7 @@ impl Exported {
 /// Builds the graph of an opened checkpoint and runs the default passes.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
-    let (done, decisions) = passes::tables::apply(&mut graph, &opts.perf)?;
-    let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
-    list.push(&passes::Prune);
-    passes::run_all_after(&mut graph, &done, &list)?;
+    let decisions = passes::run_default(&mut graph, &opts.perf)?;
     if let Some(e) = graph.error.take() {
         return Err(Error::invalid(format!("{}: after the rewrites: {e}", ck.dir.display())));
     }

@@ -79,10 +79,7 @@ fn finish(mut g: Graph, role: &str, ck: &Checkpoint, opts: &ExportOptions, templ
     let dims: std::collections::BTreeMap<&str, usize> = dims.into_iter().collect();
     let mut summary = Summary::new(&g, &template.architecture, &dims, &ck.config, template.batch, template.parameters);
     summary.depth = template.depth;
-    let (done, decisions) = passes::tables::apply(&mut g, &opts.perf)?;
-    let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&opts.perf);
-    list.push(&passes::Prune);
-    passes::run_all_after(&mut g, &done, &list)?;
+    let decisions = passes::run_default(&mut g, &opts.perf)?;
     if let Some(e) = g.error.take() {
         return Err(Error::invalid(format!("{}: {role}: {e}", ck.dir.display())));
     }

@@ -42,3 +42,56 @@ pub fn python() -> Option<String> {
         .is_ok_and(|o| o.status.success());
     ok.then(|| "python3".to_string())
 }
+
+/// Every file under `dir` with its bytes (a symlink: its target, never followed).
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_symlink() {
+                let target = std::fs::read_link(&p).unwrap();
+                m.insert(p.clone(), target.to_string_lossy().as_bytes().to_vec());
+            } else if p.is_dir() {
+                stack.push(p);
+            } else {
+                m.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    m
+}
+
+/// Runs the CLI and expects bad input handled: exit status 1 (never 101 from a panic, never a
+/// signal), exactly one `error:` line containing every needle, and `dir` unchanged afterwards
+/// (nothing created, removed or changed).
+pub fn refused(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>], needles: &[&str]) {
+    let before = snapshot(dir);
+    let out = bin().args(args.iter().map(|a| a.as_ref())).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().to_string()).collect();
+    assert_eq!(out.status.code(), Some(1), "exit status for {shown:?}: stderr {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line for {shown:?}, got: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("internal error"), "{shown:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{shown:?}: the error should mention `{n}`: {err}");
+    }
+    let after = snapshot(dir);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "{shown:?}: files appeared or vanished"
+    );
+    for (p, b) in &before {
+        assert!(after[p] == *b, "{shown:?}: {} changed", p.display());
+    }
+}
+
+/// Runs `cmd`, which must succeed; returns its stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}

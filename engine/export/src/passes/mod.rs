@@ -57,6 +57,16 @@ pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
     }
 }
 
+/// The default pass sequence of an export: the table rewrites `o.tables` allows (with their
+/// decisions, for the report), the other performance rewrites, then [`Prune`].
+pub fn run_default(g: &mut Graph, o: &PerfOptions) -> Result<Vec<crate::summary::TableDecision>> {
+    let (done, decisions) = tables::apply(g, o)?;
+    let mut list: Vec<&dyn Pass> = perf_passes(o);
+    list.push(&Prune);
+    run_all_after(g, &done, &list)?;
+    Ok(decisions)
+}
+
 /// Runs `passes` in order, recording their names in the graph metadata.
 pub fn run_all(g: &mut Graph, passes: &[&dyn Pass]) -> Result<()> {
     run_all_after(g, &[], passes)
