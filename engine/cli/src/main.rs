@@ -612,37 +612,9 @@ fn dispatch(cmd: Command) -> Result<()> {
 fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device: Device) -> Result<()> {
     let mut session = Session::load_on(model, device)?;
     let specs = session.inputs().to_vec();
-    if inputs.len() != specs.len() {
-        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        bail!(
-            "{}: the model takes {} input(s) ({}), got {}",
-            model.display(),
-            specs.len(),
-            names.join(", "),
-            inputs.len()
-        );
-    }
-    // NAME=FILE pairs may come in any order; plain files follow graph-input order.
-    let mut tensors = Vec::with_capacity(specs.len());
-    let mut files: Vec<&Path> = vec![model];
-    for (i, spec) in specs.iter().enumerate() {
-        let named = inputs.iter().find_map(|a| a.strip_prefix(&format!("{}=", spec.name)));
-        let file = match named {
-            Some(f) => f,
-            None if inputs[i].contains('=') && !Path::new(&inputs[i]).exists() => {
-                bail!("input `{}`: no --input {}=FILE given", spec.name, spec.name)
-            }
-            None => inputs[i].as_str(),
-        };
-        let t = npy::read_npy(Path::new(file))?;
-        session.check_inputs_one(i, &t).with_context(|| file.to_string())?;
-        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(&t));
-        if bad > 0 {
-            eprintln!("warning: {file}: input `{}` holds {bad} NaN or infinite value(s)", spec.name);
-        }
-        tensors.push(t);
-        files.push(Path::new(file));
-    }
+    let (tensors, mut files) = read_run_inputs(model, inputs, &specs, |i, t| session.check_inputs_one(i, t))?;
+    files.push(model.to_path_buf());
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let out_specs = session.outputs().to_vec();
     let (paths, dir) = output_paths(model, outputs, &out_specs, &files)?;
     let results = session.run(tensors)?;
@@ -658,6 +630,47 @@ fn run(model: &Path, inputs: &[String], outputs: &[PathBuf], print: bool, device
         }
     }
     Ok(())
+}
+
+/// Reads `run`'s `--input` files for the model inputs `specs`: `NAME=FILE` in any order, or
+/// plain files in input order. Each tensor is checked by `check(input index, tensor)`; NaN or
+/// infinite values get a warning. Returns the tensors and the files read.
+fn read_run_inputs(
+    model: &Path,
+    inputs: &[String],
+    specs: &[perceiver_edge_runtime::IoSpec],
+    check: impl Fn(usize, &perceiver_edge_runtime::Tensor) -> perceiver_edge_runtime::Result<()>,
+) -> Result<(Vec<perceiver_edge_runtime::Tensor>, Vec<PathBuf>)> {
+    if inputs.len() != specs.len() {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        bail!(
+            "{}: the model takes {} input(s) ({}), got {}",
+            model.display(),
+            specs.len(),
+            names.join(", "),
+            inputs.len()
+        );
+    }
+    let (mut tensors, mut files) = (Vec::with_capacity(specs.len()), Vec::with_capacity(specs.len()));
+    for (i, spec) in specs.iter().enumerate() {
+        let named = inputs.iter().find_map(|a| a.strip_prefix(&format!("{}=", spec.name)));
+        let file = match named {
+            Some(f) => f,
+            None if inputs[i].contains('=') && !Path::new(&inputs[i]).exists() => {
+                bail!("input `{}`: no --input {}=FILE given", spec.name, spec.name)
+            }
+            None => inputs[i].as_str(),
+        };
+        let t = npy::read_npy(Path::new(file))?;
+        check(i, &t).with_context(|| file.to_string())?;
+        let bad = perceiver_edge_runtime::bench::count_nonfinite(std::slice::from_ref(&t));
+        if bad > 0 {
+            eprintln!("warning: {file}: input `{}` holds {bad} NaN or infinite value(s)", spec.name);
+        }
+        tensors.push(t);
+        files.push(PathBuf::from(file));
+    }
+    Ok((tensors, files))
 }
 
 /// Where `run` writes each output: one `--output` per output, or one folder (`NAME.npy` for
@@ -755,34 +768,17 @@ fn run_split(
     use perceiver_edge_runtime::{split::Model, to_vec, Tensor};
     let mut model = Model::load(dir)?;
     let specs = model.inputs().to_vec();
-    if inputs.len() != specs.len() {
-        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        bail!(
-            "{}: the model takes {} input(s) ({}), got {}",
-            dir.display(),
-            specs.len(),
-            names.join(", "),
-            inputs.len()
-        );
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    let mut tensors = vec![];
-    for (spec, file) in specs.iter().zip(inputs) {
-        let file = file.strip_prefix(&format!("{}=", spec.name)).unwrap_or(file);
-        let t = npy::read_npy(Path::new(file))?;
-        if t.datum_type() != spec.dtype || t.shape() != spec.shape.as_slice() {
-            bail!(
-                "{file}: input `{}`: {} {:?}, expected {} {:?}",
-                spec.name,
-                perceiver_edge_runtime::dtype_name(t.datum_type()),
-                t.shape(),
-                perceiver_edge_runtime::dtype_name(spec.dtype),
-                spec.shape
-            );
+    let same = |i: usize, t: &Tensor| -> perceiver_edge_runtime::Result<()> {
+        let spec = &specs[i];
+        if t.datum_type() == spec.dtype && t.shape() == spec.shape.as_slice() {
+            return Ok(());
         }
-        tensors.push(t);
-        files.push(PathBuf::from(file));
-    }
+        let name = perceiver_edge_runtime::dtype_name;
+        let msg = format!("{} {:?}, expected {} {:?}", name(t.datum_type()), t.shape(), name(spec.dtype), spec.shape);
+        Err(perceiver_edge_runtime::Error::Input { name: spec.name.clone(), msg })
+    };
+    let (tensors, mut files) = read_run_inputs(dir, inputs, &specs, same)?;
+    files.extend(std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())));
     // Query sets: each --points file is [K] or [S, K].
     let mut sets: Vec<Vec<i64>> = vec![];
     for p in points {

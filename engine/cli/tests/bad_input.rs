@@ -2,8 +2,7 @@
 //! partial output file. Checkpoint variants (sharded, f16, bf16) load like the original.
 
 use perceiver_edge_runtime::{npy, to_vec};
-use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
-use std::collections::HashMap;
+use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -11,14 +10,6 @@ use common::*;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/reference/fixtures").join(name)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 /// Runs the CLI, expects failure with exactly one stderr line containing every `needles`.
@@ -33,22 +24,6 @@ fn fails(args: &[&dyn AsRef<std::ffi::OsStr>], needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "error should mention `{n}`: {err}");
     }
-}
-
-/// Tensors of a safetensors file as (name, dtype, shape, bytes).
-fn tensors(path: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.iter().map(|(n, t)| (n.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn write_tensors(path: &Path, ts: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: HashMap<String, TensorView> =
-        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    std::fs::write(path, serialize(views, None).unwrap()).unwrap();
 }
 
 fn export(dir: &Path, out: &Path) {

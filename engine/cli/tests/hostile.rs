@@ -4,8 +4,7 @@
 
 use perceiver_edge_runtime::tract_onnx::pb;
 use prost::Message;
-use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
-use std::collections::HashMap;
+use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -13,33 +12,6 @@ use common::*;
 
 fn fixture(name: &str) -> PathBuf {
     fixtures_dir().join(name)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-fn tensors(path: &Path) -> Tensors {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Tensors =
-        st.iter().map(|(n, t)| (n.to_string(), t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn write_tensors(path: &Path, ts: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: HashMap<String, TensorView> =
-        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    std::fs::write(path, serialize(views, None).unwrap()).unwrap();
 }
 
 /// A copy of fixture `name` in `t/case` with `edit` applied to its config.json.
@@ -417,38 +389,13 @@ fn cli_numbers_are_checked() {
     let data = t.join("calib.npy");
     let x = perceiver_edge_runtime::tensor(&[4, 3, 16, 16], &vec![0.5f32; 4 * 3 * 16 * 16]).unwrap();
     perceiver_edge_runtime::npy::write_npy(&data, &x).unwrap();
-    refused(
-        t,
-        &[
-            &"tune",
-            &ck,
-            &"--target",
-            &root().join("targets/raspberry-pi-5.toml"),
-            &"--calibrate",
-            &data,
-            &"-o",
-            &t.join("tuned"),
-            &"--threads",
-            &"100000",
-        ],
-        &["--threads 100000"],
-    );
-    refused(
-        t,
-        &[
-            &"tune",
-            &ck,
-            &"--target",
-            &root().join("targets/raspberry-pi-5.toml"),
-            &"--calibrate",
-            &data,
-            &"-o",
-            &t.join("tuned"),
-            &"--blocks",
-            &"1000000000",
-        ],
-        &["--blocks 1000000000"],
-    );
+    let target = root().join("targets/raspberry-pi-5.toml");
+    for (flag, value) in [("--threads", "100000"), ("--blocks", "1000000000")] {
+        let out = t.join("tuned");
+        let args: [&dyn AsRef<std::ffi::OsStr>; 10] =
+            [&"tune", &ck, &"--target", &target, &"--calibrate", &data, &"-o", &out, &flag, &value];
+        refused(t, &args, &[&format!("{flag} {value}")]);
+    }
 }
 
 #[test]
