@@ -1,0 +1,2 @@
+// Empty: a build script makes cargo resolve this crate's [build-dependencies] (host features).
+fn main() {}
