@@ -177,6 +177,20 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
             ));
         }
     }
+    // tract 0.23.9 resolves these ops' negative axis as `(axis + rank) as usize` without a range
+    // check: an axis below -rank wraps to ~2^64 and its shape inference loops that many times.
+    // The rank is not known before inference, so only -1 (the last axis, what every exporter
+    // writes) is taken among the negative ones; a non-negative axis is checked by tract.
+    if matches!(n.op_type.as_str(), "LayerNormalization" | "RMSNormalization") {
+        if let Some(a) = n.attribute.iter().find(|a| a.name == "axis") {
+            if a.i < -1 {
+                return Err(format!(
+                    "node `{}` ({}): axis {} is not supported: use -1 or the axis counted from 0",
+                    n.name, n.op_type, a.i
+                ));
+            }
+        }
+    }
     if n.op_type == "Transpose" {
         if let Some(perm) = n.attribute.iter().find(|a| a.name == "perm") {
             let len = perm.ints.len();
