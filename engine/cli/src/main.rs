@@ -100,6 +100,20 @@ enum Command {
         /// preferred list [default: f32].
         #[arg(long, value_delimiter = ',', value_name = "P,...")]
         precisions: Option<Vec<String>>,
+        /// Output positions decoded per inference, for heads that decode chosen positions
+        /// (optical flow, masked LM, bare decoders) [default: every output, 1024 and 64 below it].
+        /// The chosen model decodes the largest count given.
+        #[arg(long, value_delimiter = ',', value_name = "K,...")]
+        queries: Option<Vec<usize>>,
+        /// Image height and width of every candidate [default: config image_size / train_size].
+        #[arg(long, num_args = 2, value_names = ["H", "W"])]
+        image_size: Option<Vec<usize>>,
+        /// Token count or raw input count M (bare PerceiverModel) [default: max_position_embeddings].
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Decoder declaration of a bare PerceiverModel [default: CHECKPOINT/perceiver_edge_decoder.json].
+        #[arg(long, value_name = "FILE")]
+        decoder: Option<PathBuf>,
         /// Measured runs per candidate.
         #[arg(long, default_value_t = 200)]
         runs: usize,
@@ -510,6 +524,10 @@ fn dispatch(cmd: Command) -> Result<()> {
             blocks,
             threads,
             precisions,
+            queries,
+            image_size,
+            seq_len,
+            decoder,
             runs,
             warmup,
             min_agreement,
@@ -529,7 +547,13 @@ fn dispatch(cmd: Command) -> Result<()> {
                 calibrate,
                 labels,
                 out: output,
-                axes: perceiver_edge_tune::Axes { latents, blocks, threads, precisions },
+                export: perceiver_edge_export::ExportOptions {
+                    image_size: image_size.map(|v| (v[0], v[1])),
+                    seq_len,
+                    decoder,
+                    ..Default::default()
+                },
+                axes: perceiver_edge_tune::Axes { latents, blocks, threads, precisions, queries },
                 runs,
                 warmup,
                 min_agreement,

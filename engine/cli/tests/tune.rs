@@ -170,3 +170,99 @@ fn tune_takes_precision_candidates() {
     ]);
     assert!(!ok && e.contains("unknown precision \"f8\""), "{e}");
 }
+
+/// The query axis on the marker model (a bare decoder with 256 output positions): the default
+/// axis measures every output and 64 positions and chooses a model that decodes every output;
+/// `--queries 64` chooses a 64-position model. Both chosen models are checked against
+/// transformers' logits (models/marker/samples/logits_0.npy).
+#[test]
+fn tune_query_axis_on_marker() {
+    use perceiver_edge_runtime::{npy, tensor, to_vec};
+    let dir = tempfile::tempdir().unwrap();
+    let cal = dir.path().join("cal");
+    std::fs::create_dir(&cal).unwrap();
+    for i in 0..3 {
+        let f = format!("tokens_{i}.npy");
+        std::fs::copy(root().join("models/marker/samples").join(&f), cal.join(&f)).unwrap();
+    }
+    let sample = root().join("models/marker/samples");
+    let reference: Vec<f32> = to_vec(&npy::read_npy(&sample.join("logits_0.npy")).unwrap()).unwrap();
+    let tune = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["tune", "models/marker", "--target", PROFILE, "--calibrate", cal.to_str().unwrap()];
+        args.extend(["--seq-len", "256", "--latents", "32", "--threads", "1", "--runs", "3", "--warmup", "1"]);
+        args.extend(["--quiet", "-o", out.to_str().unwrap()]);
+        args.extend(extra);
+        let (ok, stdout, stderr) = cli(&args);
+        assert!(ok, "{stderr}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        (stdout, r)
+    };
+
+    let out = dir.path().join("all");
+    let (stdout, r) = tune(&out, &[]);
+    assert!(stdout.contains("K32 B1 T1 Q64"), "{stdout}");
+    let c = r["candidates"].as_array().unwrap();
+    let q: Vec<Option<u64>> = c.iter().map(|c| c["candidate"]["queries"].as_u64()).collect();
+    assert_eq!(q, vec![None, Some(64)]);
+    // 64 of the full model's own positions: exact up to float noise.
+    assert!(c[1]["fidelity"]["max_abs"].as_f64().unwrap() < 1e-4, "{}", c[1]["fidelity"]);
+    assert!(c[1]["flops"].as_u64() < c[0]["flops"].as_u64(), "fewer queries cost less");
+    assert_eq!(r["chosen"].as_u64(), Some(0), "the chosen model decodes every output");
+    let y = out.join("y.npy");
+    let tokens = sample.join("tokens_0.npy");
+    let (ok, _, stderr) = cli(&[
+        "run",
+        out.join("model.onnx").to_str().unwrap(),
+        "--input",
+        tokens.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let got: Vec<f32> = to_vec(&npy::read_npy(&y).unwrap()).unwrap();
+    assert_eq!(got.len(), 256);
+    let d = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "full map vs transformers: {d}");
+
+    let out = dir.path().join("q64");
+    let (_, r) = tune(&out, &["--queries", "64"]);
+    assert_eq!(r["candidates"].as_array().unwrap().len(), 1);
+    assert_eq!(r["chosen"].as_u64(), Some(0));
+    let rows: Vec<i64> = (0..64).map(|i| (i * 37 % 256) as i64).collect();
+    let idx = out.join("idx.npy");
+    npy::write_npy(&idx, &tensor(&[64], &rows).unwrap()).unwrap();
+    let arg = format!("output_indices={}", idx.display());
+    let (ok, _, stderr) = cli(&[
+        "run",
+        out.join("model.onnx").to_str().unwrap(),
+        "--input",
+        tokens.to_str().unwrap(),
+        "--input",
+        &arg,
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let got: Vec<f32> = to_vec(&npy::read_npy(&y).unwrap()).unwrap();
+    assert_eq!(got.len(), 64);
+    let d = rows.iter().zip(&got).map(|(&r, a)| (a - reference[r as usize]).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "64 chosen positions vs transformers: {d}");
+
+    // Not a head with positions to choose: refused with the flag named.
+    let (ok, _, stderr) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "--queries",
+        "4",
+        "--quiet",
+        "-o",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("--queries") && stderr.lines().count() == 1, "{stderr}");
+    assert!(!dir.path().join("d").exists());
+}

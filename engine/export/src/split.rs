@@ -90,6 +90,15 @@ fn finish(mut g: Graph, role: &str, ck: &Checkpoint, opts: &ExportOptions, templ
     Ok(Exported { graph: g, summary })
 }
 
+/// The output positions a model built with `summary` can decode a chosen subset of
+/// (`--decode-subset K`, split query buckets, `tune`'s query axis): `Some(O)` for optical flow,
+/// masked LM and bare decoders with more than one query; `None` for heads that decode their
+/// outputs at once (classification, multimodal).
+pub fn choosable_positions(head: Head, summary: &Summary) -> Option<usize> {
+    let o = summary.dims.get("O").copied().unwrap_or(1);
+    (matches!(head, Head::MaskedLm | Head::OpticalFlow) || (head == Head::Bare && o > 1)).then_some(o)
+}
+
 /// Builds the split export of `ck`: the depth is `opts.blocks` or the trained `num_blocks`;
 /// `buckets` are the query counts of the extra decoders (default [`DEFAULT_BUCKETS`]; only
 /// counts below the full output count, and only for heads that decode chosen positions).
@@ -126,7 +135,7 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
     parts.push(("decoder.onnx".to_string(), finish(decoder, "decoder", ck, opts, &template)?));
 
     let num_queries = summary.dims.get("O").copied().unwrap_or(1);
-    let chooses = matches!(head, Head::MaskedLm | Head::OpticalFlow) || (head == Head::Bare && num_queries > 1);
+    let chooses = choosable_positions(head, &summary).is_some();
     let mut decoders = vec![DecoderPart { file: "decoder.onnx".into(), queries: None }];
     let mut index_input = None;
     if chooses {

@@ -1,5 +1,6 @@
 //! `perceiver-edge tune`: fits a PerceiverIO checkpoint to a board. It explores candidate budgets
-//! (kept latents, repetitions of the shared latent block, matmul threads), exports each one,
+//! (kept latents, repetitions of the shared latent block, matmul threads, precisions and, for
+//! heads with many outputs, the number of output positions decoded), exports each one,
 //! measures it on this machine (p99 latency and peak heap through the runtime's `bench`), measures
 //! its fidelity against the full model on held-out calibration samples, predicts its latency and
 //! memory on the board with the [`cost`] model, marks the Pareto-optimal candidates and picks one:
@@ -8,7 +9,10 @@
 //!   within the board's budget (judged on the board prediction when the board is not this
 //!   machine's architecture, on the measurement otherwise);
 //! * the **chosen** one is the fastest fitting candidate whose top-1 agreement with the full model
-//!   is at least `min_agreement`; if none is that faithful, the most faithful fitting one.
+//!   is at least `min_agreement`; if none is that faithful, the most faithful fitting one. It
+//!   decodes the largest query count on the axis (every output by default): fewer positions
+//!   answer a smaller question, so those candidates are measured and reported, and chosen from
+//!   only when the user asks for that count (`--queries K`).
 //!
 //! Latents are chosen by [`perceiver_edge_export::analysis::latent_importance`] on the
 //! even-numbered calibration samples; fidelity is measured on the odd-numbered ones.
@@ -19,10 +23,10 @@ pub mod plot;
 pub mod profile;
 
 use anyhow::{bail, Context, Result};
-use perceiver_edge_export::analysis;
-use perceiver_edge_export::{Checkpoint, ExportOptions, Precision, QuantOptions, Tables};
+use perceiver_edge_export::{analysis, split};
+use perceiver_edge_export::{Checkpoint, ExportOptions, Head, Precision, QuantOptions, Tables};
 use perceiver_edge_runtime::compare::{fidelity, Fidelity};
-use perceiver_edge_runtime::{bench, to_vec, Session};
+use perceiver_edge_runtime::{bench, to_vec, Session, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +43,9 @@ pub struct Candidate {
     pub threads: usize,
     /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes).
     pub precision: Precision,
+    /// Output positions decoded per inference, chosen at run time by an `output_indices` input
+    /// (`export --decode-subset K`); `None`: every output.
+    pub queries: Option<usize>,
 }
 
 /// Candidate values along each axis, before combination.
@@ -52,16 +59,24 @@ pub struct Axes {
     pub threads: Option<Vec<usize>>,
     /// Precisions (default: f32 only; the board's list is `profile.precisions`).
     pub precisions: Option<Vec<String>>,
+    /// Output positions decoded (default, for heads that decode chosen positions: every output
+    /// plus [`DEFAULT_QUERIES`] below it; other heads: every output).
+    pub queries: Option<Vec<usize>>,
 }
 
+/// Query counts tried besides every output, for heads that decode chosen positions.
+pub const DEFAULT_QUERIES: [usize; 2] = [1024, 64];
+
 /// All candidates: every combination of the axes' values, most expensive first, checked against
-/// the trained latent count `n`.
+/// the trained latent count `n` and the output positions `positions` the head can decode a
+/// subset of (`None`: its outputs are decoded at once, no query axis).
 pub fn candidates(
     axes: &Axes,
     n: usize,
     trained_blocks: usize,
     board_threads: usize,
     host_cores: usize,
+    positions: Option<usize>,
 ) -> Result<Vec<Candidate>> {
     let dedup = |mut v: Vec<usize>| {
         v.sort_unstable_by(|a, b| b.cmp(a));
@@ -99,12 +114,27 @@ pub fn candidates(
             precisions.push(p);
         }
     }
+    let queries: Vec<Option<usize>> = match (positions, &axes.queries) {
+        (None, Some(_)) => bail!("--queries: this model decodes its outputs at once (no output positions to choose)"),
+        (None, None) => vec![None],
+        (Some(o), None) => {
+            std::iter::once(None).chain(DEFAULT_QUERIES.iter().filter(|&&k| k < o).map(|&k| Some(k))).collect()
+        }
+        (Some(o), Some(q)) => {
+            if let Some(k) = q.iter().find(|&&k| k == 0 || k > o) {
+                bail!("--queries {k}: expected 1..={o} (the model's output positions)");
+            }
+            dedup(q.clone()).into_iter().map(|k| (k < o).then_some(k)).collect()
+        }
+    };
     let mut out = vec![];
     for &latents in &latents {
         for &blocks in &blocks {
             for &precision in &precisions {
-                for &threads in &threads {
-                    out.push(Candidate { latents, blocks, threads, precision });
+                for &queries in &queries {
+                    for &threads in &threads {
+                        out.push(Candidate { latents, blocks, threads, precision, queries });
+                    }
                 }
             }
         }
@@ -175,14 +205,18 @@ impl Measured {
     pub fn label(&self) -> String {
         let c = self.candidate;
         let p = if c.precision == Precision::F32 { String::new() } else { format!(" {}", c.precision) };
-        format!("K{} B{} T{}{p}", c.latents, c.blocks, c.threads)
+        let q = c.queries.map_or(String::new(), |k| format!(" Q{k}"));
+        format!("K{} B{} T{}{p}{q}", c.latents, c.blocks, c.threads)
     }
 }
 
-/// Picks the fastest fitting candidate with top-1 agreement >= `min_agreement` (latency as
-/// judged: `lat[i]`), else the most faithful fitting one (then the fastest); `None` if none fits.
+/// Picks, among the candidates that decode the largest query count on the axis, the fastest
+/// fitting one with top-1 agreement >= `min_agreement` (latency as judged: `lat[i]`), else the
+/// most faithful fitting one (then the fastest); `None` if none fits.
 pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usize> {
-    let fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].fits).collect();
+    let needed = needed_queries(cands);
+    let fitting: Vec<usize> =
+        (0..cands.len()).filter(|&i| cands[i].fits && cands[i].candidate.queries == needed).collect();
     let key = |i: usize| (lat[i], cands[i].candidate.threads, i);
     let faithful = fitting.iter().copied().filter(|&i| cands[i].fidelity.top1_agreement >= min_agreement);
     faithful.min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")).or_else(|| {
@@ -194,6 +228,17 @@ pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usi
                 .then(key(b).partial_cmp(&key(a)).expect("finite"))
         })
     })
+}
+
+/// The query count the chosen candidate must decode: every output when that is on the axis,
+/// else the largest count asked for.
+fn needed_queries(cands: &[Measured]) -> Option<usize> {
+    let q = cands.iter().map(|m| m.candidate.queries);
+    if q.clone().any(|k| k.is_none()) {
+        None
+    } else {
+        q.max().flatten()
+    }
 }
 
 /// Options of [`tune`].
@@ -212,6 +257,9 @@ pub struct TuneOptions {
     pub labels: Option<PathBuf>,
     /// Output folder.
     pub out: PathBuf,
+    /// Shape options of every export (image size, sequence length, decoder declaration; the
+    /// budget fields are set per candidate).
+    pub export: ExportOptions,
     /// Candidate axes.
     pub axes: Axes,
     /// Measured runs per candidate.
@@ -258,6 +306,26 @@ pub struct Report {
     /// Table policy used for every candidate, chosen from the board's memory
     /// ([`tables_for_board`]), and why.
     pub tables: String,
+}
+
+/// `sample` (the model's data input) with an `output_indices` tensor for the positions `rows`,
+/// in the order `session` takes its inputs.
+fn with_indices(session: &Session, sample: &[Tensor], rows: Option<&[usize]>) -> Result<Vec<Tensor>> {
+    let Some(rows) = rows else { return Ok(sample.to_vec()) };
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let idx = perceiver_edge_runtime::tensor(&[idx.len()], &idx).context("output_indices tensor")?;
+    let mut data = sample.iter();
+    session
+        .inputs()
+        .iter()
+        .map(|spec| {
+            if spec.name == "output_indices" {
+                Ok(idx.clone())
+            } else {
+                data.next().cloned().with_context(|| format!("no calibration data for input `{}`", spec.name))
+            }
+        })
+        .collect()
 }
 
 fn first_output(
@@ -313,16 +381,17 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let host_profile = host_profile_path.as_deref().map(Profile::load).transpose()?;
     let judge_measured = board.arch.replace('-', "_") == host_arch;
     let ck = Checkpoint::open(&o.checkpoint)?;
-    let auto = perceiver_edge_export::build(&ck, &ExportOptions::default())?;
+    let auto = perceiver_edge_export::build(&ck, &o.export)?;
     let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb * 1048576.0);
-    let mut base = ExportOptions::default();
+    let mut base = ExportOptions { latents: None, blocks: None, decode_subset: None, ..o.export.clone() };
     base.perf.tables = tables;
     let full = if tables == Tables::Auto { auto } else { perceiver_edge_export::build(&ck, &base)? };
     let n = *full.summary.dims.get("N").context("model has no latent array")?;
     let trained_blocks = full.summary.depth.0;
     let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
     let (select, validate) = cal.split();
-    let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
+    let positions = split::choosable_positions(Head::of(&ck)?, &full.summary);
+    let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores, positions)?;
     // Everything is written into a work folder next to OUT and moved into OUT at the end: a
     // failure leaves OUT as it was.
     let work = WorkDir::create(&o.out)?;
@@ -346,19 +415,20 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     std::fs::create_dir(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut measured = vec![];
     let mut files_of = vec![];
-    let bench_inputs = validate.samples[0].clone();
-    type Built = ((usize, usize, Precision), PathBuf, Fidelity, cost::Features);
+    type Built = ((usize, usize, Precision, Option<usize>), PathBuf, Fidelity, cost::Features, Vec<Tensor>);
     let mut last: Option<Built> = None;
     for c in &cands {
         bar.set_message(format!("K{} B{} T{} {}", c.latents, c.blocks, c.threads, c.precision));
-        let key = (c.latents, c.blocks, c.precision);
-        let (path, fid, feat) = match &last {
-            Some((k, p, f, ft)) if *k == key => (p.clone(), f.clone(), ft.clone()),
+        let key = (c.latents, c.blocks, c.precision, c.queries);
+        let (path, fid, feat, bench_inputs) = match &last {
+            Some((k, p, f, ft, b)) if *k == key => (p.clone(), f.clone(), ft.clone(), b.clone()),
             _ => {
                 let keep = analysis::select_latents(&importance, c.latents)?;
                 let opts = ExportOptions {
                     latents: (c.latents < n).then_some(keep),
                     blocks: (c.blocks != trained_blocks).then_some(c.blocks),
+                    decode_subset: c.queries,
+                    grid_subset: c.queries.is_some(),
                     ..base.clone()
                 };
                 let precision = c.precision;
@@ -370,14 +440,28 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     ..Default::default()
                 };
                 e.quantize(&q, &o.checkpoint, &mut |_, _| {})?;
-                let path = dir.join(format!("k{}-b{}-{}.onnx", c.latents, c.blocks, c.precision));
+                let q = c.queries.map_or(String::new(), |k| format!("-q{k}"));
+                let path = dir.join(format!("k{}-b{}-{}{q}.onnx", c.latents, c.blocks, c.precision));
                 e.write(&path)?;
                 let mut s = Session::load(&path)?;
-                let (out, _) = first_output(&mut s, &validate.samples)?;
-                let fid = fidelity(&ref_out, &out, row, validate.labels.as_deref());
+                // A subset decodes evenly spaced positions; the reference is the full model there.
+                let rows: Option<Vec<usize>> =
+                    c.queries.zip(positions).map(|(k, all)| (0..k).map(|i| i * all / k).collect());
+                let samples: Vec<Vec<Tensor>> =
+                    validate.samples.iter().map(|x| with_indices(&s, x, rows.as_deref())).collect::<Result<_>>()?;
+                let (out, _) = first_output(&mut s, &samples)?;
+                let fid = match &rows {
+                    Some(rows) => {
+                        let at = |y: &Vec<f32>| rows.iter().flat_map(|&r| y[r * row..(r + 1) * row].to_vec()).collect();
+                        let reference: Vec<Vec<f32>> = ref_out.iter().map(at).collect();
+                        fidelity(&reference, &out, row, None)
+                    }
+                    None => fidelity(&ref_out, &out, row, validate.labels.as_deref()),
+                };
                 let feat = cost::Features::of(&e.graph, &e.summary);
-                last = Some((key, path.clone(), fid.clone(), feat.clone()));
-                (path, fid, feat)
+                let bench_inputs = samples[0].clone();
+                last = Some((key, path.clone(), fid.clone(), feat.clone(), bench_inputs.clone()));
+                (path, fid, feat, bench_inputs)
             }
         };
         // The heap this process already holds (calibration data, graphs) is not the model's.
@@ -420,9 +504,18 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             }
         })
         .collect();
-    let flags = pareto(
-        &measured.iter().map(|m| (m.p99_ms, m.memory_bytes as f64, m.fidelity.top1_agreement)).collect::<Vec<_>>(),
-    );
+    // Pareto-optimal within each query count (a smaller count answers a smaller question).
+    let flags: Vec<bool> = measured
+        .iter()
+        .map(|m| {
+            let group: Vec<&Measured> =
+                measured.iter().filter(|x| x.candidate.queries == m.candidate.queries).collect();
+            let pts: Vec<(f64, f64, f64)> =
+                group.iter().map(|x| (x.p99_ms, x.memory_bytes as f64, x.fidelity.top1_agreement)).collect();
+            let i = group.iter().position(|x| std::ptr::eq(*x, m)).expect("in its own group");
+            pareto(&pts)[i]
+        })
+        .collect();
     for ((m, p), (l, mem)) in measured.iter_mut().zip(flags).zip(&judged) {
         m.pareto = p;
         m.fits = *l <= board.deadline_ms && *mem <= budget_bytes;
@@ -682,13 +775,13 @@ mod tests {
 
     #[test]
     fn candidate_grid() {
-        let c = candidates(&Axes::default(), 16, 1, 4, 2).unwrap();
+        let c = candidates(&Axes::default(), 16, 1, 4, 2, None).unwrap();
         let lat: Vec<usize> = c.iter().map(|c| c.latents).collect();
         assert_eq!(lat, vec![16, 16, 12, 12, 8, 8, 4, 4, 2, 2]);
         assert!(c.iter().all(|c| c.blocks == 1));
         assert_eq!(c[0].threads, 1);
         assert_eq!(c[1].threads, 2, "board threads capped at the host's cores");
-        let c = candidates(&Axes::default(), 4, 8, 1, 8).unwrap();
+        let c = candidates(&Axes::default(), 4, 8, 1, 8, None).unwrap();
         let blocks: Vec<usize> = c.iter().filter(|c| c.latents == 4).map(|c| c.blocks).collect();
         assert_eq!(blocks, vec![8, 4, 2, 1]);
         assert_eq!(c.iter().map(|c| c.latents).max(), Some(4));
@@ -698,14 +791,27 @@ mod tests {
             blocks: Some(vec![2]),
             threads: Some(vec![1]),
             precisions: Some(vec!["f32".into(), "int8".into(), "f32".into()]),
+            queries: None,
         };
-        let c = candidates(&axes, 8, 1, 4, 4).unwrap();
+        let c = candidates(&axes, 8, 1, 4, 4, None).unwrap();
         assert_eq!(c.len(), 4);
         assert_eq!((c[0].precision, c[1].precision, c[2].latents), (Precision::F32, Precision::Int8, 3));
         let bad = Axes { precisions: Some(vec!["f8".into()]), ..Default::default() };
-        assert!(candidates(&bad, 8, 1, 1, 1).unwrap_err().to_string().contains("unknown precision \"f8\""));
-        assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1).is_err());
-        assert!(candidates(&Axes { blocks: Some(vec![0]), ..Default::default() }, 8, 1, 1, 1).is_err());
+        assert!(candidates(&bad, 8, 1, 1, 1, None).unwrap_err().to_string().contains("unknown precision \"f8\""));
+        assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1, None).is_err());
+        assert!(candidates(&Axes { blocks: Some(vec![0]), ..Default::default() }, 8, 1, 1, 1, None).is_err());
+        // Query axis: every output, then the default counts below it, for heads that choose.
+        let q = |c: Vec<Candidate>| c.iter().map(|c| c.queries).collect::<Vec<_>>();
+        let one = Axes { latents: Some(vec![8]), threads: Some(vec![1]), ..Default::default() };
+        assert_eq!(q(candidates(&one, 8, 1, 1, 1, Some(256)).unwrap()), vec![None, Some(64)]);
+        assert_eq!(q(candidates(&one, 8, 1, 1, 1, Some(182528)).unwrap()), vec![None, Some(1024), Some(64)]);
+        assert_eq!(q(candidates(&one, 8, 1, 1, 1, None).unwrap()), vec![None]);
+        let asked = Axes { queries: Some(vec![16, 256, 16]), ..one.clone() };
+        assert_eq!(q(candidates(&asked, 8, 1, 1, 1, Some(256)).unwrap()), vec![None, Some(16)], "256 of 256 is all");
+        let e = candidates(&Axes { queries: Some(vec![300]), ..one.clone() }, 8, 1, 1, 1, Some(256)).unwrap_err();
+        assert!(e.to_string().contains("--queries 300: expected 1..=256"), "{e}");
+        let e = candidates(&Axes { queries: Some(vec![4]), ..one }, 8, 1, 1, 1, None).unwrap_err();
+        assert!(e.to_string().contains("decodes its outputs at once"), "{e}");
     }
 
     #[test]
@@ -718,7 +824,7 @@ mod tests {
     fn m(latents: usize, threads: usize, top1: f64, fits: bool) -> Measured {
         let p = cost::Predicted { latency_ms: 0.0, memory_bytes: 0.0 };
         Measured {
-            candidate: Candidate { latents, blocks: 1, threads, precision: Precision::F32 },
+            candidate: Candidate { latents, blocks: 1, threads, precision: Precision::F32, queries: None },
             p50_ms: 0.0,
             p99_ms: 0.0,
             memory_bytes: 0,
@@ -745,5 +851,14 @@ mod tests {
         // Latency tie: fewer threads.
         let c3 = [m(4, 2, 1.0, true), m(4, 1, 1.0, true)];
         assert_eq!(choose(&c3, &[1.0, 1.0], 0.9), Some(1));
+        // A candidate decoding fewer positions is not chosen while every output is on the axis.
+        let mut sub = m(4, 1, 1.0, true);
+        sub.candidate.queries = Some(64);
+        let c4 = [m(8, 1, 1.0, true), sub.clone()];
+        assert_eq!(choose(&c4, &[2.0, 1.0], 0.9), Some(0));
+        // Asked for 64 and 16 positions only: the choice decodes 64.
+        let mut sub16 = sub.clone();
+        sub16.candidate.queries = Some(16);
+        assert_eq!(choose(&[sub16, sub], &[0.5, 1.0], 0.9), Some(1));
     }
 }
