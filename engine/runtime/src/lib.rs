@@ -32,6 +32,7 @@ pub mod split;
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -230,7 +231,8 @@ impl Session {
         limits::check_fits_memory(len).map_err(load_err)?;
         let bytes = fsio::read_file(path, u64::MAX).map_err(|e| load_err(format!("cannot read: {e}")))?;
         let dir = model_dir(path);
-        Session::from_bytes_in(&bytes, Some(&dir), extra, device).map_err(|e| match e {
+        // Owned: the file's bytes are dropped as soon as they are decoded (one copy fewer at peak).
+        Session::load_caught(Cow::Owned(bytes), Some(&dir), extra, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
             other => other,
         })
@@ -268,8 +270,18 @@ impl Session {
         extra: &[String],
         device: Device,
     ) -> Result<(Session, Vec<String>)> {
+        Session::load_caught(Cow::Borrowed(bytes), dir, extra, device)
+    }
+
+    fn load_caught(
+        bytes: Cow<'_, [u8]>,
+        dir: Option<&Path>,
+        extra: &[String],
+        device: Device,
+    ) -> Result<(Session, Vec<String>)> {
         // A panic inside tract (a malformed graph it did not expect) becomes a load error.
-        match std::panic::catch_unwind(|| Session::load_unguarded(bytes, dir, extra, device)) {
+        let load = std::panic::AssertUnwindSafe(|| Session::load_unguarded(bytes, dir, extra, device));
+        match std::panic::catch_unwind(load) {
             Ok(r) => r,
             Err(panic) => Err(Error::Load {
                 path: "<memory>".into(),
@@ -279,18 +291,20 @@ impl Session {
     }
 
     fn load_unguarded(
-        bytes: &[u8],
+        bytes: Cow<'_, [u8]>,
         dir: Option<&Path>,
         extra: &[String],
         device: Device,
     ) -> Result<(Session, Vec<String>)> {
         use prost::Message;
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
-        let proto = tract_onnx::pb::ModelProto::decode(bytes)
+        let proto = tract_onnx::pb::ModelProto::decode(&*bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
+        let len = bytes.len() as u64;
+        drop(bytes);
         let external = guard::check_proto(&proto, dir).map_err(err)?;
         if external > 0 {
-            limits::check_fits_memory(bytes.len() as u64 + external).map_err(err)?;
+            limits::check_fits_memory(len + external).map_err(err)?;
         }
         // tract resolves external data only when given the model's folder (as UTF-8); it reads
         // each tensor through a memory map of the side file and copies it into its own memory.
