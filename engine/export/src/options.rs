@@ -91,6 +91,9 @@ pub struct PerfOptions {
     /// The share of the weights `auto` may spend on tables (default
     /// [`crate::passes::tables::MAX_SHARE`]; a library knob, tests use it).
     pub max_table_share: Option<f64>,
+    /// The weight bytes that share is taken of (default: the graph's own live constants). A
+    /// split part is judged against the whole model's weights, as the single graph is.
+    pub table_share_of: Option<usize>,
     /// The graph will be quantised to int8 / q4: `few_query_attention` is skipped. Exact in
     /// f32, it would quantise the probability-weighted mean of the keys' inputs once instead of
     /// each key's projection (whose errors the softmax average partly cancels): measured on the

@@ -113,6 +113,11 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
     let shared = depth > 1 || ck.config.num_blocks > 1;
     let one = ExportOptions { blocks: shared.then_some(1), ..opts.clone() };
     let (g, summary) = heads::build_graph(ck, &one)?;
+    // The table policy's share is of the whole model's weights, as for the single graph: a part
+    // alone (an encoder without its latent layers) would refuse the tables the model affords.
+    let mut opts = opts.clone();
+    opts.perf.table_share_of.get_or_insert(passes::tables::live_cost(&g).0);
+    let opts = &opts;
     let cross = mark(&g, MARK_CROSS)?;
     let block0 = mark(&g, &format!("{MARK_BLOCK}0"))?;
     let mut template = summary.clone();

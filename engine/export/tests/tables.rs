@@ -84,3 +84,27 @@ fn tempfile_dir() -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A split export decides tables as the single graph does: the share is of the whole model's
+/// weights, not of the encoder part's (an encoder without its latent layers holds a fraction of
+/// them and used to refuse tables the single graph keeps). Swept over shares around the point
+/// where the decision flips.
+#[test]
+fn split_parts_decide_tables_like_the_single_graph() {
+    let ck = digits();
+    let kept = |d: &[perceiver_edge_export::summary::TableDecision]| d.iter().map(|d| d.kept).collect::<Vec<_>>();
+    let mut flips = 0;
+    let mut last = None;
+    for i in -60..=20 {
+        let share = i as f64 / 100.0;
+        let mut o = with(Tables::Auto, Some(share));
+        o.blocks = Some(2);
+        let single = kept(&build(&ck, &o).unwrap().summary.table_decisions);
+        let split = perceiver_edge_export::split::build_split(&ck, &o, None).unwrap();
+        let enc = &split.parts.iter().find(|(f, _)| f == "encoder.onnx").unwrap().1;
+        assert_eq!(kept(&enc.summary.table_decisions), single, "share {share}");
+        flips += usize::from(last.is_some_and(|l| l != single));
+        last = Some(single);
+    }
+    assert!(flips >= 1, "the sweep crosses the share where auto changes its mind");
+}

@@ -39,7 +39,7 @@ pub fn is_table(name: &str) -> bool {
 
 /// Constant bytes and multiply-add FLOPs of what the outputs depend on (what the final prune
 /// keeps), measured on a copy of the graph without the constants' data.
-fn live_cost(g: &Graph) -> (usize, u64) {
+pub fn live_cost(g: &Graph) -> (usize, u64) {
     let mut s = Graph::default();
     s.inputs = g.inputs.clone();
     s.outputs = g.outputs.clone();
@@ -129,7 +129,7 @@ pub fn apply(g: &mut Graph, o: &PerfOptions) -> Result<(Vec<&'static str>, Vec<T
         }
         return Ok((names, decisions));
     }
-    let weights = live_cost(g).0;
+    let weights = o.table_share_of.unwrap_or_else(|| live_cost(g).0);
     let share = o.max_table_share.unwrap_or(MAX_SHARE);
     let budget = (share * weights as f64) as i64;
     let signed = |b: i64| if b < 0 { format!("-{}", human(b.unsigned_abs() as usize)) } else { human(b as usize) };
