@@ -75,3 +75,14 @@ pub fn peak() -> Option<u64> {
 pub fn reset_peak() {
     PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
+
+/// Hands memory the process freed back to the operating system (glibc keeps freed heap pages
+/// mapped): called once a model is loaded, so the resident set after loading is what the
+/// session holds, not the loader's peak. A no-op where the C library has no `malloc_trim`.
+pub fn release_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
