@@ -146,8 +146,7 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
     let mut decoders = vec![DecoderPart { file: "decoder.onnx".into(), queries: None }];
     let mut index_input = None;
     if chooses || point_sets.is_some() {
-        let mut sizes: Vec<usize> =
-            buckets.unwrap_or(&DEFAULT_BUCKETS).iter().copied().filter(|&k| k < most).collect();
+        let mut sizes: Vec<usize> = buckets.unwrap_or(&DEFAULT_BUCKETS).iter().copied().filter(|&k| k < most).collect();
         sizes.sort_unstable();
         sizes.dedup();
         if sizes.contains(&0) {

@@ -120,10 +120,16 @@ impl Manifest {
         }
         for (i, p) in m.point_inputs.iter().enumerate() {
             if p.positions == 0 || p.name == LATENTS {
-                return Err(bad(dir, format!("point input `{}`: expected a name other than `{LATENTS}` and positions >= 1", p.name)));
+                return Err(bad(
+                    dir,
+                    format!("point input `{}`: expected a name other than `{LATENTS}` and positions >= 1", p.name),
+                ));
             }
             if m.point_inputs[..i].iter().any(|q| q.name == p.name || q.output == p.output) {
-                return Err(bad(dir, format!("point input `{}`: its name or output `{}` is given twice", p.name, p.output)));
+                return Err(bad(
+                    dir,
+                    format!("point input `{}`: its name or output `{}` is given twice", p.name, p.output),
+                ));
             }
         }
         Ok(m)
@@ -214,7 +220,10 @@ fn check_indexed_outputs(dir: &Path, file: &str, queries: Option<usize>, s: &Ses
             if !fits {
                 return Err(bad(
                     dir,
-                    format!("decoder {file} output `{}` {:?} does not hold {n} positions of `{}`", spec.name, spec.shape, x.name),
+                    format!(
+                        "decoder {file} output `{}` {:?} does not hold {n} positions of `{}`",
+                        spec.name, spec.shape, x.name
+                    ),
                 ));
             }
         }
@@ -496,7 +505,10 @@ impl Model {
                 return Err(Error::Input { name: name.to_string(), msg: "given twice".into() });
             }
             if idx.is_empty() {
-                return Err(Error::Input { name: name.to_string(), msg: "no query positions given (an empty set)".into() });
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    msg: "no query positions given (an empty set)".into(),
+                });
             }
             let n = x.positions as i64;
             if let Some((at, v)) = idx.iter().enumerate().find(|(_, v)| !(0..n).contains(v)) {
