@@ -214,8 +214,8 @@ fn check_indexed_outputs(dir: &Path, file: &str, queries: Option<usize>, s: &Ses
         let n = queries.map_or(x.positions, |q| q.min(x.positions));
         for spec in s.outputs().iter().filter(|spec| x.indexes(&spec.name)) {
             let fits = match queries {
-                Some(_) => spec.shape.len() >= 2 && spec.shape[1] % n == 0,
-                None => spec.shape.len() >= 2 && spec.shape[1..].iter().product::<usize>() % n == 0,
+                Some(_) => spec.shape.len() >= 2 && spec.shape[1].is_multiple_of(n),
+                None => spec.shape.len() >= 2 && spec.shape[1..].iter().product::<usize>().is_multiple_of(n),
             };
             if !fits {
                 return Err(bad(
@@ -626,7 +626,7 @@ fn select_positions(t: &Tensor, n: usize, indices: &[i64]) -> Result<Tensor> {
     let k = indices.len();
     let out_shape: Vec<usize> = if prod == n {
         [&[shape[0], k][..], &shape[end..]].concat()
-    } else if shape.len() == 2 && shape[1] % n == 0 {
+    } else if shape.len() == 2 && shape[1].is_multiple_of(n) {
         vec![shape[0], k * (shape[1] / n)]
     } else {
         return Err(Error::Run(format!("output shape {shape:?} does not hold {n} positions after the batch axis")));
@@ -652,12 +652,12 @@ mod tests {
         let t = Tensor::from_shape(&[1, 2, 3, 2], &(0..12).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let s = select_positions(&t, 6, &[5, 0]).unwrap();
         assert_eq!(s.shape(), &[1, 2, 2]);
-        assert_eq!(s.as_slice::<f32>().unwrap(), &[10.0, 11.0, 0.0, 1.0]);
+        assert_eq!(crate::to_vec::<f32>(&s).unwrap(), &[10.0, 11.0, 0.0, 1.0]);
         // [1, 8]: 2 positions (audio patches) of 4 samples each.
         let t = Tensor::from_shape(&[1, 8], &(0..8).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let s = select_positions(&t, 2, &[1, 1, 0]).unwrap();
         assert_eq!(s.shape(), &[1, 12]);
-        assert_eq!(s.as_slice::<f32>().unwrap(), &[4.0, 5.0, 6.0, 7.0, 4.0, 5.0, 6.0, 7.0, 0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(crate::to_vec::<f32>(&s).unwrap(), &[4.0, 5.0, 6.0, 7.0, 4.0, 5.0, 6.0, 7.0, 0.0, 1.0, 2.0, 3.0]);
         assert!(select_positions(&t, 3, &[0]).is_err());
     }
 }
