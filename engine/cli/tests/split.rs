@@ -332,6 +332,26 @@ fn bad_multimodal_points_are_refused() {
         &[named("image_points", &img), named("audio_points", &two_sets)].concat(),
         "a different number of query sets per index input (image_points 1, audio_points 2)",
     );
+    // The library: `decode` names the form multimodal takes; `decode_points` checks each set.
+    let mut model = perceiver_edge_runtime::split::Model::load(&split).unwrap();
+    let inputs: Vec<Tensor> = model
+        .inputs()
+        .iter()
+        .map(|spec| npy::read_npy(&c.inputs.iter().find(|(n, _)| *n == spec.name).unwrap().1).unwrap())
+        .collect();
+    let z = model.encode(inputs).unwrap();
+    let err = model.decode(&z, &[0]).unwrap_err().to_string();
+    assert!(err.contains("image_points, audio_points") && err.contains("decode_points"), "{err}");
+    let refused = |model: &mut perceiver_edge_runtime::split::Model, points: &[(&str, &[i64])], needle: &str| {
+        let err = model.decode_points(&z, points).unwrap_err().to_string();
+        assert!(err.contains(needle) && !err.contains('\n'), "expected `{needle}` in: {err}");
+    };
+    refused(&mut model, &[("image_points", &[0])], "input `audio_points`: no points given");
+    refused(&mut model, &[("image_points", &[]), ("audio_points", &[0])], "an empty set");
+    refused(&mut model, &[("image_points", &[0]), ("audio_points", &[-1])], "position -1 at index 0");
+    refused(&mut model, &[("image_points", &[0]), ("image_points", &[1]), ("audio_points", &[0])], "given twice");
+    let ok_points = model.decode_points(&z, &[("audio_points", &[1]), ("image_points", &[5, 6])]).unwrap();
+    assert_eq!(ok_points[1].shape(), &[1, 2, 3], "named sets in any order");
     // A manifest that disagrees with the parts: 4 audio patches where the decoders take 2.
     let broken = t.join("broken");
     std::fs::create_dir(&broken).unwrap();
