@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         split: bool,
         /// With --split: query counts of the extra decoders [default: 1,64,1024, those below
-        /// the full output count].
+        /// the full output count; multimodal: below the larger of its video points and audio
+        /// patches, each index input min(K, its count) long].
         #[arg(long, value_delimiter = ',', value_name = "K,...")]
         buckets: Option<Vec<usize>>,
         /// Store the weights as ONNX external data in one side file next to the model
@@ -1037,6 +1038,12 @@ fn inspect_split(dir: &Path) -> Result<()> {
     );
     let buckets: Vec<String> = m.decoders.iter().filter_map(|d| d.queries.map(|k| k.to_string())).collect();
     println!("queries        {} output positions; buckets [{}]", m.num_queries, buckets.join(", "));
+    for p in &m.point_inputs {
+        println!(
+            "index input    {}: {} positions of {} (min(K, {}) per bucket K)",
+            p.name, p.positions, p.output, p.positions
+        );
+    }
     let files = std::iter::once(&m.encoder).chain(m.block.iter()).chain(m.decoders.iter().map(|d| &d.file));
     for f in files {
         let session = Session::load(&dir.join(f))?;
