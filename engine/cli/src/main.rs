@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         split: bool,
         /// With --split: query counts of the extra decoders [default: 1,64,1024, those below
-        /// the full output count].
+        /// the full output count; multimodal: below the larger of its video points and audio
+        /// patches, each index input min(K, its count) long].
         #[arg(long, value_delimiter = ',', value_name = "K,...")]
         buckets: Option<Vec<usize>>,
         /// Store the weights as ONNX external data in one side file next to the model
@@ -146,9 +147,10 @@ enum Command {
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
         /// Split model folder: decode only these output positions (int64 .npy, [K], or [S, K]
-        /// for S query sets against one encoding); repeatable.
-        #[arg(long = "points", value_name = "FILE")]
-        points: Vec<PathBuf>,
+        /// for S query sets against one encoding); repeatable. Multimodal: NAME=FILE for each of
+        /// image_points and audio_points.
+        #[arg(long = "points", value_name = "[NAME=]FILE")]
+        points: Vec<String>,
         /// Split model folder: apply the weight-shared block this many times [default: the
         /// exported depth].
         #[arg(long, value_name = "B")]
@@ -779,17 +781,74 @@ fn refuse_overwriting_checkpoint(
     perceiver_edge_runtime::fsio::check_not_input(output, &refs).map_err(anyhow::Error::msg)
 }
 
+/// The `--points` query sets of `run` on a split model folder, by index input (the model's
+/// order): each argument is FILE (a model with one index input) or NAME=FILE, each file int64
+/// `[K]` or `[S, K]` (S sets). Every index input needs sets once any is given, all with the same
+/// number of sets, the sets of one input all of one size. The files join `files`.
+fn read_point_sets(
+    dir: &Path,
+    model: &perceiver_edge_runtime::split::Model,
+    points: &[String],
+    files: &mut Vec<PathBuf>,
+) -> Result<Vec<(String, Vec<Vec<i64>>)>> {
+    let index = model.index_inputs();
+    let names = index.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+    let mut sets: Vec<(String, Vec<Vec<i64>>)> = index.iter().map(|(n, _)| (n.clone(), vec![])).collect();
+    for arg in points {
+        let at = match arg.split_once('=') {
+            Some((n, f)) if index.iter().any(|(x, _)| x == n) => Some((n, f)),
+            Some((n, _)) if !Path::new(arg).exists() => {
+                bail!("--points {arg}: `{n}` is not an index input of {} (it takes {names})", dir.display())
+            }
+            _ => None,
+        };
+        let (name, file) = match at {
+            Some(named) => named,
+            None if index.len() == 1 => (index[0].0.as_str(), arg.as_str()),
+            None => bail!(
+                "--points {arg}: {} decodes several point sets; give --points NAME=FILE for each of {names}",
+                dir.display()
+            ),
+        };
+        let p = Path::new(file);
+        let t = npy::read_npy(p)?;
+        let v = perceiver_edge_runtime::to_vec::<i64>(&t)
+            .with_context(|| format!("{}: points must be int64", p.display()))?;
+        let slot = &mut sets.iter_mut().find(|(n, _)| n == name).expect("an index input").1;
+        match t.shape() {
+            [k] if *k > 0 => slot.push(v),
+            [s, k] if *s > 0 && *k > 0 => slot.extend(v.chunks(*k).map(<[i64]>::to_vec)),
+            other => bail!("{}: points of shape {other:?}, expected [K] or [S, K] with K >= 1", p.display()),
+        }
+        files.push(p.to_path_buf());
+    }
+    if sets.iter().all(|(_, v)| v.is_empty()) {
+        return Ok(vec![]);
+    }
+    if let Some((missing, _)) = sets.iter().find(|(_, v)| v.is_empty()) {
+        bail!("--points: `{missing}` is missing (--points {missing}=FILE); {} decodes {names} together", dir.display());
+    }
+    if sets.iter().any(|(_, v)| v.len() != sets[0].1.len()) {
+        let counts: Vec<String> = sets.iter().map(|(n, v)| format!("{n} {}", v.len())).collect();
+        bail!("--points: a different number of query sets per index input ({})", counts.join(", "));
+    }
+    if sets.iter().any(|(_, v)| v.iter().any(|s| s.len() != v[0].len())) {
+        bail!("--points: query sets of different sizes; give sets of one size, or run once per size");
+    }
+    Ok(sets)
+}
+
 /// `run` on a split model folder: encode once, apply the block `blocks` times (or within a
 /// deadline), decode all positions or each `--points` set.
 fn run_split(
     dir: &Path,
     inputs: &[String],
     outputs: &[PathBuf],
-    points: &[PathBuf],
+    points: &[String],
     blocks: Option<usize>,
     deadline_ms: Option<f64>,
 ) -> Result<()> {
-    use perceiver_edge_runtime::{split::Model, to_vec, Tensor};
+    use perceiver_edge_runtime::{split::Model, Tensor};
     let mut model = Model::load(dir)?;
     let specs = model.inputs().to_vec();
     let same = |i: usize, t: &Tensor| -> perceiver_edge_runtime::Result<()> {
@@ -803,20 +862,11 @@ fn run_split(
     };
     let (tensors, mut files) = read_run_inputs(dir, inputs, &specs, same)?;
     files.extend(std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())));
-    // Query sets: each --points file is [K] or [S, K].
-    let mut sets: Vec<Vec<i64>> = vec![];
-    for p in points {
-        let t = npy::read_npy(p)?;
-        let v = to_vec::<i64>(&t).with_context(|| format!("{}: points must be int64", p.display()))?;
-        match t.shape() {
-            [k] if *k > 0 => sets.push(v),
-            [s, k] if *s > 0 && *k > 0 => sets.extend(v.chunks(*k).map(<[i64]>::to_vec)),
-            other => bail!("{}: points of shape {other:?}, expected [K] or [S, K] with K >= 1", p.display()),
-        }
-        files.push(p.clone());
-    }
-    if sets.len() > 1 && sets.iter().any(|s| s.len() != sets[0].len()) {
-        bail!("--points: query sets of different sizes; give sets of one size, or run once per size");
+    let sets = read_point_sets(dir, &model, points, &mut files)?;
+    let n_sets = sets.first().map_or(0, |(_, v)| v.len());
+    for s in 0..n_sets {
+        let pts: Vec<(&str, &[i64])> = sets.iter().map(|(n, v)| (n.as_str(), v[s].as_slice())).collect();
+        model.check_points(&pts)?;
     }
     let out_specs = model.outputs().to_vec();
     let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
@@ -835,12 +885,13 @@ fn run_split(
     };
     let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = std::time::Instant::now();
-    let results: Vec<Tensor> = if sets.is_empty() {
+    let results: Vec<Tensor> = if n_sets == 0 {
         model.decode_all(&z)?
     } else {
         let mut per_set: Vec<Vec<Tensor>> = vec![];
-        for s in &sets {
-            per_set.push(model.decode(&z, s)?);
+        for s in 0..n_sets {
+            let pts: Vec<(&str, &[i64])> = sets.iter().map(|(n, v)| (n.as_str(), v[s].as_slice())).collect();
+            per_set.push(model.decode_points(&z, &pts)?);
         }
         if per_set.len() == 1 {
             per_set.pop().expect("one set")
@@ -868,10 +919,13 @@ fn run_split(
     println!(
         "encoded with {} block application(s) in {encode_ms:.2} ms; decoded {} in {decode_ms:.2} ms",
         z.blocks,
-        if sets.is_empty() {
-            "every position".to_string()
-        } else {
-            format!("{} set(s) of {} position(s)", sets.len(), sets[0].len())
+        match sets.as_slice() {
+            [] => "every position".to_string(),
+            [(_, v)] => format!("{n_sets} set(s) of {} position(s)", v[0].len()),
+            many => {
+                let each: Vec<String> = many.iter().map(|(n, v)| format!("{} {n}", v[0].len())).collect();
+                format!("{n_sets} set(s) of {}", each.join(" + "))
+            }
         }
     );
     Ok(())
@@ -984,6 +1038,12 @@ fn inspect_split(dir: &Path) -> Result<()> {
     );
     let buckets: Vec<String> = m.decoders.iter().filter_map(|d| d.queries.map(|k| k.to_string())).collect();
     println!("queries        {} output positions; buckets [{}]", m.num_queries, buckets.join(", "));
+    for p in &m.point_inputs {
+        println!(
+            "index input    {}: {} positions of {} (min(K, {}) per bucket K)",
+            p.name, p.positions, p.output, p.positions
+        );
+    }
     let files = std::iter::once(&m.encoder).chain(m.block.iter()).chain(m.decoders.iter().map(|d| &d.file));
     for f in files {
         let session = Session::load(&dir.join(f))?;

@@ -15,7 +15,9 @@ use crate::model::encoder::{MARK_BLOCK, MARK_CROSS};
 use crate::options::ExportOptions;
 use crate::summary::Summary;
 use crate::{metadata, passes, Exported};
-use perceiver_edge_runtime::split::{DecoderPart, Manifest, FORMAT, LATENTS, LATENTS_OUT, MANIFEST, QUERIES};
+use perceiver_edge_runtime::split::{
+    DecoderPart, Manifest, PointInput, FORMAT, LATENTS, LATENTS_OUT, MANIFEST, QUERIES,
+};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -101,7 +103,9 @@ pub fn choosable_positions(head: Head, summary: &Summary) -> Option<usize> {
 
 /// Builds the split export of `ck`: the depth is `opts.blocks` or the trained `num_blocks`;
 /// `buckets` are the query counts of the extra decoders (default [`DEFAULT_BUCKETS`]; only
-/// counts below the full output count, and only for heads that decode chosen positions).
+/// counts below the full output count, and only for heads that decode chosen positions;
+/// multimodal: below the larger of its video-point and audio-patch counts, each index input
+/// `min(K, its count)` long).
 pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usize]>) -> Result<Split> {
     let head = Head::of(ck)?;
     if opts.decode_subset.is_some() || opts.image_points.is_some() || opts.audio_points.is_some() {
@@ -141,18 +145,29 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
 
     let num_queries = summary.dims.get("O").copied().unwrap_or(1);
     let chooses = choosable_positions(head, &summary).is_some();
+    // Multimodal decodes video points and audio patches together, chosen by two index inputs.
+    let point_sets = (head == Head::MultimodalAutoencoding).then(|| heads::multimodal::point_inputs(&ck.config));
+    let most = point_sets.as_ref().map_or(num_queries, |p| p.iter().map(|x| x.1).max().unwrap_or(1));
     let mut decoders = vec![DecoderPart { file: "decoder.onnx".into(), queries: None }];
     let mut index_input = None;
-    if chooses {
-        let mut sizes: Vec<usize> =
-            buckets.unwrap_or(&DEFAULT_BUCKETS).iter().copied().filter(|&k| k < num_queries).collect();
+    if chooses || point_sets.is_some() {
+        let mut sizes: Vec<usize> = buckets.unwrap_or(&DEFAULT_BUCKETS).iter().copied().filter(|&k| k < most).collect();
         sizes.sort_unstable();
         sizes.dedup();
         if sizes.contains(&0) {
             return Err(Error::invalid("--buckets: sizes must be at least 1"));
         }
         for k in sizes {
-            let o = ExportOptions { decode_subset: Some(k), grid_subset: true, ..one.clone() };
+            // Subset queries are rows of the full query grid: a chosen point equals the full output.
+            let o = match &point_sets {
+                Some([(_, images, _), (_, audio, _)]) => ExportOptions {
+                    image_points: Some(k.min(*images)),
+                    audio_points: Some(k.min(*audio)),
+                    grid_subset: true,
+                    ..one.clone()
+                },
+                None => ExportOptions { decode_subset: Some(k), grid_subset: true, ..one.clone() },
+            };
             let (gk, _) = heads::build_graph(ck, &o)?;
             let z = mark(&gk, &format!("{MARK_BLOCK}0"))?;
             let q = mark(&gk, MARK_QUERIES).ok();
@@ -160,7 +175,9 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
             let decoder = cut(&gk, &carried(&z, q.as_ref()), None);
             parts.push((file.clone(), finish(decoder, "decoder", ck, opts, &template)?));
             decoders.push(DecoderPart { file, queries: Some(k) });
-            index_input = Some("output_indices".to_string());
+            if chooses {
+                index_input = Some("output_indices".to_string());
+            }
         }
     } else if buckets.is_some_and(|b| !b.is_empty()) {
         return Err(Error::invalid(format!(
@@ -168,6 +185,11 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
             head.class_name()
         )));
     }
+    let point_inputs = point_sets
+        .iter()
+        .flatten()
+        .map(|&(name, positions, output)| PointInput { name: name.into(), positions, output: output.into() })
+        .collect();
     let manifest = Manifest {
         format: FORMAT.into(),
         version: 1,
@@ -178,6 +200,7 @@ pub fn build_split(ck: &Checkpoint, opts: &ExportOptions, buckets: Option<&[usiz
         decoders,
         index_input,
         num_queries,
+        point_inputs,
     };
     Ok(Split { parts, manifest })
 }

@@ -464,10 +464,20 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
         None => None,
     };
     let mut decode_ms = vec![DecodeTime { queries: None, latency_ms: time(&mut || model.decode_all(&z).map(|_| ()))? }];
+    let sets = model.index_inputs();
     for d in m.decoders.iter().skip(1) {
         let k = d.queries.expect("bucket");
-        let idx: Vec<i64> = (0..k as i64).map(|i| i * m.num_queries as i64 / k as i64).collect();
-        decode_ms.push(DecodeTime { queries: Some(k), latency_ms: time(&mut || model.decode(&z, &idx).map(|_| ()))? });
+        // Each index input at the bucket's size, spread over its positions.
+        let idx: Vec<(String, Vec<i64>)> = sets
+            .iter()
+            .map(|(name, n)| {
+                let len = k.min(*n) as i64;
+                (name.clone(), (0..len).map(|i| i * *n as i64 / len).collect())
+            })
+            .collect();
+        let points: Vec<(&str, &[i64])> = idx.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        let l = time(&mut || model.decode_points(&z, &points).map(|_| ()))?;
+        decode_ms.push(DecodeTime { queries: Some(k), latency_ms: l });
     }
     let mut per_block_count_ms = vec![];
     for b in if m.blocks > 0 { 1..=m.blocks } else { 0..=0 } {

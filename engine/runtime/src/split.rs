@@ -54,6 +54,24 @@ pub struct Manifest {
     pub index_input: Option<String>,
     /// Output positions of a full decode.
     pub num_queries: usize,
+    /// Named index inputs decoded together (multimodal: `image_points`, `audio_points`),
+    /// instead of one `index_input`; absent (empty) otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub point_inputs: Vec<PointInput>,
+}
+
+/// One of several named index inputs of the query buckets ([`Manifest::point_inputs`]). The
+/// bucket of K queries takes `min(K, positions)` int64 indices in it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointInput {
+    /// Input name.
+    pub name: String,
+    /// Positions of a full decode it chooses from (flat indices `0..positions`).
+    pub positions: usize,
+    /// The output whose positions it chooses (axis 1 holds them, in equal blocks); the
+    /// outputs no index input names are decoded whole.
+    pub output: String,
 }
 
 fn bad(dir: &Path, msg: impl Into<String>) -> Error {
@@ -94,8 +112,25 @@ impl Manifest {
         if m.decoders.iter().skip(1).any(|d| d.queries.is_none_or(|k| k == 0 || k > m.num_queries)) {
             return Err(bad(dir, format!("bucket sizes must be in 1..={}", m.num_queries)));
         }
-        if m.decoders.len() > 1 && m.index_input.is_none() {
-            return Err(bad(dir, "query buckets need an \"index_input\""));
+        if m.index_input.is_some() && !m.point_inputs.is_empty() {
+            return Err(bad(dir, "give \"index_input\" or \"point_inputs\", not both"));
+        }
+        if m.decoders.len() > 1 && m.index_input.is_none() && m.point_inputs.is_empty() {
+            return Err(bad(dir, "query buckets need an \"index_input\" or \"point_inputs\""));
+        }
+        for (i, p) in m.point_inputs.iter().enumerate() {
+            if p.positions == 0 || p.name == LATENTS {
+                return Err(bad(
+                    dir,
+                    format!("point input `{}`: expected a name other than `{LATENTS}` and positions >= 1", p.name),
+                ));
+            }
+            if m.point_inputs[..i].iter().any(|q| q.name == p.name || q.output == p.output) {
+                return Err(bad(
+                    dir,
+                    format!("point input `{}`: its name or output `{}` is given twice", p.name, p.output),
+                ));
+            }
         }
         Ok(m)
     }
@@ -117,6 +152,22 @@ pub struct Latents {
     side: Vec<(String, Tensor)>,
 }
 
+/// An index input of the query buckets, normalised: the one `index_input` of a single-index
+/// head chooses positions of every output (`output` `None`).
+#[derive(Clone, Debug)]
+struct IndexSet {
+    name: String,
+    positions: usize,
+    output: Option<String>,
+}
+
+impl IndexSet {
+    /// Whether this set chooses the positions of output `name`.
+    fn indexes(&self, name: &str) -> bool {
+        self.output.as_deref().is_none_or(|o| o == name)
+    }
+}
+
 /// A loaded split model.
 pub struct Model {
     dir: PathBuf,
@@ -125,6 +176,7 @@ pub struct Model {
     block: Option<Session>,
     decoders: Vec<(Option<usize>, Session)>,
     inputs: Vec<IoSpec>,
+    sets: Vec<IndexSet>,
     /// Measured seconds per block application and per full decode (running means), for
     /// deadline mode.
     block_s: Option<f64>,
@@ -142,6 +194,39 @@ fn check_part(dir: &Path, file: &str, s: &Session, needs_latents: bool, gives: &
                 if needs_latents { "a" } else { "no" }
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Load-time check of a decoder of an indexed folder: a bucket decoder takes every index input;
+/// each output an index input chooses positions of is there and holds them on axis 1 in equal
+/// blocks (`queries` of them in a bucket, every position in the full decoder).
+fn check_indexed_outputs(dir: &Path, file: &str, queries: Option<usize>, s: &Session, sets: &[IndexSet]) -> Result<()> {
+    for x in sets {
+        if queries.is_some() && !s.inputs().iter().any(|i| i.name == x.name) {
+            return Err(bad(dir, format!("decoder {file} has no index input `{}`", x.name)));
+        }
+        if let Some(o) = &x.output {
+            if !s.outputs().iter().any(|spec| spec.name == *o) {
+                return Err(bad(dir, format!("decoder {file} has no output `{o}` (chosen by `{}`)", x.name)));
+            }
+        }
+        let n = queries.map_or(x.positions, |q| q.min(x.positions));
+        for spec in s.outputs().iter().filter(|spec| x.indexes(&spec.name)) {
+            let fits = match queries {
+                Some(_) => spec.shape.len() >= 2 && spec.shape[1].is_multiple_of(n),
+                None => spec.shape.len() >= 2 && spec.shape[1..].iter().product::<usize>().is_multiple_of(n),
+            };
+            if !fits {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "decoder {file} output `{}` {:?} does not hold {n} positions of `{}`",
+                        spec.name, spec.shape, x.name
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -172,10 +257,20 @@ impl Model {
         let mut inputs: Vec<IoSpec> = encoder.inputs().to_vec();
         // Encoder outputs besides the latents are handed to the decoders (not model inputs).
         let carried: Vec<IoSpec> = encoder.outputs().iter().filter(|o| o.name != LATENTS).cloned().collect();
+        let indexed = m.index_input.is_some() || !m.point_inputs.is_empty();
+        let sets: Vec<IndexSet> = if m.point_inputs.is_empty() {
+            let name = m.index_input.clone().unwrap_or_else(|| "points".into());
+            vec![IndexSet { name, positions: m.num_queries, output: None }]
+        } else {
+            m.point_inputs
+                .iter()
+                .map(|p| IndexSet { name: p.name.clone(), positions: p.positions, output: Some(p.output.clone()) })
+                .collect()
+        };
         for d in &m.decoders {
             let s = load(&d.file)?;
             for spec in s.inputs() {
-                let is_index = m.index_input.as_deref() == Some(spec.name.as_str());
+                let set = sets.iter().find(|x| indexed && x.name == spec.name);
                 if spec.name == LATENTS {
                     if spec.shape != z.shape {
                         return Err(bad(
@@ -186,13 +281,18 @@ impl Model {
                             ),
                         ));
                     }
-                } else if is_index {
-                    if d.queries.is_none_or(|k| spec.shape != [k]) {
+                } else if let Some(x) = set {
+                    let want = d.queries.map(|q| q.min(x.positions));
+                    if want.is_none_or(|k| spec.shape != [k] || spec.dtype != i64::datum_type()) {
+                        let want = want.map_or("none (it decodes every position)".into(), |k| format!("int64 [{k}]"));
                         return Err(bad(
                             dir,
                             format!(
-                                "decoder {} index input is {:?}, the manifest says {:?}",
-                                d.file, spec.shape, d.queries
+                                "decoder {} index input is {:?} (`{}`, {}), the manifest says {want}",
+                                d.file,
+                                spec.shape,
+                                x.name,
+                                dtype_name(spec.dtype)
                             ),
                         ));
                     }
@@ -213,6 +313,9 @@ impl Model {
             if !s.inputs().iter().any(|i| i.name == LATENTS) {
                 return Err(bad(dir, format!("decoder {} has no `{LATENTS}` input", d.file)));
             }
+            if indexed {
+                check_indexed_outputs(dir, &d.file, d.queries, &s, &sets)?;
+            }
             decoders.push((d.queries, s));
         }
         Ok(Model {
@@ -222,6 +325,7 @@ impl Model {
             block,
             decoders,
             inputs,
+            sets,
             block_s: None,
             decode_s: None,
         })
@@ -356,7 +460,7 @@ impl Model {
     /// Decodes every output position of `z` (the single-graph outputs).
     pub fn decode_all(&mut self, z: &Latents) -> Result<Vec<Tensor>> {
         let t = Instant::now();
-        let out = self.run_decoder(0, z, None)?;
+        let out = self.run_decoder(0, z, &[])?;
         let s = t.elapsed().as_secs_f64();
         self.decode_s = Some(self.decode_s.map_or(s, |m| 0.8 * m + 0.2 * s));
         Ok(out)
@@ -364,40 +468,122 @@ impl Model {
 
     /// Decodes the output positions `indices` (flat positions in `0..num_queries`) of `z`:
     /// outputs `[B, K, ...]` in the order given. Uses the smallest bucket that holds them
-    /// (padding the rest), or the full decode and a selection.
+    /// (padding the rest), or the full decode and a selection. Heads with several index inputs
+    /// (multimodal) take [`Model::decode_points`].
     pub fn decode(&mut self, z: &Latents, indices: &[i64]) -> Result<Vec<Tensor>> {
-        let n = self.manifest.num_queries;
-        let name = self.manifest.index_input.clone().unwrap_or_else(|| "points".into());
-        if indices.is_empty() {
-            return Err(Error::Input { name, msg: "no query positions given (an empty set)".into() });
-        }
-        if let Some((at, v)) = indices.iter().enumerate().find(|(_, v)| !(0..n as i64).contains(v)) {
+        if self.sets.len() > 1 {
             return Err(Error::Input {
-                name,
-                msg: format!("position {v} at index {at} is out of range 0..={}", n - 1),
+                name: self.set_names(),
+                msg: "this model decodes several point sets together: give each by name (decode_points, run --points NAME=FILE)".into(),
             });
         }
-        let k = indices.len();
+        let name = self.sets[0].name.clone();
+        self.decode_points(z, &[(&name, indices)])
+    }
+
+    /// The index inputs [`Model::decode_points`] takes: name and the positions of a full decode
+    /// (indices `0..positions`). Single-index heads have one (the manifest's `index_input`).
+    pub fn index_inputs(&self) -> Vec<(String, usize)> {
+        self.sets.iter().map(|x| (x.name.clone(), x.positions)).collect()
+    }
+
+    fn set_names(&self) -> String {
+        self.sets.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Checks chosen points for [`Model::decode_points`]: every index input named once, no
+    /// other name, each set non-empty and in range.
+    pub fn check_points(&self, points: &[(&str, &[i64])]) -> Result<()> {
+        for (i, (name, idx)) in points.iter().enumerate() {
+            let Some(x) = self.sets.iter().find(|x| x.name == *name) else {
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    msg: format!("not an index input of this model (it takes {})", self.set_names()),
+                });
+            };
+            if points[..i].iter().any(|(n, _)| n == name) {
+                return Err(Error::Input { name: name.to_string(), msg: "given twice".into() });
+            }
+            if idx.is_empty() {
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    msg: "no query positions given (an empty set)".into(),
+                });
+            }
+            let n = x.positions as i64;
+            if let Some((at, v)) = idx.iter().enumerate().find(|(_, v)| !(0..n).contains(v)) {
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    msg: format!("position {v} at index {at} is out of range 0..={}", n - 1),
+                });
+            }
+        }
+        if let Some(x) = self.sets.iter().find(|x| !points.iter().any(|(n, _)| *n == x.name)) {
+            return Err(Error::Input {
+                name: x.name.clone(),
+                msg: format!("no points given; this model decodes {} together", self.set_names()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes chosen positions of `z` for every index input at once (multimodal:
+    /// `[("image_points", &[..]), ("audio_points", &[..])]`): each output an index input chooses
+    /// holds its positions in the order given (`image_logits` `[B, Ki, 3]`, `audio_logits`
+    /// `[B, Ka * samples_per_patch]`), the others are whole (`label_logits`). Uses the smallest
+    /// bucket that holds every set (each padded with its last index), or the full decode and a
+    /// selection; equals the full output at those positions.
+    pub fn decode_points(&mut self, z: &Latents, points: &[(&str, &[i64])]) -> Result<Vec<Tensor>> {
+        self.check_points(points)?;
+        let sets = self.sets.clone();
+        let chosen: Vec<&[i64]> =
+            sets.iter().map(|x| points.iter().find(|(n, _)| *n == x.name).expect("checked").1).collect();
+        let fits = |q: usize| sets.iter().zip(&chosen).all(|(x, c)| c.len() <= q.min(x.positions));
         let bucket = (1..self.decoders.len())
-            .filter(|&i| self.decoders[i].0.is_some_and(|q| q >= k))
+            .filter(|&i| self.decoders[i].0.is_some_and(fits))
             .min_by_key(|&i| self.decoders[i].0);
+        let names: Vec<String> = self.outputs().iter().map(|o| o.name.clone()).collect();
+        let which = |name: &str| sets.iter().zip(&chosen).find(|(x, _)| x.indexes(name));
         match bucket {
             Some(i) => {
-                let size = self.decoders[i].0.expect("bucket");
-                let mut padded = indices.to_vec();
-                padded.resize(size, *indices.last().expect("non-empty"));
-                let out = self.run_decoder(i, z, Some(&padded))?;
-                out.into_iter().map(|t| t.slice(1, 0, k).map_err(|e| Error::Run(e.to_string()))).collect()
+                let q = self.decoders[i].0.expect("bucket");
+                let padded: Vec<(String, Vec<i64>)> = sets
+                    .iter()
+                    .zip(&chosen)
+                    .map(|(x, c)| {
+                        let mut v = c.to_vec();
+                        v.resize(q.min(x.positions), *c.last().expect("non-empty"));
+                        (x.name.clone(), v)
+                    })
+                    .collect();
+                let out = self.run_decoder(i, z, &padded)?;
+                let out_names: Vec<String> = self.decoders[i].1.outputs().iter().map(|o| o.name.clone()).collect();
+                out.into_iter()
+                    .zip(&out_names)
+                    .map(|(t, name)| match which(name) {
+                        Some((x, c)) => {
+                            let per = t.shape()[1] / q.min(x.positions);
+                            t.slice(1, 0, c.len() * per).map_err(|e| Error::Run(e.to_string()))
+                        }
+                        None => Ok(t),
+                    })
+                    .collect()
             }
             None => {
                 let all = self.decode_all(z)?;
-                all.iter().map(|t| select_positions(t, n, indices)).collect()
+                all.into_iter()
+                    .zip(&names)
+                    .map(|(t, name)| match which(name) {
+                        Some((x, c)) => select_positions(&t, x.positions, c),
+                        None => Ok(t),
+                    })
+                    .collect()
             }
         }
     }
 
-    fn run_decoder(&mut self, i: usize, z: &Latents, indices: Option<&[i64]>) -> Result<Vec<Tensor>> {
-        let index_name = self.manifest.index_input.clone();
+    /// Runs decoder `i` on `z`, its index inputs from `indices` (by name).
+    fn run_decoder(&mut self, i: usize, z: &Latents, indices: &[(String, Vec<i64>)]) -> Result<Vec<Tensor>> {
         let dec = &mut self.decoders[i].1;
         let args: Vec<Tensor> = dec
             .inputs()
@@ -405,8 +591,7 @@ impl Model {
             .map(|spec| {
                 if spec.name == LATENTS {
                     Ok(z.value.clone())
-                } else if Some(&spec.name) == index_name.as_ref() {
-                    let idx = indices.expect("a bucket decoder gets indices");
+                } else if let Some((_, idx)) = indices.iter().find(|(n, _)| *n == spec.name) {
                     Tensor::from_shape(&[idx.len()], idx).map_err(|e| Error::Run(e.to_string()))
                 } else {
                     z.side.iter().find(|(n, _)| *n == spec.name).map(|(_, t)| t.clone()).ok_or_else(|| Error::Input {
@@ -427,8 +612,9 @@ impl Model {
     }
 }
 
-/// Rows `indices` of a full output `t` whose axes after the batch axis hold `n` positions
-/// (`[B, H, W, F]` with `H * W = n`, or `[B, n, F]`): `[B, K, F]`.
+/// Positions `indices` of a full output `t` holding `n` positions after the batch axis: either
+/// whole axes (`[B, H, W, F]` with `H * W = n`, or `[B, n, F]`; gives `[B, K, F]`), or equal
+/// blocks of axis 1 of a `[B, n * r]` output (multimodal audio; gives `[B, K * r]`).
 fn select_positions(t: &Tensor, n: usize, indices: &[i64]) -> Result<Tensor> {
     let shape = t.shape();
     let mut prod = 1;
@@ -437,16 +623,41 @@ fn select_positions(t: &Tensor, n: usize, indices: &[i64]) -> Result<Tensor> {
         prod *= shape[end];
         end += 1;
     }
-    if prod != n {
+    let k = indices.len();
+    let out_shape: Vec<usize> = if prod == n {
+        [&[shape[0], k][..], &shape[end..]].concat()
+    } else if shape.len() == 2 && shape[1].is_multiple_of(n) {
+        vec![shape[0], k * (shape[1] / n)]
+    } else {
         return Err(Error::Run(format!("output shape {shape:?} does not hold {n} positions after the batch axis")));
-    }
-    let rest: Vec<usize> = shape[end..].to_vec();
-    let flat: Vec<usize> = [&[shape[0], n][..], &rest].concat();
-    let t = t.clone().into_shape(&flat).map_err(|e| Error::Run(e.to_string()))?;
+    };
+    let per = shape[1..].iter().product::<usize>() / n;
+    let t = t.clone().into_shape(&[shape[0], n, per]).map_err(|e| Error::Run(e.to_string()))?;
     let parts: Vec<Tensor> = indices
         .iter()
         .map(|&i| t.slice(1, i as usize, i as usize + 1))
         .collect::<TractResult<_>>()
         .map_err(|e| Error::Run(e.to_string()))?;
-    Tensor::stack_tensors(1, &parts).map_err(|e| Error::Run(e.to_string()))
+    let picked = Tensor::stack_tensors(1, &parts).map_err(|e| Error::Run(e.to_string()))?;
+    picked.into_shape(&out_shape).map_err(|e| Error::Run(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_positions_takes_whole_axes_or_blocks_of_axis_1() {
+        // [1, 2, 3, 2]: 6 positions of 2 values.
+        let t = Tensor::from_shape(&[1, 2, 3, 2], &(0..12).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let s = select_positions(&t, 6, &[5, 0]).unwrap();
+        assert_eq!(s.shape(), &[1, 2, 2]);
+        assert_eq!(crate::to_vec::<f32>(&s).unwrap(), &[10.0, 11.0, 0.0, 1.0]);
+        // [1, 8]: 2 positions (audio patches) of 4 samples each.
+        let t = Tensor::from_shape(&[1, 8], &(0..8).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let s = select_positions(&t, 2, &[1, 1, 0]).unwrap();
+        assert_eq!(s.shape(), &[1, 12]);
+        assert_eq!(crate::to_vec::<f32>(&s).unwrap(), &[4.0, 5.0, 6.0, 7.0, 4.0, 5.0, 6.0, 7.0, 0.0, 1.0, 2.0, 3.0]);
+        assert!(select_positions(&t, 3, &[0]).is_err());
+    }
 }

@@ -6,7 +6,7 @@
 mod bare;
 mod classification;
 mod masked_lm;
-mod multimodal;
+pub(crate) mod multimodal;
 mod optical_flow;
 
 pub use bare::{read_decoder_decl, DecoderDecl, FourierDecl, DECODER_FILE};

@@ -7,13 +7,29 @@ use crate::ir::{DType, Val};
 use crate::model::blocks::{Builder, LayerOpts};
 use crate::model::decoder::{Decoder, Queries};
 use crate::model::encoder::encode;
-use crate::model::position::{fourier_at_indices, Fourier};
+use crate::model::position::{fourier_at_indices, Fourier, IndexPositions};
 use crate::options::ExportOptions;
 
-/// Fourier queries `[K, width]` of the points `idx` (in-graph), or of the whole grid (constant).
+/// Name of the index input choosing video points (flat indices into `image_logits`' points).
+pub const IMAGE_POINTS: &str = "image_points";
+/// Name of the index input choosing audio patches (`samples_per_patch` values of `audio_logits` each).
+pub const AUDIO_POINTS: &str = "audio_points";
+
+/// The chunked-decoding index inputs: (input name, positions of a full decode, the output whose
+/// positions it chooses), video points first.
+pub fn point_inputs(cfg: &crate::checkpoint::PerceiverConfig) -> [(&'static str, usize, &'static str); 2] {
+    let images = cfg.output_shape.iter().skip(1).fold(1usize, |a, &d| a.saturating_mul(d));
+    let audio = cfg.num_frames.saturating_mul(cfg.audio_samples_per_frame) / cfg.samples_per_patch.max(1);
+    [(IMAGE_POINTS, images, "image_logits"), (AUDIO_POINTS, audio, "audio_logits")]
+}
+
+/// Fourier queries `[K, width]` of the points `idx` (in-graph; rows of the full grid when the
+/// builder decodes grid subsets, else transformers' subsampled positions), or of the whole grid
+/// (constant).
 fn fourier_queries(b: &mut Builder, f: &Fourier, idx: Option<&Val>, dims: &[usize]) -> Result<Val> {
+    let at = if b.grid_subset { IndexPositions::Grid } else { IndexPositions::Subsampled };
     Ok(match idx {
-        Some(idx) => fourier_at_indices(&mut b.g, f, idx, dims),
+        Some(idx) => fourier_at_indices(&mut b.g, f, idx, dims, at),
         None => {
             let rows = dims.iter().product();
             b.g.const_f32("queries", &[rows, f.width()], &f.grid(dims)?)
@@ -104,8 +120,7 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     // the linspace grid, or the chunk chosen by an index input), and the trainable label query,
     // each padded to the decoder's query width.
     let out_dims = cfg.output_shape[1..].to_vec();
-    let total_img: usize = out_dims.iter().product();
-    let total_audio = n_audio / spp;
+    let [(_, total_img, _), (_, total_audio, _)] = point_inputs(&cfg);
     for (k, total, what) in
         [(opts.image_points, total_img, "--image-points"), (opts.audio_points, total_audio, "--audio-points")]
     {
@@ -113,10 +128,10 @@ pub fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
             return Err(Error::invalid(format!("{what} must be in 1..={total}")));
         }
     }
-    let image_idx = opts.image_points.map(|k| b.g.input("image_points", DType::I64, &[k]));
-    let audio_idx = opts.audio_points.map(|k| b.g.input("audio_points", DType::I64, &[k]));
-    b.g.input_range("image_points", 0, total_img as i64 - 1);
-    b.g.input_range("audio_points", 0, total_audio as i64 - 1);
+    let image_idx = opts.image_points.map(|k| b.g.input(IMAGE_POINTS, DType::I64, &[k]));
+    let audio_idx = opts.audio_points.map(|k| b.g.input(AUDIO_POINTS, DType::I64, &[k]));
+    b.g.input_range(IMAGE_POINTS, 0, total_img as i64 - 1);
+    b.g.input_range(AUDIO_POINTS, 0, total_audio as i64 - 1);
     let (ki, ka) = (opts.image_points.unwrap_or(total_img), opts.audio_points.unwrap_or(total_audio));
     let label_q = "decoder.modalities.label.decoder.output_position_encodings.position_embeddings";
     let qwidth = b.ck.get_shaped("decoder.padding.label", &[Some(1), None])?.shape[1]

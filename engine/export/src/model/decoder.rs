@@ -5,7 +5,7 @@
 use crate::error::Result;
 use crate::ir::Val;
 use crate::model::blocks::{Builder, LayerOpts};
-use crate::model::position::{fourier_at_indices, Fourier};
+use crate::model::position::{fourier_at_indices, Fourier, IndexPositions};
 
 /// Graph mark of input-dependent decoder queries (optical flow's preprocessed inputs): a split
 /// export computes them once in the encoder and hands them to the decoders.
@@ -56,7 +56,7 @@ impl Decoder {
             (Queries::Inputs(x), Some(idx)) => Ok(b.g.gather(x, idx, 1)),
             // Subsampled Fourier queries use transformers' `-1 + 2 * i / n` positions: computed in-graph.
             (Queries::Fourier(f, dims), Some(idx)) if !b.grid_subset => {
-                let q = fourier_at_indices(&mut b.g, f, idx, dims);
+                let q = fourier_at_indices(&mut b.g, f, idx, dims, IndexPositions::Subsampled);
                 let q = if has_proj { b.linear(&proj, &q)? } else { q };
                 let w = q.last_dim();
                 Ok(b.g.reshape(&q, &[1, idx.shape[0], w]))

@@ -138,10 +138,19 @@ pub fn bicubic_positions(table: &[f32], side: usize, channels: usize, h: usize, 
     out
 }
 
+/// Where [`fourier_at_indices`] puts an output index on its axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexPositions {
+    /// transformers' subsampled decoding: `-1 + 2 * coord / dim`.
+    Subsampled,
+    /// The full grid's `linspace(-1, 1, dim)[coord]` (a gathered constant), so the features are
+    /// the rows of [`Fourier::grid`] (a split export's query buckets).
+    Grid,
+}
+
 /// Graph nodes computing the Fourier features of flat output indices `idx` (`[K]`, int64) over
-/// `index_dims`, with transformers' subsampled-decoding positions `-1 + 2 * coord / dim`.
-/// Returns `[K, width]`.
-pub fn fourier_at_indices(g: &mut Graph, f: &Fourier, idx: &Val, index_dims: &[usize]) -> Val {
+/// `index_dims`, with positions placed as `at` says. Returns `[K, width]`.
+pub fn fourier_at_indices(g: &mut Graph, f: &Fourier, idx: &Val, index_dims: &[usize], at: IndexPositions) -> Val {
     let k = idx.shape[0];
     let d = index_dims.len();
     let mut coords = Vec::new();
@@ -152,14 +161,22 @@ pub fn fourier_at_indices(g: &mut Graph, f: &Fourier, idx: &Val, index_dims: &[u
         let q = g.binary("Div", idx, &s);
         let nn = g.const_i64("dim", &[n as i64]);
         let c = g.binary("Mod", &q, &nn);
-        // (2 * coord) / n - 1, as transformers computes it.
-        let two = g.const_i64("two", &[2]);
-        let c2 = g.binary("Mul", &c, &two);
-        let cf = g.cast(&c2, DType::F32);
-        let nf = g.const_f32("dim_f", &[1], &[n as f32]);
-        let p = g.binary("Div", &cf, &nf);
-        let m1 = g.const_f32("minus_one", &[1], &[-1.0]);
-        let p = g.add(&p, &m1);
+        let p = match at {
+            // (2 * coord) / n - 1, as transformers computes it.
+            IndexPositions::Subsampled => {
+                let two = g.const_i64("two", &[2]);
+                let c2 = g.binary("Mul", &c, &two);
+                let cf = g.cast(&c2, DType::F32);
+                let nf = g.const_f32("dim_f", &[1], &[n as f32]);
+                let p = g.binary("Div", &cf, &nf);
+                let m1 = g.const_f32("minus_one", &[1], &[-1.0]);
+                g.add(&p, &m1)
+            }
+            IndexPositions::Grid => {
+                let axis = g.const_f32("linspace", &[n], &linspace(-1.0, 1.0, n));
+                g.gather(&axis, &c, 0)
+            }
+        };
         coords.push(g.reshape(&p, &[k, 1]));
     }
     let refs: Vec<&Val> = coords.iter().collect();
