@@ -15,8 +15,10 @@
 
 pub mod calib;
 pub mod cost;
+pub mod distill;
 pub mod plot;
 pub mod profile;
+mod workdir;
 
 use anyhow::{bail, Context, Result};
 use perceiver_edge_export::analysis;
@@ -25,6 +27,7 @@ use perceiver_edge_runtime::compare::{fidelity, Fidelity};
 use perceiver_edge_runtime::{bench, to_vec, Session};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use workdir::WorkDir;
 
 pub use profile::Profile;
 
@@ -325,7 +328,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores)?;
     // Everything is written into a work folder next to OUT and moved into OUT at the end: a
     // failure leaves OUT as it was.
-    let work = WorkDir::create(&o.out)?;
+    let work = WorkDir::create(&o.out, "tune")?;
 
     let bar =
         if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
@@ -479,53 +482,6 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
     work.finish()?;
     Ok(report)
-}
-
-/// `tune`'s work folder: a new folder next to OUT (unique name, created exclusively), moved
-/// into place by [`WorkDir::finish`]; removed with what it holds if tune fails.
-struct WorkDir {
-    path: PathBuf,
-    out: PathBuf,
-    done: bool,
-}
-
-impl WorkDir {
-    fn create(out: &Path) -> Result<WorkDir> {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = out.file_name().and_then(|n| n.to_str()).context("-o must name a folder")?;
-        if out.exists() && !out.is_dir() {
-            bail!("{}: exists and is not a folder (tune writes a folder)", out.display());
-        }
-        let path = parent.join(format!(".{name}.tune-{}.partial", std::process::id()));
-        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(WorkDir { path, out: out.to_path_buf(), done: false })
-    }
-
-    /// Moves the results into OUT: the whole folder when OUT does not exist yet, otherwise
-    /// file by file (each replaced atomically), then removes the work folder.
-    fn finish(mut self) -> Result<()> {
-        let _ = std::fs::remove_dir_all(self.path.join("candidates"));
-        if !self.out.exists() {
-            std::fs::rename(&self.path, &self.out).with_context(|| format!("{}: cannot create", self.out.display()))?;
-        } else {
-            for e in std::fs::read_dir(&self.path)? {
-                let e = e?;
-                let to = self.out.join(e.file_name());
-                std::fs::rename(e.path(), &to).with_context(|| format!("{}: cannot write", to.display()))?;
-            }
-            std::fs::remove_dir(&self.path)?;
-        }
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// The Pareto table and the choice, as printed by `perceiver-edge tune`.
