@@ -109,6 +109,16 @@ enum Command {
         /// Required top-1 agreement with the full model (0..1).
         #[arg(long, default_value_t = 0.99)]
         min_agreement: f64,
+        /// Recover the Pareto candidates below --min-agreement by distillation (as `distill`,
+        /// trained on the selection half of DATA) and re-measure them; the students are written
+        /// under OUT/students/.
+        #[arg(long)]
+        recover: bool,
+        #[command(flatten)]
+        training: Training,
+        /// Input length of a text or bare model, as for `export` [default: from config.json].
+        #[arg(long)]
+        seq_len: Option<usize>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -596,6 +606,9 @@ fn dispatch(cmd: Command) -> Result<()> {
             runs,
             warmup,
             min_agreement,
+            recover,
+            training,
+            seq_len,
             quiet,
         } => {
             let precisions = match precisions {
@@ -617,6 +630,8 @@ fn dispatch(cmd: Command) -> Result<()> {
                 warmup,
                 min_agreement,
                 progress: !quiet,
+                recover: recover.then(|| training.settings()),
+                export: perceiver_edge_export::ExportOptions { seq_len, ..Default::default() },
             };
             let report = perceiver_edge_tune::tune(&opts)?;
             print!("{}", perceiver_edge_tune::table(&report));

@@ -169,8 +169,11 @@ pub struct Measured {
     pub fidelity: Fidelity,
     /// Within the board's deadline and memory budget.
     pub fits: bool,
-    /// Pareto-optimal among all candidates.
+    /// Pareto-optimal among all candidates (on [`Measured::effective`] fidelity).
     pub pareto: bool,
+    /// With `--recover`: fidelity of the recovered student of this budget (same shape, so the
+    /// same latency and memory), measured like `fidelity`; `None` when not recovered.
+    pub recovered: Option<Fidelity>,
 }
 
 impl Measured {
@@ -180,6 +183,12 @@ impl Measured {
         let p = if c.precision == Precision::F32 { String::new() } else { format!(" {}", c.precision) };
         format!("K{} B{} T{}{p}", c.latents, c.blocks, c.threads)
     }
+
+    /// The fidelity of the model this candidate stands for: the recovered student's when there
+    /// is one, else the pruned model's.
+    pub fn effective(&self) -> &Fidelity {
+        self.recovered.as_ref().unwrap_or(&self.fidelity)
+    }
 }
 
 /// Picks the fastest fitting candidate with top-1 agreement >= `min_agreement` (latency as
@@ -187,10 +196,10 @@ impl Measured {
 pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usize> {
     let fitting: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].fits).collect();
     let key = |i: usize| (lat[i], cands[i].candidate.threads, i);
-    let faithful = fitting.iter().copied().filter(|&i| cands[i].fidelity.top1_agreement >= min_agreement);
+    let faithful = fitting.iter().copied().filter(|&i| cands[i].effective().top1_agreement >= min_agreement);
     faithful.min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")).or_else(|| {
         fitting.iter().copied().max_by(|&a, &b| {
-            let (fa, fb) = (&cands[a].fidelity, &cands[b].fidelity);
+            let (fa, fb) = (cands[a].effective(), cands[b].effective());
             fa.top1_agreement
                 .total_cmp(&fb.top1_agreement)
                 .then(fa.mean_cosine.total_cmp(&fb.mean_cosine))
@@ -225,6 +234,24 @@ pub struct TuneOptions {
     pub min_agreement: f64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Recover the Pareto candidates whose top-1 agreement is below `min_agreement` by
+    /// distillation ([`distill`]), with these settings; `None`: measure pruned models only.
+    pub recover: Option<distill::TrainSettings>,
+    /// Sizes of the model input (`--seq-len`, ...), as for `export`.
+    pub export: ExportOptions,
+}
+
+/// A student trained by `tune --recover`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Student {
+    /// Latents kept.
+    pub latents: usize,
+    /// Blocks.
+    pub blocks: usize,
+    /// Its checkpoint folder under OUT.
+    pub folder: String,
+    /// Its `distill.json`.
+    pub record: serde_json::Value,
 }
 
 /// Everything `tune` found; written as `report.json`.
@@ -256,6 +283,10 @@ pub struct Report {
     pub chosen: Option<usize>,
     /// Kept latent indices of the chosen candidate.
     pub chosen_latents: Option<Vec<usize>>,
+    /// True when the chosen model is a recovered student (its checkpoint is under `students/`).
+    pub chosen_recovered: bool,
+    /// Students trained by `--recover`.
+    pub students: Vec<Student>,
     /// Files written.
     pub files: Vec<String>,
     /// Table policy used for every candidate, chosen from the board's memory
@@ -316,9 +347,12 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let host_profile = host_profile_path.as_deref().map(Profile::load).transpose()?;
     let judge_measured = board.arch.replace('-', "_") == host_arch;
     let ck = Checkpoint::open(&o.checkpoint)?;
-    let auto = perceiver_edge_export::build(&ck, &ExportOptions::default())?;
+    if o.recover.is_some() {
+        distill::check_head(&ck)?;
+    }
+    let auto = perceiver_edge_export::build(&ck, &o.export)?;
     let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb * 1048576.0);
-    let mut base = ExportOptions::default();
+    let mut base = o.export.clone();
     base.perf.tables = tables;
     let full = if tables == Tables::Auto { auto } else { perceiver_edge_export::build(&ck, &base)? };
     let n = *full.summary.dims.get("N").context("model has no latent array")?;
@@ -405,12 +439,12 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             fidelity: fid,
             fits: false,
             pareto: false,
+            recovered: None,
         });
         files_of.push(path);
         bar.inc(1);
     }
     perceiver_edge_runtime::set_threads(1)?;
-    bar.finish_and_clear();
 
     let budget_bytes = board.memory_mb * 1048576.0;
     let judged: Vec<(f64, f64)> = measured
@@ -430,9 +464,84 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         m.pareto = p;
         m.fits = *l <= board.deadline_ms && *mem <= budget_bytes;
     }
+    let mut students = vec![];
+    if let Some(settings) = &o.recover {
+        // Every pruned candidate that loses accuracy (a superset of the Pareto ones: pruned-only
+        // agreement is not monotone in the budget, so a dominated budget can win once recovered),
+        // one student per (latents, blocks) budget, trained on the selection half and measured on
+        // the validation half like every candidate.
+        let mut budgets: Vec<(usize, usize)> = vec![];
+        for m in &measured {
+            let c = m.candidate;
+            let pruned = c.latents < n || c.blocks < trained_blocks;
+            if pruned && m.fidelity.top1_agreement < o.min_agreement && !budgets.contains(&(c.latents, c.blocks)) {
+                budgets.push((c.latents, c.blocks));
+            }
+        }
+        let sdir = work.path.join("students");
+        if !budgets.is_empty() {
+            std::fs::create_dir(&sdir).with_context(|| format!("{}: cannot create", sdir.display()))?;
+        }
+        for (k, b) in budgets {
+            let name = format!("k{k}-b{b}");
+            let dest = sdir.join(&name);
+            std::fs::create_dir(&dest).with_context(|| format!("{}: cannot create", dest.display()))?;
+            let budget = distill::Budget { kept: analysis::select_latents(&importance, k)?, blocks: b };
+            bar.set_message(format!("recovering K{k} B{b}"));
+            let record =
+                distill::train_student(&o.checkpoint, &budget, &select, &dest, settings, &select.source, &mut |p| {
+                    bar.set_message(format!("recovering K{k} B{b}: step {}/{} loss {:.4}", p.step, p.steps, p.loss))
+                })?;
+            let sck = Checkpoint::open(&dest)?;
+            let mut built: Vec<(Precision, PathBuf, Fidelity)> = vec![];
+            for i in 0..measured.len() {
+                let c = measured[i].candidate;
+                if (c.latents, c.blocks) != (k, b) {
+                    continue;
+                }
+                let (path, fid) = match built.iter().find(|x| x.0 == c.precision) {
+                    Some((_, p, f)) => (p.clone(), f.clone()),
+                    None => {
+                        let opts = perceiver_edge_export::options_for_precision(&sck, &base, c.precision)?;
+                        let mut e = perceiver_edge_export::build(&sck, &opts)?;
+                        let q = QuantOptions {
+                            precision: c.precision,
+                            calibrate: (c.precision == Precision::Int8Static).then(|| o.calibrate.clone()),
+                            ..Default::default()
+                        };
+                        e.quantize(&q, &dest, &mut |_, _| {})?;
+                        let path = dir.join(format!("recovered-k{k}-b{b}-{}.onnx", c.precision));
+                        e.write(&path)?;
+                        let mut s = Session::load(&path)?;
+                        let (out, _) = first_output(&mut s, &validate.samples)?;
+                        let fid = fidelity(&ref_out, &out, row, validate.labels.as_deref());
+                        built.push((c.precision, path.clone(), fid.clone()));
+                        (path, fid)
+                    }
+                };
+                measured[i].recovered = Some(fid);
+                files_of[i] = path;
+            }
+            students.push(Student {
+                latents: k,
+                blocks: b,
+                folder: o.out.join("students").join(&name).display().to_string(),
+                record,
+            });
+        }
+    }
+    // Pareto flags on the fidelity each candidate now stands for (recovered where recovered).
+    let flags = pareto(
+        &measured.iter().map(|m| (m.p99_ms, m.memory_bytes as f64, m.effective().top1_agreement)).collect::<Vec<_>>(),
+    );
+    for (m, p) in measured.iter_mut().zip(flags) {
+        m.pareto = p;
+    }
+    bar.finish_and_clear();
     let lat: Vec<f64> = judged.iter().map(|j| j.0).collect();
     let chosen = choose(&measured, &lat, o.min_agreement);
     let mut files = vec![];
+    let chosen_recovered = chosen.is_some_and(|i| measured[i].recovered.is_some());
     let chosen_latents = match chosen {
         Some(i) => {
             let model = work.path.join("model.onnx");
@@ -447,6 +556,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     std::fs::write(&svg_path, plot::svg(&measured, chosen, board.deadline_ms, &title))
         .with_context(|| format!("{}: cannot write", svg_path.display()))?;
     files.push(o.out.join("tradeoff.svg").display().to_string());
+    for st in &students {
+        files.push(st.folder.clone());
+    }
     let json_path = work.path.join("report.json");
     files.push(o.out.join("report.json").display().to_string());
     let report = Report {
@@ -475,6 +587,8 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         candidates: measured,
         chosen,
         chosen_latents,
+        chosen_recovered,
+        students,
         files,
         tables: tables_reason,
     };
@@ -509,7 +623,7 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
+        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4}",
         "candidate",
         "MFLOPs",
         "p50 ms",
@@ -521,6 +635,8 @@ pub fn table(r: &Report) -> String {
         "top-1 %",
         "cos min",
         "acc %",
+        "rec %",
+        "rec acc",
         "pareto",
         "fits"
     );
@@ -528,7 +644,7 @@ pub fn table(r: &Report) -> String {
         let f = &m.fidelity;
         let _ = writeln!(
             s,
-            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>6} {:>4}{}",
+            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>7} {:>7} {:>6} {:>4}{}",
             m.label(),
             m.flops as f64 / 1e6,
             m.p50_ms,
@@ -540,6 +656,8 @@ pub fn table(r: &Report) -> String {
             100.0 * f.top1_agreement,
             f.min_cosine,
             f.accuracy.map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
+            m.recovered.as_ref().map_or("-".into(), |r| format!("{:.2}", 100.0 * r.top1_agreement)),
+            m.recovered.as_ref().and_then(|r| r.accuracy).map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
             if m.pareto { "*" } else { "" },
             if m.fits { "yes" } else { "no" },
             if Some(i) == r.chosen { "  <- chosen" } else { "" }
@@ -549,8 +667,9 @@ pub fn table(r: &Report) -> String {
         Some(i) => {
             let _ = writeln!(
                 s,
-                "chosen {} (top-1 agreement >= {:.1} % required); latents kept {:?}",
+                "chosen {}{} (top-1 agreement >= {:.1} % required); latents kept {:?}",
                 r.candidates[i].label(),
+                if r.chosen_recovered { ", recovered by distillation" } else { "" },
                 100.0 * r.min_agreement,
                 r.chosen_latents.as_deref().unwrap_or(&[])
             );
@@ -684,6 +803,7 @@ mod tests {
             fidelity: Fidelity { top1_agreement: top1, mean_cosine: top1, ..Default::default() },
             fits,
             pareto: false,
+            recovered: None,
         }
     }
 

@@ -35,6 +35,9 @@ impl WorkDir {
             for e in std::fs::read_dir(&self.path)? {
                 let e = e?;
                 let to = self.out.join(e.file_name());
+                if e.path().is_dir() && to.is_dir() {
+                    std::fs::remove_dir_all(&to).with_context(|| format!("{}: cannot replace", to.display()))?;
+                }
                 std::fs::rename(e.path(), &to).with_context(|| format!("{}: cannot write", to.display()))?;
             }
             std::fs::remove_dir(&self.path)?;
