@@ -329,6 +329,10 @@ struct Training {
     /// Where to train: auto (CUDA when torch sees a GPU), cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     train_device: String,
+    /// Distillation loss: auto (kl for classifiers, map-kl for a one-channel heat map, mse
+    /// otherwise), kl, map-kl (softmax over the map's positions, plus MSE) or mse.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kl", "map-kl", "mse"])]
+    loss: String,
 }
 
 #[cfg(feature = "export")]
@@ -342,6 +346,7 @@ impl Training {
             batch_size: self.batch_size,
             feature_weight: self.feature_weight,
             device: self.train_device.clone(),
+            loss: self.loss.clone(),
         }
     }
 }

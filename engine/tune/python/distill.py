@@ -9,7 +9,11 @@ teacher on the calibration inputs (`--data`, a stacked .npy shaped like the mode
 
 * classification logits (`[B, C]`, or per token `[B, L, V]`): KL(teacher || student) of the
   temperature-softened distributions, times T^2;
-* other outputs (heat maps, flow, bare-model decoders): mean squared error;
+* a one-channel map `[B, P, 1]` (a heat map read out by its peak, as models/marker):
+  KL(teacher || student) of the softmax over the P positions (the distribution the read-out
+  uses), plus their MSE;
+* other outputs (flow, multi-channel decoders): mean squared error;
+* `--loss kl|map-kl|mse` overrides the choice;
 * `--feature-weight W`: plus W times the MSE between the student's latents after the encoder and
   the teacher's kept rows;
 * `--labels L.npy` (int64, classification): plus the cross-entropy with the labels.
@@ -228,6 +232,13 @@ def run(a) -> dict:
     before = agreement(outputs(student, x_all), t_all)
 
     cls = is_classification(arch)
+    kind = a.loss
+    if kind == "auto":
+        kind = "kl" if cls else ("map-kl" if t_all.dim() == 3 and t_all.shape[-1] == 1 else "mse")
+    if kind == "kl" and not cls:
+        raise Fail(f"--loss kl: {arch} has no class logits (use mse or map-kl)")
+    if kind == "map-kl" and not (t_all.dim() == 3 and t_all.shape[-1] == 1):
+        raise Fail(f"--loss map-kl: the output {list(t_all.shape)} is not a one-channel map [B, P, 1]")
     T = a.temperature
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(x_all) / a.batch_size)
@@ -251,7 +262,7 @@ def run(a) -> dict:
                 t = forward(teacher, arch, x)
                 ft = feats.get("t")
             s = forward(student, arch, x)
-            if cls:
+            if kind == "kl":
                 loss = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
                                 reduction="batchmean" if s.dim() == 2 else "none")
                 if s.dim() != 2:
@@ -259,6 +270,9 @@ def run(a) -> dict:
                 loss = loss * T * T
                 if labels is not None:
                     loss = loss + F.cross_entropy(s, labels[idx].to(device))
+            elif kind == "map-kl":
+                loss = F.kl_div(F.log_softmax(s[..., 0], -1), F.log_softmax(t[..., 0], -1), log_target=True,
+                                reduction="batchmean") + F.mse_loss(s, t)
             else:
                 loss = F.mse_loss(s, t)
             if a.feature_weight > 0:
@@ -307,8 +321,8 @@ def run(a) -> dict:
         "seed": a.seed,
         "lr": a.lr,
         "batch_size": a.batch_size,
-        "temperature": T if cls else None,
-        "loss": "kl" if cls else "mse",
+        "temperature": T if kind == "kl" else None,
+        "loss": kind,
         "feature_weight": a.feature_weight,
         "labels": str(a.labels) if a.labels else None,
         "calibration_samples": len(x_all),
@@ -344,6 +358,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--feature-weight", type=float, default=0.0)
+    ap.add_argument("--loss", default="auto", choices=["auto", "kl", "map-kl", "mse"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args()
     try:

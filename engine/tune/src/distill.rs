@@ -58,6 +58,9 @@ pub struct TrainSettings {
     pub feature_weight: f64,
     /// `auto` (CUDA when torch sees a GPU), `cpu` or `cuda`.
     pub device: String,
+    /// Distillation loss: `auto` (`kl` for classifiers, `map-kl` for a one-channel heat map,
+    /// `mse` otherwise), `kl`, `map-kl` or `mse` (see python/distill.py).
+    pub loss: String,
 }
 
 impl Default for TrainSettings {
@@ -70,6 +73,7 @@ impl Default for TrainSettings {
             batch_size: 32,
             feature_weight: 0.0,
             device: "auto".into(),
+            loss: "auto".into(),
         }
     }
 }
@@ -93,6 +97,9 @@ impl TrainSettings {
         }
         if !["auto", "cpu", "cuda"].contains(&self.device.as_str()) {
             bail!("--train-device {}: expected auto, cpu or cuda", self.device);
+        }
+        if !["auto", "kl", "map-kl", "mse"].contains(&self.loss.as_str()) {
+            bail!("--loss {}: expected auto, kl, map-kl or mse", self.loss);
         }
         Ok(())
     }
@@ -258,7 +265,8 @@ pub fn train_student(
         .args(["--temperature", &settings.temperature.to_string()])
         .args(["--batch-size", &settings.batch_size.to_string()])
         .args(["--feature-weight", &settings.feature_weight.to_string()])
-        .args(["--device", &settings.device]);
+        .args(["--device", &settings.device])
+        .args(["--loss", &settings.loss]);
     if let Some(l) = &labels {
         cmd.arg("--labels").arg(l);
     }
