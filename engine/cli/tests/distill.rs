@@ -191,3 +191,32 @@ fn a_non_finite_training_loss_is_one_line_and_leaves_no_student() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn tune_recover_shows_each_budget_before_and_after() {
+    let Some(py) = require_train_python("tune_recover_shows_each_budget_before_and_after") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits_calibration(&py, dir.path());
+    let out = dir.path().join("tuned");
+    let table = ok(bin()
+        .current_dir(root())
+        .args(["tune", "models/digits", "--target", "engine/tune/tests/data/raspberry-pi-5.toml", "--calibrate"])
+        .arg(&data)
+        .args(["--latents", "16,4", "--threads", "1", "--runs", "3", "--warmup", "1"])
+        .args(["--recover", "--epochs", "2", "--train-device", "cpu", "--quiet", "-o"])
+        .arg(&out)
+        .env("PERCEIVER_EDGE_TRAIN_PYTHON", &py));
+    assert!(table.contains("rec %"), "{table}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let c = r["candidates"].as_array().unwrap();
+    assert!(c[0]["recovered"].is_null(), "the full model is not recovered");
+    let (before, after) = (
+        c[1]["fidelity"]["top1_agreement"].as_f64().unwrap(),
+        c[1]["recovered"]["top1_agreement"].as_f64().expect("K4 recovered"),
+    );
+    assert!(after > before, "recovered K4 {after} should beat pruned {before}");
+    assert_eq!(r["students"][0]["latents"].as_u64(), Some(4));
+    assert!(out.join("students/k4-b1/model.safetensors").is_file());
+    assert!(std::fs::read_to_string(out.join("tradeoff.svg")).unwrap().contains("recovered: top-1"));
+}
