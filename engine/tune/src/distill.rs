@@ -195,9 +195,9 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
     let n = *full.summary.dims.get("N").context("the model has no latent array")?;
     let trained = full.summary.depth.0;
     let (k, b) = check_budget(o.latents, o.blocks, n, trained)?;
-    let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
-    if o.labels.is_some() && cal.labels.is_none() {
-        bail!("--labels: no labels read");
+    let mut cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
+    if o.labels.is_none() {
+        cal.labels = None; // a folder's label file: a task loss only when asked for
     }
     let kept = if k < n {
         let imp = analysis::latent_importance(&ck, &opts, &cal.samples)?;
