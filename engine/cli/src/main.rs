@@ -148,8 +148,13 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         training: Training,
-        #[command(flatten)]
-        sizes: Sizes,
+        /// Image height and width of the model input [default: config image_size].
+        #[arg(long, num_args = 2, value_names = ["H", "W"])]
+        image_size: Option<Vec<usize>>,
+        /// Token count (text heads) or input count M (bare PerceiverModel) [default:
+        /// max_position_embeddings].
+        #[arg(long)]
+        seq_len: Option<usize>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -643,7 +648,18 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "export")]
-        Command::Distill { checkpoint, latents, blocks, calibrate, labels, output, training, sizes, quiet } => {
+        Command::Distill {
+            checkpoint,
+            latents,
+            blocks,
+            calibrate,
+            labels,
+            output,
+            training,
+            image_size,
+            seq_len,
+            quiet,
+        } => {
             let opts = perceiver_edge_tune::distill::DistillOptions {
                 checkpoint,
                 out: output.clone(),
@@ -651,7 +667,11 @@ fn dispatch(cmd: Command) -> Result<()> {
                 labels,
                 latents,
                 blocks,
-                export: sizes.options(),
+                export: perceiver_edge_export::ExportOptions {
+                    image_size: image_size.map(|v| (v[0], v[1])),
+                    seq_len,
+                    ..Default::default()
+                },
                 train: training.settings(),
             };
             let bar = training_bar(quiet);
