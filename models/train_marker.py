@@ -428,13 +428,39 @@ def cmd_check_onnx(onnx_path: Path, ckpt: Path) -> None:
     print(f"max |logit_onnx - logit_torch| {float(np.abs(got - ref).max()):.3e}")
 
 
+def cmd_compare_onnx(a_path: Path, b_path: Path) -> None:
+    """Two exports of (possibly different) marker models on the 2000 held-out frames: the
+    localisation error of each and how often their heat-map peaks agree (e.g. f32 vs int8)."""
+    import onnxruntime as ort
+
+    frames, centres = heldout()
+    x = tokens(frames)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    outs = []
+    for p in (a_path, b_path):
+        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        (inp,) = sess.get_inputs()
+        name = sess.get_outputs()[0].name
+        outs.append(np.concatenate([sess.run([name], {inp.name: x[i:i + 1]})[0] for i in range(len(x))]))
+        print(p)
+        evaluate(outs[-1], centres)
+    peaks = [o[..., 0].argmax(-1) for o in outs]
+    agree = float((peaks[0] == peaks[1]).mean())
+    print(f"heat-map peak agreement {agree * 100:.2f} % ({int((peaks[0] == peaks[1]).sum())}/{len(x)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory to write/read")
     ap.add_argument("--eval", action="store_true", help="do not train: localisation error of --out")
     ap.add_argument("--check-onnx", type=Path, metavar="ONNX", help="do not train: evaluate this export")
+    ap.add_argument("--compare-onnx", type=Path, nargs=2, metavar=("A", "B"),
+                    help="do not train: localisation error of two exports and their peak agreement")
     args = ap.parse_args()
-    if args.check_onnx:
+    if args.compare_onnx:
+        cmd_compare_onnx(*args.compare_onnx)
+    elif args.check_onnx:
         cmd_check_onnx(args.check_onnx, args.out)
     elif args.eval:
         cmd_eval(args.out)

@@ -124,6 +124,49 @@ enum Command {
         /// Required top-1 agreement with the full model (0..1).
         #[arg(long, default_value_t = 0.99)]
         min_agreement: f64,
+        /// Recover the pruned candidates below --min-agreement by distillation (as `distill`,
+        /// trained on the selection half of DATA) and re-measure them; the students are written
+        /// under OUT/students/.
+        #[arg(long)]
+        recover: bool,
+        #[command(flatten)]
+        training: Training,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Recover a pruned budget by distillation: build a student with K of the teacher's latents
+    /// (chosen by importance on DATA) and B blocks, train it to match the teacher (transformers,
+    /// in the training Python), write it as a checkpoint folder with distill.json.
+    #[cfg(feature = "export")]
+    Distill {
+        /// Teacher checkpoint directory in Hugging Face layout.
+        checkpoint: PathBuf,
+        /// Latents the student keeps [default: the teacher's].
+        #[arg(long, value_name = "K")]
+        latents: Option<usize>,
+        /// Repetitions of the weight-shared block in the student [default: the teacher's].
+        #[arg(long, value_name = "B")]
+        blocks: Option<usize>,
+        /// Calibration data of the model's domain (a stacked .npy shaped like the model input, or
+        /// a folder of .npy files); never the held-out set you evaluate on.
+        #[arg(long, value_name = "DATA")]
+        calibrate: PathBuf,
+        /// Labels (int64 .npy, one per sample): adds a task loss (classifiers).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Student folder to write (config.json, model.safetensors, distill.json).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        training: Training,
+        /// Image height and width of the model input [default: config image_size].
+        #[arg(long, num_args = 2, value_names = ["H", "W"])]
+        image_size: Option<Vec<usize>>,
+        /// Token count (text heads) or input count M (bare PerceiverModel) [default:
+        /// max_position_embeddings].
+        #[arg(long)]
+        seq_len: Option<usize>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -277,6 +320,63 @@ struct BudgetArgs {
     /// Repetitions of the weight-shared latent block [default: config num_blocks].
     #[arg(long, value_name = "B")]
     blocks: Option<usize>,
+}
+
+/// Training settings of `distill` and `tune --recover`.
+#[cfg(feature = "export")]
+#[derive(Args, Clone, Debug)]
+struct Training {
+    /// Passes over the calibration data.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Seed of shuffling and augmentation (same seed, same machine: same student).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Softmax temperature of the distillation KL (classifiers).
+    #[arg(long, default_value_t = 2.0)]
+    temperature: f64,
+    /// Samples per training step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Weight of the latent-feature term (student latents vs the teacher's kept ones; 0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    feature_weight: f64,
+    /// Where to train: auto (CUDA when torch sees a GPU), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    train_device: String,
+    /// Distillation loss: auto (kl for classifiers, map-kl for a one-channel heat map, mse
+    /// otherwise), kl, map-kl (softmax over the map's positions, plus MSE) or mse.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kl", "map-kl", "mse"])]
+    loss: String,
+}
+
+#[cfg(feature = "export")]
+impl Training {
+    fn settings(&self) -> perceiver_edge_tune::distill::TrainSettings {
+        perceiver_edge_tune::distill::TrainSettings {
+            epochs: self.epochs,
+            seed: self.seed,
+            lr: self.lr,
+            temperature: self.temperature,
+            batch_size: self.batch_size,
+            feature_weight: self.feature_weight,
+            device: self.train_device.clone(),
+            loss: self.loss.clone(),
+        }
+    }
+}
+
+/// A progress bar following training (step, epoch, loss).
+#[cfg(feature = "export")]
+fn training_bar(quiet: bool) -> indicatif::ProgressBar {
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}").expect("template"),
+    );
+    bar
 }
 
 /// Precision options of `export`.
@@ -533,6 +633,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             runs,
             warmup,
             min_agreement,
+            recover,
+            training,
             quiet,
         } => {
             let precisions = match precisions {
@@ -560,9 +662,47 @@ fn dispatch(cmd: Command) -> Result<()> {
                 warmup,
                 min_agreement,
                 progress: !quiet,
+                recover: recover.then(|| training.settings()),
             };
             let report = perceiver_edge_tune::tune(&opts)?;
             print!("{}", perceiver_edge_tune::table(&report));
+            Ok(())
+        }
+        #[cfg(feature = "export")]
+        Command::Distill {
+            checkpoint,
+            latents,
+            blocks,
+            calibrate,
+            labels,
+            output,
+            training,
+            image_size,
+            seq_len,
+            quiet,
+        } => {
+            let opts = perceiver_edge_tune::distill::DistillOptions {
+                checkpoint,
+                out: output.clone(),
+                calibrate,
+                labels,
+                latents,
+                blocks,
+                export: perceiver_edge_export::ExportOptions {
+                    image_size: image_size.map(|v| (v[0], v[1])),
+                    seq_len,
+                    ..Default::default()
+                },
+                train: training.settings(),
+            };
+            let bar = training_bar(quiet);
+            let record = perceiver_edge_tune::distill::distill(&opts, &mut |p| {
+                bar.set_length(p.steps);
+                bar.set_position(p.step);
+                bar.set_message(format!("epoch {} loss {:.4}", p.epoch, p.loss));
+            })?;
+            bar.finish_and_clear();
+            print!("{}", perceiver_edge_tune::distill::summary(&record, &output));
             Ok(())
         }
         Command::Run { model, inputs, outputs, print, device, points, blocks, deadline_ms } => {

@@ -19,8 +19,10 @@
 
 pub mod calib;
 pub mod cost;
+pub mod distill;
 pub mod plot;
 pub mod profile;
+mod workdir;
 
 use anyhow::{bail, Context, Result};
 use perceiver_edge_export::{analysis, split};
@@ -29,6 +31,7 @@ use perceiver_edge_runtime::compare::{fidelity, Fidelity};
 use perceiver_edge_runtime::{bench, to_vec, Session, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use workdir::WorkDir;
 
 pub use profile::Profile;
 
@@ -196,8 +199,11 @@ pub struct Measured {
     pub fidelity: Fidelity,
     /// Within the board's deadline and memory budget.
     pub fits: bool,
-    /// Pareto-optimal among all candidates.
+    /// Pareto-optimal among all candidates (on [`Measured::effective`] fidelity).
     pub pareto: bool,
+    /// With `--recover`: fidelity of the recovered student of this budget (same shape, so the
+    /// same latency and memory), measured like `fidelity`; `None` when not recovered.
+    pub recovered: Option<Fidelity>,
 }
 
 impl Measured {
@@ -207,6 +213,12 @@ impl Measured {
         let p = if c.precision == Precision::F32 { String::new() } else { format!(" {}", c.precision) };
         let q = c.queries.map_or(String::new(), |k| format!(" Q{k}"));
         format!("K{} B{} T{}{p}{q}", c.latents, c.blocks, c.threads)
+    }
+
+    /// The fidelity of the model this candidate stands for: the recovered student's when there
+    /// is one, else the pruned model's.
+    pub fn effective(&self) -> &Fidelity {
+        self.recovered.as_ref().unwrap_or(&self.fidelity)
     }
 }
 
@@ -218,10 +230,10 @@ pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usi
     let fitting: Vec<usize> =
         (0..cands.len()).filter(|&i| cands[i].fits && cands[i].candidate.queries == needed).collect();
     let key = |i: usize| (lat[i], cands[i].candidate.threads, i);
-    let faithful = fitting.iter().copied().filter(|&i| cands[i].fidelity.top1_agreement >= min_agreement);
+    let faithful = fitting.iter().copied().filter(|&i| cands[i].effective().top1_agreement >= min_agreement);
     faithful.min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")).or_else(|| {
         fitting.iter().copied().max_by(|&a, &b| {
-            let (fa, fb) = (&cands[a].fidelity, &cands[b].fidelity);
+            let (fa, fb) = (cands[a].effective(), cands[b].effective());
             fa.top1_agreement
                 .total_cmp(&fb.top1_agreement)
                 .then(fa.mean_cosine.total_cmp(&fb.mean_cosine))
@@ -270,6 +282,22 @@ pub struct TuneOptions {
     pub min_agreement: f64,
     /// Show a progress bar.
     pub progress: bool,
+    /// Recover the pruned candidates whose top-1 agreement is below `min_agreement` by
+    /// distillation ([`distill`]), with these settings; `None`: measure pruned models only.
+    pub recover: Option<distill::TrainSettings>,
+}
+
+/// A student trained by `tune --recover`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Student {
+    /// Latents kept.
+    pub latents: usize,
+    /// Blocks.
+    pub blocks: usize,
+    /// Its checkpoint folder under OUT.
+    pub folder: String,
+    /// Its `distill.json`.
+    pub record: serde_json::Value,
 }
 
 /// Everything `tune` found; written as `report.json`.
@@ -301,6 +329,10 @@ pub struct Report {
     pub chosen: Option<usize>,
     /// Kept latent indices of the chosen candidate.
     pub chosen_latents: Option<Vec<usize>>,
+    /// True when the chosen model is a recovered student (its checkpoint is under `students/`).
+    pub chosen_recovered: bool,
+    /// Students trained by `--recover`.
+    pub students: Vec<Student>,
     /// Files written.
     pub files: Vec<String>,
     /// Table policy used for every candidate, chosen from the board's memory
@@ -381,6 +413,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let host_profile = host_profile_path.as_deref().map(Profile::load).transpose()?;
     let judge_measured = board.arch.replace('-', "_") == host_arch;
     let ck = Checkpoint::open(&o.checkpoint)?;
+    if o.recover.is_some() {
+        distill::check_head(&ck)?;
+    }
     let auto = perceiver_edge_export::build(&ck, &o.export)?;
     let (tables, tables_reason) = tables_for_board(&auto.summary, board.memory_mb * 1048576.0);
     let mut base = ExportOptions { latents: None, blocks: None, decode_subset: None, ..o.export.clone() };
@@ -394,7 +429,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores, positions)?;
     // Everything is written into a work folder next to OUT and moved into OUT at the end: a
     // failure leaves OUT as it was.
-    let work = WorkDir::create(&o.out)?;
+    let work = WorkDir::create(&o.out, "tune")?;
 
     let bar =
         if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
@@ -486,12 +521,12 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             fidelity: fid,
             fits: false,
             pareto: false,
+            recovered: None,
         });
         files_of.push(path);
         bar.inc(1);
     }
     perceiver_edge_runtime::set_threads(1)?;
-    bar.finish_and_clear();
 
     let budget_bytes = board.memory_mb * 1048576.0;
     let judged: Vec<(f64, f64)> = measured
@@ -520,9 +555,84 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         m.pareto = p;
         m.fits = *l <= board.deadline_ms && *mem <= budget_bytes;
     }
+    let mut students = vec![];
+    if let Some(settings) = &o.recover {
+        // Every pruned candidate that loses accuracy (a superset of the Pareto ones: pruned-only
+        // agreement is not monotone in the budget, so a dominated budget can win once recovered),
+        // one student per (latents, blocks) budget, trained on the selection half and measured on
+        // the validation half like every candidate.
+        let mut budgets: Vec<(usize, usize)> = vec![];
+        for m in &measured {
+            let c = m.candidate;
+            let pruned = c.latents < n || c.blocks < trained_blocks;
+            if pruned && m.fidelity.top1_agreement < o.min_agreement && !budgets.contains(&(c.latents, c.blocks)) {
+                budgets.push((c.latents, c.blocks));
+            }
+        }
+        let sdir = work.path.join("students");
+        if !budgets.is_empty() {
+            std::fs::create_dir(&sdir).with_context(|| format!("{}: cannot create", sdir.display()))?;
+        }
+        for (k, b) in budgets {
+            let name = format!("k{k}-b{b}");
+            let dest = sdir.join(&name);
+            std::fs::create_dir(&dest).with_context(|| format!("{}: cannot create", dest.display()))?;
+            let budget = distill::Budget { kept: analysis::select_latents(&importance, k)?, blocks: b };
+            bar.set_message(format!("recovering K{k} B{b}"));
+            let record =
+                distill::train_student(&o.checkpoint, &budget, &select, &dest, settings, &select.source, &mut |p| {
+                    bar.set_message(format!("recovering K{k} B{b}: step {}/{} loss {:.4}", p.step, p.steps, p.loss))
+                })?;
+            let sck = Checkpoint::open(&dest)?;
+            let mut built: Vec<(Precision, PathBuf, Fidelity)> = vec![];
+            for i in 0..measured.len() {
+                let c = measured[i].candidate;
+                if (c.latents, c.blocks) != (k, b) {
+                    continue;
+                }
+                let (path, fid) = match built.iter().find(|x| x.0 == c.precision) {
+                    Some((_, p, f)) => (p.clone(), f.clone()),
+                    None => {
+                        let opts = perceiver_edge_export::options_for_precision(&sck, &base, c.precision)?;
+                        let mut e = perceiver_edge_export::build(&sck, &opts)?;
+                        let q = QuantOptions {
+                            precision: c.precision,
+                            calibrate: (c.precision == Precision::Int8Static).then(|| o.calibrate.clone()),
+                            ..Default::default()
+                        };
+                        e.quantize(&q, &dest, &mut |_, _| {})?;
+                        let path = dir.join(format!("recovered-k{k}-b{b}-{}.onnx", c.precision));
+                        e.write(&path)?;
+                        let mut s = Session::load(&path)?;
+                        let (out, _) = first_output(&mut s, &validate.samples)?;
+                        let fid = fidelity(&ref_out, &out, row, validate.labels.as_deref());
+                        built.push((c.precision, path.clone(), fid.clone()));
+                        (path, fid)
+                    }
+                };
+                measured[i].recovered = Some(fid);
+                files_of[i] = path;
+            }
+            students.push(Student {
+                latents: k,
+                blocks: b,
+                folder: o.out.join("students").join(&name).display().to_string(),
+                record,
+            });
+        }
+    }
+    // Pareto flags on the fidelity each candidate now stands for (recovered where recovered).
+    let flags = pareto(
+        &measured.iter().map(|m| (m.p99_ms, m.memory_bytes as f64, m.effective().top1_agreement)).collect::<Vec<_>>(),
+    );
+    for (m, p) in measured.iter_mut().zip(flags) {
+        m.pareto = p;
+    }
+    bar.finish_and_clear();
     let lat: Vec<f64> = judged.iter().map(|j| j.0).collect();
     let chosen = choose(&measured, &lat, o.min_agreement);
     let mut files = vec![];
+    let chosen_recovered = chosen.is_some_and(|i| measured[i].recovered.is_some());
     let chosen_latents = match chosen {
         Some(i) => {
             let model = work.path.join("model.onnx");
@@ -537,6 +647,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     std::fs::write(&svg_path, plot::svg(&measured, chosen, board.deadline_ms, &title))
         .with_context(|| format!("{}: cannot write", svg_path.display()))?;
     files.push(o.out.join("tradeoff.svg").display().to_string());
+    for st in &students {
+        files.push(st.folder.clone());
+    }
     let json_path = work.path.join("report.json");
     files.push(o.out.join("report.json").display().to_string());
     let report = Report {
@@ -565,6 +678,8 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         candidates: measured,
         chosen,
         chosen_latents,
+        chosen_recovered,
+        students,
         files,
         tables: tables_reason,
     };
@@ -572,53 +687,6 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
     work.finish()?;
     Ok(report)
-}
-
-/// `tune`'s work folder: a new folder next to OUT (unique name, created exclusively), moved
-/// into place by [`WorkDir::finish`]; removed with what it holds if tune fails.
-struct WorkDir {
-    path: PathBuf,
-    out: PathBuf,
-    done: bool,
-}
-
-impl WorkDir {
-    fn create(out: &Path) -> Result<WorkDir> {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = out.file_name().and_then(|n| n.to_str()).context("-o must name a folder")?;
-        if out.exists() && !out.is_dir() {
-            bail!("{}: exists and is not a folder (tune writes a folder)", out.display());
-        }
-        let path = parent.join(format!(".{name}.tune-{}.partial", std::process::id()));
-        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(WorkDir { path, out: out.to_path_buf(), done: false })
-    }
-
-    /// Moves the results into OUT: the whole folder when OUT does not exist yet, otherwise
-    /// file by file (each replaced atomically), then removes the work folder.
-    fn finish(mut self) -> Result<()> {
-        let _ = std::fs::remove_dir_all(self.path.join("candidates"));
-        if !self.out.exists() {
-            std::fs::rename(&self.path, &self.out).with_context(|| format!("{}: cannot create", self.out.display()))?;
-        } else {
-            for e in std::fs::read_dir(&self.path)? {
-                let e = e?;
-                let to = self.out.join(e.file_name());
-                std::fs::rename(e.path(), &to).with_context(|| format!("{}: cannot write", to.display()))?;
-            }
-            std::fs::remove_dir(&self.path)?;
-        }
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// The Pareto table and the choice, as printed by `perceiver-edge tune`.
@@ -646,7 +714,7 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>6} {:>4}",
+        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4}",
         "candidate",
         "MFLOPs",
         "p50 ms",
@@ -658,6 +726,8 @@ pub fn table(r: &Report) -> String {
         "top-1 %",
         "cos min",
         "acc %",
+        "rec %",
+        "rec acc",
         "pareto",
         "fits"
     );
@@ -665,7 +735,7 @@ pub fn table(r: &Report) -> String {
         let f = &m.fidelity;
         let _ = writeln!(
             s,
-            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>6} {:>4}{}",
+            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>7} {:>7} {:>6} {:>4}{}",
             m.label(),
             m.flops as f64 / 1e6,
             m.p50_ms,
@@ -677,6 +747,8 @@ pub fn table(r: &Report) -> String {
             100.0 * f.top1_agreement,
             f.min_cosine,
             f.accuracy.map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
+            m.recovered.as_ref().map_or("-".into(), |r| format!("{:.2}", 100.0 * r.top1_agreement)),
+            m.recovered.as_ref().and_then(|r| r.accuracy).map_or("-".into(), |a| format!("{:.2}", 100.0 * a)),
             if m.pareto { "*" } else { "" },
             if m.fits { "yes" } else { "no" },
             if Some(i) == r.chosen { "  <- chosen" } else { "" }
@@ -686,8 +758,9 @@ pub fn table(r: &Report) -> String {
         Some(i) => {
             let _ = writeln!(
                 s,
-                "chosen {} (top-1 agreement >= {:.1} % required); latents kept {:?}",
+                "chosen {}{} (top-1 agreement >= {:.1} % required); latents kept {:?}",
                 r.candidates[i].label(),
+                if r.chosen_recovered { ", recovered by distillation" } else { "" },
                 100.0 * r.min_agreement,
                 r.chosen_latents.as_deref().unwrap_or(&[])
             );
@@ -834,6 +907,7 @@ mod tests {
             fidelity: Fidelity { top1_agreement: top1, mean_cosine: top1, ..Default::default() },
             fits,
             pareto: false,
+            recovered: None,
         }
     }
 

@@ -1,6 +1,8 @@
 //! The latency / memory / fidelity trade-off as a hand-written SVG scatter plot: x = measured p99
 //! latency, y = top-1 agreement with the full model, circle area = peak memory; Pareto-optimal
-//! candidates filled, the chosen one ringed, the board's deadline as a dashed line.
+//! candidates filled, the chosen one ringed, the board's deadline as a dashed line. A budget
+//! recovered by distillation (`tune --recover`) also shows its recovered agreement: a green
+//! square at the same latency, joined to the pruned model's circle by an arrow.
 
 use crate::Measured;
 use std::fmt::Write;
@@ -12,7 +14,8 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
     let ys: Vec<f64> = cands.iter().map(|c| 100.0 * c.fidelity.top1_agreement).collect();
     let mems: Vec<f64> = cands.iter().map(|c| c.memory_bytes as f64).collect();
     let xmax = xs.iter().copied().fold(1e-6, f64::max) * 1.1;
-    let ymin = ys.iter().copied().fold(100.0, f64::min).min(90.0).floor();
+    let rec: Vec<Option<f64>> = cands.iter().map(|c| c.recovered.as_ref().map(|r| 100.0 * r.top1_agreement)).collect();
+    let ymin = ys.iter().chain(rec.iter().flatten()).copied().fold(100.0, f64::min).min(90.0).floor();
     let mmax = mems.iter().copied().fold(1.0, f64::max);
     let px = |x: f64| l + (x / xmax) * (w - l - r);
     let py = |y: f64| t + (100.5 - y) / (100.5 - ymin) * (h - t - b);
@@ -78,21 +81,41 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
             py(ys[i]) - 2.0,
             esc(&c.label())
         );
+        if let Some(y) = rec[i] {
+            let _ = writeln!(
+                s,
+                r##"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="3,2"/>"##,
+                px(xs[i]),
+                py(ys[i]),
+                py(y)
+            );
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="#2ca02c"><title>{} recovered: top-1 {:.2} % (pruned {:.2} %)</title></rect>"##,
+                px(xs[i]) - 4.5,
+                py(y) - 4.5,
+                esc(&c.label()),
+                y,
+                ys[i]
+            );
+        }
+        let ring_y = if c.recovered.is_some() { rec[i].unwrap_or(ys[i]) } else { ys[i] };
         if Some(i) == chosen {
             let _ = writeln!(
                 s,
                 r#"<circle cx="{:.1}" cy="{:.1}" r="{:.1}" fill="none" stroke="green" stroke-width="3"/>"#,
                 px(xs[i]),
-                py(ys[i]),
+                py(ring_y),
                 rad + 5.0
             );
         }
     }
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" font-size="11">filled: Pareto-optimal; ring: chosen; circle area: peak heap</text>"#,
-        w - r - 330.0,
-        h - b - 8.0
+        r#"<text x="{}" y="{}" font-size="11">filled: Pareto-optimal; ring: chosen; circle area: peak heap{}</text>"#,
+        w - r - if rec.iter().any(Option::is_some) { 520.0 } else { 330.0 },
+        h - b - 8.0,
+        if rec.iter().any(Option::is_some) { "; green square: after recovery" } else { "" }
     );
     s.push_str("</svg>\n");
     s
