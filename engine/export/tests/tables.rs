@@ -109,11 +109,9 @@ fn split_parts_decide_tables_like_the_single_graph() {
     assert!(flips >= 1, "the sweep crosses the share where auto changes its mind");
 }
 
-/// A weight-shared latent block applied 6 times stays close to the memory of one application:
-/// the session shares equal packed weights (`share_packed_weights`) and `resident_weights`
-/// counts shared storage once. Before, digits reported 1.62 MiB for 6 applications against
-/// 447 KiB for one; now 694 KiB (one matmul per layer still packs per application here, about
-/// 24 KiB each on digits, not shared yet).
+/// `resident_weights` counts storage that several nodes share once. Before, digits reported
+/// 1.62 MiB for 6 applications of its latent block against 447 KiB for one (each use counted);
+/// now 694 KiB (tract really does pack part of the block's weights once per application).
 #[test]
 fn resident_weights_of_a_repeated_block_are_shared() {
     let ck = digits();

@@ -198,37 +198,6 @@ pub struct Session {
     external_bytes: u64,
 }
 
-/// Makes matmul weights that tract packed into equal buffers share one. tract 0.23.9 packs the
-/// weights of each matmul node on its own, so an unrolled weight-shared latent block held one
-/// packed copy per application (the vision architectures, 8 applications: 358 MiB resident for
-/// 186 MiB of weights; 204 MiB after this).
-fn share_packed_weights(mut model: TypedModel) -> TypedModel {
-    use std::collections::HashMap;
-    use std::hash::{Hash, Hasher};
-    use tract_linalg::mmm::EagerPackedInput;
-    use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
-    let mut kept: HashMap<u64, Vec<Arc<tract_onnx::prelude::Blob>>> = HashMap::new();
-    for node in model.nodes_mut() {
-        let Some(mm) = node.op_as_mut::<OptMatMul>() else { continue };
-        for spec in &mut mm.micro_ops {
-            let ProtoFusedSpec::AddMatMul { a, b, .. } = spec else { continue };
-            for operand in [a, b] {
-                let MatMulOperand::Const(v) = operand else { continue };
-                let Some(e) = v.downcast_mut::<EagerPackedInput>() else { continue };
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (e.panel_bytes, e.mn, format!("{:?}", e.fact)).hash(&mut h);
-                e.packed.hash(&mut h);
-                let same = kept.entry(h.finish()).or_default();
-                match same.iter().find(|p| ***p == *e.packed) {
-                    Some(p) => e.packed = p.clone(),
-                    None => same.push(e.packed.clone()),
-                }
-            }
-        }
-    }
-    model
-}
-
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
     fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| Error::Input {
         name: name.into(),
@@ -404,7 +373,6 @@ impl Session {
         let plan: Plan = match device {
             Device::Cpu => typed
                 .into_optimized()
-                .map(share_packed_weights)
                 .and_then(|m| m.into_runnable())
                 .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
             Device::Cuda => cuda_plan(typed).map_err(err)?,
