@@ -209,18 +209,20 @@ fn tune_query_axis_on_marker() {
     assert!(c[1]["fidelity"]["max_abs"].as_f64().unwrap() < 1e-4, "{}", c[1]["fidelity"]);
     assert!(c[1]["flops"].as_u64() < c[0]["flops"].as_u64(), "fewer queries cost less");
     assert_eq!(r["chosen"].as_u64(), Some(0), "the chosen model decodes every output");
-    let y = out.join("y.npy");
     let tokens = sample.join("tokens_0.npy");
-    let (ok, _, stderr) = cli(&[
-        "run",
-        out.join("model.onnx").to_str().unwrap(),
-        "--input",
-        tokens.to_str().unwrap(),
-        "--output",
-        y.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let got: Vec<f32> = to_vec(&npy::read_npy(&y).unwrap()).unwrap();
+    // `run` on a chosen model with the marker tokens (and any other inputs): its logits.
+    let logits = |model: &Path, more: &[&str]| -> Vec<f32> {
+        let y = model.with_extension("y.npy");
+        let mut args = vec!["run", model.to_str().unwrap(), "--input", tokens.to_str().unwrap()];
+        for m in more {
+            args.extend(["--input", m]);
+        }
+        args.extend(["--output", y.to_str().unwrap()]);
+        let (ok, _, stderr) = cli(&args);
+        assert!(ok, "{stderr}");
+        to_vec(&npy::read_npy(&y).unwrap()).unwrap()
+    };
+    let got = logits(&out.join("model.onnx"), &[]);
     assert_eq!(got.len(), 256);
     let d = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d < 1e-4, "full map vs transformers: {d}");
@@ -232,19 +234,7 @@ fn tune_query_axis_on_marker() {
     let rows: Vec<i64> = (0..64).map(|i| (i * 37 % 256) as i64).collect();
     let idx = out.join("idx.npy");
     npy::write_npy(&idx, &tensor(&[64], &rows).unwrap()).unwrap();
-    let arg = format!("output_indices={}", idx.display());
-    let (ok, _, stderr) = cli(&[
-        "run",
-        out.join("model.onnx").to_str().unwrap(),
-        "--input",
-        tokens.to_str().unwrap(),
-        "--input",
-        &arg,
-        "--output",
-        y.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let got: Vec<f32> = to_vec(&npy::read_npy(&y).unwrap()).unwrap();
+    let got = logits(&out.join("model.onnx"), &[&format!("output_indices={}", idx.display())]);
     assert_eq!(got.len(), 64);
     let d = rows.iter().zip(&got).map(|(&r, a)| (a - reference[r as usize]).abs()).fold(0f32, f32::max);
     assert!(d < 1e-4, "64 chosen positions vs transformers: {d}");
