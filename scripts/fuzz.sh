@@ -4,6 +4,7 @@
 #
 #   scripts/fuzz.sh [TARGET|all] [RUNS]      default: all, 1000000 runs each
 #   FUZZ_TIME=SECONDS scripts/fuzz.sh ...    stop each target after SECONDS instead (-max_total_time)
+#   FUZZ_BACKTRACE=1 scripts/fuzz.sh ...      print a backtrace for every panic, caught ones too (slow)
 #   FUZZ_KEEP_GOING=1 FUZZ_TIME=SECONDS ...   record crashes and go on (-fork=1 -ignore_crashes=1
 #                                             -ignore_ooms=1 -ignore_timeouts=1): to collect every
 #                                             finding in one run; the default stops at the first
@@ -29,6 +30,10 @@ target=${1:-all}
 runs=${2:-1000000}
 if [ "$target" = all ]; then targets=("${all[@]}"); else targets=("$target"); fi
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
+# A panic the library catches still goes through the default hook, which with RUST_BACKTRACE=1
+# symbolises a backtrace (tens of ms with debug info): off unless asked for, or a run that
+# meets many caught panics (tract's asserts on hostile graphs) runs several times slower.
+export RUST_BACKTRACE=${FUZZ_BACKTRACE:-0}
 flags=(--sanitizer none --debug-assertions)
 cargo +nightly fuzz build "${flags[@]}" >&2
 limit=(-runs="$runs")
