@@ -810,7 +810,9 @@ pub extern "C" fn pe_set_threads(n: usize) -> pe_status {
         if n == 0 {
             return Err(failure(pe_status::PE_INVALID_ARGUMENT, "thread count 0 (use 1 or more)"));
         }
-        perceiver_edge_runtime::set_threads(n).map_err(|e| failure(pe_status::PE_INVALID_ARGUMENT, e.to_string()))
+        perceiver_edge_runtime::set_threads(n)
+            .map(|_| ())
+            .map_err(|e| failure(pe_status::PE_INVALID_ARGUMENT, e.to_string()))
     })
 }
 

@@ -793,7 +793,7 @@ fn set_threads(n: usize) -> PyResult<()> {
     if n == 0 {
         return Err(value_err("threads must be positive"));
     }
-    guarded(|| rt::set_threads(n).map_err(runtime_err))?;
+    guarded(|| rt::set_threads(n).map(|_| ()).map_err(runtime_err))?;
     THREADS.store(n, Ordering::Relaxed);
     Ok(())
 }

@@ -167,7 +167,7 @@ pub struct BenchReport {
     pub warmup: usize,
     /// Measured runs.
     pub runs: usize,
-    /// Matmul threads.
+    /// Matmul threads used (`--threads`, capped at this machine's cores).
     pub threads: usize,
     /// NaN / infinite values in the inputs (a broken sensor shows up here).
     pub nonfinite_input_values: usize,
@@ -286,7 +286,7 @@ pub fn bench_on(
     opts: &BenchOptions,
     device: crate::Device,
 ) -> Result<BenchReport> {
-    crate::set_threads(opts.threads)?;
+    let threads = crate::set_threads(opts.threads)?;
     let t0 = Instant::now();
     let mut session = Session::load_on(model, device)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -376,7 +376,7 @@ pub fn bench_on(
         load_ms,
         warmup: opts.warmup,
         runs: samples.len(),
-        threads: opts.threads,
+        threads,
         nonfinite_input_values,
         nonfinite_output_runs,
         latency_ms,
@@ -402,7 +402,7 @@ pub struct SplitBenchReport {
     pub load_ms: f64,
     /// Measured runs of each step.
     pub runs: usize,
-    /// Matmul threads.
+    /// Matmul threads used (`--threads`, capped at this machine's cores).
     pub threads: usize,
     /// Encoder (inputs -> latents, including the cross-attention).
     pub encoder_ms: Latency,
@@ -435,7 +435,7 @@ pub struct BlockCountTime {
 
 /// Benchmarks a split model folder: each part on its own, then end to end per block count.
 pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> Result<SplitBenchReport> {
-    crate::set_threads(opts.threads)?;
+    let threads = crate::set_threads(opts.threads)?;
     let t0 = Instant::now();
     let mut model = crate::split::Model::load(dir)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -491,7 +491,7 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
         model: dir.display().to_string(),
         load_ms,
         runs,
-        threads: opts.threads,
+        threads,
         encoder_ms,
         block_ms,
         decode_ms,

@@ -85,21 +85,24 @@ pub fn one_line(s: &str) -> String {
 /// Result alias for the runtime.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Sets the number of threads tract's matrix products use (1 = single-threaded, the default).
-/// Needs the `threads` feature (on by default); without it only 1 is accepted.
-pub fn set_threads(n: usize) -> Result<()> {
+/// Sets the number of threads tract's matrix products use (1 = single-threaded, the default)
+/// and returns the number it will use: `n`, capped at this machine's cores (more threads than
+/// cores only wait on each other). Needs the `threads` feature (on by default); without it only
+/// 1 is accepted.
+pub fn set_threads(n: usize) -> Result<usize> {
     if n == 0 || n > limits::MAX_THREADS {
         return Err(Error::Run(format!("--threads {n}: expected 1 to {}", limits::MAX_THREADS)));
     }
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{set_default_executor, Executor};
+        let n = n.min(std::thread::available_parallelism().map_or(1, |c| c.get()));
         set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
-        Ok(())
+        Ok(n)
     }
     #[cfg(not(feature = "threads"))]
     match n {
-        1 => Ok(()),
+        1 => Ok(1),
         _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
     }
 }

@@ -2,7 +2,7 @@
 //! count (the exporter's [`Summary`]), calibrated by a short micro-benchmark of the host and
 //! scaled to a board by its profile's peak GFLOP/s and memory bandwidth.
 //!
-//! latency = FLOPs / (per-thread GFLOP/s x threads used) + nodes x per-node overhead
+//! latency = FLOPs / (per-thread GFLOP/s x thread speed-up) + nodes x per-node overhead
 //!         + weight bytes / bandwidth
 //!
 //! memory  = weight bytes + 2 x largest activation + runtime base
@@ -12,6 +12,12 @@
 //! scaled by the ratio of per-core peak GFLOP/s (board profile / host profile) and bandwidth by
 //! the ratio of bandwidths, i.e. the board is assumed to reach the same fraction of its peak as
 //! the host does of its own.
+//!
+//! Threads are not assumed to help: the speed-up of T threads is measured, on the micro-benchmark's
+//! matmul chain for every count up to the host's cores, and on the model itself when `tune`
+//! measured the same candidate at 1 and T threads ([`HostRates::predict_measured`]). Past the
+//! host's cores a board's speed-up extrapolates the host's parallel efficiency, and only when the
+//! host measured a gain: a measured slow-down is never predicted as a speed-up.
 
 use crate::profile::Profile;
 use anyhow::Result;
@@ -32,6 +38,9 @@ pub struct HostRates {
     pub bandwidth_gbs: f64,
     /// Heap the runtime uses for a near-empty graph, bytes.
     pub base_heap_bytes: f64,
+    /// Measured speed-up of the matmul chain with 1, 2, ... threads (index 0: 1 thread, 1.0), up
+    /// to the host's cores; below 1.0 where more threads were slower.
+    pub thread_speedup: Vec<f64>,
     /// Host peak f32 GFLOP/s per core and bandwidth assumed for scaling (from the host profile).
     pub host_peak_gflops_per_core: f64,
     /// Host memory bandwidth assumed for scaling, GB/s.
@@ -78,13 +87,50 @@ impl HostRates {
         board.map_or(1.0, |b| (b.peak_gflops_f32 / b.cores as f64) / self.host_peak_gflops_per_core)
     }
 
-    /// Predicts `f` with `threads` threads on the host (`board` None) or on `board`.
+    /// Speed-up of `threads` threads given the speed-ups measured on the host (`measured[i]`:
+    /// i + 1 threads). Up to the host's cores it is the measurement; past them the host's
+    /// efficiency at its largest count is extrapolated if that count gained, else no gain.
+    fn speedup(measured: &[f64], threads: usize) -> f64 {
+        let threads = threads.max(1);
+        match measured.get(threads - 1) {
+            Some(&s) => s,
+            None => {
+                let top = measured.len().max(1);
+                let s = measured.last().copied().unwrap_or(1.0);
+                if s > 1.0 {
+                    s * threads as f64 / top as f64
+                } else {
+                    s.min(1.0)
+                }
+            }
+        }
+    }
+
+    /// Predicts `f` with `threads` threads on the host (`board` None) or on `board`, with the
+    /// micro-benchmark's thread speed-ups.
     pub fn predict(&self, f: &Features, threads: usize, board: Option<&Profile>) -> Predicted {
+        self.predict_with(f, threads, board, &self.thread_speedup)
+    }
+
+    /// Like [`HostRates::predict`], with the speed-up of `threads` threads over one measured on
+    /// the model itself (`measured`: its 1-thread latency over its `threads`-thread latency on
+    /// this host) in place of the micro-benchmark's.
+    pub fn predict_measured(&self, f: &Features, threads: usize, board: Option<&Profile>, measured: f64) -> Predicted {
+        let host_threads = threads.min(self.thread_speedup.len().max(1));
+        let mut curve: Vec<f64> = self.thread_speedup.iter().take(host_threads).copied().collect();
+        curve.resize(host_threads, 1.0);
+        curve[0] = 1.0;
+        curve[host_threads - 1] = measured;
+        self.predict_with(f, threads, board, &curve)
+    }
+
+    fn predict_with(&self, f: &Features, threads: usize, board: Option<&Profile>, curve: &[f64]) -> Predicted {
         let scale = self.compute_scale(board);
         let bw =
             board.map_or(self.bandwidth_gbs, |b| self.bandwidth_gbs * b.mem_bandwidth_gbs / self.host_bandwidth_gbs);
-        let usable = board.map_or(threads, |b| threads.min(b.cores)).max(1) as f64;
-        let compute_s = f.flops as f64 / (self.gflops_per_thread * scale * 1e9 * usable);
+        let usable = board.map_or(threads, |b| threads.min(b.cores)).max(1);
+        let speedup = Self::speedup(curve, usable);
+        let compute_s = f.flops as f64 / (self.gflops_per_thread * scale * 1e9 * speedup);
         let overhead_s = f.nodes as f64 * self.us_per_node * 1e-6 / scale;
         let memory_s = f.weight_bytes as f64 / (bw * 1e9);
         Predicted {
@@ -109,10 +155,11 @@ fn session_of(g: &Graph) -> Result<Session> {
     Ok(Session::from_bytes(&perceiver_edge_export::ir::onnx::to_bytes(g))?)
 }
 
-/// Runs the host micro-benchmark (well under a second) single-threaded. `host` is the host's
+/// Runs the host micro-benchmark (about a second) single-threaded, then the matmul chain again
+/// with 2 threads up to `max_threads` (the host's cores, at most the runtime's limit). `host` is the host's
 /// profile, if known (peak per core and bandwidth for scaling to boards); without one the host
 /// is assumed to peak at 64 GFLOP/s per core (AVX2 FMA at 2 GHz) and reach 20 GB/s.
-pub fn measure_host(host: Option<&Profile>) -> Result<HostRates> {
+pub fn measure_host(host: Option<&Profile>, max_threads: usize) -> Result<HostRates> {
     perceiver_edge_runtime::set_threads(1)?;
     // Compute: 4 chained 256x256 matmuls (134 MFLOP).
     let n = 256;
@@ -130,6 +177,13 @@ pub fn measure_host(host: Option<&Profile>) -> Result<HostRates> {
     let xin = tensor(&[n, n], &w).expect("shape");
     let t = time_runs(&mut s, std::slice::from_ref(&xin), 5)?;
     let gflops_per_thread = 4.0 * 2.0 * (n * n * n) as f64 / t / 1e9;
+    let mut thread_speedup = vec![1.0];
+    for threads in 2..=max_threads.min(perceiver_edge_runtime::limits::MAX_THREADS) {
+        perceiver_edge_runtime::set_threads(threads)?;
+        let tt = time_runs(&mut s, std::slice::from_ref(&xin), 5);
+        perceiver_edge_runtime::set_threads(1)?;
+        thread_speedup.push(t / tt?);
+    }
     // Per-node cost: 100 chained [1, 16] x [16, 16] matmuls (tract cannot fuse them; their
     // compute, 51 kFLOP, is negligible), so the time is mostly per-node dispatch.
     let mut g = Graph::new();
@@ -170,6 +224,7 @@ pub fn measure_host(host: Option<&Profile>) -> Result<HostRates> {
         us_per_node,
         bandwidth_gbs,
         base_heap_bytes,
+        thread_speedup,
         host_peak_gflops_per_core: host.map_or(64.0, |h| h.peak_gflops_f32 / h.cores as f64),
         host_bandwidth_gbs: host.map_or(20.0, |h| h.mem_bandwidth_gbs),
     })
@@ -185,6 +240,7 @@ mod tests {
             us_per_node: 1.0,
             bandwidth_gbs: 10.0,
             base_heap_bytes: 1000.0,
+            thread_speedup: vec![1.0, 2.0],
             host_peak_gflops_per_core: 40.0,
             host_bandwidth_gbs: 20.0,
         }
@@ -215,5 +271,24 @@ mod tests {
         let p = rates().predict(&f, 8, Some(&board));
         // compute 1e9 / (10e9 * 0.5 * 4) = 50 ms; nodes 0.2 ms; weights 10e6 / 5e9 = 2 ms.
         assert!((p.latency_ms - 52.2).abs() < 1e-9, "{}", p.latency_ms);
+    }
+
+    #[test]
+    fn threads_scale_as_measured_never_as_assumed() {
+        let f = Features { flops: 1_000_000_000, nodes: 0, weight_bytes: 0, largest_activation: 0 };
+        // The host measured 2 threads 1.5x faster, 3 threads 0.9x (slower than 1).
+        let r = HostRates { thread_speedup: vec![1.0, 1.5, 0.9], ..rates() };
+        let ms = |p: Predicted| (p.latency_ms * 1e6).round() / 1e6;
+        assert_eq!(ms(r.predict(&f, 1, None)), 100.0);
+        assert_eq!(ms(r.predict(&f, 2, None)), 66.666667);
+        // A measured slow-down stays one, on the host and past its cores.
+        assert_eq!(ms(r.predict(&f, 3, None)), 111.111111);
+        assert_eq!(ms(r.predict(&f, 6, None)), 111.111111);
+        // Past the cores of a host that gained, its efficiency (0.75 at 2) is extrapolated.
+        let gain = HostRates { thread_speedup: vec![1.0, 1.5], ..rates() };
+        assert_eq!(ms(gain.predict(&f, 4, None)), 33.333333);
+        // The model's own measurement replaces the micro-benchmark's: 2 threads measured slower.
+        assert_eq!(ms(gain.predict_measured(&f, 2, None, 0.8)), 125.0);
+        assert_eq!(ms(gain.predict_measured(&f, 4, None, 0.8)), 125.0);
     }
 }

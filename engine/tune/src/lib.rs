@@ -189,7 +189,11 @@ pub struct Measured {
     /// Measured peak heap of the loaded model while running (weights + activations; heap in
     /// use before loading it excluded), bytes; peak RSS where no counting allocator is installed.
     pub memory_bytes: u64,
-    /// Cost-model prediction for this host (compare with the measurement).
+    /// Measured speed-up of this candidate's threads over the same candidate at 1 thread
+    /// (1-thread p50 / this p50); `None` for 1 thread or when no 1-thread twin was measured.
+    pub measured_speedup: Option<f64>,
+    /// Cost-model prediction for this host (compare with the measurement); with more than one
+    /// thread it uses `measured_speedup` where there is one.
     pub predicted_host: cost::Predicted,
     /// Cost-model prediction for the board.
     pub predicted_board: cost::Predicted,
@@ -435,7 +439,8 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         if o.progress { indicatif::ProgressBar::new(cands.len() as u64 + 2) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}").expect("template"));
     bar.set_message("host micro-benchmark");
-    let rates = cost::measure_host(host_profile.as_ref())?;
+    let max_threads = cands.iter().map(|c| c.threads).max().unwrap_or(1).min(host_cores);
+    let rates = cost::measure_host(host_profile.as_ref(), max_threads)?;
     bar.inc(1);
     bar.set_message("latent importance");
     let importance = analysis::latent_importance(&ck, &base, &select.samples)?;
@@ -450,6 +455,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     std::fs::create_dir(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut measured = vec![];
     let mut files_of = vec![];
+    let mut features = vec![];
     type Built = ((usize, usize, Precision, Option<usize>), PathBuf, Fidelity, cost::Features, Vec<Tensor>);
     let mut last: Option<Built> = None;
     for c in &cands {
@@ -515,6 +521,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             p50_ms: r.latency_ms.p50,
             p99_ms: r.latency_ms.p99,
             memory_bytes,
+            measured_speedup: None,
             predicted_host: rates.predict(&feat, c.threads, None),
             predicted_board: rates.predict(&feat, c.threads, Some(&board)),
             flops: feat.flops,
@@ -524,9 +531,32 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             recovered: None,
         });
         files_of.push(path);
+        features.push(feat);
         bar.inc(1);
     }
     perceiver_edge_runtime::set_threads(1)?;
+    // Where a candidate was also measured at 1 thread, its own speed-up replaces the
+    // micro-benchmark's in the predictions (a model whose threads measured slower is predicted
+    // slower, on the host and on the board).
+    let single: Vec<Option<f64>> = measured
+        .iter()
+        .map(|m| {
+            let same = |x: &&Measured| {
+                let (a, b) = (x.candidate, m.candidate);
+                (a.latents, a.blocks, a.precision, a.queries, a.threads)
+                    == (b.latents, b.blocks, b.precision, b.queries, 1)
+            };
+            measured.iter().find(same).map(|x| x.p50_ms)
+        })
+        .collect();
+    for ((m, one), feat) in measured.iter_mut().zip(single).zip(&features) {
+        if let Some(one) = one.filter(|_| m.candidate.threads > 1 && m.p50_ms > 0.0) {
+            let speedup = one / m.p50_ms;
+            m.measured_speedup = Some(speedup);
+            m.predicted_host = rates.predict_measured(feat, m.candidate.threads, None, speedup);
+            m.predicted_board = rates.predict_measured(feat, m.candidate.threads, Some(&board), speedup);
+        }
+    }
 
     let budget_bytes = board.memory_mb * 1048576.0;
     let judged: Vec<(f64, f64)> = measured
@@ -709,8 +739,17 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(s, "tables {}", r.tables);
     let _ = writeln!(
         s,
-        "host rates: {:.2} GFLOP/s per thread, {:.2} us per node, {:.1} GB/s copy",
-        r.host_rates.gflops_per_thread, r.host_rates.us_per_node, r.host_rates.bandwidth_gbs
+        "host rates: {:.2} GFLOP/s per thread, {:.2} us per node, {:.1} GB/s copy; thread speed-up measured {}",
+        r.host_rates.gflops_per_thread,
+        r.host_rates.us_per_node,
+        r.host_rates.bandwidth_gbs,
+        r.host_rates
+            .thread_speedup
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("T{} {s:.2}x", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(
         s,
@@ -901,6 +940,7 @@ mod tests {
             p50_ms: 0.0,
             p99_ms: 0.0,
             memory_bytes: 0,
+            measured_speedup: None,
             predicted_host: p,
             predicted_board: p,
             flops: 0,
