@@ -108,23 +108,3 @@ fn split_parts_decide_tables_like_the_single_graph() {
     }
     assert!(flips >= 1, "the sweep crosses the share where auto changes its mind");
 }
-
-/// `resident_weights` counts storage that several nodes share once. Before, digits reported
-/// 1.62 MiB for 6 applications of its latent block against 447 KiB for one (each use counted);
-/// now 694 KiB (tract really does pack part of the block's weights once per application).
-#[test]
-fn resident_weights_of_a_repeated_block_are_shared() {
-    let ck = digits();
-    let dir = std::env::temp_dir().join(format!("pe-export-resident-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let total = |blocks: usize| {
-        let o = ExportOptions { blocks: Some(blocks), ..Default::default() };
-        let path = dir.join(format!("b{blocks}.onnx"));
-        build(&ck, &o).unwrap().write(&path).unwrap();
-        perceiver_edge_runtime::Session::load(&path).unwrap().resident_weights().iter().map(|e| e.1).sum::<usize>()
-    };
-    let (one, six) = (total(1), total(6));
-    std::fs::remove_dir_all(&dir).unwrap();
-    assert!(one > 0);
-    assert!(six * 10 <= one * 17, "1 application: {one} bytes resident, 6 applications: {six}");
-}

@@ -23,6 +23,7 @@ mod guard;
 pub mod limits;
 pub mod metadata;
 pub mod npy;
+mod pack_once;
 pub mod precision;
 pub mod profile;
 pub mod split;
@@ -105,6 +106,13 @@ pub fn set_threads(n: usize) -> Result<usize> {
         1 => Ok(1),
         _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
     }
+}
+
+/// Whether models loaded from now on pack each constant matmul operand once (the default) or, with
+/// `false`, as tract's own code generation does (a packed copy per matmul node: a weight-shared
+/// latent block applied 8 times holds 8 copies). For comparisons; outputs are bit-identical.
+pub fn set_pack_once(on: bool) {
+    pack_once::set_enabled(on);
 }
 
 /// Name, element type and fixed shape of a graph input or output.
@@ -374,8 +382,7 @@ impl Session {
             spec.name = name.clone();
         }
         let plan: Plan = match device {
-            Device::Cpu => typed
-                .into_optimized()
+            Device::Cpu => pack_once::optimize(typed, pack_once::enabled())
                 .and_then(|m| m.into_runnable())
                 .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
             Device::Cuda => cuda_plan(typed).map_err(err)?,

@@ -1,0 +1,55 @@
+//! The runtime's pack-once pass (`engine/runtime/src/pack_once.rs`) against tract's own code
+//! generation: the same outputs bit for bit, and a weight-shared latent block applied several
+//! times holds its packed weights once. One test in its own binary: the switch is process-wide.
+
+use perceiver_edge_export::{build, Checkpoint, ExportOptions};
+use perceiver_edge_runtime::{set_pack_once, Session, Tensor};
+use std::path::Path;
+
+fn digits() -> Checkpoint {
+    Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap()
+}
+
+fn resident(s: &Session) -> usize {
+    s.resident_weights().iter().map(|e| e.1).sum()
+}
+
+#[test]
+fn pack_once_keeps_outputs_and_packs_a_repeated_block_once() {
+    let dir = std::env::temp_dir().join(format!("pe-pack-once-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |b: usize| dir.join(format!("b{b}.onnx"));
+    for b in [1, 6] {
+        let o = ExportOptions { blocks: Some(b), ..Default::default() };
+        build(&digits(), &o).unwrap().write(&path(b)).unwrap();
+    }
+    let run = |s: &mut Session| -> Vec<Tensor> {
+        let inputs: Vec<Tensor> = s
+            .inputs()
+            .iter()
+            .map(|i| {
+                let n: usize = i.shape.iter().product();
+                let x: Vec<f32> = (0..n).map(|j| ((j * 37) % 101) as f32 / 50.0 - 1.0).collect();
+                perceiver_edge_runtime::tensor(&i.shape, &x).unwrap()
+            })
+            .collect();
+        s.run(inputs).unwrap()
+    };
+    set_pack_once(false);
+    let mut tract_one = Session::load(&path(1)).unwrap();
+    let mut tract_six = Session::load(&path(6)).unwrap();
+    set_pack_once(true);
+    let mut once_one = Session::load(&path(1)).unwrap();
+    let mut once_six = Session::load(&path(6)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Same kernels on the same packed bytes: bit-identical.
+    assert_eq!(run(&mut once_six), run(&mut tract_six));
+    assert_eq!(run(&mut once_one), run(&mut tract_one));
+    // tract alone packs part of the block once per application; the pass packs it once, so six
+    // applications hold what one does.
+    let (t1, t6, o1, o6) = (resident(&tract_one), resident(&tract_six), resident(&once_one), resident(&once_six));
+    assert!(t6 > t1 * 12 / 10, "without the pass 6 applications should hold more: {t1} vs {t6}");
+    assert_eq!(o6, o1, "with the pass 6 applications hold what one does");
+    assert!(o1 <= t1);
+}
