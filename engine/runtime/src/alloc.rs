@@ -86,3 +86,35 @@ pub fn release_freed() {
         libc::malloc_trim(0);
     }
 }
+
+/// While alive, large allocations get their own memory maps (glibc `M_MMAP_THRESHOLD` 256 KiB),
+/// so a buffer the loader frees (the file's bytes, the protobuf, unpacked weights) goes back to
+/// the system at once instead of staying in the heap as free space that still counts as resident
+/// (glibc's own threshold grows to 32 MiB once such buffers are freed, and the loader's peak
+/// stayed resident). Dropping it sets the threshold to 32 MiB, the most glibc itself would pick:
+/// activations reuse heap memory from run to run. A no-op where the C library is not glibc.
+pub struct LoadPhase(());
+
+impl LoadPhase {
+    /// Starts the load phase.
+    pub fn begin() -> LoadPhase {
+        set_mmap_threshold(256 << 10);
+        LoadPhase(())
+    }
+}
+
+impl Drop for LoadPhase {
+    fn drop(&mut self) {
+        set_mmap_threshold(32 << 20);
+    }
+}
+
+fn set_mmap_threshold(bytes: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
+}

@@ -308,6 +308,7 @@ impl Session {
         device: Device,
     ) -> Result<(Session, Vec<String>)> {
         use prost::Message;
+        let _phase = alloc::LoadPhase::begin();
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
         let proto = tract_onnx::pb::ModelProto::decode(&*bytes)
             .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
