@@ -252,6 +252,10 @@ enum Command {
         /// Where to run: cpu, or cuda (builds with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
+        /// Also time every node over this many extra runs and print the time per op kind
+        /// (tract's optimised ops), slowest first; JSON: an `ops` list.
+        #[arg(long, value_name = "RUNS")]
+        profile: Option<usize>,
     },
     /// Check a board profile (targets/*.toml) and print what it says.
     Profile {
@@ -717,7 +721,13 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             run(&model, &inputs, &outputs, print, device)
         }
-        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device } => {
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device, profile } => {
+            if profile == Some(0) {
+                bail!("--profile 0: expected a number of runs of at least 1");
+            }
+            if profile.is_some() && (device != Device::Cpu || perceiver_edge_runtime::split::is_split(&model)) {
+                bail!("--profile: profiles a single ONNX file on the CPU");
+            }
             let opts = bench::BenchOptions::from_flags(runs, duration, warmup, rate, threads)?;
             let inputs = if inputs.is_empty() {
                 None
@@ -736,11 +746,25 @@ fn dispatch(cmd: Command) -> Result<()> {
                 }
                 return Ok(());
             }
-            let report = bench::bench_on(&model, inputs, &opts, device)?;
+            let report = bench::bench_on(&model, inputs.clone(), &opts, device)?;
+            let ops = profile.map(|runs| bench::profile(&model, inputs, runs, opts.threads)).transpose()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                if let Some(ops) = &ops {
+                    v["ops"] = serde_json::to_value(ops)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_bench(&report);
+                if let Some(ops) = &ops {
+                    println!(
+                        "time per op kind (per run, {} profiled runs; per-node timing adds overhead):",
+                        profile.unwrap_or(1)
+                    );
+                    for o in ops {
+                        println!("  {:<28} {:>5} nodes {:>10.3} ms {:>6.1} %", o.op, o.nodes, o.ms, o.share * 100.0);
+                    }
+                }
             }
             Ok(())
         }

@@ -533,3 +533,46 @@ mod tests {
         assert_eq!(deadline_misses(&ends, 10.0), 1);
     }
 }
+
+/// Time spent in one kind of op (tract's optimised op name) per run, from [`profile`].
+#[derive(Clone, Debug, Serialize)]
+pub struct OpTime {
+    /// tract's op name (`OptMatMul`, `OptMatMulPack`, `Softmax`, ...).
+    pub op: String,
+    /// Nodes of this kind evaluated per run.
+    pub nodes: usize,
+    /// Mean time per run, ms.
+    pub ms: f64,
+    /// Share of the summed op time, 0..=1.
+    pub share: f64,
+}
+
+/// Where a run's time goes: loads `model`, warms up once, runs it `runs` times timing every node,
+/// and returns the time per op kind (slowest first). Per-node timing adds a little overhead, so
+/// the sum exceeds a plain run's latency slightly; use it for shares, not for latency.
+pub fn profile(model: &Path, inputs: Option<Vec<Tensor>>, runs: usize, threads: usize) -> Result<Vec<OpTime>> {
+    crate::set_threads(threads)?;
+    let mut session = Session::load(model)?;
+    let inputs = match inputs {
+        Some(i) => i,
+        None => synthetic_inputs(&session)?,
+    };
+    session.run(inputs.clone())?;
+    let mut per_op = std::collections::BTreeMap::new();
+    let runs = runs.max(1);
+    for _ in 0..runs {
+        session.run_profiled(inputs.clone(), &mut per_op)?;
+    }
+    let total: f64 = per_op.values().map(|(_, d): &(usize, Duration)| d.as_secs_f64()).sum();
+    let mut ops: Vec<OpTime> = per_op
+        .into_iter()
+        .map(|(op, (n, d))| OpTime {
+            op,
+            nodes: n / runs,
+            ms: d.as_secs_f64() * 1e3 / runs as f64,
+            share: d.as_secs_f64() / total.max(1e-12),
+        })
+        .collect();
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(ops)
+}

@@ -530,11 +530,40 @@ impl Session {
 
     /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
     pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.run_with(inputs, None)
+    }
+
+    /// [`Session::run`], also adding each node's time to `per_op` under its op's name (tract's
+    /// optimised ops: `OptMatMul`, `OptMatMulPack`, `Softmax`, ...), with how many nodes ran it.
+    pub fn run_profiled(
+        &mut self,
+        inputs: Vec<Tensor>,
+        per_op: &mut std::collections::BTreeMap<String, (usize, std::time::Duration)>,
+    ) -> Result<Vec<Tensor>> {
+        self.run_with(inputs, Some(per_op))
+    }
+
+    fn run_with(
+        &mut self,
+        inputs: Vec<Tensor>,
+        per_op: Option<&mut std::collections::BTreeMap<String, (usize, std::time::Duration)>>,
+    ) -> Result<Vec<Tensor>> {
         self.check_inputs(&inputs)?;
         let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
         // A panic inside tract must not take the caller down: report it and start a fresh state.
         let state = &mut self.state;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inputs))) {
+        let run = || match per_op {
+            None => state.run(inputs),
+            Some(per_op) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let t = std::time::Instant::now();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                let e = per_op.entry(node.op().name().to_string()).or_default();
+                e.0 += 1;
+                e.1 += t.elapsed();
+                out
+            }),
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
             Ok(Ok(outputs)) => Ok(outputs.into_iter().map(|v| v.into_tensor()).collect()),
             Ok(Err(e)) => Err(Error::Run(first_line(&e))),
             Err(panic) => {

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""perceiver-edge vs onnxruntime at real sizes (issue #11 item 1): latency and fidelity of the
+bench model (bench_vs_onnxruntime.py) and of the published PerceiverIO architectures (published.py:
+vision-fourier, vision-learned, vision-conv at 224x224, language at sequence 2048; random weights).
+
+Usage (from the repository root, after ``cargo build --release``):
+
+    /work/refvenv/bin/python models/reference/peer_bench.py [--models bench,vision-conv,...]
+        [--precisions f32,f16,int8,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
+        [--work DIR] [--bin target/release/perceiver-edge] [--skip-torch-export] [--reexport]
+        [--json FILE]
+
+For each model: checkpoints go to WORK/MODEL/ (generated once with seeded random weights, reused
+when WORK/MODEL/model.safetensors exists); a seeded input (images: standard normal [1, 3, H, W];
+language: token ids in [0, 262) [1, 2048] with an attention mask of ones) and transformers' output
+for it (torch, eval, no_grad) are cached as WORK/MODEL.in.NAME.npy and WORK/MODEL.ref.npy. For
+each precision the script exports WORK/MODEL-PREC.onnx with ``perceiver-edge export`` (reused when
+newer than the checkpoint, unless --reexport) and, for f32, transformers' own graph
+WORK/MODEL-torch.onnx with ``torch.onnx.export`` (opset 17, TorchScript exporter). For each thread
+count it creates onnxruntime sessions (CPU provider, intra-op T, inter-op 1, sequential, all
+graph optimisations), warms them up, then in interleaved rounds times (a) onnxruntime on the
+perceiver-edge graph, (b) onnxruntime on transformers' export (f32 only), (c) ``perceiver-edge
+bench --json`` (p50). Reported: medians over rounds of the times and of the per-round ratios
+engine / onnxruntime, the max abs difference to transformers of perceiver-edge (``perceiver-edge
+run``) and of onnxruntime, a markdown table and the thread scaling (p50 at the fewest threads /
+p50 at T). Defaults: --runs 20 and --warmup 3 for the bench model, 3 and 1 for the published ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_vs_onnxruntime import build_model  # noqa: E402
+from published import ARCHS, generate  # noqa: E402
+
+MODELS = ["bench", "vision-fourier", "vision-learned", "vision-conv", "language"]
+PRECISIONS = ["f32", "f16", "int8", "q4"]
+SEQ_LEN = 2048
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def fresh(path: Path, than: Path) -> bool:
+    return path.is_file() and path.stat().st_mtime > than.stat().st_mtime
+
+
+def checkpoint(name: str, work: Path) -> Path:
+    ck = work / name
+    if not (ck / "model.safetensors").is_file():
+        say(f"[{name}] generating the checkpoint in {ck}")
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        if name == "bench":
+            build_model(str(ck))
+        else:
+            assert name in ARCHS
+            generate(name, ck)
+    return ck
+
+
+def load_torch(ck: Path):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    cls = json.loads((ck / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, cls).from_pretrained(ck).eval()
+
+
+def make_inputs(name: str, ck: Path, work: Path) -> dict[str, np.ndarray]:
+    """The seeded inputs of `name` by graph-input name, cached in WORK."""
+    rng = np.random.default_rng(0)
+    if name == "language":
+        arrays = {"input_ids": rng.integers(0, 262, size=(1, SEQ_LEN), dtype=np.int64),
+                  "attention_mask": np.ones((1, SEQ_LEN), dtype=np.int64)}
+    else:
+        size = json.loads((ck / "config.json").read_text())["image_size"]
+        h, w = (size, size) if isinstance(size, int) else size
+        arrays = {"pixel_values": rng.standard_normal((1, 3, h, w)).astype(np.float32)}
+    for k, x in arrays.items():
+        path = work / f"{name}.in.{k}.npy"
+        if not path.is_file() or not np.array_equal(np.load(path), x):
+            np.save(path, x)
+    return arrays
+
+
+def logits_module(model, names):
+    """transformers' model as a module of positional inputs `names` returning logits (for tracing)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *xs):
+            return self.m(**dict(zip(names, xs))).logits
+
+    return Logits().eval()
+
+
+def graph_io(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(non-initializer inputs as (name, onnx elem type), output names) of an ONNX file (as `inspect` lists)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    ins = [(i.name, i.type.tensor_type.elem_type) for i in g.input if i.name not in inits]
+    return ins, [o.name for o in g.output]
+
+
+def session(path: Path, threads: int, feed, warmup: int):
+    """(onnxruntime session, first output of the last warm-up run), or (None, None) if it fails."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return sess, ort_time(sess, feed, max(warmup, 1))[1]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several kinds; report and go on
+        say(f"  onnxruntime cannot run {path.name}: {str(e).strip()[:300]}")
+        return None, None
+
+
+def ort_time(sess, feed, runs: int):
+    """(median ms of `runs` runs, the first output of the last run)."""
+    ts, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = sess.run(None, feed)[0]
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts), out
+
+
+def engine(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {r.returncode}: {r.stderr.strip()[-1500:]}")
+    return r.stdout
+
+
+def max_abs(a, ref) -> float | None:
+    return None if a is None else float(np.abs(np.asarray(a, dtype=np.float32) - ref).max())
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec=".2f", ms=False) -> str:
+    return "n/a" if x is None else format(x, spec) + (" ms" if ms else "")
+
+
+def reference(name, ck, feeds, a):
+    """transformers' output for `feeds` (cached) and its ONNX export (None if skipped or failed)."""
+    model = None
+    ref_path = a.work / f"{name}.ref.npy"
+    if fresh(ref_path, ck / "model.safetensors"):
+        ref = np.load(ref_path)
+        say(f"[{name}] transformers reference: cached {ref_path}")
+    else:
+        import torch
+
+        model = load_torch(ck)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+        np.save(ref_path, ref)
+        say(f"[{name}] transformers reference: {(time.perf_counter() - t0):.1f} s, saved {ref_path}")
+
+    torch_path = a.work / f"{name}-torch.onnx"
+    if a.skip_torch_export or "f32" not in a.precisions:
+        torch_path = None
+    elif fresh(torch_path, ck / "model.safetensors"):
+        say(f"[{name}] transformers' ONNX export: reusing {torch_path}")
+    else:
+        import torch
+
+        model = model or load_torch(ck)
+        names = list(feeds)
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+                torch.onnx.export(logits_module(model, names), tuple(torch.from_numpy(feeds[k]) for k in names),
+                                  str(torch_path), opset_version=17, input_names=names, output_names=["logits"],
+                                  dynamo=False)
+            say(f"[{name}] transformers' ONNX export: {(time.perf_counter() - t0):.1f} s -> {torch_path}")
+        except Exception as e:  # noqa: BLE001 - any exporter failure makes that column n/a
+            say(f"[{name}] transformers' ONNX export failed, column n/a: {type(e).__name__}: {str(e).strip()[:300]}")
+            torch_path.unlink(missing_ok=True)
+            torch_path = None
+    return ref, torch_path
+
+
+def bench_model(name, a, threads, rows):
+    work = a.work
+    ck = checkpoint(name, work)
+    feeds = make_inputs(name, ck, work)
+    runs = a.runs or (20 if name == "bench" else 3)
+    warmup = a.warmup if a.warmup is not None else (3 if name == "bench" else 1)
+    ref, torch_path = reference(name, ck, feeds, a)
+
+    for prec in a.precisions:
+        tag = f"[{name} {prec}]"
+        pe_path = work / f"{name}-{prec}.onnx"
+        try:
+            if a.reexport or not fresh(pe_path, ck / "model.safetensors"):
+                t0 = time.perf_counter()
+                size = ["--seq-len", str(SEQ_LEN)] if name == "language" else []
+                try:
+                    engine([a.bin, "export", str(ck), "-o", str(pe_path), "--precision", prec] + size)
+                except RuntimeError:
+                    pe_path.unlink(missing_ok=True)
+                    raise
+                say(f"{tag} perceiver-edge export: {(time.perf_counter() - t0):.1f} s -> {pe_path}")
+            else:
+                say(f"{tag} perceiver-edge export: reusing {pe_path}")
+            ins, outs = graph_io(pe_path)
+            missing = [n for n, _ in ins if n not in feeds]
+            if missing:
+                raise RuntimeError(f"graph input(s) {missing} unknown to this script")
+            feed = {n: feeds[n] for n, _ in ins}  # the engine keeps f32 / int64 inputs at every precision
+            files = [work / f"{name}.in.{n}.npy" for n in feed]
+            out_dir = work / f"{name}-{prec}-peer-out"
+            out_dir.mkdir(exist_ok=True)
+            engine([a.bin, "run", str(pe_path)] + sum((["--input", f"{n}={f}"] for n, f in zip(feed, files)), [])
+                   + ["--output", str(out_dir)])
+            err_engine = max_abs(np.load(out_dir / f"{outs[0]}.npy"), ref)
+        except RuntimeError as e:
+            say(f"{tag} skipped: {e}")
+            continue
+        say(f"{tag} inputs {', '.join(f'{n} {x.dtype} {list(x.shape)}' for n, x in feed.items())}; "
+            f"max |perceiver-edge - transformers| = {err_engine:.3g}")
+        use_torch = torch_path if prec == "f32" else None
+        err_ort = err_torch = None
+        for t in threads:
+            same, out = session(pe_path, t, feed, warmup)
+            err_ort = max_abs(out, ref) if err_ort is None else err_ort
+            peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
+            err_torch = max_abs(out, ref) if err_torch is None else err_torch
+            rounds = []
+            for r in range(a.rounds):
+                o = ort_time(same, feed, runs)[0] if same else None
+                p = ort_time(peer, feeds, runs)[0] if peer else None
+                cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
+                       "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
+                try:
+                    e = json.loads(engine(cmd))["latency_ms"]["p50"]
+                except RuntimeError as ex:
+                    say(f"{tag} T={t}: perceiver-edge bench failed: {ex}")
+                    e = None
+                rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
+                          ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
+                rounds.append(rr)
+                say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
+                    f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
+                    f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
+            del same, peer
+            rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
+                             engine_ms=med(r["engine_ms"] for r in rounds),
+                             ort_same_ms=med(r["ort_same_ms"] for r in rounds),
+                             ort_torch_ms=med(r["ort_torch_ms"] for r in rounds),
+                             ratio_same=med(r["ratio_same"] for r in rounds),
+                             ratio_torch=med(r["ratio_torch"] for r in rounds), rounds=rounds,
+                             max_abs_engine=err_engine, max_abs_ort_same=err_ort, max_abs_ort_torch=err_torch))
+        say(f"{tag} max |x - transformers|: perceiver-edge {fmt(err_engine, '.3g')}, onnxruntime same graph "
+            f"{fmt(err_ort, '.3g')}, onnxruntime on transformers' export {fmt(err_torch, '.3g')}")
+
+
+def scaling(rows) -> list[dict]:
+    """Per (model, precision): p50 at the fewest threads / p50 at each other thread count."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["precision"]) for r in rows):
+        group = sorted((r for r in rows if (r["model"], r["precision"]) == key), key=lambda r: r["threads"])
+        base = group[0]
+        for r in group[1:]:
+            s = {k: base[k] / r[k] if base[k] and r[k] else None for k in ("engine_ms", "ort_same_ms", "ort_torch_ms")}
+            out.append(dict(model=key[0], precision=key[1], base_threads=base["threads"], threads=r["threads"], **s))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--precisions", default="f32", help=f"comma-separated, of: {', '.join(PRECISIONS)}")
+    ap.add_argument("--threads", default="1,2,all", help="comma-separated thread counts; all = os.cpu_count()")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per thread count")
+    ap.add_argument("--runs", type=int, help="timed runs per measurement [20 for bench, 3 for published]")
+    ap.add_argument("--warmup", type=int, help="warm-up runs [3 for bench, 1 for published]")
+    ap.add_argument("--work", type=Path, help="checkpoints, graphs, inputs, references [a new temp folder]")
+    ap.add_argument("--bin", default="target/release/perceiver-edge", help="perceiver-edge binary (release)")
+    ap.add_argument("--skip-torch-export", action="store_true", help="no transformers' ONNX export column")
+    ap.add_argument("--reexport", action="store_true", help="export the perceiver-edge graphs even if cached")
+    ap.add_argument("--json", type=Path, help="write all figures to this file")
+    a = ap.parse_args()
+
+    a.models = a.models.split(",")
+    a.precisions = a.precisions.split(",")
+    for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
+        bad = [x for x in got if x not in known]
+        if bad:
+            print(f"{what}: unknown {', '.join(map(repr, bad))} (expected one of {', '.join(known)})", file=sys.stderr)
+            return 1
+    try:
+        threads = list(dict.fromkeys(os.cpu_count() if t == "all" else int(t) for t in a.threads.split(",")))
+        assert all(t >= 1 for t in threads) and a.rounds >= 1 and (a.runs or 1) >= 1 and (a.warmup or 0) >= 0
+    except (ValueError, AssertionError):
+        print("--threads: positive integers or 'all'; --rounds, --runs >= 1; --warmup >= 0", file=sys.stderr)
+        return 1
+    if not Path(a.bin).is_file():
+        print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
+        return 1
+    repo = Path(__file__).resolve().parents[2]
+    a.work = (a.work or Path(tempfile.mkdtemp(prefix="pe-peer-"))).resolve()
+    if a.work == repo or repo in a.work.parents:
+        print(f"--work: {a.work} is inside the repository; use a folder outside it", file=sys.stderr)
+        return 1
+    a.work.mkdir(parents=True, exist_ok=True)
+    say(f"work folder {a.work}; binary {a.bin}; threads {threads}; {os.cpu_count()} CPUs")
+
+    rows: list[dict] = []
+    for name in a.models:
+        bench_model(name, a, threads, rows)
+
+    print()
+    print("| model | precision | threads | perceiver-edge p50 ms | onnxruntime same graph ms | ratio "
+          "| onnxruntime on transformers' export ms | ratio | max abs vs transformers (engine) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['precision']} | {r['threads']} | {fmt(r['engine_ms'])} | {fmt(r['ort_same_ms'])} "
+              f"| {fmt(r['ratio_same'], '.3f')} | {fmt(r['ort_torch_ms'])} | {fmt(r['ratio_torch'], '.3f')} "
+              f"| {fmt(r['max_abs_engine'], '.3g')} |")
+    scale = scaling(rows)
+    if scale:
+        print()
+    for s in scale:
+        print(f"thread scaling {s['model']} {s['precision']} (p50 at {s['base_threads']} / p50 at {s['threads']}): "
+              f"perceiver-edge {fmt(s['engine_ms'])}x, onnxruntime same graph {fmt(s['ort_same_ms'])}x, "
+              f"onnxruntime on transformers' export {fmt(s['ort_torch_ms'])}x")
+    if a.json:
+        a.json.write_text(json.dumps(dict(bin=a.bin, work=str(a.work), cpus=os.cpu_count(), threads=threads,
+                                          rounds=a.rounds, rows=rows, scaling=scale), indent=1))
+        say(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
