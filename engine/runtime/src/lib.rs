@@ -27,13 +27,13 @@ mod pack_once;
 pub mod precision;
 pub mod profile;
 pub mod split;
+mod weights_once;
 
 /// The README's library example, compiled and run as a doc test.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
-use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -113,6 +113,15 @@ pub fn set_threads(n: usize) -> Result<usize> {
 /// latent block applied 8 times holds 8 copies). For comparisons; outputs are bit-identical.
 pub fn set_pack_once(on: bool) {
     pack_once::set_enabled(on);
+}
+
+/// Where a model's protobuf comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A file (path, length in bytes), decoded through a window.
+    File(&'a Path, u64),
+    /// Bytes in memory.
+    Bytes(&'a [u8]),
 }
 
 /// Name, element type and fixed shape of a graph input or output.
@@ -240,10 +249,10 @@ impl Session {
         let load_err = |msg: String| Error::Load { path: path.display().to_string(), msg };
         let len = std::fs::metadata(path).map_err(|e| load_err(format!("cannot read: {e}")))?.len();
         limits::check_fits_memory(len).map_err(load_err)?;
-        let bytes = fsio::read_file(path, u64::MAX).map_err(|e| load_err(format!("cannot read: {e}")))?;
         let dir = model_dir(path);
-        // Owned: the file's bytes are dropped as soon as they are decoded (one copy fewer at peak).
-        Session::load_caught(Cow::Owned(bytes), Some(&dir), extra, device).map_err(|e| match e {
+        // Decoded from the file through a window, its weights handed to tract one by one
+        // (`weights_once`): one copy of the weights at the load's peak, not three.
+        Session::load_caught(Source::File(path, len), Some(&dir), extra, device).map_err(|e| match e {
             Error::Load { msg, .. } => load_err(msg),
             other => other,
         })
@@ -281,11 +290,11 @@ impl Session {
         extra: &[String],
         device: Device,
     ) -> Result<(Session, Vec<String>)> {
-        Session::load_caught(Cow::Borrowed(bytes), dir, extra, device)
+        Session::load_caught(Source::Bytes(bytes), dir, extra, device)
     }
 
     fn load_caught(
-        bytes: Cow<'_, [u8]>,
+        bytes: Source<'_>,
         dir: Option<&Path>,
         extra: &[String],
         device: Device,
@@ -302,7 +311,7 @@ impl Session {
     }
 
     fn load_unguarded(
-        bytes: Cow<'_, [u8]>,
+        source: Source<'_>,
         dir: Option<&Path>,
         extra: &[String],
         device: Device,
@@ -310,25 +319,35 @@ impl Session {
         use prost::Message;
         let _phase = alloc::LoadPhase::begin();
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
-        let proto = tract_onnx::pb::ModelProto::decode(&*bytes)
-            .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
-        let len = bytes.len() as u64;
-        drop(bytes);
+        let (mut proto, len, file) = match source {
+            Source::File(path, len) => (weights_once::decode_file(path).map_err(err)?, len, Some(path)),
+            Source::Bytes(bytes) => {
+                let proto = tract_onnx::pb::ModelProto::decode(bytes)
+                    .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
+                (proto, bytes.len() as u64, None)
+            }
+        };
         let external = guard::check_proto(&proto, dir).map_err(err)?;
         if external > 0 {
             limits::check_fits_memory(len + external).map_err(err)?;
         }
         // tract resolves external data only when given the model's folder (as UTF-8); it reads
         // each tensor through a memory map of the side file and copies it into its own memory.
-        let dir_str = match dir {
-            Some(d) if external > 0 => Some(
-                d.to_str()
-                    .ok_or_else(|| err(format!("{}: the model's folder must be valid UTF-8", d.display())))?
-                    .to_string(),
-            ),
+        let utf8_dir = dir.and_then(|d| d.to_str()).map(str::to_string);
+        if let (Some(d), None, true) = (dir, &utf8_dir, external > 0) {
+            return Err(err(format!("{}: the model's folder must be valid UTF-8", d.display())));
+        }
+        let mut onnx = tract_onnx::onnx();
+        let dir_str = match (file, utf8_dir) {
+            // A file's own weights go to tract as external data of the file, handed over.
+            (Some(path), Some(d)) => {
+                onnx.provider = Arc::new(weights_once::hand_over(&mut proto, path, len).map_err(err)?);
+                Some(d)
+            }
+            (_, d) if external > 0 => d,
             _ => None,
         };
-        let parsed = tract_onnx::onnx()
+        let parsed = onnx
             .parse(&proto, dir_str.as_deref())
             .map_err(|e| err(format!("not a loadable ONNX model: {}", first_line(&e))))?;
         drop(proto);
@@ -351,6 +370,7 @@ impl Session {
         }
         let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         guard::check_facts(&typed).map_err(err)?;
+
         let metadata: Vec<(String, String)> = typed
             .properties
             .iter()
