@@ -66,6 +66,20 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::
     stage_with(path, fill)?.commit()
 }
 
+/// Opens a file for reading, refusing what is not a regular file (checked before opening, so a
+/// FIFO does not block, and again on the opened handle); returns it with its length.
+pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok((file, meta.len()))
+}
+
 /// Reads a whole file, refusing what is not a regular file (a device such as `/dev/zero` or a
 /// FIFO would never end, a folder cannot be read) and files over `max` bytes, before reading.
 pub fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {

@@ -39,8 +39,7 @@ pub struct FileBuf {
 
 impl FileBuf {
     fn open(path: &Path) -> std::io::Result<FileBuf> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
+        let (file, len) = crate::fsio::open_regular(path)?;
         let remaining = usize::try_from(len).map_err(|_| std::io::Error::other("file too large"))?;
         let mut b = FileBuf { file, window: vec![0; WINDOW], pos: 0, filled: 0, remaining, error: None };
         b.refill();
