@@ -18,7 +18,7 @@
 //! products with the `Cd + 1` data columns. The `[H, N, M]` score table replaces the key table
 //! of `position_split` (memory: `H N M` floats instead of `M dk`).
 
-use super::util::{const_f32, constant_query_core, emit_before, producers, val, ConstantQueryCore};
+use super::util::{const_f32, constant_query_core, emit_before, producers, val, ConstantQueryCore, Producers};
 use super::{Pass, PositionSplit};
 use crate::error::Result;
 use crate::ir::{DType, Graph, Node, Val};
@@ -36,8 +36,7 @@ struct Split {
     o: usize,
 }
 
-fn split_form(g: &Graph, name: &str) -> Option<Split> {
-    let prod = producers(g);
+fn split_form(g: &Graph, prod: &Producers, name: &str) -> Option<Split> {
     let node = |v: &str, op: &str| -> Option<&Node> { Some(&g.nodes[*prod.get(v)?]).filter(|n| n.op == op) };
     let add_c = node(name, "Add")?;
     let (_, c) = const_f32(g, &add_c.inputs[1])?;
@@ -66,10 +65,10 @@ struct Match {
     v: Split,
 }
 
-fn find(g: &Graph, div: usize) -> Option<Match> {
-    let cq = constant_query_core(g, div)?;
-    let k = split_form(g, &cq.core.k)?;
-    let v = split_form(g, &cq.core.v)?;
+fn find(g: &Graph, prod: &Producers, div: usize) -> Option<Match> {
+    let cq = constant_query_core(g, prod, div)?;
+    let k = split_form(g, prod, &cq.core.k)?;
+    let v = split_form(g, prod, &cq.core.v)?;
     if v.z.name != k.z.name || v.r.name != k.r.name || k.o != cq.heads * cq.dk || v.o % cq.heads != 0 {
         return None;
     }
@@ -154,8 +153,9 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
 /// the `[H, N, M]` score tables it would add, bytes of the key tables they replace).
 pub(crate) fn estimate(g: &Graph) -> (usize, usize, usize) {
     let (mut sites, mut added, mut removed) = (0, 0, 0);
+    let prod = producers(g);
     for i in 0..g.nodes.len() {
-        if let Some(mt) = find(g, i) {
+        if let Some(mt) = find(g, &prod, i) {
             sites += 1;
             added += mt.cq.heads * mt.cq.rows * mt.k.z.shape[1] * 4;
             removed += mt.k.t.len() * 4;
@@ -171,9 +171,11 @@ impl Pass for ConstantQueryAttention {
     fn run(&self, g: &mut Graph) -> Result<()> {
         let (mut added, mut removed, mut sites) = (0, 0, 0);
         let mut i = 0;
+        let mut prod = producers(g);
         while i < g.nodes.len() {
-            if let Some(mt) = find(g, i) {
+            if let Some(mt) = find(g, &prod, i) {
                 let (a, r) = rewrite(g, mt);
+                prod = producers(g);
                 added += a;
                 removed += r;
                 sites += 1;

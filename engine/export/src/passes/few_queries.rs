@@ -14,7 +14,9 @@
 //! applies where that is less than what it replaces. It adds no table (`G` is `H O D` floats),
 //! so it also runs with `--no-position-tables`.
 
-use super::util::{const_f32, constant_query_core, emit_before, eval_const, producers, val, ConstantQueryCore};
+use super::util::{
+    const_f32, constant_query_core, emit_before, eval_const, producers, val, ConstantQueryCore, Producers,
+};
 use super::Pass;
 use crate::error::Result;
 use crate::ir::{Graph, Val};
@@ -31,8 +33,7 @@ struct Linear {
     b: Option<Vec<f32>>,
 }
 
-fn linear_form(g: &Graph, name: &str) -> Option<Linear> {
-    let prod = producers(g);
+fn linear_form(g: &Graph, prod: &Producers, name: &str) -> Option<Linear> {
     let mut n = &g.nodes[*prod.get(name)?];
     let mut b = None;
     if n.op == "Add" {
@@ -40,7 +41,7 @@ fn linear_form(g: &Graph, name: &str) -> Option<Linear> {
         b = Some((bs, bv));
         n = &g.nodes[*prod.get(n.inputs[0].as_str())?];
     }
-    if n.op != "MatMul" || eval_const(g, &n.inputs[0]).is_some() {
+    if n.op != "MatMul" || eval_const(g, prod, &n.inputs[0]).is_some() {
         return None;
     }
     let (ws, w) = const_f32(g, &n.inputs[1])?;
@@ -62,11 +63,11 @@ struct Match {
     v: Linear,
 }
 
-fn find(g: &Graph, div: usize) -> Option<Match> {
-    let cq = constant_query_core(g, div)?;
+fn find(g: &Graph, prod: &Producers, div: usize) -> Option<Match> {
+    let cq = constant_query_core(g, prod, div)?;
     let (heads, o, dk) = (cq.heads, cq.rows, cq.dk);
-    let k = linear_form(g, &cq.core.k)?;
-    let v = linear_form(g, &cq.core.v)?;
+    let k = linear_form(g, prod, &cq.core.k)?;
+    let v = linear_form(g, prod, &cq.core.v)?;
     if v.x.name != k.x.name || k.o != heads * dk || v.o % heads != 0 {
         return None;
     }
@@ -140,9 +141,11 @@ impl Pass for FewQueryAttention {
     fn run(&self, g: &mut Graph) -> Result<()> {
         let mut sites = 0;
         let mut i = 0;
+        let mut prod = producers(g);
         while i < g.nodes.len() {
-            if let Some(mt) = find(g, i) {
+            if let Some(mt) = find(g, &prod, i) {
                 rewrite(g, mt);
+                prod = producers(g);
                 sites += 1;
             }
             i += 1;

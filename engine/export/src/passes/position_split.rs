@@ -24,7 +24,7 @@
 //! computed in f64. The `[M, O]` tables (one per projection) trade memory for speed: the pass
 //! records their size under `perceiver_edge.tables.position_split` for `inspect`.
 
-use super::util::{const_f32, consumers, producers};
+use super::util::{const_f32, consumers, producers, Producers};
 use super::Pass;
 use crate::error::Result;
 use crate::ir::{Attr, DType, Graph, Node, Val};
@@ -58,8 +58,7 @@ struct Match {
     projs: Vec<Proj>,
 }
 
-fn find(g: &Graph, ln: usize) -> Option<Match> {
-    let prod = producers(g);
+fn find(g: &Graph, prod: &Producers, ln: usize) -> Option<Match> {
     let node = &g.nodes[ln];
     if node.op != "LayerNormalization" || node.inputs.len() < 3 {
         return None;
@@ -274,8 +273,9 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
 /// to `Cd` input channels).
 pub(crate) fn estimate(g: &Graph) -> (usize, usize, u64) {
     let (mut sites, mut bytes, mut flops) = (0, 0, 0u64);
+    let prod = producers(g);
     for i in 0..g.nodes.len() {
-        if let Some(mt) = find(g, i) {
+        if let Some(mt) = find(g, &prod, i) {
             let (b, m) = (mt.data.shape[0], mt.data.shape[1]);
             sites += 1;
             for proj in &mt.projs {
@@ -294,9 +294,11 @@ impl Pass for PositionSplit {
     fn run(&self, g: &mut Graph) -> Result<()> {
         let (mut total, mut sites) = (0, 0);
         let mut i = 0;
+        let mut prod = producers(g);
         while i < g.nodes.len() {
-            if let Some(mt) = find(g, i) {
+            if let Some(mt) = find(g, &prod, i) {
                 total += rewrite(g, mt);
+                prod = producers(g);
                 sites += 1;
             }
             i += 1;

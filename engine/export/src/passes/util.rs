@@ -3,12 +3,17 @@
 use crate::ir::{Attr, DType, Graph, Node, Val};
 use std::collections::HashMap;
 
-/// Value name -> index of the node that produces it.
-pub fn producers(g: &Graph) -> HashMap<&str, usize> {
+/// Value name -> index of the node that produces it. Owned, so a pass builds it once per scan
+/// of the graph and again only after a rewrite (once per node made the passes quadratic in the
+/// graph's size).
+pub type Producers = HashMap<String, usize>;
+
+/// The [`Producers`] of `g`.
+pub fn producers(g: &Graph) -> Producers {
     let mut m = HashMap::new();
     for (i, n) in g.nodes.iter().enumerate() {
         for o in &n.outputs {
-            m.insert(o.name.as_str(), i);
+            m.insert(o.name.clone(), i);
         }
     }
     m
@@ -54,13 +59,39 @@ fn broadcast_to(shape: &[usize], x: &[f32], to: &[usize]) -> Vec<f32> {
 /// Evaluates value `name` at export time when it depends on constants only (LayerNorm,
 /// MatMul with a 2-D right side, element-wise arithmetic, Reshape, Transpose, Expand), in f64
 /// accumulation; `None` when it depends on a graph input or an op outside that set.
-pub fn eval_const(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
+pub fn eval_const(g: &Graph, prod: &Producers, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
+    if reads_an_input(g, prod, name) {
+        return None;
+    }
+    eval_with(g, prod, name)
+}
+
+/// Whether value `name` depends on a graph input (a walk up its producers, each value once).
+fn reads_an_input(g: &Graph, prod: &Producers, name: &str) -> bool {
+    let inputs: std::collections::HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![name];
+    while let Some(v) = todo.pop() {
+        if inputs.contains(v) {
+            return true;
+        }
+        if !seen.insert(v) {
+            continue;
+        }
+        if let Some(&i) = prod.get(v) {
+            todo.extend(g.nodes[i].inputs.iter().map(String::as_str).filter(|s| !s.is_empty()));
+        }
+    }
+    false
+}
+
+fn eval_with(g: &Graph, prod: &Producers, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
     if let Some(c) = const_f32(g, name) {
         return Some(c);
     }
-    let n = g.nodes.iter().find(|n| n.outputs.iter().any(|o| o.name == name))?;
+    let n = &g.nodes[*prod.get(name)?];
     let shape = n.outputs[0].shape.clone();
-    let arg = |i: usize| eval_const(g, &n.inputs[i]);
+    let arg = |i: usize| eval_with(g, prod, &n.inputs[i]);
     let out = match n.op.as_str() {
         "Identity" | "Reshape" => arg(0)?.1,
         "Expand" => {
@@ -203,9 +234,9 @@ pub struct ConstantQueryCore {
 }
 
 /// Matches an [`AttentionCore`] at node `div` whose queries (batch 1) are constant.
-pub fn constant_query_core(g: &Graph, div: usize) -> Option<ConstantQueryCore> {
-    let core = attention_core(g, div)?;
-    let (qs, q) = eval_const(g, &core.q)?;
+pub fn constant_query_core(g: &Graph, prod: &Producers, div: usize) -> Option<ConstantQueryCore> {
+    let core = attention_core(g, prod, div)?;
+    let (qs, q) = eval_const(g, prod, &core.q)?;
     if qs.len() != 4 || qs[0] != 1 {
         return None;
     }
@@ -213,7 +244,7 @@ pub fn constant_query_core(g: &Graph, div: usize) -> Option<ConstantQueryCore> {
 }
 
 /// Matches the [`AttentionCore`] whose scores divisor is node `div`.
-pub fn attention_core(g: &Graph, div: usize) -> Option<AttentionCore> {
+pub fn attention_core(g: &Graph, prod: &Producers, div: usize) -> Option<AttentionCore> {
     let d = &g.nodes[div];
     if d.op != "Div" {
         return None;
@@ -222,7 +253,6 @@ pub fn attention_core(g: &Graph, div: usize) -> Option<AttentionCore> {
     if !ds.is_empty() {
         return None;
     }
-    let prod = producers(g);
     let sm = &g.nodes[*prod.get(d.inputs[0].as_str())?];
     if sm.op != "MatMul" {
         return None;
@@ -279,9 +309,9 @@ mod tests {
         let mm = g.matmul(&a, &w);
         let y = g.add(&mm, &b);
         // [[1+3, 2-3], [4+6, 5-6]] + [0.5, -0.5]
-        close(&eval_const(&g, &y.name).unwrap().1, &[4.5, -1.5, 10.5, -1.5]);
+        close(&eval_const(&g, &producers(&g), &y.name).unwrap().1, &[4.5, -1.5, 10.5, -1.5]);
         let t = g.transpose(&a, &[1, 0]);
-        let (ts, tv) = eval_const(&g, &t.name).unwrap();
+        let (ts, tv) = eval_const(&g, &producers(&g), &t.name).unwrap();
         assert_eq!(ts, [3, 2]);
         close(&tv, &[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
         // LayerNorm of [1, 2, 3]: mean 2, var 2/3 -> (x - 2) / sqrt(2/3 + eps).
@@ -295,7 +325,7 @@ mod tests {
             vec![2, 3],
         );
         let s = (2.0f32 / 3.0).sqrt();
-        close(&eval_const(&g, &ln.name).unwrap().1, &[-1.0 / s, 1.0, 2.0 / s, -1.0 / s, 1.0, 2.0 / s]);
+        close(&eval_const(&g, &producers(&g), &ln.name).unwrap().1, &[-1.0 / s, 1.0, 2.0 / s, -1.0 / s, 1.0, 2.0 / s]);
     }
 
     #[test]
@@ -304,8 +334,8 @@ mod tests {
         let x = g.input("x", DType::F32, &[2, 3]);
         let w = g.const_f32("w", &[3, 1], &[1.0, 1.0, 1.0]);
         let y = g.matmul(&x, &w);
-        assert!(eval_const(&g, &y.name).is_none());
-        assert!(eval_const(&g, &w.name).is_some());
+        assert!(eval_const(&g, &producers(&g), &y.name).is_none());
+        assert!(eval_const(&g, &producers(&g), &w.name).is_some());
     }
 
     #[test]
@@ -329,7 +359,7 @@ mod tests {
         let p = g.node("Softmax", &[&s], vec![("axis", Attr::Int(-1))], DType::F32, s.shape.clone());
         let ctx = g.matmul(&p, &vh);
         let div = g.nodes.iter().position(|n| n.op == "Div").unwrap();
-        let core = attention_core(&g, div).expect("matched");
+        let core = attention_core(&g, &producers(&g), div).expect("matched");
         assert_eq!(
             (core.q.as_str(), core.k.as_str(), core.v.as_str()),
             (qh.name.as_str(), k.name.as_str(), v.name.as_str())
@@ -340,6 +370,6 @@ mod tests {
         // Scores not produced by a MatMul: no match.
         let mm = g.nodes.iter().position(|n| n.outputs[0].name == s.name).unwrap();
         g.nodes[mm].op = "Add".into();
-        assert!(attention_core(&g, div).is_none());
+        assert!(attention_core(&g, &producers(&g), div).is_none());
     }
 }
