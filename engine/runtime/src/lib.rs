@@ -26,6 +26,7 @@ pub mod npy;
 mod pack_once;
 pub mod precision;
 pub mod profile;
+mod softmax_last;
 pub mod split;
 mod weights_once;
 
@@ -113,6 +114,13 @@ pub fn set_threads(n: usize) -> Result<usize> {
 /// latent block applied 8 times holds 8 copies). For comparisons; outputs are bit-identical.
 pub fn set_pack_once(on: bool) {
     pack_once::set_enabled(on);
+}
+
+/// Whether models loaded from now on run a softmax over a strided axis on a contiguous copy
+/// (the default) or, with `false`, where tract put it. For comparisons; outputs differ by
+/// rounding only.
+pub fn set_softmax_last(on: bool) {
+    softmax_last::set_enabled(on);
 }
 
 /// Where a model's protobuf comes from.
@@ -404,7 +412,12 @@ impl Session {
         }
         let plan: Plan = match device {
             Device::Cpu => pack_once::optimize(typed, pack_once::enabled())
-                .and_then(|m| m.into_runnable())
+                .and_then(|mut m| {
+                    if softmax_last::enabled() {
+                        softmax_last::rewrite(&mut m)?;
+                    }
+                    m.into_runnable()
+                })
                 .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
             Device::Cuda => cuda_plan(typed).map_err(err)?,
         };

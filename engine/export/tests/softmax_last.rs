@@ -1,0 +1,46 @@
+//! The runtime's softmax-on-the-last-axis rewrite (`engine/runtime/src/softmax_last.rs`) against
+//! tract's plan without it and against a softmax computed here. One test in its own binary: the
+//! switch is process-wide.
+
+use perceiver_edge_export::ir::{onnx, Attr, DType, Graph};
+use perceiver_edge_runtime::{set_softmax_last, tensor, to_vec, Session, Tensor};
+use std::collections::BTreeMap;
+
+#[test]
+fn a_softmax_over_a_strided_axis_runs_on_a_contiguous_copy() {
+    // Softmax over axis 0 of [rows, cols]: each column is normalised, read with a stride of a row.
+    let (rows, cols) = (300, 96);
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[rows, cols]);
+    let y = g.node("Softmax", &[&x], vec![("axis", Attr::Int(0))], DType::F32, vec![rows, cols]);
+    g.output(&y, "y");
+    let bytes = onnx::to_bytes(&g);
+    let xs: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 523) as f32 / 40.0 - 6.0).collect();
+    let input = || vec![tensor(&[rows, cols], &xs).unwrap()];
+    let run = |on: bool| -> (Vec<Tensor>, BTreeMap<String, (usize, std::time::Duration)>) {
+        set_softmax_last(on);
+        let mut s = Session::from_bytes(&bytes).unwrap();
+        let mut ops = BTreeMap::new();
+        (s.run_profiled(input(), &mut ops).unwrap(), ops)
+    };
+    let (without, ops_without) = run(false);
+    let (with, ops_with) = run(true);
+    set_softmax_last(true);
+
+    // The rewrite fired (the axis moves there and back) and only with the switch on.
+    assert!(!ops_without.contains_key("MoveAxis"), "{ops_without:?}");
+    assert_eq!(ops_with.get("MoveAxis").map(|e| e.0), Some(2), "{ops_with:?}");
+    // Both agree with the softmax computed here (f64), and with each other to rounding.
+    let (a, b) = (to_vec::<f32>(&with[0]).unwrap(), to_vec::<f32>(&without[0]).unwrap());
+    for c in 0..cols {
+        let col: Vec<f64> = (0..rows).map(|r| xs[r * cols + c] as f64).collect();
+        let max = col.iter().cloned().fold(f64::MIN, f64::max);
+        let sum: f64 = col.iter().map(|v| (v - max).exp()).sum();
+        for r in 0..rows {
+            let want = (col[r] - max).exp() / sum;
+            for got in [a[r * cols + c], b[r * cols + c]] {
+                assert!((got as f64 - want).abs() < 1e-6 + 1e-5 * want, "[{r},{c}]: {got} vs {want}");
+            }
+        }
+    }
+}
