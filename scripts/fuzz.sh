@@ -22,6 +22,9 @@
 # a silent wrap. Absurd allocations: without a sanitizer libFuzzer's -malloc_limit_mb has no
 # malloc hooks to work with, so the targets install perceiver_edge_fuzz_targets::alloc_cap
 # (any single allocation over 2 GiB aborts: a crash); -rss_limit_mb=2048 bounds the total.
+# -timeout=120: a legitimately large input (a config asking 262 block repetitions exports a
+# 16 000-node graph in 2.5 s in a release build) takes 10-20x that instrumented with debug
+# assertions on a shared 2-core machine; a hang still ends the run after 2 minutes.
 # One build job (CARGO_BUILD_JOBS, default 1): the instrumented tract build takes ~30 min then.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -47,7 +50,7 @@ for t in "${targets[@]}"; do
   start=$(date +%s.%N)
   rc=0
   cargo +nightly fuzz run "${flags[@]}" "$t" "work/corpus/$t" "corpus/$t" -- \
-    "${limit[@]}" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=30 -print_final_stats=1 \
+    "${limit[@]}" -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=120 -print_final_stats=1 \
     > "$log" 2>&1 || rc=$?
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || true)

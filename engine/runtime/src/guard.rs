@@ -154,6 +154,31 @@ fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
 /// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
 /// must be a permutation of `0..n` (tract sizes its axis bookkeeping by the largest entry), and
 /// no integer list is absurdly long.
+/// tract 0.23.9 resolves LayerNormalization / RMSNormalization's axis -1 on a rank-0 input as
+/// `(-1 + 0) as usize` and its shape inference then loops ~2^64 times (found by fuzzing). The
+/// rank of a computed value is not known before inference, but a scalar initializer, constant
+/// or graph input is: refuse those (a normalisation needs an axis to normalise over).
+fn check_normalized_rank(g: &tract_onnx::pb::GraphProto, n: &NodeProto) -> Result<(), String> {
+    if !matches!(n.op_type.as_str(), "LayerNormalization" | "RMSNormalization") {
+        return Ok(());
+    }
+    let Some(x) = n.input.first() else { return Ok(()) };
+    let from_constant = g.node.iter().filter(|c| c.op_type == "Constant" && c.output.first() == Some(x));
+    let scalar = g.initializer.iter().any(|t| &t.name == x && t.dims.is_empty())
+        || from_constant.flat_map(|c| c.attribute.iter()).any(|a| a.t.as_ref().is_some_and(|t| t.dims.is_empty()))
+        || g.input.iter().any(|i| {
+            &i.name == x
+                && matches!(&i.r#type, Some(t) if matches!(&t.value, Some(tract_onnx::pb::type_proto::Value::TensorType(tt)) if tt.shape.as_ref().is_some_and(|s| s.dim.is_empty())))
+        });
+    if scalar {
+        return Err(format!(
+            "node `{}` ({}): input `{x}` is a scalar; it normalises over an axis of a tensor",
+            n.name, n.op_type
+        ));
+    }
+    Ok(())
+}
+
 fn check_attributes(n: &NodeProto) -> Result<(), String> {
     const MAX_RANK: usize = 64;
     for a in &n.attribute {
@@ -245,6 +270,7 @@ pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String
         }
         check_shape_node(proto, n)?;
         check_attributes(n)?;
+        check_normalized_rank(g, n)?;
     }
     Ok(external)
 }
