@@ -37,6 +37,18 @@ fn a_file_loads_like_its_bytes_and_computes_the_product() {
         }
     }
 
+    // A model file that is a symlink out of its folder loads too (its weights stay in the
+    // protobuf: tract takes external data only from inside the folder).
+    #[cfg(unix)]
+    {
+        let other = dir.join("elsewhere");
+        std::fs::create_dir_all(&other).unwrap();
+        let link = other.join("link.onnx");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let input = tensor(&[m, k], &xs).unwrap();
+        assert_eq!(Session::load(&link).unwrap().run(vec![input]).unwrap(), from_bytes);
+    }
+
     // A truncated file is one error line, not a panic.
     let cut = dir.join("cut.onnx");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();

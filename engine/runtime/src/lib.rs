@@ -346,9 +346,15 @@ impl Session {
             return Err(err(format!("{}: the model's folder must be valid UTF-8", d.display())));
         }
         let mut onnx = tract_onnx::onnx();
+        // tract resolves external data only inside the model's folder: a model file that is a
+        // symlink to elsewhere keeps its weights in the protobuf.
+        let inside = |path: &Path| match (path.canonicalize(), dir.map(Path::canonicalize)) {
+            (Ok(p), Some(Ok(d))) => p.starts_with(d),
+            _ => false,
+        };
         let dir_str = match (file, utf8_dir) {
             // A file's own weights go to tract as external data of the file, handed over.
-            (Some(path), Some(d)) => {
+            (Some(path), Some(d)) if inside(path) => {
                 onnx.provider = Arc::new(weights_once::hand_over(&mut proto, path, len).map_err(err)?);
                 Some(d)
             }

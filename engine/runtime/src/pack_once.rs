@@ -44,7 +44,7 @@ pub fn optimize(mut model: TypedModel, pack_once: bool) -> TractResult<TypedMode
         let at = optimizer.passes.len().min(3);
         optimizer.add_pass(at, Box::new(SamePacking));
     }
-    optimizer.optimize(&mut model)?;
+    model.optimize_with_session(&mut optimizer.session())?;
     Ok(model)
 }
 
