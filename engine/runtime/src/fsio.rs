@@ -83,14 +83,14 @@ pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
 /// Reads a whole file, refusing what is not a regular file (a device such as `/dev/zero` or a
 /// FIFO would never end, a folder cannot be read) and files over `max` bytes, before reading.
 pub fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+    use std::io::Read;
+    let (mut file, len) = open_regular(path)?;
+    if len > max {
+        return Err(std::io::Error::other(format!("holds {len} bytes, more than the {max} accepted")));
     }
-    if meta.len() > max {
-        return Err(std::io::Error::other(format!("holds {} bytes, more than the {max} accepted", meta.len())));
-    }
-    std::fs::read(path)
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// [`read_file`] as UTF-8 text.
