@@ -219,4 +219,6 @@ fn tune_recover_shows_each_budget_before_and_after() {
     assert_eq!(r["students"][0]["latents"].as_u64(), Some(4));
     assert!(out.join("students/k4-b1/model.safetensors").is_file());
     assert!(std::fs::read_to_string(out.join("tradeoff.svg")).unwrap().contains("recovered: top-1"));
+    let acc = std::fs::read_to_string(out.join("accuracy.svg")).unwrap();
+    assert!(acc.contains(&format!("{:.2} % recovered", 100.0 * after)), "{acc}");
 }

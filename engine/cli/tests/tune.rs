@@ -43,7 +43,7 @@ fn tune_writes_model_report_and_plot() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("K16 B1 T1") && stdout.contains("K4 B1 T1"), "{stdout}");
-    for f in ["model.onnx", "report.json", "tradeoff.svg"] {
+    for f in ["model.onnx", "report.json", "tradeoff.svg", "accuracy.svg"] {
         assert!(out.join(f).is_file(), "{f}");
     }
     assert!(!out.join("candidates").exists(), "candidate files are cleaned up");
@@ -67,6 +67,17 @@ fn tune_writes_model_report_and_plot() {
     assert_eq!(r["judged_on"], "predicted for the board");
     let svg = std::fs::read_to_string(out.join("tradeoff.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("K4 B1 T1"));
+    // Accuracy against FLOPs: one circle per budget at the accuracy report.json gives, the full
+    // model's accuracy as the reference line, and (no --recover) no recovered squares.
+    let acc = std::fs::read_to_string(out.join("accuracy.svg")).unwrap();
+    assert_eq!(acc.matches("<circle").count(), 2, "{acc}");
+    for cand in c {
+        let a = 100.0 * cand["fidelity"]["accuracy"].as_f64().unwrap();
+        assert!(acc.contains(&format!("{a:.2} % pruned only")), "{a:.2} in {acc}");
+    }
+    let full = 100.0 * c[0]["fidelity"]["reference_accuracy"].as_f64().unwrap();
+    assert!(acc.contains(&format!("full model {full:.2} %")), "{acc}");
+    assert!(!acc.contains("recovered"));
 }
 
 #[test]

@@ -20,7 +20,9 @@ teacher on the calibration inputs (`--data`, a stacked .npy shaped like the mode
 
 Augmentation by input kind: images `[B, C, H, W]` a random integer shift of up to one pixel (zero
 fill, a crop of the padded image) and Gaussian noise (no flips: a flipped digit can change class);
-token ids (int64): 15 % replaced by the mask id; other float inputs: Gaussian noise.
+token ids (int64): 15 % replaced by the mask id; other float inputs: Gaussian noise on the
+entries that vary across the calibration set (entries equal in every sample, such as the position
+features a bare model's raw tokens carry, stay exact: noise there would move every position).
 
 Deterministic for a given `--seed` on one machine: seeded generators, deterministic algorithms,
 one CPU thread. Uses CUDA when torch sees a GPU (`--device auto`), else the CPU.
@@ -137,7 +139,7 @@ def latents_key(state: dict) -> str:
     return keys[0]
 
 
-def augment(x, gen):
+def augment(x, gen, varies=None):
     import torch
     import torch.nn.functional as F
 
@@ -150,7 +152,8 @@ def augment(x, gen):
         shifts = torch.randint(0, 3, (b, 2), generator=gen, device=x.device)
         out = torch.stack([padded[i, :, int(s[0]):int(s[0]) + h, int(s[1]):int(s[1]) + w] for i, s in enumerate(shifts)])
         return out + 0.02 * torch.randn(out.shape, generator=gen, device=x.device)
-    return x + 0.02 * torch.randn(x.shape, generator=gen, device=x.device)
+    noise = 0.02 * torch.randn(x.shape, generator=gen, device=x.device)
+    return x + (noise if varies is None else noise * varies)
 
 
 def is_classification(arch: str) -> bool:
@@ -244,6 +247,10 @@ def run(a) -> dict:
     steps_per_epoch = math.ceil(len(x_all) / a.batch_size)
     total = a.epochs * steps_per_epoch
     warm = min(steps_per_epoch, max(1, total // 20))
+    # Raw float tokens: noise only where the data varies (not on input-independent position features).
+    varies = None
+    if x_all.is_floating_point() and x_all.dim() == 3:
+        varies = (x_all.amax(0) != x_all.amin(0)).to(device=device, dtype=x_all.dtype)
     gen = torch.Generator(device="cpu").manual_seed(a.seed)
     agen = torch.Generator(device=device).manual_seed(a.seed)
     emit(event="start", steps=total, epochs=a.epochs, device=device, samples=len(x_all), head=arch,
@@ -257,7 +264,7 @@ def run(a) -> dict:
         run_loss = 0.0
         for i in range(0, len(x_all), a.batch_size):
             idx = order[i:i + a.batch_size]
-            x = augment(x_all[idx].to(device), agen)
+            x = augment(x_all[idx].to(device), agen, varies)
             with torch.no_grad():
                 t = forward(teacher, arch, x)
                 ft = feats.get("t")

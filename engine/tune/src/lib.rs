@@ -677,6 +677,11 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     std::fs::write(&svg_path, plot::svg(&measured, chosen, board.deadline_ms, &title))
         .with_context(|| format!("{}: cannot write", svg_path.display()))?;
     files.push(o.out.join("tradeoff.svg").display().to_string());
+    let acc_path = work.path.join("accuracy.svg");
+    let acc_title = format!("{}: accuracy against compute", o.checkpoint.display());
+    std::fs::write(&acc_path, plot::accuracy_svg(&measured, &acc_title))
+        .with_context(|| format!("{}: cannot write", acc_path.display()))?;
+    files.push(o.out.join("accuracy.svg").display().to_string());
     for st in &students {
         files.push(st.folder.clone());
     }

@@ -3,6 +3,7 @@
 //! candidates filled, the chosen one ringed, the board's deadline as a dashed line. A budget
 //! recovered by distillation (`tune --recover`) also shows its recovered agreement: a green
 //! square at the same latency, joined to the pruned model's circle by an arrow.
+//! `accuracy_svg` draws the other view a budget is chosen on: accuracy against FLOPs per inference.
 
 use crate::Measured;
 use std::fmt::Write;
@@ -123,4 +124,161 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// SVG text of the accuracy / compute curve of `cands`: x = FLOPs per inference (log scale),
+/// y = accuracy against the labels (top-1 agreement with the full model where there are no
+/// labels), one point per (latents, blocks, precision) budget: blue circles pruned only, green
+/// squares after recovery, each series' best-accuracy-for-its-cost frontier drawn as a line, and
+/// the full model's accuracy as a dashed line.
+pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
+    let (w, h, l, r, t, b) = (720.0, 460.0, 70.0, 30.0, 40.0, 60.0);
+    let with_labels = cands.iter().all(|c| c.fidelity.accuracy.is_some());
+    let value = |f: &crate::Fidelity| 100.0 * if with_labels { f.accuracy.unwrap_or(0.0) } else { f.top1_agreement };
+    // One point per budget: threads change neither the FLOPs nor the outputs.
+    let mut pts: Vec<(String, f64, f64, Option<f64>)> = vec![];
+    for c in cands {
+        let k = c.candidate;
+        let p = if k.precision == crate::Precision::F32 { String::new() } else { format!(" {}", k.precision) };
+        let q = k.queries.map_or(String::new(), |q| format!(" Q{q}"));
+        let name = format!("K{} B{}{p}{q}", k.latents, k.blocks);
+        if !pts.iter().any(|p| p.0 == name) {
+            pts.push((name, c.flops.max(1) as f64, value(&c.fidelity), c.recovered.as_ref().map(value)));
+        }
+    }
+    let reference = cands
+        .iter()
+        .find_map(|c| if with_labels { c.fidelity.reference_accuracy.map(|a| 100.0 * a) } else { Some(100.0) })
+        .unwrap_or(100.0);
+    let ys = pts.iter().flat_map(|p| std::iter::once(p.2).chain(p.3));
+    let ymin = ys.fold(reference, f64::min).min(reference - 5.0).max(0.0).floor();
+    let ymax = (reference + 0.5).min(100.5).max(ymin + 1.0);
+    let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, z), p| (a.min(p.1), z.max(p.1)));
+    let (lx0, lx1) = ((lo / 1.5).log10(), (hi * 1.5).log10().max((lo / 1.5).log10() + 0.1));
+    let px = |x: f64| l + (x.log10() - lx0) / (lx1 - lx0) * (w - l - r);
+    let py = |y: f64| t + (ymax - y) / (ymax - ymin) * (h - t - b);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{l}" y="22" font-size="14">{}</text>"#, esc(title));
+    let _ = writeln!(
+        s,
+        r#"<line x1="{l}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{0}" stroke="black"/>"#,
+        h - b,
+        w - r
+    );
+    // Decade ticks and their 2x / 5x steps, in MFLOPs.
+    let mut tick = 10f64.powf(lx0.floor());
+    while tick <= 10f64.powf(lx1) {
+        for m in [1.0, 2.0, 5.0] {
+            let x = tick * m;
+            if x.log10() >= lx0 && x.log10() <= lx1 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                    px(x),
+                    h - b + 16.0,
+                    fmt_mflops(x / 1e6)
+                );
+            }
+        }
+        tick *= 10.0;
+    }
+    for i in 0..=5 {
+        let y = ymin + (ymax.min(100.0) - ymin) * i as f64 / 5.0;
+        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{:.1}</text>"#, l - 6.0, py(y) + 4.0, y);
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">MFLOPs per inference (log scale)</text>"#,
+        (l + w - r) / 2.0,
+        h - 20.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{0}" transform="rotate(-90 16 {0})" text-anchor="middle">{1}</text>"#,
+        (t + h - b) / 2.0,
+        if with_labels { "accuracy on the validation samples (%)" } else { "top-1 agreement with full model (%)" }
+    );
+    let _ = writeln!(
+        s,
+        r#"<line x1="{l}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="gray" stroke-dasharray="5,4"/><text x="{2}" y="{3:.1}" fill="gray" text-anchor="end">full model {reference:.2} %</text>"#,
+        py(reference),
+        w - r,
+        w - r - 4.0,
+        py(reference) - 4.0
+    );
+    // Frontier of a series: sorted by cost, each point kept when it beats every cheaper one.
+    let frontier = |vals: Vec<(f64, f64)>, colour: &str, s: &mut String| {
+        let mut v = vals;
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut best = f64::MIN;
+        let line: Vec<String> = v
+            .into_iter()
+            .filter(|p| {
+                let keep = p.1 > best;
+                best = best.max(p.1);
+                keep
+            })
+            .map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1)))
+            .collect();
+        if line.len() > 1 {
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#,
+                line.join(" ")
+            );
+        }
+    };
+    frontier(pts.iter().map(|p| (p.1, p.2)).collect(), "#1f77b4", &mut s);
+    frontier(pts.iter().map(|p| (p.1, p.3.unwrap_or(p.2))).collect(), "#2ca02c", &mut s);
+    for (name, x, y, rec) in &pts {
+        let _ = writeln!(
+            s,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="5" fill="#1f77b4" fill-opacity="0.6" stroke="#1f77b4"><title>{} {} MFLOPs: {y:.2} % pruned only</title></circle>"##,
+            px(*x),
+            py(*y),
+            esc(name),
+            fmt_mflops(x / 1e6)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+            px(*x) + 7.0,
+            py(*y) + 12.0,
+            esc(name)
+        );
+        if let Some(ry) = rec {
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="#2ca02c"><title>{} {} MFLOPs: {ry:.2} % recovered</title></rect>"##,
+                px(*x) - 4.5,
+                py(*ry) - 4.5,
+                esc(name),
+                fmt_mflops(x / 1e6)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" font-size="11">blue circles: pruned only{}; lines: best accuracy for the cost</text>"#,
+        l + 10.0,
+        h - b - 8.0,
+        if pts.iter().any(|p| p.3.is_some()) { "; green squares: recovered by distillation" } else { "" }
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_mflops(m: f64) -> String {
+    if m >= 10.0 {
+        format!("{m:.0}")
+    } else if m >= 1.0 {
+        format!("{m:.1}")
+    } else {
+        format!("{m:.2}")
+    }
 }
