@@ -132,7 +132,7 @@ fn esc(s: &str) -> String {
 /// squares after recovery, each series' best-accuracy-for-its-cost frontier drawn as a line, and
 /// the full model's accuracy as a dashed line.
 pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
-    let (w, h, l, r, t, b) = (720.0, 460.0, 70.0, 30.0, 40.0, 60.0);
+    let (w, h, l, r, t, b) = (720.0, 460.0, 70.0, 30.0, 52.0, 60.0);
     let with_labels = cands.iter().all(|c| c.fidelity.accuracy.is_some());
     let value = |f: &crate::Fidelity| 100.0 * if with_labels { f.accuracy.unwrap_or(0.0) } else { f.top1_agreement };
     // One point per budget: threads change neither the FLOPs nor the outputs.
@@ -187,9 +187,11 @@ pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
         }
         tick *= 10.0;
     }
-    for i in 0..=5 {
-        let y = ymin + (ymax.min(100.0) - ymin) * i as f64 / 5.0;
-        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{:.1}</text>"#, l - 6.0, py(y) + 4.0, y);
+    let step = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0].into_iter().find(|st| (ymax - ymin) / st <= 8.0).unwrap_or(25.0);
+    let mut y = (ymin / step).ceil() * step;
+    while y <= ymax.min(100.0) {
+        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{y}</text>"#, l - 6.0, py(y) + 4.0);
+        y += step;
     }
     let _ = writeln!(
         s,
@@ -233,8 +235,11 @@ pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
             );
         }
     };
+    let recovered = pts.iter().any(|p| p.3.is_some());
     frontier(pts.iter().map(|p| (p.1, p.2)).collect(), "#1f77b4", &mut s);
-    frontier(pts.iter().map(|p| (p.1, p.3.unwrap_or(p.2))).collect(), "#2ca02c", &mut s);
+    if recovered {
+        frontier(pts.iter().map(|p| (p.1, p.3.unwrap_or(p.2))).collect(), "#2ca02c", &mut s);
+    }
     for (name, x, y, rec) in &pts {
         let _ = writeln!(
             s,
@@ -264,10 +269,9 @@ pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
     }
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" font-size="11">blue circles: pruned only{}; lines: best accuracy for the cost</text>"#,
-        l + 10.0,
-        h - b - 8.0,
-        if pts.iter().any(|p| p.3.is_some()) { "; green squares: recovered by distillation" } else { "" }
+        r#"<text x="{l}" y="{}" font-size="11">blue circles: pruned only{}; lines: best accuracy for the cost</text>"#,
+        t - 4.0,
+        if recovered { "; green squares: recovered by distillation" } else { "" }
     );
     s.push_str("</svg>\n");
     s
