@@ -98,7 +98,50 @@ fn bad_budgets_heads_and_data_are_refused_without_a_student_folder() {
     run(&[&digits, &"--latents", &"8", &"--calibrate", &marker_tokens], &["tokens_0.npy", "[1, 3, 8, 8]"]);
     run(&[&digits, &"--latents", &"8", &"--calibrate", &data, &"--epochs", &"0"], &["--epochs 0"]);
     run(&[&digits, &"--latents", &"8", &"--calibrate", &data, &"--lr", &"0"], &["--lr 0"]);
+    // Float labels are target outputs: they must be shaped like the model's output.
+    run(
+        &[&digits, &"--latents", &"8", &"--calibrate", &data, &"--labels", &data],
+        &["heldout_inputs.npy", "target outputs [450, 3, 8, 8], expected [450, 10]"],
+    );
     assert!(!out.exists());
+}
+
+#[test]
+fn heat_map_targets_add_a_task_loss() {
+    let Some(py) = require_train_python("heat_map_targets_add_a_task_loss") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (data, targets) = (d.join("frames.npy"), d.join("targets.npy"));
+    ok(std::process::Command::new(&py)
+        .arg(root().join("models/make_calibration.py"))
+        .args(["marker"])
+        .arg(&data)
+        .args(["--frames", "64", "--labels"])
+        .arg(&targets)
+        .env("PYTHONDONTWRITEBYTECODE", "1"));
+    let record = |out: &Path, labels: Option<&Path>| -> serde_json::Value {
+        let mut cmd = bin();
+        cmd.arg("distill")
+            .arg(root().join("models/marker"))
+            .args(["--seq-len", "256", "--latents", "8", "--epochs", "1", "--train-device", "cpu", "--quiet"])
+            .arg("--calibrate")
+            .arg(&data)
+            .arg("-o")
+            .arg(out)
+            .env("PERCEIVER_EDGE_TRAIN_PYTHON", &py);
+        if let Some(l) = labels {
+            cmd.arg("--labels").arg(l);
+        }
+        ok(&mut cmd);
+        serde_json::from_str(&std::fs::read_to_string(out.join("distill.json")).unwrap()).unwrap()
+    };
+    let plain = record(&d.join("plain"), None);
+    let task = record(&d.join("task"), Some(&targets));
+    assert_eq!(task["labels"].as_str(), Some(targets.to_str().unwrap()));
+    assert_eq!(task["loss"].as_str(), Some("map-kl"));
+    // The same steps plus the cross-entropy with the target maps (at least their entropy, > 0).
+    let first = |r: &serde_json::Value| r["epoch_losses"][0].as_f64().unwrap();
+    assert!(first(&task) > first(&plain) + 1.0, "task {} vs plain {}", first(&task), first(&plain));
 }
 
 #[test]

@@ -16,7 +16,10 @@ teacher on the calibration inputs (`--data`, a stacked .npy shaped like the mode
 * `--loss kl|map-kl|mse` overrides the choice;
 * `--feature-weight W`: plus W times the MSE between the student's latents after the encoder and
   the teacher's kept rows;
-* `--labels L.npy` (int64, classification): plus the cross-entropy with the labels.
+* `--labels L.npy`: int64 class labels (classifiers): plus the cross-entropy with them; float32
+  target outputs shaped like the model's output: for a one-channel map, plus the cross-entropy of
+  the student's softmax with the target distribution (each row normalised; the loss a heat-map
+  locator is trained with), for other outputs plus the MSE with them.
 
 Augmentation by input kind: images `[B, C, H, W]` a random integer shift of up to one pixel (zero
 fill, a crop of the padded image) and Gaussian noise (no flips: a flipped digit can change class);
@@ -139,14 +142,14 @@ def latents_key(state: dict) -> str:
     return keys[0]
 
 
-def augment(x, gen, varies=None):
+def augment(x, gen, varies=None, shift=True):
     import torch
     import torch.nn.functional as F
 
     if not x.is_floating_point():
         mask = torch.rand(x.shape, generator=gen, device=x.device) < 0.15
         return torch.where(mask, torch.full_like(x, MASK_ID), x)
-    if x.dim() == 4:
+    if x.dim() == 4 and shift:
         b, _, h, w = x.shape
         padded = F.pad(x, (1, 1, 1, 1))
         shifts = torch.randint(0, 3, (b, 2), generator=gen, device=x.device)
@@ -210,11 +213,19 @@ def run(a) -> dict:
     student.load_state_dict(sstate, strict=True)
 
     x_all = torch.from_numpy(np.load(a.data))
-    labels = torch.from_numpy(np.load(a.labels)).long() if a.labels else None
-    if labels is not None and (labels.dim() != 1 or len(labels) != len(x_all)):
-        raise Fail(f"{a.labels}: expected {len(x_all)} int64 labels, one per sample")
-    if labels is not None and not is_classification(arch):
-        raise Fail(f"--labels: {arch} is not a classifier; labels apply to classification heads")
+    labels = targets = None
+    if a.labels:
+        raw = np.load(a.labels)
+        if np.issubdtype(raw.dtype, np.floating):
+            targets = torch.from_numpy(raw.astype(np.float32))
+            if len(targets) != len(x_all) or not torch.isfinite(targets).all():
+                raise Fail(f"{a.labels}: expected {len(x_all)} finite target outputs, one per sample")
+        else:
+            labels = torch.from_numpy(raw).long()
+            if labels.dim() != 1 or len(labels) != len(x_all):
+                raise Fail(f"{a.labels}: expected {len(x_all)} int64 labels, one per sample")
+            if not is_classification(arch):
+                raise Fail(f"--labels: {arch} is not a classifier; give float32 target outputs shaped like its output")
     teacher.to(device).eval()
     student.to(device)
     for p in teacher.parameters():
@@ -242,6 +253,18 @@ def run(a) -> dict:
         raise Fail(f"--loss kl: {arch} has no class logits (use mse or map-kl)")
     if kind == "map-kl" and not (t_all.dim() == 3 and t_all.shape[-1] == 1):
         raise Fail(f"--loss map-kl: the output {list(t_all.shape)} is not a one-channel map [B, P, 1]")
+    if targets is not None:
+        if kind == "kl":
+            raise Fail(f"--labels {a.labels}: float target outputs apply to maps and regression outputs; "
+                       f"{arch} takes int64 class labels")
+        if targets[0].numel() != t_all[0].numel():
+            raise Fail(f"--labels {a.labels}: target outputs {list(targets.shape)}, expected "
+                       f"{[len(x_all)] + list(t_all.shape[1:])} (one model output per sample)")
+        targets = targets.reshape(t_all.shape)
+        if kind == "map-kl":
+            if (targets < 0).any() or (targets.sum(1) <= 0).any():
+                raise Fail(f"--labels {a.labels}: a map target must be a non-negative distribution per sample")
+            targets = targets / targets.sum(1, keepdim=True)
     T = a.temperature
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(x_all) / a.batch_size)
@@ -264,7 +287,8 @@ def run(a) -> dict:
         run_loss = 0.0
         for i in range(0, len(x_all), a.batch_size):
             idx = order[i:i + a.batch_size]
-            x = augment(x_all[idx].to(device), agen, varies)
+            # A shift would move the image away from its target output: noise only then.
+            x = augment(x_all[idx].to(device), agen, varies, shift=targets is None)
             with torch.no_grad():
                 t = forward(teacher, arch, x)
                 ft = feats.get("t")
@@ -280,8 +304,12 @@ def run(a) -> dict:
             elif kind == "map-kl":
                 loss = F.kl_div(F.log_softmax(s[..., 0], -1), F.log_softmax(t[..., 0], -1), log_target=True,
                                 reduction="batchmean") + F.mse_loss(s, t)
+                if targets is not None:
+                    loss = loss - (targets[idx].to(device)[..., 0] * F.log_softmax(s[..., 0], -1)).sum(-1).mean()
             else:
                 loss = F.mse_loss(s, t)
+                if targets is not None:
+                    loss = loss + F.mse_loss(s, targets[idx].to(device))
             if a.feature_weight > 0:
                 loss = loss + a.feature_weight * F.mse_loss(feats["s"], ft.index_select(1, kept_t))
             v = float(loss.detach())

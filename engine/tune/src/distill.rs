@@ -114,7 +114,8 @@ pub struct DistillOptions {
     pub out: PathBuf,
     /// Calibration data (unlabelled inputs of the user's domain; never the held-out set).
     pub calibrate: PathBuf,
-    /// Labels (int64, one per sample) for a task loss.
+    /// Labels for a task loss: int64 class labels (one per sample), or float32 target outputs
+    /// shaped like the model's output (a heat map's target distribution, a regression target).
     pub labels: Option<PathBuf>,
     /// Latents kept (default: all).
     pub latents: Option<usize>,
@@ -198,7 +199,9 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
     let mut cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
     if o.labels.is_none() {
         cal.labels = None; // a folder's label file: a task loss only when asked for
+        cal.labels_source = None;
     }
+    cal.check_targets(&full.graph.outputs.first().context("the model has no output")?.shape)?;
     let kept = if k < n {
         let imp = analysis::latent_importance(&ck, &opts, &cal.samples)?;
         analysis::select_latents(&imp, k)?
@@ -237,14 +240,20 @@ pub fn train_student(
     let firsts: Vec<&Tensor> = cal.samples.iter().map(|s| &s[0]).collect();
     let stacked = Tensor::stack_tensors(0, &firsts).context("cannot stack the calibration samples")?;
     npy::write_npy(&data, &stacked)?;
-    let labels = match &cal.labels {
-        Some(l) => {
+    let labels = match (&cal.labels, &cal.targets) {
+        (Some(l), _) => {
             let p = dest.join(".labels.npy");
             let t = perceiver_edge_runtime::tensor(&[l.len()], l).context("labels")?;
             npy::write_npy(&p, &t)?;
             Some(p)
         }
-        None => None,
+        (None, Some(targets)) => {
+            let p = dest.join(".labels.npy");
+            let t = Tensor::stack_tensors(0, targets).context("cannot stack the target outputs")?;
+            npy::write_npy(&p, &t)?;
+            Some(p)
+        }
+        (None, None) => None,
     };
     let script = dest.join(".distill.py");
     std::fs::write(&script, SCRIPT).with_context(|| format!("{}: cannot write", script.display()))?;
@@ -282,6 +291,7 @@ pub fn train_student(
         serde_json::from_str(&text).with_context(|| format!("{}: not JSON", rec_path.display()))?;
     record["teacher"] = serde_json::Value::String(teacher.display().to_string());
     record["calibration"] = serde_json::Value::String(source.to_string());
+    record["labels"] = cal.labels_source.clone().map_or(serde_json::Value::Null, serde_json::Value::String);
     std::fs::write(&rec_path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("{}: cannot write", rec_path.display()))?;
     Ok(record)

@@ -428,6 +428,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let n = *full.summary.dims.get("N").context("model has no latent array")?;
     let trained_blocks = full.summary.depth.0;
     let cal = calib::load(&o.calibrate, o.labels.as_deref(), &full.graph.input_specs())?;
+    cal.check_targets(&full.graph.outputs.first().context("the model has no output")?.shape)?;
     let (select, validate) = cal.split();
     let positions = split::choosable_positions(Head::of(&ck)?, &full.summary);
     let cands = candidates(&o.axes, n, trained_blocks, board.threads, host_cores, positions)?;
