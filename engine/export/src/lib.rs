@@ -86,7 +86,9 @@ impl Exported {
     pub fn write_with(&self, path: &Path, external_data: bool) -> Result<Option<PathBuf>> {
         use perceiver_edge_runtime::fsio;
         if !external_data && !ir::onnx::needs_external_data(&self.graph) {
-            fsio::write_atomic(path, &self.to_bytes()).map_err(|e| Error::write(path, e))?;
+            // Streamed from the graph: the weights are not copied into a protobuf first.
+            fsio::write_atomic_with(path, |w| ir::onnx::write_single(&self.graph, w))
+                .map_err(|e| Error::write(path, e))?;
             return Ok(None);
         }
         let data_path = Self::external_data_path(path);

@@ -70,8 +70,9 @@ pub struct TensorData {
     pub dtype: DType,
     /// Shape (empty for a scalar).
     pub shape: Vec<usize>,
-    /// Little-endian element bytes, row-major.
-    pub bytes: Vec<u8>,
+    /// Little-endian element bytes, row-major; shared between copies of a graph (a trial
+    /// rewrite on a clone does not copy the weights).
+    pub bytes: std::sync::Arc<Vec<u8>>,
 }
 
 impl TensorData {
@@ -81,7 +82,7 @@ impl TensorData {
         TensorData {
             dtype: DType::F32,
             shape: shape.to_vec(),
-            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            bytes: std::sync::Arc::new(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
         }
     }
 
@@ -91,7 +92,7 @@ impl TensorData {
         TensorData {
             dtype: DType::I64,
             shape: shape.to_vec(),
-            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            bytes: std::sync::Arc::new(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
         }
     }
 

@@ -14,7 +14,7 @@ fn tensor_proto(name: &str, t: &TensorData) -> pb::TensorProto {
         name: name.to_string(),
         dims: t.shape.iter().map(|&d| d as i64).collect(),
         data_type: t.dtype.onnx_code(),
-        raw_data: t.bytes.clone(),
+        raw_data: t.bytes.to_vec(),
         ..Default::default()
     }
 }
@@ -195,4 +195,65 @@ fn model_proto_with(g: &Graph, initializer: Vec<pb::TensorProto>) -> pb::ModelPr
 /// Encodes `g` as ONNX protobuf bytes.
 pub fn to_bytes(g: &Graph) -> Vec<u8> {
     to_model_proto(g).encode_to_vec()
+}
+
+/// Writes the single-file encoding of `g` to `w`, byte for byte what [`to_bytes`] returns, with
+/// each constant's bytes streamed from the graph: no copy of the weights is made (neither a
+/// `TensorProto` holding them nor the encoded file in memory). Protobuf encodes fields in tag
+/// order, so the model is the concatenation of the fields before the graph, the graph (its
+/// fields before the initializers, each initializer, the fields after), and the fields after it.
+pub fn write_single(g: &Graph, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let mut model = model_proto_with(g, vec![]);
+    let graph = model.graph.take().expect("model_proto_with sets the graph");
+    let before_model = pb::ModelProto {
+        ir_version: model.ir_version,
+        producer_name: std::mem::take(&mut model.producer_name),
+        producer_version: std::mem::take(&mut model.producer_version),
+        domain: std::mem::take(&mut model.domain),
+        model_version: model.model_version,
+        doc_string: std::mem::take(&mut model.doc_string),
+        ..Default::default()
+    };
+    let after_model = pb::ModelProto {
+        opset_import: std::mem::take(&mut model.opset_import),
+        metadata_props: std::mem::take(&mut model.metadata_props),
+        training_info: std::mem::take(&mut model.training_info),
+        functions: std::mem::take(&mut model.functions),
+        ..Default::default()
+    };
+    debug_assert_eq!(model.encoded_len(), 0, "every ModelProto field is written");
+    let graph_head = pb::GraphProto { node: graph.node, name: graph.name, ..Default::default() };
+    let graph_tail = pb::GraphProto { initializer: vec![], node: vec![], name: String::new(), ..graph };
+    // Each initializer: its fields without the data (dims 1, data_type 2, name 8) then raw_data (9).
+    let skeletons: Vec<(pb::TensorProto, &[u8])> =
+        g.constants.iter().map(|(n, t)| (skeleton_proto(n, t), t.bytes.as_slice())).collect();
+    let raw_len = |b: &[u8]| if b.is_empty() { 0 } else { key_len(9) + encoded_len_varint(b.len() as u64) + b.len() };
+    let tensor_len = |(p, b): &(pb::TensorProto, &[u8])| p.encoded_len() + raw_len(b);
+    let graph_len = graph_head.encoded_len()
+        + skeletons
+            .iter()
+            .map(|t| key_len(5) + encoded_len_varint(tensor_len(t) as u64) + tensor_len(t))
+            .sum::<usize>()
+        + graph_tail.encoded_len();
+    let mut head = before_model.encode_to_vec();
+    encode_key(7, WireType::LengthDelimited, &mut head);
+    encode_varint(graph_len as u64, &mut head);
+    graph_head.encode(&mut head).expect("a Vec grows");
+    w.write_all(&head)?;
+    for t in &skeletons {
+        let mut h = vec![];
+        encode_key(5, WireType::LengthDelimited, &mut h);
+        encode_varint(tensor_len(t) as u64, &mut h);
+        t.0.encode(&mut h).expect("a Vec grows");
+        if !t.1.is_empty() {
+            encode_key(9, WireType::LengthDelimited, &mut h);
+            encode_varint(t.1.len() as u64, &mut h);
+        }
+        w.write_all(&h)?;
+        w.write_all(t.1)?;
+    }
+    let mut tail = graph_tail.encode_to_vec();
+    after_model.encode(&mut tail).expect("a Vec grows");
+    w.write_all(&tail)
 }

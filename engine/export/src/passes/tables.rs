@@ -47,7 +47,7 @@ pub fn live_cost(g: &Graph) -> (usize, u64) {
     s.constants = g
         .constants
         .iter()
-        .map(|(n, t)| (n.clone(), TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: vec![] }))
+        .map(|(n, t)| (n.clone(), TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: Default::default() }))
         .collect();
     s.prune();
     let len: std::collections::HashMap<&str, usize> =

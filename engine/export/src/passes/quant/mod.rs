@@ -62,7 +62,7 @@ fn val(name: impl Into<String>, dtype: DType, shape: &[usize]) -> Val {
 }
 
 fn tensor(dtype: DType, shape: &[usize], bytes: Vec<u8>) -> TensorData {
-    TensorData { dtype, shape: shape.to_vec(), bytes }
+    TensorData { dtype, shape: shape.to_vec(), bytes: bytes.into() }
 }
 
 /// The pass of `precision` (`None` for f32). `ranges` are needed for int8-static only.
