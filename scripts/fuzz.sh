@@ -46,7 +46,12 @@ summary=()
 for t in "${targets[@]}"; do
   mkdir -p "work/corpus/$t" "artifacts/$t"
   log="work/$t.log"
-  before=$(find "artifacts/$t" -type f | wc -l)
+  # Crashes: libFuzzer's crash-, oom-, timeout- and leak- files. slow-unit- files (an input that
+  # took over 10 s, under -timeout) are reported apart: they are not failures.
+  count() { find "artifacts/$t" -type f -name "$1" | wc -l; }
+  findings() { echo $(( $(count 'crash-*') + $(count 'oom-*') + $(count 'timeout-*') + $(count 'leak-*') )); }
+  before=$(findings)
+  slow_before=$(count 'slow-unit-*')
   start=$(date +%s.%N)
   rc=0
   cargo +nightly fuzz run "${flags[@]}" "$t" "work/corpus/$t" "corpus/$t" -- \
@@ -57,9 +62,10 @@ for t in "${targets[@]}"; do
   # fork mode prints no final stats: take the last status line (#EXECS ...)
   [ -z "$execs" ] && execs=$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#' || true)
   [ -z "$execs" ] && execs='?'
-  crashes=$(( $(find "artifacts/$t" -type f | wc -l) - before ))
-  line=$(printf '%-18s %9s execs  %8.1f s  %7s exec/s  crashes %d  exit %d  (log fuzz/%s)' "$t" "$execs" "$secs" \
-    "$( [ "$execs" != '?' ] && echo "$execs / $secs" | bc || echo '?')" "$crashes" "$rc" "$log")
+  crashes=$(( $(findings) - before ))
+  slow=$(( $(count 'slow-unit-*') - slow_before ))
+  line=$(printf '%-18s %9s execs  %8.1f s  %7s exec/s  crashes %d  slow units %d  exit %d  (log fuzz/%s)' "$t" "$execs" "$secs" \
+    "$( [ "$execs" != '?' ] && echo "$execs / $secs" | bc || echo '?')" "$crashes" "$slow" "$rc" "$log")
   echo "$line"
   summary+=("$line")
 done
