@@ -219,10 +219,20 @@ impl Measured {
         format!("K{} B{} T{}{p}{q}", c.latents, c.blocks, c.threads)
     }
 
-    /// The fidelity of the model this candidate stands for: the recovered student's when there
-    /// is one, else the pruned model's.
+    /// Whether the recovered student agrees with the full model more than the pruned model does
+    /// (on the validation samples); it then stands for this budget. A recovery that made a
+    /// nearly lossless budget worse is reported but not used.
+    pub fn recovery_helped(&self) -> bool {
+        self.recovered.as_ref().is_some_and(|r| r.top1_agreement > self.fidelity.top1_agreement)
+    }
+
+    /// The fidelity of the model this candidate stands for: the recovered student's when it
+    /// helped ([`Measured::recovery_helped`]), else the pruned model's.
     pub fn effective(&self) -> &Fidelity {
-        self.recovered.as_ref().unwrap_or(&self.fidelity)
+        match &self.recovered {
+            Some(r) if self.recovery_helped() => r,
+            _ => &self.fidelity,
+        }
     }
 }
 
@@ -642,7 +652,9 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     }
                 };
                 measured[i].recovered = Some(fid);
-                files_of[i] = path;
+                if measured[i].recovery_helped() {
+                    files_of[i] = path;
+                }
             }
             students.push(Student {
                 latents: k,
@@ -663,7 +675,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let lat: Vec<f64> = judged.iter().map(|j| j.0).collect();
     let chosen = choose(&measured, &lat, o.min_agreement);
     let mut files = vec![];
-    let chosen_recovered = chosen.is_some_and(|i| measured[i].recovered.is_some());
+    let chosen_recovered = chosen.is_some_and(|i| measured[i].recovery_helped());
     let chosen_latents = match chosen {
         Some(i) => {
             let model = work.path.join("model.onnx");
@@ -955,6 +967,21 @@ mod tests {
             pareto: false,
             recovered: None,
         }
+    }
+
+    #[test]
+    fn a_recovery_that_did_not_help_is_not_used() {
+        let mut better = m(8, 1, 0.8, true);
+        better.recovered = Some(Fidelity { top1_agreement: 0.95, ..Default::default() });
+        assert!(better.recovery_helped());
+        assert_eq!(better.effective().top1_agreement, 0.95);
+        let mut worse = m(48, 1, 0.989, true);
+        worse.recovered = Some(Fidelity { top1_agreement: 0.981, ..Default::default() });
+        assert!(!worse.recovery_helped());
+        assert_eq!(worse.effective().top1_agreement, 0.989);
+        // The choice goes by what each budget stands for: the pruned 48 here, the student for 8.
+        assert_eq!(choose(&[worse.clone(), better.clone()], &[2.0, 1.0], 0.985), Some(0));
+        assert_eq!(choose(&[worse, better], &[2.0, 1.0], 0.95), Some(1));
     }
 
     #[test]
