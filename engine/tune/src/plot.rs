@@ -20,21 +20,7 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
     let mmax = mems.iter().copied().fold(1.0, f64::max);
     let px = |x: f64| l + (x / xmax) * (w - l - r);
     let py = |y: f64| t + (100.5 - y) / (100.5 - ymin) * (h - t - b);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{l}" y="22" font-size="14">{}</text>"#, esc(title));
-    let _ = writeln!(
-        s,
-        r#"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="black"/>"#,
-        h - b,
-        w - r,
-        h - b,
-        h - b
-    );
+    let mut s = frame((w, h, l, r, t, b), title);
     for i in 0..=5 {
         let x = xmax * i as f64 / 5.0;
         let _ = writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.3}</text>"#, px(x), h - b + 16.0, x);
@@ -122,6 +108,25 @@ pub fn svg(cands: &[Measured], chosen: Option<usize>, deadline_ms: f64, title: &
     s
 }
 
+/// The SVG header of a `w` x `h` plot: white background, the title, and the x and y axes of the
+/// plot area inside the margins `l`, `r`, `t`, `b`.
+fn frame((w, h, l, r, t, b): (f64, f64, f64, f64, f64, f64), title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{l}" y="22" font-size="14">{}</text>"#, esc(title));
+    let _ = writeln!(
+        s,
+        r#"<line x1="{l}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{0}" stroke="black"/>"#,
+        h - b,
+        w - r
+    );
+    s
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -157,19 +162,7 @@ pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
     let (lx0, lx1) = ((lo / 1.5).log10(), (hi * 1.5).log10().max((lo / 1.5).log10() + 0.1));
     let px = |x: f64| l + (x.log10() - lx0) / (lx1 - lx0) * (w - l - r);
     let py = |y: f64| t + (ymax - y) / (ymax - ymin) * (h - t - b);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{l}" y="22" font-size="14">{}</text>"#, esc(title));
-    let _ = writeln!(
-        s,
-        r#"<line x1="{l}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{0}" stroke="black"/>"#,
-        h - b,
-        w - r
-    );
+    let mut s = frame((w, h, l, r, t, b), title);
     // Decade ticks and their 2x / 5x steps, in MFLOPs.
     let mut tick = 10f64.powf(lx0.floor());
     while tick <= 10f64.powf(lx1) {
