@@ -99,9 +99,13 @@ impl Calibration {
         let want: usize = output_shape.iter().product();
         if let Some(t) = self.targets.as_ref().and_then(|t| t.iter().find(|t| t.len() != want)) {
             let mut shape = output_shape.to_vec();
-            shape[0] *= self.samples.len();
+            if let Some(d) = shape.first_mut() {
+                *d *= self.samples.len();
+            }
             let mut got = t.shape().to_vec();
-            got[0] *= self.samples.len();
+            if let Some(d) = got.first_mut() {
+                *d *= self.samples.len();
+            }
             bail!(
                 "{}: target outputs {got:?}, expected {shape:?} (one model output per sample)",
                 self.labels_source.as_deref().unwrap_or("labels")
