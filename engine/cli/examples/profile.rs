@@ -66,6 +66,11 @@ fn main() -> anyhow::Result<()> {
         let n = model.node(*id);
         let fact = model.outlet_fact(OutletId::new(*id, 0)).map(|f| format!("{f:?}")).unwrap_or_default();
         println!("  {t:8.3} ms  {:<60} {:<20} {}", n.name, n.op().name(), fact);
+        if std::env::var("INFO").is_ok() {
+            for line in n.op().info().unwrap_or_default() {
+                println!("              {line}");
+            }
+        }
     }
     Ok(())
 }
