@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite (what CI runs): every workspace test in the release profile, so tract is built
-# once for the binary and the tests. The onnxruntime parity check needs a Python with onnx and
+# once for the binary and the tests; then the patched tract-linalg's kernel tests. The onnxruntime parity check needs a Python with onnx and
 # onnxruntime: set PERCEIVER_EDGE_PYTHON, or this script makes .venv from requirements-ci.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +12,11 @@ if [ -z "${PERCEIVER_EDGE_PYTHON:-}" ]; then
   export PERCEIVER_EDGE_PYTHON="$PWD/.venv/bin/python"
 fi
 cargo test --release --workspace "$@"
+# The patched tract-linalg (vendor/tract-linalg/PATCHES.md): tract's own tests of this host's
+# matmul kernels against its reference implementation (debug profile: quicker to build).
+case "$(uname -m)" in
+  x86_64) kernels=x86_64::mmm:: ;;
+  aarch64) kernels=arm64:: ;;
+  *) kernels= ;;
+esac
+cargo test --manifest-path vendor/tract-linalg/Cargo.toml --target-dir target/vendor-tests --lib -- $kernels

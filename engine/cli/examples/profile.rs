@@ -19,7 +19,13 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(20);
     let session = Session::load(path.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let inputs = synthetic_inputs(&session).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let plan = tract_onnx::onnx().model_for_path(path)?.into_optimized()?.into_runnable()?;
+    let mut typed = tract_onnx::onnx().model_for_path(path)?.into_typed()?;
+    if std::env::var("F16_AS_F32").is_ok() {
+        use tract_onnx::tract_core::transform::ModelTransform;
+        tract_onnx::tract_core::floats::FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type())
+            .transform(&mut typed)?;
+    }
+    let plan = typed.into_optimized()?.into_runnable()?;
     let mut state = TypedSimpleState::new(&plan)?;
     let mut per_node: HashMap<usize, f64> = HashMap::new();
     let tv: TVec<TValue> = inputs.iter().cloned().map(|t| t.into_tvalue()).collect();

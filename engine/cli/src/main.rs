@@ -1276,6 +1276,9 @@ fn print_file_and_resident(path: &Path, session: &Session) {
         ext => println!("file           {} ({}) + external data {}", path.display(), mib(bytes), mib(ext as usize)),
     }
     println!("precision      {}", session.metadata(perceiver_edge_runtime::metadata::PRECISION).unwrap_or("f32"));
+    if session.f16_computed_in_f32() {
+        println!("compute        f32 (this CPU has no f16 arithmetic: each f16 weight is widened once, at load)");
+    }
     let resident = session.resident_weights();
     let total: usize = resident.iter().map(|(_, b)| b).sum();
     let parts: Vec<String> = resident.iter().map(|(k, b)| format!("{k} {}", mib(*b))).collect();

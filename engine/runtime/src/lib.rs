@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod bench;
 pub mod compare;
 pub mod dataset;
+pub mod f16_as_f32;
 pub mod fsio;
 mod guard;
 pub mod limits;
@@ -123,6 +124,13 @@ pub fn set_softmax_last(on: bool) {
     softmax_last::set_enabled(on);
 }
 
+/// Whether models loaded from now on compute an f16 graph in f32 on a CPU without f16 arithmetic
+/// (the default) or, with `false`, as tract does (f16 values, converted around each op). For
+/// comparisons; see [`f16_as_f32`].
+pub fn set_f16_as_f32(on: bool) {
+    f16_as_f32::set_enabled(on);
+}
+
 /// Where a model's protobuf comes from.
 #[derive(Clone, Copy)]
 enum Source<'a> {
@@ -224,6 +232,8 @@ pub struct Session {
     metadata: Vec<(String, String)>,
     /// Bytes its tensors keep in ONNX external data files (0 for a self-contained model).
     external_bytes: u64,
+    /// Whether its f16 values are computed in f32 ([`f16_as_f32`]).
+    f16_in_f32: bool,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
@@ -382,7 +392,7 @@ impl Session {
             }
             model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
         }
-        let typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
+        let mut typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         guard::check_facts(&typed).map_err(err)?;
 
         let metadata: Vec<(String, String)> = typed
@@ -416,8 +426,13 @@ impl Session {
         for (spec, name) in outputs[n_own..].iter_mut().zip(&exposed) {
             spec.name = name.clone();
         }
+        let mut f16_in_f32 = false;
         let plan: Plan = match device {
-            Device::Cpu => pack_once::optimize(typed, pack_once::enabled())
+            Device::Cpu => f16_as_f32::apply(&mut typed)
+                .and_then(|widened| {
+                    f16_in_f32 = widened;
+                    pack_once::optimize(typed, pack_once::enabled())
+                })
                 .and_then(|mut m| {
                     if softmax_last::enabled() {
                         softmax_last::rewrite(&mut m)?;
@@ -449,7 +464,7 @@ impl Session {
                 }
             }
         }
-        Ok((Session { plan, state, inputs, ranges, outputs, metadata, external_bytes: external }, exposed))
+        Ok((Session { plan, state, inputs, ranges, outputs, metadata, external_bytes: external, f16_in_f32 }, exposed))
     }
 
     /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
@@ -504,6 +519,11 @@ impl Session {
     /// model, `export --external-data`); 0 for a self-contained model.
     pub fn external_data_bytes(&self) -> u64 {
         self.external_bytes
+    }
+
+    /// Whether this f16 graph runs in f32 here, this CPU lacking f16 arithmetic ([`f16_as_f32`]).
+    pub fn f16_computed_in_f32(&self) -> bool {
+        self.f16_in_f32
     }
 
     /// Graph inputs, in the order `run` takes them.

@@ -1,0 +1,58 @@
+//! f16 graphs on CPUs without f16 arithmetic: computed in f32.
+//!
+//! An f16 export stores its weights and activations as f16. Where the CPU has f16 arithmetic
+//! (ARMv8.2 FP16, x86 AVX512-FP16) tract runs them natively. Elsewhere (every AVX2 x86 board, the
+//! Cortex-A53/A72 of a Raspberry Pi 3/4) tract converted f16 to f32 and back around every op:
+//! the bench model's f16 graph ran 2.8x slower than onnxruntime on the same file, which computes
+//! such a graph in f32. This pass does the same before optimising: tract's own
+//! `FloatPrecisionTranslator` turns every f16 value into f32 (each f16 weight is cast once, at
+//! load). The file keeps its size; the resident weights are f32 (`inspect` shows them). Results
+//! are those of the f16 weights computed in f32, so closer to the f32 model than native f16;
+//! `engine/export/tests/f16_as_f32.rs` checks both paths against transformers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::transform::ModelTransform;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`apply`] may run (see [`crate::set_f16_as_f32`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Sets what [`enabled`] answers.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether this CPU has f16 arithmetic that tract's kernels use.
+pub fn host_has_f16_arithmetic() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512fp16") {
+        return true;
+    }
+    tract_linalg::has_fp16()
+}
+
+/// Whether `model` holds f16 values (weights or activations).
+pub fn has_f16(model: &TypedModel) -> bool {
+    model.nodes().iter().any(|n| n.outputs.iter().any(|o| o.fact.datum_type == DatumType::F16))
+}
+
+/// Computes `model`'s f16 values in f32 when the switch is on, the model has any, its inputs and
+/// outputs are not f16 (their element type is the caller's contract) and this CPU lacks f16
+/// arithmetic. Returns whether it did.
+pub fn apply(model: &mut TypedModel) -> TractResult<bool> {
+    let io_f16 = model
+        .input_outlets()?
+        .iter()
+        .chain(model.output_outlets()?)
+        .any(|o| model.outlet_fact(*o).map(|f| f.datum_type == DatumType::F16).unwrap_or(true));
+    if !enabled() || io_f16 || host_has_f16_arithmetic() || !has_f16(model) {
+        return Ok(false);
+    }
+    FloatPrecisionTranslator::new(DatumType::F16, DatumType::F32).transform(model)?;
+    Ok(true)
+}
