@@ -152,12 +152,17 @@ enum Command {
         /// a folder of .npy files); never the held-out set you evaluate on.
         #[arg(long, value_name = "DATA")]
         calibrate: PathBuf,
-        /// Labels (int64 .npy, one per sample): adds a task loss (classifiers).
+        /// Labels, adding a task loss: int64 class labels (classifiers, one per sample) or float32
+        /// target outputs shaped like the model's output (heat maps, regression).
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Student folder to write (config.json, model.safetensors, distill.json).
         #[arg(short, long)]
         output: PathBuf,
+        /// Start from a student distill wrote before for the same budget (more training for it)
+        /// instead of the teacher's kept weights.
+        #[arg(long, value_name = "STUDENT")]
+        init: Option<PathBuf>,
         #[command(flatten)]
         training: Training,
         /// Image height and width of the model input [default: config image_size].
@@ -369,6 +374,7 @@ impl Training {
             feature_weight: self.feature_weight,
             device: self.train_device.clone(),
             loss: self.loss.clone(),
+            init: None,
         }
     }
 }
@@ -680,6 +686,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             calibrate,
             labels,
             output,
+            init,
             training,
             image_size,
             seq_len,
@@ -697,7 +704,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                     seq_len,
                     ..Default::default()
                 },
-                train: training.settings(),
+                train: perceiver_edge_tune::distill::TrainSettings { init, ..training.settings() },
             };
             let bar = training_bar(quiet);
             let record = perceiver_edge_tune::distill::distill(&opts, &mut |p| {

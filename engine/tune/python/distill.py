@@ -211,6 +211,16 @@ def run(a) -> dict:
     lk = latents_key(sstate)
     sstate[lk] = state[lk][kept].clone()
     student.load_state_dict(sstate, strict=True)
+    if a.init:
+        # More training for a student distill wrote before: its weights, same budget.
+        init = load_file(str(a.init))
+        want = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in init.items()}
+        if got != want:
+            diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+            raise Fail(f"--init {a.init.parent}: not a student of this budget ({len(kept)} latents, "
+                       f"{a.blocks} blocks): tensor {diff[0]} differs")
+        student.load_state_dict(init, strict=True)
 
     x_all = torch.from_numpy(np.load(a.data))
     labels = targets = None
@@ -359,6 +369,7 @@ def run(a) -> dict:
         "temperature": T if kind == "kl" else None,
         "loss": kind,
         "feature_weight": a.feature_weight,
+        "init": str(a.init.parent) if a.init else None,
         "labels": str(a.labels) if a.labels else None,
         "calibration_samples": len(x_all),
         "epoch_losses": losses,
@@ -385,6 +396,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--labels", type=Path)
+    ap.add_argument("--init", type=Path, help="start from this student's model.safetensors")
     ap.add_argument("--kept", default="", help="kept latent indices, comma-separated, ascending")
     ap.add_argument("--blocks", type=int, required=True)
     ap.add_argument("--epochs", type=int, default=30)

@@ -61,6 +61,9 @@ pub struct TrainSettings {
     /// Distillation loss: `auto` (`kl` for classifiers, `map-kl` for a one-channel heat map,
     /// `mse` otherwise), `kl`, `map-kl` or `mse` (see python/distill.py).
     pub loss: String,
+    /// Start from this student's weights (a folder `distill` wrote for the same budget) instead
+    /// of the teacher's kept rows: more training for a student.
+    pub init: Option<PathBuf>,
 }
 
 impl Default for TrainSettings {
@@ -74,6 +77,7 @@ impl Default for TrainSettings {
             feature_weight: 0.0,
             device: "auto".into(),
             loss: "auto".into(),
+            init: None,
         }
     }
 }
@@ -278,6 +282,13 @@ pub fn train_student(
         .args(["--loss", &settings.loss]);
     if let Some(l) = &labels {
         cmd.arg("--labels").arg(l);
+    }
+    if let Some(init) = &settings.init {
+        let weights = init.join("model.safetensors");
+        if !weights.is_file() {
+            bail!("--init {}: no model.safetensors (expected a student folder written by distill)", init.display());
+        }
+        cmd.arg("--init").arg(weights);
     }
     cmd.env("PYTHONHASHSEED", "0").env("PYTHONDONTWRITEBYTECODE", "1");
     let result = run_training(cmd, &python, progress);
