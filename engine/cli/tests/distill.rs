@@ -203,6 +203,55 @@ fn recovery_improves_agreement_over_the_pruned_model() {
             == std::fs::read(student.join("model.safetensors")).unwrap(),
         "same seed, same student"
     );
+
+    // --init: more training for this student (its weights, not the teacher's kept rows).
+    let more = d.join("more");
+    let continued = |budget: &str, init: &Path, out: &Path| {
+        bin()
+            .arg("distill")
+            .arg(&digits)
+            .args(["--latents", budget, "--epochs", "1", "--train-device", "cpu", "--quiet"])
+            .arg("--calibrate")
+            .arg(&data)
+            .arg("--init")
+            .arg(init)
+            .arg("-o")
+            .arg(out)
+            .env("PERCEIVER_EDGE_TRAIN_PYTHON", &py)
+            .output()
+            .unwrap()
+    };
+    let r = continued("4", &student, &more);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(more.join("distill.json")).unwrap()).unwrap();
+    assert_eq!(rec["init"].as_str(), Some(student.to_str().unwrap()));
+    // Training started from the student: its agreement, not the pruned teacher's.
+    let first: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(student.join("distill.json")).unwrap()).unwrap();
+    let start = rec["agreement_with_teacher"]["init"].as_f64().unwrap();
+    assert!((start - first["agreement_with_teacher"]["recovered"].as_f64().unwrap()).abs() < 1e-9, "{rec}");
+    assert!(start > first["agreement_with_teacher"]["pruned"].as_f64().unwrap() + 0.02, "{rec}");
+    let (a, b) = (agreement(&full, &rec_onnx), {
+        let o = d.join("more.onnx");
+        export(&[&more, &"-o", &o]);
+        agreement(&full, &o)
+    });
+    eprintln!("held-out agreement: student {a:.4}, one more epoch from it {b:.4}");
+    // It started from the student, not from the pruned teacher: far above the pruned model.
+    assert!(b > before + 0.02, "continued {b}, pruned {before}");
+    // A student of another budget, or a folder without weights: one line, no output.
+    for (budget, init, needle) in
+        [("8", &student, "not a student of this budget"), ("4", &d.to_path_buf(), "no model.safetensors")]
+    {
+        let bad = d.join("bad");
+        let r = continued(budget, init, &bad);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(err.contains("--init") && err.contains(needle), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!bad.exists());
+    }
 }
 
 #[test]

@@ -375,7 +375,8 @@ def run(a) -> dict:
         "epoch_losses": losses,
         "agreement_with_teacher": {
             "on": "the calibration inputs, unaugmented (transformers)",
-            "pruned": before,
+            # Where training started: the pruned teacher, or the --init student.
+            ("init" if a.init else "pruned"): before,
             "recovered": after,
         },
         "output_mse_with_teacher": {

@@ -424,7 +424,7 @@ pub fn summary(record: &serde_json::Value, out: &Path) -> String {
     format!(
         "student K{} B{} of teacher K{} B{} ({}); kept latents {}\n\
          trained {} epochs on {} calibration samples ({}, seed {}): loss {} -> {}\n\
-         top-1 agreement with the teacher on the calibration inputs: pruned {} -> recovered {}\n\
+         top-1 agreement with the teacher on the calibration inputs: {} {} -> recovered {}\n\
          wrote {} (config.json, model.safetensors, distill.json)\n",
         record["latents"],
         record["blocks"],
@@ -438,7 +438,8 @@ pub fn summary(record: &serde_json::Value, out: &Path) -> String {
         record["seed"],
         loss(0),
         loss(losses.len().saturating_sub(1)),
-        f(&a["pruned"]),
+        if a["init"].is_null() { "pruned" } else { "--init student" },
+        if a["init"].is_null() { f(&a["pruned"]) } else { f(&a["init"]) },
         f(&a["recovered"]),
         out.display()
     )
