@@ -6,6 +6,10 @@
 //! ```sh
 //! cargo run --release -p perceiver-edge --example profile -- model.onnx [RUNS]
 //! ```
+//!
+//! Environment: `TOP=N` (slowest nodes listed), `INFO=1` (each node's op details: kernel,
+//! packing), `F16_AS_F32=1` (translate f16 to f32 first, as the runtime does on CPUs without f16
+//! arithmetic).
 
 use perceiver_edge_runtime::tract_onnx;
 use perceiver_edge_runtime::{bench::synthetic_inputs, Session};

@@ -104,6 +104,14 @@ fn bad_budgets_heads_and_data_are_refused_without_a_student_folder() {
         &["heldout_inputs.npy", "target outputs [450, 3, 8, 8], expected [450, 10]"],
     );
     assert!(!out.exists());
+    // The student to continue cannot be the output: it would be overwritten while read.
+    let kept = dir.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("model.safetensors"), b"weights").unwrap();
+    let args: [&dyn AsRef<std::ffi::OsStr>; 10] =
+        [&"distill", &digits, &"--latents", &"8", &"--calibrate", &data, &"--init", &kept, &"-o", &kept];
+    refused(dir.path(), &args, &["would overwrite the --init student"]);
+    assert_eq!(std::fs::read(kept.join("model.safetensors")).unwrap(), b"weights");
 }
 
 #[test]

@@ -195,6 +195,11 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
     if perceiver_edge_runtime::fsio::same_file(&o.out, &o.checkpoint) {
         bail!("{}: -o would overwrite the teacher checkpoint; choose another folder", o.out.display());
     }
+    if let Some(init) = &o.train.init {
+        if perceiver_edge_runtime::fsio::same_file(&o.out, init) {
+            bail!("{}: -o would overwrite the --init student; choose another folder", o.out.display());
+        }
+    }
     let opts = ExportOptions { latents: None, blocks: None, ..o.export.clone() };
     let full = perceiver_edge_export::build(&ck, &opts)?;
     let n = *full.summary.dims.get("N").context("the model has no latent array")?;
