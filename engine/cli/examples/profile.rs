@@ -8,8 +8,7 @@
 //! ```
 //!
 //! Environment: `TOP=N` (slowest nodes listed), `INFO=1` (each node's op details: kernel,
-//! packing), `F16_AS_F32=1` (translate f16 to f32 first, as the runtime does on CPUs without f16
-//! arithmetic).
+//! packing).
 
 use perceiver_edge_runtime::tract_onnx;
 use perceiver_edge_runtime::{bench::synthetic_inputs, Session};
@@ -24,11 +23,8 @@ fn main() -> anyhow::Result<()> {
     let session = Session::load(path.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let inputs = synthetic_inputs(&session).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut typed = tract_onnx::onnx().model_for_path(path)?.into_typed()?;
-    if std::env::var("F16_AS_F32").is_ok() {
-        use tract_onnx::tract_core::transform::ModelTransform;
-        tract_onnx::tract_core::floats::FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type())
-            .transform(&mut typed)?;
-    }
+    // As `Session` does: f16 computed in f32 where the CPU has no f16 arithmetic.
+    perceiver_edge_runtime::f16_as_f32::apply(&mut typed)?;
     let plan = typed.into_optimized()?.into_runnable()?;
     let mut state = TypedSimpleState::new(&plan)?;
     let mut per_node: HashMap<usize, f64> = HashMap::new();

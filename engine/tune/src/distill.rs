@@ -199,6 +199,9 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
         if perceiver_edge_runtime::fsio::same_file(&o.out, init) {
             bail!("{}: -o would overwrite the --init student; choose another folder", o.out.display());
         }
+        if !init.join("model.safetensors").is_file() {
+            bail!("--init {}: no model.safetensors (expected a student folder written by distill)", init.display());
+        }
     }
     let opts = ExportOptions { latents: None, blocks: None, ..o.export.clone() };
     let full = perceiver_edge_export::build(&ck, &opts)?;
@@ -211,11 +214,15 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
         cal.labels_source = None;
     }
     cal.check_targets(&full.graph.outputs.first().context("the model has no output")?.shape)?;
-    let kept = if k < n {
-        let imp = analysis::latent_importance(&ck, &opts, &cal.samples)?;
-        analysis::select_latents(&imp, k)?
-    } else {
-        (0..n).collect()
+    let kept = match &o.train.init {
+        // The student to continue already chose its latents: keep them (the feature term and the
+        // record refer to them), whatever a ranking on this DATA would pick.
+        Some(init) => kept_of_student(init, k, n)?,
+        None if k < n => {
+            let imp = analysis::latent_importance(&ck, &opts, &cal.samples)?;
+            analysis::select_latents(&imp, k)?
+        }
+        None => (0..n).collect(),
     };
     let work = WorkDir::create(&o.out, "distill")?;
     let record = train_student(
@@ -229,6 +236,30 @@ pub fn distill(o: &DistillOptions, progress: &mut dyn FnMut(&Progress)) -> Resul
     )?;
     work.finish()?;
     Ok(record)
+}
+
+/// The teacher latents the `--init` student `dir` kept (its distill.json), checked against the
+/// budget: `k` ascending indices below `n`.
+fn kept_of_student(dir: &Path, k: usize, n: usize) -> Result<Vec<usize>> {
+    let path = dir.join("distill.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("--init {}: no distill.json (expected a student folder written by distill)", dir.display())
+    })?;
+    let record: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--init {}: not JSON", path.display()))?;
+    let kept: Option<Vec<usize>> =
+        record["kept_latents"].as_array().and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
+    match kept {
+        Some(kept) if kept.len() == k && kept.windows(2).all(|w| w[0] < w[1]) && kept.iter().all(|&i| i < n) => {
+            Ok(kept)
+        }
+        Some(kept) => bail!(
+            "--init {}: not a student of this budget: it kept {} of the teacher's {n} latents, expected {k}",
+            dir.display(),
+            kept.len()
+        ),
+        None => bail!("--init {}: `kept_latents` missing or not a list of indices", path.display()),
+    }
 }
 
 /// Trains the student of `budget` on `cal` with the training Python and writes it into the
@@ -289,11 +320,7 @@ pub fn train_student(
         cmd.arg("--labels").arg(l);
     }
     if let Some(init) = &settings.init {
-        let weights = init.join("model.safetensors");
-        if !weights.is_file() {
-            bail!("--init {}: no model.safetensors (expected a student folder written by distill)", init.display());
-        }
-        cmd.arg("--init").arg(weights);
+        cmd.arg("--init").arg(init.join("model.safetensors")); // checked by `distill`
     }
     cmd.env("PYTHONHASHSEED", "0").env("PYTHONDONTWRITEBYTECODE", "1");
     let result = run_training(cmd, &python, progress);
