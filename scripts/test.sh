@@ -13,9 +13,10 @@ if [ -z "${PERCEIVER_EDGE_PYTHON:-}" ]; then
 fi
 cargo test --release --workspace "$@"
 # The patched tract-linalg (vendor/tract-linalg/PATCHES.md): tract's own tests of this host's
-# matmul kernels against its reference implementation (debug profile: quicker to build).
+# matmul kernels and panel extractors against its reference implementation (debug profile:
+# quicker to build).
 case "$(uname -m)" in
-  x86_64) kernels=x86_64::mmm:: ;;
+  x86_64) kernels="x86_64::mmm:: x86_64::panel_extract" ;;
   aarch64) kernels=arm64:: ;;
   *) kernels= ;;
 esac

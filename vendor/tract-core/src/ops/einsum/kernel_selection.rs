@@ -15,7 +15,10 @@ pub type Impl = Suitable;
 pub type Strat = (ModePicker, Box<dyn MMMInputFormat>, Vec<Impl>);
 
 fn single_strat(it: Impl) -> Strat {
-    (ModePicker::Single, it.0.packings()[it.1].0.clone(), vec![it])
+    // (perceiver-edge patch) With a panel extractor the weights are packed in the extractor's
+    // source format, not the kernel's: the grouped path below already says so.
+    let packing = it.2.as_ref().map(|pe| pe.from.clone()).unwrap_or(it.0.packings()[it.1].0.clone());
+    (ModePicker::Single, packing, vec![it])
 }
 
 /// True when C's n axis is the innermost non-unit axis, so a row-major SME

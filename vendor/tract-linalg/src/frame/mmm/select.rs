@@ -103,10 +103,13 @@ pub fn pick_by_shape(query: &Query, suitable: &[Suitable]) -> Option<usize> {
         // column per pass. Demote it so it never wins the `nr * mr` tie against a square
         // tile (i8 64x1 and 8x8 both have nr * mr == 64). Ordering among nr > 1 kernels is
         // left untouched.
+        // (perceiver-edge patch) A matrix tile reached through a panel extractor beats a GEMV
+        // that reads the weights directly: the extractor decodes each weight panel once per
+        // call, where a block-quant GEMV decodes the whole weight again for every column.
         Some(n) if n > 1 => suitable
             .iter()
             .enumerate()
-            .max_by_key(|(_, (mmm, _, pe))| (pe.is_none(), mmm.nr() > 1, mmm.nr() * mmm.mr()))
+            .max_by_key(|(_, (mmm, _, pe))| (mmm.nr() > 1, pe.is_none(), mmm.nr() * mmm.mr()))
             .map(|(ix, _)| ix),
         _ => None,
     }
