@@ -1,29 +1,34 @@
-//! Pack each weight once: an optimiser pass for tract's code generation.
+//! Hold each weight once: optimiser passes for tract's decluttering and code generation.
 //!
-//! tract 0.23.9 packs a constant matmul operand per consumer: code generation gives every matmul
-//! its own `OptMatMulPack` node, and constant propagation then folds each into its own packed
-//! copy. A PerceiverIO graph applies its weight-shared latent block several times (the vision
-//! architectures 8 times), so the plan held one packed copy of the block's weights per
-//! application, and loading peaked while all of them existed.
+//! tract 0.23.9 derives a constant matmul operand per consumer: decluttering wires the int8
+//! weight-flavour ops onto a weight once per matmul, code generation reshapes a weight per matmul
+//! (`MergeConsecutiveSameRoleAxes`) and gives every matmul its own `OptMatMulPack` node, and
+//! constant propagation then folds each into its own copy. A PerceiverIO graph applies its
+//! weight-shared latent block several times (the vision architectures 8 times), so loading held
+//! one copy of the block's weights per application, and peaked while all of them existed.
 //!
-//! [`optimize`] runs tract's own code generation with one pass added right after the ops are
-//! generated and before constants are folded: [`SamePacking`] merges constant nodes of equal
-//! value and then `OptMatMulPack` nodes that pack the same outlet the same way, so each weight is
-//! packed once and every application's matmul bakes a handle on the same buffer. The arithmetic is
-//! unchanged (the same kernels read the same packed bytes), so outputs are bit-identical; the
-//! tests compare the plan with and without the pass.
+//! [`optimize`] runs tract's own decluttering and code generation with one pass added:
+//! [`ShareConstants`] merges constant nodes of equal value, then nodes whose value follows from
+//! constants alone (an axis change, cast or packing of such inputs) that apply the same op to the
+//! same inputs. It runs before each round's constant propagation (so what the round before wired
+//! per consumer is folded once) and right after the ops are generated (so each weight is packed
+//! once and every application's matmul bakes a handle on the same buffer). The arithmetic is unchanged (the same
+//! kernels read the same bytes), so outputs are bit-identical; the tests compare the plan with and
+//! without the pass.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::cast::Cast;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::pack::OptMatMulPack;
 use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Whether [`optimize`] is asked to pack once (see [`crate::set_pack_once`]).
+/// Whether [`optimize`] is asked to hold each weight once (see [`crate::set_pack_once`]).
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
@@ -33,26 +38,30 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Declutters and optimises `model` like tract's `into_optimized`, packing each constant matmul
-/// operand once (with `pack_once`; without it, exactly tract's code generation).
+/// Declutters and optimises `model` like tract's `into_optimized`, holding each constant once
+/// (with `pack_once`; without it, exactly tract's decluttering and code generation).
 pub fn optimize(mut model: TypedModel, pack_once: bool) -> TractResult<TypedModel> {
-    model.declutter()?;
-    let mut optimizer = Optimizer::codegen();
+    let mut declutter = Optimizer::declutter();
+    let mut codegen = Optimizer::codegen();
     if pack_once {
-        // After PropConst, MergeConsecutiveSameRoleAxes and the codegen OpOptim: the packing
-        // nodes exist, and the next round's PropConst has not folded them yet.
-        let at = optimizer.passes.len().min(3);
-        optimizer.add_pass(at, Box::new(SamePacking));
+        // Codegen's passes: PropConst, MergeConsecutiveSameRoleAxes, codegen, declutter, ...
+        // After the codegen OpOptim the packing nodes exist and PropConst has not folded them.
+        let after_codegen = codegen.passes.len().min(3);
+        codegen.add_pass(after_codegen, Box::new(ShareConstants));
+        // Before each round's PropConst.
+        codegen.add_pass(0, Box::new(ShareConstants));
+        declutter.add_pass(0, Box::new(ShareConstants));
     }
-    model.optimize_with_session(&mut optimizer.session())?;
+    declutter.optimize(&mut model)?;
+    model.optimize_with_session(&mut codegen.session())?;
     Ok(model)
 }
 
-/// The pass: merges equal constants, then equal packings of one outlet.
+/// The pass: merges equal constants, then equal constant-valued nodes on the same inputs.
 #[derive(Clone, Debug, Default)]
-pub struct SamePacking;
+pub struct ShareConstants;
 
-impl TypedPass for SamePacking {
+impl TypedPass for ShareConstants {
     fn reset(&mut self) -> TractResult<()> {
         Ok(())
     }
@@ -62,7 +71,7 @@ impl TypedPass for SamePacking {
     }
 
     fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
-        let consts = merge(model, |node| {
+        let mut merged = merge(model, |node| {
             let t = node.op_as::<Const>()?.val();
             if !node.inputs.is_empty() || !t.datum_type().is_copy() || !t.is_plain() {
                 return None;
@@ -71,14 +80,46 @@ impl TypedPass for SamePacking {
             (t.datum_type(), t.shape(), t.as_bytes()).hash(&mut h);
             Some(h.finish())
         })?;
-        let packs = merge(model, |node| {
-            let op = node.op_as::<OptMatMulPack>()?;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (node.inputs.as_slice(), op).hash(&mut h);
-            Some(h.finish())
-        })?;
-        Ok(consts + packs > 0)
+        // A chain (reshape, then pack) merges one link per round: the second link's inputs are
+        // equal only once the first is merged.
+        loop {
+            let constant = constant_valued(model)?;
+            let n = merge(model, |node| {
+                if node.inputs.is_empty() || !constant.contains(&node.id) {
+                    return None;
+                }
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (node.inputs.as_slice(), node.op.name()).hash(&mut h);
+                Some(h.finish())
+            })?;
+            if n == 0 {
+                break;
+            }
+            merged += n;
+        }
+        Ok(merged > 0)
     }
+}
+
+/// Nodes whose value follows from constants alone: `Const` nodes, and the ops tract wires onto a
+/// weight per consumer (axis changes, casts, packing) all of whose inputs are such nodes. Each of
+/// these is a pure function of its inputs.
+fn constant_valued(model: &TypedModel) -> TractResult<HashSet<usize>> {
+    let mut set = HashSet::new();
+    for id in model.eval_order()? {
+        let node = &model.nodes()[id];
+        let constant = if node.op_is::<Const>() {
+            node.inputs.is_empty()
+        } else {
+            !node.inputs.is_empty()
+                && (node.op_is::<AxisOp>() || node.op_is::<Cast>() || node.op_is::<OptMatMulPack>())
+                && node.inputs.iter().all(|i| set.contains(&i.node))
+        };
+        if constant {
+            set.insert(id);
+        }
+    }
+    Ok(set)
 }
 
 /// Rewires the consumers of every node that `key` puts in the same bucket as an earlier, equal
@@ -117,10 +158,10 @@ fn merge(model: &mut TypedModel, key: impl Fn(&TypedNode) -> Option<u64>) -> Tra
     Ok(rewire.len())
 }
 
-/// Two `Const` ops with equal tensors, or two `OptMatMulPack` ops with equal packers and axes.
+/// Two nodes applying equal ops (two `Const`s: equal tensors).
 fn equal_ops(a: &TypedNode, b: &TypedNode) -> bool {
     if let (Some(x), Some(y)) = (a.op_as::<Const>(), b.op_as::<Const>()) {
         return x == y;
     }
-    matches!((a.op_as::<OptMatMulPack>(), b.op_as::<OptMatMulPack>()), (Some(x), Some(y)) if x == y)
+    a.op == b.op
 }
