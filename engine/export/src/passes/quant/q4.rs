@@ -4,7 +4,9 @@ use super::*;
 
 /// 4-bit block-quantised Linear weights (`MatMulNBits`, block 32); K is zero-padded to a
 /// multiple of 32 (a `Pad` on the activation) when needed. Linears with K < 32 use dynamic
-/// int8.
+/// int8. A Linear on a value that no graph input reaches (the latents' and output queries'
+/// projections) is stored as weight-only int8: tract folds it at load, and a 4-bit weight there
+/// would be folded through tract's reference einsum (vision-conv: 50 s of loading).
 pub struct Q4 {
     /// Nodes and weights kept in f32.
     pub keep: KeepF32,
@@ -18,8 +20,13 @@ impl Pass for Q4 {
         self.keep.check_all_used(all_names(g).into_iter())?;
         let mut rep = HashMap::new();
         let mut shared = HashSet::new();
+        let constant = input_independent(g);
         for l in linears(g) {
             if kept(g, &l, &self.keep) {
+                continue;
+            }
+            if constant.contains(&g.nodes[l.node].inputs[0]) {
+                rep.insert(l.node, weight_only_linear(g, &l));
                 continue;
             }
             if l.k < 32 {
