@@ -53,6 +53,11 @@ impl<Ctx> Rewriter<Ctx> {
                 }
             }
             if done_anything {
+                // (perceiver-edge patch) A rule that reshapes a constant wires one reshape per
+                // consumer; folded as they are, a weight shared by n matmuls is copied n times.
+                if merge_equal_const_reshapes(model)? {
+                    model.compact()?;
+                }
                 model.prop_consts()?;
                 model.compact()?;
             } else {
@@ -60,4 +65,36 @@ impl<Ctx> Rewriter<Ctx> {
             }
         }
     }
+}
+
+/// (perceiver-edge patch) Points the consumers of equal `AxisOp`s on the same constant at the
+/// first of them; returns whether any moved (the others are then dead).
+fn merge_equal_const_reshapes(model: &mut TypedModel) -> TractResult<bool> {
+    let outputs = model.output_outlets()?.to_vec();
+    let mut first: HashMap<(OutletId, String), usize> = HashMap::new();
+    let mut rewire = vec![];
+    for node in model.nodes() {
+        if node.inputs.len() != 1
+            || node.outputs.len() != 1
+            || !node.op_is::<crate::ops::change_axes::AxisOp>()
+            || !model.node(node.inputs[0].node).op_is::<crate::ops::konst::Const>()
+            || outputs.contains(&OutletId::new(node.id, 0))
+        {
+            continue;
+        }
+        let key = (node.inputs[0], format!("{:?}", node.op));
+        match first.get(&key) {
+            Some(&keep) if model.node(keep).op == node.op => rewire.push((node.id, keep)),
+            Some(_) => (),
+            None => {
+                first.insert(key, node.id);
+            }
+        }
+    }
+    for &(dup, keep) in &rewire {
+        for inlet in model.node(dup).outputs[0].successors.clone() {
+            model.add_edge(OutletId::new(keep, 0), inlet)?;
+        }
+    }
+    Ok(!rewire.is_empty())
 }
