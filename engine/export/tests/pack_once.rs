@@ -53,10 +53,11 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
         // Same kernels on the same bytes: bit-identical.
         assert_eq!(run(&mut once_six), run(&mut tract_six), "{p}");
         assert_eq!(run(&mut once_one), run(&mut tract_one), "{p}");
-        // tract alone holds part of the block once per application; the pass holds it once, so
-        // six applications hold what one does.
+        // tract alone holds part of the block once per application (less since its vendored
+        // Rewriter merges reshapes of a shared weight, vendor/tract-core/PATCHES.md); the pass
+        // holds it once, so six applications hold what one does.
         let (t1, t6, o1, o6) = (resident(&tract_one), resident(&tract_six), resident(&once_one), resident(&once_six));
-        assert!(t6 > t1 * 12 / 10, "{p}: without the pass 6 applications should hold more: {t1} vs {t6}");
+        assert!(t6 > t1, "{p}: without the pass 6 applications should hold more: {t1} vs {t6}");
         assert_eq!(o6, o1, "{p}: with the pass 6 applications hold what one does");
         assert!(o1 <= t1, "{p}");
     }
