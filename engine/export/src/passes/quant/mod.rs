@@ -119,6 +119,32 @@ mod tests {
         }
     }
 
+    /// q4 keeps the Linears no graph input reaches (folded by tract at load) as weight-only int8,
+    /// and quantises the others to 4 bits.
+    #[test]
+    fn q4_leaves_input_independent_linears_weight_only() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+        // Unrewritten: the latent-query projections stay Linears on the (constant) latents, as
+        // in a published architecture whose tables do not pay.
+        let mut o = crate::ExportOptions::default();
+        o.perf.no_rewrites = true;
+        let mut g = crate::build(&crate::Checkpoint::open(&dir).unwrap(), &o).unwrap().graph;
+        let constant = input_independent(&g);
+        let folded: Vec<String> = linears(&g)
+            .iter()
+            .filter(|l| constant.contains(&g.nodes[l.node].inputs[0]))
+            .map(|l| g.nodes[l.node].name.clone())
+            .collect();
+        assert!(!folded.is_empty(), "digits has latent-query projections");
+        Q4 { keep: KeepF32::default() }.run(&mut g).unwrap();
+        for name in &folded {
+            let n = g.nodes.iter().find(|n| &n.name == name).unwrap();
+            assert_eq!(n.op, "MatMul", "{name}");
+            assert!(g.nodes.iter().any(|d| d.op == "DequantizeLinear" && d.outputs[0].name == n.inputs[1]), "{name}");
+        }
+        assert!(g.nodes.iter().any(|n| n.op == "MatMulNBits"));
+    }
+
     #[test]
     fn unknown_precision_is_one_line() {
         let e = "int4".parse::<Precision>().unwrap_err().to_string();
