@@ -9,6 +9,8 @@ onnxruntime running the same graph.
 
 Architectures (configurations as transformers' convert_perceiver_haiku_to_pytorch.py sets them):
 
+    bench            the bench model of bench_vs_onnxruntime.py (64x64 Fourier, 128 latents x 256,
+                     6 self-attention layers)
     vision-fourier   PerceiverForImageClassificationFourier, 224x224, 512 latents x 1024,
                      8 blocks x 6 self-attention layers (weights shared across blocks), d_model 261
     vision-learned   PerceiverForImageClassificationLearned, the same with d_model 512
@@ -19,15 +21,18 @@ Architectures (configurations as transformers' convert_perceiver_haiku_to_pytorc
 
 Checkpoints go to WORK/ARCH/ (generated once, reused). For each architecture and precision the
 script prints the .onnx size, `export`'s and `run`'s peak RSS (/usr/bin/time -v), the resident
-weights and largest activation `inspect` reports, the bound 1.3 x (weights + 2 x largest
-activation) + 40 MB, and onnxruntime's peak RSS running the same file (a separate process,
-CPU provider, one run), then a markdown table. Needs torch and transformers (generation), numpy
+weights and largest activation `inspect` reports, `bench`'s peak RSS once loaded and its steady
+RSS (after the warm-up run and after the last of 3 runs), the bound 1.3 x (weights + 2 x largest
+activation) + 40 MB for `run` and 2 x checkpoint + output file for `export`, and onnxruntime's
+peak RSS running the same file (a separate process, CPU provider, one run), then a markdown
+table. Needs torch and transformers (generation), numpy
 and onnxruntime (inputs, the peer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -45,12 +50,19 @@ ARCHS = {
     "vision-learned": ("PerceiverForImageClassificationLearned", dict(VISION, d_model=512)),
     "vision-conv": ("PerceiverForImageClassificationConvProcessing", dict(VISION, d_model=322)),
     "language": ("PerceiverForMaskedLM", dict(qk_channels=256, v_channels=1280)),
+    "bench": ("PerceiverForImageClassificationFourier", None),
     "flow": ("PerceiverForOpticalFlow", None),
 }
 
 
 def generate(arch: str, ck: Path) -> None:
     """Writes config.json + model.safetensors of `arch` with seeded random weights."""
+    if arch == "bench":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_vs_onnxruntime import build_model
+
+        build_model(str(ck))
+        return
     if arch == "flow":
         sys.path.insert(0, str(Path(__file__).parent))
         import flow_memory
@@ -119,7 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="perceiver-edge binary (release build)")
     ap.add_argument("--work", type=Path, required=True, help="checkpoints, exports and inputs go here")
-    ap.add_argument("--archs", default="vision-conv,vision-fourier,vision-learned,language")
+    ap.add_argument("--archs", default="bench,vision-conv,vision-fourier,vision-learned,language")
     ap.add_argument("--precisions", default="f32", help="comma-separated: f32, f16, int8, q4")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
     ap.add_argument("--generate-only", action="store_true")
@@ -145,23 +157,32 @@ def main() -> None:
             out = a.work / f"{arch}-{prec}-out"
             out.mkdir(exist_ok=True)
             rss_r, _ = timed([a.bin, "run", str(model)] + sum((["--input", f] for f in feed), []) + ["--output", str(out)])
+            _, said = timed([a.bin, "bench", str(model), "--runs", "3", "--warmup", "1", "--json"]
+                            + sum((["--input", f] for f in feed), []))
+            mem = json.loads(said)["memory"]
+            load, warm, end = (mem[k] / 1048576 for k in ("peak_rss_load", "rss_after_warmup", "rss_end"))
             bound = 1.3 * (resident + 2 * act) + 40 * 1e6 / 1048576
+            ck_mib = sum(f.stat().st_size for f in ck.glob("*.safetensors")) / 1048576
+            bound_e = 2 * ck_mib + model.stat().st_size / 1048576 + sum(
+                f.stat().st_size for f in a.work.glob(f"{model.name}.data")) / 1048576
             rss_o = float("nan")
             if not a.no_ort:
                 rss_o, _ = timed([sys.executable, "-c", ORT, str(model)] + feed)
             file_mib = model.stat().st_size / 1048576
             print(f"{arch} {prec}: file {file_mib:.0f} MiB, weights {weights:.0f} MiB (resident {resident:.0f}), "
                   f"largest activation {act:.0f} MiB; export peak {rss_e:.0f} MiB, run peak {rss_r:.0f} MiB "
-                  f"(bound {bound:.0f}), onnxruntime peak {rss_o:.0f} MiB", flush=True)
-            rows.append((arch, prec, file_mib, resident, act, rss_e, rss_r, bound, rss_o))
+                  f"(bound {bound:.0f}; bench: at load {load:.0f}, steady {warm:.0f} -> {end:.0f}), export bound "
+                  f"{bound_e:.0f} MiB, onnxruntime peak {rss_o:.0f} MiB", flush=True)
+            rows.append((arch, prec, file_mib, resident, act, rss_e, bound_e, load, warm, end, rss_r, bound, rss_o))
     if rows:
         print()
         print("| architecture | precision | .onnx MiB | resident weights MiB | largest activation MiB "
-              "| export peak MiB | run peak MiB | bound MiB | run / bound | onnxruntime peak MiB | run / onnxruntime |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for arch, prec, f, w, act, e, r, b, o in rows:
-            print(f"| {arch} | {prec} | {f:.0f} | {w:.0f} | {act:.0f} | {e:.0f} | {r:.0f} | {b:.0f} | {r / b:.2f} "
-                  f"| {o:.0f} | {r / o:.2f} |")
+              "| export peak MiB (/ bound) | peak at load MiB | steady RSS MiB | run peak MiB | run bound MiB "
+              "| run / bound | onnxruntime peak MiB | run / onnxruntime |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for arch, prec, f, w, act, e, be, load, warm, end, r, b, o in rows:
+            print(f"| {arch} | {prec} | {f:.0f} | {w:.0f} | {act:.0f} | {e:.0f} ({e / be:.2f}) | {load:.0f} "
+                  f"| {warm:.0f} -> {end:.0f} | {r:.0f} | {b:.0f} | {r / b:.2f} | {o:.0f} | {r / o:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1150,7 +1150,12 @@ fn print_bench(r: &bench::BenchReport) {
         );
     }
     let m = &r.memory;
-    println!("memory       peak RSS {}  peak heap {}", mib(m.peak_rss), mib(m.peak_heap));
+    println!(
+        "memory       peak RSS {} (at load {})  peak heap {}",
+        mib(m.peak_rss),
+        mib(m.peak_rss_load),
+        mib(m.peak_heap)
+    );
     println!(
         "steady state RSS {} -> {}  heap in use {} -> {} (after warm-up -> after last run)",
         mib(m.rss_after_warmup),

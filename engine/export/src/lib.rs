@@ -45,7 +45,6 @@ pub use perceiver_edge_runtime::metadata;
 pub use perceiver_edge_runtime::precision::Precision;
 pub use summary::Summary;
 
-use passes::tables::is_table;
 use std::path::{Path, PathBuf};
 
 /// An exported model: the final graph and its summary.
@@ -112,10 +111,24 @@ impl Exported {
 
 /// Builds the graph of an opened checkpoint and runs the default passes.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
+    let (graph, summary) = heads::build_graph(ck, opts)?;
+    finish(graph, summary, opts, &ck.dir)
+}
+
+/// [`build`] that drops the checkpoint as soon as the graph holds its weights, before the
+/// rewrites compute their tables, so the two are never resident together (`export`'s path).
+pub fn build_from(ck: Checkpoint, opts: &ExportOptions) -> Result<Exported> {
+    let (graph, summary) = heads::build_graph(&ck, opts)?;
+    let dir = ck.dir.clone();
+    drop(ck);
+    finish(graph, summary, opts, &dir)
+}
+
+/// The default passes on a freshly built graph, and the summary of the result.
+fn finish(mut graph: Graph, mut summary: Summary, opts: &ExportOptions, dir: &Path) -> Result<Exported> {
     let decisions = passes::run_default(&mut graph, &opts.perf)?;
     if let Some(e) = graph.error.take() {
-        return Err(Error::invalid(format!("{}: after the rewrites: {e}", ck.dir.display())));
+        return Err(Error::invalid(format!("{}: after the rewrites: {e}", dir.display())));
     }
     summary.after_passes(&graph);
     summary.table_decisions = decisions;
@@ -124,50 +137,15 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     Ok(Exported { graph, summary })
 }
 
-/// Whether the table rewrites `opts.perf.tables` keeps make a graph stored at `weight_bytes`
-/// bytes per weight (f32 4, f16 2, int8 1, q4 0.5) smaller: with few inputs the f32 tables are
-/// smaller than the position features and projections they replace, with many they are larger.
-/// Builds the graph both ways (no quantisation, no calibration) and compares constant bytes,
-/// tables counted in f32.
-pub fn tables_pay_off(ck: &Checkpoint, opts: &ExportOptions, weight_bytes: f64) -> Result<bool> {
-    let bytes = |tables: options::Tables| -> Result<f64> {
-        let mut o = opts.clone();
-        o.perf.tables = tables;
-        let (mut g, _) = heads::build_graph(ck, &o)?;
-        let (done, _) = passes::tables::apply(&mut g, &o.perf)?;
-        let mut list: Vec<&dyn passes::Pass> = passes::perf_passes(&o.perf);
-        list.push(&passes::Prune);
-        passes::run_all_after(&mut g, &done, &list)?;
-        Ok(g.constants
-            .iter()
-            .filter(|(_, t)| t.dtype == ir::DType::F32)
-            .map(|(n, t)| {
-                let per = if is_table(n) || t.len() < passes::quant::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
-                per * t.len() as f64
-            })
-            .sum())
-    };
-    if opts.perf.no_rewrites || opts.perf.tables == options::Tables::None {
-        return Ok(false);
-    }
-    Ok(bytes(opts.perf.tables)? < bytes(options::Tables::None)?)
-}
-
-/// `opts` adjusted for a graph that will be stored at `precision`: with `--tables auto`,
-/// quantised graphs keep the table rewrites only where they make the graph smaller at that
-/// precision (see [`tables_pay_off`]); int8 / q4 graphs skip `few_query_attention` (see
-/// [`passes::PerfOptions::quantised`]).
-pub fn options_for_precision(ck: &Checkpoint, opts: &ExportOptions, precision: Precision) -> Result<ExportOptions> {
+/// `opts` adjusted for a graph that will be stored at `precision`: int8 / q4 graphs skip
+/// `few_query_attention` (see [`passes::PerfOptions::quantised`]); with `--tables auto`, graphs
+/// stored below f32 keep the table rewrites only where they make the graph smaller at that
+/// precision (decided on the built graph, see [`passes::tables::run_for_stored_precision`]).
+pub fn options_for_precision(opts: &ExportOptions, precision: Precision) -> ExportOptions {
     let mut o = opts.clone();
     o.perf.quantised = precision.is_integer();
-    if precision.weight_bytes() < 4.0
-        && o.perf.tables == options::Tables::Auto
-        && !tables_pay_off(ck, &o, precision.weight_bytes())?
-    {
-        o.perf.tables = options::Tables::None;
-        o.perf.tables_off_reason = Some("auto: at the stored precision the f32 tables outweigh what they replace");
-    }
-    Ok(o)
+    o.perf.stored_weight_bytes = (precision.weight_bytes() < 4.0).then(|| precision.weight_bytes());
+    o
 }
 
 /// Opens checkpoint directory `dir` and exports it with `opts`.

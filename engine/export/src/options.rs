@@ -47,7 +47,7 @@ pub enum Tables {
     /// Keep a rewrite's tables only when they are no larger than the constants the rewrite
     /// removes and all kept tables stay within [`crate::passes::tables::MAX_SHARE`] of the
     /// model's weight bytes (quantised exports also require them to pay off at the stored
-    /// precision, see [`crate::tables_pay_off`]).
+    /// precision, see [`crate::passes::tables::run_for_stored_precision`]).
     #[default]
     Auto,
     /// Every table rewrite that applies, whatever it costs.
@@ -99,4 +99,7 @@ pub struct PerfOptions {
     /// each key's projection (whose errors the softmax average partly cancels): measured on the
     /// seqcls fixture, int8 cosine 0.99891 with it against 0.99988 without.
     pub quantised: bool,
+    /// Bytes per weight the graph will be stored at when below f32 (f16 2, int8 1, q4 0.5):
+    /// `auto` then also requires the tables to make the stored graph smaller.
+    pub stored_weight_bytes: Option<f64>,
 }

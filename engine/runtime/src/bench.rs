@@ -135,6 +135,8 @@ pub struct Paced {
 pub struct Memory {
     /// Peak resident set size of the process (Linux `VmHWM`).
     pub peak_rss: Option<u64>,
+    /// Peak resident set size when the model had loaded (parsed and optimised), before any run.
+    pub peak_rss_load: Option<u64>,
     /// Resident set size after warm-up.
     pub rss_after_warmup: Option<u64>,
     /// Resident set size after the last run.
@@ -290,6 +292,7 @@ pub fn bench_on(
     let t0 = Instant::now();
     let mut session = Session::load_on(model, device)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let peak_rss_load = proc_status_bytes("VmHWM:");
     let inputs = match inputs {
         Some(i) => i,
         None => synthetic_inputs(&session)?,
@@ -383,6 +386,7 @@ pub fn bench_on(
         throughput_per_s,
         memory: Memory {
             peak_rss: proc_status_bytes("VmHWM:"),
+            peak_rss_load,
             rss_after_warmup,
             rss_end: proc_status_bytes("VmRSS:"),
             peak_heap: alloc::peak(),

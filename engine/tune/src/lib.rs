@@ -484,7 +484,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     ..base.clone()
                 };
                 let precision = c.precision;
-                let opts = perceiver_edge_export::options_for_precision(&ck, &opts, precision)?;
+                let opts = perceiver_edge_export::options_for_precision(&opts, precision);
                 let mut e = perceiver_edge_export::build(&ck, &opts)?;
                 let q = QuantOptions {
                     precision,
@@ -634,7 +634,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                 let (path, fid) = match built.iter().find(|x| x.0 == c.precision) {
                     Some((_, p, f)) => (p.clone(), f.clone()),
                     None => {
-                        let opts = perceiver_edge_export::options_for_precision(&sck, &base, c.precision)?;
+                        let opts = perceiver_edge_export::options_for_precision(&base, c.precision);
                         let mut e = perceiver_edge_export::build(&sck, &opts)?;
                         let q = QuantOptions {
                             precision: c.precision,
@@ -867,7 +867,7 @@ pub fn export_checkpoint(
     let ck = Checkpoint::open(checkpoint)?;
     // Precomputed position tables stay f32 next to quantised weights; a reduced-precision export
     // is chosen for size, so it keeps them only where they make the graph smaller.
-    opts = perceiver_edge_export::options_for_precision(&ck, &opts, q.precision)?;
+    opts = perceiver_edge_export::options_for_precision(&opts, q.precision);
     let mut choice = None;
     match (latents, &data) {
         (Some(k), Some(data)) => {
@@ -880,7 +880,7 @@ pub fn export_checkpoint(
         (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
         (None, _) => {}
     }
-    let mut exported = perceiver_edge_export::build(&ck, &opts)?;
+    let mut exported = perceiver_edge_export::build_from(ck, &opts)?;
     exported.quantize(&q, checkpoint, progress)?;
     Ok((exported, choice))
 }

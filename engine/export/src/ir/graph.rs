@@ -86,6 +86,13 @@ impl TensorData {
         }
     }
 
+    /// An f32 tensor from its little-endian bytes, for large tables written straight into
+    /// them (no `Vec<f32>` next to the bytes). Panics if `bytes` does not fill `shape`.
+    pub fn f32_le_bytes(shape: &[usize], bytes: Vec<u8>) -> TensorData {
+        assert_eq!(shape.iter().product::<usize>() * 4, bytes.len(), "f32 tensor {shape:?}");
+        TensorData { dtype: DType::F32, shape: shape.to_vec(), bytes: std::sync::Arc::new(bytes) }
+    }
+
     /// An i64 tensor. Panics if `data` does not fill `shape` (a programming error).
     pub fn i64(shape: &[usize], data: &[i64]) -> TensorData {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "i64 tensor {shape:?}");

@@ -18,10 +18,12 @@
 //! products with the `Cd + 1` data columns. The `[H, N, M]` score table replaces the key table
 //! of `position_split` (memory: `H N M` floats instead of `M dk`).
 
-use super::util::{const_f32, constant_query_core, emit_before, producers, val, ConstantQueryCore, Producers};
+use super::util::{
+    const_f32, const_f32_shared, constant_query_core, emit_before, f32_le, producers, val, ConstantQueryCore, Producers,
+};
 use super::{Pass, PositionSplit};
 use crate::error::Result;
-use crate::ir::{DType, Graph, Node, Val};
+use crate::ir::{DType, Graph, Node, TensorData, Val};
 
 /// See the module documentation.
 pub struct ConstantQueryAttention;
@@ -31,7 +33,8 @@ struct Split {
     z: Val,
     r: Val,
     wz: Vec<f32>,
-    t: Vec<f32>,
+    /// The `[M, O]` position table, shared with the graph (not copied).
+    t: TensorData,
     c: Vec<f32>,
     o: usize,
 }
@@ -45,7 +48,7 @@ fn split_form(g: &Graph, prod: &Producers, name: &str) -> Option<Split> {
         return None;
     }
     let add_t = node(&mul_r.inputs[0], "Add")?;
-    let (_, t) = const_f32(g, &add_t.inputs[1])?;
+    let t = const_f32_shared(g, &add_t.inputs[1])?;
     let mm = node(&add_t.inputs[0], "MatMul")?;
     let (ws, wz) = const_f32(g, &mm.inputs[1])?;
     let (z, r) = (val(g, &mm.inputs[0])?, val(g, &mul_r.inputs[1])?);
@@ -81,15 +84,18 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     let dv = mt.v.o / h;
     let div = mt.cq.core.divisor as f64;
     // A [H, N, M] and B [H, N, Cz] (scores tables), Tv [H, M, dv], Wvz [H, Cz, dv], cv [H, 1, dv].
-    let mut a = vec![0f32; h * n * m];
+    // A is written straight into its tensor's bytes and Tv shares the value table's where the
+    // layout is the same (one head): no second copy of a table.
+    let mut a = Vec::with_capacity(h * n * m * 4);
     let mut bq = vec![0f32; h * n * cz];
     for hh in 0..h {
         for i in 0..n {
             let qrow = &mt.cq.q[(hh * n + i) * dk..(hh * n + i + 1) * dk];
             for j in 0..m {
-                let trow = &mt.k.t[j * mt.k.o + hh * dk..j * mt.k.o + (hh + 1) * dk];
-                let s: f64 = qrow.iter().zip(trow).map(|(x, y)| *x as f64 * *y as f64).sum();
-                a[(hh * n + i) * m + j] = (s / div) as f32;
+                let base = 4 * (j * mt.k.o + hh * dk);
+                let trow = mt.k.t.bytes[base..base + 4 * dk].chunks_exact(4);
+                let s: f64 = qrow.iter().zip(trow).map(|(x, y)| *x as f64 * f32_le(y) as f64).sum();
+                a.extend_from_slice(&((s / div) as f32).to_le_bytes());
             }
             for c in 0..cz {
                 let s: f64 = (0..dk).map(|e| qrow[e] as f64 * mt.k.wz[c * mt.k.o + hh * dk + e] as f64).sum();
@@ -108,7 +114,21 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         }
         y
     };
-    let tv = per_head(&mt.v.t, m);
+    let tv = if h == 1 {
+        TensorData { shape: vec![h, m, dv], ..mt.v.t.clone() }
+    } else {
+        let mut y = Vec::with_capacity(h * m * dv * 4);
+        for hh in 0..h {
+            for r in 0..m {
+                let at = 4 * (r * mt.v.o + hh * dv);
+                y.extend_from_slice(&mt.v.t.bytes[at..at + 4 * dv]);
+            }
+        }
+        TensorData::f32_le_bytes(&[h, m, dv], y)
+    };
+    let a_bytes = a.len();
+    let k_table_bytes = mt.k.t.bytes.len();
+    drop(mt.k.t);
     let wvz = per_head(&mt.v.wz, cz);
     let cv = per_head(&mt.v.c, 1);
     let div_node = g.nodes[mt.cq.div].clone();
@@ -120,7 +140,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         let zt = g.reshape(&zt, &[b, 1, cz, m]);
         let bv = g.const_f32("query_data_scores", &[h, n, cz], &bq);
         let s = g.matmul(&bv, &zt);
-        let av = g.const_f32("query_position_scores", &[h, n, m], &a);
+        let av = g.constant("query_position_scores", TensorData::f32_le_bytes(&[h, n, m], std::mem::take(&mut a)));
         let s = g.add(&s, &av);
         let rt = g.reshape(&r, &[b, 1, 1, m]);
         *rt_name.borrow_mut() = rt.name.clone();
@@ -130,7 +150,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     let probs = mt.cq.core.probs.clone();
     emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
         let pr = g.mul(&probs, &rt);
-        let tvv = g.const_f32("value_position_table", &[h, m, dv], &tv);
+        let tvv = g.constant("value_position_table", tv.clone());
         let c1 = g.matmul(&pr, &tvv);
         let z4 = g.reshape(&z, &[b, 1, m, cz]);
         let pz = g.matmul(&pr, &z4);
@@ -146,7 +166,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         g.nodes.remove(i);
     }
     // Score table added; the key table of position_split goes away.
-    (a.len() * 4, mt.k.t.len() * 4)
+    (a_bytes, k_table_bytes)
 }
 
 /// What the rewrite would do to `g` (after `position_split`) without doing it: (sites, bytes of
@@ -158,7 +178,7 @@ pub(crate) fn estimate(g: &Graph) -> (usize, usize, usize) {
         if let Some(mt) = find(g, &prod, i) {
             sites += 1;
             added += mt.cq.heads * mt.cq.rows * mt.k.z.shape[1] * 4;
-            removed += mt.k.t.len() * 4;
+            removed += mt.k.t.bytes.len();
         }
     }
     (sites, added, removed)

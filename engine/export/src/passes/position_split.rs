@@ -24,10 +24,10 @@
 //! computed in f64. The `[M, O]` tables (one per projection) trade memory for speed: the pass
 //! records their size under `perceiver_edge.tables.position_split` for `inspect`.
 
-use super::util::{const_f32, consumers, producers, Producers};
+use super::util::{const_f32, const_f32_shared, consumers, f32_le, producers, Producers};
 use super::Pass;
 use crate::error::Result;
-use crate::ir::{Attr, DType, Graph, Node, Val};
+use crate::ir::{Attr, DType, Graph, Node, TensorData, Val};
 
 /// See the module documentation.
 pub struct PositionSplit;
@@ -48,7 +48,7 @@ struct Match {
     ln: usize,
     data: Val,
     /// `[M, P]` position table.
-    pos: Vec<f32>,
+    pos: TensorData,
     p: usize,
     /// Position channels come first in the concat.
     pos_first: bool,
@@ -83,21 +83,21 @@ fn find(g: &Graph, prod: &Producers, ln: usize) -> Option<Match> {
         return None;
     }
     // Which input is the constant position table (directly or through an Expand)?
-    let as_const = |name: &str| -> Option<(Vec<usize>, Vec<f32>)> {
-        if let Some(c) = const_f32(g, name) {
+    let as_const = |name: &str| -> Option<TensorData> {
+        if let Some(c) = const_f32_shared(g, name) {
             return Some(c);
         }
         let e = &g.nodes[*prod.get(name)?];
-        (e.op == "Expand").then(|| const_f32(g, &e.inputs[0])).flatten()
+        (e.op == "Expand").then(|| const_f32_shared(g, &e.inputs[0])).flatten()
     };
-    let (pos_first, (pshape, pos), data_name) = match (as_const(&cat.inputs[0]), as_const(&cat.inputs[1])) {
+    let (pos_first, pos, data_name) = match (as_const(&cat.inputs[0]), as_const(&cat.inputs[1])) {
         (None, Some(c)) => (false, c, &cat.inputs[0]),
         (Some(c), None) => (true, c, &cat.inputs[1]),
         _ => return None,
     };
     let m = node.outputs[0].shape[1];
     let c = node.outputs[0].shape[2];
-    let p = *pshape.last()?;
+    let p = *pos.shape.last()?;
     if pos.len() != m * p || p >= c {
         return None;
     }
@@ -149,13 +149,15 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
     // Channel index of data channel i / position channel j in the concatenated input.
     let di = |i: usize| if mt.pos_first { p + i } else { i };
     let pj = |j: usize| if mt.pos_first { j } else { cd + j };
+    // Row r of the position table (read from the graph's bytes, not copied whole).
+    let pos_row =
+        |r: usize| -> Vec<f32> { mt.pos.bytes[4 * r * p..4 * (r + 1) * p].chunks_exact(4).map(f32_le).collect() };
     let mut s1 = vec![0f32; m];
     let mut pbar = vec![0f32; m];
     let mut qp = vec![0f32; m];
-    let mut centred = vec![0f64; m * p];
     let mut mean64 = vec![0f64; m];
     for r in 0..m {
-        let row = &mt.pos[r * p..(r + 1) * p];
+        let row = pos_row(r);
         let s: f64 = row.iter().map(|&v| v as f64).sum();
         let mean = s / p as f64;
         let q: f64 = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
@@ -163,9 +165,6 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
         pbar[r] = mean as f32;
         mean64[r] = mean;
         qp[r] = (q / c as f64 + mt.eps as f64) as f32;
-        for j in 0..p {
-            centred[r * p + j] = row[j] as f64 - mean;
-        }
     }
     let scope: Vec<String> = {
         let name = &g.nodes[mt.ln].name;
@@ -217,12 +216,15 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
                 wz[i * o + k] = (wd(i, k) - u[k] / c as f64) as f32;
             }
         }
-        let mut table = vec![0f32; m * o];
+        let mut table = Vec::with_capacity(m * o * 4);
         let mut acc = vec![0f64; o];
         for r in 0..m {
             acc.iter_mut().for_each(|a| *a = 0.0);
+            // The centred position row, in f64 (computed per row: an [M, P] f64 copy of the
+            // positions would be the largest allocation of the export).
+            let row = pos_row(r);
             for j in 0..p {
-                let cv = centred[r * p + j];
+                let cv = row[j] as f64 - mean64[r];
                 let gr = &gp[j * o..(j + 1) * o];
                 for k in 0..o {
                     acc[k] += cv * gr[k];
@@ -230,7 +232,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
             }
             let (pm, sc) = (mean64[r], mean64[r] * p as f64 / c as f64);
             for k in 0..o {
-                table[r * o + k] = (acc[k] + pm * wp[k] - sc * u[k]) as f32;
+                table.extend_from_slice(&((acc[k] + pm * wp[k] - sc * u[k]) as f32).to_le_bytes());
             }
         }
         let cst: Vec<f32> = (0..o)
@@ -239,10 +241,10 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
                 (s + proj.bias.as_ref().map_or(0.0, |b| b[k] as f64)) as f32
             })
             .collect();
-        table_bytes += table.len() * 4;
+        table_bytes += table.len();
         let wzv = g.const_f32("split_weight", &[cd, o], &wz);
         let t = g.matmul(x, &wzv);
-        let tv = g.const_f32("position_table", &[m, o], &table);
+        let tv = g.constant("position_table", TensorData::f32_le_bytes(&[m, o], table));
         let t = g.add(&t, &tv);
         let t = g.mul(&t, &r);
         let cv = g.const_f32("split_bias", &[o], &cst);

@@ -1,6 +1,6 @@
 //! Graph queries shared by the rewrite passes.
 
-use crate::ir::{Attr, DType, Graph, Node, Val};
+use crate::ir::{Attr, DType, Graph, Node, TensorData, Val};
 use std::collections::HashMap;
 
 /// Value name -> index of the node that produces it. Owned, so a pass builds it once per scan
@@ -28,6 +28,17 @@ pub fn consumers(g: &Graph, name: &str) -> Vec<usize> {
 pub fn const_f32(g: &Graph, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
     let t = g.constant_data(name)?;
     Some((t.shape.clone(), t.as_f32()?))
+}
+
+/// Constant `name` if it is f32, sharing its bytes with the graph (no copy: for tables and
+/// position features, which can be the largest tensors of an export).
+pub fn const_f32_shared(g: &Graph, name: &str) -> Option<TensorData> {
+    g.constant_data(name).filter(|t| t.dtype == DType::F32).cloned()
+}
+
+/// An f32 from its 4 little-endian bytes (a `chunks_exact(4)` item of a tensor's bytes).
+pub fn f32_le(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 fn strides(shape: &[usize]) -> Vec<usize> {
