@@ -158,7 +158,7 @@ def main() -> None:
             out.mkdir(exist_ok=True)
             rss_r, _ = timed([a.bin, "run", str(model)] + sum((["--input", f] for f in feed), []) + ["--output", str(out)])
             _, said = timed([a.bin, "bench", str(model), "--runs", "3", "--warmup", "1", "--json"]
-                            + sum((["--input", f] for f in feed), []))
+                            + sum((["--input", f.split("=", 1)[1]] for f in feed), []))
             mem = json.loads(said)["memory"]
             load, warm, end = (mem[k] / 1048576 for k in ("peak_rss_load", "rss_after_warmup", "rss_end"))
             bound = 1.3 * (resident + 2 * act) + 40 * 1e6 / 1048576

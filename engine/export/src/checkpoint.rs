@@ -163,7 +163,49 @@ pub struct Weight {
     pub data: Vec<f32>,
 }
 
-/// A loaded checkpoint directory.
+/// Where one tensor lies in a safetensors file (validated when the checkpoint was opened).
+#[derive(Clone, Debug)]
+struct Stored {
+    file: std::sync::Arc<PathBuf>,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte offset of the tensor's data in the file, and its length.
+    offset: u64,
+    len: usize,
+}
+
+impl Stored {
+    /// Reads the tensor from its file and converts it to f32.
+    fn read(&self, name: &str) -> Result<Weight> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.file.as_path();
+        let changed = |e: std::io::Error| {
+            Error::file(path, format!("cannot read tensor `{name}` (changed since it was opened?): {e}"))
+        };
+        let mut f = std::fs::File::open(path).map_err(changed)?;
+        f.seek(SeekFrom::Start(self.offset)).map_err(changed)?;
+        let mut raw = vec![0u8; self.len];
+        f.read_exact(&mut raw).map_err(changed)?;
+        let data =
+            to_f32(self.dtype, &raw).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unexpected dtype")))?;
+        Ok(Weight { name: name.to_string(), shape: self.shape.clone(), data })
+    }
+}
+
+/// Little-endian tensor bytes as f32 (`None` for a dtype the exporter does not read).
+fn to_f32(dtype: safetensors::Dtype, raw: &[u8]) -> Option<Vec<f32>> {
+    use safetensors::Dtype;
+    Some(match dtype {
+        Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+/// An opened checkpoint directory: its configuration, and its tensors, validated at opening
+/// and read from the files when asked for (so an export does not hold the checkpoint's weights
+/// next to the graph's).
 #[derive(Debug)]
 pub struct Checkpoint {
     /// The checkpoint directory.
@@ -172,18 +214,20 @@ pub struct Checkpoint {
     pub config: PerceiverConfig,
     /// `config.json` as JSON (for fields the typed config does not name).
     pub raw_config: Value,
-    tensors: HashMap<String, Weight>,
+    tensors: HashMap<String, Stored>,
     /// `perceiver.` for head classes, empty for a bare `PerceiverModel`.
     prefix: String,
 }
 
-/// Reads the tensors of one safetensors file into `out`. With `only`, the file must hold
-/// exactly the tensors a shard index assigns to it.
-fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option<&[&str]>) -> Result<()> {
+/// Validates the tensors of one safetensors file (dtype, shape, finite values) and records in
+/// `out` where each lies. With `only`, the file must hold exactly the tensors a shard index
+/// assigns to it.
+fn read_safetensors(path: &Path, out: &mut HashMap<String, Stored>, only: Option<&[&str]>) -> Result<()> {
     let len = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?.len();
     perceiver_edge_runtime::limits::check_fits_memory(len).map_err(|m| Error::file(path, m))?;
     let bytes = perceiver_edge_runtime::fsio::read_file(path, u64::MAX)
         .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let file = std::sync::Arc::new(path.to_path_buf());
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     if let Some(only) = only {
@@ -206,12 +250,10 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option
         }
         use safetensors::Dtype;
         let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::I64 | Dtype::I32 if name.ends_with("num_batches_tracked") => continue,
-            other => {
+        let data: Vec<f32> = match (view.dtype(), to_f32(view.dtype(), raw)) {
+            (_, Some(data)) => data,
+            (Dtype::I64 | Dtype::I32, None) if name.ends_with("num_batches_tracked") => continue,
+            (other, None) => {
                 return Err(Error::file(
                     path,
                     format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16"),
@@ -225,7 +267,10 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Weight>, only: Option
         if bad > 0 {
             return Err(Error::file(path, format!("tensor `{name}` holds {bad} NaN or infinite value(s)")));
         }
-        out.insert(name.to_string(), Weight { name: name.to_string(), shape: view.shape().to_vec(), data });
+        let offset = (raw.as_ptr() as usize - bytes.as_ptr() as usize) as u64;
+        let stored =
+            Stored { file: file.clone(), dtype: view.dtype(), shape: view.shape().to_vec(), offset, len: raw.len() };
+        out.insert(name.to_string(), stored);
     }
     Ok(())
 }
@@ -361,7 +406,8 @@ impl Checkpoint {
         })
     }
 
-    fn full_name(&self, name: &str) -> String {
+    /// `name` with the model's prefix (`perceiver.` for head classes): the tensor's full name.
+    pub fn full_name(&self, name: &str) -> String {
         format!("{}{}", self.prefix, name)
     }
 
@@ -371,27 +417,44 @@ impl Checkpoint {
     }
 
     /// A model tensor by its name under the `perceiver.` prefix (`encoder.cross_attention...`).
-    pub fn get(&self, name: &str) -> Result<&Weight> {
+    pub fn get(&self, name: &str) -> Result<Weight> {
         self.get_top(&self.full_name(name))
     }
 
     /// A tensor by its full name (`embedding_decoder.bias`).
-    pub fn get_top(&self, full: &str) -> Result<&Weight> {
+    pub fn get_top(&self, full: &str) -> Result<Weight> {
         self.tensors
             .get(full)
-            .ok_or_else(|| Error::tensor(full, format!("missing from the checkpoint in {}", self.dir.display())))
+            .ok_or_else(|| Error::tensor(full, format!("missing from the checkpoint in {}", self.dir.display())))?
+            .read(full)
+    }
+
+    /// The stored shape of tensor `name` (under the `perceiver.` prefix), without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(&self.full_name(name)).map(|t| t.shape.as_slice())
     }
 
     /// A model tensor whose shape must be `shape` (`None` entries match any size).
-    pub fn get_shaped(&self, name: &str, shape: &[Option<usize>]) -> Result<&Weight> {
+    pub fn get_shaped(&self, name: &str, shape: &[Option<usize>]) -> Result<Weight> {
         let w = self.get(name)?;
-        check_shape(w, shape)?;
+        check_shape(&w, shape)?;
         Ok(w)
+    }
+
+    /// Checks the stored shape of tensor `name` against `shape` (`None` = any size) without
+    /// reading the tensor: the error [`Checkpoint::get_shaped`] gives.
+    pub fn check_stored_shape(&self, name: &str, shape: &[Option<usize>]) -> Result<()> {
+        let full = self.full_name(name);
+        let stored = self
+            .tensors
+            .get(&full)
+            .ok_or_else(|| Error::tensor(&full, format!("missing from the checkpoint in {}", self.dir.display())))?;
+        check_shape(&Weight { name: full, shape: stored.shape.clone(), data: vec![] }, shape)
     }
 
     /// Number of parameters (elements of every stored tensor).
     pub fn parameter_count(&self) -> usize {
-        self.tensors.values().map(|w| w.data.len()).sum()
+        self.tensors.values().map(|w| w.shape.iter().product::<usize>()).sum()
     }
 }
 

@@ -109,26 +109,39 @@ impl Exported {
     }
 }
 
-/// Builds the graph of an opened checkpoint and runs the default passes.
+/// Builds the graph of an opened checkpoint and runs the default passes. For a graph that will
+/// be stored below f32 with `--tables auto` ([`passes::PerfOptions::stored_weight_bytes`]), the
+/// f32 tables are kept only where they make the stored graph smaller: the graph without them is
+/// measured on a copy (sharing the weights), the tables are built on the graph itself, and if
+/// they do not pay off the graph is built again without them (a copy of the unrewritten graph
+/// kept alongside would hold the position features the tables replace next to the tables).
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (graph, summary) = heads::build_graph(ck, opts)?;
-    finish(graph, summary, opts, &ck.dir)
-}
-
-/// [`build`] that drops the checkpoint as soon as the graph holds its weights, before the
-/// rewrites compute their tables, so the two are never resident together (`export`'s path).
-pub fn build_from(ck: Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (graph, summary) = heads::build_graph(&ck, opts)?;
-    let dir = ck.dir.clone();
-    drop(ck);
-    finish(graph, summary, opts, &dir)
-}
-
-/// The default passes on a freshly built graph, and the summary of the result.
-fn finish(mut graph: Graph, mut summary: Summary, opts: &ExportOptions, dir: &Path) -> Result<Exported> {
-    let decisions = passes::run_default(&mut graph, &opts.perf)?;
+    let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
+    let stored = opts
+        .perf
+        .stored_weight_bytes
+        .filter(|&b| b < 4.0 && opts.perf.tables == options::Tables::Auto && !opts.perf.no_rewrites);
+    let decisions = match stored {
+        None => passes::run_default(&mut graph, &opts.perf)?,
+        Some(bytes) => {
+            let off = passes::tables::off_at_stored_precision(&opts.perf);
+            let without = {
+                let mut g = graph.clone();
+                passes::run_default(&mut g, &off)?;
+                passes::tables::stored_bytes(&g, bytes)
+            };
+            let kept = passes::run_default(&mut graph, &opts.perf)?;
+            if passes::tables::stored_bytes(&graph, bytes) < without {
+                kept
+            } else {
+                drop(std::mem::take(&mut graph));
+                graph = heads::build_graph(ck, opts)?.0;
+                passes::run_default(&mut graph, &off)?
+            }
+        }
+    };
     if let Some(e) = graph.error.take() {
-        return Err(Error::invalid(format!("{}: after the rewrites: {e}", dir.display())));
+        return Err(Error::invalid(format!("{}: after the rewrites: {e}", ck.dir.display())));
     }
     summary.after_passes(&graph);
     summary.table_decisions = decisions;
@@ -140,7 +153,7 @@ fn finish(mut graph: Graph, mut summary: Summary, opts: &ExportOptions, dir: &Pa
 /// `opts` adjusted for a graph that will be stored at `precision`: int8 / q4 graphs skip
 /// `few_query_attention` (see [`passes::PerfOptions::quantised`]); with `--tables auto`, graphs
 /// stored below f32 keep the table rewrites only where they make the graph smaller at that
-/// precision (decided on the built graph, see [`passes::tables::run_for_stored_precision`]).
+/// precision (decided on the built graph, see [`build`]).
 pub fn options_for_precision(opts: &ExportOptions, precision: Precision) -> ExportOptions {
     let mut o = opts.clone();
     o.perf.quantised = precision.is_integer();

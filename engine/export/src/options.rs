@@ -47,7 +47,7 @@ pub enum Tables {
     /// Keep a rewrite's tables only when they are no larger than the constants the rewrite
     /// removes and all kept tables stay within [`crate::passes::tables::MAX_SHARE`] of the
     /// model's weight bytes (quantised exports also require them to pay off at the stored
-    /// precision, see [`crate::passes::tables::run_for_stored_precision`]).
+    /// precision, see [`crate::build`]).
     #[default]
     Auto,
     /// Every table rewrite that applies, whatever it costs.

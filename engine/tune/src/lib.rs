@@ -880,7 +880,7 @@ pub fn export_checkpoint(
         (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
         (None, _) => {}
     }
-    let mut exported = perceiver_edge_export::build_from(ck, &opts)?;
+    let mut exported = perceiver_edge_export::build(&ck, &opts)?;
     exported.quantize(&q, checkpoint, progress)?;
     Ok((exported, choice))
 }

@@ -29,7 +29,7 @@ pub(super) fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
     })?;
     let logits = b.scoped("postprocess", |b| {
         let (v, c) = (cfg.vocab_size, cfg.d_model);
-        let emb = b.ck.get_shaped("input_preprocessor.embeddings.weight", &[Some(v), Some(c)])?.clone();
+        let emb = b.ck.get_shaped("input_preprocessor.embeddings.weight", &[Some(v), Some(c)])?;
         let mut t = vec![0f32; v * c];
         for i in 0..v {
             for j in 0..c {
@@ -38,7 +38,7 @@ pub(super) fn build(b: &mut Builder, opts: &ExportOptions) -> Result<()> {
         }
         let wt = b.g.const_f32("embedding_decoder_t", &[c, v], &t);
         let y = b.g.matmul(&y, &wt);
-        let bias = b.ck.get_top("embedding_decoder.bias")?.clone();
+        let bias = b.ck.get_top("embedding_decoder.bias")?;
         check_shape(&bias, &[Some(v)])?;
         let bias = b.g.const_f32("embedding_decoder.bias", &[v], &bias.data);
         Ok(b.g.add(&y, &bias))

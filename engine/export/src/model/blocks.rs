@@ -79,13 +79,26 @@ impl<'a> Builder<'a> {
 
     /// Model tensor `name` (under the `perceiver.` prefix) as a constant of the given shape.
     pub fn param(&mut self, name: &str, shape: &[Option<usize>]) -> Result<Val> {
-        let w = self.ck.get_shaped(name, shape)?.clone();
-        Ok(self.constant(&w, false))
+        self.weight(name, shape, false)
+    }
+
+    /// Checkpoint tensor `name` of shape `shape` as a constant, optionally transposed: read from
+    /// the checkpoint the first time, shared afterwards (a weight-shared block is applied
+    /// several times).
+    fn weight(&mut self, name: &str, shape: &[Option<usize>], transpose: bool) -> Result<Val> {
+        let full = self.ck.full_name(name);
+        let key = if transpose { format!("{full}.T") } else { full };
+        if let Some(v) = self.weights.get(&key) {
+            self.ck.check_stored_shape(name, shape)?;
+            return Ok(v.clone());
+        }
+        let w = self.ck.get_shaped(name, shape)?;
+        Ok(self.constant(&w, transpose))
     }
 
     /// Model tensor `name` as a constant reshaped to `shape` (same element count).
     pub fn param_as(&mut self, name: &str, check: &[Option<usize>], shape: &[usize]) -> Result<Val> {
-        let mut w = self.ck.get_shaped(name, check)?.clone();
+        let mut w = self.ck.get_shaped(name, check)?;
         if w.data.len() != shape.iter().product::<usize>() {
             return Err(Error::tensor(
                 &w.name,
@@ -110,7 +123,7 @@ impl<'a> Builder<'a> {
                 for i in 0..cin {
                     acc += x[r * cin + i] as f64 * w.data[o * cin + i] as f64;
                 }
-                y[r * out + o] = acc as f32 + b.map_or(0.0, |b| b.data[o]);
+                y[r * out + o] = acc as f32 + b.as_ref().map_or(0.0, |b| b.data[o]);
             }
         }
         Ok((y, out))
@@ -118,9 +131,9 @@ impl<'a> Builder<'a> {
 
     /// `x @ W^T + b` for the checkpoint Linear `prefix` (`prefix.weight [out, in]`, `prefix.bias`).
     pub fn linear(&mut self, prefix: &str, x: &Val) -> Result<Val> {
-        let w = self.ck.get_shaped(&format!("{prefix}.weight"), &[None, Some(x.last_dim())])?.clone();
-        let out = w.shape[0];
-        let wt = self.constant(&w, true);
+        let name = format!("{prefix}.weight");
+        let wt = self.weight(&name, &[None, Some(x.last_dim())], true)?;
+        let out = wt.shape[1];
         let y = self.g.matmul(x, &wt);
         let bias = format!("{prefix}.bias");
         if self.ck.has(&bias) {

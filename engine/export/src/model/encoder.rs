@@ -17,7 +17,7 @@ pub fn encode(b: &mut Builder, inputs: &Val, mask: Option<&Val>) -> Result<Val> 
     let latents = match b.budget.latents.clone() {
         // `--latents K`: a constant holding only the kept rows of the trained latent array.
         Some(keep) => {
-            let all = b.ck.get_shaped("embeddings.latents", &[Some(n[0]), Some(n[1])])?.clone();
+            let all = b.ck.get_shaped("embeddings.latents", &[Some(n[0]), Some(n[1])])?;
             let rows = crate::model::budget::gather_rows(&all, &keep)?;
             b.g.const_f32("embeddings.latents.kept", &[1, keep.len(), n[1]], &rows)
         }

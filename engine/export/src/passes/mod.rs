@@ -58,17 +58,8 @@ pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
 }
 
 /// The default pass sequence of an export: the table rewrites `o.tables` allows (with their
-/// decisions, for the report), the other performance rewrites, then [`Prune`]. For a graph that
-/// will be stored below f32 with `--tables auto`, see [`tables::run_for_stored_precision`].
+/// decisions, for the report), the other performance rewrites, then [`Prune`].
 pub fn run_default(g: &mut Graph, o: &PerfOptions) -> Result<Vec<crate::summary::TableDecision>> {
-    if o.stored_weight_bytes.is_some_and(|b| b < 4.0) && o.tables == crate::options::Tables::Auto && !o.no_rewrites {
-        return tables::run_for_stored_precision(g, o);
-    }
-    run_plain(g, o)
-}
-
-/// [`run_default`] without the stored-precision check.
-fn run_plain(g: &mut Graph, o: &PerfOptions) -> Result<Vec<crate::summary::TableDecision>> {
     let (done, decisions) = tables::apply(g, o)?;
     let mut list: Vec<&dyn Pass> = perf_passes(o);
     list.push(&Prune);

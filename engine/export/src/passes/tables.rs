@@ -205,37 +205,26 @@ pub fn apply(g: &mut Graph, o: &PerfOptions) -> Result<(Vec<&'static str>, Vec<T
     Ok((names, decisions))
 }
 
-/// The default passes ([`super::run_default`]) for a graph that will be stored at
-/// `o.stored_weight_bytes` bytes per weight (f16 2, int8 1, q4 0.5), with `--tables auto`: the
-/// tables stay f32, so they are kept only where they make the stored graph smaller (yes for
-/// digits with 64 inputs, no for the bench model with 4096). Both outcomes are computed from
-/// the built graph (copies share its weights), so no checkpoint is held while the tables are.
-pub fn run_for_stored_precision(g: &mut Graph, o: &PerfOptions) -> Result<Vec<TableDecision>> {
-    let weight_bytes = o.stored_weight_bytes.unwrap_or(4.0);
-    let stored = |g: &Graph| -> f64 {
-        g.constants
-            .iter()
-            .filter(|(_, t)| t.dtype == crate::ir::DType::F32)
-            .map(|(n, t)| {
-                let per = if is_table(n) || t.len() < super::quant::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
-                per * t.len() as f64
-            })
-            .sum()
-    };
-    let mut with = g.clone();
-    let kept = super::run_plain(&mut with, o)?;
-    let off = PerfOptions {
+/// Bytes of a graph's f32 constants stored at `weight_bytes` per weight (f16 2, int8 1, q4
+/// 0.5): tables and small tensors stay f32. With `--tables auto`, a graph stored below f32 keeps
+/// its tables only where this is smaller with them than without (yes for digits with 64 inputs,
+/// no for the bench model with 4096; see [`crate::build`]).
+pub fn stored_bytes(g: &Graph, weight_bytes: f64) -> f64 {
+    g.constants
+        .iter()
+        .filter(|(_, t)| t.dtype == crate::ir::DType::F32)
+        .map(|(n, t)| {
+            let per = if is_table(n) || t.len() < super::quant::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
+            per * t.len() as f64
+        })
+        .sum()
+}
+
+/// `o` without tables, because at the stored precision they outweigh what they replace.
+pub fn off_at_stored_precision(o: &PerfOptions) -> PerfOptions {
+    PerfOptions {
         tables: Tables::None,
         tables_off_reason: Some("auto: at the stored precision the f32 tables outweigh what they replace"),
         ..*o
-    };
-    let mut without = std::mem::take(g);
-    let skipped = super::run_plain(&mut without, &off)?;
-    if stored(&with) < stored(&without) {
-        *g = with;
-        Ok(kept)
-    } else {
-        *g = without;
-        Ok(skipped)
     }
 }
