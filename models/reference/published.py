@@ -22,10 +22,10 @@ Architectures (configurations as transformers' convert_perceiver_haiku_to_pytorc
 Checkpoints go to WORK/ARCH/ (generated once, reused). For each architecture and precision the
 script prints the .onnx size, `export`'s and `run`'s peak RSS (/usr/bin/time -v), the resident
 weights and largest activation `inspect` reports, `bench`'s peak RSS once loaded and its steady
-RSS (after the warm-up run and after the last of 3 runs), the bound 1.3 x (weights + 2 x largest
-activation) + 40 MB for `run` and 2 x checkpoint + output file for `export`, and onnxruntime's
-peak RSS running the same file (a separate process, CPU provider, one run), then a markdown
-table. Needs torch and transformers (generation), numpy
+RSS (after the warm-up run and after the last of --bench-runs runs, 3 by default), the bounds of
+issue #12 (`run`: 1.3 x (weights + 2 x largest activation) + 40 MB; `export`: 2 x checkpoint +
+output file) and onnxruntime's peak RSS running the same file (a separate process, CPU
+provider, one run), then a markdown table. Needs torch and transformers (generation), numpy
 and onnxruntime (inputs, the peer).
 """
 
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="f32", help="comma-separated: f32, f16, int8, q4")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--bench-runs", type=int, default=3,
+                    help="timed runs of `bench` after one warm-up run (flow at 368x496 takes minutes per run)")
     a = ap.parse_args()
     rows = []
     for arch in a.archs.split(","):
@@ -157,7 +159,7 @@ def main() -> None:
             out = a.work / f"{arch}-{prec}-out"
             out.mkdir(exist_ok=True)
             rss_r, _ = timed([a.bin, "run", str(model)] + sum((["--input", f] for f in feed), []) + ["--output", str(out)])
-            _, said = timed([a.bin, "bench", str(model), "--runs", "3", "--warmup", "1", "--json"]
+            _, said = timed([a.bin, "bench", str(model), "--runs", str(a.bench_runs), "--warmup", "1", "--json"]
                             + sum((["--input", f.split("=", 1)[1]] for f in feed), []))
             mem = json.loads(said)["memory"]
             load, warm, end = (mem[k] / 1048576 for k in ("peak_rss_load", "rss_after_warmup", "rss_end"))
