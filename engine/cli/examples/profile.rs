@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Environment: `TOP=N` (slowest nodes listed), `INFO=1` (each node's op details: kernel,
-//! packing).
+//! packing), `CONSTS=1` (every constant of 1 MiB or more left in the plan, with the ops that
+//! read it: where a weight stays unpacked next to its packed copy).
 
 use perceiver_edge_runtime::tract_onnx;
 use perceiver_edge_runtime::{bench::synthetic_inputs, Session};
@@ -76,6 +77,23 @@ fn main() -> anyhow::Result<()> {
             for line in n.op().info().unwrap_or_default() {
                 println!("              {line}");
             }
+        }
+    }
+    if std::env::var("CONSTS").is_ok() {
+        println!("constants of 1 MiB or more:");
+        for n in model.nodes() {
+            let Some(c) = n.op_as::<tract_onnx::tract_core::ops::konst::Const>() else { continue };
+            let t = c.val();
+            let bytes = t.len() * t.datum_type().size_of();
+            if bytes < 1 << 20 {
+                continue;
+            }
+            let readers: Vec<String> = n.outputs[0]
+                .successors
+                .iter()
+                .map(|s| format!("{} ({})", model.node(s.node).name, model.node(s.node).op().name()))
+                .collect();
+            println!("  {:8.2} MiB {:?} {:<50} -> {}", bytes as f64 / 1048576.0, t.datum_type(), n.name, readers.join(", "));
         }
     }
     Ok(())

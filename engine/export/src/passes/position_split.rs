@@ -218,19 +218,18 @@ fn rewrite(g: &mut Graph, mt: Match) -> usize {
         }
         let mut table = Vec::with_capacity(m * o * 4);
         let mut acc = vec![0f64; o];
-        for r in 0..m {
+        for (r, &pm) in mean64.iter().enumerate() {
             acc.iter_mut().for_each(|a| *a = 0.0);
             // The centred position row, in f64 (computed per row: an [M, P] f64 copy of the
             // positions would be the largest allocation of the export).
-            let row = pos_row(r);
-            for j in 0..p {
-                let cv = row[j] as f64 - mean64[r];
+            for (j, &v) in pos_row(r).iter().enumerate() {
+                let cv = v as f64 - pm;
                 let gr = &gp[j * o..(j + 1) * o];
                 for k in 0..o {
                     acc[k] += cv * gr[k];
                 }
             }
-            let (pm, sc) = (mean64[r], mean64[r] * p as f64 / c as f64);
+            let sc = pm * p as f64 / c as f64;
             for k in 0..o {
                 table.extend_from_slice(&((acc[k] + pm * wp[k] - sc * u[k]) as f32).to_le_bytes());
             }

@@ -62,16 +62,18 @@ impl super::TypedPass for PropConst {
                     .sum();
                 match node.op.eval_out_of_plan(inputs) {
                     Ok(None) => (),
-                    Ok(Some(mut res)) => {
+                    Ok(Some(res)) => {
                         self.0 = node.id;
-                        let output_mem: u64 = res
-                            .iter()
-                            .map(|t| (t.datum_type().size_of() * t.volume()) as u64)
-                            .sum();
-                        if output_mem > input_mem.max(CONST_FOLD_MEM_BUDGET) {
-                            continue;
-                        }
-                        let mut node = node;
+                        let allowance = input_mem.max(CONST_FOLD_MEM_BUDGET);
+                        let mem = |res: &TVec<TValue>| -> u64 {
+                            res.iter().map(|t| (t.datum_type().size_of() * t.volume()) as u64).sum()
+                        };
+                        // perceiver-edge patch 3: the walk goes on through results over the
+                        // allowance (held only while walking) and folds up to the last node
+                        // whose result is within it, so `sum(cast(weight as i32))` becomes a
+                        // constant even when the widened weight alone would be too large.
+                        let mut fold = (mem(&res) <= allowance).then_some((node, res.clone()));
+                        let (mut node, mut res) = (node, res);
                         loop {
                             let Some(succ) = model.single_succ(node.id)? else {
                                 break;
@@ -79,19 +81,18 @@ impl super::TypedPass for PropConst {
                             if succ.inputs.len() > 1 {
                                 break;
                             }
-                            let Ok(Some(succ_res)) = succ.op.eval_out_of_plan(res.clone()) else {
+                            let Ok(Some(succ_res)) = succ.op.eval_out_of_plan(std::mem::take(&mut res)) else {
                                 break;
                             };
-                            let succ_mem: u64 = succ_res
-                                .iter()
-                                .map(|t| (t.datum_type().size_of() * t.volume()) as u64)
-                                .sum();
-                            if succ_mem > input_mem.max(CONST_FOLD_MEM_BUDGET) {
-                                break;
+                            if mem(&succ_res) <= allowance {
+                                fold = Some((succ, succ_res.clone()));
                             }
                             res = succ_res;
                             node = succ;
                         }
+                        let Some((node, res)) = fold else {
+                            continue;
+                        };
                         let mut patch = TypedModelPatch::default();
                         for (ix, output) in res.into_iter().enumerate() {
                             let exotic_fact =
