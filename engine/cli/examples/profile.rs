@@ -93,7 +93,13 @@ fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|s| format!("{} ({})", model.node(s.node).name, model.node(s.node).op().name()))
                 .collect();
-            println!("  {:8.2} MiB {:?} {:<50} -> {}", bytes as f64 / 1048576.0, t.datum_type(), n.name, readers.join(", "));
+            println!(
+                "  {:8.2} MiB {:?} {:<50} -> {}",
+                bytes as f64 / 1048576.0,
+                t.datum_type(),
+                n.name,
+                readers.join(", ")
+            );
         }
     }
     Ok(())

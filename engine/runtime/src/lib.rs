@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod bench;
 pub mod compare;
 pub mod dataset;
+mod dynamic_quantize;
 pub mod f16_as_f32;
 pub mod fsio;
 mod guard;
@@ -122,6 +123,13 @@ pub fn set_pack_once(on: bool) {
 /// rounding only.
 pub fn set_softmax_last(on: bool) {
     softmax_last::set_enabled(on);
+}
+
+/// Whether models loaded from now on quantise int8 graphs' activations with the runtime's
+/// vectorised `DynamicQuantizeLinear` (the default) or, with `false`, with tract-onnx's. For
+/// comparisons; outputs are bit-identical (see `dynamic_quantize.rs`).
+pub fn set_fast_dynamic_quantize(on: bool) {
+    dynamic_quantize::set_enabled(on);
 }
 
 /// Whether models loaded from now on compute an f16 graph in f32 on a CPU without f16 arithmetic
@@ -436,6 +444,9 @@ impl Session {
                 .and_then(|mut m| {
                     if softmax_last::enabled() {
                         softmax_last::rewrite(&mut m)?;
+                    }
+                    if dynamic_quantize::enabled() {
+                        dynamic_quantize::rewrite(&mut m)?;
                     }
                     m.into_runnable()
                 })
