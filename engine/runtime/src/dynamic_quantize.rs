@@ -125,7 +125,9 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
 
-    /// tract-onnx 0.23.9's arithmetic, as written there.
+    /// tract-onnx 0.23.9's arithmetic, as written there (`max` then `min`: unlike `clamp`, a NaN
+    /// zero point becomes 0).
+    #[allow(clippy::manual_clamp)]
     fn reference(xs: &[f32]) -> (Vec<u8>, f32, u8) {
         let (min, max) = xs.iter().fold((0f32, 0f32), |(lo, hi), &v| {
             if v < lo {
