@@ -10,7 +10,7 @@ ck="${1:-models/digits}"
 shift || true
 runs="${BENCH_RUNS:-200}"
 cargo build --release --quiet -p perceiver-edge
-bin=target/release/perceiver-edge
+bin=${CARGO_TARGET_DIR:-target}/release/perceiver-edge
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 for p in f32 f16 int8 int8-static q4; do

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-bin=target/release/perceiver-edge
+bin=${CARGO_TARGET_DIR:-target}/release/perceiver-edge
 out=${OUT_DIR:-target/demo}
 mkdir -p "$out"
 $bin export models/digits -o "$out/digits.onnx"

@@ -5,8 +5,9 @@ usage: embed_check.py --model NAME --cli DIR --samples N EXAMPLE.jsonl...
 
 DIR/<sample>/<output>.npy are the CLI's outputs for each sample. Every line's `class` must be the
 arg-max (first maximum) of the CLI's first output, and every printed output value, read back as
-float32, must be bit-identical to the CLI's. Prints one compact JSON line per example line and a
-summary; exits 1 on any difference. Python standard library only (no numpy).
+float32, must be bit-identical to the CLI's (with --rtol R: within R x max(1, |value|), for a run
+on another CPU's kernels). Prints one compact JSON line per example line and a summary; exits 1 on
+any difference. Python standard library only (no numpy).
 """
 import argparse
 import ast
@@ -34,10 +35,12 @@ def read_f32_npy(path):
     return header["shape"], [body[4 * i:4 * i + 4] for i in range(count)]
 
 
-def same_f32(printed, raw):
+def same_f32(printed, raw, rtol=0.0):
     want = struct.unpack("<f", raw)[0]
     if printed is None:  # the examples print non-finite values as null
         return not math.isfinite(want)
+    if rtol > 0:
+        return abs(printed - want) <= rtol * max(1.0, abs(want))
     return struct.pack("<f", printed) == raw
 
 
@@ -46,6 +49,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--cli", required=True, type=Path)
     ap.add_argument("--samples", required=True, type=int)
+    ap.add_argument("--rtol", type=float, default=0.0, help="tolerance instead of bit-identity")
     ap.add_argument("jsonl", nargs="+", type=Path)
     args = ap.parse_args()
 
@@ -65,7 +69,7 @@ def main():
                 if len(printed) != len(raw):
                     problems.append(f"{name}: {len(printed)} values, the CLI wrote {len(raw)}")
                     continue
-                diff = [i for i, (p, r) in enumerate(zip(printed, raw)) if not same_f32(p, r)]
+                diff = [i for i, (p, r) in enumerate(zip(printed, raw)) if not same_f32(p, r, args.rtol)]
                 if diff:
                     i = diff[0]
                     problems.append(f"{name}: {len(diff)} value(s) differ, first [{i}] {printed[i]!r} vs CLI {struct.unpack('<f', raw[i])[0]!r}")
@@ -73,7 +77,7 @@ def main():
             cli_class = max(range(len(first)), key=lambda i: (first[i], -i))
             if rec["class"] != cli_class:
                 problems.append(f"class {rec['class']}, the CLI's arg-max is {cli_class}")
-            if "score" in rec and struct.pack("<f", rec["score"]) != struct.pack("<f", first[cli_class]):
+            if "score" in rec and not same_f32(rec["score"], struct.pack("<f", first[cli_class]), args.rtol):
                 problems.append(f"score {rec['score']!r}, the CLI's maximum is {first[cli_class]!r}")
             print(json.dumps({"example": example, "sample": sample, "class": rec["class"], "cli_class": cli_class,
                               "identical_to_cli": not problems}))
@@ -88,7 +92,8 @@ def main():
         print(f"{args.model}: FAILED ({bad} mismatching line(s))", file=sys.stderr)
         return 1
     print(f"{args.model}: {args.samples} samples x {len(seen)} examples ({', '.join(sorted(seen))}): classes and all "
-          f"{values} printed output values identical to `perceiver-edge run`")
+          f"{values} printed output values {'within ' + str(args.rtol) + ' of' if args.rtol else 'identical to'} "
+          f"`perceiver-edge run`")
     return 0
 
 

@@ -14,19 +14,19 @@ out=${OUT_DIR:-target/fw}
 mkdir -p "$out"
 
 cargo build --release --quiet --workspace
-bin=target/release/perceiver-edge
+bin=${CARGO_TARGET_DIR:-target}/release/perceiver-edge
 $bin export models/digits -o "$out/digits.onnx" > /dev/null
 $bin export models/marker -o "$out/marker.onnx" --seq-len 256 > /dev/null
 
 echo "== perception-node (simulated I2C sensor, 30 Hz, 300 frames)"
-target/release/perception-node --model "$out/digits.onnx" --rate 30 --frames 300 --summary-only
+"${CARGO_TARGET_DIR:-target}"/release/perception-node --model "$out/digits.onnx" --rate 30 --frames 300 --summary-only
 
 echo "== ar-headset (synthetic frames, 90 Hz, 900 frames)"
-target/release/ar-headset --model "$out/marker.onnx" --frames 900
+"${CARGO_TARGET_DIR:-target}"/release/ar-headset --model "$out/marker.onnx" --frames 900
 echo "== ar-headset with a 10 ms compositor stall every 45 frames (drop policy at work)"
-target/release/ar-headset --model "$out/marker.onnx" --frames 900 --spike-every 45 --spike-ms 10
+"${CARGO_TARGET_DIR:-target}"/release/ar-headset --model "$out/marker.onnx" --frames 900 --spike-every 45 --spike-ms 10
 echo "== ar-headset localisation error on models/marker/samples (tract f32)"
-target/release/ar-headset --model "$out/marker.onnx" --heldout models/marker/samples
+"${CARGO_TARGET_DIR:-target}"/release/ar-headset --model "$out/marker.onnx" --heldout models/marker/samples
 
 echo "== cortex-m (qemu-system-arm)"
 if ! { command -v qemu-system-arm && command -v ld.lld && [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/src/rust ]; } > /dev/null; then

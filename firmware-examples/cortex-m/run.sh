@@ -18,7 +18,7 @@ mkdir -p "$out"
 precision=${PACK_PRECISION:-f32}   # or int8
 
 cargo build --release --quiet --workspace   # same feature set as CI's build: no extra tract build
-bin=$root/target/release/perceiver-edge
+bin=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/perceiver-edge   # CARGO_TARGET_DIR if set
 $bin export models/digits --format pack --pack-precision "$precision" -o "$out/digits.pack"
 n=$(python3 -c "import sys; h=open(sys.argv[1],'rb').read(128).decode('latin1'); print(h.split('shape\': (')[1].split(',')[0])" \
     models/digits/samples/heldout_inputs.npy)
@@ -30,7 +30,7 @@ export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1
 export PERCEIVER_PACK=$out/digits.pack
 export PERCEIVER_TEST_INPUTS=$root/models/digits/samples/heldout_inputs.npy
 export PERCEIVER_EXPECTED=$out/expected_logits.npy
-cargo build --release --quiet
+env -u CARGO_TARGET_DIR cargo build --release --quiet   # into .cargo/config.toml's target-dir ($out)
 elf=$out/thumbv7em-none-eabihf/release/perceiver-cortex-m
 
 # Memory use from the linked image: flash = code + read-only data + .data's load image,
