@@ -429,11 +429,6 @@ impl Checkpoint {
             .read(full)
     }
 
-    /// The stored shape of tensor `name` (under the `perceiver.` prefix), without reading it.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(&self.full_name(name)).map(|t| t.shape.as_slice())
-    }
-
     /// A model tensor whose shape must be `shape` (`None` entries match any size).
     pub fn get_shaped(&self, name: &str, shape: &[Option<usize>]) -> Result<Weight> {
         let w = self.get(name)?;
