@@ -182,7 +182,12 @@ impl Stored {
         let changed = |e: std::io::Error| {
             Error::file(path, format!("cannot read tensor `{name}` (changed since it was opened?): {e}"))
         };
-        let mut f = std::fs::File::open(path).map_err(changed)?;
+        // A regular file still long enough (a FIFO or device put in its place would block or
+        // never end).
+        let (mut f, len) = perceiver_edge_runtime::fsio::open_regular(path).map_err(changed)?;
+        if len < self.offset + self.len as u64 {
+            return Err(changed(std::io::Error::other(format!("{len} bytes, shorter than when opened"))));
+        }
         f.seek(SeekFrom::Start(self.offset)).map_err(changed)?;
         let mut raw = vec![0u8; self.len];
         f.read_exact(&mut raw).map_err(changed)?;
@@ -461,4 +466,33 @@ pub fn check_shape(w: &Weight, shape: &[Option<usize>]) -> Result<()> {
     }
     let want: Vec<String> = shape.iter().map(|d| d.map_or("_".to_string(), |d| d.to_string())).collect();
     Err(Error::tensor(&w.name, format!("has shape {:?}, expected [{}]", w.shape, want.join(", "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors are read when asked for: a file cut short after opening gives an error naming it
+    /// and the tensor, not a panic or a short tensor; one replaced by a folder likewise.
+    #[test]
+    fn a_file_changed_after_opening_is_an_error() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+        let dir = std::env::temp_dir().join(format!("pe-ck-changed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let ck = Checkpoint::open(&dir).unwrap();
+        let latents = ck.get("embeddings.latents").unwrap();
+        assert_eq!(latents.data.len(), latents.shape.iter().product::<usize>());
+        let st = dir.join("model.safetensors");
+        std::fs::OpenOptions::new().write(true).open(&st).unwrap().set_len(8).unwrap();
+        let e = ck.get("embeddings.latents").unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("embeddings.latents") && e.contains("changed"), "{e}");
+        std::fs::remove_file(&st).unwrap();
+        std::fs::create_dir(&st).unwrap();
+        let e = ck.get("embeddings.latents").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
