@@ -428,10 +428,14 @@ impl Checkpoint {
 
     /// A tensor by its full name (`embedding_decoder.bias`).
     pub fn get_top(&self, full: &str) -> Result<Weight> {
+        self.stored(full)?.read(full)
+    }
+
+    /// Where tensor `full` lies, or the error naming it as missing.
+    fn stored(&self, full: &str) -> Result<&Stored> {
         self.tensors
             .get(full)
-            .ok_or_else(|| Error::tensor(full, format!("missing from the checkpoint in {}", self.dir.display())))?
-            .read(full)
+            .ok_or_else(|| Error::tensor(full, format!("missing from the checkpoint in {}", self.dir.display())))
     }
 
     /// A model tensor whose shape must be `shape` (`None` entries match any size).
@@ -445,11 +449,7 @@ impl Checkpoint {
     /// reading the tensor: the error [`Checkpoint::get_shaped`] gives.
     pub fn check_stored_shape(&self, name: &str, shape: &[Option<usize>]) -> Result<()> {
         let full = self.full_name(name);
-        let stored = self
-            .tensors
-            .get(&full)
-            .ok_or_else(|| Error::tensor(&full, format!("missing from the checkpoint in {}", self.dir.display())))?;
-        check_shape(&Weight { name: full, shape: stored.shape.clone(), data: vec![] }, shape)
+        shape_matches(&full, &self.stored(&full)?.shape, shape)
     }
 
     /// Number of parameters (elements of every stored tensor).
@@ -460,12 +460,17 @@ impl Checkpoint {
 
 /// Checks `w`'s shape against `shape` (`None` = any size) with a one-line error.
 pub fn check_shape(w: &Weight, shape: &[Option<usize>]) -> Result<()> {
-    let ok = w.shape.len() == shape.len() && w.shape.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
+    shape_matches(&w.name, &w.shape, shape)
+}
+
+/// Tensor `name` of shape `have` against `shape` (`None` = any size), with a one-line error.
+fn shape_matches(name: &str, have: &[usize], shape: &[Option<usize>]) -> Result<()> {
+    let ok = have.len() == shape.len() && have.iter().zip(shape).all(|(a, b)| b.is_none_or(|b| *a == b));
     if ok {
         return Ok(());
     }
     let want: Vec<String> = shape.iter().map(|d| d.map_or("_".to_string(), |d| d.to_string())).collect();
-    Err(Error::tensor(&w.name, format!("has shape {:?}, expected [{}]", w.shape, want.join(", "))))
+    Err(Error::tensor(name, format!("has shape {have:?}, expected [{}]", want.join(", "))))
 }
 
 #[cfg(test)]

@@ -2,10 +2,19 @@
 //! decluttering and code generation: the same outputs bit for bit, and a weight-shared latent
 //! block applied several times holds its weights once, in f32 and in int8 (where decluttering
 //! derives a weight per matmul before code generation packs it). One test in its own binary: the
-//! switch is process-wide.
+//! switch is process-wide. The same switch translates the parsed graph dropping each weight once
+//! read (`weights_once::into_typed`): a q4 graph, whose `MatMulNBits` weights tract repacks as it
+//! translates, gives the same outputs and loads with a lower heap peak (counted by the runtime's
+//! allocator, installed here).
 
-use perceiver_edge_export::{build, Checkpoint, ExportOptions, Precision, QuantOptions};
+use perceiver_edge_export::ir::{onnx, DType, Graph};
+use perceiver_edge_export::passes::quant::pass_for;
+use perceiver_edge_export::{build, Checkpoint, ExportOptions, KeepF32, Precision, QuantOptions};
+use perceiver_edge_runtime::alloc::{self, Counting};
 use perceiver_edge_runtime::{set_pack_once, Session, Tensor};
+
+#[global_allocator]
+static HEAP: Counting = Counting;
 use std::path::Path;
 
 fn digits() -> Checkpoint {
@@ -22,12 +31,12 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = |b: usize, p: &str| dir.join(format!("b{b}-{p}.onnx"));
     for b in [1, 6] {
-        for p in [Precision::F32, Precision::Int8] {
+        for p in [Precision::F32, Precision::Int8, Precision::Q4] {
             let o = ExportOptions { blocks: Some(b), ..Default::default() };
             let mut g = build(&digits(), &o).unwrap();
             let q = QuantOptions { precision: p, ..Default::default() };
             g.quantize(&q, &dir, &mut |_, _| {}).unwrap();
-            g.write(&path(b, if p == Precision::F32 { "f32" } else { "int8" })).unwrap();
+            g.write(&path(b, &p.to_string())).unwrap();
         }
     }
     let run = |s: &mut Session| -> Vec<Tensor> {
@@ -61,5 +70,37 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
         assert_eq!(o6, o1, "{p}: with the pass 6 applications hold what one does");
         assert!(o1 <= t1, "{p}");
     }
+    // q4: tract repacks each MatMulNBits weight while translating; dropping the parsed copies as
+    // they are read lowers the load's heap peak, with the same outputs. A chain of 16 matmuls of
+    // 1024 x 1024, so the weights outweigh everything else a load allocates.
+    let mut g = Graph::new();
+    let mut x = g.input("x", DType::F32, &[4, 1024]);
+    for l in 0..16 {
+        let w: Vec<f32> = (0..1024 * 1024).map(|j| (((j * 31 + l * 7) % 257) as f32 - 128.0) / 4096.0).collect();
+        let w = g.const_f32(&format!("w{l}"), &[1024, 1024], &w);
+        x = g.matmul(&x, &w);
+    }
+    g.output(&x, "y");
+    let q4 = pass_for(Precision::Q4, &KeepF32::new(&[]), None).unwrap().unwrap();
+    q4.run(&mut g).unwrap();
+    assert_eq!(g.nodes.iter().filter(|n| n.op == "MatMulNBits").count(), 16);
+    let chain = dir.join("chain-q4.onnx");
+    std::fs::write(&chain, onnx::to_bytes(&g)).unwrap();
+    let load_peak = |once: bool| -> (Session, u64) {
+        set_pack_once(once);
+        let before = alloc::in_use().unwrap();
+        alloc::reset_peak();
+        let s = Session::load(&chain).unwrap();
+        (s, alloc::peak().unwrap() - before)
+    };
+    let (mut tract, tract_peak) = load_peak(false);
+    let (mut once, once_peak) = load_peak(true);
+    set_pack_once(true);
+    assert_eq!(run(&mut once), run(&mut tract), "q4 chain");
+    // Weights: 8 MiB as q4 (plus scales), which tract held twice at the end of translation.
+    assert!(
+        once_peak + 4 * 1024 * 1024 < tract_peak,
+        "q4 load heap peak: {once_peak} with the switch, {tract_peak} without"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -135,7 +135,8 @@ pub struct Paced {
 pub struct Memory {
     /// Peak resident set size of the process (Linux `VmHWM`).
     pub peak_rss: Option<u64>,
-    /// Peak resident set size when the model had loaded (parsed and optimised), before any run.
+    /// Peak resident set size of the process when the model had loaded (parsed and optimised),
+    /// before any run (process-wide: it includes whatever the process did before `bench`).
     pub peak_rss_load: Option<u64>,
     /// Resident set size after warm-up.
     pub rss_after_warmup: Option<u64>,

@@ -113,7 +113,9 @@ pub fn set_threads(n: usize) -> Result<usize> {
 
 /// Whether models loaded from now on pack each constant matmul operand once (the default) or, with
 /// `false`, as tract's own code generation does (a packed copy per matmul node: a weight-shared
-/// latent block applied 8 times holds 8 copies). For comparisons; outputs are bit-identical.
+/// latent block applied 8 times holds 8 copies), and translate the parsed graph dropping each
+/// weight once read (or with tract's `into_typed`, which holds every parsed weight to the end).
+/// For comparisons; outputs are bit-identical.
 pub fn set_pack_once(on: bool) {
     pack_once::set_enabled(on);
 }
@@ -400,7 +402,8 @@ impl Session {
             }
             model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
         }
-        let mut typed = model.into_typed().map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
+        let typed = if pack_once::enabled() { weights_once::into_typed(model) } else { model.into_typed() };
+        let mut typed = typed.map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         guard::check_facts(&typed).map_err(err)?;
 
         let metadata: Vec<(String, String)> = typed

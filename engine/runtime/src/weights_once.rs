@@ -13,6 +13,10 @@
 //!   or in tract, plus one tensor in flight.
 //!
 //! Real external data (a side file) still goes through tract's own memory-mapped reader.
+//!
+//! [`into_typed`] then translates the parsed graph dropping each weight once every node reading
+//! it is translated (tract's own translation holds them all to the end, next to the weights some
+//! ops rebuild as they translate).
 
 use prost::bytes::Buf;
 use std::collections::HashMap;
@@ -149,4 +153,107 @@ pub fn hand_over(proto: &mut ModelProto, model: &Path, file_len: u64) -> Result<
         }
     }
     Ok(HandOver { model: canonical, first_key, taken: Mutex::new(taken) })
+}
+
+/// Translates a parsed model to a typed one as tract's `into_typed` does, dropping each constant
+/// as soon as every node reading it is translated.
+///
+/// tract translates the whole graph while the parsed model still holds every weight, and some
+/// ops build a new weight from theirs as they translate (`MatMulNBits` repacks its 4-bit weight
+/// into tract's block format), so the old and the new copy of every such weight were all held at
+/// the end. Here a parsed constant read by no node still to translate is dropped from the parsed
+/// model and, when nothing in the typed model reads it either (the repacked weight replaced it),
+/// from the typed model too: at any moment one weight is held twice.
+pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tract_onnx::prelude::TypedModel> {
+    use tract_onnx::tract_core::ops::dummy::Dummy;
+    use tract_onnx::tract_core::ops::konst::Const;
+    use tract_onnx::tract_core::plan::EvalContext;
+    use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid};
+    use tract_onnx::tract_hir::internal::*;
+
+    let mut model = model;
+    model.analyse(false)?;
+    let mut source = model.incorporate()?;
+    let _proof_session = source.symbols.proof_cache_session();
+    let mut target = TypedModel { symbols: source.symbols.clone(), ..TypedModel::default() };
+    let mut mapping: HashMap<OutletId, OutletId> = HashMap::new();
+    let keep: Vec<OutletId> = source.input_outlets()?.iter().chain(source.output_outlets()?).copied().collect();
+    // Readers still to translate, per node.
+    let mut readers: Vec<usize> =
+        source.nodes().iter().map(|n| n.outputs.iter().map(|o| o.successors.len()).sum()).collect();
+    for id in source.eval_order()? {
+        let outlets = translate_node(&source, id, &mut target, &mapping)
+            .with_context(|| format!("Translating node {}", source.node(id)))?;
+        for (ix, outlet) in outlets.into_iter().enumerate() {
+            mapping.insert(OutletId::new(id, ix), outlet);
+            if let Some(label) = source.outlet_label(OutletId::new(id, ix)) {
+                target.set_outlet_label(outlet, label.to_string())?;
+            }
+        }
+        for input in source.node(id).inputs.clone() {
+            readers[input.node] -= 1;
+            let node = source.node(input.node);
+            let constant = node.outputs.iter().all(|o| o.fact.value.is_concrete());
+            let kept = (0..node.outputs.len()).any(|ix| keep.contains(&OutletId::new(input.node, ix)));
+            if readers[input.node] > 0 || !constant || kept {
+                continue;
+            }
+            let node = &mut source.nodes_mut()[input.node];
+            node.op = Box::new(Dummy::new());
+            for o in &mut node.outputs {
+                o.fact.value = GenericFactoid::Any;
+            }
+            for ix in 0..node.outputs.len() {
+                let Some(&t) = mapping.get(&OutletId::new(input.node, ix)) else { continue };
+                // A node that passes its input through (an identity) maps to the same outlet.
+                if mapping.iter().any(|(s, v)| *v == t && s.node != input.node && readers[s.node] > 0) {
+                    continue;
+                }
+                let t = &mut target.nodes_mut()[t.node];
+                if t.op_is::<Const>() && t.outputs.iter().all(|o| o.successors.is_empty()) {
+                    t.op = Box::new(Dummy::new());
+                    for o in &mut t.outputs {
+                        o.fact = TypedFact::dt_shape(o.fact.datum_type, o.fact.shape.clone());
+                    }
+                }
+            }
+        }
+    }
+    // As tract does: inputs stay, even unread ones.
+    for i in source.input_outlets()?.to_vec() {
+        if !mapping.contains_key(&i) {
+            let outlets = translate_node(&source, i.node, &mut target, &mapping)?;
+            mapping.insert(i, outlets[0]);
+        }
+    }
+    target.inputs = source.input_outlets()?.iter().map(|i| mapping[i]).collect();
+    target.outputs = source.output_outlets()?.iter().map(|o| mapping[o]).collect();
+    target.properties.clone_from(&source.properties);
+    target.compact()?;
+    return Ok(target);
+
+    /// tract-hir's translation of one node (`InferenceModelExt::into_typed`).
+    fn translate_node(
+        source: &InferenceModel,
+        id: usize,
+        target: &mut TypedModel,
+        mapping: &HashMap<OutletId, OutletId>,
+    ) -> TractResult<TVec<OutletId>> {
+        let node = source.node(id);
+        if !InferenceModel::is_source(&node.op)
+            && node.op.state(&EvalContext::out_of_plan())?.is_none()
+            && source.node_output_facts(node.id)?.iter().all(|f| f.value.is_concrete())
+        {
+            return (0..node.outputs.len())
+                .map(|ix| {
+                    target.add_const(format!("{}.{}", node.name, ix), node.outputs[ix].fact.value.concretize().unwrap())
+                })
+                .collect();
+        }
+        let outputs = node.op.to_typed(source, node, target, mapping)?;
+        for output in &outputs {
+            target.outlet_fact(*output)?.consistent()?;
+        }
+        Ok(outputs)
+    }
 }

@@ -29,6 +29,15 @@ pub struct Builder<'a> {
     weights: HashMap<String, Val>,
 }
 
+/// The key a checkpoint tensor's constant is cached under (`.T` for its transpose).
+fn cache_key(full_name: &str, transpose: bool) -> String {
+    if transpose {
+        format!("{full_name}.T")
+    } else {
+        full_name.to_string()
+    }
+}
+
 /// Options of one `PerceiverLayer` that are not visible in its weights.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerOpts {
@@ -55,7 +64,7 @@ impl<'a> Builder<'a> {
 
     /// A checkpoint tensor as a graph constant, optionally transposed (2-D only), cached by name.
     fn constant(&mut self, w: &Weight, transpose: bool) -> Val {
-        let key = if transpose { format!("{}.T", w.name) } else { w.name.clone() };
+        let key = cache_key(&w.name, transpose);
         if let Some(v) = self.weights.get(&key) {
             return v.clone();
         }
@@ -86,9 +95,7 @@ impl<'a> Builder<'a> {
     /// the checkpoint the first time, shared afterwards (a weight-shared block is applied
     /// several times).
     fn weight(&mut self, name: &str, shape: &[Option<usize>], transpose: bool) -> Result<Val> {
-        let full = self.ck.full_name(name);
-        let key = if transpose { format!("{full}.T") } else { full };
-        if let Some(v) = self.weights.get(&key) {
+        if let Some(v) = self.weights.get(&cache_key(&self.ck.full_name(name), transpose)) {
             self.ck.check_stored_shape(name, shape)?;
             return Ok(v.clone());
         }

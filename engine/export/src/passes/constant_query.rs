@@ -140,7 +140,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
         let zt = g.reshape(&zt, &[b, 1, cz, m]);
         let bv = g.const_f32("query_data_scores", &[h, n, cz], &bq);
         let s = g.matmul(&bv, &zt);
-        let av = g.constant("query_position_scores", TensorData::f32_le_bytes(&[h, n, m], std::mem::take(&mut a)));
+        let av = g.constant("query_position_scores", TensorData::f32_le_bytes(&[h, n, m], a));
         let s = g.add(&s, &av);
         let rt = g.reshape(&r, &[b, 1, 1, m]);
         *rt_name.borrow_mut() = rt.name.clone();
@@ -150,7 +150,7 @@ fn rewrite(g: &mut Graph, mt: Match) -> (usize, usize) {
     let probs = mt.cq.core.probs.clone();
     emit_before(g, &ctx_node.name, &ctx_node.outputs[0], |g| {
         let pr = g.mul(&probs, &rt);
-        let tvv = g.constant("value_position_table", tv.clone());
+        let tvv = g.constant("value_position_table", tv);
         let c1 = g.matmul(&pr, &tvv);
         let z4 = g.reshape(&z, &[b, 1, m, cz]);
         let pz = g.matmul(&pr, &z4);

@@ -17,11 +17,12 @@ use crate::optim::{CONST_FOLD_MEM_BUDGET, OptimizerSession};
 /// Every fold, including each step of the walk, must additionally keep its output
 /// within the allowance.
 #[derive(Clone, Debug, Default)]
-pub struct PropConst(usize);
+pub struct PropConst(usize, Vec<usize>);
 
 impl super::TypedPass for PropConst {
     fn reset(&mut self) -> TractResult<()> {
         self.0 = 0;
+        self.1.clear();
         Ok(())
     }
     fn next(
@@ -29,9 +30,40 @@ impl super::TypedPass for PropConst {
         _session: &mut OptimizerSession,
         model: &TypedModel,
     ) -> TractResult<Option<TypedModelPatch>> {
-        for node in &model.nodes[self.0..] {
+        // perceiver-edge patch 4: the other readers of a constant a fold has just read come
+        // next, so the constant is dropped once the last of them is folded instead of staying
+        // until the scan reaches them (an int8 weight is read by its packing and by its sum:
+        // packing every weight first held all the raw weights next to all the packed ones).
+        while let Some(id) = self.1.pop() {
+            if let Some(patch) = self.fold(model, id, false)? {
+                return Ok(Some(patch));
+            }
+        }
+        for id in self.0..model.nodes.len() {
+            if let Some(patch) = self.fold(model, id, true)? {
+                return Ok(Some(patch));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl PropConst {
+    /// The patch folding node `id` (and the single-successor chain after it), if it folds.
+    /// `scan`: the node comes from the scan, whose position follows it.
+    fn fold(
+        &mut self,
+        model: &TypedModel,
+        id: usize,
+        scan: bool,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        let start = &model.nodes[id];
+        let node = start;
+        {
             if node.op_is::<Const>() && node.outputs[0].fact.konst.is_none() {
-                self.0 = node.id;
+                if scan {
+                    self.0 = node.id;
+                }
                 let mut patch = TypedModelPatch::default();
                 let wire =
                     patch.add_const(&node.name, node.op_as::<Const>().unwrap().val().clone())?;
@@ -63,15 +95,18 @@ impl super::TypedPass for PropConst {
                 match node.op.eval_out_of_plan(inputs) {
                     Ok(None) => (),
                     Ok(Some(res)) => {
-                        self.0 = node.id;
+                        if scan {
+                            self.0 = node.id;
+                        }
                         let allowance = input_mem.max(CONST_FOLD_MEM_BUDGET);
                         let mem = |res: &TVec<TValue>| -> u64 {
                             res.iter().map(|t| (t.datum_type().size_of() * t.volume()) as u64).sum()
                         };
                         // perceiver-edge patch 3: the walk goes on through results over the
-                        // allowance (held only while walking) and folds up to the last node
-                        // whose result is within it, so `sum(cast(weight as i32))` becomes a
-                        // constant even when the widened weight alone would be too large.
+                        // allowance (held only while walking, at most 4x it: a widening cast)
+                        // and folds up to the last node whose result is within it, so
+                        // `sum(cast(weight as i32))` becomes a constant even when the widened
+                        // weight alone would be too large.
                         let mut fold = (mem(&res) <= allowance).then_some((node, res.clone()));
                         let (mut node, mut res) = (node, res);
                         loop {
@@ -84,6 +119,9 @@ impl super::TypedPass for PropConst {
                             let Ok(Some(succ_res)) = succ.op.eval_out_of_plan(std::mem::take(&mut res)) else {
                                 break;
                             };
+                            if mem(&succ_res) > 4 * allowance {
+                                break;
+                            }
                             if mem(&succ_res) <= allowance {
                                 fold = Some((succ, succ_res.clone()));
                             }
@@ -91,7 +129,7 @@ impl super::TypedPass for PropConst {
                             node = succ;
                         }
                         let Some((node, res)) = fold else {
-                            continue;
+                            return Ok(None);
                         };
                         let mut patch = TypedModelPatch::default();
                         for (ix, output) in res.into_iter().enumerate() {
@@ -113,7 +151,16 @@ impl super::TypedPass for PropConst {
                             )?[0];
                             patch.shunt_outside(model, (node.id, ix).into(), wire)?;
                         }
-                        self.0 = node.id;
+                        if scan {
+                            self.0 = node.id;
+                        }
+                        for outlet in &start.inputs {
+                            for inlet in &model.outlet_successors(*outlet)[..] {
+                                if inlet.node != start.id && !self.1.contains(&inlet.node) {
+                                    self.1.push(inlet.node);
+                                }
+                            }
+                        }
                         return Ok(Some(patch));
                     }
                     Err(e) => {
@@ -196,3 +243,4 @@ mod tests {
         Ok(())
     }
 }
+
