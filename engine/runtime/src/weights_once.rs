@@ -191,7 +191,7 @@ pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tra
             }
         }
         for input in source.node(id).inputs.clone() {
-            readers[input.node] -= 1;
+            readers[input.node] = readers[input.node].saturating_sub(1);
             let node = source.node(input.node);
             let constant = node.outputs.iter().all(|o| o.fact.value.is_concrete());
             let kept = (0..node.outputs.len()).any(|ix| keep.contains(&OutletId::new(input.node, ix)));

@@ -116,7 +116,7 @@ pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<S
     let mut rep = HashMap::new();
     let mut shared = HashSet::new();
     for l in linears(g) {
-        if kept(g, &l, keep) {
+        if kept(g, &l, keep) || small(&l) {
             continue;
         }
         if weight_only(&l) || constant.contains(&g.nodes[l.node].inputs[0]) {

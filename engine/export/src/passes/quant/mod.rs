@@ -145,6 +145,29 @@ mod tests {
         assert!(g.nodes.iter().any(|n| n.op == "MatMulNBits"));
     }
 
+    /// int8 leaves a Linear with a tiny weight (3 input channels) in f32, activations too, and
+    /// quantises a larger one reading the same input.
+    #[test]
+    fn int8_leaves_tiny_linears_f32() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[64, 3]);
+        let small: Vec<f32> = (0..3 * 256).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
+        let w = g.const_f32("small", &[3, 256], &small);
+        let y = g.matmul(&x, &w);
+        let big: Vec<f32> = (0..256 * 64).map(|i| (i % 11) as f32 / 11.0 - 0.5).collect();
+        let w2 = g.const_f32("big", &[256, 64], &big);
+        let z = g.matmul(&y, &w2);
+        g.output(&z, "z");
+        assert_eq!(int8_activation_inputs(&g, &KeepF32::default()), vec![y.name.clone()]);
+        Int8Dynamic { keep: KeepF32::default() }.run(&mut g).unwrap();
+        let reads = |v: &str| {
+            g.nodes.iter().filter(|n| n.inputs.iter().any(|i| i == v)).map(|n| n.op.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(reads(&x.name), vec!["MatMul".to_string()], "the 3 x 256 Linear stays f32");
+        assert!(g.constant_data(&w.name).is_some_and(|t| t.dtype == DType::F32));
+        assert!(g.nodes.iter().any(|n| n.op == "MatMulInteger"), "the 256 x 64 Linear is int8");
+    }
+
     #[test]
     fn unknown_precision_is_one_line() {
         let e = "int4".parse::<Precision>().unwrap_err().to_string();

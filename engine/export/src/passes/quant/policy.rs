@@ -88,7 +88,7 @@ pub fn int8_activation_inputs(g: &Graph, keep: &KeepF32) -> Vec<String> {
     let constant = input_independent(g);
     linears(g)
         .into_iter()
-        .filter(|l| !kept(g, l, keep) && !weight_only(l) && !constant.contains(&g.nodes[l.node].inputs[0]))
+        .filter(|l| !kept(g, l, keep) && !small(l) && !weight_only(l) && !constant.contains(&g.nodes[l.node].inputs[0]))
         .map(|l| g.nodes[l.node].inputs[0].clone())
         .filter(|x| seen.insert(x.clone()))
         .collect()
@@ -113,6 +113,15 @@ pub const INT8_WEIGHT_ONLY: [&str; 4] = [
     "final_layer.weight",
     "output_postprocessor*.weight",
 ];
+
+/// True for a Linear the int8 passes leave in f32, weight and activations: one whose weight has
+/// fewer than [`MIN_QUANT_ELEMENTS`] elements. Its weight would save under 3 KiB, and quantising
+/// the activations of a projection with a handful of input channels (an image's 3 colours,
+/// vision-perceiver-learned's `[50176, 3]` pixels) costs more time and memory than the matmul.
+/// q4, chosen for size, still stores them int8.
+pub(super) fn small(l: &Linear) -> bool {
+    l.k * l.n < MIN_QUANT_ELEMENTS
+}
 
 /// True for a Linear the int8 passes quantise weight-only by default.
 pub(super) fn weight_only(l: &Linear) -> bool {
