@@ -12,10 +12,10 @@ use perceiver_edge_export::passes::quant::pass_for;
 use perceiver_edge_export::{build, Checkpoint, ExportOptions, KeepF32, Precision, QuantOptions};
 use perceiver_edge_runtime::alloc::{self, Counting};
 use perceiver_edge_runtime::{set_pack_once, Session, Tensor};
+use std::path::Path;
 
 #[global_allocator]
 static HEAP: Counting = Counting;
-use std::path::Path;
 
 fn digits() -> Checkpoint {
     Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap()

@@ -102,9 +102,8 @@ impl EvalOp for DynamicQuantizeU8 {
 
 impl TypedOp for DynamicQuantizeU8 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut quantized = inputs[0].clone();
-        quantized.datum_type = u8::datum_type();
-        Ok(tvec!(quantized, f32::fact([0usize; 0]), u8::fact([0usize; 0])))
+        // The input's shape only: a value the input fact carries is f32, not the output's.
+        Ok(tvec!(u8::fact(inputs[0].shape.clone()), f32::fact([0usize; 0]), u8::fact([0usize; 0])))
     }
 
     as_op!();
