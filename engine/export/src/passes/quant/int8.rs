@@ -115,12 +115,14 @@ pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<S
     let constant = input_independent(g);
     let mut rep = HashMap::new();
     let mut shared = HashSet::new();
+    let mut readers = Readers::of(g);
     for l in linears(g) {
         if kept(g, &l, keep) || small(&l) {
             continue;
         }
         if weight_only(&l) || constant.contains(&g.nodes[l.node].inputs[0]) {
             rep.insert(l.node, weight_only_linear(g, &l));
+            readers.rewritten(g, &l.weight);
             continue;
         }
         let x = g.nodes[l.node].inputs[0].clone();
@@ -135,6 +137,7 @@ pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<S
             }
         };
         rep.insert(l.node, int8_linear(g, &l, act, &mut shared));
+        readers.rewritten(g, &l.weight);
     }
     splice(g, rep);
     quantize_storage(g, keep);

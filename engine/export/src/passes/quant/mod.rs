@@ -148,6 +148,34 @@ mod tests {
     /// int8 leaves a Linear with a tiny weight (3 input channels) in f32, activations too, and
     /// quantises a larger one reading the same input.
     #[test]
+    fn quantising_drops_a_weight_only_after_its_last_reader() {
+        // `shared` is read by two Linears (a weight-shared block applied twice), `kept` by a
+        // Linear --keep-f32 names: the first must still be there when the second Linear is
+        // quantised, the second must stay f32.
+        for q4 in [false, true] {
+            let mut g = Graph::new();
+            let x = g.input("x", DType::F32, &[8, 64]);
+            let data: Vec<f32> = (0..64 * 64).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+            let shared = g.const_f32("shared", &[64, 64], &data);
+            let kept = g.const_f32("kept", &[64, 64], &data);
+            let a = g.matmul(&x, &shared);
+            let b = g.matmul(&a, &shared);
+            let c = g.matmul(&b, &kept);
+            g.output(&c, "c");
+            let keep = KeepF32::new(&[kept.name.clone()]);
+            if q4 {
+                Q4 { keep }.run(&mut g).unwrap();
+            } else {
+                Int8Dynamic { keep }.run(&mut g).unwrap();
+            }
+            let quantised = if q4 { "MatMulNBits" } else { "MatMulInteger" };
+            assert_eq!(g.nodes.iter().filter(|n| n.op == quantised).count(), 2, "q4 {q4}");
+            assert!(g.constant_data(&shared.name).is_none(), "q4 {q4}: the f32 copy is gone");
+            assert!(g.constant_data(&kept.name).is_some_and(|t| t.dtype == DType::F32), "q4 {q4}");
+        }
+    }
+
+    #[test]
     fn int8_leaves_tiny_linears_f32() {
         let mut g = Graph::new();
         let x = g.input("x", DType::F32, &[64, 3]);

@@ -55,6 +55,35 @@ pub fn glob_contains(pattern: &str, name: &str) -> bool {
     true
 }
 
+/// How many nodes still read each constant, so a pass can drop an f32 weight as soon as the
+/// last Linear reading it is rewritten: an export then never holds every f32 weight next to
+/// every quantised one (the bench model's int8 export peaked at both).
+pub(super) struct Readers(HashMap<String, usize>);
+
+impl Readers {
+    /// Counts the readers of every constant of `g`.
+    pub(super) fn of(g: &Graph) -> Readers {
+        let mut m: HashMap<String, usize> = g.constants.iter().map(|(n, _)| (n.clone(), 0)).collect();
+        for x in g.nodes.iter().flat_map(|n| n.inputs.iter()) {
+            if let Some(c) = m.get_mut(x) {
+                *c += 1;
+            }
+        }
+        Readers(m)
+    }
+
+    /// One reader of constant `name` has been rewritten to read something else; once none is
+    /// left the constant is removed from `g` (the rewritten node is spliced in later).
+    pub(super) fn rewritten(&mut self, g: &mut Graph, name: &str) {
+        if let Some(c) = self.0.get_mut(name) {
+            *c = c.saturating_sub(1);
+            if *c == 0 && !g.outputs.iter().any(|o| o.name == name) {
+                g.constants.retain(|(n, _)| n != name);
+            }
+        }
+    }
+}
+
 /// A Linear of the graph: a `MatMul` whose second input is a 2-D f32 constant `[K, N]`.
 pub(super) struct Linear {
     pub(super) node: usize,

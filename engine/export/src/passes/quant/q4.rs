@@ -21,16 +21,19 @@ impl Pass for Q4 {
         let mut rep = HashMap::new();
         let mut shared = HashSet::new();
         let constant = input_independent(g);
+        let mut readers = Readers::of(g);
         for l in linears(g) {
             if kept(g, &l, &self.keep) {
                 continue;
             }
             if constant.contains(&g.nodes[l.node].inputs[0]) {
                 rep.insert(l.node, weight_only_linear(g, &l));
+                readers.rewritten(g, &l.weight);
                 continue;
             }
             if l.k < 32 {
                 rep.insert(l.node, int8_linear(g, &l, ActQuant::Dynamic, &mut shared));
+                readers.rewritten(g, &l.weight);
                 continue;
             }
             let mm = g.nodes[l.node].clone();
@@ -82,6 +85,7 @@ impl Pass for Q4 {
                 ],
             });
             rep.insert(l.node, nodes);
+            readers.rewritten(g, &l.weight);
         }
         splice(g, rep);
         quantize_storage(g, &self.keep);
