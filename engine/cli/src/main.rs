@@ -575,6 +575,8 @@ fn dispatch(cmd: Command) -> Result<()> {
                 &sizes,
                 quant.calibrate.as_deref(),
             )?;
+            // Buffers the exporter frees (trial graphs, tables) go back to the system at once.
+            let _phase = perceiver_edge_runtime::alloc::LoadPhase::begin();
             let mut opts = sizes.options();
             opts.blocks = budget.blocks;
             let mut bar: Option<indicatif::ProgressBar> = None;

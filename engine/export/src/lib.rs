@@ -112,9 +112,9 @@ impl Exported {
 /// Builds the graph of an opened checkpoint and runs the default passes. For a graph that will
 /// be stored below f32 with `--tables auto` ([`passes::PerfOptions::stored_weight_bytes`]), the
 /// f32 tables are kept only where they make the stored graph smaller: the graph without them is
-/// measured on a copy (sharing the weights), the tables are built on the graph itself, and if
-/// they do not pay off the graph is built again without them (a copy of the unrewritten graph
-/// kept alongside would hold the position features the tables replace next to the tables).
+/// measured on a copy (sharing the weights), the graph with them on the graph itself with the
+/// data of the weights the table rewrites do not read dropped ([`stored_with_tables`]), and the
+/// graph is then built again, with or without them.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let stored = opts
@@ -130,14 +130,9 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
                 passes::run_default(&mut g, &off)?;
                 passes::tables::stored_bytes(&g, bytes)
             };
-            let kept = passes::run_default(&mut graph, &opts.perf)?;
-            if passes::tables::stored_bytes(&graph, bytes) < without {
-                kept
-            } else {
-                drop(std::mem::take(&mut graph));
-                graph = heads::build_graph(ck, opts)?.0;
-                passes::run_default(&mut graph, &off)?
-            }
+            let with = stored_with_tables(ck, opts, graph, bytes)?;
+            graph = heads::build_graph(ck, opts)?.0;
+            passes::run_default(&mut graph, if with < without { &opts.perf } else { &off })?
         }
     };
     if let Some(e) = graph.error.take() {
@@ -148,6 +143,52 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let json = serde_json::to_string(&summary).expect("summary serialises");
     graph.metadata.push((metadata::SUMMARY.into(), json));
     Ok(Exported { graph, summary })
+}
+
+/// Stored bytes (at `bytes` per weight) of `graph` after the default passes with its tables.
+/// Measured with the data of the weights read only after the first softmax dropped (the table
+/// rewrites work on the inputs' side of the encoder's cross-attention), so the trial does not
+/// hold every weight next to the tables; sizes come from shapes, so the figure is the same. If
+/// a rewrite did look up a dropped weight (f16 runs `few_query_attention` too, which reads a
+/// decoder's key and value weights), the trial is run again on a graph built whole.
+fn stored_with_tables(ck: &Checkpoint, opts: &ExportOptions, mut graph: ir::Graph, bytes: f64) -> Result<f64> {
+    strip_for_table_trial(&mut graph);
+    let reads = ir::Graph::stripped_reads();
+    passes::run_default(&mut graph, &opts.perf)?;
+    if ir::Graph::stripped_reads() == reads {
+        return Ok(passes::tables::stored_bytes(&graph, bytes));
+    }
+    drop(graph);
+    let mut graph = heads::build_graph(ck, opts)?.0;
+    passes::run_default(&mut graph, &opts.perf)?;
+    Ok(passes::tables::stored_bytes(&graph, bytes))
+}
+
+/// Drops the data of the weights [`stored_with_tables`] expects the table rewrites not to read:
+/// matrices read only after the first softmax that do not feed a value no graph input reaches.
+fn strip_for_table_trial(graph: &mut ir::Graph) {
+    let first_softmax = graph.nodes.iter().position(|n| n.op == "Softmax").unwrap_or(graph.nodes.len());
+    let early: std::collections::HashSet<&str> =
+        graph.nodes[..first_softmax].iter().flat_map(|n| n.inputs.iter().map(String::as_str)).collect();
+    let late: std::collections::HashSet<String> = graph.nodes[first_softmax..]
+        .iter()
+        .flat_map(|n| n.inputs.iter())
+        .filter(|i| !early.contains(i.as_str()))
+        .cloned()
+        .collect();
+    // Kept whatever their place: vectors and small matrices (the matchers look up scales and
+    // biases anywhere) and the inputs of values no graph input reaches (the rewrites evaluate constant
+    // queries, a decoder's among them).
+    let mut keep: std::collections::HashSet<String> =
+        graph.constants.iter().filter(|(_, t)| t.shape.len() < 2 || t.len() < 1024).map(|(n, _)| n.clone()).collect();
+    let mut constant: std::collections::HashSet<String> = graph.constants.iter().map(|(n, _)| n.clone()).collect();
+    for n in &graph.nodes {
+        if n.inputs.iter().all(|i| constant.contains(i)) {
+            keep.extend(n.inputs.iter().cloned());
+            constant.extend(n.outputs.iter().map(|o| o.name.clone()));
+        }
+    }
+    graph.strip_constants(|n| late.contains(n) && !keep.contains(n));
 }
 
 /// `opts` adjusted for a graph that will be stored at `precision`: int8 / q4 graphs skip
@@ -253,5 +294,34 @@ impl Exported {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_trial_on_a_stripped_graph_measures_what_the_whole_graph_does() {
+        let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap();
+        for p in [Precision::F16, Precision::Int8, Precision::Q4] {
+            let opts = options_for_precision(&ExportOptions::default(), p);
+            let bytes = opts.perf.stored_weight_bytes.unwrap();
+            let mut whole = heads::build_graph(&ck, &opts).unwrap().0;
+            passes::run_default(&mut whole, &opts.perf).unwrap();
+            let whole = passes::tables::stored_bytes(&whole, bytes);
+            let reads = ir::Graph::stripped_reads();
+            let graph = heads::build_graph(&ck, &opts).unwrap().0;
+            let held = |g: &ir::Graph| g.constants.iter().map(|(_, t)| t.bytes.len()).sum::<usize>();
+            let mut stripped = graph.clone();
+            strip_for_table_trial(&mut stripped);
+            assert!(held(&stripped) * 2 < held(&graph), "{p}: most weights dropped for the trial");
+            assert_eq!(stored_with_tables(&ck, &opts, graph, bytes).unwrap(), whole, "{p}");
+            // int8 / q4 run the table rewrites alone; f16 also `few_query_attention`, which reads
+            // the decoder's key and value weights: its trial falls back to the whole graph.
+            if p.is_integer() {
+                assert_eq!(ir::Graph::stripped_reads(), reads, "{p}: a rewrite looked up a dropped weight");
+            }
+        }
     }
 }

@@ -92,20 +92,32 @@ pub fn release_freed() {
 /// the system at once instead of staying in the heap as free space that still counts as resident
 /// (glibc's own threshold grows to 32 MiB once such buffers are freed, and the loader's peak
 /// stayed resident). Dropping it sets the threshold to 32 MiB, the most glibc itself would pick:
-/// activations reuse heap memory from run to run. A no-op where the C library is not glibc.
+/// activations reuse heap memory from run to run. `export` holds one too (its trial graphs and
+/// tables come and go). Phases nest: the threshold is restored when the outermost ends. A no-op
+/// where the C library is not glibc.
 pub struct LoadPhase(());
+
+static PHASES: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 
 impl LoadPhase {
     /// Starts the load phase.
     pub fn begin() -> LoadPhase {
-        set_mmap_threshold(256 << 10);
+        let mut n = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+        if *n == 0 {
+            set_mmap_threshold(256 << 10);
+        }
+        *n += 1;
         LoadPhase(())
     }
 }
 
 impl Drop for LoadPhase {
     fn drop(&mut self) {
-        set_mmap_threshold(32 << 20);
+        let mut n = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            set_mmap_threshold(32 << 20);
+        }
     }
 }
 

@@ -113,6 +113,16 @@ impl TensorData {
         self.len() == 0
     }
 
+    /// Bytes of the data (from the shape: a stripped constant counts what it held).
+    pub fn byte_len(&self) -> usize {
+        self.len() * self.dtype.size()
+    }
+
+    /// True for an f32 constant whose data [`Graph::strip_constants`] dropped.
+    pub fn is_stripped(&self) -> bool {
+        self.dtype == DType::F32 && self.bytes.len() != self.byte_len()
+    }
+
     /// The elements as f32 (only for f32 tensors).
     pub fn as_f32(&self) -> Option<Vec<f32>> {
         (self.dtype == DType::F32)
@@ -197,6 +207,11 @@ pub struct Graph {
     pub marks: Vec<(String, Val)>,
     scope: Vec<String>,
     counter: usize,
+}
+
+thread_local! {
+    /// Reads of stripped constants on this thread (see [`Graph::strip_constants`]).
+    static STRIPPED_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Broadcast two shapes numpy-style; `None` when they do not broadcast.
@@ -307,9 +322,32 @@ impl Graph {
         self.constant(what, TensorData::i64(&[data.len()], data))
     }
 
-    /// Looks up a constant by value name.
+    /// Looks up a constant by value name (`None` for one whose data
+    /// [`Graph::strip_constants`] dropped: such a read is counted, see
+    /// [`Graph::stripped_reads`]).
     pub fn constant_data(&self, name: &str) -> Option<&TensorData> {
-        self.constants.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+        let t = self.constants.iter().find(|(n, _)| n == name).map(|(_, t)| t)?;
+        if t.is_stripped() {
+            STRIPPED_READS.with(|c| c.set(c.get() + 1));
+            return None;
+        }
+        Some(t)
+    }
+
+    /// Drops the data of the f32 constants `strip` selects, keeping their names and shapes: a
+    /// graph to measure sizes on (what a rewrite adds and removes) without holding every weight.
+    /// Whoever rewrites it must check [`Graph::stripped_reads`] did not move.
+    pub fn strip_constants(&mut self, strip: impl Fn(&str) -> bool) {
+        for (n, t) in &mut self.constants {
+            if t.dtype == DType::F32 && !t.is_empty() && strip(n) {
+                t.bytes = Default::default();
+            }
+        }
+    }
+
+    /// How many times this thread looked up a stripped constant's data.
+    pub fn stripped_reads() -> usize {
+        STRIPPED_READS.with(|c| c.get())
     }
 
     /// Adds a node with one output of the given type and shape.
@@ -515,6 +553,22 @@ impl Graph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stripped_constant_keeps_its_shape_and_counts_a_lookup() {
+        let mut g = Graph::new();
+        let w = g.const_f32("w", &[2, 3], &[1.0; 6]);
+        let b = g.const_f32("b", &[3], &[0.0; 3]);
+        g.strip_constants(|n| n == w.name);
+        let t = &g.constants.iter().find(|(n, _)| *n == w.name).unwrap().1;
+        assert!(t.is_stripped() && t.bytes.is_empty());
+        assert_eq!((t.len(), t.byte_len()), (6, 24));
+        let reads = Graph::stripped_reads();
+        assert!(g.constant_data(&w.name).is_none());
+        assert_eq!(Graph::stripped_reads(), reads + 1);
+        assert_eq!(g.constant_data(&b.name).and_then(|t| t.as_f32()), Some(vec![0.0; 3]));
+        assert_eq!(Graph::stripped_reads(), reads + 1);
+    }
 
     #[test]
     fn broadcast_follows_numpy() {

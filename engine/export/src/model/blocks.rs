@@ -68,20 +68,21 @@ impl<'a> Builder<'a> {
         if let Some(v) = self.weights.get(&key) {
             return v.clone();
         }
-        let (shape, data) = if transpose {
+        // Straight into the constant's bytes: no f32 copy next to the checkpoint's.
+        let (shape, bytes) = if transpose {
             let (r, c) = (w.shape[0], w.shape[1]);
-            let mut t = vec![0f32; r * c];
-            for i in 0..r {
-                for j in 0..c {
-                    t[j * r + i] = w.data[i * c + j];
+            let mut t = vec![0u8; r * c * 4];
+            for (i, row) in w.data.chunks_exact(c).enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    t[(j * r + i) * 4..][..4].copy_from_slice(&v.to_le_bytes());
                 }
             }
             (vec![c, r], t)
         } else {
-            (w.shape.clone(), w.data.clone())
+            (w.shape.clone(), w.data.iter().flat_map(|v| v.to_le_bytes()).collect())
         };
         let v = Val { name: key.clone(), dtype: DType::F32, shape: shape.clone() };
-        self.g.constants.push((key.clone(), TensorData::f32(&shape, &data)));
+        self.g.constants.push((key.clone(), TensorData::f32_le_bytes(&shape, bytes)));
         self.weights.insert(key, v.clone());
         v
     }

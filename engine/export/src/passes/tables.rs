@@ -51,7 +51,7 @@ pub fn live_cost(g: &Graph) -> (usize, u64) {
         .collect();
     s.prune();
     let len: std::collections::HashMap<&str, usize> =
-        g.constants.iter().map(|(n, t)| (n.as_str(), t.bytes.len())).collect();
+        g.constants.iter().map(|(n, t)| (n.as_str(), t.byte_len())).collect();
     let bytes = s.constants.iter().map(|(n, _)| len.get(n.as_str()).copied().unwrap_or(0)).sum();
     (bytes, crate::summary::cost(&s).flops.iter().map(|(_, f)| f).sum())
 }

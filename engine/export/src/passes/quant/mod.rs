@@ -162,7 +162,7 @@ mod tests {
             let b = g.matmul(&a, &shared);
             let c = g.matmul(&b, &kept);
             g.output(&c, "c");
-            let keep = KeepF32::new(&[kept.name.clone()]);
+            let keep = KeepF32::new(std::slice::from_ref(&kept.name));
             if q4 {
                 Q4 { keep }.run(&mut g).unwrap();
             } else {
