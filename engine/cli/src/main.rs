@@ -316,6 +316,19 @@ struct Sizes {
     /// Same as `--tables none`.
     #[arg(long)]
     no_position_tables: bool,
+    /// Compute attention scores larger than this many MiB over chunks of the inputs, with a
+    /// running softmax (exact; the scores and the inputs' keys and values never exist whole);
+    /// 0 never [default: 8].
+    #[arg(long, value_name = "MIB", value_parser = non_negative_mib)]
+    max_scores_mib: Option<f64>,
+}
+
+#[cfg(feature = "export")]
+fn non_negative_mib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a size in MiB (a number from 0 to 1e9)")),
+    }
 }
 
 /// Budget knobs of `export`.
@@ -439,6 +452,7 @@ impl Sizes {
                     (false, Some(t)) => t.parse().expect("clap checked the value"),
                     (false, None) => perceiver_edge_export::Tables::Auto,
                 },
+                max_scores_bytes: self.max_scores_mib.map(|m| (m * 1048576.0) as usize),
                 ..Default::default()
             },
             ..Default::default()

@@ -141,3 +141,73 @@ fn position_tables_are_a_budget_knob() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "the two spellings conflict");
 }
+
+/// `chunked_attention` (running softmax over chunks of the inputs) against the graph without
+/// rewrites, on every fixture: with a limit of a few bytes every attention core the other
+/// rewrites leave is chunked (up to 64 chunks). Outputs agree to 1e-5 and still match
+/// transformers to the fixture tolerance.
+#[test]
+fn chunked_attention_is_exact_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = root().join("models/reference/fixtures");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    let mut fired = vec![];
+    for dir in dirs.into_iter().filter(|d| d.join("fixture.json").is_file()) {
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
+        let fixture = dir.file_name().unwrap().to_string_lossy().into_owned();
+        for c in meta["cases"].as_array().unwrap() {
+            let case = c["name"].as_str().unwrap();
+            let atol = c["atol"].as_f64().or(meta["atol"].as_f64()).unwrap_or(1e-4);
+            let rtol = c["rtol"].as_f64().or(meta["rtol"].as_f64()).unwrap_or(1e-5);
+            let args: Vec<&str> = c["export_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+            let inputs: Vec<PathBuf> =
+                c["inputs"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
+            let (plain, chunked) = (
+                tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
+                tmp.path().join(format!("{fixture}_{case}_chunked.onnx")),
+            );
+            export(&dir, &args, &["--no-rewrites"], &plain);
+            let report = export(&dir, &args, &["--max-scores-mib", "0.00001"], &chunked);
+            if !report.contains("chunked_attention x") {
+                continue;
+            }
+            fired.push(format!("{fixture}/{case}"));
+            let (po, co) = (
+                tmp.path().join(format!("{fixture}_{case}_plain.out/")),
+                tmp.path().join(format!("{fixture}_{case}_chunked.out/")),
+            );
+            run(&plain, &inputs, &po);
+            run(&chunked, &inputs, &co);
+            for o in c["outputs"].as_array().unwrap() {
+                let name = o["name"].as_str().unwrap();
+                let p = read(&po.join(format!("{name}.npy")));
+                let f = read(&co.join(format!("{name}.npy")));
+                let want = read(&dir.join(o["file"].as_str().unwrap()));
+                let mut d = 0f64;
+                for i in 0..p.len() {
+                    let e = (p[i] as f64 - f[i] as f64).abs();
+                    assert!(
+                        e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
+                        "{fixture}/{case} {name}[{i}]: chunked {} vs plain {}",
+                        f[i],
+                        p[i]
+                    );
+                    let t = (f[i] as f64 - want[i] as f64).abs();
+                    assert!(
+                        t <= atol + rtol * (want[i] as f64).abs(),
+                        "{fixture}/{case} {name}[{i}]: chunked {} vs transformers {}",
+                        f[i],
+                        want[i]
+                    );
+                    d = d.max(e);
+                }
+                eprintln!("{fixture:>15}/{case:<7} {name:<18} |chunked - plain| {d:.2e}");
+            }
+        }
+    }
+    eprintln!("chunked_attention fired on: {fired:?}");
+    for must in ["image_fourier", "image_learned", "image_conv", "mlm", "flow"] {
+        assert!(fired.iter().any(|f| f.starts_with(must)), "chunked_attention did not fire on {must}");
+    }
+}

@@ -102,4 +102,7 @@ pub struct PerfOptions {
     /// Bytes per weight the graph will be stored at when below f32 (f16 2, int8 1, q4 0.5):
     /// `auto` then also requires the tables to make the stored graph smaller.
     pub stored_weight_bytes: Option<f64>,
+    /// Attention scores larger than this many bytes are computed in chunks of the inputs
+    /// (`chunked_attention`; default 8 MiB, 0 never).
+    pub max_scores_bytes: Option<usize>,
 }

@@ -5,12 +5,14 @@ use crate::error::Result;
 use crate::ir::Graph;
 
 // --- performance rewrites (issue #3) ---
+mod chunked_attention;
 mod constant_query;
 mod few_queries;
 mod position_split;
 pub mod quant;
 pub mod tables;
 mod util;
+pub use chunked_attention::ChunkedAttention;
 pub use constant_query::ConstantQueryAttention;
 pub use few_queries::FewQueryAttention;
 pub use position_split::PositionSplit;
@@ -62,6 +64,10 @@ pub fn record_rewrites(g: &mut Graph, name: &str, sites: usize) {
 pub fn run_default(g: &mut Graph, o: &PerfOptions) -> Result<Vec<crate::summary::TableDecision>> {
     let (done, decisions) = tables::apply(g, o)?;
     let mut list: Vec<&dyn Pass> = perf_passes(o);
+    let chunked = ChunkedAttention::from_options(o);
+    if let Some(c) = &chunked {
+        list.push(c);
+    }
     list.push(&Prune);
     run_all_after(g, &done, &list)?;
     Ok(decisions)
