@@ -752,20 +752,32 @@ where
             }
         }
         let mut old_to_new = vec![usize::MAX; self.nodes.len()];
-        let mut new_nodes = vec![
-            Node {
-                id: self.nodes.len(),
-                name: "".to_string(),
-                inputs: vec![],
-                op: self.create_dummy(),
-                outputs: tvec!(),
-            };
-            order.len()
-        ];
         for (ix, id) in order.iter().enumerate() {
             old_to_new[*id] = ix;
-            std::mem::swap(&mut new_nodes[ix], &mut self.nodes[*id]);
         }
+        // Reorder in place (a second node vector, next to the first, was the peak of loading
+        // graphs of many nodes): node `order[ix]` moves to `ix`, the dropped ones to the end.
+        {
+            let n = self.nodes.len();
+            let mut full = order.clone();
+            full.extend((0..n).filter(|id| old_to_new[*id] == usize::MAX));
+            let mut pos: Vec<usize> = (0..n).collect();
+            let mut at: Vec<usize> = (0..n).collect();
+            for (ix, &want) in full.iter().enumerate() {
+                let from = pos[want];
+                if from != ix {
+                    self.nodes.swap(ix, from);
+                    let displaced = at[ix];
+                    at[from] = displaced;
+                    pos[displaced] = from;
+                    at[ix] = want;
+                    pos[want] = ix;
+                }
+            }
+            self.nodes.truncate(order.len());
+            self.nodes.shrink_to_fit();
+        }
+        let mut new_nodes = std::mem::take(&mut self.nodes);
         for node in &mut new_nodes {
             if self.inputs.iter().any(|n| n.node == node.id) && !Self::is_source(&node.op) {
                 node.inputs.clear();
