@@ -318,7 +318,7 @@ struct Sizes {
     no_position_tables: bool,
     /// Compute attention scores larger than this many MiB over chunks of the inputs, with a
     /// running softmax (exact; the scores and the inputs' keys and values never exist whole);
-    /// 0 never [default: 8].
+    /// 0 never [default: 32].
     #[arg(long, value_name = "MIB", value_parser = non_negative_mib)]
     max_scores_mib: Option<f64>,
 }

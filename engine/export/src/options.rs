@@ -103,6 +103,6 @@ pub struct PerfOptions {
     /// `auto` then also requires the tables to make the stored graph smaller.
     pub stored_weight_bytes: Option<f64>,
     /// Attention scores larger than this many bytes are computed in chunks of the inputs
-    /// (`chunked_attention`; default 8 MiB, 0 never).
+    /// (`chunked_attention`; default 32 MiB, 0 never).
     pub max_scores_bytes: Option<usize>,
 }

@@ -1,7 +1,9 @@
 //! `chunked_attention`: an attention whose scores `[B, H, N, M]` are larger than a limit
-//! ([`PerfOptions::max_scores_bytes`], 8 MiB by default) is computed over chunks of its M
-//! inputs with a running softmax, so that neither the scores nor the key and value projections
-//! of all M inputs exist at once (nor tract's packed copies of them).
+//! ([`PerfOptions::max_scores_bytes`], 32 MiB by default) is computed over chunks of its M
+//! inputs with a running softmax, chunks of at most 8 MiB of scores (or the limit, if smaller),
+//! so that neither the scores nor the key and value projections of all M inputs exist at once
+//! (nor tract's packed copies of them). Below the limit the chunks' own copies would cost about
+//! what they save (language-perceiver's 16 MiB scores in 2 chunks: `run` peak 198 -> 206 MiB).
 //!
 //! ```text
 //! for each chunk c of the inputs X[:, c]:       K_c = X_c Wk + bk,  V_c = X_c Wv + bv
@@ -26,7 +28,10 @@ use crate::ir::{Attr, Graph, Val};
 use crate::options::PerfOptions;
 
 /// Scores above this many bytes are computed in chunks unless the options say otherwise.
-pub const DEFAULT_MAX_SCORES_BYTES: usize = 8 << 20;
+pub const DEFAULT_MAX_SCORES_BYTES: usize = 32 << 20;
+
+/// Bytes of scores one chunk computes at most (a working set of about eight such tensors).
+const CHUNK_SCORES_BYTES: usize = 8 << 20;
 
 /// Most chunks one attention is split into (each adds some 20 nodes).
 const MAX_CHUNKS: usize = 64;
@@ -101,7 +106,7 @@ fn find(g: &Graph, prod: &Producers, div: usize, max_bytes: usize) -> Option<Sit
     if bytes <= max_bytes || m < 2 || wk.shape[1] % heads != 0 || wv.shape[1] % heads != 0 {
         return None;
     }
-    let chunks = bytes.div_ceil(max_bytes).clamp(2, MAX_CHUNKS.min(m));
+    let chunks = bytes.div_ceil(max_bytes.min(CHUNK_SCORES_BYTES)).clamp(2, MAX_CHUNKS.min(m));
     Some(Site { ctx: core.ctx, x, q, divisor: core.divisor, k: (wk, bk), v: (wv, bv), heads, chunks })
 }
 
