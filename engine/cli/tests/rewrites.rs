@@ -144,7 +144,7 @@ fn position_tables_are_a_budget_knob() {
 
 /// `chunked_attention` (running softmax over chunks of the inputs) against the graph without
 /// rewrites, on every fixture: with a limit of a few bytes every attention core the other
-/// rewrites leave is chunked (up to 64 chunks). Outputs agree to 1e-5 and still match
+/// rewrites leave is chunked (up to 16 chunks). Outputs agree to 1e-5 and still match
 /// transformers to the fixture tolerance.
 #[test]
 fn chunked_attention_is_exact_on_every_fixture() {

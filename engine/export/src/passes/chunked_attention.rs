@@ -16,8 +16,9 @@
 //! applies to the attention cores the blocks emit ([`attention_core`]) whose keys and values are
 //! Linears of the same input `X [B, M, D]` and whose scores get no mask: in the published
 //! architectures, the encoder's cross-attention over 224 x 224 pixels (int8 / q4, where
-//! `few_query_attention` does not run: scores `[512, 50176]`, 98 MiB) and over optical flow's
-//! 182528 inputs (1.4 GiB). It reads no constant's data, only shapes.
+//! `few_query_attention` does not run: scores `[512, 50176]`, 98 MiB, 13 chunks). Not optical
+//! flow's 182528 inputs (1.4 GiB of scores: see [`MAX_CHUNKS`]). It reads no constant's data,
+//! only shapes.
 //!
 //! [`PerfOptions::max_scores_bytes`]: crate::options::PerfOptions::max_scores_bytes
 
@@ -33,8 +34,10 @@ pub const DEFAULT_MAX_SCORES_BYTES: usize = 32 << 20;
 /// Bytes of scores one chunk computes at most (a working set of about eight such tensors).
 const CHUNK_SCORES_BYTES: usize = 8 << 20;
 
-/// Most chunks one attention is split into (each adds some 20 nodes).
-const MAX_CHUNKS: usize = 64;
+/// Most chunks one attention is split into (each adds some 20 nodes). Scores larger than this
+/// many chunks of [`CHUNK_SCORES_BYTES`] are left whole: optical flow's 1.4 GiB in 64 chunks
+/// made a graph tract had not finished optimising after 30 minutes.
+const MAX_CHUNKS: usize = 16;
 
 /// See the module documentation.
 pub struct ChunkedAttention {
@@ -103,7 +106,10 @@ fn find(g: &Graph, prod: &Producers, div: usize, max_bytes: usize) -> Option<Sit
     }
     let (m, heads) = (x.shape[1], q.shape[1]);
     let bytes = scores.iter().product::<usize>() * 4;
-    if bytes <= max_bytes || m < 2 || wk.shape[1] % heads != 0 || wv.shape[1] % heads != 0 {
+    if bytes <= max_bytes || bytes > MAX_CHUNKS * CHUNK_SCORES_BYTES || m < 2 {
+        return None;
+    }
+    if wk.shape[1] % heads != 0 || wv.shape[1] % heads != 0 {
         return None;
     }
     let chunks = bytes.div_ceil(max_bytes.min(CHUNK_SCORES_BYTES)).clamp(2, MAX_CHUNKS.min(m));
