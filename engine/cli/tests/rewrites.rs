@@ -31,72 +31,104 @@ fn run(onnx: &Path, inputs: &[PathBuf], out_dir: &Path) {
     assert!(out.status.success(), "run {onnx:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn rewrites_are_exact_on_every_fixture() {
-    let tmp = tempfile::tempdir().unwrap();
+/// One fixture case: its folder, names, tolerances, export arguments, inputs and expected
+/// outputs (name, transformers' file).
+struct Case {
+    dir: PathBuf,
+    fixture: String,
+    name: String,
+    atol: f64,
+    rtol: f64,
+    args: Vec<String>,
+    inputs: Vec<PathBuf>,
+    outputs: Vec<(String, PathBuf)>,
+}
+
+/// Every case of every fixture, in folder order.
+fn cases() -> Vec<Case> {
     let fixtures = root().join("models/reference/fixtures");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures).unwrap().map(|e| e.unwrap().path()).collect();
     dirs.sort();
-    let mut fired = vec![];
-    let mut n = 0;
+    let mut all = vec![];
     for dir in dirs.into_iter().filter(|d| d.join("fixture.json").is_file()) {
         let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
         let fixture = dir.file_name().unwrap().to_string_lossy().into_owned();
         for c in meta["cases"].as_array().unwrap() {
-            let case = c["name"].as_str().unwrap();
-            let atol = c["atol"].as_f64().or(meta["atol"].as_f64()).unwrap_or(1e-4);
-            let rtol = c["rtol"].as_f64().or(meta["rtol"].as_f64()).unwrap_or(1e-5);
-            let args: Vec<&str> = c["export_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-            let inputs: Vec<PathBuf> =
-                c["inputs"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
-            let (plain, fast) = (
-                tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
-                tmp.path().join(format!("{fixture}_{case}_fast.onnx")),
-            );
-            export(&dir, &args, &["--no-rewrites"], &plain);
-            // Every table rewrite, whatever the default policy keeps: they are what is tested.
-            let report = export(&dir, &args, &["--tables", "all"], &fast);
-            let rewrites = report.lines().find(|l| l.starts_with("rewrites")).unwrap_or("");
-            for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
-                if rewrites.contains(&format!("{pass} x")) {
-                    fired.push(format!("{pass}:{fixture}/{case}"));
-                }
-            }
-            let (po, fo) = (
-                tmp.path().join(format!("{fixture}_{case}_plain.out/")),
-                tmp.path().join(format!("{fixture}_{case}_fast.out/")),
-            );
-            run(&plain, &inputs, &po);
-            run(&fast, &inputs, &fo);
-            for o in c["outputs"].as_array().unwrap() {
-                let name = o["name"].as_str().unwrap();
-                let p = read(&po.join(format!("{name}.npy")));
-                let f = read(&fo.join(format!("{name}.npy")));
-                let want = read(&dir.join(o["file"].as_str().unwrap()));
-                assert_eq!(p.len(), f.len());
-                let (mut d_pf, mut d_ft) = (0f64, 0f64);
-                for i in 0..p.len() {
-                    let e = (p[i] as f64 - f[i] as f64).abs();
-                    assert!(
-                        e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
-                        "{fixture}/{case} {name}[{i}]: rewritten {} vs plain {} ({e:.2e})",
-                        f[i],
-                        p[i]
-                    );
-                    let t = (f[i] as f64 - want[i] as f64).abs();
-                    assert!(
-                        t <= atol + rtol * (want[i] as f64).abs(),
-                        "{fixture}/{case} {name}[{i}]: rewritten {} vs transformers {} ({t:.2e})",
-                        f[i],
-                        want[i]
-                    );
-                    d_pf = d_pf.max(e);
-                    d_ft = d_ft.max(t);
-                }
-                eprintln!("{fixture:>15}/{case:<7} {name:<18} |rewritten - plain| {d_pf:.2e}  |rewritten - transformers| {d_ft:.2e}");
-            }
-            n += 1;
+            let file = |v: &Value| dir.join(v["file"].as_str().unwrap());
+            all.push(Case {
+                fixture: fixture.clone(),
+                name: c["name"].as_str().unwrap().to_string(),
+                atol: c["atol"].as_f64().or(meta["atol"].as_f64()).unwrap_or(1e-4),
+                rtol: c["rtol"].as_f64().or(meta["rtol"].as_f64()).unwrap_or(1e-5),
+                args: c["export_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
+                inputs: c["inputs"].as_array().unwrap().iter().map(file).collect(),
+                outputs: c["outputs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| (o["name"].as_str().unwrap().to_string(), file(o)))
+                    .collect(),
+                dir: dir.clone(),
+            });
         }
+    }
+    all
+}
+
+#[test]
+fn rewrites_are_exact_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fired = vec![];
+    let mut n = 0;
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let (plain, fast) = (
+            tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
+            tmp.path().join(format!("{fixture}_{case}_fast.onnx")),
+        );
+        export(&c.dir, &args, &["--no-rewrites"], &plain);
+        // Every table rewrite, whatever the default policy keeps: they are what is tested.
+        let report = export(&c.dir, &args, &["--tables", "all"], &fast);
+        let rewrites = report.lines().find(|l| l.starts_with("rewrites")).unwrap_or("");
+        for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
+            if rewrites.contains(&format!("{pass} x")) {
+                fired.push(format!("{pass}:{fixture}/{case}"));
+            }
+        }
+        let (po, fo) = (
+            tmp.path().join(format!("{fixture}_{case}_plain.out/")),
+            tmp.path().join(format!("{fixture}_{case}_fast.out/")),
+        );
+        run(&plain, &c.inputs, &po);
+        run(&fast, &c.inputs, &fo);
+        for (name, want) in &c.outputs {
+            let p = read(&po.join(format!("{name}.npy")));
+            let f = read(&fo.join(format!("{name}.npy")));
+            let want = read(want);
+            assert_eq!(p.len(), f.len());
+            let (mut d_pf, mut d_ft) = (0f64, 0f64);
+            for i in 0..p.len() {
+                let e = (p[i] as f64 - f[i] as f64).abs();
+                assert!(
+                    e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
+                    "{fixture}/{case} {name}[{i}]: rewritten {} vs plain {} ({e:.2e})",
+                    f[i],
+                    p[i]
+                );
+                let t = (f[i] as f64 - want[i] as f64).abs();
+                assert!(
+                    t <= c.atol + c.rtol * (want[i] as f64).abs(),
+                    "{fixture}/{case} {name}[{i}]: rewritten {} vs transformers {} ({t:.2e})",
+                    f[i],
+                    want[i]
+                );
+                d_pf = d_pf.max(e);
+                d_ft = d_ft.max(t);
+            }
+            eprintln!("{fixture:>15}/{case:<7} {name:<18} |rewritten - plain| {d_pf:.2e}  |rewritten - transformers| {d_ft:.2e}");
+        }
+        n += 1;
     }
     assert!(n >= 19, "fixtures missing: {n} cases");
     eprintln!("rewrites fired on: {fired:?}");
@@ -149,61 +181,49 @@ fn position_tables_are_a_budget_knob() {
 #[test]
 fn chunked_attention_is_exact_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixtures = root().join("models/reference/fixtures");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&fixtures).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.sort();
     let mut fired = vec![];
-    for dir in dirs.into_iter().filter(|d| d.join("fixture.json").is_file()) {
-        let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
-        let fixture = dir.file_name().unwrap().to_string_lossy().into_owned();
-        for c in meta["cases"].as_array().unwrap() {
-            let case = c["name"].as_str().unwrap();
-            let atol = c["atol"].as_f64().or(meta["atol"].as_f64()).unwrap_or(1e-4);
-            let rtol = c["rtol"].as_f64().or(meta["rtol"].as_f64()).unwrap_or(1e-5);
-            let args: Vec<&str> = c["export_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-            let inputs: Vec<PathBuf> =
-                c["inputs"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
-            let (plain, chunked) = (
-                tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
-                tmp.path().join(format!("{fixture}_{case}_chunked.onnx")),
-            );
-            export(&dir, &args, &["--no-rewrites"], &plain);
-            let report = export(&dir, &args, &["--max-scores-mib", "0.00001"], &chunked);
-            if !report.contains("chunked_attention x") {
-                continue;
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let (plain, chunked) = (
+            tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
+            tmp.path().join(format!("{fixture}_{case}_chunked.onnx")),
+        );
+        export(&c.dir, &args, &["--no-rewrites"], &plain);
+        let report = export(&c.dir, &args, &["--max-scores-mib", "0.00001"], &chunked);
+        if !report.contains("chunked_attention x") {
+            continue;
+        }
+        fired.push(format!("{fixture}/{case}"));
+        let (po, co) = (
+            tmp.path().join(format!("{fixture}_{case}_plain.out/")),
+            tmp.path().join(format!("{fixture}_{case}_chunked.out/")),
+        );
+        run(&plain, &c.inputs, &po);
+        run(&chunked, &c.inputs, &co);
+        for (name, want) in &c.outputs {
+            let p = read(&po.join(format!("{name}.npy")));
+            let f = read(&co.join(format!("{name}.npy")));
+            let want = read(want);
+            let mut d = 0f64;
+            for i in 0..p.len() {
+                let e = (p[i] as f64 - f[i] as f64).abs();
+                assert!(
+                    e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
+                    "{fixture}/{case} {name}[{i}]: chunked {} vs plain {}",
+                    f[i],
+                    p[i]
+                );
+                let t = (f[i] as f64 - want[i] as f64).abs();
+                assert!(
+                    t <= c.atol + c.rtol * (want[i] as f64).abs(),
+                    "{fixture}/{case} {name}[{i}]: chunked {} vs transformers {}",
+                    f[i],
+                    want[i]
+                );
+                d = d.max(e);
             }
-            fired.push(format!("{fixture}/{case}"));
-            let (po, co) = (
-                tmp.path().join(format!("{fixture}_{case}_plain.out/")),
-                tmp.path().join(format!("{fixture}_{case}_chunked.out/")),
-            );
-            run(&plain, &inputs, &po);
-            run(&chunked, &inputs, &co);
-            for o in c["outputs"].as_array().unwrap() {
-                let name = o["name"].as_str().unwrap();
-                let p = read(&po.join(format!("{name}.npy")));
-                let f = read(&co.join(format!("{name}.npy")));
-                let want = read(&dir.join(o["file"].as_str().unwrap()));
-                let mut d = 0f64;
-                for i in 0..p.len() {
-                    let e = (p[i] as f64 - f[i] as f64).abs();
-                    assert!(
-                        e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
-                        "{fixture}/{case} {name}[{i}]: chunked {} vs plain {}",
-                        f[i],
-                        p[i]
-                    );
-                    let t = (f[i] as f64 - want[i] as f64).abs();
-                    assert!(
-                        t <= atol + rtol * (want[i] as f64).abs(),
-                        "{fixture}/{case} {name}[{i}]: chunked {} vs transformers {}",
-                        f[i],
-                        want[i]
-                    );
-                    d = d.max(e);
-                }
-                eprintln!("{fixture:>15}/{case:<7} {name:<18} |chunked - plain| {d:.2e}");
-            }
+            eprintln!("{fixture:>15}/{case:<7} {name:<18} |chunked - plain| {d:.2e}");
         }
     }
     eprintln!("chunked_attention fired on: {fired:?}");

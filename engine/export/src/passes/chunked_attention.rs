@@ -105,6 +105,9 @@ fn find(g: &Graph, prod: &Producers, div: usize, max_bytes: usize) -> Option<Sit
         return None;
     }
     let (m, heads) = (x.shape[1], q.shape[1]);
+    if heads == 0 {
+        return None;
+    }
     let bytes = scores.iter().product::<usize>() * 4;
     if bytes <= max_bytes || bytes > MAX_CHUNKS * CHUNK_SCORES_BYTES || m < 2 {
         return None;
