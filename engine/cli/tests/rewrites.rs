@@ -31,6 +31,41 @@ fn run(onnx: &Path, inputs: &[PathBuf], out_dir: &Path) {
     assert!(out.status.success(), "run {onnx:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Compares each output of case `c` from `other` (a rewritten graph, `label`) with `plain` (the
+/// unrewritten graph's) to 1e-5 + 1e-5 |x|, and with transformers to the case's tolerance;
+/// prints the largest differences.
+fn compare_outputs(c: &Case, plain: &Path, other: &Path, label: &str) {
+    let (fixture, case) = (&c.fixture, &c.name);
+    for (name, want) in &c.outputs {
+        let p = read(&plain.join(format!("{name}.npy")));
+        let f = read(&other.join(format!("{name}.npy")));
+        let want = read(want);
+        assert_eq!(p.len(), f.len());
+        let (mut d_pf, mut d_ft) = (0f64, 0f64);
+        for i in 0..p.len() {
+            let e = (p[i] as f64 - f[i] as f64).abs();
+            assert!(
+                e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
+                "{fixture}/{case} {name}[{i}]: {label} {} vs plain {} ({e:.2e})",
+                f[i],
+                p[i]
+            );
+            let t = (f[i] as f64 - want[i] as f64).abs();
+            assert!(
+                t <= c.atol + c.rtol * (want[i] as f64).abs(),
+                "{fixture}/{case} {name}[{i}]: {label} {} vs transformers {} ({t:.2e})",
+                f[i],
+                want[i]
+            );
+            d_pf = d_pf.max(e);
+            d_ft = d_ft.max(t);
+        }
+        eprintln!(
+            "{fixture:>15}/{case:<7} {name:<18} |{label} - plain| {d_pf:.2e}  |{label} - transformers| {d_ft:.2e}"
+        );
+    }
+}
+
 /// One fixture case: its folder, names, tolerances, export arguments, inputs and expected
 /// outputs (name, transformers' file).
 struct Case {
@@ -102,32 +137,7 @@ fn rewrites_are_exact_on_every_fixture() {
         );
         run(&plain, &c.inputs, &po);
         run(&fast, &c.inputs, &fo);
-        for (name, want) in &c.outputs {
-            let p = read(&po.join(format!("{name}.npy")));
-            let f = read(&fo.join(format!("{name}.npy")));
-            let want = read(want);
-            assert_eq!(p.len(), f.len());
-            let (mut d_pf, mut d_ft) = (0f64, 0f64);
-            for i in 0..p.len() {
-                let e = (p[i] as f64 - f[i] as f64).abs();
-                assert!(
-                    e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
-                    "{fixture}/{case} {name}[{i}]: rewritten {} vs plain {} ({e:.2e})",
-                    f[i],
-                    p[i]
-                );
-                let t = (f[i] as f64 - want[i] as f64).abs();
-                assert!(
-                    t <= c.atol + c.rtol * (want[i] as f64).abs(),
-                    "{fixture}/{case} {name}[{i}]: rewritten {} vs transformers {} ({t:.2e})",
-                    f[i],
-                    want[i]
-                );
-                d_pf = d_pf.max(e);
-                d_ft = d_ft.max(t);
-            }
-            eprintln!("{fixture:>15}/{case:<7} {name:<18} |rewritten - plain| {d_pf:.2e}  |rewritten - transformers| {d_ft:.2e}");
-        }
+        compare_outputs(&c, &po, &fo, "rewritten");
         n += 1;
     }
     assert!(n >= 19, "fixtures missing: {n} cases");
@@ -201,30 +211,7 @@ fn chunked_attention_is_exact_on_every_fixture() {
         );
         run(&plain, &c.inputs, &po);
         run(&chunked, &c.inputs, &co);
-        for (name, want) in &c.outputs {
-            let p = read(&po.join(format!("{name}.npy")));
-            let f = read(&co.join(format!("{name}.npy")));
-            let want = read(want);
-            let mut d = 0f64;
-            for i in 0..p.len() {
-                let e = (p[i] as f64 - f[i] as f64).abs();
-                assert!(
-                    e <= 1e-5 + 1e-5 * (p[i] as f64).abs(),
-                    "{fixture}/{case} {name}[{i}]: chunked {} vs plain {}",
-                    f[i],
-                    p[i]
-                );
-                let t = (f[i] as f64 - want[i] as f64).abs();
-                assert!(
-                    t <= c.atol + c.rtol * (want[i] as f64).abs(),
-                    "{fixture}/{case} {name}[{i}]: chunked {} vs transformers {}",
-                    f[i],
-                    want[i]
-                );
-                d = d.max(e);
-            }
-            eprintln!("{fixture:>15}/{case:<7} {name:<18} |chunked - plain| {d:.2e}");
-        }
+        compare_outputs(&c, &po, &co, "chunked");
     }
     eprintln!("chunked_attention fired on: {fired:?}");
     for must in ["image_fourier", "image_learned", "image_conv", "mlm", "flow"] {

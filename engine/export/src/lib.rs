@@ -181,12 +181,9 @@ fn strip_for_table_trial(graph: &mut ir::Graph) {
     // queries, a decoder's among them).
     let mut keep: std::collections::HashSet<String> =
         graph.constants.iter().filter(|(_, t)| t.shape.len() < 2 || t.len() < 1024).map(|(n, _)| n.clone()).collect();
-    let mut constant: std::collections::HashSet<String> = graph.constants.iter().map(|(n, _)| n.clone()).collect();
-    for n in &graph.nodes {
-        if n.inputs.iter().all(|i| constant.contains(i)) {
-            keep.extend(n.inputs.iter().cloned());
-            constant.extend(n.outputs.iter().map(|o| o.name.clone()));
-        }
+    let constant = passes::quant::input_independent(graph);
+    for n in graph.nodes.iter().filter(|n| n.outputs.iter().any(|o| constant.contains(&o.name))) {
+        keep.extend(n.inputs.iter().cloned());
     }
     graph.strip_constants(|n| late.contains(n) && !keep.contains(n));
 }

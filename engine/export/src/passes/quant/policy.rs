@@ -160,7 +160,7 @@ pub(super) fn weight_only(l: &Linear) -> bool {
 /// Values that do not depend on any graph input (computed from constants only): the latents'
 /// and output queries' projections. tract folds them at load, so quantising their activations
 /// would only add error.
-pub(super) fn input_independent(g: &Graph) -> HashSet<String> {
+pub(crate) fn input_independent(g: &Graph) -> HashSet<String> {
     let mut set: HashSet<String> = g.constants.iter().map(|(n, _)| n.clone()).collect();
     for n in &g.nodes {
         if !n.inputs.is_empty() && n.inputs.iter().all(|x| x.is_empty() || set.contains(x)) {
