@@ -19,6 +19,7 @@ pub mod bench;
 pub mod compare;
 pub mod dataset;
 mod dynamic_quantize;
+mod gemm_matmul;
 pub mod f16_as_f32;
 pub mod fsio;
 mod guard;
@@ -29,6 +30,7 @@ mod pack_once;
 pub mod precision;
 pub mod profile;
 mod softmax_last;
+mod softmax_rows;
 pub mod split;
 mod weights_once;
 
@@ -118,6 +120,20 @@ pub fn set_threads(n: usize) -> Result<usize> {
 /// For comparisons; outputs are bit-identical.
 pub fn set_pack_once(on: bool) {
     pack_once::set_enabled(on);
+}
+
+/// Whether models loaded from now on compute f32 matrix products with the `gemm` crate (the
+/// default) or, with `false`, with tract's own kernels. For comparisons; outputs differ by
+/// rounding only (see `gemm_matmul.rs`).
+pub fn set_gemm_matmul(on: bool) {
+    gemm_matmul::set_enabled(on);
+}
+
+/// Whether models loaded from now on compute f32 softmaxes over the last axis with the runtime's
+/// row kernel, rows split over the threads (the default), or, with `false`, with tract's. For
+/// comparisons; outputs differ by rounding only (see `softmax_rows.rs`).
+pub fn set_softmax_rows(on: bool) {
+    softmax_rows::set_enabled(on);
 }
 
 /// Whether models loaded from now on run a softmax over a strided axis on a contiguous copy
@@ -442,11 +458,19 @@ impl Session {
             Device::Cpu => f16_as_f32::apply(&mut typed)
                 .and_then(|widened| {
                     f16_in_f32 = widened;
-                    pack_once::optimize(typed, pack_once::enabled())
+                    pack_once::optimize(typed, pack_once::enabled(), |m| {
+                        if gemm_matmul::enabled() {
+                            gemm_matmul::rewrite(m)?;
+                        }
+                        Ok(())
+                    })
                 })
                 .and_then(|mut m| {
                     if softmax_last::enabled() {
                         softmax_last::rewrite(&mut m)?;
+                    }
+                    if softmax_rows::enabled() {
+                        softmax_rows::rewrite(&mut m)?;
                     }
                     if dynamic_quantize::enabled() {
                         dynamic_quantize::rewrite(&mut m)?;
@@ -630,7 +654,8 @@ impl Session {
             Some(per_op) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
                 let t = std::time::Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                let e = per_op.entry(node.op().name().to_string()).or_default();
+                let key = if std::env::var_os("PE_PROBE").is_some() { format!("{} {} {:?}", node.op().name(), node.name, node.op().info().unwrap_or_default()) } else { node.op().name().to_string() };
+                let e = per_op.entry(key).or_default();
                 e.0 += 1;
                 e.1 += t.elapsed();
                 out

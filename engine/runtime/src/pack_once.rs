@@ -39,8 +39,13 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Declutters and optimises `model` like tract's `into_optimized`, holding each constant once
-/// (with `pack_once`; without it, exactly tract's decluttering and code generation).
-pub fn optimize(mut model: TypedModel, pack_once: bool) -> TractResult<TypedModel> {
+/// (with `pack_once`; without it, exactly tract's decluttering and code generation), and runs
+/// `between` on the decluttered model before code generation.
+pub fn optimize(
+    mut model: TypedModel,
+    pack_once: bool,
+    between: impl FnOnce(&mut TypedModel) -> TractResult<()>,
+) -> TractResult<TypedModel> {
     let mut declutter = Optimizer::declutter();
     let mut codegen = Optimizer::codegen();
     if pack_once {
@@ -53,6 +58,7 @@ pub fn optimize(mut model: TypedModel, pack_once: bool) -> TractResult<TypedMode
         declutter.add_pass(0, Box::new(ShareConstants));
     }
     declutter.optimize(&mut model)?;
+    between(&mut model)?;
     model.optimize_with_session(&mut codegen.session())?;
     Ok(model)
 }

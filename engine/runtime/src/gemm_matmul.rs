@@ -1,0 +1,453 @@
+//! f32 matrix products on the `gemm` crate: a rewrite of the decluttered graph, before tract's
+//! code generation.
+//!
+//! tract 0.23.9's f32 matmul kernels reach less of an x86 core than onnxruntime's MLAS does
+//! (issue #11): on a 2-core Xeon with AVX-512, a lone `[128, 256] x [256, 256]` ran at 44 GFLOP/s
+//! in tract and 93 in onnxruntime, `[2048, 512] x [512, 512]` at 58 and 83. The `gemm` crate
+//! (the f32 kernels of candle and faer: cache blocking over k, AVX-512 / AVX2 / NEON micro-kernels
+//! chosen at run time) ran the same products at 150 and 146 GFLOP/s in the same session.
+//!
+//! [`rewrite`] replaces each f32 `EinSum` of the decluttered graph that is a (batched) matrix
+//! product with [`GemmMatMul`]: one contracted axis `k`, an axis `m` of the first operand and `n`
+//! of the second kept in the output, every other output axis an outer loop (a batch axis such as
+//! attention heads, or a broadcast one). Operands and output are read and written in place
+//! through strides, whatever the axis order (a transposed weight, `Q K^T`), so no axis is moved
+//! and nothing is packed ahead of the kernel. Anything else (quantised or f16 products, a
+//! contraction over several axes, an axis repeated in one operand) stays with tract. With several
+//! threads ([`crate::set_threads`]) the products run in tract's thread pool: outer loops of at
+//! least as many iterations as threads are split across them, a single product is split by
+//! `gemm` itself. Results differ from tract's by the order of the sums only; the tests compare
+//! each with a product computed in f64 and the fixtures with transformers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether [`rewrite`] runs (see [`crate::set_gemm_matmul`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Sets what [`enabled`] answers.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Row and column strides of a matrix inside a tensor, in elements.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Strides {
+    row: isize,
+    col: isize,
+}
+
+/// An outer loop: its extent and the strides it steps the first operand, the second and the
+/// output by.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Loop {
+    extent: usize,
+    a: isize,
+    b: isize,
+    c: isize,
+}
+
+/// `C[.., m, n] = A[.., m, k] B[.., k, n]` for every outer index, through strides.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct GemmMatMul {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Strides,
+    b: Strides,
+    c: Strides,
+    loops: Vec<Loop>,
+    a_len: usize,
+    b_len: usize,
+    shape: Vec<usize>,
+}
+
+fn row_major(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![1isize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as isize;
+    }
+    strides
+}
+
+/// Merges axes of one role that together walk memory as one axis in every tensor (heads and
+/// head size contracted together, an image's rows and columns), until none do.
+fn merge_contiguous(v: &mut Vec<Loop>) {
+    'again: loop {
+        for i in 0..v.len() {
+            for j in 0..v.len() {
+                let (x, y) = (v[i], v[j]);
+                let e = y.extent as isize;
+                if i != j && x.a == y.a * e && x.b == y.b * e && x.c == y.c * e {
+                    v[i] = Loop { extent: x.extent * y.extent, ..y };
+                    v.remove(j);
+                    continue 'again;
+                }
+            }
+        }
+        return;
+    }
+}
+
+impl GemmMatMul {
+    /// The product `axes` describes over operands of shapes `a` and `b` into `c`, if it is one
+    /// this op computes (see the module documentation).
+    fn plan(axes: &AxesMapping, a: &[usize], b: &[usize], c: &[usize]) -> Option<GemmMatMul> {
+        let (sa, sb, sc) = (row_major(a), row_major(b), row_major(c));
+        // (extent, stride in A, stride in B, stride in C) of each output axis that varies.
+        let (mut ms, mut ns, mut loops) = (vec![], vec![], vec![]);
+        let mut ks = vec![];
+        for axis in axes.iter_all_axes() {
+            let (ia, ib, ic) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
+            if ia.len() > 1 || ib.len() > 1 || ic.len() > 1 {
+                return None;
+            }
+            let (pa, pb, pc) = (ia.first().copied(), ib.first().copied(), ic.first().copied());
+            match pc {
+                Some(pc) => {
+                    let e = c[pc];
+                    // An operand with the axis has it at the output's extent, or at 1 (broadcast).
+                    let stride = |p: Option<usize>, shape: &[usize], strides: &[isize]| match p {
+                        None => Some(0),
+                        Some(p) if shape[p] == e => Some(if e == 1 { 0 } else { strides[p] }),
+                        Some(p) if shape[p] == 1 => Some(0),
+                        Some(_) => None,
+                    };
+                    let (da, db) = (stride(pa, a, &sa)?, stride(pb, b, &sb)?);
+                    if e == 1 {
+                        continue;
+                    }
+                    let l = Loop { extent: e, a: da, b: db, c: sc[pc] };
+                    match (da != 0, db != 0) {
+                        (true, false) => ms.push(l),
+                        (false, true) => ns.push(l),
+                        _ => loops.push(l),
+                    }
+                }
+                None => match (pa, pb) {
+                    (Some(pa), Some(pb)) if a[pa] == b[pb] => {
+                        if a[pa] > 1 {
+                            ks.push(Loop { extent: a[pa], a: sa[pa], b: sb[pb], c: 0 });
+                        }
+                    }
+                    // A sum over an axis of one operand only, or of unequal extents.
+                    (Some(pa), None) if a[pa] == 1 => {}
+                    (None, Some(pb)) if b[pb] == 1 => {}
+                    (None, None) => {}
+                    _ => return None,
+                },
+            }
+        }
+        for v in [&mut ms, &mut ns, &mut ks, &mut loops] {
+            merge_contiguous(v);
+        }
+        let (k, ka, kb) = match ks.as_slice() {
+            [] => (1, 0, 0),
+            [one] => (one.extent, one.a, one.b),
+            _ => return None,
+        };
+        // The largest A-only axis is m, the largest B-only axis n; the others are outer loops.
+        let take_largest = |v: &mut Vec<Loop>| {
+            let i = (0..v.len()).max_by_key(|&i| v[i].extent)?;
+            Some(v.remove(i))
+        };
+        let m = take_largest(&mut ms).unwrap_or(Loop { extent: 1, a: 0, b: 0, c: 0 });
+        let n = take_largest(&mut ns).unwrap_or(Loop { extent: 1, a: 0, b: 0, c: 0 });
+        loops.extend(ms);
+        loops.extend(ns);
+        Some(GemmMatMul {
+            m: m.extent,
+            k,
+            n: n.extent,
+            a: Strides { row: m.a, col: ka },
+            b: Strides { row: kb, col: n.b },
+            c: Strides { row: m.c, col: n.c },
+            loops,
+            a_len: a.iter().product(),
+            b_len: b.iter().product(),
+            shape: c.to_vec(),
+        })
+    }
+
+    /// Element offsets into A, B and C of outer iteration `i`.
+    fn offsets(&self, mut i: usize) -> (isize, isize, isize) {
+        let (mut oa, mut ob, mut oc) = (0, 0, 0);
+        for l in self.loops.iter().rev() {
+            let j = (i % l.extent) as isize;
+            i /= l.extent;
+            oa += j * l.a;
+            ob += j * l.b;
+            oc += j * l.c;
+        }
+        (oa, ob, oc)
+    }
+
+    /// Rows `rows` and columns `cols` of one product, at offsets `o` of the buffers at addresses
+    /// `a`, `b`, `c`.
+    ///
+    /// # Safety
+    /// The addresses hold `a_len`, `b_len` and the output's number of f32s, and `c` is written by
+    /// no one else within this block of the product.
+    unsafe fn product(
+        &self,
+        (a, b, c): (usize, usize, usize),
+        o: (isize, isize, isize),
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
+        let (r, q) = (rows.start as isize, cols.start as isize);
+        let a = (a as *const f32).offset(o.0 + r * self.a.row);
+        let b = (b as *const f32).offset(o.1 + q * self.b.col);
+        let c = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
+        gemm::gemm(
+            rows.len(),
+            cols.len(),
+            self.k,
+            c,
+            self.c.col,
+            self.c.row,
+            false,
+            a,
+            self.a.col,
+            self.a.row,
+            b,
+            self.b.col,
+            self.b.row,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+
+    fn outer(&self) -> usize {
+        self.loops.iter().map(|l| l.extent).product()
+    }
+
+    /// The blocks of work for `threads` threads: each outer product whole when there are at
+    /// least as many as threads, else each cut along its longer side into `threads` blocks (of
+    /// whole 16-row or 16-column panels), as (outer index, rows, columns).
+    fn blocks(&self, threads: usize) -> Vec<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let outer = self.outer();
+        if outer >= threads {
+            return (0..outer).map(|i| (i, 0..self.m, 0..self.n)).collect();
+        }
+        let side = self.m.max(self.n);
+        let step = side.div_ceil(threads).div_ceil(16) * 16;
+        let mut blocks = vec![];
+        for i in 0..outer {
+            for start in (0..side).step_by(step.max(1)) {
+                let part = start..(start + step).min(side);
+                blocks.push(if self.m >= self.n { (i, part, 0..self.n) } else { (i, 0..self.m, part) });
+            }
+        }
+        blocks
+    }
+
+    /// Runs every product, split over tract's thread pool when it has more than one thread.
+    fn run(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let bufs = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
+        #[cfg(feature = "threads")]
+        {
+            use rayon::prelude::*;
+            use tract_linalg::multithread::{current_tract_executor, Executor};
+            if let Executor::MultiThread(pool) = current_tract_executor() {
+                let threads = pool.current_num_threads();
+                if threads > 1 && self.m * self.n * self.k * self.outer() >= PARALLEL_MIN {
+                    let blocks = self.blocks(threads);
+                    pool.install(|| {
+                        // SAFETY: lengths checked by `eval`; blocks write disjoint output elements.
+                        blocks.into_par_iter().for_each(|(i, rows, cols)| unsafe {
+                            self.product(bufs, self.offsets(i), rows, cols)
+                        })
+                    });
+                    return;
+                }
+            }
+        }
+        for i in 0..self.outer() {
+            // SAFETY: lengths checked by `eval`.
+            unsafe { self.product(bufs, self.offsets(i), 0..self.m, 0..self.n) };
+        }
+    }
+}
+
+/// Below this many multiply-adds a product stays on one thread.
+#[cfg(feature = "threads")]
+const PARALLEL_MIN: usize = 1 << 18;
+
+impl Op for GemmMatMul {
+    fn name(&self) -> StaticName {
+        "GemmMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("m {} k {} n {}, {} outer", self.m, self.k, self.n, self.outer())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GemmMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let a = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let b = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(
+            a.len() == self.a_len && b.len() == self.b_len,
+            "GemmMatMul: operands of {} and {} values, planned for {} and {}",
+            a.len(),
+            b.len(),
+            self.a_len,
+            self.b_len
+        );
+        // Every output element is written by exactly one product (read_dst off), unless there
+        // is nothing to sum.
+        if self.k == 0 {
+            return Ok(tvec!(Tensor::zero::<f32>(&self.shape)?.into_tvalue()));
+        }
+        let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
+        if self.m * self.n > 0 {
+            self.run(a, b, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for GemmMatMul {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&self.shape)))
+    }
+
+    as_op!();
+}
+
+/// The op replacing node `node` of `model`, if it is an f32 matrix product [`GemmMatMul`] runs.
+fn candidate(model: &TypedModel, node: &TypedNode) -> Option<GemmMatMul> {
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return None;
+    }
+    let fact = |o: OutletId| -> Option<Vec<usize>> {
+        let f = model.outlet_fact(o).ok()?;
+        (f.datum_type == f32::datum_type() && f.is_plain()).then_some(())?;
+        Some(f.shape.as_concrete()?.to_vec())
+    };
+    let (a, b, c) = (fact(node.inputs[0])?, fact(node.inputs[1])?, fact(OutletId::new(node.id, 0))?);
+    GemmMatMul::plan(&op.axes, &a, &b, &c)
+}
+
+/// The tensor `o` reshapes, through any chain of reshapes (which keep the order of the values in
+/// memory: [`GemmMatMul`] reads the same values at the same offsets either way).
+fn before_reshapes(model: &TypedModel, mut o: OutletId) -> OutletId {
+    while let Some(op) = model.node(o.node).op_as::<AxisOp>() {
+        let input = model.node(o.node).inputs[0];
+        if matches!(op, AxisOp::Move(..)) || model.outlet_fact(input).map_or(true, |f| !f.is_plain()) {
+            break;
+        }
+        o = input;
+    }
+    o
+}
+
+/// Replaces every f32 matrix product of the decluttered `model` that [`GemmMatMul`] computes;
+/// returns how many. An operand that is a reshape of another tensor is read from that tensor
+/// (tract makes a copy to reshape a tensor another node also reads).
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    let found: Vec<(usize, GemmMatMul)> =
+        model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
+    for (id, op) in &found {
+        let node = model.node(*id);
+        if std::env::var_os("PE_PROBE").is_some() && node.name.contains("self.0.0/attention") {
+            eprintln!("PROBE {} {:?} {:?}", node.name, node.op, op);
+        }
+        let (name, inputs) = (node.name.clone(), node.inputs.clone());
+        let mut patch = TypedModelPatch::default();
+        let mut taps = tvec![];
+        for i in inputs {
+            taps.push(patch.tap_model(model, before_reshapes(model, i))?);
+        }
+        let out = patch.wire_node(format!("{name}.gemm"), op.clone(), &taps)?;
+        patch.shunt_outside(model, OutletId::new(*id, 0), out[0])?;
+        patch.apply(model)?;
+    }
+    model.compact()?;
+    Ok(found.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `C` of `spec` (einsum notation) computed in f64, and by [`GemmMatMul`].
+    fn check(spec: &str, a_shape: &[usize], b_shape: &[usize]) {
+        let axes: AxesMapping = spec.parse().unwrap();
+        let a: Vec<f32> = (0..a_shape.iter().product()).map(|i: usize| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let b: Vec<f32> = (0..b_shape.iter().product()).map(|i: usize| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
+        let ta = Tensor::from_shape(a_shape, &a).unwrap();
+        let tb = Tensor::from_shape(b_shape, &b).unwrap();
+        let want = EinSum::new(axes.clone(), f64::datum_type())
+            .eval(&EvalContext::out_of_plan(), tvec!(ta.cast_to::<f64>().unwrap().into_owned().into_tvalue(), tb.cast_to::<f64>().unwrap().into_owned().into_tvalue()))
+            .unwrap();
+        let want = &want[0];
+        let op = GemmMatMul::plan(&axes, a_shape, b_shape, want.shape()).expect(spec);
+        let eval = || op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
+        let mut results = vec![eval()];
+        #[cfg(feature = "threads")]
+        {
+            // Three threads: products split in uneven blocks, or outer loops spread.
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            results.push(multithread_tract_scope(Executor::multithread(3), eval));
+        }
+        for got in results {
+            assert_eq!(got[0].shape(), want.shape(), "{spec}");
+            let g = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap();
+            let w = want.try_as_plain_ram().unwrap().as_slice::<f64>().unwrap();
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{spec} [{i}]: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_an_f64_einsum_in_every_layout() {
+        check("mk,kn->mn", &[37, 19], &[19, 23]);
+        check("mk,nk->mn", &[37, 19], &[23, 19]); // a transposed weight
+        check("km,kn->nm", &[19, 37], &[19, 23]); // transposed operand and output
+        check("bmk,kn->bmn", &[3, 17, 8], &[8, 5]); // a Linear over a batch
+        check("bhmk,bhnk->bhmn", &[2, 3, 9, 4], &[2, 3, 11, 4]); // Q K^T per head
+        check("bhmn,bhnk->bhmk", &[2, 3, 9, 11], &[2, 3, 11, 4]); // probs V
+        check("hmk,kn->mhn", &[3, 7, 5], &[5, 6]); // an outer axis of A only, output moved
+        check("bmk,bkn->bmn", &[1, 7, 5], &[4, 5, 6]); // A broadcast over the batch
+        check("mk,k->m", &[7, 5], &[5]); // matrix-vector
+        check("k,kn->n", &[5], &[5, 6]);
+        check("mak,kn->mn", &[7, 1, 5], &[5, 6]); // a summed axis of extent 1
+        check("m,n->mn", &[7], &[6]); // no k: an outer product
+        check("bmhd,hdn->bmn", &[2, 7, 3, 4], &[3, 4, 6]); // heads and head size contracted together
+        check("mk,kxy->mxy", &[7, 3], &[3, 5, 4]); // n over two axes (an image's rows and columns)
+        check("mk,kn->mn", &[150, 70], &[70, 40]); // large enough to be split over threads: along m
+        check("mk,nk->nm", &[40, 70], &[150, 70]); // along n, output transposed
+        check("bmk,kn->bmn", &[2, 100, 64], &[64, 50]); // fewer outer products than threads
+        let merged = GemmMatMul::plan(&"mk,kxy->mxy".parse().unwrap(), &[7, 3], &[3, 5, 4], &[7, 5, 4]).unwrap();
+        assert_eq!((merged.n, merged.loops.len()), (20, 0));
+    }
+
+    #[test]
+    fn leaves_other_contractions_to_tract() {
+        let plan = |spec: &str, a: &[usize], b: &[usize], c: &[usize]| GemmMatMul::plan(&spec.parse().unwrap(), a, b, c);
+        assert!(plan("mkj,jkn->mn", &[3, 4, 5], &[5, 4, 6], &[3, 6]).is_none(), "two contracted axes, apart");
+        assert!(plan("mk,kn->m", &[3, 4], &[4, 6], &[3]).is_none(), "a sum over n");
+        assert!(plan("mm,mn->mn", &[3, 3], &[3, 6], &[3, 6]).is_none(), "a diagonal");
+        assert!(plan("bmk,bkn->bmn", &[2, 3, 4], &[3, 4, 5], &[3, 3, 5]).is_none(), "unequal batch");
+    }
+}
