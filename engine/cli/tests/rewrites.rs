@@ -3,7 +3,7 @@
 //! agree to 1e-5 (+ 1e-5 relative) with each other and still match transformers' outputs to the
 //! fixture tolerance. The rewrites must actually fire on the heads with position features.
 
-use perceiver_edge_runtime::{npy, to_vec};
+use perceiver_edge_runtime::{npy, set_gemm_matmul, set_softmax_rows, set_threads, to_vec, Session, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -217,4 +217,44 @@ fn chunked_attention_is_exact_on_every_fixture() {
     for must in ["image_fourier", "image_learned", "image_conv", "mlm", "flow"] {
         assert!(fired.iter().any(|f| f.starts_with(must)), "chunked_attention did not fire on {must}");
     }
+}
+
+/// The runtime's own kernels (`engine/runtime/src/gemm_matmul.rs`, f32 products on the `gemm`
+/// crate; `softmax_rows.rs`) against tract's, on every fixture: each default export is loaded with
+/// both switches off (tract's kernels only) and on, at 1 and 2 threads. Outputs agree to 1e-5 and
+/// match transformers to the fixture tolerance, and the kernels ran where switched on.
+#[test]
+fn runtime_kernels_agree_with_tracts_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let onnx = tmp.path().join(format!("{fixture}_{case}.onnx"));
+        export(&c.dir, &args, &[], &onnx);
+        let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
+        let run_with = |on: bool, threads: usize| -> PathBuf {
+            set_gemm_matmul(on);
+            set_softmax_rows(on);
+            set_threads(threads).unwrap();
+            let mut s = Session::load(&onnx).unwrap();
+            let mut ops = std::collections::BTreeMap::new();
+            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
+            assert_eq!(ops.contains_key("GemmMatMul"), on, "{fixture}/{case}: {:?}", ops.keys());
+            let dir = tmp.path().join(format!("{fixture}_{case}_{on}_{threads}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for (spec, t) in s.outputs().iter().zip(&outs) {
+                npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
+            }
+            dir
+        };
+        let tract = run_with(false, 1);
+        compare_outputs(&c, &tract, &run_with(true, 1), "kernels");
+        compare_outputs(&c, &tract, &run_with(true, 2), "kernels, 2 threads");
+        n += 1;
+    }
+    set_gemm_matmul(true);
+    set_softmax_rows(true);
+    set_threads(1).unwrap();
+    assert!(n >= 19, "fixtures missing: {n} cases");
 }

