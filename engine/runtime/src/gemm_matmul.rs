@@ -211,13 +211,47 @@ impl GemmMatMul {
             // The same product transposed, `C^T = B^T A^T`: with more rows than columns the
             // crate's kernels run it faster (2048 x 768 x 1280: 116 -> 142 GFLOP/s).
             gemm::gemm(
-                n, m, self.k, c, self.c.row, self.c.col, false, b, self.b.row, self.b.col, a, self.a.row, self.a.col,
-                0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None,
+                n,
+                m,
+                self.k,
+                c,
+                self.c.row,
+                self.c.col,
+                false,
+                b,
+                self.b.row,
+                self.b.col,
+                a,
+                self.a.row,
+                self.a.col,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         } else {
             gemm::gemm(
-                m, n, self.k, c, self.c.col, self.c.row, false, a, self.a.col, self.a.row, b, self.b.col, self.b.row,
-                0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None,
+                m,
+                n,
+                self.k,
+                c,
+                self.c.col,
+                self.c.row,
+                false,
+                a,
+                self.a.col,
+                self.a.row,
+                b,
+                self.b.col,
+                self.b.row,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
     }
@@ -259,9 +293,9 @@ impl GemmMatMul {
                     let blocks = self.blocks(threads);
                     pool.install(|| {
                         // SAFETY: lengths checked by `eval`; blocks write disjoint output elements.
-                        blocks.into_par_iter().for_each(|(i, rows, cols)| unsafe {
-                            self.product(bufs, self.offsets(i), rows, cols)
-                        })
+                        blocks
+                            .into_par_iter()
+                            .for_each(|(i, rows, cols)| unsafe { self.product(bufs, self.offsets(i), rows, cols) })
                     });
                     return;
                 }
@@ -361,9 +395,6 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
     for (id, op) in &found {
         let node = model.node(*id);
-        if std::env::var_os("PE_PROBE").is_some() && node.name.contains("self.0.0/attention") {
-            eprintln!("PROBE {} {:?} {:?}", node.name, node.op, op);
-        }
         let (name, inputs) = (node.name.clone(), node.inputs.clone());
         let mut patch = TypedModelPatch::default();
         let mut taps = tvec![];
@@ -390,11 +421,18 @@ mod tests {
         let ta = Tensor::from_shape(a_shape, &a).unwrap();
         let tb = Tensor::from_shape(b_shape, &b).unwrap();
         let want = EinSum::new(axes.clone(), f64::datum_type())
-            .eval(&EvalContext::out_of_plan(), tvec!(ta.cast_to::<f64>().unwrap().into_owned().into_tvalue(), tb.cast_to::<f64>().unwrap().into_owned().into_tvalue()))
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(
+                    ta.cast_to::<f64>().unwrap().into_owned().into_tvalue(),
+                    tb.cast_to::<f64>().unwrap().into_owned().into_tvalue()
+                ),
+            )
             .unwrap();
         let want = &want[0];
         let op = GemmMatMul::plan(&axes, a_shape, b_shape, want.shape()).expect(spec);
-        let eval = || op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
+        let eval =
+            || op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue(), tb.clone().into_tvalue())).unwrap();
         let mut results = vec![eval()];
         #[cfg(feature = "threads")]
         {
@@ -437,7 +475,8 @@ mod tests {
 
     #[test]
     fn leaves_other_contractions_to_tract() {
-        let plan = |spec: &str, a: &[usize], b: &[usize], c: &[usize]| GemmMatMul::plan(&spec.parse().unwrap(), a, b, c);
+        let plan =
+            |spec: &str, a: &[usize], b: &[usize], c: &[usize]| GemmMatMul::plan(&spec.parse().unwrap(), a, b, c);
         assert!(plan("mkj,jkn->mn", &[3, 4, 5], &[5, 4, 6], &[3, 6]).is_none(), "two contracted axes, apart");
         assert!(plan("mk,kn->m", &[3, 4], &[4, 6], &[3]).is_none(), "a sum over n");
         assert!(plan("mm,mn->mn", &[3, 3], &[3, 6], &[3, 6]).is_none(), "a diagonal");

@@ -19,9 +19,9 @@ pub mod bench;
 pub mod compare;
 pub mod dataset;
 mod dynamic_quantize;
-mod gemm_matmul;
 pub mod f16_as_f32;
 pub mod fsio;
+mod gemm_matmul;
 mod guard;
 pub mod limits;
 pub mod metadata;
@@ -654,8 +654,7 @@ impl Session {
             Some(per_op) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
                 let t = std::time::Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                let key = if std::env::var_os("PE_PROBE").is_some() { format!("{} {} {:?}", node.op().name(), node.name, node.op().info().unwrap_or_default()) } else { node.op().name().to_string() };
-                let e = per_op.entry(key).or_default();
+                let e = per_op.entry(node.op().name().to_string()).or_default();
                 e.0 += 1;
                 e.1 += t.elapsed();
                 out
