@@ -263,6 +263,7 @@ impl GemmMatMul {
     /// The blocks of work for `threads` threads: each outer product whole when there are at
     /// least as many as threads, else each cut along its longer side into `threads` blocks (of
     /// whole 16-row or 16-column panels), as (outer index, rows, columns).
+    #[cfg(feature = "threads")]
     fn blocks(&self, threads: usize) -> Vec<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
         let outer = self.outer();
         if outer >= threads {

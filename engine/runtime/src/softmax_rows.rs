@@ -130,6 +130,7 @@ fn rows(data: &mut [f32], len: usize) {
 }
 
 /// Below this many values a softmax stays on one thread.
+#[cfg(feature = "threads")]
 const PARALLEL_MIN: usize = 16 << 10;
 
 /// Softmax over the last axis of an f32 tensor.
