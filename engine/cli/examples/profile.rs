@@ -1,5 +1,6 @@
-//! Per-node profile of an exported graph in tract: loads it the way `Session` does (declutter,
-//! optimise), runs it on synthetic inputs and times every node of the optimised plan with
+//! Per-node profile of an exported graph in tract: loads it with tract's own optimiser (without
+//! the runtime's rewrites, such as the `gemm` products: `perceiver-edge bench --profile RUNS` times
+//! the runtime's plan per kind of op), runs it on synthetic inputs and times every node with
 //! `SimpleState::run_plan_with_eval`, then prints time per stage (the first segment of the
 //! exporter's node names), per op and the slowest nodes.
 //!
