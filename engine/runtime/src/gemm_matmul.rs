@@ -287,10 +287,9 @@ impl GemmMatMul {
         #[cfg(feature = "threads")]
         {
             use rayon::prelude::*;
-            use tract_linalg::multithread::{current_tract_executor, Executor};
-            if let Executor::MultiThread(pool) = current_tract_executor() {
-                let threads = pool.current_num_threads();
-                if threads > 1 && self.m * self.n * self.k * self.outer() >= PARALLEL_MIN {
+            if let Some(pool) = crate::thread_pool() {
+                if self.m * self.n * self.k * self.outer() >= PARALLEL_MIN {
+                    let threads = pool.current_num_threads();
                     let blocks = self.blocks(threads);
                     pool.install(|| {
                         // SAFETY: lengths checked by `eval`; blocks write disjoint output elements.

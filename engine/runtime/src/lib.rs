@@ -113,6 +113,17 @@ pub fn set_threads(n: usize) -> Result<usize> {
     }
 }
 
+/// tract's thread pool for this thread's work when it has more than one thread (see
+/// [`set_threads`]): the runtime's own ops split their work over it as tract's kernels do.
+#[cfg(feature = "threads")]
+pub(crate) fn thread_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => Some(pool),
+        _ => None,
+    }
+}
+
 /// Whether models loaded from now on pack each constant matmul operand once (the default) or, with
 /// `false`, as tract's own code generation does (a packed copy per matmul node: a weight-shared
 /// latent block applied 8 times holds 8 copies), and translate the parsed graph dropping each

@@ -142,11 +142,9 @@ impl SoftmaxRows {
         #[cfg(feature = "threads")]
         {
             use rayon::prelude::*;
-            use tract_linalg::multithread::{current_tract_executor, Executor};
-            if let Executor::MultiThread(pool) = current_tract_executor() {
-                let threads = pool.current_num_threads();
-                if threads > 1 && data.len() >= PARALLEL_MIN {
-                    let per = data.len() / len / threads + 1;
+            if let Some(pool) = crate::thread_pool() {
+                if data.len() >= PARALLEL_MIN {
+                    let per = data.len() / len / pool.current_num_threads() + 1;
                     pool.install(|| data.par_chunks_mut(per * len).for_each(|part| rows(part, len)));
                     return;
                 }
