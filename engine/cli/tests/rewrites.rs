@@ -110,6 +110,23 @@ fn cases() -> Vec<Case> {
     all
 }
 
+/// Exports case `c` with `--no-rewrites` and with `extra` (`label`); when `check` accepts the second
+/// export's report, runs both and compares their outputs ([`compare_outputs`]). Returns that report.
+fn exact_against_plain(tmp: &Path, c: &Case, label: &str, extra: &[&str], check: impl Fn(&str) -> bool) -> String {
+    let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+    let path = |what: &str| tmp.join(format!("{}_{}_{what}", c.fixture, c.name));
+    let (plain, other) = (path("plain.onnx"), path(&format!("{label}.onnx")));
+    export(&c.dir, &args, &["--no-rewrites"], &plain);
+    let report = export(&c.dir, &args, extra, &other);
+    if check(&report) {
+        let (po, oo) = (path("plain.out/"), path(&format!("{label}.out/")));
+        run(&plain, &c.inputs, &po);
+        run(&other, &c.inputs, &oo);
+        compare_outputs(c, &po, &oo, label);
+    }
+    report
+}
+
 #[test]
 fn rewrites_are_exact_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
@@ -117,27 +134,14 @@ fn rewrites_are_exact_on_every_fixture() {
     let mut n = 0;
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
-        let (plain, fast) = (
-            tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
-            tmp.path().join(format!("{fixture}_{case}_fast.onnx")),
-        );
-        export(&c.dir, &args, &["--no-rewrites"], &plain);
         // Every table rewrite, whatever the default policy keeps: they are what is tested.
-        let report = export(&c.dir, &args, &["--tables", "all"], &fast);
+        let report = exact_against_plain(tmp.path(), &c, "fast", &["--tables", "all"], |_| true);
         let rewrites = report.lines().find(|l| l.starts_with("rewrites")).unwrap_or("");
         for pass in ["position_split", "constant_query_attention", "few_query_attention"] {
             if rewrites.contains(&format!("{pass} x")) {
                 fired.push(format!("{pass}:{fixture}/{case}"));
             }
         }
-        let (po, fo) = (
-            tmp.path().join(format!("{fixture}_{case}_plain.out/")),
-            tmp.path().join(format!("{fixture}_{case}_fast.out/")),
-        );
-        run(&plain, &c.inputs, &po);
-        run(&fast, &c.inputs, &fo);
-        compare_outputs(&c, &po, &fo, "rewritten");
         n += 1;
     }
     assert!(n >= 19, "fixtures missing: {n} cases");
@@ -194,24 +198,10 @@ fn chunked_attention_is_exact_on_every_fixture() {
     let mut fired = vec![];
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
-        let (plain, chunked) = (
-            tmp.path().join(format!("{fixture}_{case}_plain.onnx")),
-            tmp.path().join(format!("{fixture}_{case}_chunked.onnx")),
-        );
-        export(&c.dir, &args, &["--no-rewrites"], &plain);
-        let report = export(&c.dir, &args, &["--max-scores-mib", "0.00001"], &chunked);
-        if !report.contains("chunked_attention x") {
-            continue;
+        let chunked = |report: &str| report.contains("chunked_attention x");
+        if chunked(&exact_against_plain(tmp.path(), &c, "chunked", &["--max-scores-mib", "0.00001"], chunked)) {
+            fired.push(format!("{fixture}/{case}"));
         }
-        fired.push(format!("{fixture}/{case}"));
-        let (po, co) = (
-            tmp.path().join(format!("{fixture}_{case}_plain.out/")),
-            tmp.path().join(format!("{fixture}_{case}_chunked.out/")),
-        );
-        run(&plain, &c.inputs, &po);
-        run(&chunked, &c.inputs, &co);
-        compare_outputs(&c, &po, &co, "chunked");
     }
     eprintln!("chunked_attention fired on: {fired:?}");
     for must in ["image_fourier", "image_learned", "image_conv", "mlm", "flow"] {

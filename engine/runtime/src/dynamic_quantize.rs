@@ -11,21 +11,11 @@
 //! the same way). Same divisions, same roundings: outputs bit-identical to tract's op
 //! (`engine/export/tests/dynamic_quantize.rs`, and unit tests below).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether [`rewrite`] runs (see [`crate::set_fast_dynamic_quantize`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Sets what [`enabled`] answers.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// The name tract-onnx gives its op (its type is private to tract-onnx).
 const TRACT_OP: &str = "DynamicQuantizeLinearU8";

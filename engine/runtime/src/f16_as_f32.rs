@@ -12,22 +12,12 @@
 //! `engine/export/tests/f16_as_f32.rs` checks both paths against a product computed in f64, and
 //! `engine/cli/tests/quantized.rs` the f16 exports of every fixture against transformers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::transform::ModelTransform;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether [`apply`] may run (see [`crate::set_f16_as_f32`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Sets what [`enabled`] answers.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// Whether this CPU has f16 arithmetic that tract's kernels use: ARM's FP16 extension. Not x86's
 /// AVX512-FP16: there tract 0.23.9 has f16 matrix kernels but runs exact GELU and broadcast adds
@@ -54,7 +44,7 @@ pub fn apply(model: &mut TypedModel) -> TractResult<bool> {
         .iter()
         .chain(model.output_outlets()?)
         .any(|o| model.outlet_fact(*o).map(|f| f.datum_type == DatumType::F16).unwrap_or(true));
-    if !enabled() || io_f16 || host_has_f16_arithmetic() || !has_f16(model) {
+    if !ENABLED.get() || io_f16 || host_has_f16_arithmetic() || !has_f16(model) {
         return Ok(false);
     }
     FloatPrecisionTranslator::new(DatumType::F16, DatumType::F32).transform(model)?;

@@ -124,48 +124,66 @@ pub(crate) fn thread_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
     }
 }
 
+/// A process-wide switch for one of the runtime's passes, on by default; the `set_*` functions
+/// below turn them off for comparisons.
+pub(crate) struct Switch(std::sync::atomic::AtomicBool);
+
+impl Switch {
+    pub(crate) const fn on() -> Switch {
+        Switch(std::sync::atomic::AtomicBool::new(true))
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether models loaded from now on pack each constant matmul operand once (the default) or, with
 /// `false`, as tract's own code generation does (a packed copy per matmul node: a weight-shared
 /// latent block applied 8 times holds 8 copies), and translate the parsed graph dropping each
 /// weight once read (or with tract's `into_typed`, which holds every parsed weight to the end).
 /// For comparisons; outputs are bit-identical.
 pub fn set_pack_once(on: bool) {
-    pack_once::set_enabled(on);
+    pack_once::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute f32 matrix products with the `gemm` crate (the
 /// default) or, with `false`, with tract's own kernels. For comparisons; outputs differ by
 /// rounding only (see `gemm_matmul.rs`).
 pub fn set_gemm_matmul(on: bool) {
-    gemm_matmul::set_enabled(on);
+    gemm_matmul::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute f32 softmaxes over the last axis with the runtime's
 /// row kernel, rows split over the threads (the default), or, with `false`, with tract's. For
 /// comparisons; outputs differ by rounding only (see `softmax_rows.rs`).
 pub fn set_softmax_rows(on: bool) {
-    softmax_rows::set_enabled(on);
+    softmax_rows::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on run a softmax over a strided axis on a contiguous copy
 /// (the default) or, with `false`, where tract put it. For comparisons; outputs differ by
 /// rounding only.
 pub fn set_softmax_last(on: bool) {
-    softmax_last::set_enabled(on);
+    softmax_last::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on quantise int8 graphs' activations with the runtime's
 /// vectorised `DynamicQuantizeLinear` (the default) or, with `false`, with tract-onnx's. For
 /// comparisons; outputs are bit-identical (see `dynamic_quantize.rs`).
 pub fn set_fast_dynamic_quantize(on: bool) {
-    dynamic_quantize::set_enabled(on);
+    dynamic_quantize::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute an f16 graph in f32 on a CPU without f16 arithmetic
 /// (the default) or, with `false`, as tract does (f16 values, converted around each op). For
 /// comparisons; see [`f16_as_f32`].
 pub fn set_f16_as_f32(on: bool) {
-    f16_as_f32::set_enabled(on);
+    f16_as_f32::ENABLED.set(on);
 }
 
 /// Where a model's protobuf comes from.
@@ -429,7 +447,7 @@ impl Session {
             }
             model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
         }
-        let typed = if pack_once::enabled() { weights_once::into_typed(model) } else { model.into_typed() };
+        let typed = if pack_once::ENABLED.get() { weights_once::into_typed(model) } else { model.into_typed() };
         let mut typed = typed.map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
         guard::check_facts(&typed).map_err(err)?;
 
@@ -469,21 +487,21 @@ impl Session {
             Device::Cpu => f16_as_f32::apply(&mut typed)
                 .and_then(|widened| {
                     f16_in_f32 = widened;
-                    pack_once::optimize(typed, pack_once::enabled(), |m| {
-                        if gemm_matmul::enabled() {
+                    pack_once::optimize(typed, pack_once::ENABLED.get(), |m| {
+                        if gemm_matmul::ENABLED.get() {
                             gemm_matmul::rewrite(m)?;
                         }
                         Ok(())
                     })
                 })
                 .and_then(|mut m| {
-                    if softmax_last::enabled() {
+                    if softmax_last::ENABLED.get() {
                         softmax_last::rewrite(&mut m)?;
                     }
-                    if softmax_rows::enabled() {
+                    if softmax_rows::ENABLED.get() {
                         softmax_rows::rewrite(&mut m)?;
                     }
-                    if dynamic_quantize::enabled() {
+                    if dynamic_quantize::ENABLED.get() {
                         dynamic_quantize::rewrite(&mut m)?;
                     }
                     m.into_runnable()

@@ -18,7 +18,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -26,17 +25,8 @@ use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::pack::OptMatMulPack;
 use tract_onnx::tract_core::optim::{Optimizer, OptimizerSession, TypedPass};
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether [`optimize`] is asked to hold each weight once (see [`crate::set_pack_once`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Sets what [`enabled`] answers.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// Declutters and optimises `model` like tract's `into_optimized`, holding each constant once
 /// (with `pack_once`; without it, exactly tract's decluttering and code generation), and runs

@@ -10,22 +10,12 @@
 //! 1.4e-6 against 2.1e-6); `engine/export/tests/softmax_last.rs` compares both with a softmax
 //! computed in f64.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::nn::Softmax;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether [`rewrite`] runs (see [`crate::set_softmax_last`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Sets what [`enabled`] answers.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// Softmaxes over one axis that is not the last, with more than this many elements behind it.
 const MIN_STRIDE: usize = 64;

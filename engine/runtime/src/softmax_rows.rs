@@ -11,22 +11,12 @@
 //! the range a softmax feeds it, `x - max(x) <= 0`), and splits the rows over tract's thread
 //! pool. The unit tests compare it with a softmax computed in f64.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether [`rewrite`] runs (see [`crate::set_softmax_rows`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Sets what [`enabled`] answers.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// Values per lane group: the widest vector (AVX-512) holds 16 f32.
 const LANES: usize = 16;
