@@ -3,7 +3,9 @@
 //! agree to 1e-5 (+ 1e-5 relative) with each other and still match transformers' outputs to the
 //! fixture tolerance. The rewrites must actually fire on the heads with position features.
 
-use perceiver_edge_runtime::{npy, set_gemm_matmul, set_softmax_rows, set_threads, to_vec, Session, Tensor};
+use perceiver_edge_runtime::{
+    npy, set_gemm_matmul, set_q4_matmul, set_softmax_rows, set_threads, to_vec, Session, Tensor,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -247,4 +249,50 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
     set_softmax_rows(true);
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
+}
+
+/// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4
+/// export: the same decoded weights in both, so the outputs differ by the order of the sums only.
+#[test]
+fn q4_kernel_agrees_with_tracts_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n, mut with_kernel) = (0, 0);
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let onnx = tmp.path().join(format!("{fixture}_{case}.q4.onnx"));
+        export(&c.dir, &args, &["--precision", "q4"], &onnx);
+        let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
+        let run_with = |on: bool, threads: usize| -> (Vec<Vec<f32>>, bool) {
+            set_q4_matmul(on);
+            set_threads(threads).unwrap();
+            let mut s = Session::load(&onnx).unwrap();
+            let mut ops = std::collections::BTreeMap::new();
+            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
+            (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key("GemmQ4"))
+        };
+        let (tract, used) = run_with(false, 1);
+        assert!(!used, "{fixture}/{case}: GemmQ4 while switched off");
+        for threads in [1, 2] {
+            let (got, used) = run_with(true, threads);
+            with_kernel += used as usize;
+            let mut worst = 0f64;
+            for (t, g) in tract.iter().zip(&got) {
+                let scale = t.iter().fold(0f64, |m, v| m.max((*v as f64).abs()));
+                for (i, (a, b)) in t.iter().zip(g).enumerate() {
+                    let e = (*a as f64 - *b as f64).abs();
+                    assert!(e <= 1e-5 * (1.0 + scale), "{fixture}/{case} [{i}] at {threads} threads: {b} vs tract {a}");
+                    worst = worst.max(e);
+                }
+            }
+            eprintln!(
+                "{fixture:>15}/{case:<7} q4 |GemmQ4 - tract| {worst:.2e} ({threads} threads, kernel used: {used})"
+            );
+        }
+        n += 1;
+    }
+    set_q4_matmul(true);
+    set_threads(1).unwrap();
+    assert!(n >= 19, "fixtures missing: {n} cases");
+    assert!(with_kernel >= n, "GemmQ4 ran in only {with_kernel} of {} runs", 2 * n);
 }

@@ -48,5 +48,35 @@ pub fn apply(model: &mut TypedModel) -> TractResult<bool> {
         return Ok(false);
     }
     FloatPrecisionTranslator::new(DatumType::F16, DatumType::F32).transform(model)?;
+    fold_constant_casts(model)?;
     Ok(true)
+}
+
+/// Replaces each cast of a constant with the cast constant; returns how many.
+///
+/// The translator casts each f16 constant to f32 through a `Cast` node, and tract folds a
+/// constant only while the result stays within 4 MiB: a larger one (the bench model's
+/// `[4096, 258]` Fourier position features, 4.03 MiB in f32) was cast again at every run
+/// (2.3 ms of 23).
+fn fold_constant_casts(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::internal::*;
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::konst::Const;
+    let found: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_is::<Cast>() && n.inputs.len() == 1 && model.node(n.inputs[0].node).op_is::<Const>())
+        .map(|n| n.id)
+        .collect();
+    for &id in &found {
+        let node = model.node(id);
+        let value = model.outlet_fact(node.inputs[0])?.konst.clone().context("a constant without a value")?;
+        let Some(cast) = node.op.eval_out_of_plan(tvec!(value.into_tvalue()))? else { continue };
+        let mut patch = TypedModelPatch::default();
+        let wire = patch.add_const(&node.name, cast[0].clone().into_arc_tensor())?;
+        patch.shunt_outside(model, OutletId::new(id, 0), wire)?;
+        patch.apply(model)?;
+    }
+    model.compact()?;
+    Ok(found.len())
 }

@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod bench;
 pub mod compare;
 pub mod dataset;
+mod dequant_const;
 mod dynamic_quantize;
 pub mod f16_as_f32;
 pub mod fsio;
@@ -29,6 +30,7 @@ pub mod npy;
 mod pack_once;
 pub mod precision;
 pub mod profile;
+mod q4_matmul;
 mod softmax_last;
 mod softmax_rows;
 pub mod split;
@@ -158,18 +160,35 @@ pub fn set_gemm_matmul(on: bool) {
     gemm_matmul::ENABLED.set(on);
 }
 
-/// Whether models loaded from now on compute f32 softmaxes over the last axis with the runtime's
-/// row kernel, rows split over the threads (the default), or, with `false`, with tract's. For
+/// Whether models loaded from now on compute products by 4-bit (Q4_0) weights with the `gemm`
+/// crate on blocks of decoded weight rows (the default) or, with `false`, with tract's own
+/// kernels. For comparisons; outputs differ by rounding only (see `q4_matmul.rs`).
+pub fn set_q4_matmul(on: bool) {
+    q4_matmul::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on compute f32 softmaxes with the runtime's kernel, over the
+/// last axis or a strided one in place, split over the threads (the default), or, with `false`,
+/// with tract's. For
 /// comparisons; outputs differ by rounding only (see `softmax_rows.rs`).
 pub fn set_softmax_rows(on: bool) {
     softmax_rows::ENABLED.set(on);
 }
 
-/// Whether models loaded from now on run a softmax over a strided axis on a contiguous copy
-/// (the default) or, with `false`, where tract put it. For comparisons; outputs differ by
+/// Whether models loaded from now on run a softmax over a strided axis that the runtime's kernel
+/// does not take (not f32, or that kernel switched off) on a contiguous copy (the default) or,
+/// with `false`, where tract put it. For comparisons; outputs differ by
 /// rounding only.
 pub fn set_softmax_last(on: bool) {
     softmax_last::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on decode constants stored as 8-bit codes (a quantised
+/// export's position table) in one pass at each run (the default) or, with `false`, with tract's
+/// `Cast` and broadcasting `Mul`. For comparisons; outputs are bit-identical (see
+/// `dequant_const.rs`).
+pub fn set_dequant_const(on: bool) {
+    dequant_const::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on quantise int8 graphs' activations with the runtime's
@@ -491,18 +510,26 @@ impl Session {
                         if gemm_matmul::ENABLED.get() {
                             gemm_matmul::rewrite(m)?;
                         }
+                        if q4_matmul::ENABLED.get() {
+                            q4_matmul::rewrite(m)?;
+                        }
                         Ok(())
                     })
                 })
                 .and_then(|mut m| {
-                    if softmax_last::ENABLED.get() {
-                        softmax_last::rewrite(&mut m)?;
-                    }
+                    // The row kernel takes every f32 softmax, strided or not; what is left
+                    // (f16 on ARM, or the kernel switched off) runs on a contiguous copy.
                     if softmax_rows::ENABLED.get() {
                         softmax_rows::rewrite(&mut m)?;
                     }
+                    if softmax_last::ENABLED.get() {
+                        softmax_last::rewrite(&mut m)?;
+                    }
                     if dynamic_quantize::ENABLED.get() {
                         dynamic_quantize::rewrite(&mut m)?;
+                    }
+                    if dequant_const::ENABLED.get() {
+                        dequant_const::rewrite(&mut m)?;
                     }
                     m.into_runnable()
                 })

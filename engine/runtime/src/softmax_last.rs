@@ -8,7 +8,9 @@
 //! ms), and the contiguous softmax runs tract's vectorised kernel. Results differ from the strided
 //! path by rounding only (vision-perceiver-learned's logits by 1.3e-6, and closer to transformers:
 //! 1.4e-6 against 2.1e-6); `engine/export/tests/softmax_last.rs` compares both with a softmax
-//! computed in f64.
+//! computed in f64. An f32 softmax is taken in place by [`crate::softmax_rows`] before this
+//! pass runs; this one handles the others (f16 where the CPU computes it natively) and f32 when
+//! that kernel is switched off.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
