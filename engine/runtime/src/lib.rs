@@ -106,6 +106,11 @@ pub fn set_threads(n: usize) -> Result<usize> {
         use tract_linalg::multithread::{set_default_executor, Executor};
         let n = n.min(std::thread::available_parallelism().map_or(1, |c| c.get()));
         set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        // tract splits an element-wise op over the threads from 32768 values (a latent array of
+        // 128 x 256), where the split costs more than it saves; from 131072 (bench model, 2
+        // threads, `bench --runs 60` alternated three times: p50 7.9 / 9.5 / 9.7 ms at 32768,
+        // 7.3 / 8.8 / 9.1 at 131072).
+        tract_linalg::multithread::set_threading_element_threshold(ELEMENTWISE_PARALLEL_MIN);
         Ok(n)
     }
     #[cfg(not(feature = "threads"))]
@@ -114,6 +119,10 @@ pub fn set_threads(n: usize) -> Result<usize> {
         _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
     }
 }
+
+/// Values from which tract splits an element-wise op over the threads (see [`set_threads`]).
+#[cfg(feature = "threads")]
+const ELEMENTWISE_PARALLEL_MIN: usize = 1 << 17;
 
 /// tract's thread pool for this thread's work when it has more than one thread (see
 /// [`set_threads`]): the runtime's own ops split their work over it as tract's kernels do.
