@@ -24,6 +24,7 @@ pub mod f16_as_f32;
 pub mod fsio;
 mod gemm_matmul;
 mod guard;
+mod layer_norm_rows;
 pub mod limits;
 pub mod metadata;
 pub mod npy;
@@ -176,10 +177,16 @@ pub fn set_q4_matmul(on: bool) {
     q4_matmul::ENABLED.set(on);
 }
 
+/// Whether models loaded from now on compute each f32 LayerNorm over the last axis in one op,
+/// rows split over the threads (the default), or, with `false`, as tract expands it (four ops).
+/// For comparisons; outputs differ by rounding only (see `layer_norm_rows.rs`).
+pub fn set_layer_norm_rows(on: bool) {
+    layer_norm_rows::ENABLED.set(on);
+}
+
 /// Whether models loaded from now on compute f32 softmaxes with the runtime's kernel, over the
 /// last axis or a strided one in place, split over the threads (the default), or, with `false`,
-/// with tract's. For
-/// comparisons; outputs differ by rounding only (see `softmax_rows.rs`).
+/// with tract's. For comparisons; outputs differ by rounding only (see `softmax_rows.rs`).
 pub fn set_softmax_rows(on: bool) {
     softmax_rows::ENABLED.set(on);
 }
@@ -521,6 +528,9 @@ impl Session {
                         }
                         if q4_matmul::ENABLED.get() {
                             q4_matmul::rewrite(m)?;
+                        }
+                        if layer_norm_rows::ENABLED.get() {
+                            layer_norm_rows::rewrite(m)?;
                         }
                         Ok(())
                     })
