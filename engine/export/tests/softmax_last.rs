@@ -1,9 +1,10 @@
-//! The runtime's softmax-on-the-last-axis rewrite (`engine/runtime/src/softmax_last.rs`) against
-//! tract's plan without it and against a softmax computed here. One test in its own binary: the
-//! switch is process-wide.
+//! A softmax over a strided axis three ways: the runtime's kernel in place
+//! (`engine/runtime/src/softmax_rows.rs`, the default), the softmax-on-the-last-axis rewrite
+//! (`softmax_last.rs`, for what that kernel does not take) and tract's plan without either, each
+//! against a softmax computed here. One test in its own binary: the switches are process-wide.
 
 use perceiver_edge_export::ir::{onnx, Attr, DType, Graph};
-use perceiver_edge_runtime::{set_softmax_last, tensor, to_vec, Session, Tensor};
+use perceiver_edge_runtime::{set_softmax_last, set_softmax_rows, tensor, to_vec, Session, Tensor};
 use std::collections::BTreeMap;
 
 #[test]
@@ -17,28 +18,34 @@ fn a_softmax_over_a_strided_axis_runs_on_a_contiguous_copy() {
     let bytes = onnx::to_bytes(&g);
     let xs: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 523) as f32 / 40.0 - 6.0).collect();
     let input = || vec![tensor(&[rows, cols], &xs).unwrap()];
-    let run = |on: bool| -> (Vec<Tensor>, BTreeMap<String, (usize, std::time::Duration)>) {
-        set_softmax_last(on);
+    let run = |rows: bool, last: bool| -> (Vec<Tensor>, BTreeMap<String, (usize, std::time::Duration)>) {
+        set_softmax_rows(rows);
+        set_softmax_last(last);
         let mut s = Session::from_bytes(&bytes).unwrap();
         let mut ops = BTreeMap::new();
         (s.run_profiled(input(), &mut ops).unwrap(), ops)
     };
-    let (without, ops_without) = run(false);
-    let (with, ops_with) = run(true);
+    let (without, ops_without) = run(false, false);
+    let (with, ops_with) = run(false, true);
+    let (kernel, ops_kernel) = run(true, true);
+    set_softmax_rows(true);
     set_softmax_last(true);
 
-    // The rewrite fired (the axis moves there and back) and only with the switch on.
+    // The copy rewrite fired (the axis moves there and back) only with its switch on and the
+    // kernel off; the kernel took the softmax in place.
     assert!(!ops_without.contains_key("MoveAxis"), "{ops_without:?}");
     assert_eq!(ops_with.get("MoveAxis").map(|e| e.0), Some(2), "{ops_with:?}");
-    // Both agree with the softmax computed here (f64), and with each other to rounding.
-    let (a, b) = (to_vec::<f32>(&with[0]).unwrap(), to_vec::<f32>(&without[0]).unwrap());
+    assert!(!ops_kernel.contains_key("MoveAxis") && ops_kernel.contains_key("SoftmaxRows"), "{ops_kernel:?}");
+    // All agree with the softmax computed here (f64), and with each other to rounding.
+    let (a, b, k) =
+        (to_vec::<f32>(&with[0]).unwrap(), to_vec::<f32>(&without[0]).unwrap(), to_vec::<f32>(&kernel[0]).unwrap());
     for c in 0..cols {
         let col: Vec<f64> = (0..rows).map(|r| xs[r * cols + c] as f64).collect();
         let max = col.iter().cloned().fold(f64::MIN, f64::max);
         let sum: f64 = col.iter().map(|v| (v - max).exp()).sum();
         for r in 0..rows {
             let want = (col[r] - max).exp() / sum;
-            for got in [a[r * cols + c], b[r * cols + c]] {
+            for got in [a[r * cols + c], b[r * cols + c], k[r * cols + c]] {
                 assert!((got as f64 - want).abs() < 1e-6 + 1e-5 * want, "[{r},{c}]: {got} vs {want}");
             }
         }
