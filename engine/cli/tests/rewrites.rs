@@ -275,18 +275,27 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
         let onnx = tmp.path().join(format!("{fixture}_{case}.q4.onnx"));
         export(&c.dir, &args, &["--precision", "q4"], &onnx);
         let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
-        let run_with = |on: bool, threads: usize| -> (Vec<Vec<f32>>, bool) {
+        // Outputs, whether GemmQ4 ran, and the resident weights' bytes.
+        let run_with = |on: bool, threads: usize| -> (Vec<Vec<f32>>, bool, usize) {
             set_q4_matmul(on);
             set_threads(threads).unwrap();
             let mut s = Session::load(&onnx).unwrap();
             let mut ops = std::collections::BTreeMap::new();
             let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
-            (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key("GemmQ4"))
+            let resident = s.resident_weights().iter().map(|e| e.1).sum();
+            (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key("GemmQ4"), resident)
         };
-        let (tract, used) = run_with(false, 1);
+        let (tract, used, tract_resident) = run_with(false, 1);
         assert!(!used, "{fixture}/{case}: GemmQ4 while switched off");
         for threads in [1, 2] {
-            let (got, used) = run_with(true, threads);
+            let (got, used, resident) = run_with(true, threads);
+            // The 4-bit weights count as resident whichever op holds them (tract packs them in
+            // about the same bytes).
+            let ratio = resident as f64 / tract_resident as f64;
+            assert!(
+                (0.7..1.3).contains(&ratio),
+                "{fixture}/{case}: resident {resident} B with GemmQ4, {tract_resident} B without"
+            );
             with_kernel += used as usize;
             let mut worst = 0f64;
             for (t, g) in tract.iter().zip(&got) {

@@ -73,6 +73,13 @@ fn decode<T: Copy + Into<f32>>(codes: &[T], scale: &[f32], out: &mut [f32]) {
     decode_generic(codes, scale, out)
 }
 
+impl DequantConst {
+    /// The codes and scales this op holds (for the resident-weight count).
+    pub(crate) fn constants(&self) -> [&Arc<Tensor>; 2] {
+        [&self.codes, &self.scale]
+    }
+}
+
 impl Op for DequantConst {
     fn name(&self) -> StaticName {
         "DequantConst".into()

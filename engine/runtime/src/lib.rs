@@ -609,6 +609,14 @@ impl Session {
                     Some(f) => add(short(format!("{f:?}")), f.mem_size().to_i64().unwrap_or(0) as usize, at),
                     None => add(dtype_name(t.datum_type()), t.len() * t.datum_type().size_of(), at),
                 }
+            } else if let Some(q) = node.op_as::<q4_matmul::GemmQ4>() {
+                // The runtime's own ops hold their constants too.
+                let w = q.weight();
+                add("Q4_0".into(), q4_matmul::weight_bytes(w), Some(Arc::as_ptr(w) as usize));
+            } else if let Some(d) = node.op_as::<dequant_const::DequantConst>() {
+                for t in d.constants() {
+                    add(dtype_name(t.datum_type()), t.len() * t.datum_type().size_of(), Some(Arc::as_ptr(t) as usize));
+                }
             } else if let Some(mm) = node.op_as::<OptMatMul>() {
                 // Constant weights are packed into the matmul op itself.
                 for spec in &mm.micro_ops {

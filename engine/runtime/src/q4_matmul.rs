@@ -104,7 +104,17 @@ thread_local! {
     static DECODED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bytes of a Q4_0 weight's storage.
+pub(crate) fn weight_bytes(w: &Tensor) -> usize {
+    w.storage_as::<BlockQuantStorage>().map_or(0, |s| s.value().len())
+}
+
 impl GemmQ4 {
+    /// The 4-bit weight this op holds (for the resident-weight count).
+    pub(crate) fn weight(&self) -> &Arc<Tensor> {
+        &self.weight
+    }
+
     /// Weight rows per block for `parts` blocks at least: blocks of about equal size within
     /// [`SCRATCH`], a multiple of 16 rows.
     fn rows_per_block(&self, parts: usize) -> usize {
