@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 . targets/cross-env.sh
 cross_setup aarch64
 py=${PERCEIVER_EDGE_PYTHON:-python3}
-host=${PERCEIVER_EDGE_HOST_BIN:-target/release/perceiver-edge}
+host=${PERCEIVER_EDGE_HOST_BIN:-${CARGO_TARGET_DIR:-target}/release/perceiver-edge}
 [ -n "${PERCEIVER_EDGE_HOST_BIN:-}" ] || env -u RUSTC -u RUSTDOC cargo build --release -p perceiver-edge
 
 t0=$SECONDS
@@ -33,7 +33,7 @@ for line in sys.stdin:
 }
 unit=$(exe perceiver_edge_runtime)
 fixtures=$(exe fixtures)
-cli=target/$TRIPLE/release/perceiver-edge
+cli=${CARGO_TARGET_DIR:-target}/$TRIPLE/release/perceiver-edge
 echo "== cross build of the tests and the CLI took $((SECONDS - t0)) s"
 file "$cli" 2>/dev/null || true
 
