@@ -251,20 +251,28 @@ mod tests {
         }
     }
 
-    /// tract's own expansion of `LayerNormalization` (as tract-onnx wires it, decluttered),
-    /// against the rewrite of it, at one and three threads.
-    #[test]
-    fn replaces_tracts_expansion() {
-        let (rows_n, len) = (300usize, 261usize);
+    /// tract-onnx's expansion of a LayerNorm whose mean is taken over axis `mean_axis` of an
+    /// `[rows, len]` input (1 for a true LayerNorm).
+    fn expansion(rows: usize, len: usize, mean_axis: usize) -> TypedModel {
         let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([rows_n, len])).unwrap();
-        let s = model.wire_node("sum", Reduce::new(tvec![1], Reducer::Sum), &[x]).unwrap()[0];
-        let r = model.add_const("recip", Tensor::from_shape(&[1, 1], &[1.0 / len as f32]).unwrap()).unwrap();
+        let x = model.add_source("x", f32::fact([rows, len])).unwrap();
+        let s = model.wire_node("sum", Reduce::new(tvec![mean_axis], Reducer::Sum), &[x]).unwrap()[0];
+        let n = [rows, len][mean_axis] as f32;
+        let r = model.add_const("recip", Tensor::from_shape(&[1, 1], &[1.0 / n]).unwrap()).unwrap();
         let m = model.wire_node("mean", TypedBinOp(Box::new(Mul), None), &[s, r]).unwrap()[0];
         let d = model.wire_node("d", TypedBinOp(Box::new(Sub), None), &[x, m]).unwrap()[0];
         let eps = tensor0(1e-5f32).into_arc_tensor();
         let y = model.wire_node("rms", RmsNorm { axis: 1, eps }, &[d]).unwrap()[0];
         model.select_output_outlets(&[y]).unwrap();
+        model
+    }
+
+    /// tract's own expansion of `LayerNormalization` (as tract-onnx wires it, decluttered),
+    /// against the rewrite of it, at one and three threads.
+    #[test]
+    fn replaces_tracts_expansion() {
+        let (rows_n, len) = (300usize, 261usize);
+        let model = expansion(rows_n, len, 1);
         let data: Vec<f32> = (0..rows_n * len).map(|i| ((i * 37) % 101) as f32 / 10.0 - 4.0).collect();
         let input = Tensor::from_shape(&[rows_n, len], &data).unwrap();
         let run = |m: &TypedModel| {
@@ -288,14 +296,7 @@ mod tests {
             }
         }
         // A sum over another axis is not a LayerNorm of the last: left alone.
-        let mut other = TypedModel::default();
-        let x = other.add_source("x", f32::fact([rows_n, len])).unwrap();
-        let s = other.wire_node("sum", Reduce::new(tvec![0], Reducer::Sum), &[x]).unwrap()[0];
-        let r = other.add_const("recip", Tensor::from_shape(&[1, 1], &[1.0 / rows_n as f32]).unwrap()).unwrap();
-        let m = other.wire_node("mean", TypedBinOp(Box::new(Mul), None), &[s, r]).unwrap()[0];
-        let d = other.wire_node("d", TypedBinOp(Box::new(Sub), None), &[x, m]).unwrap()[0];
-        let y = other.wire_node("rms", RmsNorm { axis: 1, eps: tensor0(1e-5f32).into_arc_tensor() }, &[d]).unwrap()[0];
-        other.select_output_outlets(&[y]).unwrap();
+        let mut other = expansion(rows_n, len, 0);
         assert_eq!(rewrite(&mut other).unwrap(), 0);
     }
 }

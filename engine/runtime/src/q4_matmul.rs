@@ -14,6 +14,7 @@
 //! sums only. Products with fewer than [`MIN_ROWS`] activation rows (a classification decoder's
 //! single query) stay with tract, whose matrix-vector kernel reads the 4-bit weight directly.
 
+use crate::gemm_matmul::{matmul, Strides};
 use std::cell::RefCell;
 use std::sync::Arc;
 use tract_linalg::block_quant::{BlockQuant, BlockQuantStorage, Q4_0};
@@ -151,34 +152,13 @@ impl GemmQ4 {
                 }
             }
             let (a, c) = (a as *const f32, (c as *mut f32).add(cols.start));
-            let b = decoded.as_ptr();
-            // `C[m, w] = A[m, ka] B[ka, w]`. With more rows than columns the transposed product
-            // `C^T = B^T A^T` runs faster in the crate's kernels.
-            let (mm, nn, (c_cs, c_rs), lhs, rhs) = if m > w {
-                (w, m, (n as isize, 1), (b, w as isize, 1), (a, ka as isize, 1))
-            } else {
-                (m, w, (1, n as isize), (a, 1, ka as isize), (b, 1, w as isize))
-            };
-            gemm::gemm(
-                mm,
-                nn,
-                ka,
-                c,
-                c_cs,
-                c_rs,
-                false,
-                lhs.0,
-                lhs.1,
-                lhs.2,
-                rhs.0,
-                rhs.1,
-                rhs.2,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            // `C[m, w] = A[m, ka] B[ka, w]`, C's rows `n` apart.
+            matmul(
+                (m, ka, w),
+                (c, Strides::rows(n)),
+                (a, Strides::rows(ka)),
+                (decoded.as_ptr(), Strides::rows(w)),
+                1.0,
             );
         });
     }
