@@ -9,7 +9,10 @@
 //! rounding half to even. The rounding adds and subtracts 1.5 x 2^23, which rounds half to even
 //! exactly for `|v| < 2^22` (here `|x / scale| <= 255`, or NaN / infinite, which both forms map
 //! the same way). Same divisions, same roundings: outputs bit-identical to tract's op
-//! (`engine/export/tests/dynamic_quantize.rs`, and unit tests below).
+//! (`engine/export/tests/dynamic_quantize.rs`, and unit tests below). Session 14: both loops are
+//! compiled for AVX-512 and AVX2 too and chosen at run time, and the quantising loop bounds each
+//! value before converting it so that it vectorises at all (it took 109 ms of language-perceiver
+//! int8's 741 ms run).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -32,7 +35,8 @@ fn round_half_even(v: f32) -> f32 {
 }
 
 /// `(min(0, xs), max(0, xs))`, ignoring NaN, as tract-onnx's fold does.
-fn range(xs: &[f32]) -> (f32, f32) {
+#[inline(always)]
+fn range_generic(xs: &[f32]) -> (f32, f32) {
     const LANES: usize = 16;
     let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
     let chunks = xs.chunks_exact(LANES);
@@ -54,6 +58,34 @@ fn range(xs: &[f32]) -> (f32, f32) {
 }
 
 /// Scale and zero point of `xs`, as ONNX defines them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn range_avx512(xs: &[f32]) -> (f32, f32) {
+    range_generic(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn range_avx2(xs: &[f32]) -> (f32, f32) {
+    range_generic(xs)
+}
+
+/// The range of `xs` (and 0) with the widest vectors this CPU has.
+fn range(xs: &[f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { range_avx512(xs) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { range_avx2(xs) };
+        }
+    }
+    range_generic(xs)
+}
+
 fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
     let (min, max) = range(xs);
     let scale = (max - min) / 255.0;
@@ -62,11 +94,58 @@ fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
 }
 
 /// Quantises `xs` into `ys`.
-fn quantize(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
+/// `clamp(round(x / scale) + zero point, 0, 255)` for each value, in lanes of 16.
+///
+/// `x / scale` lies within +-255 for every value the range was taken from, NaN aside (a NaN input,
+/// or 0 / 0 when all values are 0), which a saturating `as i32` maps to 0: so does this, and
+/// bounding the value first lets the conversion skip saturation, which is what lets the loop
+/// vectorise (327680 values: 1.08 -> 0.16 ms with AVX-512, a scratch program).
+#[inline(always)]
+fn quantize_generic(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
     let zp = zero_point as i32;
-    for (x, y) in xs.iter().zip(ys.iter_mut()) {
-        *y = ((round_half_even(*x / scale) as i32) + zp).clamp(0, 255) as u8;
+    let one = |x: f32| -> u8 {
+        let v = round_half_even(x / scale);
+        let v = if v.is_nan() { 0.0 } else { v.clamp(-512.0, 512.0) };
+        // SAFETY: `v` is finite and within i32's range.
+        (unsafe { v.to_int_unchecked::<i32>() } + zp).clamp(0, 255) as u8
+    };
+    let (mut xc, mut yc) = (xs.chunks_exact(16), ys.chunks_exact_mut(16));
+    for (x, y) in (&mut xc).zip(&mut yc) {
+        for i in 0..16 {
+            y[i] = one(x[i]);
+        }
     }
+    for (x, y) in xc.remainder().iter().zip(yc.into_remainder()) {
+        *y = one(*x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_avx512(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
+    quantize_generic(scale, zero_point, xs, ys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
+    quantize_generic(scale, zero_point, xs, ys)
+}
+
+/// Quantises `xs` into `ys` with the widest vectors this CPU has (the same arithmetic on each).
+fn quantize(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { quantize_avx512(scale, zero_point, xs, ys) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { quantize_avx2(scale, zero_point, xs, ys) };
+        }
+    }
+    quantize_generic(scale, zero_point, xs, ys)
 }
 
 impl Op for DynamicQuantizeU8 {
@@ -140,6 +219,11 @@ mod tests {
         let (q, s, z) = reference(xs);
         assert_eq!((scale.to_bits(), zp), (s.to_bits(), z), "scale / zero point of {xs:?}");
         assert_eq!(ys, q);
+        // The baseline path too (the vectorised ones above where the CPU has them).
+        assert_eq!(range_generic(xs).0.to_bits(), range(xs).0.to_bits());
+        let mut plain = vec![0u8; xs.len()];
+        quantize_generic(scale, zp, xs, &mut plain);
+        assert_eq!(plain, q);
     }
 
     #[test]
