@@ -163,11 +163,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, DequantConst)> =
         model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
     for (id, op) in &found {
-        let name = model.node(*id).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let out = patch.wire_node(format!("{name}.dequant"), op.clone(), &[])?;
-        patch.shunt_outside(model, OutletId::new(*id, 0), out[0])?;
-        patch.apply(model)?;
+        let name = format!("{}.dequant", model.node(*id).name);
+        crate::substitute(model, OutletId::new(*id, 0), name, op.clone(), &[])?;
     }
     model.compact()?;
     Ok(found.len())

@@ -421,21 +421,15 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
     for (id, op) in &found {
         let node = model.node(*id);
-        let (name, inputs) = (node.name.clone(), node.inputs.clone());
-        let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for i in inputs {
-            taps.push(patch.tap_model(model, before_reshapes(model, i))?);
-        }
+        let name = format!("{}.gemm", node.name);
+        let inputs: Vec<OutletId> = node.inputs.iter().map(|&i| before_reshapes(model, i)).collect();
         let mut op = op.clone();
         let mut replaced = OutletId::new(*id, 0);
         if let Some((mul, factor)) = scaled_by(model, *id, &op.shape) {
             op.scale_bits = factor.to_bits();
             replaced = OutletId::new(mul, 0);
         }
-        let out = patch.wire_node(format!("{name}.gemm"), op, &taps)?;
-        patch.shunt_outside(model, replaced, out[0])?;
-        patch.apply(model)?;
+        crate::substitute(model, replaced, name, op, &inputs)?;
     }
     model.compact()?;
     Ok(found.len())

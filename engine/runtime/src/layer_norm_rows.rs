@@ -208,12 +208,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, OutletId, f32)> =
         model.nodes().iter().filter_map(|n| chain(model, n).map(|(x, eps)| (n.id, x, eps))).collect();
     for &(id, x, eps) in &found {
-        let name = model.node(id).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, x)?;
-        let out = patch.wire_node(format!("{name}.layer_norm"), LayerNormRows { eps_bits: eps.to_bits() }, &[tap])?;
-        patch.shunt_outside(model, OutletId::new(id, 0), out[0])?;
-        patch.apply(model)?;
+        let name = format!("{}.layer_norm", model.node(id).name);
+        crate::substitute(model, OutletId::new(id, 0), name, LayerNormRows { eps_bits: eps.to_bits() }, &[x])?;
     }
     model.compact()?;
     Ok(found.len())

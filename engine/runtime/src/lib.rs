@@ -136,6 +136,22 @@ pub(crate) fn thread_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
     }
 }
 
+/// Points every reader of outlet `replaced` of `model` at a new node `name` computing `op` on
+/// `inputs` (outlets of `model`): how the runtime's passes put their ops in tract's place.
+pub(crate) fn substitute(
+    model: &mut TypedModel,
+    replaced: OutletId,
+    name: String,
+    op: impl Into<Box<dyn tract_onnx::tract_core::ops::TypedOp>>,
+    inputs: &[OutletId],
+) -> TractResult<()> {
+    let mut patch = tract_onnx::tract_core::model::TypedModelPatch::default();
+    let taps = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
+    let out = patch.wire_node(name, op, &taps)?;
+    patch.shunt_outside(model, replaced, out[0])?;
+    patch.apply(model)
+}
+
 /// A process-wide switch for one of the runtime's passes, on by default; the `set_*` functions
 /// below turn them off for comparisons.
 pub(crate) struct Switch(std::sync::atomic::AtomicBool);

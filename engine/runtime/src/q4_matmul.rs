@@ -331,11 +331,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 (input, op.ka) = (unpadded, ka);
             }
         }
-        let mut patch = TypedModelPatch::default();
-        let tap = patch.tap_model(model, input)?;
-        let out = patch.wire_node(format!("{name}.q4"), op, &[tap])?;
-        patch.shunt_outside(model, OutletId::new(*id, 0), out[0])?;
-        patch.apply(model)?;
+        crate::substitute(model, OutletId::new(*id, 0), format!("{name}.q4"), op, &[input])?;
     }
     model.compact()?;
     Ok(found.len())
