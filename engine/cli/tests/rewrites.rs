@@ -4,7 +4,8 @@
 //! fixture tolerance. The rewrites must actually fire on the heads with position features.
 
 use perceiver_edge_runtime::{
-    npy, set_gemm_matmul, set_layer_norm_rows, set_q4_matmul, set_softmax_rows, set_threads, to_vec, Session, Tensor,
+    npy, set_attention, set_gemm_matmul, set_layer_norm_rows, set_q4_matmul, set_softmax_rows, set_threads, to_vec,
+    Session, Tensor,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -219,8 +220,9 @@ fn chunked_attention_is_exact_on_every_fixture() {
 fn runtime_kernels_agree_with_tracts_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let mut n = 0;
-    // Runs with the kernels on in which a LayerNorm ran as one op.
+    // Runs with the kernels on in which a LayerNorm, and an attention, ran as one op.
     let layer_norms = std::cell::Cell::new(0usize);
+    let attentions = std::cell::Cell::new(0usize);
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
         let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
@@ -231,6 +233,7 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
             set_gemm_matmul(on);
             set_softmax_rows(on);
             set_layer_norm_rows(on);
+            set_attention(on);
             set_threads(threads).unwrap();
             let mut s = Session::load(&onnx).unwrap();
             let mut ops = std::collections::BTreeMap::new();
@@ -238,6 +241,8 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
             assert_eq!(ops.contains_key("GemmMatMul"), on, "{fixture}/{case}: {:?}", ops.keys());
             assert!(on || !ops.contains_key("LayerNormRows"), "{fixture}/{case}: LayerNormRows while switched off");
             layer_norms.set(layer_norms.get() + (on && ops.contains_key("LayerNormRows")) as usize);
+            assert!(on || !ops.contains_key("Attention"), "{fixture}/{case}: Attention while switched off");
+            attentions.set(attentions.get() + (on && ops.contains_key("Attention")) as usize);
             let dir = tmp.path().join(format!("{fixture}_{case}_{on}_{threads}"));
             std::fs::create_dir_all(&dir).unwrap();
             for (spec, t) in s.outputs().iter().zip(&outs) {
@@ -253,8 +258,10 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
     set_gemm_matmul(true);
     set_softmax_rows(true);
     set_layer_norm_rows(true);
+    set_attention(true);
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
+    assert!(attentions.get() >= 2 * n, "Attention ran in {} of {} runs with the kernels", attentions.get(), 2 * n);
     assert!(
         layer_norms.get() >= 2 * n,
         "LayerNormRows ran in {} of {} runs with the kernels",

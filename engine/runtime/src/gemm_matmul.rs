@@ -30,8 +30,8 @@ pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 /// Row and column strides of a matrix inside a tensor, in elements.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub(crate) struct Strides {
-    row: isize,
-    col: isize,
+    pub(crate) row: isize,
+    pub(crate) col: isize,
 }
 
 impl Strides {
@@ -42,21 +42,38 @@ impl Strides {
 }
 
 /// `C = scale A B` for `A` of `m x k`, `B` of `k x n` and `C` of `m x n`, each given by its
-/// address and strides, on one thread of the `gemm` crate. With more rows than columns the same
-/// product transposed, `C^T = B^T A^T`, runs faster in the crate's kernels (2048 x 768 x 1280:
-/// 116 -> 142 GFLOP/s).
+/// address and strides, on one thread of the `gemm` crate. The crate's kernels write a
+/// column-major output fastest, so a row-major product runs as its transpose,
+/// `C^T = B^T A^T` (2048 x 768 x 1280: 116 -> 142 GFLOP/s; 256 x 1280 x 1280, 512 x 128 x 512:
+/// 2-7 % in interleaved rounds), unless it has fewer than [`TRANSPOSE_MIN_ROWS`] rows and more
+/// columns (a vector times a matrix, where the crate's own vector paths take the product as is).
 ///
 /// # Safety
 /// The addresses hold the matrices their strides describe, and no one else writes `C` meanwhile.
 pub(crate) unsafe fn matmul(
+    sizes: (usize, usize, usize),
+    c: (*mut f32, Strides),
+    a: (*const f32, Strides),
+    b: (*const f32, Strides),
+    scale: f32,
+) {
+    matmul_into(sizes, c, a, b, scale, false)
+}
+
+/// [`matmul`], or with `add`, `C += scale A B`.
+///
+/// # Safety
+/// As [`matmul`].
+pub(crate) unsafe fn matmul_into(
     (m, k, n): (usize, usize, usize),
     (c, cs): (*mut f32, Strides),
     (a, as_): (*const f32, Strides),
     (b, bs): (*const f32, Strides),
     scale: f32,
+    add: bool,
 ) {
     // The crate takes sizes, then each matrix with its column and row strides.
-    let (m, n, (c_cs, c_rs), lhs, rhs) = if m > n {
+    let (m, n, (c_cs, c_rs), lhs, rhs) = if m > n || m >= TRANSPOSE_MIN_ROWS {
         (n, m, (cs.row, cs.col), (b, bs.row, bs.col), (a, as_.row, as_.col))
     } else {
         (m, n, (cs.col, cs.row), (a, as_.col, as_.row), (b, bs.col, bs.row))
@@ -68,14 +85,14 @@ pub(crate) unsafe fn matmul(
         c,
         c_cs,
         c_rs,
-        false,
+        add,
         lhs.0,
         lhs.1,
         lhs.2,
         rhs.0,
         rhs.1,
         rhs.2,
-        0.0f32,
+        if add { 1.0f32 } else { 0.0 },
         scale,
         false,
         false,
@@ -84,32 +101,35 @@ pub(crate) unsafe fn matmul(
     );
 }
 
+/// Products of at least this many rows run transposed (see [`matmul`]).
+const TRANSPOSE_MIN_ROWS: usize = 16;
+
 /// An outer loop: its extent and the strides it steps the first operand, the second and the
 /// output by.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-struct Loop {
-    extent: usize,
-    a: isize,
-    b: isize,
-    c: isize,
+pub(crate) struct Loop {
+    pub(crate) extent: usize,
+    pub(crate) a: isize,
+    pub(crate) b: isize,
+    pub(crate) c: isize,
 }
 
 /// `C[.., m, n] = A[.., m, k] B[.., k, n]` for every outer index, through strides.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct GemmMatMul {
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Strides,
-    b: Strides,
-    c: Strides,
-    loops: Vec<Loop>,
-    a_len: usize,
-    b_len: usize,
-    shape: Vec<usize>,
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
+    pub(crate) a: Strides,
+    pub(crate) b: Strides,
+    pub(crate) c: Strides,
+    pub(crate) loops: Vec<Loop>,
+    pub(crate) a_len: usize,
+    pub(crate) b_len: usize,
+    pub(crate) shape: Vec<usize>,
     /// A constant factor of the product, as f32 bits (an attention's `1 / sqrt(d)` that tract
     /// would otherwise apply in a pass of its own); 1.0 when none.
-    scale_bits: u32,
+    pub(crate) scale_bits: u32,
 }
 
 fn row_major(shape: &[usize]) -> Vec<isize> {
@@ -220,6 +240,22 @@ impl GemmMatMul {
         })
     }
 
+    /// The same product transposed, `C^T = B^T A^T`: operands swapped, rows and columns swapped.
+    pub(crate) fn transposed(&self) -> GemmMatMul {
+        let t = |s: Strides| Strides { row: s.col, col: s.row };
+        GemmMatMul {
+            m: self.n,
+            n: self.m,
+            a: t(self.b),
+            b: t(self.a),
+            c: t(self.c),
+            loops: self.loops.iter().map(|l| Loop { a: l.b, b: l.a, ..*l }).collect(),
+            a_len: self.b_len,
+            b_len: self.a_len,
+            ..self.clone()
+        }
+    }
+
     /// Element offsets into A, B and C of outer iteration `i`.
     fn offsets(&self, mut i: usize) -> (isize, isize, isize) {
         let (mut oa, mut ob, mut oc) = (0, 0, 0);
@@ -259,21 +295,27 @@ impl GemmMatMul {
     }
 
     /// The blocks of work for `threads` threads: each outer product whole when there are at
-    /// least as many as threads, else each cut along its longer side into `threads` blocks (of
-    /// whole 16-row or 16-column panels), as (outer index, rows, columns).
+    /// least as many as threads, else each cut into `threads` blocks of whole 16-row panels, or
+    /// 16-column ones when it has fewer than 16 rows a thread or over four times as many columns
+    /// as rows; as (outer index, rows, columns). Rows first: each thread then reads its own rows
+    /// of `A` and all of `B` (in the transposed call, the crate's packed operand), which ran
+    /// 5-30 % faster than columns in interleaved rounds on two threads (`512 x 1024 x 1024`,
+    /// `256 x 1280 x 1280`, `512 x 128 x 512`, `512 x 50176 x 261`, where cutting the columns
+    /// had made a product slower on two threads than on one).
     #[cfg(feature = "threads")]
     fn blocks(&self, threads: usize) -> Vec<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
         let outer = self.outer();
         if outer >= threads {
             return (0..outer).map(|i| (i, 0..self.m, 0..self.n)).collect();
         }
-        let side = self.m.max(self.n);
+        let by_rows = self.m >= 16 * threads && self.n <= 4 * self.m;
+        let side = if by_rows { self.m } else { self.n };
         let step = side.div_ceil(threads).div_ceil(16) * 16;
         let mut blocks = vec![];
         for i in 0..outer {
             for start in (0..side).step_by(step.max(1)) {
                 let part = start..(start + step).min(side);
-                blocks.push(if self.m >= self.n { (i, part, 0..self.n) } else { (i, 0..self.m, part) });
+                blocks.push(if by_rows { (i, part, 0..self.n) } else { (i, 0..self.m, part) });
             }
         }
         blocks

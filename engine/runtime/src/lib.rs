@@ -15,6 +15,7 @@
 //! ```
 
 pub mod alloc;
+mod attention;
 pub mod bench;
 pub mod compare;
 pub mod dataset;
@@ -191,6 +192,14 @@ pub fn set_gemm_matmul(on: bool) {
 /// kernels. For comparisons; outputs differ by rounding only (see `q4_matmul.rs`).
 pub fn set_q4_matmul(on: bool) {
     q4_matmul::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on compute each f32 attention (scores, softmax, product with
+/// the values, each the only reader of the one before) in one op that never stores the scores
+/// whole (the default), or, with `false`, as three ops. For comparisons; outputs differ by
+/// rounding only (see `attention.rs`).
+pub fn set_attention(on: bool) {
+    attention::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute each f32 LayerNorm over the last axis in one op,
@@ -544,6 +553,9 @@ impl Session {
                         }
                         if q4_matmul::ENABLED.get() {
                             q4_matmul::rewrite(m)?;
+                        }
+                        if attention::ENABLED.get() {
+                            attention::rewrite(m)?;
                         }
                         if layer_norm_rows::ENABLED.get() {
                             layer_norm_rows::rewrite(m)?;

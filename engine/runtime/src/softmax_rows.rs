@@ -33,7 +33,7 @@ const ROUNDER: f32 = 12_582_912.0;
 /// in two steps (Cody-Waite) and `e^r` a degree-6 polynomial (Cephes' `expf`); `x` below -87 gives
 /// about 1e-38 rather than 0, NaN stays NaN.
 #[inline(always)]
-fn exp_neg(x: f32) -> f32 {
+pub(crate) fn exp_neg(x: f32) -> f32 {
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + ROUNDER;
     let n = t - ROUNDER;
@@ -86,6 +86,13 @@ fn row(xs: &mut [f32]) {
     for v in xs.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Softmax of each row of `len` values of `data`, in place, with the widest vectors this CPU has.
+pub(crate) fn softmax_in_place(data: &mut [f32], len: usize) {
+    let rows = data.len() / len.max(1);
+    // SAFETY: the rows lie within `data`.
+    unsafe { pieces(data.as_mut_ptr(), len, 1, &[Piece::Rows { start: 0, rows }]) }
 }
 
 /// Columns per block of a softmax over a strided axis.

@@ -1,0 +1,566 @@
+//! Attention in one op, scores never stored whole: a rewrite of the decluttered graph, after
+//! [`crate::gemm_matmul`].
+//!
+//! A PerceiverIO encoder attends from its latents to every input: vision-perceiver's
+//! cross-attention scores are `[512, 50176]`, 98 MiB, written by the `Q K^T` product, read and
+//! written by the softmax, read by the `P V` product, three passes through memory that the second
+//! thread cannot speed up (vision-perceiver-fourier, `bench --profile` per node: the `P V`
+//! product ran slower on two threads than on one). [`Attention`] replaces the chain
+//! `GemmMatMul (Q K, scaled) -> Softmax -> GemmMatMul (P V)` when each step is the only reader
+//! of the one before. Each task takes a block of query rows (threads take blocks) and walks the
+//! keys in chunks of [`CHUNK`]: the chunk's scores into a small buffer, the softmax kept online
+//! (a running maximum and sum per row, earlier sums rescaled when the maximum grows), the
+//! chunk's values added into the output by the `gemm` crate. With at most [`CHUNK`] keys (the
+//! latent self-attention) there is one chunk: the scores of a block of rows, an exact softmax of
+//! each row (the kernel of [`crate::softmax_rows`]), one product. Results differ from the
+//! unfused chain by rounding only; the unit tests compare both with attention computed in f64,
+//! and the fixtures with transformers.
+
+use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
+use crate::softmax_rows::{exp_neg, softmax_in_place};
+use std::cell::RefCell;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
+
+/// Keys per chunk, and the most keys an attention takes in one chunk: 256 rows of scores then
+/// fill 2 MiB, a core's L2 on the hosts measured.
+const CHUNK: usize = 2048;
+
+/// Keys per chunk when there are more than [`CHUNK`].
+const STEP: usize = 512;
+
+/// Most query rows per task.
+const MAX_ROWS: usize = 256;
+
+/// An outer loop (heads, a batch): its extent and the strides it steps Q, K, V and the output by.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Outer {
+    extent: usize,
+    q: isize,
+    k: isize,
+    v: isize,
+    o: isize,
+}
+
+/// `O = softmax(scale Q K) V` over the keys, for every outer index, through strides: `Q` is
+/// `m x d`, `K` `d x keys`, `V` `keys x dv`, `O` `m x dv`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Attention {
+    m: usize,
+    d: usize,
+    keys: usize,
+    dv: usize,
+    q: Strides,
+    k: Strides,
+    v: Strides,
+    o: Strides,
+    loops: Vec<Outer>,
+    lens: (usize, usize, usize),
+    shape: Vec<usize>,
+    scale_bits: u32,
+}
+
+thread_local! {
+    /// Each thread's scores of one chunk, and the running maximum, sum and rescale factor of
+    /// each row.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl Attention {
+    /// The attention of scores `qk`, a softmax over the scores' axis `axis`, then `pv`, whose
+    /// first operand is the softmax's output; `None` unless the two products chain as one
+    /// attention (the softmax over `qk`'s columns, `pv` contracting them, the same outer loops).
+    fn plan(qk: &GemmMatMul, axis: usize, pv: &GemmMatMul) -> Option<Attention> {
+        let scores = &qk.shape;
+        let stride: usize = scores[axis + 1..].iter().product();
+        let n = qk.n;
+        let fits = scores.get(axis) == Some(&n)
+            && qk.c.col == stride as isize
+            && pv.a_len == scores.iter().product::<usize>()
+            && pv.m == qk.m
+            && pv.k == n
+            && pv.a == qk.c
+            && pv.loops.len() == qk.loops.len();
+        if !fits || n == 0 || qk.m == 0 || qk.k == 0 {
+            return None;
+        }
+        // Each outer loop of the scores is one of `pv`'s, reading the scores where they were written.
+        let mut loops = vec![];
+        let mut used = vec![false; pv.loops.len()];
+        for l in &qk.loops {
+            let j =
+                (0..pv.loops.len()).find(|&j| !used[j] && pv.loops[j].extent == l.extent && pv.loops[j].a == l.c)?;
+            used[j] = true;
+            let p = pv.loops[j];
+            loops.push(Outer { extent: l.extent, q: l.a, k: l.b, v: p.b, o: p.c });
+        }
+        Some(Attention {
+            m: qk.m,
+            d: qk.k,
+            keys: n,
+            dv: pv.n,
+            q: qk.a,
+            k: qk.b,
+            v: pv.b,
+            o: pv.c,
+            loops,
+            lens: (qk.a_len, qk.b_len, pv.b_len),
+            shape: pv.shape.clone(),
+            scale_bits: qk.scale_bits,
+        })
+    }
+
+    fn outer(&self) -> usize {
+        self.loops.iter().map(|l| l.extent).product()
+    }
+
+    /// Element offsets into Q, K, V and O of outer iteration `i`.
+    fn offsets(&self, mut i: usize) -> [isize; 4] {
+        let mut o = [0isize; 4];
+        for l in self.loops.iter().rev() {
+            let j = (i % l.extent) as isize;
+            i /= l.extent;
+            o[0] += j * l.q;
+            o[1] += j * l.k;
+            o[2] += j * l.v;
+            o[3] += j * l.o;
+        }
+        o
+    }
+
+    /// The tasks for `threads` threads, as (outer index, first row, rows): whole outer
+    /// iterations when there are at least as many as threads, else rows split among the threads;
+    /// at most [`MAX_ROWS`] rows each.
+    fn tasks(&self, threads: usize) -> Vec<(usize, usize, usize)> {
+        let outer = self.outer();
+        let parts = if outer >= threads { 1 } else { threads };
+        let per = self.m.div_ceil(parts).clamp(1, MAX_ROWS);
+        let mut tasks = vec![];
+        for i in 0..outer {
+            for r in (0..self.m).step_by(per) {
+                tasks.push((i, r, per.min(self.m - r)));
+            }
+        }
+        tasks
+    }
+
+    /// Rows `r0 .. r0 + rows` of outer iteration `i`.
+    ///
+    /// # Safety
+    /// The addresses hold Q, K, V and O as planned, and no one else writes these rows of O.
+    unsafe fn task(&self, (q, k, v, o): (usize, usize, usize, usize), (i, r0, rows): (usize, usize, usize)) {
+        let [oq, ok, ov, oo] = self.offsets(i);
+        let q = (q as *const f32).offset(oq + r0 as isize * self.q.row);
+        let (k, v) = ((k as *const f32).offset(ok), (v as *const f32).offset(ov));
+        let o = (o as *mut f32).offset(oo + r0 as isize * self.o.row);
+        let scale = f32::from_bits(self.scale_bits);
+        let step = if self.keys <= CHUNK { self.keys } else { STEP };
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (s, state) = &mut *scratch;
+            if s.len() < rows * step {
+                s.resize(rows * step, 0.0);
+            }
+            let s = &mut s[..rows * step];
+            if step == self.keys {
+                // One chunk: the scores of these rows, an exact softmax, one product.
+                matmul_into(
+                    (rows, self.d, step),
+                    (s.as_mut_ptr(), Strides::rows(step)),
+                    (q, self.q),
+                    (k, self.k),
+                    scale,
+                    false,
+                );
+                softmax_in_place(s, step);
+                matmul_into(
+                    (rows, step, self.dv),
+                    (o, self.o),
+                    (s.as_ptr(), Strides::rows(step)),
+                    (v, self.v),
+                    1.0,
+                    false,
+                );
+                return;
+            }
+            state.clear();
+            state.resize(3 * rows, 0.0);
+            let (max, rest) = state.split_at_mut(rows);
+            let (sum, factor) = rest.split_at_mut(rows);
+            max.fill(f32::NEG_INFINITY);
+            for j0 in (0..self.keys).step_by(step) {
+                let w = step.min(self.keys - j0);
+                let s = &mut s[..rows * w];
+                let kj = k.offset(j0 as isize * self.k.col);
+                let vj = v.offset(j0 as isize * self.v.row);
+                matmul_into(
+                    (rows, self.d, w),
+                    (s.as_mut_ptr(), Strides::rows(w)),
+                    (q, self.q),
+                    (kj, self.k),
+                    scale,
+                    false,
+                );
+                online(s, w, max, sum, factor);
+                if j0 > 0 {
+                    self.scale_rows(o, rows, factor);
+                }
+                matmul_into((rows, w, self.dv), (o, self.o), (s.as_ptr(), Strides::rows(w)), (vj, self.v), 1.0, j0 > 0);
+            }
+            for f in sum.iter_mut() {
+                *f = 1.0 / *f;
+            }
+            self.scale_rows(o, rows, sum);
+        });
+    }
+
+    /// Multiplies row `r` of the `rows` output rows at `o` by `factor[r]`.
+    ///
+    /// # Safety
+    /// As [`Attention::task`].
+    unsafe fn scale_rows(&self, o: *mut f32, rows: usize, factor: &[f32]) {
+        for (r, &f) in factor.iter().enumerate().take(rows) {
+            let row = o.offset(r as isize * self.o.row);
+            if self.o.col == 1 {
+                for x in std::slice::from_raw_parts_mut(row, self.dv) {
+                    *x *= f;
+                }
+            } else {
+                for c in 0..self.dv {
+                    *row.offset(c as isize * self.o.col) *= f;
+                }
+            }
+        }
+    }
+
+    /// Every task, split over tract's thread pool when it has more than one thread.
+    fn run(&self, bufs: (usize, usize, usize, usize)) {
+        #[cfg(feature = "threads")]
+        {
+            use rayon::prelude::*;
+            if let Some(pool) = crate::thread_pool() {
+                let tasks = self.tasks(pool.current_num_threads());
+                if tasks.len() > 1 {
+                    // SAFETY: lengths checked by `eval`; tasks write disjoint rows.
+                    pool.install(|| tasks.into_par_iter().for_each(|t| unsafe { self.task(bufs, t) }));
+                    return;
+                }
+            }
+        }
+        for t in self.tasks(1) {
+            // SAFETY: lengths checked by `eval`.
+            unsafe { self.task(bufs, t) };
+        }
+    }
+}
+
+/// One chunk of an online softmax: `s` holds `rows` rows of `w` scores; each row's running
+/// maximum `max` and sum `sum` take them in, the scores become `e^(s - max)`, and `factor` gets
+/// what earlier sums (and the output) are to be multiplied by.
+fn online(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { online_avx512(s, w, max, sum, factor) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { online_avx2(s, w, max, sum, factor) };
+        }
+    }
+    online_generic(s, w, max, sum, factor)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn online_avx512(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+    online_generic(s, w, max, sum, factor)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn online_avx2(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+    online_generic(s, w, max, sum, factor)
+}
+
+/// Values per lane group (an AVX-512 vector).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn online_generic(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+    for (r, row) in s.chunks_exact_mut(w).enumerate() {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        let mut m = max[r];
+        for &x in lanes.iter().chain(chunks.remainder()) {
+            m = if x > m { x } else { m };
+        }
+        // A row of -inf so far (never from finite inputs): weights as if the maximum were 0.
+        let top = if m == f32::NEG_INFINITY { 0.0 } else { m };
+        let mut sums = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                c[i] = exp_neg(c[i] - top);
+                sums[i] += c[i];
+            }
+        }
+        let mut add: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp_neg(*x - top);
+            add += *x;
+        }
+        let f = if max[r] == f32::NEG_INFINITY { 0.0 } else { exp_neg(max[r] - top) };
+        sum[r] = sum[r] * f + add;
+        factor[r] = f;
+        max[r] = m;
+    }
+}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        "Attention".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "m {} d {} keys {} dv {}, {} outer, scale {}",
+            self.m,
+            self.d,
+            self.keys,
+            self.dv,
+            self.outer(),
+            f32::from_bits(self.scale_bits)
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let q = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let k = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
+        let v = inputs[2].try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(
+            (q.len(), k.len(), v.len()) == self.lens,
+            "Attention: operands of {}, {} and {} values, planned for {:?}",
+            q.len(),
+            k.len(),
+            v.len(),
+            self.lens
+        );
+        if self.d == 0 || self.dv == 0 || self.m == 0 {
+            return Ok(tvec!(Tensor::zero::<f32>(&self.shape)?.into_tvalue()));
+        }
+        let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
+        let o = out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?.as_mut_ptr() as usize;
+        self.run((q.as_ptr() as usize, k.as_ptr() as usize, v.as_ptr() as usize, o));
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Attention {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&self.shape)))
+    }
+
+    as_op!();
+}
+
+/// The only reader of node `id`'s output, if it has exactly one and the output is not one of
+/// the model's.
+fn only_reader(model: &TypedModel, id: usize) -> Option<InletId> {
+    let out = OutletId::new(id, 0);
+    match model.node(id).outputs[0].successors.as_slice() {
+        [one] if !model.outputs.contains(&out) => Some(*one),
+        _ => None,
+    }
+}
+
+/// The attention ending at the softmax node `node`, as (the `P V` node, the op, its inputs).
+fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, [OutletId; 3])> {
+    let sm = node.op_as::<Softmax>()?;
+    let &[axis] = sm.axes.as_slice() else { return None };
+    if sm.kind != SoftmaxKind::Softmax || sm.quant_output_dt.is_some() {
+        return None;
+    }
+    let scores = model.node(node.inputs[0].node);
+    let qk = scores.op_as::<GemmMatMul>()?;
+    let pv_at = only_reader(model, node.id)?;
+    (only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
+    let pv_node = model.node(pv_at.node);
+    let pv = pv_node.op_as::<GemmMatMul>()?;
+    let (q, k) = (scores.inputs[0], scores.inputs[1]);
+    // Scores computed keys x queries (the softmax down the columns) are read as their transpose.
+    match Attention::plan(qk, axis, pv) {
+        Some(op) => Some((pv_node.id, op, [q, k, pv_node.inputs[1]])),
+        None => Some((pv_node.id, Attention::plan(&qk.transposed(), axis, pv)?, [k, q, pv_node.inputs[1]])),
+    }
+}
+
+/// Replaces every attention chain of the decluttered `model` (after [`crate::gemm_matmul`]'s
+/// rewrite) with [`Attention`]; returns how many.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    let found: Vec<(usize, Attention, [OutletId; 3])> =
+        model.nodes().iter().filter_map(|n| candidate(model, n)).collect();
+    for (id, op, inputs) in &found {
+        let name = format!("{}.attention", model.node(*id).name);
+        crate::substitute(model, OutletId::new(*id, 0), name, op.clone(), inputs)?;
+    }
+    model.compact()?;
+    Ok(found.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::math::Mul;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * seed + 7) % 101) as f32 / 25.0 - 2.0).collect()
+    }
+
+    /// An attention over `heads` heads as an exporter writes it: scores (`scores`, einsum
+    /// notation over Q and K), a factor, a softmax over the keys (axis `axis` of the scores),
+    /// the product with V (`out`); run by tract, then rewritten (products on the `gemm` crate,
+    /// then fused), each compared with attention computed in f64, at one and three threads.
+    fn check(
+        scores: &str,
+        axis: usize,
+        out: &str,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+        (queries, keys): (usize, usize),
+    ) {
+        let mut model = TypedModel::default();
+        let [sq, sk, sv] = [("q", q), ("k", k), ("v", v)].map(|(n, s)| model.add_source(n, f32::fact(s)).unwrap());
+        let s =
+            model.wire_node("scores", EinSum::new(scores.parse().unwrap(), f32::datum_type()), &[sq, sk]).unwrap()[0];
+        let rank = model.outlet_fact(s).unwrap().rank();
+        let f = model.add_const("factor", Tensor::from_shape(&vec![1; rank], &[0.3f32]).unwrap()).unwrap();
+        let s = model.wire_node("scaled", TypedBinOp(Box::new(Mul), None), &[s, f]).unwrap()[0];
+        let p = model.wire_node("probs", Softmax::new(tvec![axis], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
+        let o = model.wire_node("out", EinSum::new(out.parse().unwrap(), f32::datum_type()), &[p, sv]).unwrap()[0];
+        model.select_output_outlets(&[o]).unwrap();
+        // Keys (K's rows, d its last axis) drift with their index, so that a row's largest score
+        // moves from chunk to chunk, up for some rows and down for others.
+        let d = k[k.len() - 1];
+        let mut kv = values(k.iter().product(), 53);
+        for (i, x) in kv.iter_mut().enumerate() {
+            *x += 3.0 * ((i / d) % keys) as f32 / keys as f32;
+        }
+        let inputs = [
+            Tensor::from_shape(q, &values(q.iter().product(), 37)).unwrap(),
+            Tensor::from_shape(k, &kv).unwrap(),
+            Tensor::from_shape(v, &values(v.iter().product(), 29)).unwrap(),
+        ];
+        let run = |m: &TypedModel| {
+            let plan = m.clone().into_runnable().unwrap();
+            let out = plan.run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        // The reference: scores and product in f64 by tract's einsum, the softmax in f64 here.
+        let reference = {
+            let mut m = TypedModel::default();
+            let [a, b, _] = [("q", q), ("k", k), ("v", v)].map(|(n, s)| m.add_source(n, f64::fact(s)).unwrap());
+            let s = m.wire_node("scores", EinSum::new(scores.parse().unwrap(), f64::datum_type()), &[a, b]).unwrap()[0];
+            let f = m.add_const("factor", Tensor::from_shape(&vec![1; rank], &[0.3f64]).unwrap()).unwrap();
+            let s = m.wire_node("scaled", TypedBinOp(Box::new(Mul), None), &[s, f]).unwrap()[0];
+            // Softmax in f64 as exp(x - max) / sum.
+            let shape = m.outlet_fact(s).unwrap().shape.as_concrete().unwrap().to_vec();
+            m.select_output_outlets(&[s]).unwrap();
+            let st = m
+                .into_runnable()
+                .unwrap()
+                .run(inputs.iter().map(|t| t.cast_to::<f64>().unwrap().into_owned().into_tvalue()).collect())
+                .unwrap();
+            let mut sc = st[0].clone().into_tensor().into_plain_array::<f64>().unwrap();
+            for mut lane in sc.lanes_mut(tract_ndarray::Axis(axis)) {
+                let max = lane.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lane.mapv_inplace(|x| (x - max).exp());
+                let sum: f64 = lane.sum();
+                lane.mapv_inplace(|x| x / sum);
+            }
+            let probs = Tensor::from(sc.into_shape_with_order(shape).unwrap());
+            let e = EinSum::new(out.parse().unwrap(), f64::datum_type());
+            let o = e
+                .eval(
+                    &EvalContext::out_of_plan(),
+                    tvec!(probs.into_tvalue(), inputs[2].cast_to::<f64>().unwrap().into_owned().into_tvalue()),
+                )
+                .unwrap();
+            o[0].try_as_plain_ram().unwrap().as_slice::<f64>().unwrap().to_vec()
+        };
+        let mut rewritten = model.clone();
+        crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
+        assert_eq!(rewrite(&mut rewritten).unwrap(), 1, "{scores} {out}");
+        let op = rewritten.nodes().iter().find_map(|n| n.op_as::<Attention>()).expect("fused").clone();
+        assert_eq!((op.m, op.keys), (queries, keys), "{scores}");
+        assert!(!rewritten.nodes().iter().any(|n| n.op_is::<Softmax>()), "{scores}: the softmax is taken in");
+        let mut results = vec![("tract", run(&model)), ("fused", run(&rewritten))];
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            results.push(("fused, 3 threads", multithread_tract_scope(Executor::multithread(3), || run(&rewritten))));
+        }
+        for (what, got) in results {
+            assert_eq!(got.len(), reference.len());
+            for (i, (g, w)) in got.iter().zip(&reference).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "{scores} {what} [{i}]: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn heads_in_one_chunk_match_f64() {
+        // Latent self-attention: per head, scores queries x keys.
+        check("hmd,hnd->hmn", 2, "hmn,hne->hme", &[3, 37, 16], &[3, 29, 16], &[3, 29, 8], (37, 29));
+    }
+
+    #[test]
+    fn many_keys_in_chunks_match_f64() {
+        // A cross-attention over more keys than one chunk holds (the last chunk partial), rows
+        // split over threads.
+        check("md,nd->mn", 1, "mn,ne->me", &[40, 8], &[CHUNK + 452, 8], &[CHUNK + 452, 6], (40, CHUNK + 452));
+    }
+
+    #[test]
+    fn scores_keys_by_queries_match_f64() {
+        // Scores computed keys x queries, the softmax down the columns (vision-perceiver-learned's
+        // cross-attention).
+        check("md,nd->nm", 0, "nm,ne->me", &[24, 8], &[CHUNK + 100, 8], &[CHUNK + 100, 5], (24, CHUNK + 100));
+    }
+
+    #[test]
+    fn leaves_a_softmax_read_twice() {
+        let mut model = TypedModel::default();
+        let q = model.add_source("q", f32::fact([4, 8])).unwrap();
+        let k = model.add_source("k", f32::fact([6, 8])).unwrap();
+        let v = model.add_source("v", f32::fact([6, 3])).unwrap();
+        let s = model
+            .wire_node("scores", EinSum::new("md,nd->mn".parse().unwrap(), f32::datum_type()), &[q, k])
+            .unwrap()[0];
+        let p = model.wire_node("probs", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
+        let o =
+            model.wire_node("out", EinSum::new("mn,ne->me".parse().unwrap(), f32::datum_type()), &[p, v]).unwrap()[0];
+        model.select_output_outlets(&[o, p]).unwrap();
+        crate::gemm_matmul::rewrite(&mut model).unwrap();
+        assert_eq!(rewrite(&mut model).unwrap(), 0, "the probabilities are an output too");
+    }
+}
