@@ -26,15 +26,18 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
-/// Keys per chunk, and the most keys an attention takes in one chunk: 256 rows of scores then
-/// fill 2 MiB, a core's L2 on the hosts measured.
+/// The most keys an attention takes in one chunk (an exact softmax of each row).
 const CHUNK: usize = 2048;
 
-/// Keys per chunk when there are more than [`CHUNK`].
-const STEP: usize = 512;
+/// Keys per chunk when there are more than [`CHUNK`]: with [`MAX_ROWS`] rows, 2 MiB of scores,
+/// a core's L2 on the hosts measured. Per-node times of vision-perceiver-fourier's
+/// `[512, 50176]` cross-attention (`bench --profile`, one thread) fell from 330-415 ms with
+/// 512 keys x 128-256 rows to 231-253 ms with 1024-2048 x 512: each chunk's products repack
+/// their operands, so larger chunks waste less.
+const STEP: usize = 1024;
 
 /// Most query rows per task.
-const MAX_ROWS: usize = 256;
+const MAX_ROWS: usize = 512;
 
 /// An outer loop (heads, a batch): its extent and the strides it steps Q, K, V and the output by.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
