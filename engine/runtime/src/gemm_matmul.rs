@@ -295,20 +295,16 @@ impl GemmMatMul {
     }
 
     /// The blocks of work for `threads` threads: each outer product whole when there are at
-    /// least as many as threads, else each cut into `threads` blocks of whole 16-row panels, or
-    /// 16-column ones when it has fewer than 16 rows a thread or over four times as many columns
-    /// as rows; as (outer index, rows, columns). Rows first: each thread then reads its own rows
-    /// of `A` and all of `B` (in the transposed call, the crate's packed operand), which ran
-    /// 5-30 % faster than columns in interleaved rounds on two threads (`512 x 1024 x 1024`,
-    /// `256 x 1280 x 1280`, `512 x 128 x 512`, `512 x 50176 x 261`, where cutting the columns
-    /// had made a product slower on two threads than on one).
+    /// least as many as threads, else each cut along its longer side into `threads` blocks (of
+    /// whole 16-row or 16-column panels), as (outer index, rows, columns). Each thread packs the
+    /// operand it shares with the others whole, so the shorter side's operand is the one shared.
     #[cfg(feature = "threads")]
     fn blocks(&self, threads: usize) -> Vec<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
         let outer = self.outer();
         if outer >= threads {
             return (0..outer).map(|i| (i, 0..self.m, 0..self.n)).collect();
         }
-        let by_rows = self.m >= 16 * threads && self.n <= 4 * self.m;
+        let by_rows = self.m >= self.n;
         let side = if by_rows { self.m } else { self.n };
         let step = side.div_ceil(threads).div_ceil(16) * 16;
         let mut blocks = vec![];
