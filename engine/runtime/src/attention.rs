@@ -135,31 +135,48 @@ impl Attention {
         o
     }
 
-    /// The tasks for `threads` threads, as (outer index, first row, rows): whole outer
-    /// iterations when there are at least as many as threads, else rows split among the threads;
-    /// at most [`MAX_ROWS`] rows each.
-    fn tasks(&self, threads: usize) -> Vec<(usize, usize, usize)> {
+    /// The tasks for `threads` threads: whole outer iterations when there are at least as many
+    /// as threads; else, with more keys than one chunk, the keys split among the threads (each
+    /// then reads its own part of K and V, not all of them: vision-perceiver-learned's
+    /// cross-attention streams 196 MiB of keys and values, and with the rows split its two
+    /// threads ran 1.37x faster than one); else the rows split among them. At most [`MAX_ROWS`]
+    /// rows each.
+    fn tasks(&self, threads: usize) -> Vec<Task> {
         let outer = self.outer();
-        let parts = if outer >= threads { 1 } else { threads };
+        let split_keys = outer < threads && self.keys > CHUNK;
+        let parts = if outer >= threads || split_keys { 1 } else { threads };
         let per = self.m.div_ceil(parts).clamp(1, MAX_ROWS);
+        let key_step = if split_keys { self.keys.div_ceil(threads).div_ceil(STEP) * STEP } else { self.keys };
         let mut tasks = vec![];
         for i in 0..outer {
-            for r in (0..self.m).step_by(per) {
-                tasks.push((i, r, per.min(self.m - r)));
+            for r0 in (0..self.m).step_by(per) {
+                let rows = per.min(self.m - r0);
+                for k0 in (0..self.keys).step_by(key_step) {
+                    let keys = k0..(k0 + key_step).min(self.keys);
+                    let part = split_keys.then_some(tasks.len());
+                    tasks.push(Task { i, r0, rows, keys, part });
+                }
             }
         }
         tasks
     }
 
-    /// Rows `r0 .. r0 + rows` of outer iteration `i`.
+    /// Task `t`. Its output rows, unnormalised when it has a `part`, go to that part's slot of
+    /// `partials` (`MAX_ROWS x dv` values, then the rows' maxima and sums), else to O.
     ///
     /// # Safety
-    /// The addresses hold Q, K, V and O as planned, and no one else writes these rows of O.
-    unsafe fn task(&self, (q, k, v, o): (usize, usize, usize, usize), (i, r0, rows): (usize, usize, usize)) {
-        let [oq, ok, ov, oo] = self.offsets(i);
-        let q = (q as *const f32).offset(oq + r0 as isize * self.q.row);
+    /// The addresses hold Q, K, V and O as planned, `partials` a slot for each part, and no one
+    /// else writes this task's rows of O or its slot.
+    unsafe fn task(&self, (q, k, v, o): (usize, usize, usize, usize), t: &Task, partials: usize) {
+        let rows = t.rows;
+        let [oq, ok, ov, oo] = self.offsets(t.i);
+        let q = (q as *const f32).offset(oq + t.r0 as isize * self.q.row);
         let (k, v) = ((k as *const f32).offset(ok), (v as *const f32).offset(ov));
-        let o = (o as *mut f32).offset(oo + r0 as isize * self.o.row);
+        let slot = t.part.map(|p| (partials as *mut f32).add(p * self.slot_len()));
+        let (o, os) = match slot {
+            Some(slot) => (slot, Strides::rows(self.dv)),
+            None => ((o as *mut f32).offset(oo + t.r0 as isize * self.o.row), self.o),
+        };
         let scale = f32::from_bits(self.scale_bits);
         let step = if self.keys <= CHUNK { self.keys } else { STEP };
         SCRATCH.with(|scratch| {
@@ -169,7 +186,7 @@ impl Attention {
                 s.resize(rows * step, 0.0);
             }
             let s = &mut s[..rows * step];
-            if step == self.keys {
+            if step == self.keys && slot.is_none() {
                 // One chunk: the scores of these rows, an exact softmax, one product.
                 matmul_into(
                     (rows, self.d, step),
@@ -180,14 +197,7 @@ impl Attention {
                     false,
                 );
                 softmax_in_place(s, step);
-                matmul_into(
-                    (rows, step, self.dv),
-                    (o, self.o),
-                    (s.as_ptr(), Strides::rows(step)),
-                    (v, self.v),
-                    1.0,
-                    false,
-                );
+                matmul_into((rows, step, self.dv), (o, os), (s.as_ptr(), Strides::rows(step)), (v, self.v), 1.0, false);
                 return;
             }
             state.clear();
@@ -195,8 +205,8 @@ impl Attention {
             let (max, rest) = state.split_at_mut(rows);
             let (sum, factor) = rest.split_at_mut(rows);
             max.fill(f32::NEG_INFINITY);
-            for j0 in (0..self.keys).step_by(step) {
-                let w = step.min(self.keys - j0);
+            for j0 in t.keys.clone().step_by(step) {
+                let w = step.min(t.keys.end - j0);
                 let s = &mut s[..rows * w];
                 let kj = k.offset(j0 as isize * self.k.col);
                 let vj = v.offset(j0 as isize * self.v.row);
@@ -209,34 +219,69 @@ impl Attention {
                     false,
                 );
                 online(s, w, max, sum, factor);
-                if j0 > 0 {
-                    self.scale_rows(o, rows, factor);
+                let first = j0 == t.keys.start;
+                if !first {
+                    scale_rows(o, os, rows, self.dv, factor);
                 }
-                matmul_into((rows, w, self.dv), (o, self.o), (s.as_ptr(), Strides::rows(w)), (vj, self.v), 1.0, j0 > 0);
+                matmul_into((rows, w, self.dv), (o, os), (s.as_ptr(), Strides::rows(w)), (vj, self.v), 1.0, !first);
             }
-            for f in sum.iter_mut() {
-                *f = 1.0 / *f;
+            match slot {
+                Some(slot) => {
+                    let states = std::slice::from_raw_parts_mut(slot.add(MAX_ROWS * self.dv), 2 * MAX_ROWS);
+                    states[..rows].copy_from_slice(max);
+                    states[MAX_ROWS..MAX_ROWS + rows].copy_from_slice(sum);
+                }
+                None => {
+                    for f in sum.iter_mut() {
+                        *f = 1.0 / *f;
+                    }
+                    scale_rows(o, os, rows, self.dv, sum);
+                }
             }
-            self.scale_rows(o, rows, sum);
         });
     }
 
-    /// Multiplies row `r` of the `rows` output rows at `o` by `factor[r]`.
+    /// Values in one part's slot of the partial results.
+    fn slot_len(&self) -> usize {
+        MAX_ROWS * self.dv + 2 * MAX_ROWS
+    }
+
+    /// Joins the parts of each block of rows (tasks in order, a block's parts together) into O:
+    /// each part's sums and output weighted by `e^(its max - the overall max)`, then divided by
+    /// the total sum.
     ///
     /// # Safety
-    /// As [`Attention::task`].
-    unsafe fn scale_rows(&self, o: *mut f32, rows: usize, factor: &[f32]) {
-        for (r, &f) in factor.iter().enumerate().take(rows) {
-            let row = o.offset(r as isize * self.o.row);
-            if self.o.col == 1 {
-                for x in std::slice::from_raw_parts_mut(row, self.dv) {
-                    *x *= f;
+    /// As [`Attention::task`], every task done.
+    #[cfg_attr(not(feature = "threads"), allow(dead_code))]
+    unsafe fn join(&self, o: usize, tasks: &[Task], partials: &[f32]) {
+        let dv = self.dv;
+        let mut start = 0;
+        while start < tasks.len() {
+            let t = &tasks[start];
+            let end = start + tasks[start..].iter().take_while(|u| (u.i, u.r0) == (t.i, t.r0)).count();
+            let [_, _, _, oo] = self.offsets(t.i);
+            let o = (o as *mut f32).offset(oo + t.r0 as isize * self.o.row);
+            let slots: Vec<&[f32]> =
+                (start..end).map(|p| &partials[p * self.slot_len()..(p + 1) * self.slot_len()]).collect();
+            let mut acc = vec![0f32; dv];
+            for r in 0..t.rows {
+                let top = slots.iter().map(|sl| sl[MAX_ROWS * dv + r]).fold(f32::NEG_INFINITY, f32::max);
+                let top = if top == f32::NEG_INFINITY { 0.0 } else { top };
+                acc.fill(0.0);
+                let mut total = 0.0;
+                for sl in &slots {
+                    let w = exp_neg(sl[MAX_ROWS * dv + r] - top);
+                    total += w * sl[MAX_ROWS * dv + MAX_ROWS + r];
+                    for (a, x) in acc.iter_mut().zip(&sl[r * dv..(r + 1) * dv]) {
+                        *a += w * x;
+                    }
                 }
-            } else {
-                for c in 0..self.dv {
-                    *row.offset(c as isize * self.o.col) *= f;
+                let row = o.offset(r as isize * self.o.row);
+                for (c, a) in acc.iter().enumerate() {
+                    *row.offset(c as isize * self.o.col) = a / total;
                 }
             }
+            start = end;
         }
     }
 
@@ -248,17 +293,53 @@ impl Attention {
             if let Some(pool) = crate::thread_pool() {
                 let tasks = self.tasks(pool.current_num_threads());
                 if tasks.len() > 1 {
-                    // SAFETY: lengths checked by `eval`; tasks write disjoint rows.
-                    pool.install(|| tasks.into_par_iter().for_each(|t| unsafe { self.task(bufs, t) }));
+                    let parts = tasks.iter().filter(|t| t.part.is_some()).count();
+                    let mut partials = vec![0f32; parts * self.slot_len()];
+                    let p = partials.as_mut_ptr() as usize;
+                    // SAFETY: lengths checked by `eval`; tasks write disjoint rows or slots.
+                    pool.install(|| tasks.par_iter().for_each(|t| unsafe { self.task(bufs, t, p) }));
+                    if parts > 0 {
+                        // SAFETY: every task is done.
+                        unsafe { self.join(bufs.3, &tasks, &partials) };
+                    }
                     return;
                 }
             }
         }
         for t in self.tasks(1) {
-            // SAFETY: lengths checked by `eval`.
-            unsafe { self.task(bufs, t) };
+            // SAFETY: lengths checked by `eval`; one thread, no parts.
+            unsafe { self.task(bufs, &t, 0) };
         }
     }
+}
+
+/// Multiplies row `r` of the `rows` rows of `dv` values at `o` (strides `os`) by `factor[r]`.
+///
+/// # Safety
+/// As [`Attention::task`].
+unsafe fn scale_rows(o: *mut f32, os: Strides, rows: usize, dv: usize, factor: &[f32]) {
+    for (r, &f) in factor.iter().enumerate().take(rows) {
+        let row = o.offset(r as isize * os.row);
+        if os.col == 1 {
+            for x in std::slice::from_raw_parts_mut(row, dv) {
+                *x *= f;
+            }
+        } else {
+            for c in 0..dv {
+                *row.offset(c as isize * os.col) *= f;
+            }
+        }
+    }
+}
+
+/// One task of an attention (see [`Attention::tasks`]).
+#[derive(Clone, Debug)]
+struct Task {
+    i: usize,
+    r0: usize,
+    rows: usize,
+    keys: std::ops::Range<usize>,
+    part: Option<usize>,
 }
 
 /// One chunk of an online softmax: `s` holds `rows` rows of `w` scores; each row's running
