@@ -17,7 +17,7 @@
 //! and the fixtures with transformers.
 
 use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
-use crate::softmax_rows::{exp_neg, softmax_in_place};
+use crate::softmax_rows::{exp_neg, exp_sum, row_max, softmax_in_place};
 use std::cell::RefCell;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -372,38 +372,13 @@ unsafe fn online_avx2(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32],
     online_generic(s, w, max, sum, factor)
 }
 
-/// Values per lane group (an AVX-512 vector).
-const LANES: usize = 16;
-
 #[inline(always)]
 fn online_generic(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
     for (r, row) in s.chunks_exact_mut(w).enumerate() {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-            }
-        }
-        let mut m = max[r];
-        for &x in lanes.iter().chain(chunks.remainder()) {
-            m = if x > m { x } else { m };
-        }
+        let m = row_max(row, max[r]);
         // A row of -inf so far (never from finite inputs): weights as if the maximum were 0.
         let top = if m == f32::NEG_INFINITY { 0.0 } else { m };
-        let mut sums = [0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                c[i] = exp_neg(c[i] - top);
-                sums[i] += c[i];
-            }
-        }
-        let mut add: f32 = sums.iter().sum();
-        for x in chunks.into_remainder() {
-            *x = exp_neg(*x - top);
-            add += *x;
-        }
+        let add = exp_sum(row, top);
         let f = if max[r] == f32::NEG_INFINITY { 0.0 } else { exp_neg(max[r] - top) };
         sum[r] = sum[r] * f + add;
         factor[r] = f;

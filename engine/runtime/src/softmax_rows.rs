@@ -51,9 +51,9 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     e * scale
 }
 
-/// Softmax of one row, in place.
+/// The largest of `xs` and `start`, over lanes the compiler vectorises.
 #[inline(always)]
-fn row(xs: &mut [f32]) {
+pub(crate) fn row_max(xs: &[f32], start: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = xs.chunks_exact(LANES);
     for c in &mut chunks {
@@ -61,28 +61,41 @@ fn row(xs: &mut [f32]) {
             lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
-    let mut max = f32::NEG_INFINITY;
+    let mut max = start;
     for &v in lanes.iter().chain(chunks.remainder()) {
         max = if v > max { v } else { max };
     }
-    if max == f32::NEG_INFINITY {
-        // Every value -inf (a fully masked row): equal weights (tract's kernel gives NaN).
-        max = 0.0;
-    }
+    max
+}
+
+/// Replaces each of `xs` by `e^(x - top)` (`top` at least each of them) and returns their sum.
+#[inline(always)]
+pub(crate) fn exp_sum(xs: &mut [f32], top: f32) -> f32 {
     let mut sums = [0f32; LANES];
     let mut chunks = xs.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp_neg(c[i] - max);
+            c[i] = exp_neg(c[i] - top);
             sums[i] += c[i];
         }
     }
     let mut sum: f32 = sums.iter().sum();
     for v in chunks.into_remainder() {
-        *v = exp_neg(*v - max);
+        *v = exp_neg(*v - top);
         sum += *v;
     }
-    let inv = 1.0 / sum;
+    sum
+}
+
+/// Softmax of one row, in place.
+#[inline(always)]
+fn row(xs: &mut [f32]) {
+    let mut max = row_max(xs, f32::NEG_INFINITY);
+    if max == f32::NEG_INFINITY {
+        // Every value -inf (a fully masked row): equal weights (tract's kernel gives NaN).
+        max = 0.0;
+    }
+    let inv = 1.0 / exp_sum(xs, max);
     for v in xs.iter_mut() {
         *v *= inv;
     }
