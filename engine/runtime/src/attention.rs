@@ -7,14 +7,14 @@
 //! thread cannot speed up (vision-perceiver-fourier, `bench --profile` per node: the `P V`
 //! product ran slower on two threads than on one). [`Attention`] replaces the chain
 //! `GemmMatMul (Q K, scaled) -> Softmax -> GemmMatMul (P V)` when each step is the only reader
-//! of the one before. Each task takes a block of query rows (threads take blocks) and walks the
-//! keys in chunks of [`CHUNK`]: the chunk's scores into a small buffer, the softmax kept online
-//! (a running maximum and sum per row, earlier sums rescaled when the maximum grows), the
-//! chunk's values added into the output by the `gemm` crate. With at most [`CHUNK`] keys (the
-//! latent self-attention) there is one chunk: the scores of a block of rows, an exact softmax of
-//! each row (the kernel of [`crate::softmax_rows`]), one product. Results differ from the
-//! unfused chain by rounding only; the unit tests compare both with attention computed in f64,
-//! and the fixtures with transformers.
+//! of the one before. Each task takes a block of query rows (threads take blocks, or parts of the
+//! keys, see [`Attention::tasks`]) and walks the keys in chunks of [`STEP`]: the chunk's scores
+//! into a small buffer, the softmax kept online (a running maximum and sum per row, earlier sums
+//! rescaled when the maximum grows), the chunk's values added into the output by the `gemm`
+//! crate. With at most [`CHUNK`] keys (the latent self-attention) there is one chunk: the scores
+//! of a block of rows, an exact softmax of each row (the kernel of [`crate::softmax_rows`]), one
+//! product. Results differ from the unfused chain by rounding only; the unit tests compare both
+//! with attention computed in f64, and the fixtures with transformers.
 
 use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
 use crate::softmax_rows::{exp_neg, exp_sum, row_max, softmax_in_place};
@@ -79,7 +79,7 @@ impl Attention {
     /// attention (the softmax over `qk`'s columns, `pv` contracting them, the same outer loops).
     fn plan(qk: &GemmMatMul, axis: usize, pv: &GemmMatMul) -> Option<Attention> {
         let scores = &qk.shape;
-        let stride: usize = scores[axis + 1..].iter().product();
+        let stride: usize = scores.get(axis + 1..)?.iter().product();
         let n = qk.n;
         let fits = scores.get(axis) == Some(&n)
             && qk.c.col == stride as isize
