@@ -296,7 +296,7 @@ impl GemmMatMul {
 
     /// The blocks of work for `threads` threads: each outer product whole when there are at
     /// least as many as threads, else each cut along its longer side into two blocks a thread (of
-    /// whole 16-row or 16-column panels; one a thread below 64 rows or columns a block), as
+    /// whole 16-row or 16-column panels; one a thread below 128 rows or columns a block), as
     /// (outer index, rows, columns). Each block packs the operand it shares with the others
     /// whole, so the shorter side's operand is the one shared. Two blocks a thread let a thread
     /// that a busy neighbour slowed take less of the work: on this 2-core host, interleaved
@@ -311,7 +311,7 @@ impl GemmMatMul {
         }
         let by_rows = self.m >= self.n;
         let side = if by_rows { self.m } else { self.n };
-        let parts = if side >= 2 * threads * 64 { 2 * threads } else { threads };
+        let parts = if side >= 2 * threads * 128 { 2 * threads } else { threads };
         let step = side.div_ceil(parts).div_ceil(16) * 16;
         let mut blocks = vec![];
         for i in 0..outer {
@@ -539,7 +539,7 @@ mod tests {
         check("mk,kn->mn", &[150, 70], &[70, 40]); // large enough to be split over threads: along m
         check("mk,nk->nm", &[40, 70], &[150, 70]); // along n, output transposed
         check("bmk,kn->bmn", &[2, 100, 64], &[64, 50]); // fewer outer products than threads
-        check("mk,kn->mn", &[400, 20], &[20, 30]); // two blocks a thread, the last one short
+        check("mk,kn->mn", &[800, 20], &[20, 30]); // two blocks a thread, the last one short
         let merged = GemmMatMul::plan(&"mk,kxy->mxy".parse().unwrap(), &[7, 3], &[3, 5, 4], &[7, 5, 4]).unwrap();
         assert_eq!((merged.n, merged.loops.len()), (20, 0));
     }
