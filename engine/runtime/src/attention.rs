@@ -162,7 +162,8 @@ impl Attention {
     }
 
     /// Task `t`. Its output rows, unnormalised when it has a `part`, go to that part's slot of
-    /// `partials` (`MAX_ROWS x dv` values, then the rows' maxima and sums), else to O.
+    /// `partials` ([`Attention::slot_rows`]` x dv` values, then the rows' maxima and sums), else
+    /// to O.
     ///
     /// # Safety
     /// The addresses hold Q, K, V and O as planned, `partials` a slot for each part, and no one
@@ -227,9 +228,10 @@ impl Attention {
             }
             match slot {
                 Some(slot) => {
-                    let states = std::slice::from_raw_parts_mut(slot.add(MAX_ROWS * self.dv), 2 * MAX_ROWS);
+                    let n = self.slot_rows();
+                    let states = std::slice::from_raw_parts_mut(slot.add(n * self.dv), 2 * n);
                     states[..rows].copy_from_slice(max);
-                    states[MAX_ROWS..MAX_ROWS + rows].copy_from_slice(sum);
+                    states[n..n + rows].copy_from_slice(sum);
                 }
                 None => {
                     for f in sum.iter_mut() {
@@ -241,9 +243,15 @@ impl Attention {
         });
     }
 
+    /// Rows in one part's slot of the partial results: a task's most (a decoder's single query
+    /// gets a slot of one row, not [`MAX_ROWS`]).
+    fn slot_rows(&self) -> usize {
+        self.m.clamp(1, MAX_ROWS)
+    }
+
     /// Values in one part's slot of the partial results.
     fn slot_len(&self) -> usize {
-        MAX_ROWS * self.dv + 2 * MAX_ROWS
+        self.slot_rows() * (self.dv + 2)
     }
 
     /// Joins the parts of each block of rows (tasks in order, a block's parts together) into O:
@@ -254,7 +262,7 @@ impl Attention {
     /// As [`Attention::task`], every task done.
     #[cfg_attr(not(feature = "threads"), allow(dead_code))]
     unsafe fn join(&self, o: usize, tasks: &[Task], partials: &[f32]) {
-        let dv = self.dv;
+        let (dv, n) = (self.dv, self.slot_rows());
         let mut start = 0;
         while start < tasks.len() {
             let t = &tasks[start];
@@ -265,13 +273,13 @@ impl Attention {
                 (start..end).map(|p| &partials[p * self.slot_len()..(p + 1) * self.slot_len()]).collect();
             let mut acc = vec![0f32; dv];
             for r in 0..t.rows {
-                let top = slots.iter().map(|sl| sl[MAX_ROWS * dv + r]).fold(f32::NEG_INFINITY, f32::max);
+                let top = slots.iter().map(|sl| sl[n * dv + r]).fold(f32::NEG_INFINITY, f32::max);
                 let top = if top == f32::NEG_INFINITY { 0.0 } else { top };
                 acc.fill(0.0);
                 let mut total = 0.0;
                 for sl in &slots {
-                    let w = exp_neg(sl[MAX_ROWS * dv + r] - top);
-                    total += w * sl[MAX_ROWS * dv + MAX_ROWS + r];
+                    let w = exp_neg(sl[n * dv + r] - top);
+                    total += w * sl[n * dv + n + r];
                     for (a, x) in acc.iter_mut().zip(&sl[r * dv..(r + 1) * dv]) {
                         *a += w * x;
                     }
