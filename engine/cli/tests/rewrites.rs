@@ -4,8 +4,8 @@
 //! fixture tolerance. The rewrites must actually fire on the heads with position features.
 
 use perceiver_edge_runtime::{
-    npy, set_attention, set_gemm_matmul, set_layer_norm_rows, set_q4_matmul, set_softmax_rows, set_threads, to_vec,
-    Session, Tensor,
+    has_amx_int8, npy, set_attention, set_gemm_matmul, set_int8_amx, set_layer_norm_rows, set_q4_matmul,
+    set_softmax_rows, set_threads, to_vec, Session, Tensor,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -323,4 +323,56 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
     assert!(with_kernel >= n, "GemmQ4 ran in only {with_kernel} of {} runs", 2 * n);
+}
+
+/// The runtime's int8 product on AMX tiles (`AmxI8`, `MatMulInteger -> Cast -> Mul` in one op)
+/// against tract's kernels, on every fixture's int8 export: the same integer sums and the same
+/// f32 rounding, so outputs are bit-identical, at 1 and 2 threads. Where the CPU has no AMX-INT8
+/// the op must not appear (tract's kernels run).
+#[test]
+fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n, mut with_kernel) = (0, 0);
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+        let onnx = tmp.path().join(format!("{fixture}_{case}.int8.onnx"));
+        export(&c.dir, &args, &["--precision", "int8"], &onnx);
+        let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
+        // Outputs' bits, whether AmxI8 ran, and the resident weights' bytes.
+        let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool, usize) {
+            set_int8_amx(on);
+            set_threads(threads).unwrap();
+            let mut s = Session::load(&onnx).unwrap();
+            let mut ops = std::collections::BTreeMap::new();
+            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
+            let resident = s.resident_weights().iter().map(|e| e.1).sum();
+            let bits = outs.iter().map(|t| to_vec(t).unwrap().iter().map(|v: &f32| v.to_bits()).collect()).collect();
+            (bits, ops.contains_key("AmxI8"), resident)
+        };
+        let (tract, used, tract_resident) = run_with(false, 1);
+        assert!(!used, "{fixture}/{case}: AmxI8 while switched off");
+        for threads in [1, 2] {
+            let (got, used, resident) = run_with(true, threads);
+            assert!(has_amx_int8() || !used, "{fixture}/{case}: AmxI8 on a CPU without AMX-INT8");
+            // Tiles pad the weights to whole tiles (64 rows, 32 columns).
+            let ratio = resident as f64 / tract_resident as f64;
+            assert!(
+                (0.7..1.6).contains(&ratio),
+                "{fixture}/{case}: resident {resident} B with AmxI8, {tract_resident} B without"
+            );
+            assert!(got == tract, "{fixture}/{case}: AmxI8 outputs differ from tract's at {threads} threads");
+            eprintln!("{fixture:>15}/{case:<7} int8 AmxI8 used: {used} ({threads} threads), bit-identical to tract");
+            with_kernel += used as usize;
+        }
+        n += 1;
+    }
+    set_int8_amx(true);
+    set_threads(1).unwrap();
+    assert!(n >= 19, "fixtures missing: {n} cases");
+    if has_amx_int8() {
+        assert!(with_kernel >= n, "AmxI8 ran in only {with_kernel} of {} runs", 2 * n);
+    } else {
+        eprintln!("no AMX-INT8 on this CPU: tract's int8 kernels only (AmxI8 ran in {with_kernel} runs)");
+    }
 }
