@@ -86,8 +86,46 @@ fn range(xs: &[f32]) -> (f32, f32) {
     range_generic(xs)
 }
 
+/// From this many values the range and the quantisation are split over the threads.
+#[cfg(feature = "threads")]
+const PARALLEL_MIN: usize = 1 << 17;
+
+/// Values per thread when `xs` is split over tract's thread pool, if it is.
+#[cfg(feature = "threads")]
+fn split(len: usize) -> Option<(std::sync::Arc<rayon::ThreadPool>, usize)> {
+    let pool = crate::thread_pool().filter(|_| len >= PARALLEL_MIN)?;
+    let per = len.div_ceil(pool.current_num_threads()).div_ceil(16) * 16;
+    Some((pool, per))
+}
+
+/// [`range`], split over the threads from [`PARALLEL_MIN`] values: the smallest of the parts'
+/// minima and the largest of their maxima, which is the whole's.
+fn range_split(xs: &[f32]) -> (f32, f32) {
+    #[cfg(feature = "threads")]
+    if let Some((pool, per)) = split(xs.len()) {
+        use rayon::prelude::*;
+        let join =
+            |a: (f32, f32), b: (f32, f32)| (if b.0 < a.0 { b.0 } else { a.0 }, if b.1 > a.1 { b.1 } else { a.1 });
+        return pool.install(|| xs.par_chunks(per).map(range).reduce(|| (0.0, 0.0), join));
+    }
+    range(xs)
+}
+
+/// [`quantize`], split over the threads from [`PARALLEL_MIN`] values.
+fn quantize_split(scale: f32, zero_point: u8, xs: &[f32], ys: &mut [u8]) {
+    #[cfg(feature = "threads")]
+    if let Some((pool, per)) = split(xs.len()) {
+        use rayon::prelude::*;
+        pool.install(|| {
+            xs.par_chunks(per).zip(ys.par_chunks_mut(per)).for_each(|(x, y)| quantize(scale, zero_point, x, y))
+        });
+        return;
+    }
+    quantize(scale, zero_point, xs, ys)
+}
+
 fn scale_and_zero_point(xs: &[f32]) -> (f32, u8) {
-    let (min, max) = range(xs);
+    let (min, max) = range_split(xs);
     let scale = (max - min) / 255.0;
     let zero_point = (-min / scale).round_ties_even().clamp(0.0, 255.0);
     (scale, zero_point as u8)
@@ -164,7 +202,7 @@ impl EvalOp for DynamicQuantizeU8 {
         let xs = input.try_as_plain_ram()?.as_slice::<f32>()?;
         let (scale, zero_point) = scale_and_zero_point(xs);
         let mut dst = unsafe { Tensor::uninitialized_dt(u8::datum_type(), input.shape())? };
-        quantize(scale, zero_point, xs, dst.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+        quantize_split(scale, zero_point, xs, dst.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
         Ok(tvec!(dst.into_tvalue(), tensor0(scale).into_tvalue(), tensor0(zero_point).into_tvalue()))
     }
 }
@@ -245,5 +283,19 @@ mod tests {
             })
             .collect();
         check(&random);
+        // Split over three threads: the minimum in the last part, the maximum in the first.
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            let mut big: Vec<f32> = (0..PARALLEL_MIN + 1001).map(|i| random[i % random.len()]).collect();
+            let n = big.len();
+            (big[n - 5], big[7]) = (-31.25, 40.5);
+            let (scale, zp) = multithread_tract_scope(Executor::multithread(3), || scale_and_zero_point(&big));
+            let mut ys = vec![0u8; n];
+            multithread_tract_scope(Executor::multithread(3), || quantize_split(scale, zp, &big, &mut ys));
+            let (q, s, z) = reference(&big);
+            assert_eq!((scale.to_bits(), zp), (s.to_bits(), z), "split range");
+            assert_eq!(ys, q, "split quantisation");
+        }
     }
 }

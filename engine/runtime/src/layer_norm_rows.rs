@@ -107,20 +107,28 @@ impl LayerNormRows {
         f32::from_bits(self.eps_bits)
     }
 
-    fn run(&self, data: &mut [f32], len: usize) {
+    /// Normalises the rows of `data`, first copied from `src` when there is one (a part per
+    /// thread: each copies and normalises its own rows).
+    fn run(&self, src: Option<&[f32]>, data: &mut [f32], len: usize) {
         let eps = self.eps();
+        let part = |first: usize, part: &mut [f32]| {
+            if let Some(src) = src {
+                part.copy_from_slice(&src[first..first + part.len()]);
+            }
+            rows(part, len, eps)
+        };
         #[cfg(feature = "threads")]
         {
             use rayon::prelude::*;
             if let Some(pool) = crate::thread_pool() {
                 if data.len() >= PARALLEL_MIN {
-                    let per = (data.len() / len).div_ceil(pool.current_num_threads()).max(1);
-                    pool.install(|| data.par_chunks_mut(per * len).for_each(|part| rows(part, len, eps)));
+                    let per = (data.len() / len).div_ceil(pool.current_num_threads()).max(1) * len;
+                    pool.install(|| data.par_chunks_mut(per).enumerate().for_each(|(i, p)| part(i * per, p)));
                     return;
                 }
             }
         }
-        rows(data, len, eps)
+        part(0, data)
     }
 }
 
@@ -140,12 +148,21 @@ impl EvalOp for LayerNormRows {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        // In place unless another node reads the input too.
-        let mut t = inputs.remove(0).into_tensor();
-        let len = *t.shape().last().context("LayerNormRows: a scalar")?;
-        if len > 0 {
-            self.run(t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len);
+        let input = inputs.remove(0);
+        let len = *input.shape().last().context("LayerNormRows: a scalar")?;
+        if len == 0 {
+            return Ok(tvec!(input));
         }
+        // In place unless another node reads the input too; then into a new tensor, the copy
+        // split over the threads with the normalisation.
+        if input.is_exclusive() {
+            let mut t = input.into_tensor();
+            self.run(None, t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len);
+            return Ok(tvec!(t.into_tvalue()));
+        }
+        let src = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        let mut t = unsafe { Tensor::uninitialized_dt(f32::datum_type(), input.shape())? };
+        self.run(Some(src), t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len);
         Ok(tvec!(t.into_tvalue()))
     }
 }
@@ -245,6 +262,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An input another node reads too is left as it is, and normalised into a new tensor with the
+    /// same values as in place, at one and three threads.
+    #[test]
+    fn shared_input_is_copied_not_changed() {
+        let (n, len) = (300usize, 261usize);
+        let data: Vec<f32> = (0..n * len).map(|i| ((i * 37) % 101) as f32 / 10.0 - 4.0).collect();
+        let op = LayerNormRows { eps_bits: 1e-5f32.to_bits() };
+        let input = Tensor::from_shape(&[n, len], &data).unwrap().into_tvalue();
+        let values = |t: &TValue| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let eval = |v: TValue| op.eval(&EvalContext::out_of_plan(), tvec!(v)).unwrap().remove(0);
+        let in_place = values(&eval(Tensor::from_shape(&[n, len], &data).unwrap().into_tvalue()));
+        let mut results = vec![values(&eval(input.clone()))];
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            results.push(multithread_tract_scope(Executor::multithread(3), || values(&eval(input.clone()))));
+        }
+        assert_eq!(values(&input), data, "the shared input changed");
+        for got in results {
+            assert_eq!(got, in_place);
+        }
+        assert_ne!(in_place, data);
     }
 
     /// tract-onnx's expansion of a LayerNorm whose mean is taken over axis `mean_axis` of an
