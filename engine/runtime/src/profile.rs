@@ -477,7 +477,10 @@ precisions = ["f16", "int8", "f32"]
             }
         }
         names.sort();
-        assert_eq!(names, ["jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "x86-64-host"]);
+        assert_eq!(
+            names,
+            ["jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "x86-64-amx", "x86-64-host"]
+        );
         // The A72 has neither fp16 arithmetic nor SDOT; the A76 has both.
         let pi4 = Profile::load(&dir.join("raspberry-pi-4.toml")).unwrap();
         assert!(!pi4.cpu.fp16 && !pi4.cpu.dotprod);
