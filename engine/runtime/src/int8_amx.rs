@@ -11,13 +11,16 @@
 //!
 //! [`AmxI8`] replaces the whole chain `MatMulInteger -> Cast -> Mul`. Weights are packed once at
 //! load into AMX B tiles (16 rows of 4 consecutive `k` for 16 columns); each 32 x 32 output block
-//! is four accumulator tiles fed by two activation tiles (read in place, unsigned) and two weight
-//! tiles per 64 values of `k` (`tdpbusd`: u8 x i8, exact i32 sums). The zero point comes out as
+//! is four accumulator tiles fed by two activation tiles (unsigned, read in place when they fill
+//! whole tiles, else from a zero-padded copy) and two weight tiles per 64 values of `k`
+//! (`tdpbusd`: u8 x i8, exact i32 sums). The zero point comes out as
 //! `zero point x column sum`, then each sum is converted to f32 and multiplied by its column's
 //! factor: the same integers and the same single f32 rounding as tract's three ops, so outputs are
 //! bit-identical to them. Threads take whole blocks of columns (or of rows, for narrow products).
-//! Products of fewer than 32 rows (a classifier's single query) are padded to 32: AMX's spare
-//! compute costs less than streaming the weight, which both paths do once.
+//! Products of fewer than 32 rows (a classifier's single query) are padded to 32 rows: the tiles'
+//! spare work is cheap next to reading the weight, which both paths do once (not timed apart;
+//! the vision classifiers' one-query decoders are in the runs measured in docs/performance.md).
+//! Loading is faster too: tract's code generation of each int8 product (some 30 nodes) is gone.
 
 use std::sync::Arc;
 use tract_onnx::prelude::*;
