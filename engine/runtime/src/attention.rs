@@ -447,16 +447,6 @@ impl TypedOp for Attention {
     as_op!();
 }
 
-/// The only reader of node `id`'s output, if it has exactly one and the output is not one of
-/// the model's.
-fn only_reader(model: &TypedModel, id: usize) -> Option<InletId> {
-    let out = OutletId::new(id, 0);
-    match model.node(id).outputs[0].successors.as_slice() {
-        [one] if !model.outputs.contains(&out) => Some(*one),
-        _ => None,
-    }
-}
-
 /// The attention ending at the softmax node `node`, as (the `P V` node, the op, its inputs).
 fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, [OutletId; 3])> {
     let sm = node.op_as::<Softmax>()?;
@@ -466,8 +456,8 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
     }
     let scores = model.node(node.inputs[0].node);
     let qk = scores.op_as::<GemmMatMul>()?;
-    let pv_at = only_reader(model, node.id)?;
-    (only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
+    let pv_at = crate::only_reader(model, node.id)?;
+    (crate::only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
     let pv_node = model.node(pv_at.node);
     let pv = pv_node.op_as::<GemmMatMul>()?;
     let (q, k) = (scores.inputs[0], scores.inputs[1]);

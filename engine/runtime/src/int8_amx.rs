@@ -387,16 +387,6 @@ impl TypedOp for AmxI8 {
     as_op!();
 }
 
-/// The only reader of node `id`'s output, if it has exactly one and the output is not one of
-/// the model's.
-fn only_reader(model: &TypedModel, id: usize) -> Option<usize> {
-    let out = OutletId::new(id, 0);
-    match model.node(id).outputs[0].successors.as_slice() {
-        [one] if !model.outputs.contains(&out) => Some(one.node),
-        _ => None,
-    }
-}
-
 /// A chain `MatMulInteger -> Cast -> Mul` that [`AmxI8`] computes.
 struct Found {
     /// The `Mul` node, whose output the op replaces.
@@ -470,9 +460,9 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<Found> {
         return None;
     }
     // `Cast` to f32, then `Mul` by factors `[.., n]` (ones elsewhere), shapes kept.
-    let cast_at = only_reader(model, node.id)?;
+    let cast_at = crate::only_reader(model, node.id)?.node;
     let cast = model.node(cast_at).op_as::<Cast>()?;
-    let mul_at = only_reader(model, cast_at)?;
+    let mul_at = crate::only_reader(model, cast_at)?.node;
     let mul_node = model.node(mul_at);
     let mul = mul_node.op_as::<TypedBinOp>()?;
     if cast.to != f32::datum_type() || mul.0.name() != "Mul" || mul.1.is_some() || mul_node.inputs.len() != 2 {

@@ -154,6 +154,16 @@ pub(crate) fn substitute(
     patch.apply(model)
 }
 
+/// The only reader of node `id`'s output in `model`, if it has exactly one and the output is not
+/// one of the model's (a rewrite may then fuse the two nodes).
+pub(crate) fn only_reader(model: &TypedModel, id: usize) -> Option<InletId> {
+    let out = OutletId::new(id, 0);
+    match model.node(id).outputs[0].successors.as_slice() {
+        [one] if !model.outputs.contains(&out) => Some(*one),
+        _ => None,
+    }
+}
+
 /// A process-wide switch for one of the runtime's passes, on by default; the `set_*` functions
 /// below turn them off for comparisons.
 pub(crate) struct Switch(std::sync::atomic::AtomicBool);
