@@ -213,6 +213,32 @@ unsafe fn finish_avx512(sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias:
     finish(sums, rows, c, ldc, bias, factor)
 }
 
+/// One block's sums: on the tiles when `amx`, else in plain Rust.
+///
+/// # Safety
+/// As [`block_amx`] when `amx`, else as [`block_plain`].
+unsafe fn block_sums(amx: bool, a: *const u8, lda: usize, b: *const u8, kb: usize, c: &mut Sums) {
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        return block_amx(a, lda, b, kb, c);
+    }
+    let _ = amx;
+    block_plain(a, lda, b, kb, c)
+}
+
+/// [`finish`], compiled for AVX-512 when `amx` (which implies it).
+///
+/// # Safety
+/// As [`finish`].
+unsafe fn finish_with(amx: bool, sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias: &[i32], factor: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if amx {
+        return finish_avx512(sums, rows, c, ldc, bias, factor);
+    }
+    let _ = amx;
+    finish(sums, rows, c, ldc, bias, factor)
+}
+
 /// Raw pointers of one run's buffers, shared by its tasks.
 #[derive(Clone, Copy)]
 struct Bufs {
@@ -248,8 +274,6 @@ impl AmxI8 {
     ) {
         let kb = self.k.div_ceil(TILE_K);
         let mut sums = Sums([0; BLOCK * BLOCK]);
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = amx;
         #[cfg(target_arch = "x86_64")]
         if amx {
             let cfg = TileConfig::new();
@@ -260,23 +284,10 @@ impl AmxI8 {
             let b = self.tiles.packed.as_ptr().add(pair * kb * 2 * TILE_BYTES);
             let cols = pair * BLOCK..((pair + 1) * BLOCK).min(self.n);
             for block in blocks.clone() {
-                let ap = a.add(block * BLOCK * bufs.lda);
-                #[cfg(target_arch = "x86_64")]
-                if amx {
-                    block_amx(ap, bufs.lda, b, kb, &mut sums);
-                } else {
-                    block_plain(ap, bufs.lda, b, kb, &mut sums);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                block_plain(ap, bufs.lda, b, kb, &mut sums);
+                block_sums(amx, a.add(block * BLOCK * bufs.lda), bufs.lda, b, kb, &mut sums);
                 let rows = BLOCK.min(self.m - block * BLOCK);
                 let c = c.add(block * BLOCK * self.n + cols.start);
-                #[cfg(target_arch = "x86_64")]
-                if amx {
-                    finish_avx512(&sums, rows, c, self.n, &bias[cols.clone()], &factor[cols.clone()]);
-                    continue;
-                }
-                finish(&sums, rows, c, self.n, &bias[cols.clone()], &factor[cols.clone()]);
+                finish_with(amx, &sums, rows, c, self.n, &bias[cols.clone()], &factor[cols.clone()]);
             }
         }
         #[cfg(target_arch = "x86_64")]
