@@ -467,7 +467,12 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<Found> {
     }
     let (k, n) = (a[ka], w[nw]);
     let m: usize = kept.iter().map(|&(p, _)| a[p]).product();
-    if m == 0 || k == 0 || a.iter().product::<usize>() != m * k || c.iter().product::<usize>() != m * n {
+    if m == 0
+        || k == 0
+        || a.iter().product::<usize>() != m * k
+        || c.iter().product::<usize>() != m * n
+        || !padding_fits(m, k, n)
+    {
         return None;
     }
     // `Cast` to f32, then `Mul` by factors `[.., n]` (ones elsewhere), shapes kept.
@@ -501,6 +506,19 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<Found> {
         n,
         shape: c,
     })
+}
+
+/// Whether padding to whole tiles keeps the packed weight and the activations' copy within twice
+/// their size (plus 64 KiB): a weight of one column or one row would otherwise take 32 or 64
+/// times its bytes. Such products stay with tract.
+fn padding_fits(m: usize, k: usize, n: usize) -> bool {
+    let fits = |padded: Option<usize>, plain: usize| {
+        padded.is_some_and(|p| p <= plain.saturating_mul(2).saturating_add(1 << 16))
+    };
+    let k_pad = k.div_ceil(TILE_K).checked_mul(TILE_K);
+    let weight = k_pad.and_then(|kp| kp.checked_mul(n.div_ceil(BLOCK) * BLOCK));
+    let activations = k_pad.and_then(|kp| kp.checked_mul(m.div_ceil(BLOCK) * BLOCK));
+    fits(weight, k.saturating_mul(n)) && fits(activations, m.saturating_mul(k))
 }
 
 /// Replaces every int8 product chain of `model` that [`AmxI8`] computes, when AMX is available
@@ -596,6 +614,18 @@ mod tests {
                 let got = multithread_tract_scope(Executor::multithread(3), run);
                 assert_eq!(got, want, "m {m} k {k} n {n}, amx {amx}, 3 threads");
             }
+        }
+    }
+
+    #[test]
+    fn padding_is_bounded() {
+        // The published architectures' products, a single-query decoder, the bench model's.
+        for (m, k, n) in [(256, 1280, 1280), (2048, 768, 256), (1, 1024, 1000), (128, 261, 256), (16, 261, 40)] {
+            assert!(padding_fits(m, k, n), "{m} x {k} x {n}");
+        }
+        // One column, one row of `k`, one long activation row: left to tract.
+        for (m, k, n) in [(64, 100_000, 1), (100_000, 1, 64), (1, 100_000, 64), (1 << 40, 1 << 40, 1 << 40)] {
+            assert!(!padding_fits(m, k, n), "{m} x {k} x {n}");
         }
     }
 
