@@ -218,6 +218,7 @@ fn chunked_attention_is_exact_on_every_fixture() {
 /// match transformers to the fixture tolerance, and the kernels ran where switched on.
 #[test]
 fn runtime_kernels_agree_with_tracts_on_every_fixture() {
+    let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
     let mut n = 0;
     // Runs with the kernels on in which a LayerNorm, and an attention, ran as one op.
@@ -270,10 +271,31 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
     );
 }
 
+/// Held by each test that flips the runtime's process-wide switches (kernels, threads), so that
+/// tests running in parallel in this process do not flip them under one another (the q4 test's
+/// resident bytes changed when the int8 test switched `AmxI8` while it loaded).
+static SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn switches() -> std::sync::MutexGuard<'static, ()> {
+    SWITCHES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Loads `onnx` at `threads` threads and runs it once on `inputs`: its outputs, whether an op
+/// named `op` ran, and the resident weights' bytes.
+fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Vec<Vec<f32>>, bool, usize) {
+    set_threads(threads).unwrap();
+    let mut s = Session::load(onnx).unwrap();
+    let mut ops = std::collections::BTreeMap::new();
+    let outs = s.run_profiled(inputs.to_vec(), &mut ops).unwrap();
+    let resident = s.resident_weights().iter().map(|e| e.1).sum();
+    (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key(op), resident)
+}
+
 /// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4
 /// export: the same decoded weights in both, so the outputs differ by the order of the sums only.
 #[test]
 fn q4_kernel_agrees_with_tracts_on_every_fixture() {
+    let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
     let (mut n, mut with_kernel) = (0, 0);
     for c in cases() {
@@ -282,15 +304,9 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
         let onnx = tmp.path().join(format!("{fixture}_{case}.q4.onnx"));
         export(&c.dir, &args, &["--precision", "q4"], &onnx);
         let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
-        // Outputs, whether GemmQ4 ran, and the resident weights' bytes.
-        let run_with = |on: bool, threads: usize| -> (Vec<Vec<f32>>, bool, usize) {
+        let run_with = |on: bool, threads: usize| {
             set_q4_matmul(on);
-            set_threads(threads).unwrap();
-            let mut s = Session::load(&onnx).unwrap();
-            let mut ops = std::collections::BTreeMap::new();
-            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
-            let resident = s.resident_weights().iter().map(|e| e.1).sum();
-            (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key("GemmQ4"), resident)
+            run_counting(&onnx, &inputs, threads, "GemmQ4")
         };
         let (tract, used, tract_resident) = run_with(false, 1);
         assert!(!used, "{fixture}/{case}: GemmQ4 while switched off");
@@ -331,6 +347,7 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
 /// the op must not appear (tract's kernels run).
 #[test]
 fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
+    let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
     let (mut n, mut with_kernel) = (0, 0);
     for c in cases() {
@@ -342,13 +359,8 @@ fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
         // Outputs' bits, whether AmxI8 ran, and the resident weights' bytes.
         let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool, usize) {
             set_int8_amx(on);
-            set_threads(threads).unwrap();
-            let mut s = Session::load(&onnx).unwrap();
-            let mut ops = std::collections::BTreeMap::new();
-            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
-            let resident = s.resident_weights().iter().map(|e| e.1).sum();
-            let bits = outs.iter().map(|t| to_vec(t).unwrap().iter().map(|v: &f32| v.to_bits()).collect()).collect();
-            (bits, ops.contains_key("AmxI8"), resident)
+            let (outs, used, resident) = run_counting(&onnx, &inputs, threads, "AmxI8");
+            (outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect(), used, resident)
         };
         let (tract, used, tract_resident) = run_with(false, 1);
         assert!(!used, "{fixture}/{case}: AmxI8 while switched off");

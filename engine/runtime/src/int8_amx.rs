@@ -529,8 +529,15 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         return Ok(0);
     }
     let mut count = 0;
+    let mut left = usize::MAX;
     loop {
         let found: Vec<Found> = model.nodes().iter().filter_map(|n| candidate(model, n)).collect();
+        // Each round replaces at least one chain; should one stay in place, the rest stay with
+        // tract rather than loop forever.
+        if found.len() >= left {
+            break;
+        }
+        left = found.len();
         let Some(first) = found.first() else { break };
         let at = Arc::as_ptr(&first.weight);
         let mut packed: Vec<((usize, usize), Arc<Tiles>)> = vec![];
