@@ -271,6 +271,14 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
     );
 }
 
+/// Case `c` exported at `precision` into `dir`, and its inputs.
+fn export_at(dir: &Path, c: &Case, precision: &str) -> (PathBuf, Vec<Tensor>) {
+    let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
+    let onnx = dir.join(format!("{}_{}.{precision}.onnx", c.fixture, c.name));
+    export(&c.dir, &args, &["--precision", precision], &onnx);
+    (onnx, c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect())
+}
+
 /// Held by each test that flips the runtime's process-wide switches (kernels, threads), so that
 /// tests running in parallel in this process do not flip them under one another (the q4 test's
 /// resident bytes changed when the int8 test switched `AmxI8` while it loaded).
@@ -300,10 +308,7 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
     let (mut n, mut with_kernel) = (0, 0);
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
-        let onnx = tmp.path().join(format!("{fixture}_{case}.q4.onnx"));
-        export(&c.dir, &args, &["--precision", "q4"], &onnx);
-        let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
+        let (onnx, inputs) = export_at(tmp.path(), &c, "q4");
         let run_with = |on: bool, threads: usize| {
             set_q4_matmul(on);
             run_counting(&onnx, &inputs, threads, "GemmQ4")
@@ -352,10 +357,7 @@ fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
     let (mut n, mut with_kernel) = (0, 0);
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
-        let onnx = tmp.path().join(format!("{fixture}_{case}.int8.onnx"));
-        export(&c.dir, &args, &["--precision", "int8"], &onnx);
-        let inputs: Vec<Tensor> = c.inputs.iter().map(|p| npy::read_npy(p).unwrap()).collect();
+        let (onnx, inputs) = export_at(tmp.path(), &c, "int8");
         // Outputs' bits, whether AmxI8 ran, and the resident weights' bytes.
         let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool, usize) {
             set_int8_amx(on);
