@@ -72,9 +72,12 @@ def generate(arch: str, ck: Path) -> None:
     import torch
     import transformers
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_vs_onnxruntime import trained_like
+
     torch.manual_seed(0)
     cls, kw = ARCHS[arch]
-    model = getattr(transformers, cls)(transformers.PerceiverConfig(**kw)).eval()
+    model = trained_like(getattr(transformers, cls)(transformers.PerceiverConfig(**kw)).eval())
     model.save_pretrained(ck, safe_serialization=True)
     n = sum(p.numel() for p in model.parameters())
     print(f"generated {ck} ({cls}, {n / 1e6:.1f} M parameters)", flush=True)

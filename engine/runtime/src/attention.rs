@@ -462,11 +462,11 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
         return None;
     }
     let scores = model.node(node.inputs[0].node);
-    let qk = scores.op_as::<GemmMatMul>()?;
+    let qk = scores.op_as::<GemmMatMul>().filter(|g| g.epilogue.is_empty())?;
     let pv_at = crate::only_reader(model, node.id)?;
     (crate::only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
     let pv_node = model.node(pv_at.node);
-    let pv = pv_node.op_as::<GemmMatMul>()?;
+    let pv = pv_node.op_as::<GemmMatMul>().filter(|g| g.epilogue.is_empty())?;
     let (q, k) = (scores.inputs[0], scores.inputs[1]);
     // Scores computed keys x queries (the softmax down the columns) are read as their transpose.
     match Attention::plan(qk, axis, pv) {

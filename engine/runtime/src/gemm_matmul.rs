@@ -23,6 +23,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use crate::epilogue::{Finish, Step};
 
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
@@ -130,6 +131,9 @@ pub struct GemmMatMul {
     /// A constant factor of the product, as f32 bits (an attention's `1 / sqrt(d)` that tract
     /// would otherwise apply in a pass of its own); 1.0 when none.
     pub(crate) scale_bits: u32,
+    /// What is applied to each block of the output once computed (bias, residual, GELU), reading
+    /// the inputs past the two operands; see [`crate::epilogue`].
+    pub(crate) epilogue: Vec<Step>,
 }
 
 fn row_major(shape: &[usize]) -> Vec<isize> {
@@ -237,6 +241,7 @@ impl GemmMatMul {
             b_len: b.iter().product(),
             shape: c.to_vec(),
             scale_bits: 1f32.to_bits(),
+            epilogue: vec![],
         })
     }
 
@@ -281,13 +286,20 @@ impl GemmMatMul {
         o: (isize, isize, isize),
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
+        finish: &Finish,
     ) {
         let (r, q) = (rows.start as isize, cols.start as isize);
         let a = (a as *const f32).offset(o.0 + r * self.a.row);
         let b = (b as *const f32).offset(o.1 + q * self.b.col);
-        let c = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
+        let cb = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
         let scale = f32::from_bits(self.scale_bits);
-        matmul((rows.len(), self.k, cols.len()), (c, self.c), (a, self.a), (b, self.b), scale);
+        if self.k > 0 {
+            matmul((rows.len(), self.k, cols.len()), (cb, self.c), (a, self.a), (b, self.b), scale);
+        }
+        if !finish.steps.is_empty() {
+            // An epilogue is only planned on a row-major output without outer loops.
+            finish.block(c as *mut f32, self.n, rows, cols);
+        }
     }
 
     fn outer(&self) -> usize {
@@ -324,7 +336,7 @@ impl GemmMatMul {
     }
 
     /// Runs every product, split over tract's thread pool when it has more than one thread.
-    fn run(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
+    fn run(&self, a: &[f32], b: &[f32], c: &mut [f32], finish: &Finish) {
         let bufs = (a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize);
         #[cfg(feature = "threads")]
         {
@@ -338,7 +350,9 @@ impl GemmMatMul {
                         // SAFETY: lengths checked by `eval`; blocks write disjoint output elements.
                         blocks
                             .into_par_iter()
-                            .for_each(|(i, rows, cols)| unsafe { self.product(bufs, self.offsets(i), rows, cols) })
+                            .for_each(|(i, rows, cols)| unsafe {
+                                self.product(bufs, self.offsets(i), rows, cols, finish)
+                            })
                     });
                     return;
                 }
@@ -346,7 +360,7 @@ impl GemmMatMul {
         }
         for i in 0..self.outer() {
             // SAFETY: lengths checked by `eval`.
-            unsafe { self.product(bufs, self.offsets(i), 0..self.m, 0..self.n) };
+            unsafe { self.product(bufs, self.offsets(i), 0..self.m, 0..self.n, finish) };
         }
     }
 }
@@ -363,7 +377,8 @@ impl Op for GemmMatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         let scale = f32::from_bits(self.scale_bits);
         let scale = if scale == 1.0 { String::new() } else { format!(", times {scale}") };
-        Ok(vec![format!("m {} k {} n {}, {} outer{scale}", self.m, self.k, self.n, self.outer())])
+        let then = if self.epilogue.is_empty() { String::new() } else { format!(", then {:?}", self.epilogue) };
+        Ok(vec![format!("m {} k {} n {}, {} outer{scale}{then}", self.m, self.k, self.n, self.outer())])
     }
 
     op_as_typed_op!();
@@ -383,14 +398,28 @@ impl EvalOp for GemmMatMul {
             self.a_len,
             self.b_len
         );
+        let extra = inputs[2..].iter().map(|t| t.try_as_plain_ram()?.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
+        for step in &self.epilogue {
+            let (i, want) = match *step {
+                Step::AddColumns(i) => (i, self.n),
+                Step::Add(i) => (i, self.m * self.n),
+                Step::Gelu => continue,
+            };
+            ensure!(extra.get(i).is_some_and(|x| x.len() == want), "GemmMatMul: epilogue input {i} is not of {want} values");
+        }
+        let erf = match self.epilogue.contains(&Step::Gelu) {
+            true => Some(tract_linalg::routines::Func::Erf.ew_f32()?),
+            false => None,
+        };
+        let finish = Finish { steps: &self.epilogue, inputs: extra, erf };
         // Every output element is written by exactly one product (read_dst off), unless there
         // is nothing to sum.
-        if self.k == 0 {
-            return Ok(tvec!(Tensor::zero::<f32>(&self.shape)?.into_tvalue()));
-        }
-        let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
+        let mut out = match self.k {
+            0 => Tensor::zero::<f32>(&self.shape)?,
+            _ => unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? },
+        };
         if self.m * self.n > 0 {
-            self.run(a, b, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+            self.run(a, b, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, &finish);
         }
         Ok(tvec!(out.into_tvalue()))
     }

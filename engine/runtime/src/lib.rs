@@ -21,6 +21,7 @@ pub mod compare;
 pub mod dataset;
 mod dequant_const;
 mod dynamic_quantize;
+mod epilogue;
 pub mod f16_as_f32;
 pub mod fsio;
 mod gemm_matmul;
@@ -223,6 +224,13 @@ pub fn has_amx_int8() -> bool {
 /// rounding only (see `attention.rs`).
 pub fn set_attention(on: bool) {
     attention::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on apply the bias adds, residual adds and GELUs that follow an
+/// f32 product inside it, each thread to the block it just computed (the default), or, with
+/// `false`, as ops of their own. For comparisons; outputs are bit-identical (see `epilogue.rs`).
+pub fn set_epilogues(on: bool) {
+    epilogue::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute each f32 LayerNorm over the last axis in one op,
@@ -585,6 +593,9 @@ impl Session {
                         }
                         if layer_norm_rows::ENABLED.get() {
                             layer_norm_rows::rewrite(m)?;
+                        }
+                        if epilogue::ENABLED.get() {
+                            epilogue::rewrite(m)?;
                         }
                         Ok(())
                     })

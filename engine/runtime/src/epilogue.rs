@@ -1,0 +1,163 @@
+//! What follows a Linear, done by [`GemmMatMul`] on each block of its output as soon as the
+//! block is computed: a rewrite of the decluttered graph, after the runtime's products.
+//!
+//! A trained PerceiverIO checkpoint adds a bias after every Linear, applies GELU after the MLP's
+//! first one and adds the residual after the attention's output projection and the MLP's second
+//! one. tract runs each as a pass of its own over the whole output, on one thread below its
+//! element-wise threshold (a `[512, 1024]` output is 2 MiB: past the L2 cache by the time the
+//! next pass reads it). [`rewrite`] takes such a chain into the product: each thread finishes the
+//! rows and columns it just computed (bias, residual, GELU in the graph's order) while they are in
+//! its cache. Each step computes what tract's op computes (the same additions, GELU through
+//! tract's own `erf` kernel), so outputs are bit-identical; the tests compare the graph with and
+//! without the pass.
+
+use crate::gemm_matmul::GemmMatMul;
+use std::collections::HashMap;
+use tract_linalg::element_wise::ElementWise;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::nn::GeluExact;
+
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
+
+/// One step applied to a product's output; an index names an input of the product past its two
+/// operands (0 is the third input).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Adds input `i`, one value per column (a Linear's bias).
+    AddColumns(usize),
+    /// Adds input `i`, of the output's shape (a residual).
+    Add(usize),
+    /// GELU, `x / 2 (1 + erf(x / sqrt 2))`, as tract's `GeluExact` computes it.
+    Gelu,
+}
+
+/// The inputs and kernel the steps read, gathered once a run.
+pub(crate) struct Finish<'a> {
+    pub(crate) steps: &'a [Step],
+    pub(crate) inputs: Vec<&'a [f32]>,
+    pub(crate) erf: Option<Box<dyn ElementWise<f32>>>,
+}
+
+/// Values GELU scales at a time (tract's `GeluExact` takes 1024; `erf` is per value).
+const GELU_CHUNK: usize = 256;
+
+impl Finish<'_> {
+    /// Applies every step to rows `rows` and columns `cols` of the row-major output `c`, rows `n`
+    /// values apart.
+    ///
+    /// # Safety
+    /// `c` holds the output; no one else reads or writes this block meanwhile.
+    pub(crate) unsafe fn block(&self, c: *mut f32, n: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+        let mut scaled = [0f32; GELU_CHUNK];
+        for r in rows {
+            let at = r * n + cols.start;
+            let row = std::slice::from_raw_parts_mut(c.add(at), cols.len());
+            for step in self.steps {
+                match *step {
+                    Step::AddColumns(i) => {
+                        row.iter_mut().zip(&self.inputs[i][cols.clone()]).for_each(|(x, b)| *x += b);
+                    }
+                    Step::Add(i) => row.iter_mut().zip(&self.inputs[i][at..]).for_each(|(x, y)| *x += y),
+                    Step::Gelu => {
+                        let erf = self.erf.as_ref().expect("erf kernel fetched for a GELU step");
+                        let c = std::f32::consts::FRAC_1_SQRT_2;
+                        for chunk in row.chunks_mut(GELU_CHUNK) {
+                            let s = &mut scaled[..chunk.len()];
+                            s.iter_mut().zip(chunk.iter()).for_each(|(s, x)| *s = *x * c);
+                            // The kernel fails only for a datum type it lacks; f32's is built in.
+                            let _ = erf.run(s);
+                            chunk.iter_mut().zip(s.iter()).for_each(|(x, e)| *x = (*x * 0.5) * (*e + 1.0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The step node `next` applies to the product's running output `x` (at its input `slot`), and
+/// the outlet it reads besides, if [`GemmMatMul`] can take it in: `op`'s output is `[.., m, n]`
+/// row-major.
+fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> Option<(Step, Option<OutletId>)> {
+    let out = model.outlet_fact(OutletId::new(next.id, 0)).ok()?;
+    if out.datum_type != f32::datum_type() || out.shape.as_concrete()? != op.shape.as_slice() {
+        return None;
+    }
+    if let Some(ew) = next.op_as::<ElementWiseOp>() {
+        return (ew.0.is::<GeluExact>() && ew.1.is_none()).then_some((Step::Gelu, None));
+    }
+    let bin = next.op_as::<TypedBinOp>()?;
+    if !bin.0.is::<Add>() || bin.1.is_some() || next.inputs.len() != 2 {
+        return None;
+    }
+    let other = next.inputs[1 - slot];
+    if other == next.inputs[slot] {
+        return None;
+    }
+    let fact = model.outlet_fact(other).ok()?;
+    let shape = fact.shape.as_concrete()?;
+    if fact.datum_type != f32::datum_type() || !fact.is_plain() {
+        return None;
+    }
+    if shape == op.shape.as_slice() {
+        return Some((Step::Add(0), Some(other)));
+    }
+    let (last, rest) = shape.split_last()?;
+    let columns = *last == op.n && shape.len() <= op.shape.len() && rest.iter().all(|&d| d == 1);
+    (columns && fact.konst.is_some()).then_some((Step::AddColumns(0), Some(other)))
+}
+
+/// Takes into each [`GemmMatMul`] whose output is row-major the chain of bias adds, residual
+/// adds and GELUs that reads it alone; returns how many steps were taken in.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    // (the product's node, its op with the steps, the extra inputs, the chain's last node)
+    let mut found = vec![];
+    // Nodes a chain took (two products added together: the first one's chain takes the add).
+    let mut taken = std::collections::HashSet::new();
+    for id in model.eval_order()? {
+        let Some(op) = model.node(id).op_as::<GemmMatMul>() else { continue };
+        if !op.loops.is_empty() || op.c != crate::gemm_matmul::Strides::rows(op.n) || !op.epilogue.is_empty() {
+            continue;
+        }
+        let (mut op, mut extra, mut last) = (op.clone(), vec![], id);
+        while let Some(inlet) = crate::only_reader(model, last) {
+            let next = model.node(inlet.node);
+            if taken.contains(&next.id) {
+                break;
+            }
+            let Some((step, input)) = step(model, next, inlet.slot, &op) else { break };
+            taken.insert(next.id);
+            let step = match (step, input) {
+                (Step::Add(_), Some(_)) => Step::Add(extra.len()),
+                (Step::AddColumns(_), Some(_)) => Step::AddColumns(extra.len()),
+                (s, _) => s,
+            };
+            extra.extend(input);
+            op.epilogue.push(step);
+            last = next.id;
+        }
+        if last != id {
+            found.push((id, op, extra, last));
+        }
+    }
+    let steps = found.iter().map(|f| f.1.epilogue.len()).sum();
+    // A chain's input may be the end of a chain replaced before it (a residual).
+    let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
+    for (id, op, extra, last) in found {
+        let node = model.node(id);
+        let name = format!("{}.epilogue", model.node(last).name);
+        let inputs: Vec<OutletId> =
+            node.inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
+        crate::substitute(model, OutletId::new(last, 0), name.clone(), op, &inputs)?;
+        let new = OutletId::new(model.nodes().len() - 1, 0);
+        ensure!(model.node(new.node).name == name, "epilogue: the fused node is not the last one added");
+        replaced.insert(OutletId::new(last, 0), new);
+    }
+    model.compact()?;
+    Ok(steps)
+}
