@@ -161,3 +161,93 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     model.compact()?;
     Ok(steps)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1009) as f32 / 250.0 - 2.0).collect()
+    }
+
+    fn konst(model: &mut TypedModel, name: &str, shape: &[usize], seed: usize) -> OutletId {
+        let t = Tensor::from_shape(shape, &values(shape.iter().product(), seed)).unwrap();
+        model.add_const(name, t).unwrap()
+    }
+
+    fn linear(model: &mut TypedModel, name: &str, x: OutletId, k: usize, n: usize, seed: usize) -> OutletId {
+        let w = konst(model, &format!("{name}.w"), &[k, n], seed);
+        let axes: AxesMapping = "bmk,kn->bmn".parse().unwrap();
+        model.wire_node(name, EinSum::new(axes, f32::datum_type()), &[x, w]).unwrap()[0]
+    }
+
+    fn add(model: &mut TypedModel, name: &str, a: OutletId, b: OutletId) -> OutletId {
+        model.wire_node(name, TypedBinOp(Box::new(Add), None), &[a, b]).unwrap()[0]
+    }
+
+    /// An MLP block as a trained checkpoint has it: `x + W2 gelu(W1 x + b1) + b2`, and beside
+    /// it two products added together then biased (a split projection), one product read twice
+    /// (left alone) and a bias that broadcasts the output larger (left alone).
+    fn model(m: usize, d: usize, h: usize) -> TypedModel {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, m, d])).unwrap();
+        let y = linear(&mut model, "dense1", x, d, h, 1);
+        let b1 = konst(&mut model, "b1", &[1, 1, h], 2);
+        let y = add(&mut model, "bias1", y, b1);
+        let y = model.wire_node("gelu", gelu_exact(), &[y]).unwrap()[0];
+        let y = linear(&mut model, "dense2", y, h, d, 3);
+        let b2 = konst(&mut model, "b2", &[1, 1, d], 4);
+        let y = add(&mut model, "bias2", b2, y);
+        let y = add(&mut model, "residual", y, x);
+        let p = linear(&mut model, "split.a", x, d, d, 5);
+        let q = linear(&mut model, "split.b", y, d, d, 6);
+        let s = add(&mut model, "split.sum", p, q);
+        let b3 = konst(&mut model, "b3", &[1, 1, d], 7);
+        let s = add(&mut model, "split.bias", s, b3);
+        let twice = linear(&mut model, "twice", s, d, d, 8);
+        let u = add(&mut model, "twice.a", twice, s);
+        let u = add(&mut model, "twice.b", u, twice);
+        let wide = linear(&mut model, "wide", u, d, d, 9);
+        let b4 = konst(&mut model, "b4", &[2, 1, d], 10);
+        let z = add(&mut model, "wide.bias", wide, b4);
+        model.select_output_outlets(&[y, z]).unwrap();
+        model
+    }
+
+    fn run(model: &TypedModel, x: &Tensor) -> Vec<Vec<u32>> {
+        let out = model.clone().into_runnable().unwrap().run(tvec!(x.clone().into_tvalue())).unwrap();
+        out.iter().map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()).collect()
+    }
+
+    /// With and without the pass, after the products' rewrite: identical bits, at one thread and
+    /// at three (blocks of rows or of columns each finishing their own part).
+    fn check(m: usize, d: usize, h: usize) {
+        let mut plain = model(m, d, h);
+        assert_eq!(crate::gemm_matmul::rewrite(&mut plain).unwrap(), 6, "products");
+        let mut fused = plain.clone();
+        // bias1 + gelu, bias2 + residual, split.sum + split.bias; twice and wide.bias left.
+        assert_eq!(rewrite(&mut fused).unwrap(), 6, "steps taken in");
+        let kinds = |m: &TypedModel| m.nodes().iter().filter(|n| n.op_is::<TypedBinOp>() || n.op_is::<ElementWiseOp>()).count();
+        assert_eq!((kinds(&plain), kinds(&fused)), (9, 3), "element-wise nodes before and after");
+        let x = Tensor::from_shape(&[1, m, d], &values(m * d, 11)).unwrap();
+        let want = run(&plain, &x);
+        assert!(run(&fused, &x) == want, "one thread, {m} x {d} x {h}");
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            let got = multithread_tract_scope(Executor::multithread(3), || run(&fused, &x));
+            let plain3 = multithread_tract_scope(Executor::multithread(3), || run(&plain, &x));
+            assert!(got == plain3, "three threads, {m} x {d} x {h}");
+        }
+    }
+
+    #[test]
+    fn fused_steps_match_the_ops_bit_for_bit() {
+        check(5, 16, 24);
+        // Large enough to split over threads: by rows (m > n) and by columns (n > m).
+        check(300, 96, 64);
+        check(40, 64, 1200);
+    }
+}

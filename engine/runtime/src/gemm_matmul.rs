@@ -371,7 +371,8 @@ const PARALLEL_MIN: usize = 1 << 18;
 
 impl Op for GemmMatMul {
     fn name(&self) -> StaticName {
-        "GemmMatMul".into()
+        // Told apart in `bench --profile`: the time of the steps taken in counts with the product.
+        if self.epilogue.is_empty() { "GemmMatMul" } else { "GemmMatMul+epilogue" }.into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
