@@ -5,9 +5,11 @@
 //! first one and adds the residual after the attention's output projection and the MLP's second
 //! one. tract runs each as a pass of its own over the whole output, on one thread below its
 //! element-wise threshold (a `[512, 1024]` output is 2 MiB: past the L2 cache by the time the
-//! next pass reads it). [`rewrite`] takes such a chain into the product: each thread finishes the
-//! rows and columns it just computed (bias, residual, GELU in the graph's order) while they are in
-//! its cache. Each step computes what tract's op computes (the same additions, GELU through
+//! next pass reads it). The Fourier encoder's keys and values (the exporter folds the input
+//! LayerNorm after the product: a position table added, a factor per row, a bias) were four such
+//! passes over `[50176, 261]`. [`rewrite`] takes such a chain into the product, through reshapes
+//! that keep the rows whole: each thread finishes the rows and columns it just computed (in the
+//! graph's order) while they are in its cache. Each step computes what tract's op computes (the same additions, GELU through
 //! tract's own `erf` kernel), so outputs are bit-identical; the tests compare the graph with and
 //! without the pass.
 
@@ -18,7 +20,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
 /// Whether this pass runs (see [`crate::Switch`]).
@@ -32,6 +35,9 @@ pub(crate) enum Step {
     AddColumns(usize),
     /// Adds input `i`, of the output's shape (a residual).
     Add(usize),
+    /// Multiplies by input `i`, one value per row (a LayerNorm's `1 / sigma` folded after the
+    /// product: the Fourier encoder's keys and values).
+    MulRows(usize),
     /// GELU, `x / 2 (1 + erf(x / sqrt 2))`, as tract's `GeluExact` computes it.
     Gelu,
 }
@@ -63,6 +69,10 @@ impl Finish<'_> {
                         row.iter_mut().zip(&self.inputs[i][cols.clone()]).for_each(|(x, b)| *x += b);
                     }
                     Step::Add(i) => row.iter_mut().zip(&self.inputs[i][at..]).for_each(|(x, y)| *x += y),
+                    Step::MulRows(i) => {
+                        let f = self.inputs[i][r];
+                        row.iter_mut().for_each(|x| *x *= f);
+                    }
                     Step::Gelu => {
                         let erf = self.erf.as_ref().expect("erf kernel fetched for a GELU step");
                         let c = std::f32::consts::FRAC_1_SQRT_2;
@@ -80,19 +90,29 @@ impl Finish<'_> {
     }
 }
 
-/// The step node `next` applies to the product's running output `x` (at its input `slot`), and
-/// the outlet it reads besides, if [`GemmMatMul`] can take it in: `op`'s output is `[.., m, n]`
-/// row-major.
-fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> Option<(Step, Option<OutletId>)> {
+/// What node `next`, reading the product's running output at its input `slot`, does to it, if
+/// [`GemmMatMul`] can take it in: a step and the outlet it reads besides, or (no step) a reshape
+/// that keeps each row whole, with the output's new shape. `op`'s output is row-major, `m x n`.
+fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> Option<(Option<Step>, Option<OutletId>, Vec<usize>)> {
     let out = model.outlet_fact(OutletId::new(next.id, 0)).ok()?;
-    if out.datum_type != f32::datum_type() || out.shape.as_concrete()? != op.shape.as_slice() {
+    let out_shape = out.shape.as_concrete()?.to_vec();
+    if out.datum_type != f32::datum_type() {
+        return None;
+    }
+    if let Some(axis) = next.op_as::<AxisOp>() {
+        // Reshapes keep the values' order; the rows stay rows when the last axis is n.
+        let keeps_rows = out_shape.last() == Some(&op.n) && out_shape.iter().product::<usize>() == op.m * op.n;
+        return (!matches!(axis, AxisOp::Move(..)) && keeps_rows && op.n > 0).then_some((None, None, out_shape));
+    }
+    if out_shape != op.shape {
         return None;
     }
     if let Some(ew) = next.op_as::<ElementWiseOp>() {
-        return (ew.0.is::<GeluExact>() && ew.1.is_none()).then_some((Step::Gelu, None));
+        return (ew.0.is::<GeluExact>() && ew.1.is_none()).then_some((Some(Step::Gelu), None, out_shape));
     }
     let bin = next.op_as::<TypedBinOp>()?;
-    if !bin.0.is::<Add>() || bin.1.is_some() || next.inputs.len() != 2 {
+    let (add, mul) = (bin.0.is::<Add>(), bin.0.is::<Mul>());
+    if !(add || mul) || bin.1.is_some() || next.inputs.len() != 2 {
         return None;
     }
     let other = next.inputs[1 - slot];
@@ -101,15 +121,21 @@ fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> O
     }
     let fact = model.outlet_fact(other).ok()?;
     let shape = fact.shape.as_concrete()?;
-    if fact.datum_type != f32::datum_type() || !fact.is_plain() {
+    if fact.datum_type != f32::datum_type() || !fact.is_plain() || shape.len() != op.shape.len() {
         return None;
     }
-    if shape == op.shape.as_slice() {
-        return Some((Step::Add(0), Some(other)));
-    }
     let (last, rest) = shape.split_last()?;
-    let columns = *last == op.n && shape.len() <= op.shape.len() && rest.iter().all(|&d| d == 1);
-    (columns && fact.konst.is_some()).then_some((Step::AddColumns(0), Some(other)))
+    let (out_last, out_rest) = op.shape.split_last()?;
+    let step = if add && shape == op.shape.as_slice() {
+        Step::Add(0)
+    } else if add && last == out_last && rest.iter().all(|&d| d == 1) && fact.konst.is_some() {
+        Step::AddColumns(0)
+    } else if mul && *last == 1 && rest == out_rest {
+        Step::MulRows(0)
+    } else {
+        return None;
+    };
+    Some((Some(step), Some(other), out_shape))
 }
 
 /// Takes into each [`GemmMatMul`] whose output is row-major the chain of bias adds, residual
@@ -130,15 +156,17 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             if taken.contains(&next.id) {
                 break;
             }
-            let Some((step, input)) = step(model, next, inlet.slot, &op) else { break };
+            let Some((step, input, shape)) = step(model, next, inlet.slot, &op) else { break };
             taken.insert(next.id);
-            let step = match (step, input) {
-                (Step::Add(_), Some(_)) => Step::Add(extra.len()),
-                (Step::AddColumns(_), Some(_)) => Step::AddColumns(extra.len()),
-                (s, _) => s,
-            };
+            let at = extra.len();
             extra.extend(input);
-            op.epilogue.push(step);
+            op.epilogue.extend(step.map(|s| match s {
+                Step::Add(_) => Step::Add(at),
+                Step::AddColumns(_) => Step::AddColumns(at),
+                Step::MulRows(_) => Step::MulRows(at),
+                Step::Gelu => Step::Gelu,
+            }));
+            op.shape = shape;
             last = next.id;
         }
         if last != id {
@@ -189,7 +217,8 @@ mod tests {
 
     /// An MLP block as a trained checkpoint has it: `x + W2 gelu(W1 x + b1) + b2`, and beside
     /// it two products added together then biased (a split projection), one product read twice
-    /// (left alone) and a bias that broadcasts the output larger (left alone).
+    /// (left alone), a bias that broadcasts the output larger (left alone), and the Fourier
+    /// encoder's keys (reshaped, a table, a factor per row, a bias).
     fn model(m: usize, d: usize, h: usize) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, m, d])).unwrap();
@@ -212,7 +241,17 @@ mod tests {
         let wide = linear(&mut model, "wide", u, d, d, 9);
         let b4 = konst(&mut model, "b4", &[2, 1, d], 10);
         let z = add(&mut model, "wide.bias", wide, b4);
-        model.select_output_outlets(&[y, z]).unwrap();
+        // The Fourier encoder's keys: a product reshaped, plus a table, times a factor per row,
+        // plus a bias.
+        let e = linear(&mut model, "enc", x, d, d, 12);
+        let e = model.wire_node("enc.reshape", AxisOp::Rm(0), &[e]).unwrap()[0];
+        let table = konst(&mut model, "table", &[m, d], 13);
+        let e = add(&mut model, "enc.table", table, e);
+        let r = konst(&mut model, "r", &[m, 1], 14);
+        let e = model.wire_node("enc.rows", TypedBinOp(Box::new(Mul), None), &[e, r]).unwrap()[0];
+        let b5 = konst(&mut model, "b5", &[1, d], 15);
+        let e = add(&mut model, "enc.bias", e, b5);
+        model.select_output_outlets(&[y, z, e]).unwrap();
         model
     }
 
@@ -225,12 +264,13 @@ mod tests {
     /// at three (blocks of rows or of columns each finishing their own part).
     fn check(m: usize, d: usize, h: usize) {
         let mut plain = model(m, d, h);
-        assert_eq!(crate::gemm_matmul::rewrite(&mut plain).unwrap(), 6, "products");
+        assert_eq!(crate::gemm_matmul::rewrite(&mut plain).unwrap(), 7, "products");
         let mut fused = plain.clone();
-        // bias1 + gelu, bias2 + residual, split.sum + split.bias; twice and wide.bias left.
-        assert_eq!(rewrite(&mut fused).unwrap(), 6, "steps taken in");
+        // bias1 + gelu, bias2 + residual, split.sum + split.bias, the encoder's three; twice and
+        // wide.bias left.
+        assert_eq!(rewrite(&mut fused).unwrap(), 9, "steps taken in");
         let kinds = |m: &TypedModel| m.nodes().iter().filter(|n| n.op_is::<TypedBinOp>() || n.op_is::<ElementWiseOp>()).count();
-        assert_eq!((kinds(&plain), kinds(&fused)), (9, 3), "element-wise nodes before and after");
+        assert_eq!((kinds(&plain), kinds(&fused)), (12, 3), "element-wise nodes before and after");
         let x = Tensor::from_shape(&[1, m, d], &values(m * d, 11)).unwrap();
         let want = run(&plain, &x);
         assert!(run(&fused, &x) == want, "one thread, {m} x {d} x {h}");

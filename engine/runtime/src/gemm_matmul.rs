@@ -404,6 +404,7 @@ impl EvalOp for GemmMatMul {
             let (i, want) = match *step {
                 Step::AddColumns(i) => (i, self.n),
                 Step::Add(i) => (i, self.m * self.n),
+                Step::MulRows(i) => (i, self.m),
                 Step::Gelu => continue,
             };
             ensure!(extra.get(i).is_some_and(|x| x.len() == want), "GemmMatMul: epilogue input {i} is not of {want} values");

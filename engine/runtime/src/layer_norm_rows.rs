@@ -7,15 +7,17 @@
 //! (language-perceiver: 57 LayerNorms a run, 34 ms of 925 at one thread, `bench --profile`).
 //! [`LayerNormRows`] computes `(x - mean) / sqrt(mean((x - mean)^2) + eps)` per row in two passes
 //! over lanes the compiler vectorises (AVX-512, AVX2 + FMA where the CPU has them, chosen at run
-//! time), rows split over tract's thread pool. It replaces exactly that chain (the scale and bias
-//! after it stay as they are); the result differs from tract's by rounding only, and the unit
-//! tests compare it with a LayerNorm computed in f64.
+//! time), rows split over tract's thread pool. It replaces that chain, and the scale and shift
+//! after it (a `Mul` and an `Add` of one constant per column, in a trained checkpoint; tract
+//! drops a scale of ones and a shift of zeros): the normalisation differs from tract's by rounding
+//! only (the unit tests compare it with a LayerNorm computed in f64), the scale and shift are
+//! tract's own arithmetic (bit-identical).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::math::{Mul, Sub};
+use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::rms_norm::RmsNorm;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
@@ -56,50 +58,64 @@ fn row(xs: &mut [f32], eps: f32) {
     }
 }
 
+/// A LayerNorm's scale and shift (one value per column each), either absent.
+type Affine<'a> = (Option<&'a [f32]>, Option<&'a [f32]>);
+
 #[inline(always)]
-fn rows_generic(data: &mut [f32], len: usize, eps: f32) {
+fn rows_generic(data: &mut [f32], len: usize, eps: f32, (scale, shift): Affine) {
     for r in data.chunks_exact_mut(len) {
         row(r, eps);
+        // As tract's `Mul` then `Add` compute them (no fused multiply-add).
+        if let Some(g) = scale {
+            r.iter_mut().zip(g).for_each(|(v, g)| *v *= g);
+        }
+        if let Some(b) = shift {
+            r.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(data: &mut [f32], len: usize, eps: f32) {
-    rows_generic(data, len, eps)
+unsafe fn rows_avx512(data: &mut [f32], len: usize, eps: f32, affine: Affine) {
+    rows_generic(data, len, eps, affine)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(data: &mut [f32], len: usize, eps: f32) {
-    rows_generic(data, len, eps)
+unsafe fn rows_avx2(data: &mut [f32], len: usize, eps: f32, affine: Affine) {
+    rows_generic(data, len, eps, affine)
 }
 
-/// Normalises every row of `len` values of `data` with the widest vectors this CPU has.
-fn rows(data: &mut [f32], len: usize, eps: f32) {
+/// Normalises every row of `len` values of `data` with the widest vectors this CPU has, then
+/// scales and shifts it.
+fn rows(data: &mut [f32], len: usize, eps: f32, affine: Affine) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { rows_avx512(data, len, eps) };
+            return unsafe { rows_avx512(data, len, eps, affine) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { rows_avx2(data, len, eps) };
+            return unsafe { rows_avx2(data, len, eps, affine) };
         }
     }
-    rows_generic(data, len, eps)
+    rows_generic(data, len, eps, affine)
 }
 
 /// Below this many values a LayerNorm stays on one thread.
 #[cfg(feature = "threads")]
 const PARALLEL_MIN: usize = 64 << 10;
 
-/// `(x - mean) / sqrt(var + eps)` over the last axis of an f32 tensor.
+/// `(x - mean) / sqrt(var + eps)` over the last axis of an f32 tensor, then (a trained
+/// LayerNorm's) times the scale and plus the shift when they are inputs 1 and 2 (or the one).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LayerNormRows {
     /// The epsilon's bits (f32 has no `Hash`).
     eps_bits: u32,
+    scale: bool,
+    shift: bool,
 }
 
 impl LayerNormRows {
@@ -109,13 +125,13 @@ impl LayerNormRows {
 
     /// Normalises the rows of `data`, first copied from `src` when there is one (a part per
     /// thread: each copies and normalises its own rows).
-    fn run(&self, src: Option<&[f32]>, data: &mut [f32], len: usize) {
+    fn run(&self, src: Option<&[f32]>, data: &mut [f32], len: usize, affine: Affine) {
         let eps = self.eps();
         let part = |first: usize, part: &mut [f32]| {
             if let Some(src) = src {
                 part.copy_from_slice(&src[first..first + part.len()]);
             }
-            rows(part, len, eps)
+            rows(part, len, eps, affine)
         };
         #[cfg(feature = "threads")]
         {
@@ -138,7 +154,13 @@ impl Op for LayerNormRows {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("eps {}", self.eps())])
+        let affine = match (self.scale, self.shift) {
+            (true, true) => ", scaled and shifted",
+            (true, false) => ", scaled",
+            (false, true) => ", shifted",
+            (false, false) => "",
+        };
+        Ok(vec![format!("eps {}{affine}", self.eps())])
     }
 
     op_as_typed_op!();
@@ -153,16 +175,24 @@ impl EvalOp for LayerNormRows {
         if len == 0 {
             return Ok(tvec!(input));
         }
+        let mut params = inputs.iter().map(|t| {
+            let v = t.try_as_plain_ram()?.as_slice::<f32>()?;
+            ensure!(v.len() == len, "LayerNormRows: a scale or shift of {} values for rows of {len}", v.len());
+            Ok(v)
+        });
+        let scale = if self.scale { Some(params.next().context("LayerNormRows: no scale")??) } else { None };
+        let shift = if self.shift { Some(params.next().context("LayerNormRows: no shift")??) } else { None };
+        let affine = (scale, shift);
         // In place unless another node reads the input too; then into a new tensor, the copy
         // split over the threads with the normalisation.
         if input.is_exclusive() {
             let mut t = input.into_tensor();
-            self.run(None, t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len);
+            self.run(None, t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len, affine);
             return Ok(tvec!(t.into_tvalue()));
         }
         let src = input.try_as_plain_ram()?.as_slice::<f32>()?;
         let mut t = unsafe { Tensor::uninitialized_dt(f32::datum_type(), input.shape())? };
-        self.run(Some(src), t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len);
+        self.run(Some(src), t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, len, affine);
         Ok(tvec!(t.into_tvalue()))
     }
 }
@@ -225,11 +255,45 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, OutletId, f32)> =
         model.nodes().iter().filter_map(|n| chain(model, n).map(|(x, eps)| (n.id, x, eps))).collect();
     for &(id, x, eps) in &found {
+        let (mut last, mut inputs) = (id, vec![x]);
+        let (scale, shift) = (affine_step(model, &mut last, &mut inputs, true), affine_step(model, &mut last, &mut inputs, false));
         let name = format!("{}.layer_norm", model.node(id).name);
-        crate::substitute(model, OutletId::new(id, 0), name, LayerNormRows { eps_bits: eps.to_bits() }, &[x])?;
+        let op = LayerNormRows { eps_bits: eps.to_bits(), scale, shift };
+        crate::substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
     }
     model.compact()?;
     Ok(found.len())
+}
+
+/// Whether the only reader of node `last` multiplies (`mul`) or adds its output by a constant of
+/// one value per column (a trained LayerNorm's scale or shift); if so, it becomes `last` and the
+/// constant is pushed on `inputs`.
+fn affine_step(model: &TypedModel, last: &mut usize, inputs: &mut Vec<OutletId>, mul: bool) -> bool {
+    let Some(reader) = crate::only_reader(model, *last) else { return false };
+    let next = model.node(reader.node);
+    let Some(bin) = next.op_as::<TypedBinOp>() else { return false };
+    if !(if mul { bin.0.is::<Mul>() } else { bin.0.is::<Add>() }) || bin.1.is_some() || next.inputs.len() != 2 {
+        return false;
+    }
+    let other = next.inputs[1 - reader.slot];
+    let (Ok(x), Ok(c), Ok(out)) =
+        (model.outlet_fact(OutletId::new(*last, 0)), model.outlet_fact(other), model.outlet_fact(OutletId::new(next.id, 0)))
+    else {
+        return false;
+    };
+    let (Some(xs), Some(cs)) = (x.shape.as_concrete(), c.shape.as_concrete()) else { return false };
+    let columns = cs.len() == xs.len()
+        && cs.last() == xs.last()
+        && cs[..cs.len() - 1].iter().all(|&d| d == 1)
+        && c.konst.is_some()
+        && c.datum_type == f32::datum_type()
+        && out.shape == x.shape
+        && out.datum_type == f32::datum_type();
+    if columns {
+        *last = next.id;
+        inputs.push(other);
+    }
+    columns
 }
 
 #[cfg(test)]
@@ -248,9 +312,9 @@ mod tests {
         for len in [1usize, 3, 16, 17, 256, 261, 1280] {
             let data: Vec<f32> = (0..len * 5).map(|i| ((i * 7919) % 523) as f32 / 20.0 - 3.0).collect();
             let mut got = data.clone();
-            rows(&mut got, len, 1e-5);
+            rows(&mut got, len, 1e-5, (None, None));
             let mut generic = data.clone();
-            rows_generic(&mut generic, len, 1e-5);
+            rows_generic(&mut generic, len, 1e-5, (None, None));
             for (r, xs) in data.chunks(len).enumerate() {
                 for (i, want) in reference(xs, 1e-5).into_iter().enumerate() {
                     for g in [got[r * len + i], generic[r * len + i]] {
@@ -270,7 +334,7 @@ mod tests {
     fn shared_input_is_copied_not_changed() {
         let (n, len) = (300usize, 261usize);
         let data: Vec<f32> = (0..n * len).map(|i| ((i * 37) % 101) as f32 / 10.0 - 4.0).collect();
-        let op = LayerNormRows { eps_bits: 1e-5f32.to_bits() };
+        let op = LayerNormRows { eps_bits: 1e-5f32.to_bits(), scale: false, shift: false };
         let input = Tensor::from_shape(&[n, len], &data).unwrap().into_tvalue();
         let values = |t: &TValue| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
         let eval = |v: TValue| op.eval(&EvalContext::out_of_plan(), tvec!(v)).unwrap().remove(0);
@@ -335,5 +399,55 @@ mod tests {
         // A sum over another axis is not a LayerNorm of the last: left alone.
         let mut other = expansion(rows_n, len, 0);
         assert_eq!(rewrite(&mut other).unwrap(), 0);
+    }
+
+    /// A trained LayerNorm's scale and shift (tract's `Mul` and `Add` after the expansion) taken
+    /// in: the same bits as the rewrite without them followed by tract's ops, at one and three
+    /// threads; with both, the scale only and the shift only.
+    #[test]
+    fn takes_a_trained_scale_and_shift_in() {
+        let (rows_n, len) = (300usize, 261usize);
+        let data: Vec<f32> = (0..rows_n * len).map(|i| ((i * 37) % 101) as f32 / 10.0 - 4.0).collect();
+        let input = Tensor::from_shape(&[rows_n, len], &data).unwrap();
+        let gamma: Vec<f32> = (0..len).map(|i| 1.0 + ((i * 13) % 17) as f32 / 40.0).collect();
+        let beta: Vec<f32> = (0..len).map(|i| ((i * 7) % 11) as f32 / 30.0 - 0.2).collect();
+        // The expansion, rewritten first when `early`, then the scale and shift wired after it.
+        let build = |scale: bool, shift: bool, early: bool| {
+            let mut model = expansion(rows_n, len, 1);
+            if early {
+                rewrite(&mut model).unwrap();
+            }
+            let mut y = model.output_outlets().unwrap()[0];
+            for (on, values, op) in [
+                (scale, &gamma, Box::new(Mul) as Box<dyn tract_onnx::tract_core::ops::binary::BinMiniOp>),
+                (shift, &beta, Box::new(Add)),
+            ] {
+                if on {
+                    let c = model.add_const(format!("c{}", values[0]), Tensor::from_shape(&[1, len], values).unwrap()).unwrap();
+                    y = model.wire_node(format!("op{}", values[0]), TypedBinOp(op, None), &[y, c]).unwrap()[0];
+                }
+            }
+            model.select_output_outlets(&[y]).unwrap();
+            model
+        };
+        let run = |m: &TypedModel| -> Vec<u32> {
+            let out = m.clone().into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        for (scale, shift) in [(true, true), (true, false), (false, true)] {
+            let plain = build(scale, shift, true);
+            let mut fused = build(scale, shift, false);
+            assert_eq!(rewrite(&mut fused).unwrap(), 1);
+            let ln = fused.nodes().iter().find_map(|n| n.op_as::<LayerNormRows>()).unwrap();
+            assert_eq!((ln.scale, ln.shift), (scale, shift));
+            assert!(!fused.nodes().iter().any(|n| n.op_is::<TypedBinOp>()), "the scale and shift taken in");
+            assert!(run(&fused) == run(&plain), "one thread, scale {scale} shift {shift}");
+            #[cfg(feature = "threads")]
+            {
+                use tract_linalg::multithread::{multithread_tract_scope, Executor};
+                let (a, b) = multithread_tract_scope(Executor::multithread(3), || (run(&fused), run(&plain)));
+                assert!(a == b, "three threads, scale {scale} shift {shift}");
+            }
+        }
     }
 }
