@@ -18,12 +18,13 @@ each precision the script exports WORK/MODEL-PREC.onnx with ``perceiver-edge exp
 newer than the checkpoint, unless --reexport) and, for f32, transformers' own graph
 WORK/MODEL-torch.onnx with ``torch.onnx.export`` (opset 17, TorchScript exporter). For each thread
 count it creates onnxruntime sessions (CPU provider, intra-op T, inter-op 1, sequential, all
-graph optimisations), warms them up, then in interleaved rounds times (a) onnxruntime on the
-perceiver-edge graph, (b) onnxruntime on transformers' export (f32 only), (c) ``perceiver-edge
-bench --json`` (p50). Reported: medians over rounds of the times and of the per-round ratios
+graph optimisations) and warms them up; then each round times, for each thread count in turn,
+(a) onnxruntime on the perceiver-edge graph, (b) onnxruntime on transformers' export (f32 only),
+(c) ``perceiver-edge bench --json`` (p50). Reported: medians over rounds of the times and of the per-round ratios
 engine / onnxruntime, the max abs difference to transformers of perceiver-edge (``perceiver-edge
 run``) and of onnxruntime, a markdown table and the thread scaling (p50 at the fewest threads /
-p50 at T). Defaults: --runs 20 and --warmup 3 for the bench model, 3 and 1 for the published ones.
+p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
+model, 3 and 1 for the published ones.
 """
 
 from __future__ import annotations
@@ -253,13 +254,19 @@ def bench_model(name, a, threads, rows):
             f"max |perceiver-edge - transformers| = {err_engine:.3g}")
         use_torch = torch_path if prec == "f32" else None
         err_ort = err_torch = None
+        sessions = {}
         for t in threads:
             same, out = session(pe_path, t, feed, warmup)
             err_ort = max_abs(out, ref) if err_ort is None else err_ort
             peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
             err_torch = max_abs(out, ref) if err_torch is None else err_torch
-            rounds = []
-            for r in range(a.rounds):
+            sessions[t] = (same, peer)
+        # Thread counts interleaved within each round, so that a slow phase of a shared host
+        # falls on every thread count alike and the per-round scaling compares like with like.
+        rounds = {t: [] for t in threads}
+        for r in range(a.rounds):
+            for t in threads:
+                same, peer = sessions[t]
                 o = ort_time(same, feed, runs)[0] if same else None
                 p = ort_time(peer, feeds, runs)[0] if peer else None
                 cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
@@ -271,30 +278,33 @@ def bench_model(name, a, threads, rows):
                     e = None
                 rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
                           ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
-                rounds.append(rr)
+                rounds[t].append(rr)
                 say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
                     f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
                     f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
-            del same, peer
+        del sessions
+        for t in threads:
             rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
-                             engine_ms=med(r["engine_ms"] for r in rounds),
-                             ort_same_ms=med(r["ort_same_ms"] for r in rounds),
-                             ort_torch_ms=med(r["ort_torch_ms"] for r in rounds),
-                             ratio_same=med(r["ratio_same"] for r in rounds),
-                             ratio_torch=med(r["ratio_torch"] for r in rounds), rounds=rounds,
+                             engine_ms=med(r["engine_ms"] for r in rounds[t]),
+                             ort_same_ms=med(r["ort_same_ms"] for r in rounds[t]),
+                             ort_torch_ms=med(r["ort_torch_ms"] for r in rounds[t]),
+                             ratio_same=med(r["ratio_same"] for r in rounds[t]),
+                             ratio_torch=med(r["ratio_torch"] for r in rounds[t]), rounds=rounds[t],
                              max_abs_engine=err_engine, max_abs_ort_same=err_ort, max_abs_ort_torch=err_torch))
         say(f"{tag} max |x - transformers|: perceiver-edge {fmt(err_engine, '.3g')}, onnxruntime same graph "
             f"{fmt(err_ort, '.3g')}, onnxruntime on transformers' export {fmt(err_torch, '.3g')}")
 
 
 def scaling(rows) -> list[dict]:
-    """Per (model, precision): p50 at the fewest threads / p50 at each other thread count."""
+    """Per (model, precision): time at the fewest threads over time at each other thread count,
+    as the median of the per-round ratios (thread counts are interleaved within a round)."""
     out = []
     for key in dict.fromkeys((r["model"], r["precision"]) for r in rows):
         group = sorted((r for r in rows if (r["model"], r["precision"]) == key), key=lambda r: r["threads"])
         base = group[0]
         for r in group[1:]:
-            s = {k: base[k] / r[k] if base[k] and r[k] else None for k in ("engine_ms", "ort_same_ms", "ort_torch_ms")}
+            s = {k: med(b[k] / x[k] if b[k] and x[k] else None for b, x in zip(base["rounds"], r["rounds"]))
+                 for k in ("engine_ms", "ort_same_ms", "ort_torch_ms")}
             out.append(dict(model=key[0], precision=key[1], base_threads=base["threads"], threads=r["threads"], **s))
     return out
 
@@ -304,7 +314,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
     ap.add_argument("--precisions", default="f32", help=f"comma-separated, of: {', '.join(PRECISIONS)}")
     ap.add_argument("--threads", default="1,2,all", help="comma-separated thread counts; all = os.cpu_count()")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per thread count")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (each times every thread count in turn)")
     ap.add_argument("--runs", type=int, help="timed runs per measurement [20 for bench, 3 for published]")
     ap.add_argument("--warmup", type=int, help="warm-up runs [3 for bench, 1 for published]")
     ap.add_argument("--work", type=Path, help="checkpoints, graphs, inputs, references [a new temp folder]")
