@@ -297,7 +297,9 @@ fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Ve
     let mut ops = std::collections::BTreeMap::new();
     let outs = s.run_profiled(inputs.to_vec(), &mut ops).unwrap();
     let resident = s.resident_weights().iter().map(|e| e.1).sum();
-    (outs.iter().map(|t| to_vec(t).unwrap()).collect(), ops.contains_key(op), resident)
+    // An op with an epilogue taken in is named `OP+epilogue`.
+    let used = ops.keys().any(|k| k == op || k.strip_prefix(op).is_some_and(|rest| rest.starts_with('+')));
+    (outs.iter().map(|t| to_vec(t).unwrap()).collect(), used, resident)
 }
 
 /// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4
@@ -393,35 +395,49 @@ fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
 }
 
 /// The products' epilogues (`epilogue.rs`: bias adds, residual adds and GELUs taken into the
-/// product) against the same graph without them, on every fixture's f32 export, at one and two
-/// threads: the same arithmetic in the same order, so the outputs' bits are identical; the
-/// fused op must run in every case (each fixture's Linears have biases).
+/// product) against the same graph without them, on every fixture's f32 and int8 exports, at one
+/// and two threads: the same arithmetic in the same order, so the outputs' bits are identical.
+/// The f32 product takes them in every case (each fixture's Linears have biases); the int8 one
+/// (`AmxI8`) wherever it runs (CPUs with AMX-INT8).
 #[test]
 fn epilogues_are_bit_identical_on_every_fixture() {
     let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
-    let (mut n, mut with_epilogue) = (0, 0);
+    let (mut n, mut with_epilogue, mut int8_epilogue) = (0, 0, 0);
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        let (onnx, inputs) = export_at(tmp.path(), &c, "f32");
-        let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool) {
-            set_epilogues(on);
-            let (outs, used, _) = run_counting(&onnx, &inputs, threads, "GemmMatMul+epilogue");
-            (outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect(), used)
-        };
-        let (plain, used) = run_with(false, 1);
-        assert!(!used, "{fixture}/{case}: epilogue while switched off");
-        for threads in [1, 2] {
-            let (got, used) = run_with(true, threads);
-            let (plain_t, _) = if threads == 1 { (plain.clone(), false) } else { run_with(false, threads) };
-            assert!(got == plain_t, "{fixture}/{case}: outputs with epilogues differ at {threads} threads");
-            eprintln!("{fixture:>15}/{case:<7} f32 epilogue used: {used} ({threads} threads), bit-identical");
-            with_epilogue += used as usize;
+        for (precision, op) in [("f32", "GemmMatMul+epilogue"), ("int8", "AmxI8+epilogue")] {
+            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
+            let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool) {
+                set_epilogues(on);
+                let (outs, used, _) = run_counting(&onnx, &inputs, threads, op);
+                (outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect(), used)
+            };
+            for threads in [1, 2] {
+                let (plain, used) = run_with(false, threads);
+                assert!(!used, "{fixture}/{case} {precision}: epilogue while switched off");
+                let (got, used) = run_with(true, threads);
+                assert!(
+                    got == plain,
+                    "{fixture}/{case} {precision}: outputs with epilogues differ at {threads} threads"
+                );
+                eprintln!("{fixture:>15}/{case:<7} {precision} {op} used: {used} ({threads} threads), bit-identical");
+                if precision == "f32" {
+                    with_epilogue += used as usize;
+                } else {
+                    int8_epilogue += used as usize;
+                }
+            }
         }
         n += 1;
     }
     set_epilogues(true);
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
-    assert!(with_epilogue >= 2 * n, "epilogues ran in only {with_epilogue} of {} runs", 2 * n);
+    assert!(with_epilogue >= 2 * n, "f32 epilogues ran in only {with_epilogue} of {} runs", 2 * n);
+    if has_amx_int8() {
+        assert!(int8_epilogue >= n, "int8 epilogues ran in only {int8_epilogue} of {} runs", 2 * n);
+    } else {
+        assert_eq!(int8_epilogue, 0, "AmxI8 on a CPU without AMX-INT8");
+    }
 }

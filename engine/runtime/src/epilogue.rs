@@ -1,5 +1,6 @@
-//! What follows a Linear, done by [`GemmMatMul`] on each block of its output as soon as the
-//! block is computed: a rewrite of the decluttered graph, after the runtime's products.
+//! What follows a Linear, done by the product itself ([`GemmMatMul`] on f32, [`AmxI8`] on int8)
+//! on each block of its output as soon as the block is computed: a rewrite of the decluttered
+//! graph, after the runtime's products.
 //!
 //! A trained PerceiverIO checkpoint adds a bias after every Linear, applies GELU after the MLP's
 //! first one and adds the residual after the attention's output projection and the MLP's second
@@ -9,26 +10,27 @@
 //! LayerNorm after the product: a position table added, a factor per row, a bias) were four such
 //! passes over `[50176, 261]`. [`rewrite`] takes such a chain into the product, through reshapes
 //! that keep the rows whole: each thread finishes the rows and columns it just computed (in the
-//! graph's order) while they are in its cache. Each step computes what tract's op computes (the same additions, GELU through
-//! tract's own `erf` kernel), so outputs are bit-identical; the tests compare the graph with and
-//! without the pass.
+//! graph's order) while they are in its cache. Each step computes what tract's op computes (the
+//! same additions and products, GELU through tract's own `erf` kernel), so outputs are
+//! bit-identical; the tests compare the graph with and without the pass.
 
 use crate::gemm_matmul::GemmMatMul;
-use std::collections::HashMap;
+use crate::int8_amx::AmxI8;
+use std::collections::{HashMap, HashSet};
 use tract_linalg::element_wise::ElementWise;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
-/// One step applied to a product's output; an index names an input of the product past its two
-/// operands (0 is the third input).
+/// One step applied to a product's output; an index names an input of the product past its
+/// operands (0 is the first one after them).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Adds input `i`, one value per column (a Linear's bias).
@@ -52,13 +54,36 @@ pub(crate) struct Finish<'a> {
 /// Values GELU scales at a time (tract's `GeluExact` takes 1024; `erf` is per value).
 const GELU_CHUNK: usize = 256;
 
-impl Finish<'_> {
+impl<'a> Finish<'a> {
+    /// The steps of a product of `m x n` with their inputs (those past the product's operands),
+    /// each checked to hold as many values as its step reads.
+    pub(crate) fn new(steps: &'a [Step], inputs: &'a [TValue], m: usize, n: usize) -> TractResult<Finish<'a>> {
+        let inputs = inputs.iter().map(|t| t.try_as_plain_ram()?.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
+        for step in steps {
+            let (i, want) = match *step {
+                Step::AddColumns(i) => (i, n),
+                Step::Add(i) => (i, m * n),
+                Step::MulRows(i) => (i, m),
+                Step::Gelu => continue,
+            };
+            ensure!(inputs.get(i).is_some_and(|x| x.len() == want), "epilogue input {i} is not of {want} values");
+        }
+        let erf = if steps.contains(&Step::Gelu) { Some(tract_linalg::routines::Func::Erf.ew_f32()?) } else { None };
+        Ok(Finish { steps, inputs, erf })
+    }
+
     /// Applies every step to rows `rows` and columns `cols` of the row-major output `c`, rows `n`
     /// values apart.
     ///
     /// # Safety
     /// `c` holds the output; no one else reads or writes this block meanwhile.
-    pub(crate) unsafe fn block(&self, c: *mut f32, n: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    pub(crate) unsafe fn block(
+        &self,
+        c: *mut f32,
+        n: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
         let mut scaled = [0f32; GELU_CHUNK];
         for r in rows {
             let at = r * n + cols.start;
@@ -75,7 +100,7 @@ impl Finish<'_> {
                     }
                     Step::Gelu => {
                         let erf = self.erf.as_ref().expect("erf kernel fetched for a GELU step");
-                        let c = std::f32::consts::FRAC_1_SQRT_2;
+                        let c = 2f32.sqrt().recip(); // tract's constant, computed as it does
                         for chunk in row.chunks_mut(GELU_CHUNK) {
                             let s = &mut scaled[..chunk.len()];
                             s.iter_mut().zip(chunk.iter()).for_each(|(s, x)| *s = *x * c);
@@ -91,9 +116,14 @@ impl Finish<'_> {
 }
 
 /// What node `next`, reading the product's running output at its input `slot`, does to it, if
-/// [`GemmMatMul`] can take it in: a step and the outlet it reads besides, or (no step) a reshape
-/// that keeps each row whole, with the output's new shape. `op`'s output is row-major, `m x n`.
-fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> Option<(Option<Step>, Option<OutletId>, Vec<usize>)> {
+/// the product can take it in: a step and the outlet it reads besides, or (no step) a reshape
+/// that keeps each row whole, with the output's new shape.
+fn step(
+    model: &TypedModel,
+    next: &TypedNode,
+    slot: usize,
+    op: &Rows,
+) -> Option<(Option<Step>, Option<OutletId>, Vec<usize>)> {
     let out = model.outlet_fact(OutletId::new(next.id, 0)).ok()?;
     let out_shape = out.shape.as_concrete()?.to_vec();
     if out.datum_type != f32::datum_type() {
@@ -138,49 +168,101 @@ fn step(model: &TypedModel, next: &TypedNode, slot: usize, op: &GemmMatMul) -> O
     Some((Some(step), Some(other), out_shape))
 }
 
-/// Takes into each [`GemmMatMul`] whose output is row-major the chain of bias adds, residual
-/// adds and GELUs that reads it alone; returns how many steps were taken in.
-pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    // (the product's node, its op with the steps, the extra inputs, the chain's last node)
-    let mut found = vec![];
-    // Nodes a chain took (two products added together: the first one's chain takes the add).
-    let mut taken = std::collections::HashSet::new();
-    for id in model.eval_order()? {
-        let Some(op) = model.node(id).op_as::<GemmMatMul>() else { continue };
-        if !op.loops.is_empty() || op.c != crate::gemm_matmul::Strides::rows(op.n) || !op.epilogue.is_empty() {
-            continue;
+/// The output of a product that takes an epilogue: `m` rows of `n` values, row-major, of shape
+/// `shape`.
+pub(crate) struct Rows {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) shape: Vec<usize>,
+}
+
+/// A product that finishes each block of its output with [`Step`]s ([`GemmMatMul`] on f32,
+/// `AmxI8` on int8).
+pub(crate) trait Finishes: TypedOp + Clone {
+    /// Its output, if row-major (no outer loops, no strides) and no epilogue is planned yet.
+    fn rows(&self) -> Option<Rows>;
+    /// Takes the steps in, its output now of shape `shape`.
+    fn finish_with(&mut self, steps: Vec<Step>, shape: Vec<usize>);
+}
+
+/// The chain of steps reading node `id`'s output (a product of output `rows`) alone, not yet
+/// `taken` by another chain: the steps, the outlets they read, and the chain's last node.
+fn chain(
+    model: &TypedModel,
+    id: usize,
+    mut rows: Rows,
+    taken: &mut HashSet<usize>,
+) -> (Vec<Step>, Vec<OutletId>, usize, Vec<usize>) {
+    let (mut steps, mut extra, mut last) = (vec![], vec![], id);
+    while let Some(inlet) = crate::only_reader(model, last) {
+        let next = model.node(inlet.node);
+        if taken.contains(&next.id) {
+            break;
         }
-        let (mut op, mut extra, mut last) = (op.clone(), vec![], id);
-        while let Some(inlet) = crate::only_reader(model, last) {
-            let next = model.node(inlet.node);
-            if taken.contains(&next.id) {
-                break;
-            }
-            let Some((step, input, shape)) = step(model, next, inlet.slot, &op) else { break };
-            taken.insert(next.id);
-            let at = extra.len();
-            extra.extend(input);
-            op.epilogue.extend(step.map(|s| match s {
-                Step::Add(_) => Step::Add(at),
-                Step::AddColumns(_) => Step::AddColumns(at),
-                Step::MulRows(_) => Step::MulRows(at),
-                Step::Gelu => Step::Gelu,
-            }));
-            op.shape = shape;
-            last = next.id;
-        }
-        if last != id {
-            found.push((id, op, extra, last));
-        }
+        let Some((step, input, shape)) = step(model, next, inlet.slot, &rows) else { break };
+        taken.insert(next.id);
+        let at = extra.len();
+        extra.extend(input);
+        steps.extend(step.map(|s| match s {
+            Step::Add(_) => Step::Add(at),
+            Step::AddColumns(_) => Step::AddColumns(at),
+            Step::MulRows(_) => Step::MulRows(at),
+            Step::Gelu => Step::Gelu,
+        }));
+        rows.shape = shape;
+        last = next.id;
     }
-    let steps = found.iter().map(|f| f.1.epilogue.len()).sum();
+    (steps, extra, last, rows.shape)
+}
+
+/// A product with the chain that reads it taken in.
+struct Planned {
+    op: Box<dyn TypedOp>,
+    /// How many steps.
+    steps: usize,
+    /// The outlets the steps read.
+    extra: Vec<OutletId>,
+    /// The chain's last node, whose output the op replaces.
+    last: usize,
+}
+
+/// `op` at node `id` with the chain that reads it taken in; none if nothing follows it that it
+/// can take.
+fn plan<T: Finishes>(model: &TypedModel, id: usize, op: &T, taken: &mut HashSet<usize>) -> Option<Planned> {
+    let (steps, extra, last, shape) = chain(model, id, op.rows()?, taken);
+    if last == id {
+        return None;
+    }
+    let (mut op, count) = (op.clone(), steps.len());
+    op.finish_with(steps, shape);
+    Some(Planned { op: Box::new(op), steps: count, extra, last })
+}
+
+/// Takes into each product ([`Finishes`]) whose output is row-major the chain of bias adds,
+/// residual adds, factors per row, GELUs and row-keeping reshapes that reads it alone; returns
+/// how many steps were taken in.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    // Nodes a chain took (two products added together: the first one's chain takes the add).
+    let mut taken = HashSet::new();
+    let mut found = vec![];
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let planned = if let Some(op) = node.op_as::<GemmMatMul>() {
+            plan(model, id, op, &mut taken)
+        } else if let Some(op) = node.op_as::<AmxI8>() {
+            plan(model, id, op, &mut taken)
+        } else {
+            None
+        };
+        found.extend(planned.map(|p| (id, p)));
+    }
+    let steps = found.iter().map(|f| f.1.steps).sum();
     // A chain's input may be the end of a chain replaced before it (a residual).
     let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
-    for (id, op, extra, last) in found {
-        let node = model.node(id);
+    for (id, Planned { op, extra, last, .. }) in found {
         let name = format!("{}.epilogue", model.node(last).name);
         let inputs: Vec<OutletId> =
-            node.inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
+            model.node(id).inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
         crate::substitute(model, OutletId::new(last, 0), name.clone(), op, &inputs)?;
         let new = OutletId::new(model.nodes().len() - 1, 0);
         ensure!(model.node(new.node).name == name, "epilogue: the fused node is not the last one added");
@@ -257,7 +339,9 @@ mod tests {
 
     fn run(model: &TypedModel, x: &Tensor) -> Vec<Vec<u32>> {
         let out = model.clone().into_runnable().unwrap().run(tvec!(x.clone().into_tvalue())).unwrap();
-        out.iter().map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()).collect()
+        out.iter()
+            .map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect())
+            .collect()
     }
 
     /// With and without the pass, after the products' rewrite: identical bits, at one thread and
@@ -269,7 +353,8 @@ mod tests {
         // bias1 + gelu, bias2 + residual, split.sum + split.bias, the encoder's three; twice and
         // wide.bias left.
         assert_eq!(rewrite(&mut fused).unwrap(), 9, "steps taken in");
-        let kinds = |m: &TypedModel| m.nodes().iter().filter(|n| n.op_is::<TypedBinOp>() || n.op_is::<ElementWiseOp>()).count();
+        let kinds =
+            |m: &TypedModel| m.nodes().iter().filter(|n| n.op_is::<TypedBinOp>() || n.op_is::<ElementWiseOp>()).count();
         assert_eq!((kinds(&plain), kinds(&fused)), (12, 3), "element-wise nodes before and after");
         let x = Tensor::from_shape(&[1, m, d], &values(m * d, 11)).unwrap();
         let want = run(&plain, &x);

@@ -19,11 +19,11 @@
 //! `gemm` itself. Results differ from tract's by the order of the sums only; the tests compare
 //! each with a product computed in f64 and the fixtures with transformers.
 
+use crate::epilogue::{Finish, Finishes, Rows, Step};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use crate::epilogue::{Finish, Step};
 
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
@@ -348,11 +348,9 @@ impl GemmMatMul {
                     let blocks = self.blocks(threads);
                     pool.install(|| {
                         // SAFETY: lengths checked by `eval`; blocks write disjoint output elements.
-                        blocks
-                            .into_par_iter()
-                            .for_each(|(i, rows, cols)| unsafe {
-                                self.product(bufs, self.offsets(i), rows, cols, finish)
-                            })
+                        blocks.into_par_iter().for_each(|(i, rows, cols)| unsafe {
+                            self.product(bufs, self.offsets(i), rows, cols, finish)
+                        })
                     });
                     return;
                 }
@@ -399,21 +397,7 @@ impl EvalOp for GemmMatMul {
             self.a_len,
             self.b_len
         );
-        let extra = inputs[2..].iter().map(|t| t.try_as_plain_ram()?.as_slice::<f32>()).collect::<TractResult<Vec<_>>>()?;
-        for step in &self.epilogue {
-            let (i, want) = match *step {
-                Step::AddColumns(i) => (i, self.n),
-                Step::Add(i) => (i, self.m * self.n),
-                Step::MulRows(i) => (i, self.m),
-                Step::Gelu => continue,
-            };
-            ensure!(extra.get(i).is_some_and(|x| x.len() == want), "GemmMatMul: epilogue input {i} is not of {want} values");
-        }
-        let erf = match self.epilogue.contains(&Step::Gelu) {
-            true => Some(tract_linalg::routines::Func::Erf.ew_f32()?),
-            false => None,
-        };
-        let finish = Finish { steps: &self.epilogue, inputs: extra, erf };
+        let finish = Finish::new(&self.epilogue, &inputs[2..], self.m, self.n)?;
         // Every output element is written by exactly one product (read_dst off), unless there
         // is nothing to sum.
         let mut out = match self.k {
@@ -424,6 +408,17 @@ impl EvalOp for GemmMatMul {
             self.run(a, b, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, &finish);
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl Finishes for GemmMatMul {
+    fn rows(&self) -> Option<Rows> {
+        let row_major = self.loops.is_empty() && self.c == Strides::rows(self.n);
+        (row_major && self.epilogue.is_empty()).then(|| Rows { m: self.m, n: self.n, shape: self.shape.clone() })
+    }
+
+    fn finish_with(&mut self, steps: Vec<Step>, shape: Vec<usize>) {
+        (self.epilogue, self.shape) = (steps, shape);
     }
 }
 

@@ -22,6 +22,7 @@
 //! the vision classifiers' one-query decoders are in the runs measured in docs/performance.md).
 //! Loading is faster too: tract's code generation of each int8 product (some 30 nodes) is gone.
 
+use crate::epilogue::{Finish, Finishes, Rows, Step};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -56,6 +57,9 @@ pub struct AmxI8 {
     k: usize,
     n: usize,
     shape: Vec<usize>,
+    /// What is applied to each block of the output once computed (bias, residual, GELU),
+    /// reading the inputs past the three of the product; see [`crate::epilogue`].
+    epilogue: Vec<Step>,
 }
 
 /// A weight `W[k, n]` packed for the tiles.
@@ -258,7 +262,8 @@ impl AmxI8 {
         Arc::as_ptr(&self.tiles) as usize
     }
 
-    /// Computes output rows `blocks` (blocks of 32) by column blocks `pairs` (of 32) into `bufs.c`.
+    /// Computes output rows `blocks` (blocks of 32) by column blocks `pairs` (of 32) into `bufs.c`:
+    /// the sums less each column's `bias`, times its `factor`, then the `finish` steps.
     ///
     /// # Safety
     /// `bufs` valid for the op's shapes (`a` padded to whole blocks of rows and of 64 `k`);
@@ -268,9 +273,9 @@ impl AmxI8 {
         bufs: Bufs,
         blocks: std::ops::Range<usize>,
         pairs: std::ops::Range<usize>,
-        bias: &[i32],
-        factor: &[f32],
+        (bias, factor): (&[i32], &[f32]),
         amx: bool,
+        finish: &Finish,
     ) {
         let kb = self.k.div_ceil(TILE_K);
         let mut sums = Sums([0; BLOCK * BLOCK]);
@@ -286,8 +291,11 @@ impl AmxI8 {
             for block in blocks.clone() {
                 block_sums(amx, a.add(block * BLOCK * bufs.lda), bufs.lda, b, kb, &mut sums);
                 let rows = BLOCK.min(self.m - block * BLOCK);
-                let c = c.add(block * BLOCK * self.n + cols.start);
-                finish_with(amx, &sums, rows, c, self.n, &bias[cols.clone()], &factor[cols.clone()]);
+                let at = c.add(block * BLOCK * self.n + cols.start);
+                finish_with(amx, &sums, rows, at, self.n, &bias[cols.clone()], &factor[cols.clone()]);
+                if !finish.steps.is_empty() {
+                    finish.block(c, self.n, block * BLOCK..block * BLOCK + rows, cols.clone());
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -298,7 +306,7 @@ impl AmxI8 {
 
     /// The product of `a` (`m x k` u8) into `c`, on AMX tiles when `amx`, split over tract's
     /// thread pool when it has more than one thread.
-    fn run(&self, a: &[u8], zp: u8, factor: &[f32], c: &mut [f32], amx: bool) {
+    fn run(&self, a: &[u8], zp: u8, factor: &[f32], c: &mut [f32], amx: bool, finish: &Finish) {
         let (lda, blocks, pairs) = (self.k.div_ceil(TILE_K) * TILE_K, self.m.div_ceil(BLOCK), self.n.div_ceil(BLOCK));
         // Activations read in place when they fill whole blocks, else from a zero-padded copy.
         let padded;
@@ -333,9 +341,9 @@ impl AmxI8 {
                             let part = s..(s + per).min(side);
                             unsafe {
                                 if by_cols {
-                                    self.task(bufs, 0..blocks, part, bias, factor, amx)
+                                    self.task(bufs, 0..blocks, part, (bias, factor), amx, finish)
                                 } else {
-                                    self.task(bufs, part, 0..pairs, bias, factor, amx)
+                                    self.task(bufs, part, 0..pairs, (bias, factor), amx, finish)
                                 }
                             }
                         })
@@ -345,7 +353,7 @@ impl AmxI8 {
             }
         }
         // SAFETY: lengths checked by `eval`.
-        unsafe { self.task(bufs, 0..blocks, 0..pairs, bias, factor, amx) };
+        unsafe { self.task(bufs, 0..blocks, 0..pairs, (bias, factor), amx, finish) };
     }
 
     /// Evaluates on AMX tiles when `amx`, else on the plain reference loops.
@@ -362,9 +370,10 @@ impl AmxI8 {
             self.m * self.k,
             self.n
         );
+        let finish = Finish::new(&self.epilogue, &inputs[3..], self.m, self.n)?;
         let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
         if self.m * self.n > 0 {
-            self.run(a, zp[0], factor, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, amx);
+            self.run(a, zp[0], factor, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, amx, &finish);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -372,11 +381,12 @@ impl AmxI8 {
 
 impl Op for AmxI8 {
     fn name(&self) -> StaticName {
-        "AmxI8".into()
+        if self.epilogue.is_empty() { "AmxI8" } else { "AmxI8+epilogue" }.into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("m {} k {} n {}", self.m, self.k, self.n)])
+        let then = if self.epilogue.is_empty() { String::new() } else { format!(", then {:?}", self.epilogue) };
+        Ok(vec![format!("m {} k {} n {}{then}", self.m, self.k, self.n)])
     }
 
     op_as_typed_op!();
@@ -387,6 +397,16 @@ impl EvalOp for AmxI8 {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.eval_with(&inputs, available())
+    }
+}
+
+impl Finishes for AmxI8 {
+    fn rows(&self) -> Option<Rows> {
+        self.epilogue.is_empty().then(|| Rows { m: self.m, n: self.n, shape: self.shape.clone() })
+    }
+
+    fn finish_with(&mut self, steps: Vec<Step>, shape: Vec<usize>) {
+        (self.epilogue, self.shape) = (steps, shape);
     }
 }
 
@@ -550,7 +570,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 packed.push((f.axes, Arc::new(pack(f.k, f.n, |row, col| w[row * sk + col * sn]))));
             }
             let tiles = packed.iter().find(|p| p.0 == f.axes).map(|p| p.1.clone()).unwrap();
-            let op = AmxI8 { tiles, m: f.m, k: f.k, n: f.n, shape: f.shape.clone() };
+            let op = AmxI8 { tiles, m: f.m, k: f.k, n: f.n, shape: f.shape.clone(), epilogue: vec![] };
             let name = model.node(f.mul).name.clone();
             crate::substitute(model, OutletId::new(f.mul, 0), format!("{name}.amx"), op, &f.inputs)?;
             count += 1;
@@ -594,7 +614,7 @@ mod tests {
             let factor: Vec<f32> = (0..n).map(|j| 1e-4 * (1 + j % 5) as f32).collect();
             let zp = 100 + t as u8;
             let tiles = Arc::new(pack(k, n, |r, c| w[r * n + c]));
-            let op = AmxI8 { tiles, m, k, n, shape: vec![1, m, n] };
+            let op = AmxI8 { tiles, m, k, n, shape: vec![1, m, n], epilogue: vec![] };
             let inputs = [
                 Tensor::from_shape(&[1, m, k], &a).unwrap().into_tvalue(),
                 tensor0(zp).into_tvalue(),
@@ -610,7 +630,7 @@ mod tests {
             // Into NaNs, so that an element no task writes cannot pass.
             let run = || {
                 let mut c = vec![f32::NAN; m * n];
-                op.run(&a, zp, &factor, &mut c, amx);
+                op.run(&a, zp, &factor, &mut c, amx, &Finish::new(&[], &[], m, n).unwrap());
                 c
             };
             assert_eq!(run(), want, "m {m} k {k} n {n}, amx {amx}, into NaNs");

@@ -256,7 +256,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         model.nodes().iter().filter_map(|n| chain(model, n).map(|(x, eps)| (n.id, x, eps))).collect();
     for &(id, x, eps) in &found {
         let (mut last, mut inputs) = (id, vec![x]);
-        let (scale, shift) = (affine_step(model, &mut last, &mut inputs, true), affine_step(model, &mut last, &mut inputs, false));
+        let (scale, shift) =
+            (affine_step(model, &mut last, &mut inputs, true), affine_step(model, &mut last, &mut inputs, false));
         let name = format!("{}.layer_norm", model.node(id).name);
         let op = LayerNormRows { eps_bits: eps.to_bits(), scale, shift };
         crate::substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
@@ -276,9 +277,11 @@ fn affine_step(model: &TypedModel, last: &mut usize, inputs: &mut Vec<OutletId>,
         return false;
     }
     let other = next.inputs[1 - reader.slot];
-    let (Ok(x), Ok(c), Ok(out)) =
-        (model.outlet_fact(OutletId::new(*last, 0)), model.outlet_fact(other), model.outlet_fact(OutletId::new(next.id, 0)))
-    else {
+    let (Ok(x), Ok(c), Ok(out)) = (
+        model.outlet_fact(OutletId::new(*last, 0)),
+        model.outlet_fact(other),
+        model.outlet_fact(OutletId::new(next.id, 0)),
+    ) else {
         return false;
     };
     let (Some(xs), Some(cs)) = (x.shape.as_concrete(), c.shape.as_concrete()) else { return false };
@@ -423,7 +426,9 @@ mod tests {
                 (shift, &beta, Box::new(Add)),
             ] {
                 if on {
-                    let c = model.add_const(format!("c{}", values[0]), Tensor::from_shape(&[1, len], values).unwrap()).unwrap();
+                    let c = model
+                        .add_const(format!("c{}", values[0]), Tensor::from_shape(&[1, len], values).unwrap())
+                        .unwrap();
                     y = model.wire_node(format!("op{}", values[0]), TypedBinOp(op, None), &[y, c]).unwrap()[0];
                 }
             }
