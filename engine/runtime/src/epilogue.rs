@@ -116,13 +116,15 @@ impl<'a> Finish<'a> {
 }
 
 /// What node `next`, reading the product's running output at its input `slot`, does to it, if
-/// the product can take it in: a step and the outlet it reads besides, or (no step) a reshape
-/// that keeps each row whole, with the output's new shape.
+/// the product can take it in: a step (reading the product's extra input `at`, if any) and the
+/// outlet it reads besides, or (no step) a reshape that keeps each row whole, with the output's
+/// new shape.
 fn step(
     model: &TypedModel,
     next: &TypedNode,
     slot: usize,
     op: &Rows,
+    at: usize,
 ) -> Option<(Option<Step>, Option<OutletId>, Vec<usize>)> {
     let out = model.outlet_fact(OutletId::new(next.id, 0)).ok()?;
     let out_shape = out.shape.as_concrete()?.to_vec();
@@ -157,11 +159,11 @@ fn step(
     let (last, rest) = shape.split_last()?;
     let (out_last, out_rest) = op.shape.split_last()?;
     let step = if add && shape == op.shape.as_slice() {
-        Step::Add(0)
+        Step::Add(at)
     } else if add && last == out_last && rest.iter().all(|&d| d == 1) && fact.konst.is_some() {
-        Step::AddColumns(0)
+        Step::AddColumns(at)
     } else if mul && *last == 1 && rest == out_rest {
-        Step::MulRows(0)
+        Step::MulRows(at)
     } else {
         return None;
     };
@@ -199,16 +201,10 @@ fn chain(
         if taken.contains(&next.id) {
             break;
         }
-        let Some((step, input, shape)) = step(model, next, inlet.slot, &rows) else { break };
+        let Some((step, input, shape)) = step(model, next, inlet.slot, &rows, extra.len()) else { break };
         taken.insert(next.id);
-        let at = extra.len();
         extra.extend(input);
-        steps.extend(step.map(|s| match s {
-            Step::Add(_) => Step::Add(at),
-            Step::AddColumns(_) => Step::AddColumns(at),
-            Step::MulRows(_) => Step::MulRows(at),
-            Step::Gelu => Step::Gelu,
-        }));
+        steps.extend(step);
         rows.shape = shape;
         last = next.id;
     }
