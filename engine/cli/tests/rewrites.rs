@@ -395,18 +395,19 @@ fn int8_amx_matches_tracts_bit_for_bit_on_every_fixture() {
 }
 
 /// The products' epilogues (`epilogue.rs`: bias adds, residual adds and GELUs taken into the
-/// product) against the same graph without them, on every fixture's f32 and int8 exports, at one
-/// and two threads: the same arithmetic in the same order, so the outputs' bits are identical.
-/// The f32 product takes them in every case (each fixture's Linears have biases); the int8 one
+/// product) against the same graph without them, on every fixture's f32, int8 and q4 exports, at
+/// one and two threads: the same arithmetic in the same order, so the outputs' bits are identical.
+/// The f32 product takes them in every case (each fixture's Linears have biases), the 4-bit one
+/// (`GemmQ4`) in at least half the runs (as often as `GemmQ4` itself runs), the int8 one
 /// (`AmxI8`) wherever it runs (CPUs with AMX-INT8).
 #[test]
 fn epilogues_are_bit_identical_on_every_fixture() {
     let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
-    let (mut n, mut with_epilogue, mut int8_epilogue) = (0, 0, 0);
+    let (mut n, mut with_epilogue, mut int8_epilogue, mut q4_epilogue) = (0, 0, 0, 0);
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        for (precision, op) in [("f32", "GemmMatMul+epilogue"), ("int8", "AmxI8+epilogue")] {
+        for (precision, op) in [("f32", "GemmMatMul+epilogue"), ("int8", "AmxI8+epilogue"), ("q4", "GemmQ4+epilogue")] {
             let (onnx, inputs) = export_at(tmp.path(), &c, precision);
             let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool) {
                 set_epilogues(on);
@@ -422,10 +423,10 @@ fn epilogues_are_bit_identical_on_every_fixture() {
                     "{fixture}/{case} {precision}: outputs with epilogues differ at {threads} threads"
                 );
                 eprintln!("{fixture:>15}/{case:<7} {precision} {op} used: {used} ({threads} threads), bit-identical");
-                if precision == "f32" {
-                    with_epilogue += used as usize;
-                } else {
-                    int8_epilogue += used as usize;
+                match precision {
+                    "f32" => with_epilogue += used as usize,
+                    "int8" => int8_epilogue += used as usize,
+                    _ => q4_epilogue += used as usize,
                 }
             }
         }
@@ -435,6 +436,7 @@ fn epilogues_are_bit_identical_on_every_fixture() {
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
     assert!(with_epilogue >= 2 * n, "f32 epilogues ran in only {with_epilogue} of {} runs", 2 * n);
+    assert!(q4_epilogue >= n, "q4 epilogues ran in only {q4_epilogue} of {} runs", 2 * n);
     if has_amx_int8() {
         assert!(int8_epilogue >= n, "int8 epilogues ran in only {int8_epilogue} of {} runs", 2 * n);
     } else {

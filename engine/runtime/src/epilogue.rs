@@ -1,5 +1,5 @@
-//! What follows a Linear, done by the product itself ([`GemmMatMul`] on f32, [`AmxI8`] on int8)
-//! on each block of its output as soon as the block is computed: a rewrite of the decluttered
+//! What follows a Linear, done by the product itself ([`GemmMatMul`] on f32, [`AmxI8`] on int8,
+//! [`GemmQ4`] on 4-bit weights) on each block of its output as soon as the block is computed: a rewrite of the decluttered
 //! graph, after the runtime's products.
 //!
 //! A trained PerceiverIO checkpoint adds a bias after every Linear, applies GELU after the MLP's
@@ -16,6 +16,7 @@
 
 use crate::gemm_matmul::GemmMatMul;
 use crate::int8_amx::AmxI8;
+use crate::q4_matmul::GemmQ4;
 use std::collections::{HashMap, HashSet};
 use tract_linalg::element_wise::ElementWise;
 use tract_onnx::prelude::*;
@@ -179,7 +180,7 @@ pub(crate) struct Rows {
 }
 
 /// A product that finishes each block of its output with [`Step`]s ([`GemmMatMul`] on f32,
-/// `AmxI8` on int8).
+/// [`AmxI8`] on int8, [`GemmQ4`] on 4-bit weights).
 pub(crate) trait Finishes: TypedOp + Clone {
     /// Its output, if row-major (no outer loops, no strides) and no epilogue is planned yet.
     fn rows(&self) -> Option<Rows>;
@@ -246,6 +247,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let planned = if let Some(op) = node.op_as::<GemmMatMul>() {
             plan(model, id, op, &mut taken)
         } else if let Some(op) = node.op_as::<AmxI8>() {
+            plan(model, id, op, &mut taken)
+        } else if let Some(op) = node.op_as::<GemmQ4>() {
             plan(model, id, op, &mut taken)
         } else {
             None

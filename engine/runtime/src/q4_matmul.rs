@@ -14,6 +14,7 @@
 //! sums only. Products with fewer than [`MIN_ROWS`] activation rows (a classification decoder's
 //! single query) stay with tract, whose matrix-vector kernel reads the 4-bit weight directly.
 
+use crate::epilogue::{Finish, Finishes, Rows, Step};
 use crate::gemm_matmul::{matmul, Strides};
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -54,6 +55,9 @@ pub struct GemmQ4 {
     ka: usize,
     n: usize,
     shape: Vec<usize>,
+    /// What is applied to each block of the output once computed (bias, residual, GELU),
+    /// reading the inputs past the activations; see [`crate::epilogue`].
+    epilogue: Vec<Step>,
 }
 
 /// Decodes Q4_0 `blocks` (whole rows of the weight) into `out`, 32 values per block.
@@ -128,7 +132,7 @@ impl GemmQ4 {
     ///
     /// # Safety
     /// `a` holds `m x k` f32s, `c` `m x n`, and no one else writes columns `cols` of `c`.
-    unsafe fn columns(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>) {
+    unsafe fn columns(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>, finish: &Finish) {
         let (k, ka, n, m, w) = (self.k, self.ka, self.n, self.m, cols.len());
         let row_bytes = k / QK * BLOCK_BYTES;
         DECODED.with(|buf| {
@@ -151,21 +155,24 @@ impl GemmQ4 {
                     }
                 }
             }
-            let (a, c) = (a as *const f32, (c as *mut f32).add(cols.start));
+            let (a, cb) = (a as *const f32, (c as *mut f32).add(cols.start));
             // `C[m, w] = A[m, ka] B[ka, w]`, C's rows `n` apart.
             matmul(
                 (m, ka, w),
-                (c, Strides::rows(n)),
+                (cb, Strides::rows(n)),
                 (a, Strides::rows(ka)),
                 (decoded.as_ptr(), Strides::rows(w)),
                 1.0,
             );
+            if !finish.steps.is_empty() {
+                finish.block(c as *mut f32, n, 0..m, cols);
+            }
         });
     }
 
     /// Runs every block of columns, split over tract's thread pool when it has more than one
     /// thread.
-    fn run(&self, blob: &[u8], a: &[f32], c: &mut [f32]) {
+    fn run(&self, blob: &[u8], a: &[f32], c: &mut [f32], finish: &Finish) {
         let (pa, pc) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
         #[cfg(feature = "threads")]
         {
@@ -178,7 +185,7 @@ impl GemmQ4 {
                     pool.install(|| {
                         blocks
                             .into_par_iter()
-                            .for_each(|s| unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n)) })
+                            .for_each(|s| unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n), finish) })
                     });
                     return;
                 }
@@ -187,18 +194,19 @@ impl GemmQ4 {
         let step = self.rows_per_block(1);
         for s in (0..self.n).step_by(step) {
             // SAFETY: lengths checked by `eval`.
-            unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n)) };
+            unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n), finish) };
         }
     }
 }
 
 impl Op for GemmQ4 {
     fn name(&self) -> StaticName {
-        "GemmQ4".into()
+        if self.epilogue.is_empty() { "GemmQ4" } else { "GemmQ4+epilogue" }.into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("m {} k {} (of {}) n {}", self.m, self.ka, self.k, self.n)])
+        let then = if self.epilogue.is_empty() { String::new() } else { format!(", then {:?}", self.epilogue) };
+        Ok(vec![format!("m {} k {} (of {}) n {}{then}", self.m, self.ka, self.k, self.n)])
     }
 
     op_as_typed_op!();
@@ -218,11 +226,22 @@ impl EvalOp for GemmQ4 {
             self.m * self.ka,
             self.n * self.k / QK * BLOCK_BYTES
         );
+        let finish = Finish::new(&self.epilogue, &inputs[1..], self.m, self.n)?;
         let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
         if self.m * self.n > 0 {
-            self.run(blob, a, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+            self.run(blob, a, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, &finish);
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl Finishes for GemmQ4 {
+    fn rows(&self) -> Option<Rows> {
+        self.epilogue.is_empty().then(|| Rows { m: self.m, n: self.n, shape: self.shape.clone() })
+    }
+
+    fn finish_with(&mut self, steps: Vec<Step>, shape: Vec<usize>) {
+        (self.epilogue, self.shape) = (steps, shape);
     }
 }
 
@@ -296,7 +315,15 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<GemmQ4> {
     let k: usize = contracted.iter().map(|&(p, _)| a[p]).product();
     let m: usize = kept.iter().map(|&(p, _)| a[p]).product();
     let n = w[wn];
-    (m >= MIN_ROWS && k.is_multiple_of(QK) && k > 0).then(|| GemmQ4 { weight, m, k, ka: k, n, shape: c })
+    (m >= MIN_ROWS && k.is_multiple_of(QK) && k > 0).then(|| GemmQ4 {
+        weight,
+        m,
+        k,
+        ka: k,
+        n,
+        shape: c,
+        epilogue: vec![],
+    })
 }
 
 /// The tensor `o` zero-pads at the end of its last axis, and the padded axis's length there, if
@@ -376,7 +403,7 @@ mod tests {
         {
             let (w, dec) = weight(n, k);
             let a: Vec<f32> = (0..m * ka).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
-            let op = GemmQ4 { weight: w, m, k, ka, n, shape: vec![1, m, n] };
+            let op = GemmQ4 { weight: w, m, k, ka, n, shape: vec![1, m, n], epilogue: vec![] };
             let ta = Tensor::from_shape(&[1, m, ka], &a).unwrap();
             let eval = || op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue())).unwrap();
             let mut results = vec![eval()];
