@@ -158,10 +158,10 @@ fn step(
         return None;
     }
     let (last, rest) = shape.split_last()?;
-    let (out_last, out_rest) = op.shape.split_last()?;
+    let (_, out_rest) = op.shape.split_last()?;
     let step = if add && shape == op.shape.as_slice() {
         Step::Add(at)
-    } else if add && last == out_last && rest.iter().all(|&d| d == 1) && fact.konst.is_some() {
+    } else if add && crate::column_constant(model, next, slot, &op.shape).is_some() {
         Step::AddColumns(at)
     } else if mul && *last == 1 && rest == out_rest {
         Step::MulRows(at)
@@ -263,9 +263,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let inputs: Vec<OutletId> =
             model.node(id).inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
         crate::substitute(model, OutletId::new(last, 0), name.clone(), op, &inputs)?;
-        let new = OutletId::new(model.nodes().len() - 1, 0);
-        ensure!(model.node(new.node).name == name, "epilogue: the fused node is not the last one added");
-        replaced.insert(OutletId::new(last, 0), new);
+        replaced.insert(OutletId::new(last, 0), OutletId::new(model.node_by_name(&name)?.id, 0));
     }
     model.compact()?;
     Ok(steps)

@@ -256,8 +256,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         model.nodes().iter().filter_map(|n| chain(model, n).map(|(x, eps)| (n.id, x, eps))).collect();
     for &(id, x, eps) in &found {
         let (mut last, mut inputs) = (id, vec![x]);
-        let (scale, shift) =
-            (affine_step(model, &mut last, &mut inputs, true), affine_step(model, &mut last, &mut inputs, false));
+        let scale = affine_step(model, &mut last, &mut inputs, true);
+        let shift = affine_step(model, &mut last, &mut inputs, false);
         let name = format!("{}.layer_norm", model.node(id).name);
         let op = LayerNormRows { eps_bits: eps.to_bits(), scale, shift };
         crate::substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
@@ -276,27 +276,18 @@ fn affine_step(model: &TypedModel, last: &mut usize, inputs: &mut Vec<OutletId>,
     if !(if mul { bin.0.is::<Mul>() } else { bin.0.is::<Add>() }) || bin.1.is_some() || next.inputs.len() != 2 {
         return false;
     }
-    let other = next.inputs[1 - reader.slot];
-    let (Ok(x), Ok(c), Ok(out)) = (
-        model.outlet_fact(OutletId::new(*last, 0)),
-        model.outlet_fact(other),
-        model.outlet_fact(OutletId::new(next.id, 0)),
-    ) else {
+    let (Ok(x), Ok(out)) = (model.outlet_fact(OutletId::new(*last, 0)), model.outlet_fact(OutletId::new(next.id, 0)))
+    else {
         return false;
     };
-    let (Some(xs), Some(cs)) = (x.shape.as_concrete(), c.shape.as_concrete()) else { return false };
-    let columns = cs.len() == xs.len()
-        && cs.last() == xs.last()
-        && cs[..cs.len() - 1].iter().all(|&d| d == 1)
-        && c.konst.is_some()
-        && c.datum_type == f32::datum_type()
-        && out.shape == x.shape
-        && out.datum_type == f32::datum_type();
-    if columns {
-        *last = next.id;
-        inputs.push(other);
+    let Some(xs) = x.shape.as_concrete() else { return false };
+    let Some(other) = crate::column_constant(model, next, reader.slot, xs) else { return false };
+    if out.shape != x.shape || out.datum_type != f32::datum_type() {
+        return false;
     }
-    columns
+    *last = next.id;
+    inputs.push(other);
+    true
 }
 
 #[cfg(test)]

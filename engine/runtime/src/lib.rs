@@ -165,6 +165,19 @@ pub(crate) fn only_reader(model: &TypedModel, id: usize) -> Option<InletId> {
     }
 }
 
+/// The other input of two-input node `node` (which reads the fused value at input `slot`), if it
+/// is an f32 constant of one value per column for an output of shape `shape`: `[1, .., 1, n]` of
+/// the same rank (a Linear's bias, a LayerNorm's scale or shift).
+pub(crate) fn column_constant(model: &TypedModel, node: &TypedNode, slot: usize, shape: &[usize]) -> Option<OutletId> {
+    let [a, b] = node.inputs.as_slice() else { return None };
+    let other = if slot == 0 { *b } else { *a };
+    let fact = model.outlet_fact(other).ok()?;
+    let cs = fact.shape.as_concrete()?;
+    let (last, rest) = cs.split_last()?;
+    let columns = cs.len() == shape.len() && shape.last() == Some(last) && rest.iter().all(|&d| d == 1);
+    (columns && fact.konst.is_some() && fact.datum_type == f32::datum_type()).then_some(other)
+}
+
 /// A process-wide switch for one of the runtime's passes, on by default; the `set_*` functions
 /// below turn them off for comparisons.
 pub(crate) struct Switch(std::sync::atomic::AtomicBool);
@@ -226,9 +239,9 @@ pub fn set_attention(on: bool) {
     attention::ENABLED.set(on);
 }
 
-/// Whether models loaded from now on apply the bias adds, residual adds and GELUs that follow an
-/// f32 product inside it, each thread to the block it just computed (the default), or, with
-/// `false`, as ops of their own. For comparisons; outputs are bit-identical (see `epilogue.rs`).
+/// Whether models loaded from now on apply the bias adds, residual adds and GELUs that follow a
+/// product (f32, int8 on AMX tiles, 4-bit) inside it, each thread to the block it just computed
+/// (the default), or, with `false`, as ops of their own. For comparisons; outputs are bit-identical (see `epilogue.rs`).
 pub fn set_epilogues(on: bool) {
     epilogue::ENABLED.set(on);
 }
