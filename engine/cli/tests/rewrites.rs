@@ -5,7 +5,7 @@
 
 use perceiver_edge_runtime::{
     has_amx_int8, npy, set_attention, set_epilogues, set_gemm_matmul, set_int8_amx, set_layer_norm_rows, set_q4_matmul,
-    set_softmax_rows, set_threads, to_vec, Session, Tensor,
+    set_softmax_rows, set_spin, set_threads, to_vec, Session, Tensor,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -300,6 +300,31 @@ fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Ve
     // An op with an epilogue taken in is named `OP+epilogue`.
     let used = ops.keys().any(|k| k == op || k.strip_prefix(op).is_some_and(|rest| rest.starts_with('+')));
     (outs.iter().map(|t| to_vec(t).unwrap()).collect(), used, resident)
+}
+
+/// Runs on two threads with the pool's other thread kept spinning (`spin.rs`, the default)
+/// against runs that let it sleep, on the first case of every fixture's f32 and q4 exports: the
+/// same ops split the same work, so the outputs' bits are identical.
+#[test]
+fn spinning_threads_are_bit_identical() {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
+        for precision in ["f32", "q4"] {
+            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
+            let bits = |on: bool| -> Vec<Vec<u32>> {
+                set_spin(on);
+                let (outs, _, _) = run_counting(&onnx, &inputs, 2, "");
+                outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect()
+            };
+            let (asleep, spinning) = (bits(false), bits(true));
+            assert!(asleep == spinning, "{}/{} {precision}: outputs differ with spinning threads", c.fixture, c.name);
+        }
+    }
+    set_spin(true);
+    set_threads(1).unwrap();
+    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
 }
 
 /// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4

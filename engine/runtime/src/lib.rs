@@ -37,6 +37,7 @@ pub mod profile;
 mod q4_matmul;
 mod softmax_last;
 mod softmax_rows;
+mod spin;
 pub mod split;
 mod weights_once;
 
@@ -237,6 +238,13 @@ pub fn has_amx_int8() -> bool {
 /// rounding only (see `attention.rs`).
 pub fn set_attention(on: bool) {
     attention::ENABLED.set(on);
+}
+
+/// Whether runs on several threads keep the pool's other threads awake, polling for work, until
+/// the run ends (the default), or, with `false`, let them sleep between ops as rayon does. For
+/// comparisons; outputs are bit-identical (see `spin.rs`).
+pub fn set_spin(on: bool) {
+    spin::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on apply the bias adds, residual adds and GELUs that follow a
@@ -823,7 +831,7 @@ impl Session {
                 out
             }),
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spin::on_pool(run))) {
             Ok(Ok(outputs)) => Ok(outputs.into_iter().map(|v| v.into_tensor()).collect()),
             Ok(Err(e)) => Err(Error::Run(first_line(&e))),
             Err(panic) => {

@@ -1,0 +1,167 @@
+//! A run on the thread pool, its other threads kept awake until it ends.
+//!
+//! With `--threads T > 1` each product, attention and LayerNorm splits its work over tract's rayon
+//! pool. Between two such ops (a LayerNorm, a reshape, the next node's bookkeeping: 5-100 us on
+//! the bench model) an idle rayon worker spins a few rounds and then sleeps on a futex, and on a
+//! virtual machine a sleeping vCPU takes tens of microseconds to wake. The thread that runs the
+//! plan also sleeps inside every `install` until its job is done. A scratch program on this 2-core
+//! host (a `[128, 256] x [256, 256]` product split in two, 20 us of serial work between products,
+//! 40 rounds of 50) took 0.141 ms a step that way against 0.140 on one thread (two threads gained
+//! nothing), and 0.092 ms with the whole loop on a pool worker and the other worker kept busy
+//! taking work (onnxruntime's thread pool spins the same way between ops by default).
+//!
+//! [`on_pool`] runs a whole model run on one worker of the pool and, for as long as it lasts, has
+//! every other worker poll the pool for work (`rayon::yield_now`) instead of sleeping. Nothing
+//! else changes: the same ops split the same work, so outputs are bit-identical
+//! (`set_spin(false)` turns it off for comparisons). The price is that the other cores stay busy
+//! for the whole run, serial stretches included, as with onnxruntime's default.
+
+#[cfg(feature = "threads")]
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+/// Whether runs keep the pool's threads awake (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
+
+#[cfg(feature = "threads")]
+/// A value handed to the pool's worker and back while the calling thread waits.
+struct Handed<T>(T);
+
+#[cfg(feature = "threads")]
+impl<T> Handed<T> {
+    fn take(self) -> T {
+        self.0
+    }
+}
+
+// SAFETY: a `Handed` value moves to one pool worker inside `ThreadPool::install` and its result
+// moves back; the calling thread is blocked in `install` meanwhile, so the value (the plan's state
+// with its non-atomically counted tensors) is used by one thread at a time, and rayon's latch
+// orders the worker's accesses before the caller's.
+#[cfg(feature = "threads")]
+unsafe impl<T> Send for Handed<T> {}
+
+/// Stops the spinning workers when dropped (the run ended, or panicked).
+#[cfg(feature = "threads")]
+struct Stop(Arc<AtomicBool>);
+
+#[cfg(feature = "threads")]
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Runs `f` (a whole model run) on a worker of tract's pool with the other workers kept awake,
+/// when there is a pool of more than one thread and the switch is on; else runs `f` here.
+pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "threads")]
+    if let Some(pool) = crate::thread_pool().filter(|_| ENABLED.get()) {
+        let job = Handed(f);
+        let executor = tract_linalg::multithread::Executor::MultiThread(pool.clone());
+        let out = pool.install(move || {
+            let f = job.take();
+            let here = rayon::current_thread_index();
+            let running = Arc::new(AtomicBool::new(true));
+            let _stop = Stop(running.clone());
+            rayon::spawn_broadcast(move |ctx| {
+                if Some(ctx.index()) != here {
+                    spin(&running)
+                }
+            });
+            // The worker sees the pool the caller saw (set for the caller's thread alone, or not).
+            Handed(tract_linalg::multithread::multithread_tract_scope(executor, f))
+        });
+        return out.take();
+    }
+    f()
+}
+
+/// How many workers are spinning now (for the tests).
+#[cfg(feature = "threads")]
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Takes the pool's pending work, or waits without sleeping, until `running` turns false.
+#[cfg(feature = "threads")]
+fn spin(running: &AtomicBool) {
+    SPINNING.fetch_add(1, Ordering::AcqRel);
+    let _count = Decrement;
+    while running.load(Ordering::Acquire) {
+        if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Counts a spinning worker out however its loop ends.
+#[cfg(feature = "threads")]
+struct Decrement;
+
+#[cfg(feature = "threads")]
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(all(test, feature = "threads"))]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+    use std::time::{Duration, Instant};
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+
+    /// Waits up to 10 s for `cond`.
+    fn eventually(cond: impl Fn() -> bool) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn runs_on_a_worker_with_the_others_spinning_until_it_ends() {
+        let sum = multithread_tract_scope(Executor::multithread(3), || {
+            on_pool(|| {
+                // On a worker of the pool, the two others spinning meanwhile.
+                assert!(rayon::current_thread_index().is_some(), "the run is not on the pool");
+                assert!(eventually(|| SPINNING.load(Ordering::Acquire) >= 2), "the other workers do not spin");
+                // Work split over the pool is still taken by the spinning workers.
+                let pool = crate::thread_pool().unwrap();
+                pool.install(|| (0..1_000_000u64).into_par_iter().sum::<u64>())
+            })
+        });
+        assert_eq!(sum, 999_999 * 1_000_000 / 2);
+        assert!(eventually(|| SPINNING.load(Ordering::Acquire) == 0), "workers still spin after the run");
+    }
+
+    #[test]
+    fn a_panicking_run_stops_the_spinning_too() {
+        let caught = std::panic::catch_unwind(|| {
+            multithread_tract_scope(Executor::multithread(2), || {
+                on_pool(|| {
+                    assert!(eventually(|| SPINNING.load(Ordering::Acquire) >= 1));
+                    panic!("inside the run")
+                })
+            })
+        });
+        assert!(caught.is_err(), "the panic did not reach the caller");
+        assert!(eventually(|| SPINNING.load(Ordering::Acquire) == 0), "workers still spin after the panic");
+    }
+
+    #[test]
+    fn runs_here_when_switched_off_or_on_one_thread() {
+        let here = std::thread::current().id();
+        assert_eq!(on_pool(|| std::thread::current().id()), here);
+        ENABLED.set(false);
+        let id = multithread_tract_scope(Executor::multithread(2), || on_pool(|| std::thread::current().id()));
+        ENABLED.set(true);
+        assert_eq!(id, here);
+    }
+}
