@@ -25,8 +25,8 @@ use std::sync::{
 /// Whether runs keep the pool's threads awake (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
-#[cfg(feature = "threads")]
 /// A value handed to the pool's worker and back while the calling thread waits.
+#[cfg(feature = "threads")]
 struct Handed<T>(T);
 
 #[cfg(feature = "threads")]
