@@ -5,7 +5,7 @@
 
 use perceiver_edge_runtime::{
     has_amx_int8, npy, set_attention, set_epilogues, set_gemm_matmul, set_int8_amx, set_layer_norm_rows, set_q4_matmul,
-    set_softmax_rows, set_spin, set_threads, to_vec, Session, Tensor,
+    set_reference_order, set_softmax_rows, set_spin, set_threads, to_vec, Session, Tensor,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -300,6 +300,30 @@ fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Ve
     // An op with an epilogue taken in is named `OP+epilogue`.
     let used = ops.keys().any(|k| k == op || k.strip_prefix(op).is_some_and(|rest| rest.starts_with('+')));
     (outs.iter().map(|t| to_vec(t).unwrap()).collect(), used, resident)
+}
+
+/// Plans in the order tract chose before the runtime fused ops (`order.rs`, the default) against
+/// tract's order of the fused graph, on the first case of every fixture's f32, int8 and q4
+/// exports: the same ops on the same inputs, so the outputs' bits are identical.
+#[test]
+fn reference_order_is_bit_identical() {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
+        for precision in ["f32", "int8", "q4"] {
+            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
+            let bits = |on: bool| -> Vec<Vec<u32>> {
+                set_reference_order(on);
+                let (outs, _, _) = run_counting(&onnx, &inputs, 1, "");
+                outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect()
+            };
+            let (tracts, reference) = (bits(false), bits(true));
+            assert!(tracts == reference, "{}/{} {precision}: outputs differ in the reference order", c.fixture, c.name);
+        }
+    }
+    set_reference_order(true);
+    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
 }
 
 /// Runs on two threads with the pool's other thread kept spinning (`spin.rs`, the default)

@@ -31,6 +31,7 @@ mod layer_norm_rows;
 pub mod limits;
 pub mod metadata;
 pub mod npy;
+mod order;
 mod pack_once;
 pub mod precision;
 pub mod profile;
@@ -245,6 +246,13 @@ pub fn set_attention(on: bool) {
 /// comparisons; outputs are bit-identical (see `spin.rs`).
 pub fn set_spin(on: bool) {
     spin::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on run in the order tract chose before the runtime fused ops
+/// (the default), or, with `false`, in the order tract chooses for the fused graph. For
+/// comparisons; outputs are identical (see `order.rs`).
+pub fn set_reference_order(on: bool) {
+    order::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on apply the bias adds, residual adds and GELUs that follow a
@@ -595,6 +603,8 @@ impl Session {
             spec.name = name.clone();
         }
         let mut f16_in_f32 = false;
+        // tract's order of the graph before the fusing passes (see `order.rs`).
+        let mut reference: Option<Vec<String>> = None;
         let plan: Plan = match device {
             Device::Cpu => f16_as_f32::apply(&mut typed)
                 .and_then(|widened| {
@@ -611,6 +621,9 @@ impl Session {
                         }
                         if attention::ENABLED.get() {
                             attention::rewrite(m)?;
+                        }
+                        if order::ENABLED.get() {
+                            reference = Some(order::reference(m)?);
                         }
                         if layer_norm_rows::ENABLED.get() {
                             layer_norm_rows::rewrite(m)?;
@@ -636,7 +649,7 @@ impl Session {
                     if dequant_const::ENABLED.get() {
                         dequant_const::rewrite(&mut m)?;
                     }
-                    m.into_runnable()
+                    order::plan(m, reference.as_deref())
                 })
                 .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
             Device::Cuda => cuda_plan(typed).map_err(err)?,
