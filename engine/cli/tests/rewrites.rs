@@ -302,28 +302,34 @@ fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Ve
     (outs.iter().map(|t| to_vec(t).unwrap()).collect(), used, resident)
 }
 
+/// Runs the first case of every fixture's `precisions` exports at `threads` threads with `switch`
+/// off, then on (left on): the outputs' bits must be identical (`what` names the switch).
+fn bit_identical_with(switch: fn(bool), what: &str, precisions: &[&str], threads: usize) {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
+        for precision in precisions {
+            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
+            let bits = |on: bool| -> Vec<Vec<u32>> {
+                switch(on);
+                let (outs, _, _) = run_counting(&onnx, &inputs, threads, "");
+                outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect()
+            };
+            let (off, on) = (bits(false), bits(true));
+            assert!(off == on, "{}/{} {precision}: outputs differ with {what}", c.fixture, c.name);
+        }
+    }
+    set_threads(1).unwrap();
+    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
+}
+
 /// Plans in the order tract chose before the runtime fused ops (`order.rs`, the default) against
 /// tract's order of the fused graph, on the first case of every fixture's f32, int8 and q4
 /// exports: the same ops on the same inputs, so the outputs' bits are identical.
 #[test]
 fn reference_order_is_bit_identical() {
-    let _switches = switches();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut seen = std::collections::BTreeSet::new();
-    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
-        for precision in ["f32", "int8", "q4"] {
-            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
-            let bits = |on: bool| -> Vec<Vec<u32>> {
-                set_reference_order(on);
-                let (outs, _, _) = run_counting(&onnx, &inputs, 1, "");
-                outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect()
-            };
-            let (tracts, reference) = (bits(false), bits(true));
-            assert!(tracts == reference, "{}/{} {precision}: outputs differ in the reference order", c.fixture, c.name);
-        }
-    }
-    set_reference_order(true);
-    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
+    bit_identical_with(set_reference_order, "the reference order", &["f32", "int8", "q4"], 1);
 }
 
 /// Runs on two threads with the pool's other thread kept spinning (`spin.rs`, the default)
@@ -331,24 +337,7 @@ fn reference_order_is_bit_identical() {
 /// same ops split the same work, so the outputs' bits are identical.
 #[test]
 fn spinning_threads_are_bit_identical() {
-    let _switches = switches();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut seen = std::collections::BTreeSet::new();
-    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
-        for precision in ["f32", "q4"] {
-            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
-            let bits = |on: bool| -> Vec<Vec<u32>> {
-                set_spin(on);
-                let (outs, _, _) = run_counting(&onnx, &inputs, 2, "");
-                outs.iter().map(|o| o.iter().map(|v| v.to_bits()).collect()).collect()
-            };
-            let (asleep, spinning) = (bits(false), bits(true));
-            assert!(asleep == spinning, "{}/{} {precision}: outputs differ with spinning threads", c.fixture, c.name);
-        }
-    }
-    set_spin(true);
-    set_threads(1).unwrap();
-    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
+    bit_identical_with(set_spin, "spinning threads", &["f32", "q4"], 2);
 }
 
 /// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4
