@@ -27,6 +27,9 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::GeluExact;
 
+/// Appended to the name of the node a fused op replaces (its chain's last node).
+pub(crate) const SUFFIX: &str = ".epilogue";
+
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
@@ -259,7 +262,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     // A chain's input may be the end of a chain replaced before it (a residual).
     let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
     for (id, Planned { op, extra, last, .. }) in found {
-        let name = format!("{}.epilogue", model.node(last).name);
+        let name = format!("{}{SUFFIX}", model.node(last).name);
         let inputs: Vec<OutletId> =
             model.node(id).inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
         crate::substitute(model, OutletId::new(last, 0), name.clone(), op, &inputs)?;

@@ -21,6 +21,9 @@ use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::rms_norm::RmsNorm;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
 
+/// Appended to the name of the chain's `RmsNorm` node for the fused op.
+pub(crate) const SUFFIX: &str = ".layer_norm";
+
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
@@ -258,7 +261,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let (mut last, mut inputs) = (id, vec![x]);
         let scale = affine_step(model, &mut last, &mut inputs, true);
         let shift = affine_step(model, &mut last, &mut inputs, false);
-        let name = format!("{}.layer_norm", model.node(id).name);
+        let name = format!("{}{SUFFIX}", model.node(id).name);
         let op = LayerNormRows { eps_bits: eps.to_bits(), scale, shift };
         crate::substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
     }
