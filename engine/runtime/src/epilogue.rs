@@ -1,4 +1,4 @@
-//! What follows a Linear, done by the product itself ([`GemmMatMul`] on f32, [`AmxI8`] on int8,
+//! What follows a Linear, done by the product itself ([`GemmMatMul`] on f32, [`Int8MatMul`] on int8,
 //! [`GemmQ4`] on 4-bit weights) on each block of its output as soon as the block is computed: a rewrite of the decluttered
 //! graph, after the runtime's products.
 //!
@@ -15,7 +15,7 @@
 //! bit-identical; the tests compare the graph with and without the pass.
 
 use crate::gemm_matmul::GemmMatMul;
-use crate::int8_amx::AmxI8;
+use crate::int8_matmul::Int8MatMul;
 use crate::q4_matmul::GemmQ4;
 use std::collections::{HashMap, HashSet};
 use tract_linalg::element_wise::ElementWise;
@@ -183,7 +183,7 @@ pub(crate) struct Rows {
 }
 
 /// A product that finishes each block of its output with [`Step`]s ([`GemmMatMul`] on f32,
-/// [`AmxI8`] on int8, [`GemmQ4`] on 4-bit weights).
+/// [`Int8MatMul`] on int8, [`GemmQ4`] on 4-bit weights).
 pub(crate) trait Finishes: TypedOp + Clone {
     /// Its output, if row-major (no outer loops, no strides) and no epilogue is planned yet.
     fn rows(&self) -> Option<Rows>;
@@ -249,7 +249,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(id);
         let planned = if let Some(op) = node.op_as::<GemmMatMul>() {
             plan(model, id, op, &mut taken)
-        } else if let Some(op) = node.op_as::<AmxI8>() {
+        } else if let Some(op) = node.op_as::<Int8MatMul>() {
             plan(model, id, op, &mut taken)
         } else if let Some(op) = node.op_as::<GemmQ4>() {
             plan(model, id, op, &mut taken)

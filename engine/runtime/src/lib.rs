@@ -26,7 +26,7 @@ pub mod f16_as_f32;
 pub mod fsio;
 mod gemm_matmul;
 mod guard;
-mod int8_amx;
+mod int8_matmul;
 mod layer_norm_rows;
 pub mod limits;
 pub mod metadata;
@@ -222,15 +222,16 @@ pub fn set_q4_matmul(on: bool) {
 }
 
 /// Whether models loaded from now on compute int8 products (`MatMulInteger`, its cast and its
-/// rescaling) on AMX tiles where the CPU has AMX-INT8 (the default) or, with `false`, with
-/// tract's kernels. For comparisons; outputs are bit-identical (see `int8_amx.rs`).
-pub fn set_int8_amx(on: bool) {
-    int8_amx::ENABLED.set(on);
+/// rescaling) in one op of the runtime's where it has a kernel for the CPU (the default) or, with
+/// `false`, with tract's kernels. For comparisons; outputs are bit-identical (see `int8_matmul.rs`).
+pub fn set_int8_matmul(on: bool) {
+    int8_matmul::ENABLED.set(on);
 }
 
-/// Whether the CPU running this process has AMX-INT8 tiles the int8 products can use.
-pub fn has_amx_int8() -> bool {
-    int8_amx::available()
+/// The runtime's int8 product kernel for the CPU running this process (`"AMX"` tiles, `"AVX2"`
+/// without VNNI), or `None` where int8 products stay with tract's kernels.
+pub fn int8_matmul_kernel() -> Option<&'static str> {
+    int8_matmul::kernel().map(|k| k.name())
 }
 
 /// Whether models loaded from now on compute each f32 attention (scores, softmax, product with
@@ -616,8 +617,8 @@ impl Session {
                         if q4_matmul::ENABLED.get() {
                             q4_matmul::rewrite(m)?;
                         }
-                        if int8_amx::ENABLED.get() {
-                            int8_amx::rewrite(m)?;
+                        if int8_matmul::ENABLED.get() {
+                            int8_matmul::rewrite(m)?;
                         }
                         if attention::ENABLED.get() {
                             attention::rewrite(m)?;
@@ -712,8 +713,8 @@ impl Session {
                 // The runtime's own ops hold their constants too.
                 let w = q.weight();
                 add("Q4_0".into(), q4_matmul::weight_bytes(w), Some(Arc::as_ptr(w) as usize));
-            } else if let Some(q) = node.op_as::<int8_amx::AmxI8>() {
-                add("i8 (AMX tiles)".into(), q.weight_bytes(), Some(q.weight_at()));
+            } else if let Some(q) = node.op_as::<int8_matmul::Int8MatMul>() {
+                add(format!("i8 ({} packing)", q.kernel_name()), q.weight_bytes(), Some(q.weight_at()));
             } else if let Some(d) = node.op_as::<dequant_const::DequantConst>() {
                 for t in d.constants() {
                     add(dtype_name(t.datum_type()), t.len() * t.datum_type().size_of(), Some(Arc::as_ptr(t) as usize));

@@ -1,26 +1,35 @@
-//! int8 products on Intel AMX tiles: a rewrite of the decluttered graph, before tract's code
-//! generation, taken only where the CPU has AMX-INT8 and Linux grants the tile state.
+//! int8 products in one op: a rewrite of the decluttered graph, before tract's code generation,
+//! taken where the CPU has Intel AMX-INT8 tiles (and Linux grants their state), or AVX2 and no
+//! VNNI (AMD Zen 1 to 3, Intel before Ice Lake), where tract's kernel is `avx2_mmm_i32_8x8`.
+//! Elsewhere (AVX-512 VNNI or AVX-VNNI without AMX, ARM) tract's own kernels run.
 //!
 //! An int8 export computes each Linear as `DynamicQuantizeLinear` (u8 activations, a scale and a
 //! zero point) -> `MatMulInteger` (by per-column int8 weights) -> `Cast` to f32 -> `Mul` by the
-//! activation scale times the weight's column scales. tract 0.23.9 runs the product on its AMX
-//! kernel `avx512amx_mmm_i32_16x16`, one 16 x 16 output tile at a time (two tile loads a tile
-//! product), after copying the activations to signed bytes and packing them, and then the cast and
-//! the multiplication as two more passes: on a 2-core Xeon with AMX, language-perceiver int8 ran
-//! its products at about 316 GOP/s and took 1.2x onnxruntime's time on the same file.
+//! activation scale times the weight's column scales. tract 0.23.9 copies the activations to
+//! signed bytes, packs them, runs its kernel and then the cast and the multiplication as two more
+//! passes. On a 2-core Xeon with AMX its kernel `avx512amx_mmm_i32_16x16` loads two tiles a tile
+//! product (language-perceiver int8 1.2x onnxruntime's time on the same file); on AVX2 its
+//! `avx2_mmm_i32_8x8` widens every byte and multiplies 16-bit halves one lane at a time, about 64
+//! multiply-adds in 40 instructions (the int8 bench model 1.7x onnxruntime's time, 3x its own f32).
 //!
-//! [`AmxI8`] replaces the whole chain `MatMulInteger -> Cast -> Mul`. Weights are packed once at
-//! load into AMX B tiles (16 rows of 4 consecutive `k` for 16 columns); each 32 x 32 output block
-//! is four accumulator tiles fed by two activation tiles (unsigned, read in place when they fill
-//! whole tiles, else from a zero-padded copy) and two weight tiles per 64 values of `k`
-//! (`tdpbusd`: u8 x i8, exact i32 sums). The zero point comes out as
-//! `zero point x column sum`, then each sum is converted to f32 and multiplied by its column's
-//! factor: the same integers and the same single f32 rounding as tract's three ops, so outputs are
-//! bit-identical to them. Threads take whole blocks of columns (or of rows, for narrow products).
-//! Products of fewer than 32 rows (a classifier's single query) are padded to 32 rows: the tiles'
-//! spare work is cheap next to reading the weight, which both paths do once (not timed apart;
-//! the vision classifiers' one-query decoders are in the runs measured in docs/performance.md).
-//! Loading is faster too: tract's code generation of each int8 product (some 30 nodes) is gone.
+//! [`Int8MatMul`] replaces the whole chain `MatMulInteger -> Cast -> Mul`. Weights are packed
+//! once at load for the kernel the CPU has, and the output is computed in 32 x 32 blocks of exact
+//! i32 sums:
+//! - **AMX**: AMX B tiles (16 rows of 4 consecutive `k` for 16 columns); four accumulator tiles a
+//!   block fed by two activation tiles (unsigned, read in place when they fill whole tiles, else
+//!   from a zero-padded copy) and two weight tiles per 64 values of `k` (`tdpbusd`: u8 x i8).
+//! - **AVX2**: per 16 columns and pair of `k`, the 16 x 2 weights interleaved by column; each
+//!   block's activation rows widened once to 16 bits, then 6-row by 16-column tiles of `vpmaddwd`
+//!   (a pair of u8 x i8 products summed in i32 per lane: exact, never saturating, where the
+//!   `vpmaddubsw` onnxruntime uses on AVX2 can saturate) at 16 multiply-adds an instruction.
+//!
+//! The zero point comes out as `zero point x column sum`, then each sum is converted to f32 and
+//! multiplied by its column's factor: the same integers and the same single f32 rounding as
+//! tract's three ops, so outputs are bit-identical to them. Threads take whole blocks of columns
+//! (or of rows, for narrow products). On the tiles, products of fewer than 32 rows (a
+//! classifier's single query) are padded to 32 rows: the tiles' spare work is cheap next to
+//! reading the weight, which both paths do once. Loading is faster too: tract's code generation
+//! of each int8 product (some 30 nodes) is gone.
 
 use crate::epilogue::{Finish, Finishes, Rows, Step};
 use std::sync::Arc;
@@ -48,11 +57,41 @@ const TILE_BYTES: usize = 1024;
 /// Rows and columns of one output block (2 x 2 tiles of 16 x 16).
 const BLOCK: usize = 32;
 
+/// Columns of one AVX2 panel (two per block).
+const PANEL: usize = 16;
+
+/// Rows of one AVX2 tile (12 of the 16 ymm registers hold its sums).
+const TILE_ROWS: usize = 6;
+
+/// Which code computes a block's sums.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) enum Kernel {
+    /// AMX tiles (`tdpbusd`).
+    Amx,
+    /// AVX2 `vpmaddwd` on 16-bit widened values.
+    Avx2,
+    /// Plain Rust over the tile layout: the reference the tests hold the others to.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Plain,
+}
+
+impl Kernel {
+    /// Its name in reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX",
+            Kernel::Avx2 => "AVX2",
+            Kernel::Plain => "plain",
+        }
+    }
+}
+
 /// `C[.., n] = (A[.., k] - zero point) W[k, n] x factor[n]`: `A` u8, `W` int8, `C` f32.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct AmxI8 {
+pub struct Int8MatMul {
     /// The weight, packed once (shared by the products that read it).
-    tiles: Arc<Tiles>,
+    packed: Arc<Packed>,
     m: usize,
     k: usize,
     n: usize,
@@ -62,31 +101,48 @@ pub struct AmxI8 {
     epilogue: Vec<Step>,
 }
 
-/// A weight `W[k, n]` packed for the tiles.
+/// A weight `W[k, n]` packed for one kernel.
 #[derive(Debug, Hash, PartialEq, Eq)]
-struct Tiles {
-    /// AMX B tiles: per block of 32 columns, per 64 values of `k`, two tiles (columns 0..16 and
-    /// 16..32 of the block), each 16 rows of (4 `k` x 16 columns); zero-padded.
-    packed: Vec<u8>,
+struct Packed {
+    kernel: Kernel,
+    /// AMX and plain: per block of 32 columns, per 64 values of `k`, two B tiles (columns 0..16
+    /// and 16..32 of the block), each 16 rows of (4 `k` x 16 columns). AVX2: per panel of 16
+    /// columns (two per block), per pair of `k`, two halves of 8 columns, each 8 x (2 `k`).
+    /// Zero-padded.
+    bytes: Vec<u8>,
     /// Column sums of `W` (for the zero point).
     col_sums: Vec<i32>,
 }
 
-/// Packs `w` (`w(k, n)` the weight at row `k`, column `n`) into AMX B tiles, with its column sums.
-fn pack(k: usize, n: usize, w: impl Fn(usize, usize) -> i8) -> Tiles {
-    let (kb, pairs) = (k.div_ceil(TILE_K), n.div_ceil(BLOCK));
-    let mut out = vec![0u8; pairs * kb * 2 * TILE_BYTES];
+/// Packs `w` (`w(k, n)` the weight at row `k`, column `n`) for `kernel`, with its column sums.
+fn pack(kernel: Kernel, k: usize, n: usize, w: impl Fn(usize, usize) -> i8) -> Packed {
+    let blocks = n.div_ceil(BLOCK);
+    let (kb, kp) = (k.div_ceil(TILE_K), k.div_ceil(2));
+    let len = match kernel {
+        Kernel::Amx | Kernel::Plain => blocks * kb * 2 * TILE_BYTES,
+        Kernel::Avx2 => blocks * 2 * kp * 2 * PANEL,
+    };
+    let mut out = vec![0u8; len];
     let mut sums = vec![0i32; n];
     for (col, sum) in sums.iter_mut().enumerate() {
-        let (pair, half, c) = (col / BLOCK, (col % BLOCK) / 16, col % 16);
         for row in 0..k {
             let v = w(row, col);
             *sum += v as i32;
-            let (b, r, i) = (row / TILE_K, (row % TILE_K) / 4, row % 4);
-            out[((pair * kb + b) * 2 + half) * TILE_BYTES + r * 64 + 4 * c + i] = v as u8;
+            let at = match kernel {
+                Kernel::Amx | Kernel::Plain => {
+                    let (pair, half, c) = (col / BLOCK, (col % BLOCK) / 16, col % 16);
+                    let (b, r, i) = (row / TILE_K, (row % TILE_K) / 4, row % 4);
+                    ((pair * kb + b) * 2 + half) * TILE_BYTES + r * 64 + 4 * c + i
+                }
+                Kernel::Avx2 => {
+                    let (panel, half, c) = (col / PANEL, (col % PANEL) / 8, col % 8);
+                    (panel * kp + row / 2) * 2 * PANEL + half * PANEL + 2 * c + row % 2
+                }
+            };
+            out[at] = v as u8;
         }
     }
-    Tiles { packed: out, col_sums: sums }
+    Packed { kernel, bytes: out, col_sums: sums }
 }
 
 /// A 32 x 32 block of i32 sums, aligned for the tile stores.
@@ -111,8 +167,8 @@ impl TileConfig {
     }
 }
 
-/// Whether the products can run on AMX tiles here (CPU support and the kernel's permission).
-pub(crate) fn available() -> bool {
+/// Whether the CPU running this process has AMX-INT8 tiles the products can use.
+pub(crate) fn has_amx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         tract_linalg::x86_64::amx::has_amx_int8() && std::is_x86_feature_detected!("avx512f")
@@ -121,6 +177,22 @@ pub(crate) fn available() -> bool {
     {
         false
     }
+}
+
+/// The kernel the products run on here: AMX tiles where the CPU has them, AVX2 where it has no
+/// VNNI (there tract's own kernels use `vpdpbusd`, not measured against ours), else none (tract).
+pub(crate) fn kernel() -> Option<Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_amx() {
+            return Some(Kernel::Amx);
+        }
+        let vnni = std::is_x86_feature_detected!("avx512vnni") || tract_linalg::x86_64::avxvnni::has_avxvnni();
+        if std::is_x86_feature_detected!("avx2") && !vnni {
+            return Some(Kernel::Avx2);
+        }
+    }
+    None
 }
 
 /// The sums of one 32 x 32 block on AMX tiles: `a` 32 rows `lda` bytes apart, `b` the block's
@@ -190,6 +262,78 @@ unsafe fn block_plain(a: *const u8, lda: usize, b: *const u8, kb: usize, c: &mut
     }
 }
 
+/// One AVX2 tile: the sums of `R` rows of `a` (16-bit, `lda` apart, `2 kp` values each) by one
+/// packed panel `b` (16 columns, `kp` pairs of `k`), stored to `out` (rows [`BLOCK`] apart).
+///
+/// # Safety
+/// AVX2 available; `a` readable for `R` rows of `2 kp` values, `b` for `kp * 32` bytes, `out`
+/// writable for `R` rows of 16.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2<const R: usize>(a: *const i16, lda: usize, b: *const u8, kp: usize, out: *mut i32) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    for p in 0..kp {
+        let w = b.add(p * 2 * PANEL);
+        // Columns 0..8 and 8..16, each lane a column's two weights, widened to 16 bits.
+        let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w as *const __m128i));
+        let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(PANEL) as *const __m128i));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // The row's two activations of this pair, in every lane.
+            let x = _mm256_set1_epi32((a.add(r * lda + 2 * p) as *const i32).read_unaligned());
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, w0));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, w1));
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm256_storeu_si256(out.add(r * BLOCK) as *mut __m256i, acc[0]);
+        _mm256_storeu_si256(out.add(r * BLOCK + 8) as *mut __m256i, acc[1]);
+    }
+}
+
+/// The sums of a block's first `rows` rows on AVX2: `a` those rows widened to 16 bits (`lda`
+/// apart, `2 kp` values each, zero-padded), `b` the block's two packed panels.
+///
+/// # Safety
+/// AVX2 available; `a` readable for `rows` rows of `2 kp` values, `b` for `2 * kp * 32` bytes;
+/// `rows <= 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn block_avx2(a: *const i16, lda: usize, rows: usize, b: *const u8, kp: usize, c: &mut Sums) {
+    for half in 0..2 {
+        let b = b.add(half * kp * 2 * PANEL);
+        let mut r = 0;
+        while r < rows {
+            let (a, out) = (a.add(r * lda), c.0.as_mut_ptr().add(r * BLOCK + half * PANEL));
+            match rows - r {
+                1 => tile_avx2::<1>(a, lda, b, kp, out),
+                2 => tile_avx2::<2>(a, lda, b, kp, out),
+                3 => tile_avx2::<3>(a, lda, b, kp, out),
+                4 => tile_avx2::<4>(a, lda, b, kp, out),
+                5 => tile_avx2::<5>(a, lda, b, kp, out),
+                _ => tile_avx2::<TILE_ROWS>(a, lda, b, kp, out),
+            }
+            r += TILE_ROWS;
+        }
+    }
+}
+
+/// Widens `rows` rows of `a` (`k` bytes each, `lda` apart) to 16 bits into `out` (rows
+/// `k.div_ceil(2) * 2` apart, the odd `k`'s last value 0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen(a: *const u8, lda: usize, rows: usize, k: usize, out: &mut [i16]) {
+    let wide = k.div_ceil(2) * 2;
+    for (r, dst) in out.chunks_exact_mut(wide).take(rows).enumerate() {
+        let src = std::slice::from_raw_parts(a.add(r * lda), k);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as i16;
+        }
+        dst[k..].fill(0);
+    }
+}
+
 /// Writes `rows` rows of a block's sums, each less its column's `bias` and times its `factor`,
 /// to `c` (rows `ldc` apart); as many columns as `bias` has.
 ///
@@ -217,29 +361,28 @@ unsafe fn finish_avx512(sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias:
     finish(sums, rows, c, ldc, bias, factor)
 }
 
-/// One block's sums: on the tiles when `amx`, else in plain Rust.
+/// [`finish`] compiled for AVX2.
 ///
 /// # Safety
-/// As [`block_amx`] when `amx`, else as [`block_plain`].
-unsafe fn block_sums(amx: bool, a: *const u8, lda: usize, b: *const u8, kb: usize, c: &mut Sums) {
-    #[cfg(target_arch = "x86_64")]
-    if amx {
-        return block_amx(a, lda, b, kb, c);
-    }
-    let _ = amx;
-    block_plain(a, lda, b, kb, c)
+/// As [`finish`]; AVX2 available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finish_avx2(sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias: &[i32], factor: &[f32]) {
+    finish(sums, rows, c, ldc, bias, factor)
 }
 
-/// [`finish`], compiled for AVX-512 when `amx` (which implies it).
+/// [`finish`], compiled for the instructions `kernel` implies.
 ///
 /// # Safety
-/// As [`finish`].
-unsafe fn finish_with(amx: bool, sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias: &[i32], factor: &[f32]) {
+/// As [`finish`]; `kernel` runs here.
+unsafe fn finish_with(kernel: Kernel, sums: &Sums, rows: usize, c: *mut f32, ldc: usize, bias: &[i32], factor: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if amx {
-        return finish_avx512(sums, rows, c, ldc, bias, factor);
+    match kernel {
+        Kernel::Amx => return finish_avx512(sums, rows, c, ldc, bias, factor),
+        Kernel::Avx2 => return finish_avx2(sums, rows, c, ldc, bias, factor),
+        Kernel::Plain => {}
     }
-    let _ = amx;
+    let _ = kernel;
     finish(sums, rows, c, ldc, bias, factor)
 }
 
@@ -251,53 +394,87 @@ struct Bufs {
     c: usize,
 }
 
-impl AmxI8 {
+impl Int8MatMul {
     /// Bytes of the packed weight.
     pub(crate) fn weight_bytes(&self) -> usize {
-        self.tiles.packed.len()
+        self.packed.bytes.len()
+    }
+
+    /// The kernel its weight is packed for.
+    pub(crate) fn kernel_name(&self) -> &'static str {
+        self.packed.kernel.name()
     }
 
     /// Where the packed weight lives (shared by the products that read it: counted once).
     pub(crate) fn weight_at(&self) -> usize {
-        Arc::as_ptr(&self.tiles) as usize
+        Arc::as_ptr(&self.packed) as usize
     }
 
     /// Computes output rows `blocks` (blocks of 32) by column blocks `pairs` (of 32) into `bufs.c`:
     /// the sums less each column's `bias`, times its `factor`, then the `finish` steps over the part.
     ///
     /// # Safety
-    /// `bufs` valid for the op's shapes (`a` padded to whole blocks of rows and of 64 `k`);
-    /// `amx` only where [`available`].
+    /// `bufs` valid for the op's shapes (on the tiles and the plain loops, `a` padded to whole
+    /// blocks of rows and of 64 `k`); the packed kernel runs here.
     unsafe fn task(
         &self,
         bufs: Bufs,
         blocks: std::ops::Range<usize>,
         pairs: std::ops::Range<usize>,
         (bias, factor): (&[i32], &[f32]),
-        amx: bool,
         finish: &Finish,
     ) {
-        let kb = self.k.div_ceil(TILE_K);
+        let kernel = self.packed.kernel;
         let mut sums = Sums([0; BLOCK * BLOCK]);
-        #[cfg(target_arch = "x86_64")]
-        if amx {
-            let cfg = TileConfig::new();
-            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        }
         let (a, c) = (bufs.a as *const u8, bufs.c as *mut f32);
-        for pair in pairs.clone() {
-            let b = self.tiles.packed.as_ptr().add(pair * kb * 2 * TILE_BYTES);
+        let write = |sums: &Sums, block: usize, pair: usize| {
             let cols = pair * BLOCK..((pair + 1) * BLOCK).min(self.n);
-            for block in blocks.clone() {
-                block_sums(amx, a.add(block * BLOCK * bufs.lda), bufs.lda, b, kb, &mut sums);
-                let rows = BLOCK.min(self.m - block * BLOCK);
-                let at = c.add(block * BLOCK * self.n + cols.start);
-                finish_with(amx, &sums, rows, at, self.n, &bias[cols.clone()], &factor[cols.clone()]);
+            let rows = BLOCK.min(self.m - block * BLOCK);
+            let at = c.add(block * BLOCK * self.n + cols.start);
+            finish_with(kernel, sums, rows, at, self.n, &bias[cols.clone()], &factor[cols]);
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // Per block of rows, widened once, by every block of columns.
+                let (kp, lda) = (self.k.div_ceil(2), self.k.div_ceil(2) * 2);
+                let mut wide = vec![0i16; BLOCK * lda];
+                for block in blocks.clone() {
+                    let rows = BLOCK.min(self.m - block * BLOCK);
+                    widen(a.add(block * BLOCK * bufs.lda), bufs.lda, rows, self.k, &mut wide);
+                    for pair in pairs.clone() {
+                        let b = self.packed.bytes.as_ptr().add(pair * 2 * kp * 2 * PANEL);
+                        block_avx2(wide.as_ptr(), lda, rows, b, kp, &mut sums);
+                        write(&sums, block, pair);
+                    }
+                }
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if amx {
-            std::arch::asm!("tilerelease", options(nostack, nomem));
+            _ => {
+                let kb = self.k.div_ceil(TILE_K);
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Kernel::Amx {
+                    let cfg = TileConfig::new();
+                    std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+                }
+                for pair in pairs.clone() {
+                    let b = self.packed.bytes.as_ptr().add(pair * kb * 2 * TILE_BYTES);
+                    for block in blocks.clone() {
+                        let a = a.add(block * BLOCK * bufs.lda);
+                        #[cfg(target_arch = "x86_64")]
+                        if kernel == Kernel::Amx {
+                            block_amx(a, bufs.lda, b, kb, &mut sums);
+                            write(&sums, block, pair);
+                            continue;
+                        }
+                        block_plain(a, bufs.lda, b, kb, &mut sums);
+                        write(&sums, block, pair);
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Kernel::Amx {
+                    std::arch::asm!("tilerelease", options(nostack, nomem));
+                }
+            }
         }
         // The steps over the task's whole part, in rows as long as it has (per 32 x 32 block they
         // took longer than the product: vision-perceiver-conv int8, `bench --profile`).
@@ -307,13 +484,18 @@ impl AmxI8 {
         }
     }
 
-    /// The product of `a` (`m x k` u8) into `c`, on AMX tiles when `amx`, split over tract's
-    /// thread pool when it has more than one thread.
-    fn run(&self, a: &[u8], zp: u8, factor: &[f32], c: &mut [f32], amx: bool, finish: &Finish) {
-        let (lda, blocks, pairs) = (self.k.div_ceil(TILE_K) * TILE_K, self.m.div_ceil(BLOCK), self.n.div_ceil(BLOCK));
-        // Activations read in place when they fill whole blocks, else from a zero-padded copy.
+    /// The product of `a` (`m x k` u8) into `c` on the packed kernel, split over tract's thread
+    /// pool when it has more than one thread.
+    fn run(&self, a: &[u8], zp: u8, factor: &[f32], c: &mut [f32], finish: &Finish) {
+        let (blocks, pairs) = (self.m.div_ceil(BLOCK), self.n.div_ceil(BLOCK));
+        // The tiles read whole blocks of rows and of 64 `k`: activations read in place when they
+        // fill them, else from a zero-padded copy. AVX2 widens each block's rows as it goes.
+        let lda = match self.packed.kernel {
+            Kernel::Avx2 => self.k,
+            _ => self.k.div_ceil(TILE_K) * TILE_K,
+        };
         let padded;
-        let a = if lda == self.k && self.m.is_multiple_of(BLOCK) {
+        let a = if lda == self.k && (self.packed.kernel == Kernel::Avx2 || self.m.is_multiple_of(BLOCK)) {
             a
         } else {
             let mut p = vec![0u8; blocks * BLOCK * lda];
@@ -325,7 +507,7 @@ impl AmxI8 {
         };
         let bufs = Bufs { a: a.as_ptr() as usize, lda, c: c.as_mut_ptr() as usize };
         // The zero point's share of each column's sums.
-        let bias: Vec<i32> = self.tiles.col_sums.iter().map(|&s| (zp as i32).wrapping_mul(s)).collect();
+        let bias: Vec<i32> = self.packed.col_sums.iter().map(|&s| (zp as i32).wrapping_mul(s)).collect();
         let bias = &bias[..];
         #[cfg(feature = "threads")]
         {
@@ -344,9 +526,9 @@ impl AmxI8 {
                             let part = s..(s + per).min(side);
                             unsafe {
                                 if by_cols {
-                                    self.task(bufs, 0..blocks, part, (bias, factor), amx, finish)
+                                    self.task(bufs, 0..blocks, part, (bias, factor), finish)
                                 } else {
-                                    self.task(bufs, part, 0..pairs, (bias, factor), amx, finish)
+                                    self.task(bufs, part, 0..pairs, (bias, factor), finish)
                                 }
                             }
                         })
@@ -356,17 +538,17 @@ impl AmxI8 {
             }
         }
         // SAFETY: lengths checked by `eval`.
-        unsafe { self.task(bufs, 0..blocks, 0..pairs, (bias, factor), amx, finish) };
+        unsafe { self.task(bufs, 0..blocks, 0..pairs, (bias, factor), finish) };
     }
 
-    /// Evaluates on AMX tiles when `amx`, else on the plain reference loops.
-    fn eval_with(&self, inputs: &[TValue], amx: bool) -> TractResult<TVec<TValue>> {
+    /// Evaluates on the packed kernel.
+    fn eval_inputs(&self, inputs: &[TValue]) -> TractResult<TVec<TValue>> {
         let a = inputs[0].try_as_plain_ram()?.as_slice::<u8>()?;
         let zp = inputs[1].try_as_plain_ram()?.as_slice::<u8>()?;
         let factor = inputs[2].try_as_plain_ram()?.as_slice::<f32>()?;
         ensure!(
             a.len() == self.m * self.k && zp.len() == 1 && factor.len() == self.n,
-            "AmxI8: {} activations, {} zero points, {} factors; planned for {}, 1, {}",
+            "Int8MatMul: {} activations, {} zero points, {} factors; planned for {}, 1, {}",
             a.len(),
             zp.len(),
             factor.len(),
@@ -376,34 +558,34 @@ impl AmxI8 {
         let finish = Finish::new(&self.epilogue, &inputs[3..], self.m, self.n)?;
         let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
         if self.m * self.n > 0 {
-            self.run(a, zp[0], factor, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, amx, &finish);
+            self.run(a, zp[0], factor, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, &finish);
         }
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
-impl Op for AmxI8 {
+impl Op for Int8MatMul {
     fn name(&self) -> StaticName {
-        if self.epilogue.is_empty() { "AmxI8" } else { "AmxI8+epilogue" }.into()
+        if self.epilogue.is_empty() { "Int8MatMul" } else { "Int8MatMul+epilogue" }.into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
         let then = if self.epilogue.is_empty() { String::new() } else { format!(", then {:?}", self.epilogue) };
-        Ok(vec![format!("m {} k {} n {}{then}", self.m, self.k, self.n)])
+        Ok(vec![format!("m {} k {} n {} on {}{then}", self.m, self.k, self.n, self.packed.kernel.name())])
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for AmxI8 {
+impl EvalOp for Int8MatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        self.eval_with(&inputs, available())
+        self.eval_inputs(&inputs)
     }
 }
 
-impl Finishes for AmxI8 {
+impl Finishes for Int8MatMul {
     fn rows(&self) -> Option<Rows> {
         self.epilogue.is_empty().then(|| Rows { m: self.m, n: self.n, shape: self.shape.clone() })
     }
@@ -413,7 +595,7 @@ impl Finishes for AmxI8 {
     }
 }
 
-impl TypedOp for AmxI8 {
+impl TypedOp for Int8MatMul {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(f32::fact(&self.shape)))
     }
@@ -421,7 +603,7 @@ impl TypedOp for AmxI8 {
     as_op!();
 }
 
-/// A chain `MatMulInteger -> Cast -> Mul` that [`AmxI8`] computes.
+/// A chain `MatMulInteger -> Cast -> Mul` that [`Int8MatMul`] computes.
 struct Found {
     /// The `Mul` node, whose output the op replaces.
     mul: usize,
@@ -436,7 +618,7 @@ struct Found {
     shape: Vec<usize>,
 }
 
-/// The chain `MatMulInteger -> Cast -> Mul` starting at node `node` of `model`, if [`AmxI8`]
+/// The chain `MatMulInteger -> Cast -> Mul` starting at node `node` of `model`, if [`Int8MatMul`]
 /// computes it.
 fn candidate(model: &TypedModel, node: &TypedNode) -> Option<Found> {
     let op = node.op_as::<EinSum>()?;
@@ -531,7 +713,7 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<Found> {
     })
 }
 
-/// Whether padding to whole tiles keeps the packed weight and the activations' copy within twice
+/// Whether padding to whole tiles (AVX2's panels are within them) keeps the packed weight and the activations' copy within twice
 /// their size (plus 64 KiB): a weight of one column or one row would otherwise take 32 or 64
 /// times its bytes. Such products stay with tract.
 fn padding_fits(m: usize, k: usize, n: usize) -> bool {
@@ -544,13 +726,14 @@ fn padding_fits(m: usize, k: usize, n: usize) -> bool {
     fits(weight, k.saturating_mul(n)) && fits(activations, m.saturating_mul(k))
 }
 
-/// Replaces every int8 product chain of `model` that [`AmxI8`] computes, when AMX is available
-/// here; returns how many. A weight read by several products is packed once, and the graph is
-/// compacted after each weight so that its plain copy is dropped before the next is packed.
+/// Replaces every int8 product chain of `model` that [`Int8MatMul`] computes, when one of its
+/// kernels runs here ([`kernel`]); returns how many. A weight read by several products is packed
+/// once, and the graph is compacted after each weight so that its plain copy is dropped before the
+/// next is packed.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    if !available() {
+    let Some(kernel) = kernel() else {
         return Ok(0);
-    }
+    };
     let mut count = 0;
     let mut left = usize::MAX;
     loop {
@@ -563,19 +746,19 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         left = found.len();
         let Some(first) = found.first() else { break };
         let at = Arc::as_ptr(&first.weight);
-        let mut packed: Vec<((usize, usize), Arc<Tiles>)> = vec![];
+        let mut packed: Vec<((usize, usize), Arc<Packed>)> = vec![];
         for f in found.iter().filter(|f| Arc::as_ptr(&f.weight) == at) {
             if !packed.iter().any(|p| p.0 == f.axes) {
                 let w = f.weight.try_as_plain_ram()?.as_slice::<i8>()?;
                 let shape = f.weight.shape();
                 let stride = |axis: usize| shape[axis + 1..].iter().product::<usize>();
                 let (sk, sn) = (stride(f.axes.0), stride(f.axes.1));
-                packed.push((f.axes, Arc::new(pack(f.k, f.n, |row, col| w[row * sk + col * sn]))));
+                packed.push((f.axes, Arc::new(pack(kernel, f.k, f.n, |row, col| w[row * sk + col * sn]))));
             }
-            let tiles = packed.iter().find(|p| p.0 == f.axes).map(|p| p.1.clone()).unwrap();
-            let op = AmxI8 { tiles, m: f.m, k: f.k, n: f.n, shape: f.shape.clone(), epilogue: vec![] };
+            let packed = packed.iter().find(|p| p.0 == f.axes).map(|p| p.1.clone()).unwrap();
+            let op = Int8MatMul { packed, m: f.m, k: f.k, n: f.n, shape: f.shape.clone(), epilogue: vec![] };
             let name = model.node(f.mul).name.clone();
-            crate::substitute(model, OutletId::new(f.mul, 0), format!("{name}.amx"), op, &f.inputs)?;
+            crate::substitute(model, OutletId::new(f.mul, 0), format!("{name}.int8"), op, &f.inputs)?;
             count += 1;
         }
         drop(found);
@@ -610,39 +793,46 @@ mod tests {
     const SHAPES: [(usize, usize, usize); 6] =
         [(32, 64, 32), (16, 261, 40), (70, 128, 33), (33, 1000, 96), (128, 300, 256), (300, 1000, 40)];
 
-    fn check(amx: bool) {
-        for (t, &(m, k, n)) in SHAPES.iter().enumerate() {
+    /// Each shape of [`SHAPES`] on `kernel`, then the extremes: activations 255 with zero point 0
+    /// by weights -128 (the largest products, every pair sum at its bound), and 0 by 127.
+    fn check(kernel: Kernel) {
+        let cases = SHAPES.iter().enumerate().map(|(t, &(m, k, n))| {
             let a = bytes(m * k, t);
             let w: Vec<i8> = bytes(k * n, t + 7).into_iter().map(|b| b as i8).collect();
+            ((m, k, n), a, w, 100 + t as u8)
+        });
+        let (m, k, n) = (40, 2049, 48);
+        let extremes =
+            [(255u8, -128i8, 0u8), (0, 127, 255)].map(|(a, w, zp)| ((m, k, n), vec![a; m * k], vec![w; k * n], zp));
+        for ((m, k, n), a, w, zp) in cases.chain(extremes) {
             let factor: Vec<f32> = (0..n).map(|j| 1e-4 * (1 + j % 5) as f32).collect();
-            let zp = 100 + t as u8;
-            let tiles = Arc::new(pack(k, n, |r, c| w[r * n + c]));
-            let op = AmxI8 { tiles, m, k, n, shape: vec![1, m, n], epilogue: vec![] };
+            let packed = Arc::new(pack(kernel, k, n, |r, c| w[r * n + c]));
+            let op = Int8MatMul { packed, m, k, n, shape: vec![1, m, n], epilogue: vec![] };
             let inputs = [
                 Tensor::from_shape(&[1, m, k], &a).unwrap().into_tvalue(),
                 tensor0(zp).into_tvalue(),
                 Tensor::from_shape(&[1, 1, n], &factor).unwrap().into_tvalue(),
             ];
             let want = reference(&a, &w, zp, &factor, (m, k, n));
-            let got = op.eval_with(&inputs, amx).unwrap();
+            let got = op.eval_inputs(&inputs).unwrap();
             assert_eq!(
                 got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap(),
                 want,
-                "m {m} k {k} n {n}, amx {amx}"
+                "m {m} k {k} n {n}, {kernel:?}"
             );
             // Into NaNs, so that an element no task writes cannot pass.
             let run = || {
                 let mut c = vec![f32::NAN; m * n];
-                op.run(&a, zp, &factor, &mut c, amx, &Finish::new(&[], &[], m, n).unwrap());
+                op.run(&a, zp, &factor, &mut c, &Finish::new(&[], &[], m, n).unwrap());
                 c
             };
-            assert_eq!(run(), want, "m {m} k {k} n {n}, amx {amx}, into NaNs");
+            assert_eq!(run(), want, "m {m} k {k} n {n}, {kernel:?}, into NaNs");
             // Three threads: tasks by blocks of columns, or of rows where columns are few.
             #[cfg(feature = "threads")]
             {
                 use tract_linalg::multithread::{multithread_tract_scope, Executor};
                 let got = multithread_tract_scope(Executor::multithread(3), run);
-                assert_eq!(got, want, "m {m} k {k} n {n}, amx {amx}, 3 threads");
+                assert_eq!(got, want, "m {m} k {k} n {n}, {kernel:?}, 3 threads");
             }
         }
     }
@@ -661,15 +851,24 @@ mod tests {
 
     #[test]
     fn plain_blocks_match_the_definition() {
-        check(false);
+        check(Kernel::Plain);
     }
 
     #[test]
     fn tiles_match_the_definition() {
-        if !available() {
+        if !has_amx() {
             eprintln!("no AMX-INT8 here: tile kernel not run");
             return;
         }
-        check(true);
+        check(Kernel::Amx);
+    }
+
+    #[test]
+    fn avx2_matches_the_definition() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return check(Kernel::Avx2);
+        }
+        eprintln!("no AVX2 here: its kernel not run");
     }
 }
