@@ -61,6 +61,7 @@ const BLOCK: usize = 32;
 const PANEL: usize = 16;
 
 /// Rows of one AVX2 tile (12 of the 16 ymm registers hold its sums).
+#[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 6;
 
 /// Which code computes a block's sums.
@@ -168,6 +169,7 @@ impl TileConfig {
 }
 
 /// Whether the CPU running this process has AMX-INT8 tiles the products can use.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn has_amx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
