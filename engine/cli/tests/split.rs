@@ -1,7 +1,6 @@
 //! Encode once, query many (`export --split`, `run DIR/ --points/--blocks/--deadline-ms`): on
 //! every fixture case the chain of parts reproduces the single-graph export (<= 1e-6 x (1 + the
-//! largest |value|)) and
-//! transformers (the fixture tolerance), in tract and in onnxruntime; decoding chosen positions
+//! largest |value|)) and transformers (the fixture tolerance), in tract and in onnxruntime; decoding chosen positions
 //! equals the full output at those positions (<= 1e-5), also multimodal's video points and
 //! audio patches chosen together; `--blocks b` equals `export --blocks b`.
 
