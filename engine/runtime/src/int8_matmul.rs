@@ -116,15 +116,20 @@ struct Packed {
     col_sums: Vec<i32>,
 }
 
+/// Bytes of one block of 32 packed columns of a weight with `k` rows, for `kernel`.
+fn block_bytes(kernel: Kernel, k: usize) -> usize {
+    match kernel {
+        // Two tiles per 64 values of `k`.
+        Kernel::Amx | Kernel::Plain => k.div_ceil(TILE_K) * 2 * TILE_BYTES,
+        // Two panels, each 2 x 16 bytes per pair of `k`.
+        Kernel::Avx2 => 2 * k.div_ceil(2) * 2 * PANEL,
+    }
+}
+
 /// Packs `w` (`w(k, n)` the weight at row `k`, column `n`) for `kernel`, with its column sums.
 fn pack(kernel: Kernel, k: usize, n: usize, w: impl Fn(usize, usize) -> i8) -> Packed {
-    let blocks = n.div_ceil(BLOCK);
     let (kb, kp) = (k.div_ceil(TILE_K), k.div_ceil(2));
-    let len = match kernel {
-        Kernel::Amx | Kernel::Plain => blocks * kb * 2 * TILE_BYTES,
-        Kernel::Avx2 => blocks * 2 * kp * 2 * PANEL,
-    };
-    let mut out = vec![0u8; len];
+    let mut out = vec![0u8; n.div_ceil(BLOCK) * block_bytes(kernel, k)];
     let mut sums = vec![0i32; n];
     for (col, sum) in sums.iter_mut().enumerate() {
         for row in 0..k {
@@ -428,6 +433,8 @@ impl Int8MatMul {
         finish: &Finish,
     ) {
         let kernel = self.packed.kernel;
+        // The packed weight of column block `pair`.
+        let weight = |pair: usize| self.packed.bytes.as_ptr().add(pair * block_bytes(kernel, self.k));
         let mut sums = Sums([0; BLOCK * BLOCK]);
         let (a, c) = (bufs.a as *const u8, bufs.c as *mut f32);
         let write = |sums: &Sums, block: usize, pair: usize| {
@@ -446,8 +453,7 @@ impl Int8MatMul {
                     let rows = BLOCK.min(self.m - block * BLOCK);
                     widen(a.add(block * BLOCK * bufs.lda), bufs.lda, rows, self.k, &mut wide);
                     for pair in pairs.clone() {
-                        let b = self.packed.bytes.as_ptr().add(pair * 2 * kp * 2 * PANEL);
-                        block_avx2(wide.as_ptr(), lda, rows, b, kp, &mut sums);
+                        block_avx2(wide.as_ptr(), lda, rows, weight(pair), kp, &mut sums);
                         write(&sums, block, pair);
                     }
                 }
@@ -460,7 +466,7 @@ impl Int8MatMul {
                     std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
                 }
                 for pair in pairs.clone() {
-                    let b = self.packed.bytes.as_ptr().add(pair * kb * 2 * TILE_BYTES);
+                    let b = weight(pair);
                     for block in blocks.clone() {
                         let a = a.add(block * BLOCK * bufs.lda);
                         #[cfg(target_arch = "x86_64")]
@@ -498,7 +504,8 @@ impl Int8MatMul {
             _ => self.k.div_ceil(TILE_K) * TILE_K,
         };
         let padded;
-        let a = if lda == self.k && (self.packed.kernel == Kernel::Avx2 || self.m.is_multiple_of(BLOCK)) {
+        let in_place = self.packed.kernel == Kernel::Avx2 || (lda == self.k && self.m.is_multiple_of(BLOCK));
+        let a = if in_place {
             a
         } else {
             let mut p = vec![0u8; blocks * BLOCK * lda];
