@@ -4,8 +4,9 @@
 //! fixture tolerance. The rewrites must actually fire on the heads with position features.
 
 use perceiver_edge_runtime::{
-    int8_matmul_kernel, npy, set_attention, set_epilogues, set_gemm_matmul, set_int8_matmul, set_layer_norm_rows,
-    set_q4_matmul, set_reference_order, set_softmax_rows, set_spin, set_threads, to_vec, Session, Tensor,
+    f32_packed_kernel, int8_matmul_kernel, npy, set_attention, set_epilogues, set_f32_packed, set_gemm_matmul,
+    set_int8_matmul, set_layer_norm_rows, set_q4_matmul, set_reference_order, set_softmax_rows, set_spin, set_threads,
+    to_vec, Session, Tensor,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -239,7 +240,8 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
             let mut s = Session::load(&onnx).unwrap();
             let mut ops = std::collections::BTreeMap::new();
             let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
-            let gemm = ops.keys().any(|k| k.starts_with("GemmMatMul"));
+            // With a weight packed for the AVX2 kernel (`f32_packed.rs`) the op is `PackedMatMul`.
+            let gemm = ops.keys().any(|k| k.starts_with("GemmMatMul") || k.starts_with("PackedMatMul"));
             assert_eq!(gemm, on, "{fixture}/{case}: {:?}", ops.keys());
             assert!(on || !ops.contains_key("LayerNormRows"), "{fixture}/{case}: LayerNormRows while switched off");
             layer_norms.set(layer_norms.get() + (on && ops.contains_key("LayerNormRows")) as usize);
@@ -270,6 +272,48 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
         layer_norms.get(),
         2 * n
     );
+}
+
+/// The runtime's packed f32 kernel (`engine/runtime/src/f32_packed.rs`: constant weights packed
+/// once, AVX2 tiles) against the `gemm` crate's products, on every fixture's default export, at 1
+/// and 2 threads: outputs agree to 1e-5 and match transformers to the fixture tolerance. The
+/// kernel runs in every case where the CPU has it (AVX2 and FMA, no AVX-512), never elsewhere.
+#[test]
+fn packed_f32_kernel_agrees_with_the_crates_on_every_fixture() {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n, mut with_kernel) = (0, 0);
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let (onnx, inputs) = export_at(tmp.path(), &c, "f32");
+        let run_with = |on: bool, threads: usize| -> (PathBuf, bool) {
+            set_f32_packed(on);
+            set_threads(threads).unwrap();
+            let mut s = Session::load(&onnx).unwrap();
+            let mut ops = std::collections::BTreeMap::new();
+            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
+            let used = ops.keys().any(|k| k.starts_with("PackedMatMul"));
+            let dir = tmp.path().join(format!("{fixture}_{case}_packed_{on}_{threads}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for (spec, t) in s.outputs().iter().zip(&outs) {
+                npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
+            }
+            (dir, used)
+        };
+        let (crate_dir, used) = run_with(false, 1);
+        assert!(!used, "{fixture}/{case}: PackedMatMul while switched off");
+        for threads in [1, 2] {
+            let (dir, used) = run_with(true, threads);
+            assert_eq!(used, f32_packed_kernel(), "{fixture}/{case}: PackedMatMul ran: {used}");
+            compare_outputs(&c, &crate_dir, &dir, &format!("packed, {threads} threads"));
+            with_kernel += used as usize;
+        }
+        n += 1;
+    }
+    set_f32_packed(true);
+    set_threads(1).unwrap();
+    assert!(n >= 19, "fixtures missing: {n} cases");
+    eprintln!("PackedMatMul ran in {with_kernel} of {} runs (kernel on this CPU: {})", 2 * n, f32_packed_kernel());
 }
 
 /// Case `c` exported at `precision` into `dir`, and its inputs.
@@ -449,11 +493,11 @@ fn epilogues_are_bit_identical_on_every_fixture() {
     let _switches = switches();
     let tmp = tempfile::tempdir().unwrap();
     let (mut n, mut with_epilogue, mut int8_epilogue, mut q4_epilogue) = (0, 0, 0, 0);
+    // f32 Linears run on the packed kernel where the CPU has it (`f32_packed.rs`).
+    let f32_op = if f32_packed_kernel() { "PackedMatMul+epilogue" } else { "GemmMatMul+epilogue" };
     for c in cases() {
         let (fixture, case) = (&c.fixture, &c.name);
-        for (precision, op) in
-            [("f32", "GemmMatMul+epilogue"), ("int8", "Int8MatMul+epilogue"), ("q4", "GemmQ4+epilogue")]
-        {
+        for (precision, op) in [("f32", f32_op), ("int8", "Int8MatMul+epilogue"), ("q4", "GemmQ4+epilogue")] {
             let (onnx, inputs) = export_at(tmp.path(), &c, precision);
             let run_with = |on: bool, threads: usize| -> (Vec<Vec<u32>>, bool) {
                 set_epilogues(on);

@@ -20,6 +20,7 @@
 //! each with a product computed in f64 and the fixtures with transformers.
 
 use crate::epilogue::{Finish, Finishes, Rows, Step};
+use crate::f32_packed::Packed;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
@@ -132,8 +133,11 @@ pub struct GemmMatMul {
     /// would otherwise apply in a pass of its own); 1.0 when none.
     pub(crate) scale_bits: u32,
     /// What is applied to each block of the output once computed (bias, residual, GELU), reading
-    /// the inputs past the two operands; see [`crate::epilogue`].
+    /// the inputs past the operands; see [`crate::epilogue`].
     pub(crate) epilogue: Vec<Step>,
+    /// The second operand, a constant, packed for the AVX2 kernel (then not an input); see
+    /// [`crate::f32_packed`].
+    pub(crate) packed: Option<Arc<Packed>>,
 }
 
 fn row_major(shape: &[usize]) -> Vec<isize> {
@@ -242,6 +246,7 @@ impl GemmMatMul {
             shape: c.to_vec(),
             scale_bits: 1f32.to_bits(),
             epilogue: vec![],
+            packed: None,
         })
     }
 
@@ -293,12 +298,32 @@ impl GemmMatMul {
         let b = (b as *const f32).offset(o.1 + q * self.b.col);
         let cb = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
         let scale = f32::from_bits(self.scale_bits);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = &self.packed {
+            // Column 0 of the block's first row; `rewrite` packs only row-major rows.
+            let c0 = (c as *mut f32).offset(o.2 + r * self.c.row);
+            p.product((a, self.a.row as usize), (c0, self.c.row as usize), rows.len(), cols.clone(), scale);
+            if !finish.steps.is_empty() {
+                finish.block(c as *mut f32, self.n, rows, cols);
+            }
+            return;
+        }
         if self.k > 0 {
             matmul((rows.len(), self.k, cols.len()), (cb, self.c), (a, self.a), (b, self.b), scale);
         }
         if !finish.steps.is_empty() {
             // An epilogue is only planned on a row-major output without outer loops.
             finish.block(c as *mut f32, self.n, rows, cols);
+        }
+    }
+
+    /// Inputs before the epilogue's: the two operands, or the first alone when the second is
+    /// packed.
+    fn operands(&self) -> usize {
+        if self.packed.is_some() {
+            1
+        } else {
+            2
         }
     }
 
@@ -370,7 +395,13 @@ const PARALLEL_MIN: usize = 1 << 18;
 impl Op for GemmMatMul {
     fn name(&self) -> StaticName {
         // Told apart in `bench --profile`: the time of the steps taken in counts with the product.
-        if self.epilogue.is_empty() { "GemmMatMul" } else { "GemmMatMul+epilogue" }.into()
+        match (self.packed.is_some(), self.epilogue.is_empty()) {
+            (false, true) => "GemmMatMul",
+            (false, false) => "GemmMatMul+epilogue",
+            (true, true) => "PackedMatMul",
+            (true, false) => "PackedMatMul+epilogue",
+        }
+        .into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -388,16 +419,20 @@ impl EvalOp for GemmMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let a = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
-        let b = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
+        let operands = self.operands();
+        let b = match operands {
+            2 => inputs[1].try_as_plain_ram()?.as_slice::<f32>()?,
+            // Packed: lengths checked when packed; the crate's path is not taken.
+            _ => &[],
+        };
         ensure!(
-            a.len() == self.a_len && b.len() == self.b_len,
-            "GemmMatMul: operands of {} and {} values, planned for {} and {}",
-            a.len(),
+            operands == 1 || b.len() == self.b_len,
+            "GemmMatMul: second operand of {} values, planned for {}",
             b.len(),
-            self.a_len,
             self.b_len
         );
-        let finish = Finish::new(&self.epilogue, &inputs[2..], self.m, self.n)?;
+        ensure!(a.len() == self.a_len, "GemmMatMul: first operand of {} values, planned for {}", a.len(), self.a_len);
+        let finish = Finish::new(&self.epilogue, &inputs[operands..], self.m, self.n)?;
         // Every output element is written by exactly one product (read_dst off), unless there
         // is nothing to sum.
         let mut out = match self.k {

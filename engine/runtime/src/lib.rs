@@ -23,6 +23,7 @@ mod dequant_const;
 mod dynamic_quantize;
 mod epilogue;
 pub mod f16_as_f32;
+mod f32_packed;
 pub mod fsio;
 mod gemm_matmul;
 mod guard;
@@ -226,6 +227,19 @@ pub fn set_q4_matmul(on: bool) {
 /// `false`, with tract's kernels. For comparisons; outputs are bit-identical (see `int8_matmul.rs`).
 pub fn set_int8_matmul(on: bool) {
     int8_matmul::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on pack each constant f32 weight once for the runtime's AVX2
+/// kernel where it is the faster (the default; CPUs with AVX2 and FMA, no AVX-512) or, with
+/// `false`, leave the products to the `gemm` crate. For comparisons; outputs differ by rounding
+/// only (see `f32_packed.rs`).
+pub fn set_f32_packed(on: bool) {
+    f32_packed::ENABLED.set(on);
+}
+
+/// Whether the runtime's packed f32 kernel runs on this CPU (see [`set_f32_packed`]).
+pub fn f32_packed_kernel() -> bool {
+    f32_packed::available()
 }
 
 /// The runtime's int8 product kernel for the CPU running this process (`"AMX"` tiles, `"AVX2"`
@@ -623,6 +637,9 @@ impl Session {
                         if attention::ENABLED.get() {
                             attention::rewrite(m)?;
                         }
+                        if f32_packed::ENABLED.get() {
+                            f32_packed::rewrite(m)?;
+                        }
                         if order::ENABLED.get() {
                             reference = Some(order::reference(m)?);
                         }
@@ -713,6 +730,8 @@ impl Session {
                 // The runtime's own ops hold their constants too.
                 let w = q.weight();
                 add("Q4_0".into(), q4_matmul::weight_bytes(w), Some(Arc::as_ptr(w) as usize));
+            } else if let Some(p) = node.op_as::<gemm_matmul::GemmMatMul>().and_then(|g| g.packed.as_ref()) {
+                add("f32 (AVX2 panels)".into(), p.bytes(), Some(Arc::as_ptr(p) as usize));
             } else if let Some(q) = node.op_as::<int8_matmul::Int8MatMul>() {
                 add(format!("i8 ({} packing)", q.kernel_name()), q.weight_bytes(), Some(q.weight_at()));
             } else if let Some(d) = node.op_as::<dequant_const::DequantConst>() {

@@ -1,0 +1,399 @@
+//! f32 products by a constant weight on CPUs with AVX2 and FMA but no AVX-512: the weight packed
+//! once at load, products on a micro-kernel of this module's. A rewrite of the decluttered graph,
+//! after [`crate::gemm_matmul`].
+//!
+//! On AVX2 the `gemm` crate's kernels ran the published architectures' Linears 1.44x slower than
+//! onnxruntime's MLAS (vision-perceiver-fourier, a 2-core AMD EPYC, session 19): the crate packs
+//! both operands on every call and blocks for a generic product. MLAS packs a constant weight
+//! once, into panels of 16 columns by 256 values of `k`, and runs 6 x 16 tiles of FMA over the
+//! activations read in place. This module does the same: [`Packed`] holds the weight as, per
+//! block of [`KC`] rows, panels of 16 columns (zero-padded); [`Packed::product`] walks blocks of
+//! [`MC`] activation rows, then `k` blocks, then [`NC`] columns, and runs each 6 x 16 tile as 12
+//! accumulators over the block's `k` (two panel loads and six broadcasts per `k`, the panel
+//! prefetched ahead), adding each `k` block's sums to the output. On the same host, a lone
+//! `[516, 1024] x [1024, 1024]` ran at 0.80-0.85x the crate's time in interleaved rounds, about
+//! onnxruntime's rate (a scratch program; figures in `docs/performance.md`).
+//!
+//! [`rewrite`] gives each [`GemmMatMul`] whose second operand is a constant (rows of activations
+//! read in place, a row-major output) a packed copy of it and drops the constant from its inputs;
+//! a weight read by several products (a weight-shared latent block) is packed once, and the graph
+//! is compacted after each so its plain copy is gone before the next is packed. On AVX-512 the
+//! crate's kernels are faster than MLAS and stay. Results differ from the crate's by the order of
+//! the sums only; the tests compare each with a product computed in f64, and the fixtures with the
+//! crate's and with transformers.
+
+use crate::gemm_matmul::GemmMatMul;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+/// Whether this pass runs (see [`crate::Switch`]).
+pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
+
+/// Rows of a tile.
+const MR: usize = 6;
+/// Columns of a tile and of a panel.
+const NR: usize = 16;
+/// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
+const KC: usize = 256;
+/// Columns per pass over a block of rows (128 KiB of panels, in L2).
+const NC: usize = 128;
+/// Activation rows per block (up to 384 KiB of a `k` block, read from L2 by each `NC` columns).
+const MC: usize = 384;
+
+/// Whether this CPU runs the kernel and the `gemm` crate's is not the faster (AVX-512).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && !is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU has the kernel's instructions at all (tests run it on AVX-512 hosts too).
+#[cfg(test)]
+fn has_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `W[k, n]` packed for the kernel: per block of [`KC`] rows, per panel of 16 columns,
+/// the block's rows of the panel (zero-padded past `n`).
+pub(crate) struct Packed {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed {{ k: {}, n: {} }}", self.k, self.n)
+    }
+}
+
+impl std::hash::Hash for Packed {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.k, self.n).hash(state);
+        self.data.iter().for_each(|v| v.to_bits().hash(state));
+    }
+}
+
+impl PartialEq for Packed {
+    fn eq(&self, other: &Packed) -> bool {
+        (self.k, self.n) == (other.k, other.n)
+            && self.data.iter().zip(&other.data).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+}
+
+impl Eq for Packed {}
+
+impl Packed {
+    /// Packs `w` (`w(row, col)` the weight at row `row` of `k`, column `col` of `n`).
+    pub(crate) fn new(k: usize, n: usize, w: impl Fn(usize, usize) -> f32) -> Packed {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * NR * k];
+        let mut at = 0;
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            for j in 0..panels {
+                for p in pc..pc + kc {
+                    for (q, v) in data[at..at + NR].iter_mut().enumerate() {
+                        let col = j * NR + q;
+                        if col < n {
+                            *v = w(p, col);
+                        }
+                    }
+                    at += NR;
+                }
+            }
+        }
+        Packed { k, n, data }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// `C[r, cols] = scale (A[r, :] W[:, cols])` for rows `r` in `0..rows`: `a` the first row of
+    /// `A` (`k` values, rows `lda` apart), `c` column 0 of the first row of `C` (rows `ldc`
+    /// apart). `cols.start` is a multiple of 16.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a` and `c` hold the rows and columns given, and no one else
+    /// writes `C`'s part meanwhile.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn product(
+        &self,
+        (a, lda): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        scale: f32,
+    ) {
+        debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
+        let panels = self.n.div_ceil(NR);
+        for ic in (0..rows).step_by(MC) {
+            let mc = MC.min(rows - ic);
+            for pc in (0..self.k).step_by(KC) {
+                let kc = KC.min(self.k - pc);
+                let store = Store { first: pc == 0, last: pc + kc == self.k, scale };
+                let block = self.data.as_ptr().add(pc * panels * NR);
+                for jc in cols.clone().step_by(NC) {
+                    let jend = (jc + NC).min(cols.end);
+                    for r0 in (ic..ic + mc).step_by(MR) {
+                        let ar = a.add(r0 * lda + pc);
+                        for j0 in (jc..jend).step_by(NR) {
+                            let b = block.add(j0 / NR * kc * NR);
+                            let at = (c.add(r0 * ldc + j0), ldc, NR.min(jend - j0));
+                            match MR.min(ic + mc - r0) {
+                                6 => tile::<6>(kc, (ar, lda), b, at, store),
+                                5 => tile::<5>(kc, (ar, lda), b, at, store),
+                                4 => tile::<4>(kc, (ar, lda), b, at, store),
+                                3 => tile::<3>(kc, (ar, lda), b, at, store),
+                                2 => tile::<2>(kc, (ar, lda), b, at, store),
+                                _ => tile::<1>(kc, (ar, lda), b, at, store),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a tile's sums reach the output.
+#[derive(Clone, Copy)]
+struct Store {
+    /// The first `k` block: the output is written, not added to.
+    first: bool,
+    /// The last `k` block: the whole sum is then scaled.
+    last: bool,
+    scale: f32,
+}
+
+/// One `R x 16` tile over `kc` values of `k`: `a` its first row's values (rows `lda` apart), `b`
+/// the panel's block (16 values a `k`), into `c` (rows `ldc` apart; `w` columns of the 16 kept).
+///
+/// # Safety
+/// As [`Packed::product`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const R: usize>(
+    kc: usize,
+    (a, lda): (*const f32, usize),
+    b: *const f32,
+    (c, ldc, w): (*mut f32, usize, usize),
+    store: Store,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut b = b;
+    let mut p = 0;
+    macro_rules! step {
+        ($o:expr) => {{
+            let b0 = _mm256_loadu_ps(b.add($o * NR));
+            let b1 = _mm256_loadu_ps(b.add($o * NR + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a.add(r * lda + p + $o));
+                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+            }
+        }};
+    }
+    while p + 4 <= kc {
+        // The panel's next four rows of 64 bytes (past its end: a hint, never a fault).
+        for line in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * NR + line * NR) as *const i8);
+        }
+        step!(0);
+        step!(1);
+        step!(2);
+        step!(3);
+        b = b.add(4 * NR);
+        p += 4;
+    }
+    while p < kc {
+        step!(0);
+        b = b.add(NR);
+        p += 1;
+    }
+    let factor = _mm256_set1_ps(store.scale);
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        let mut sums = [0f32; NR];
+        for (h, &sum) in acc.iter().enumerate() {
+            let mut v = sum;
+            if !store.first {
+                let old = if w == NR {
+                    _mm256_loadu_ps(row.add(8 * h))
+                } else {
+                    let mut old = [0f32; 8];
+                    for (q, o) in old.iter_mut().enumerate().take(w.saturating_sub(8 * h)) {
+                        *o = *row.add(8 * h + q);
+                    }
+                    _mm256_loadu_ps(old.as_ptr())
+                };
+                v = _mm256_add_ps(old, v);
+            }
+            if store.last && store.scale != 1.0 {
+                v = _mm256_mul_ps(v, factor);
+            }
+            if w == NR {
+                _mm256_storeu_ps(row.add(8 * h), v);
+            } else {
+                _mm256_storeu_ps(sums.as_mut_ptr().add(8 * h), v);
+            }
+        }
+        if w < NR {
+            std::ptr::copy_nonoverlapping(sums.as_ptr(), row, w);
+        }
+    }
+}
+
+/// The packed form of `op` (reading constant `b` as its second operand), if the kernel runs it:
+/// one product whose first operand's rows and output's rows are contiguous, the same weight for
+/// every outer index.
+fn packable(op: &GemmMatMul, b: &Tensor) -> bool {
+    op.packed.is_none()
+        && op.k > 0
+        && op.a.col == 1
+        && op.c.col == 1
+        && op.loops.iter().all(|l| l.b == 0)
+        && b.datum_type() == f32::datum_type()
+        && b.len() == op.b_len
+        && b.try_as_plain_ram().is_ok()
+}
+
+/// Gives every [`GemmMatMul`] of `model` whose second operand is a constant the kernel runs a
+/// packed copy of it, in place of the constant input, when this CPU runs the kernel ([`available`]);
+/// returns how many. A weight read by several products is packed once, and the graph is compacted
+/// after each weight so that its plain copy is dropped before the next is packed.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !available() {
+        return Ok(0);
+    }
+    let mut count = 0;
+    loop {
+        let found: Vec<(usize, GemmMatMul, Arc<Tensor>)> = model
+            .nodes()
+            .iter()
+            .filter_map(|node| {
+                let op = node.op_as::<GemmMatMul>()?;
+                let b = model.outlet_fact(*node.inputs.get(1)?).ok()?.konst.clone()?;
+                packable(op, &b).then(|| (node.id, op.clone(), b))
+            })
+            .collect();
+        let Some(first) = found.first() else { break };
+        let at = Arc::as_ptr(&first.2);
+        let mut packed: Vec<(crate::gemm_matmul::Strides, usize, usize, Arc<Packed>)> = vec![];
+        for (id, op, b) in found.iter().filter(|f| Arc::as_ptr(&f.2) == at) {
+            let key = (op.b, op.k, op.n);
+            let shared = match packed.iter().find(|p| (p.0, p.1, p.2) == key) {
+                Some(p) => p.3.clone(),
+                None => {
+                    let w = b.try_as_plain_ram()?.as_slice::<f32>()?;
+                    let (sk, sn) = (op.b.row, op.b.col);
+                    let p = Arc::new(Packed::new(op.k, op.n, |row, col| {
+                        w[(row as isize * sk + col as isize * sn) as usize]
+                    }));
+                    packed.push((op.b, op.k, op.n, p.clone()));
+                    p
+                }
+            };
+            let node = model.node(*id);
+            let inputs: Vec<OutletId> =
+                node.inputs.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, o)| *o).collect();
+            let name = format!("{}.packed", node.name);
+            let op = GemmMatMul { packed: Some(shared), ..op.clone() };
+            crate::substitute(model, OutletId::new(*id, 0), name, op, &inputs)?;
+            count += 1;
+        }
+        drop(found);
+        model.compact()?;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `A W` in f64, `A` `m x k` rows `lda` apart, `W` `k x n`.
+    fn reference(a: &[f32], lda: usize, w: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                for j in 0..n {
+                    c[i * n + j] += a[i * lda + p] as f64 * w[p * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    /// The kernel on `m x k x n` (every tile shape, `k` over several blocks, partial panels),
+    /// columns `cols` only, against the definition.
+    fn check((m, k, n): (usize, usize, usize), cols: std::ops::Range<usize>, scale: f32) {
+        if !has_kernel() {
+            return;
+        }
+        let lda = k + 3;
+        let a: Vec<f32> = (0..m * lda).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
+        let packed = Packed::new(k, n, |row, col| w[row * n + col]);
+        let ldc = n + 5;
+        let mut c = vec![f32::NAN; m * ldc];
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale)
+        };
+        let want = reference(&a, lda, &w, (m, k, n));
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if cols.contains(&j) {
+                    let want = want[i * n + j] * scale as f64;
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
+                    );
+                } else {
+                    assert!(got.is_nan(), "{m}x{k}x{n} [{i}, {j}] written outside columns {cols:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_definition() {
+        check((1, 1, 1), 0..1, 1.0);
+        check((7, 5, 17), 0..17, 1.0);
+        check((13, 300, 40), 0..40, 1.0); // two k blocks, a partial panel
+        check((400, 70, 150), 0..150, 1.0); // two row blocks, two column passes
+        check((6, 513, 32), 16..32, 0.125); // three k blocks, scaled, from a later panel
+        check((11, 9, 150), 128..150, -2.0); // the last partial pass only
+        check((5, 4, 16), 0..16, 1.0);
+    }
+
+    #[test]
+    fn packs_by_blocks_of_k_and_panels() {
+        // k = 300: block 0 holds rows 0..256 of each panel, block 1 rows 256..300.
+        let p = Packed::new(300, 20, |row, col| (row * 100 + col) as f32);
+        assert_eq!(p.data.len(), 2 * 16 * 300);
+        assert_eq!(p.data[16], 100.0, "block 0, panel 0, row 1, column 0");
+        assert_eq!(p.data[256 * 16 + 3], 3.0 + 16.0, "block 0, panel 1, row 0, column 19");
+        assert_eq!(p.data[256 * 16 + 4], 0.0, "padding past n");
+        assert_eq!(p.data[2 * 256 * 16], 25600.0, "block 1, panel 0, row 256");
+    }
+}
