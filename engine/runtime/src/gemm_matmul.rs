@@ -19,6 +19,8 @@
 //! `gemm` itself. Results differ from tract's by the order of the sums only; the tests compare
 //! each with a product computed in f64 and the fixtures with transformers. On CPUs with AVX2 and
 //! no AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernel instead (the
+//! weight packed once at load), where the crate's AVX2 kernels are slower than MLAS. On CPUs with AVX2 and
+//! no AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernel instead (the
 //! weight packed once at load), where the crate's AVX2 kernels are slower than MLAS.
 
 use crate::epilogue::{Finish, Finishes, Rows, Step};
