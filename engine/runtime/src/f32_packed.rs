@@ -125,8 +125,7 @@ impl Packed {
 
     /// `C[r, cols] = scale (A[r, :] W[:, cols])` for rows `r` in `0..rows`: `a` the first row of
     /// `A` (`k` values, rows `lda` apart), `c` column 0 of the first row of `C` (rows `ldc`
-    /// apart). `cols.start` is a multiple of 16. Each part of `C` is handed to `done` (its rows and
-    /// columns) as soon as it is complete, while in cache (up to [`MC`] rows by [`NC`] columns).
+    /// apart). `cols.start` is a multiple of 16.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `a` and `c` hold the rows and columns given, and no one else
@@ -140,7 +139,6 @@ impl Packed {
         rows: usize,
         cols: std::ops::Range<usize>,
         scale: f32,
-        done: &mut dyn FnMut(std::ops::Range<usize>, std::ops::Range<usize>),
     ) {
         debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
         let panels = self.n.div_ceil(NR);
@@ -166,9 +164,6 @@ impl Packed {
                                 _ => tile::<1>(kc, (ar, lda), b, at, store),
                             }
                         }
-                    }
-                    if store.last {
-                        done(ic..ic + mc, jc..jend);
                     }
                 }
             }
@@ -202,12 +197,6 @@ unsafe fn tile<const R: usize>(
     store: Store,
 ) {
     use std::arch::x86_64::*;
-    // The output rows' lines, on their way while the sums are computed (a scratch program's
-    // interleaved rounds: 2-5 % faster).
-    for r in 0..R {
-        _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + NR - 1) as *const i8);
-    }
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let mut b = b;
     let mut p = 0;
@@ -367,7 +356,7 @@ mod tests {
         let mut c = vec![f32::NAN; m * ldc];
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale, &mut |_, _| {})
+            packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale)
         };
         let want = reference(&a, lda, &w, (m, k, n));
         for i in 0..m {

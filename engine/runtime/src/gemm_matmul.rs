@@ -19,8 +19,6 @@
 //! `gemm` itself. Results differ from tract's by the order of the sums only; the tests compare
 //! each with a product computed in f64 and the fixtures with transformers. On CPUs with AVX2 and
 //! no AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernel instead (the
-//! weight packed once at load), where the crate's AVX2 kernels are slower than MLAS. On CPUs with AVX2 and
-//! no AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernel instead (the
 //! weight packed once at load), where the crate's AVX2 kernels are slower than MLAS.
 
 use crate::epilogue::{Finish, Finishes, Rows, Step};
@@ -306,13 +304,10 @@ impl GemmMatMul {
         if let Some(p) = &self.packed {
             // Column 0 of the block's first row; `rewrite` packs only row-major rows.
             let c0 = (c as *mut f32).offset(o.2 + r * self.c.row);
-            // The epilogue on each part as soon as it is complete (in cache).
-            let mut done = |rs: std::ops::Range<usize>, cs: std::ops::Range<usize>| {
-                if !finish.steps.is_empty() {
-                    finish.block(c as *mut f32, self.n, rows.start + rs.start..rows.start + rs.end, cs);
-                }
-            };
-            p.product((a, self.a.row as usize), (c0, self.c.row as usize), rows.len(), cols, scale, &mut done);
+            p.product((a, self.a.row as usize), (c0, self.c.row as usize), rows.len(), cols.clone(), scale);
+            if !finish.steps.is_empty() {
+                finish.block(c as *mut f32, self.n, rows, cols);
+            }
             return;
         }
         if self.k > 0 {
