@@ -30,14 +30,17 @@ use tract_onnx::prelude::*;
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
 /// Rows of a tile.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 6;
 /// Columns of a tile and of a panel.
 const NR: usize = 16;
 /// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
 const KC: usize = 256;
 /// Columns per pass over a block of rows (128 KiB of panels, in L2).
+#[cfg(target_arch = "x86_64")]
 const NC: usize = 128;
 /// Activation rows per block (up to 384 KiB of a `k` block, read from L2 by each `NC` columns).
+#[cfg(target_arch = "x86_64")]
 const MC: usize = 384;
 
 /// Whether this CPU runs the kernel and the `gemm` crate's is not the faster (AVX-512).
@@ -172,6 +175,7 @@ impl Packed {
 }
 
 /// How a tile's sums reach the output.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Store {
     /// The first `k` block: the output is written, not added to.
