@@ -56,16 +56,9 @@ pub(crate) fn available() -> bool {
 }
 
 /// Whether this CPU has the kernel's instructions at all (tests run it on AVX-512 hosts too).
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 fn has_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// A weight `W[k, n]` packed for the kernel: per block of [`KC`] rows, per panel of 16 columns,
@@ -335,6 +328,7 @@ mod tests {
     use super::*;
 
     /// `A W` in f64, `A` `m x k` rows `lda` apart, `W` `k x n`.
+    #[cfg(target_arch = "x86_64")]
     fn reference(a: &[f32], lda: usize, w: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
         for i in 0..m {
@@ -349,6 +343,7 @@ mod tests {
 
     /// The kernel on `m x k x n` (every tile shape, `k` over several blocks, partial panels),
     /// columns `cols` only, against the definition.
+    #[cfg(target_arch = "x86_64")]
     fn check((m, k, n): (usize, usize, usize), cols: std::ops::Range<usize>, scale: f32) {
         if !has_kernel() {
             return;
@@ -359,10 +354,7 @@ mod tests {
         let packed = Packed::new(k, n, |row, col| w[row * n + col]);
         let ldc = n + 5;
         let mut c = vec![f32::NAN; m * ldc];
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale)
-        };
+        unsafe { packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale) };
         let want = reference(&a, lda, &w, (m, k, n));
         for i in 0..m {
             for j in 0..ldc {
@@ -380,6 +372,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn matches_the_definition() {
         check((1, 1, 1), 0..1, 1.0);
