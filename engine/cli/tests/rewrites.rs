@@ -9,7 +9,9 @@ use perceiver_edge_runtime::{
     to_vec, Session, Tensor,
 };
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 mod common;
 use common::{bin, root};
@@ -236,10 +238,8 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
             set_softmax_rows(on);
             set_layer_norm_rows(on);
             set_attention(on);
-            set_threads(threads).unwrap();
-            let mut s = Session::load(&onnx).unwrap();
-            let mut ops = std::collections::BTreeMap::new();
-            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
+            let dir = tmp.path().join(format!("{fixture}_{case}_{on}_{threads}"));
+            let ops = run_into(&onnx, &inputs, threads, &dir);
             // With a weight packed for the AVX2 kernel (`f32_packed.rs`) the op is `PackedMatMul`.
             let gemm = ops.keys().any(|k| k.starts_with("GemmMatMul") || k.starts_with("PackedMatMul"));
             assert_eq!(gemm, on, "{fixture}/{case}: {:?}", ops.keys());
@@ -247,11 +247,6 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
             layer_norms.set(layer_norms.get() + (on && ops.contains_key("LayerNormRows")) as usize);
             assert!(on || !ops.contains_key("Attention"), "{fixture}/{case}: Attention while switched off");
             attentions.set(attentions.get() + (on && ops.contains_key("Attention")) as usize);
-            let dir = tmp.path().join(format!("{fixture}_{case}_{on}_{threads}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            for (spec, t) in s.outputs().iter().zip(&outs) {
-                npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
-            }
             dir
         };
         let tract = run_with(false, 1);
@@ -288,17 +283,9 @@ fn packed_f32_kernel_agrees_with_the_crates_on_every_fixture() {
         let (onnx, inputs) = export_at(tmp.path(), &c, "f32");
         let run_with = |on: bool, threads: usize| -> (PathBuf, bool) {
             set_f32_packed(on);
-            set_threads(threads).unwrap();
-            let mut s = Session::load(&onnx).unwrap();
-            let mut ops = std::collections::BTreeMap::new();
-            let outs = s.run_profiled(inputs.clone(), &mut ops).unwrap();
-            let used = ops.keys().any(|k| k.starts_with("PackedMatMul"));
             let dir = tmp.path().join(format!("{fixture}_{case}_packed_{on}_{threads}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            for (spec, t) in s.outputs().iter().zip(&outs) {
-                npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
-            }
-            (dir, used)
+            let ops = run_into(&onnx, &inputs, threads, &dir);
+            (dir, ops.keys().any(|k| k.starts_with("PackedMatMul")))
         };
         let (crate_dir, used) = run_with(false, 1);
         assert!(!used, "{fixture}/{case}: PackedMatMul while switched off");
@@ -314,6 +301,20 @@ fn packed_f32_kernel_agrees_with_the_crates_on_every_fixture() {
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
     eprintln!("PackedMatMul ran in {with_kernel} of {} runs (kernel on this CPU: {})", 2 * n, f32_packed_kernel());
+}
+
+/// Loads `onnx` at `threads` threads, runs it once on `inputs` and writes each output to
+/// `dir/NAME.npy` (for [`compare_outputs`]); returns the ops that ran.
+fn run_into(onnx: &Path, inputs: &[Tensor], threads: usize, dir: &Path) -> BTreeMap<String, (usize, Duration)> {
+    set_threads(threads).unwrap();
+    let mut s = Session::load(onnx).unwrap();
+    let mut ops = std::collections::BTreeMap::new();
+    let outs = s.run_profiled(inputs.to_vec(), &mut ops).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for (spec, t) in s.outputs().iter().zip(&outs) {
+        npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
+    }
+    ops
 }
 
 /// Case `c` exported at `precision` into `dir`, and its inputs.

@@ -297,21 +297,21 @@ impl GemmMatMul {
     ) {
         let (r, q) = (rows.start as isize, cols.start as isize);
         let a = (a as *const f32).offset(o.0 + r * self.a.row);
-        let b = (b as *const f32).offset(o.1 + q * self.b.col);
-        let cb = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
         let scale = f32::from_bits(self.scale_bits);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(p) = &self.packed {
-            // Column 0 of the block's first row; `rewrite` packs only row-major rows.
-            let c0 = (c as *mut f32).offset(o.2 + r * self.c.row);
-            p.product((a, self.a.row as usize), (c0, self.c.row as usize), rows.len(), cols.clone(), scale);
-            if !finish.steps.is_empty() {
-                finish.block(c as *mut f32, self.n, rows, cols);
+        match &self.packed {
+            // Into column 0 of the block's first row (`f32_packed::rewrite` packs only row-major
+            // outputs); there is no second operand to address.
+            #[cfg(target_arch = "x86_64")]
+            Some(p) => {
+                let c0 = (c as *mut f32).offset(o.2 + r * self.c.row);
+                p.product((a, self.a.row as usize), (c0, self.c.row as usize), rows.len(), cols.clone(), scale);
             }
-            return;
-        }
-        if self.k > 0 {
-            matmul((rows.len(), self.k, cols.len()), (cb, self.c), (a, self.a), (b, self.b), scale);
+            _ if self.k > 0 => {
+                let b = (b as *const f32).offset(o.1 + q * self.b.col);
+                let cb = (c as *mut f32).offset(o.2 + r * self.c.row + q * self.c.col);
+                matmul((rows.len(), self.k, cols.len()), (cb, self.c), (a, self.a), (b, self.b), scale);
+            }
+            _ => {}
         }
         if !finish.steps.is_empty() {
             // An epilogue is only planned on a row-major output without outer loops.
@@ -422,18 +422,21 @@ impl EvalOp for GemmMatMul {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let a = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
         let operands = self.operands();
-        let b = match operands {
-            2 => inputs[1].try_as_plain_ram()?.as_slice::<f32>()?,
-            // Packed: lengths checked when packed; the crate's path is not taken.
-            _ => &[],
-        };
-        ensure!(
-            operands == 1 || b.len() == self.b_len,
-            "GemmMatMul: second operand of {} values, planned for {}",
-            b.len(),
-            self.b_len
-        );
         ensure!(a.len() == self.a_len, "GemmMatMul: first operand of {} values, planned for {}", a.len(), self.a_len);
+        // A packed second operand is the op's own (its sizes fixed when packed), not an input.
+        let b = match self.packed {
+            None => {
+                let b = inputs[1].try_as_plain_ram()?.as_slice::<f32>()?;
+                ensure!(
+                    b.len() == self.b_len,
+                    "GemmMatMul: second operand of {} values, planned for {}",
+                    b.len(),
+                    self.b_len
+                );
+                b
+            }
+            Some(_) => &[],
+        };
         let finish = Finish::new(&self.epilogue, &inputs[operands..], self.m, self.n)?;
         // Every output element is written by exactly one product (read_dst off), unless there
         // is nothing to sum.
