@@ -61,12 +61,18 @@ fn has_kernel() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// One row of a panel: 16 values, one 64-byte cache line (so no 32-byte load of the kernel
+/// straddles two lines, as half of them did in an allocation only 16-byte aligned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; NR]);
+
 /// A weight `W[k, n]` packed for the kernel: per block of [`KC`] rows, per panel of 16 columns,
 /// the block's rows of the panel (zero-padded past `n`).
 pub(crate) struct Packed {
     k: usize,
     n: usize,
-    data: Vec<f32>,
+    data: Vec<Line>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -79,14 +85,14 @@ impl std::hash::Hash for Packed {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // A few values tell weights apart; equal weights hash alike (`eq` compares them all).
         (self.k, self.n).hash(state);
-        self.data.iter().take(64).for_each(|v| v.to_bits().hash(state));
+        self.values().iter().take(64).for_each(|v| v.to_bits().hash(state));
     }
 }
 
 impl PartialEq for Packed {
     fn eq(&self, other: &Packed) -> bool {
         (self.k, self.n) == (other.k, other.n)
-            && self.data.iter().zip(&other.data).all(|(x, y)| x.to_bits() == y.to_bits())
+            && self.values().iter().zip(other.values()).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 }
 
@@ -96,28 +102,34 @@ impl Packed {
     /// Packs `w` (`w(row, col)` the weight at row `row` of `k`, column `col` of `n`).
     pub(crate) fn new(k: usize, n: usize, w: impl Fn(usize, usize) -> f32) -> Packed {
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * NR * k];
+        let mut data = vec![Line([0.0; NR]); panels * k];
         let mut at = 0;
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             for j in 0..panels {
                 for p in pc..pc + kc {
-                    for (q, v) in data[at..at + NR].iter_mut().enumerate() {
+                    for (q, v) in data[at].0.iter_mut().enumerate() {
                         let col = j * NR + q;
                         if col < n {
                             *v = w(p, col);
                         }
                     }
-                    at += NR;
+                    at += 1;
                 }
             }
         }
         Packed { k, n, data }
     }
 
+    /// The packed values, in order.
+    fn values(&self) -> &[f32] {
+        // SAFETY: a `Line` is 16 `f32`s and nothing else (`repr(C)`, 64 bytes).
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const f32, self.data.len() * NR) }
+    }
+
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * std::mem::size_of::<Line>()
     }
 
     /// `C[r, cols] = scale (A[r, :] W[:, cols])` for rows `r` in `0..rows`: `a` the first row of
@@ -144,7 +156,7 @@ impl Packed {
             for pc in (0..self.k).step_by(KC) {
                 let kc = KC.min(self.k - pc);
                 let store = Store { first: pc == 0, last: pc + kc == self.k, scale };
-                let block = self.data.as_ptr().add(pc * panels * NR);
+                let block = (self.data.as_ptr() as *const f32).add(pc * panels * NR);
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
                     for r0 in (ic..ic + mc).step_by(MR) {
@@ -200,8 +212,9 @@ unsafe fn tile<const R: usize>(
     let mut p = 0;
     macro_rules! step {
         ($o:expr) => {{
-            let b0 = _mm256_loadu_ps(b.add($o * NR));
-            let b1 = _mm256_loadu_ps(b.add($o * NR + 8));
+            // Aligned: each row of a panel is a cache line.
+            let b0 = _mm256_load_ps(b.add($o * NR));
+            let b1 = _mm256_load_ps(b.add($o * NR + 8));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_broadcast_ss(&*a.add(r * lda + p + $o));
                 acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
@@ -388,10 +401,11 @@ mod tests {
     fn packs_by_blocks_of_k_and_panels() {
         // k = 300: block 0 holds rows 0..256 of each panel, block 1 rows 256..300.
         let p = Packed::new(300, 20, |row, col| (row * 100 + col) as f32);
-        assert_eq!(p.data.len(), 2 * 16 * 300);
-        assert_eq!(p.data[16], 100.0, "block 0, panel 0, row 1, column 0");
-        assert_eq!(p.data[256 * 16 + 3], 3.0 + 16.0, "block 0, panel 1, row 0, column 19");
-        assert_eq!(p.data[256 * 16 + 4], 0.0, "padding past n");
-        assert_eq!(p.data[2 * 256 * 16], 25600.0, "block 1, panel 0, row 256");
+        assert_eq!(p.values().len(), 2 * 16 * 300);
+        assert_eq!(p.values().as_ptr() as usize % 64, 0, "panel rows on cache lines");
+        assert_eq!(p.values()[16], 100.0, "block 0, panel 0, row 1, column 0");
+        assert_eq!(p.values()[256 * 16 + 3], 3.0 + 16.0, "block 0, panel 1, row 0, column 19");
+        assert_eq!(p.values()[256 * 16 + 4], 0.0, "padding past n");
+        assert_eq!(p.values()[2 * 256 * 16], 25600.0, "block 1, panel 0, row 256");
     }
 }
