@@ -391,7 +391,8 @@ mod tests {
         check((1, 1, 1), 0..1, 1.0);
         check((7, 5, 17), 0..17, 1.0);
         check((13, 300, 40), 0..40, 1.0); // two k blocks, a partial panel
-        check((400, 70, 150), 0..150, 1.0); // two row blocks, two column passes
+        check((400, 70, 150), 0..150, 1.0); // two row blocks (16 rows in the second), two column passes
+        check((389, 600, 20), 0..20, 1.0); // three k blocks per row block, the last tile of 5 rows
         check((6, 513, 32), 16..32, 0.125); // three k blocks, scaled, from a later panel
         check((11, 9, 150), 128..150, -2.0); // the last partial pass only
         check((5, 4, 16), 0..16, 1.0);
