@@ -35,7 +35,7 @@ const MR: usize = 6;
 /// Columns of a tile and of a panel.
 const NR: usize = 16;
 /// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 /// Columns per pass over a block of rows (128 KiB of panels, in L2).
 #[cfg(target_arch = "x86_64")]
 const NC: usize = 128;
@@ -56,9 +56,16 @@ pub(crate) fn available() -> bool {
 }
 
 /// Whether this CPU has the kernel's instructions at all (tests run it on AVX-512 hosts too).
-#[cfg(all(test, target_arch = "x86_64"))]
-fn has_kernel() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+#[cfg(test)]
+pub(crate) fn has_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// One row of a panel: 16 values, one 64-byte cache line (so no 32-byte load of the kernel
@@ -121,6 +128,29 @@ impl Packed {
         Packed { k, n, data }
     }
 
+    /// An empty weight: a buffer for [`Packed::refill_panels`].
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) const fn empty() -> Packed {
+        Packed { k: 0, n: 0, data: Vec::new() }
+    }
+
+    /// Packs a `k x n` weight of one block of `k` (`k` at most [`KC`]) into this buffer (its
+    /// allocation reused), a panel at a time: `panel(j, lines)` writes panel `j`'s `k` lines, line
+    /// `p` the weight's row `p` at columns `16 j..16 j + 16` (zeros past `n`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn refill_panels(&mut self, (k, n): (usize, usize), mut panel: impl FnMut(usize, &mut [[f32; NR]])) {
+        assert!(k <= KC, "one block of k");
+        let panels = n.div_ceil(NR);
+        self.data.resize(panels * k, Line([0.0; NR]));
+        (self.k, self.n) = (k, n);
+        for (j, lines) in self.data.chunks_exact_mut(k.max(1)).enumerate() {
+            // SAFETY: a `Line` is 16 `f32`s and nothing else (`repr(C)`, 64 bytes, aligned more
+            // than an `f32` array needs).
+            let lines = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut [f32; NR], lines.len()) };
+            panel(j, lines);
+        }
+    }
+
     /// The packed values, in order.
     fn values(&self) -> &[f32] {
         // SAFETY: a `Line` is 16 `f32`s and nothing else (`repr(C)`, 64 bytes).
@@ -149,13 +179,48 @@ impl Packed {
         cols: std::ops::Range<usize>,
         scale: f32,
     ) {
+        self.blocks((a, lda), (c, ldc), rows, cols, scale, false)
+    }
+
+    /// As [`Packed::product`], unscaled, adding to `C` instead of writing it (a product taken one
+    /// block of `k` at a time).
+    ///
+    /// # Safety
+    /// As [`Packed::product`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn add_product(
+        &self,
+        (a, lda): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        rows: usize,
+        cols: std::ops::Range<usize>,
+    ) {
+        self.blocks((a, lda), (c, ldc), rows, cols, 1.0, true)
+    }
+
+    /// The loops of [`Packed::product`] (`add`: of [`Packed::add_product`]).
+    ///
+    /// # Safety
+    /// As [`Packed::product`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn blocks(
+        &self,
+        (a, lda): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        rows: usize,
+        cols: std::ops::Range<usize>,
+        scale: f32,
+        add: bool,
+    ) {
         debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
         let panels = self.n.div_ceil(NR);
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
             for pc in (0..self.k).step_by(KC) {
                 let kc = KC.min(self.k - pc);
-                let store = Store { first: pc == 0, last: pc + kc == self.k, scale };
+                let store = Store { first: pc == 0 && !add, last: pc + kc == self.k, scale };
                 let block = (self.data.as_ptr() as *const f32).add(pc * panels * NR);
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
@@ -369,6 +434,11 @@ mod tests {
         let mut c = vec![f32::NAN; m * ldc];
         unsafe { packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale) };
         let want = reference(&a, lda, &w, (m, k, n));
+        // Added to what the output holds: twice the (scaled) product, in the columns given.
+        let mut twice = c.clone();
+        if scale == 1.0 {
+            unsafe { packed.add_product((a.as_ptr(), lda), (twice.as_mut_ptr(), ldc), m, cols.clone()) };
+        }
         for i in 0..m {
             for j in 0..ldc {
                 let got = c[i * ldc + j];
@@ -378,8 +448,17 @@ mod tests {
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "{m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
                     );
+                    if scale == 1.0 {
+                        let got = twice[i * ldc + j] as f64;
+                        assert!(
+                            (got - 2.0 * want).abs() <= 2e-5 * (1.0 + want.abs()),
+                            "{m}x{k}x{n} [{i}, {j}] added: {got} vs {}",
+                            2.0 * want
+                        );
+                    }
                 } else {
                     assert!(got.is_nan(), "{m}x{k}x{n} [{i}, {j}] written outside columns {cols:?}");
+                    assert!(twice[i * ldc + j].is_nan(), "{m}x{k}x{n} [{i}, {j}] added outside columns {cols:?}");
                 }
             }
         }
@@ -396,6 +475,23 @@ mod tests {
         check((6, 513, 32), 16..32, 0.125); // three k blocks, scaled, from a later panel
         check((11, 9, 150), 128..150, -2.0); // the last partial pass only
         check((5, 4, 16), 0..16, 1.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn refill_panels_packs_as_new() {
+        let mut p = Packed::empty();
+        for (k, n) in [(256, 40), (100, 20), (5, 3)] {
+            let w = |row: usize, col: usize| (row * 1000 + col) as f32 + 0.5;
+            p.refill_panels((k, n), |j, lines| {
+                for (row, line) in lines.iter_mut().enumerate() {
+                    for (q, v) in line.iter_mut().enumerate() {
+                        *v = if j * 16 + q < n { w(row, j * 16 + q) } else { 0.0 };
+                    }
+                }
+            });
+            assert!(p == Packed::new(k, n, w), "{k} x {n}");
+        }
     }
 
     #[test]
