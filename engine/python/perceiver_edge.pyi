@@ -100,13 +100,14 @@ def export(
     keep_f32: Optional[Sequence[str]] = None,
     tables: Optional[str] = None,
     external_data: bool = False,
+    reduce_range: bool = False,
 ) -> Dict[str, Any]:
     """``perceiver-edge export CHECKPOINT -o OUTPUT``: writes one fixed-shape ONNX file
     (atomically). Options are the CLI's (``--image-size H W`` is ``image_size=(H, W)``,
     ``--keep-f32 P`` is ``keep_f32=[P, ...]``, ``--tables auto|all|none`` is ``tables="..."``,
     ``no_position_tables=True`` is ``tables="none"``, ``--external-data`` is
     ``external_data=True``: the weights go to ``OUTPUT.data``, as they do automatically past
-    2 GiB). Returns the summary: ``architecture, dims, depth, heads, batch, parameters, flops,
+    2 GiB; ``--reduce-range`` is ``reduce_range=True``). Returns the summary: ``architecture, dims, depth, heads, batch, parameters, flops,
     weight_bytes, largest_activation, inputs, outputs, tables, rewrites`` plus ``path``,
     ``file_bytes``, ``precision``, ``table_decisions`` (``(pass, kept, bytes, replaces,
     flops_saved, reason)`` per table rewrite), with external data ``external_data`` and

@@ -6,7 +6,7 @@ vision-fourier, vision-learned, vision-conv at 224x224, language at sequence 204
 Usage (from the repository root, after ``cargo build --release``):
 
     /work/refvenv/bin/python models/reference/peer_bench.py [--models bench,vision-conv,...]
-        [--precisions f32,f16,int8,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
+        [--precisions f32,f16,int8,int8-7bit,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
         [--work DIR] [--bin target/release/perceiver-edge] [--skip-torch-export] [--reexport]
         [--json FILE]
 
@@ -14,7 +14,8 @@ For each model: checkpoints go to WORK/MODEL/ (generated once with seeded random
 when WORK/MODEL/model.safetensors exists); a seeded input (images: standard normal [1, 3, H, W];
 language: token ids in [0, 262) [1, 2048] with an attention mask of ones) and transformers' output
 for it (torch, eval, no_grad) are cached as WORK/MODEL.in.NAME.npy and WORK/MODEL.ref.npy. For
-each precision the script exports WORK/MODEL-PREC.onnx with ``perceiver-edge export`` (reused when
+each precision the script exports WORK/MODEL-PREC.onnx with ``perceiver-edge export`` (int8-7bit:
+``--precision int8 --reduce-range``, 7-bit weights; reused when
 newer than the checkpoint, unless --reexport) and, for f32, transformers' own graph
 WORK/MODEL-torch.onnx with ``torch.onnx.export`` (opset 17, TorchScript exporter). For each thread
 count it creates onnxruntime sessions (CPU provider, intra-op T, inter-op 1, sequential, all
@@ -47,7 +48,9 @@ from bench_vs_onnxruntime import build_model  # noqa: E402
 from published import ARCHS, generate  # noqa: E402
 
 MODELS = ["bench", "vision-fourier", "vision-learned", "vision-conv", "language"]
-PRECISIONS = ["f32", "f16", "int8", "q4"]
+PRECISIONS = ["f32", "f16", "int8", "int8-7bit", "q4"]
+# Export flags of each precision: int8-7bit is int8 with 7-bit weights (`--reduce-range`).
+EXPORT_FLAGS = {"int8-7bit": ["--precision", "int8", "--reduce-range"]}
 SEQ_LEN = 2048
 
 
@@ -229,7 +232,8 @@ def bench_model(name, a, threads, rows):
                 t0 = time.perf_counter()
                 size = ["--seq-len", str(SEQ_LEN)] if name == "language" else []
                 try:
-                    engine([a.bin, "export", str(ck), "-o", str(pe_path), "--precision", prec] + size)
+                    flags = EXPORT_FLAGS.get(prec, ["--precision", prec])
+                    engine([a.bin, "export", str(ck), "-o", str(pe_path)] + flags + size)
                 except RuntimeError:
                     pe_path.unlink(missing_ok=True)
                     raise

@@ -419,6 +419,10 @@ struct Quant {
     /// Keep nodes / weights whose name contains PATTERN (`*` = any run) in f32; repeatable.
     #[arg(long = "keep-f32", value_name = "PATTERN")]
     keep_f32: Vec<String>,
+    /// int8 / int8-static: 7-bit weights in the integer products (onnxruntime's reduce_range):
+    /// exact byte products at the faster rate on x86 without VNNI, twice the weight rounding.
+    #[arg(long)]
+    reduce_range: bool,
 }
 
 #[cfg(feature = "export")]
@@ -429,6 +433,7 @@ impl Quant {
             keep_f32: self.keep_f32.clone(),
             calibrate: self.calibrate.clone(),
             method: self.calibration_method.parse()?,
+            reduce_range: self.reduce_range,
         })
     }
 }
@@ -531,8 +536,13 @@ fn dispatch(cmd: Command) -> Result<()> {
             if external_data {
                 bail!("--external-data applies to single-graph exports; --split parts hold their weights inline");
             }
-            if format != "onnx" || quant.precision != "f32" || quant.calibrate.is_some() || budget.latents.is_some() {
-                bail!("--split writes f32 ONNX parts; --format pack, --precision, --calibrate and --latents apply to single-graph exports");
+            if format != "onnx"
+                || quant.precision != "f32"
+                || quant.calibrate.is_some()
+                || quant.reduce_range
+                || budget.latents.is_some()
+            {
+                bail!("--split writes f32 ONNX parts; --format pack, --precision, --reduce-range, --calibrate and --latents apply to single-graph exports");
             }
             refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, None)?;
             let mut opts = sizes.options();
@@ -566,9 +576,10 @@ fn dispatch(cmd: Command) -> Result<()> {
             if budget.latents.is_some() || budget.blocks.is_some() {
                 bail!("--latents/--blocks apply to ONNX exports, not to a pack");
             }
-            if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() {
+            if quant.precision != "f32" || quant.calibrate.is_some() || !quant.keep_f32.is_empty() || quant.reduce_range
+            {
                 bail!(
-                    "--precision/--calibrate/--keep-f32 apply to ONNX exports; a pack takes --pack-precision f32|int8"
+                    "--precision/--calibrate/--keep-f32/--reduce-range apply to ONNX exports; a pack takes --pack-precision f32|int8"
                 );
             }
             refuse_overwriting_checkpoint(&output, &checkpoint, &sizes, None)?;

@@ -174,8 +174,12 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
     // Reduced-precision exports leave out the perf rewrites' position tables: compare with the
     // f32 export of the same graph.
     export(&digits, &path("f32"), &["--no-position-tables"]);
-    for p in PRECISIONS.iter().copied().chain(["int8-static-percentile"]) {
-        let mut a = vec!["--precision", p.trim_end_matches("-percentile")];
+    // `int8-reduce-range`: int8 with 7-bit weights (the fast exact AVX2 kernel's).
+    for p in PRECISIONS.iter().copied().chain(["int8-static-percentile", "int8-reduce-range"]) {
+        let mut a = vec!["--precision", p.trim_end_matches("-percentile").trim_end_matches("-reduce-range")];
+        if p.ends_with("reduce-range") {
+            a.push("--reduce-range");
+        }
         let calib = dir.join("calib.npy");
         if p.starts_with("int8-static") {
             a.extend(["--calibrate", calib.to_str().unwrap()]);
@@ -215,7 +219,7 @@ fn trained_digits_keep_their_accuracy_and_shrink() {
         assert!(r["samples"].as_u64().unwrap() >= 200);
         assert!(!r["layers"].as_array().unwrap().is_empty(), "per-layer table");
         match p {
-            "int8" | "int8-static" | "int8-static-percentile" => {
+            "int8" | "int8-static" | "int8-static-percentile" | "int8-reduce-range" => {
                 assert!(agree >= 0.99, "{p}: top-1 agreement {agree}");
                 assert!((acc - acc_ref).abs() <= 0.01, "{p}: accuracy {acc} vs f32 {acc_ref}");
                 assert!(weights <= 0.30 && file <= 0.30, "{p}: weights {weights:.3}x, file {file:.3}x of f32 > 0.30x");
@@ -274,6 +278,8 @@ fn bad_precision_options_and_calibration_data_are_refused_with_one_line() {
     check(&["--precision", "f16", "--keep-f32", "no*such"], &["no*such"]);
     check(&["--keep-f32", "query"], &["--keep-f32 needs a reduced --precision"]);
     check(&["--precision", "int8", "--calibrate", "x.npy"], &["--calibrate applies to --precision int8-static"]);
+    check(&["--precision", "f16", "--reduce-range"], &["--reduce-range", "int8 or int8-static, not f16"]);
+    check(&["--reduce-range"], &["--reduce-range", "not f32"]);
     check(
         &["--precision", "int8-static", "--calibration-method", "median"],
         &["unknown calibration method \"median\""],

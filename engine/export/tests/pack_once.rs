@@ -81,7 +81,7 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
         x = g.matmul(&x, &w);
     }
     g.output(&x, "y");
-    let q4 = pass_for(Precision::Q4, &KeepF32::new(&[]), None).unwrap().unwrap();
+    let q4 = pass_for(Precision::Q4, &KeepF32::new(&[]), None, false).unwrap().unwrap();
     q4.run(&mut g).unwrap();
     assert_eq!(g.nodes.iter().filter(|n| n.op == "MatMulNBits").count(), 16);
     let chain = dir.join("chain-q4.onnx");

@@ -25,7 +25,7 @@ fn quantising_holds_each_f32_weight_only_until_it_is_replaced() {
             x = g.matmul(&x, &w);
         }
         g.output(&x, "y");
-        let pass = pass_for(precision, &KeepF32::default(), None).unwrap().unwrap();
+        let pass = pass_for(precision, &KeepF32::default(), None, false).unwrap().unwrap();
         alloc::reset_peak();
         let before = alloc::in_use().unwrap();
         pass.run(&mut g).unwrap();

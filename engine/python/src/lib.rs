@@ -554,12 +554,14 @@ fn run_export(
     calibration_method: &str,
     keep_f32: Vec<String>,
     external_data: bool,
+    reduce_range: bool,
 ) -> PyResult<ExportResult> {
     let q = ex::QuantOptions {
         precision: precision.parse().map_err(|e: rt::precision::UnknownPrecision| value_err(e.to_string()))?,
         keep_f32,
         calibrate: calibrate.clone(),
         method: calibration_method.parse().map_err(export_err)?,
+        reduce_range,
     };
     if let Some(c) = &calibrate {
         existing(c)?;
@@ -584,7 +586,8 @@ fn run_export(
     checkpoint, output, precision = "f32", *, batch = None, image_size = None, seq_len = None,
     attention_mask = false, decode_subset = None, image_points = None, audio_points = None,
     decoder = None, no_rewrites = false, no_position_tables = false, latents = None, blocks = None,
-    calibrate = None, calibration_method = "minmax", keep_f32 = None, tables = None, external_data = false
+    calibrate = None, calibration_method = "minmax", keep_f32 = None, tables = None, external_data = false,
+    reduce_range = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn py_export(
@@ -609,6 +612,7 @@ fn py_export(
     keep_f32: Option<Vec<String>>,
     tables: Option<&str>,
     external_data: bool,
+    reduce_range: bool,
 ) -> PyResult<Py<PyAny>> {
     existing(&checkpoint)?;
     if let Some(d) = &decoder {
@@ -640,6 +644,7 @@ fn py_export(
             &method,
             keep_f32.unwrap_or_default(),
             external_data,
+            reduce_range,
         )
     })?;
     let dict = to_py(py, &result.summary)?;

@@ -12,12 +12,18 @@ pub(super) enum ActQuant {
 
 /// Rewrites Linear `l` as an integer matmul; returns the nodes replacing it. The activation
 /// quantisation of an input shared by several Linears (Q, K, V) is emitted once (`shared`).
-pub(super) fn int8_linear(g: &mut Graph, l: &Linear, act: ActQuant, shared: &mut HashSet<String>) -> Vec<Node> {
+pub(super) fn int8_linear(
+    g: &mut Graph,
+    l: &Linear,
+    act: ActQuant,
+    bits: u32,
+    shared: &mut HashSet<String>,
+) -> Vec<Node> {
     let mm = g.nodes[l.node].clone();
     let (x, y) = (mm.inputs[0].clone(), mm.outputs[0].clone());
     let base = &mm.name;
     let w = g.constant_data(&l.weight).and_then(|t| t.as_f32()).expect("f32 weight");
-    let (q, wscale) = quantize_per_column(&w, l.k, l.n);
+    let (q, wscale) = quantize_per_column_bits(&w, l.k, l.n, bits);
     let xshape = g.value_shapes().get(x.as_str()).map(|s| s.to_vec()).unwrap_or_default();
     let wq = format!("{}.q", l.weight);
     if g.constant_data(&wq).is_none() {
@@ -110,7 +116,14 @@ pub(super) fn weight_only_linear(g: &mut Graph, l: &Linear) -> Vec<Node> {
     nodes
 }
 
-pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<String, (f32, f32)>>) -> Result<()> {
+/// Quantises every Linear of `g` not kept in f32: integer products with `bits`-bit weights
+/// (8, or 7 for `reduce_range`), weight-only int8 where the input is a constant.
+pub(super) fn int8_pass(
+    g: &mut Graph,
+    keep: &KeepF32,
+    ranges: Option<&HashMap<String, (f32, f32)>>,
+    bits: u32,
+) -> Result<()> {
     keep.check_all_used(all_names(g).into_iter())?;
     let constant = input_independent(g);
     let mut rep = HashMap::new();
@@ -136,7 +149,7 @@ pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<S
                 ActQuant::Static(s, z)
             }
         };
-        rep.insert(l.node, int8_linear(g, &l, act, &mut shared));
+        rep.insert(l.node, int8_linear(g, &l, act, bits, &mut shared));
         readers.rewritten(g, &l.weight);
     }
     splice(g, rep);
@@ -148,6 +161,8 @@ pub(super) fn int8_pass(g: &mut Graph, keep: &KeepF32, ranges: Option<&HashMap<S
 pub struct Int8Dynamic {
     /// Nodes and weights kept in f32.
     pub keep: KeepF32,
+    /// Bits of the integer products' weights: 8, or 7 (`reduce_range`).
+    pub bits: u32,
 }
 
 impl Pass for Int8Dynamic {
@@ -155,7 +170,7 @@ impl Pass for Int8Dynamic {
         "quantize-int8"
     }
     fn run(&self, g: &mut Graph) -> Result<()> {
-        int8_pass(g, &self.keep, None)?;
+        int8_pass(g, &self.keep, None, self.bits)?;
         g.metadata.push((metadata::PRECISION.into(), Precision::Int8.name().into()));
         Ok(())
     }
@@ -168,6 +183,8 @@ pub struct Int8Static {
     pub keep: KeepF32,
     /// Calibrated range of every quantised Linear's input.
     pub ranges: HashMap<String, (f32, f32)>,
+    /// Bits of the integer products' weights: 8, or 7 (`reduce_range`).
+    pub bits: u32,
 }
 
 impl Pass for Int8Static {
@@ -175,7 +192,7 @@ impl Pass for Int8Static {
         "quantize-int8-static"
     }
     fn run(&self, g: &mut Graph) -> Result<()> {
-        int8_pass(g, &self.keep, Some(&self.ranges))?;
+        int8_pass(g, &self.keep, Some(&self.ranges), self.bits)?;
         g.metadata.push((metadata::PRECISION.into(), Precision::Int8Static.name().into()));
         Ok(())
     }

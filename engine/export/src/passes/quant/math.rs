@@ -5,6 +5,12 @@ use super::*;
 /// Per-output-channel symmetric int8 quantisation of a `[K, N]` weight: codes in -127..=127
 /// (row-major like the weight) and one scale per column.
 pub fn quantize_per_column(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+    quantize_per_column_bits(w, k, n, 8)
+}
+
+/// [`quantize_per_column`] in `bits` bits (2..=8): codes in `-(2^(bits-1) - 1)..=2^(bits-1) - 1`.
+pub fn quantize_per_column_bits(w: &[f32], k: usize, n: usize, bits: u32) -> (Vec<i8>, Vec<f32>) {
+    let top = ((1i32 << (bits - 1)) - 1) as f32;
     let mut scales = vec![0f32; n];
     for r in 0..k {
         for c in 0..n {
@@ -12,9 +18,9 @@ pub fn quantize_per_column(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>)
         }
     }
     for s in &mut scales {
-        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+        *s = if *s > 0.0 { *s / top } else { 1.0 };
     }
-    let q = (0..k * n).map(|i| (w[i] / scales[i % n]).round().clamp(-127.0, 127.0) as i8).collect();
+    let q = (0..k * n).map(|i| (w[i] / scales[i % n]).round().clamp(-top, top) as i8).collect();
     (q, scales)
 }
 

@@ -65,18 +65,22 @@ fn tensor(dtype: DType, shape: &[usize], bytes: Vec<u8>) -> TensorData {
     TensorData { dtype, shape: shape.to_vec(), bytes: bytes.into() }
 }
 
-/// The pass of `precision` (`None` for f32). `ranges` are needed for int8-static only.
+/// The pass of `precision` (`None` for f32). `ranges` are needed for int8-static only;
+/// `reduce_range` gives int8's integer products 7-bit weights (see [`crate::QuantOptions`]).
 pub fn pass_for(
     precision: Precision,
     keep: &KeepF32,
     ranges: Option<HashMap<String, (f32, f32)>>,
+    reduce_range: bool,
 ) -> Result<Option<Box<dyn Pass>>> {
+    let bits = if reduce_range { 7 } else { 8 };
     Ok(match precision {
         Precision::F32 => None,
         Precision::F16 => Some(Box::new(ToF16 { keep: keep.clone() })),
-        Precision::Int8 => Some(Box::new(Int8Dynamic { keep: keep.clone() })),
+        Precision::Int8 => Some(Box::new(Int8Dynamic { keep: keep.clone(), bits })),
         Precision::Int8Static => Some(Box::new(Int8Static {
             keep: keep.clone(),
+            bits,
             ranges: ranges.ok_or_else(|| Error::invalid("int8-static needs calibration ranges"))?,
         })),
         Precision::Q4 => Some(Box::new(Q4 { keep: keep.clone() })),
@@ -101,6 +105,18 @@ mod tests {
         let (q, s) = quantize_per_column(&w, 3, 2);
         assert_eq!(q[1], -127);
         for i in 0..6 {
+            assert!((q[i] as f32 * s[i % 2] - w[i]).abs() <= s[i % 2] / 2.0 + 1e-7);
+        }
+    }
+
+    #[test]
+    fn seven_bit_weights_stay_within_63_and_half_a_step() {
+        let w = [0.5f32, -2.0, 0.25, 1.0, -0.125, 0.0];
+        let (q, s) = quantize_per_column_bits(&w, 3, 2, 7);
+        assert_eq!(q[1], -63);
+        assert_eq!(q[3], 63);
+        for i in 0..6 {
+            assert!((-63..=63).contains(&q[i]));
             assert!((q[i] as f32 * s[i % 2] - w[i]).abs() <= s[i % 2] / 2.0 + 1e-7);
         }
     }
@@ -166,13 +182,32 @@ mod tests {
             if q4 {
                 Q4 { keep }.run(&mut g).unwrap();
             } else {
-                Int8Dynamic { keep }.run(&mut g).unwrap();
+                Int8Dynamic { keep, bits: 8 }.run(&mut g).unwrap();
             }
             let quantised = if q4 { "MatMulNBits" } else { "MatMulInteger" };
             assert_eq!(g.nodes.iter().filter(|n| n.op == quantised).count(), 2, "q4 {q4}");
             assert!(g.constant_data(&shared.name).is_none(), "q4 {q4}: the f32 copy is gone");
             assert!(g.constant_data(&kept.name).is_some_and(|t| t.dtype == DType::F32), "q4 {q4}");
         }
+    }
+
+    /// With `reduce_range` every integer product's weight is within -63..=63 (7 bits), and uses
+    /// that range.
+    #[test]
+    fn reduce_range_gives_seven_bit_product_weights() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[8, 64]);
+        let data: Vec<f32> = (0..64 * 64).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+        let w = g.const_f32("w", &[64, 64], &data);
+        let y = g.matmul(&x, &w);
+        g.output(&y, "y");
+        pass_for(Precision::Int8, &KeepF32::default(), None, true).unwrap().unwrap().run(&mut g).unwrap();
+        let mm = g.nodes.iter().find(|n| n.op == "MatMulInteger").expect("an integer product");
+        let codes = g.constant_data(&mm.inputs[1]).expect("a constant weight");
+        assert_eq!(codes.dtype, DType::I8);
+        let codes: Vec<i8> = codes.bytes.iter().map(|&b| b as i8).collect();
+        assert!(codes.iter().all(|c| (-63..=63).contains(c)));
+        assert!(codes.iter().any(|&c| c.abs() == 63));
     }
 
     #[test]
@@ -187,7 +222,7 @@ mod tests {
         let z = g.matmul(&y, &w2);
         g.output(&z, "z");
         assert_eq!(int8_activation_inputs(&g, &KeepF32::default()), vec![y.name.clone()]);
-        Int8Dynamic { keep: KeepF32::default() }.run(&mut g).unwrap();
+        Int8Dynamic { keep: KeepF32::default(), bits: 8 }.run(&mut g).unwrap();
         let reads = |v: &str| {
             g.nodes.iter().filter(|n| n.inputs.iter().any(|i| i == v)).map(|n| n.op.clone()).collect::<Vec<_>>()
         };

@@ -32,7 +32,7 @@ impl Pass for Q4 {
                 continue;
             }
             if l.k < 32 {
-                rep.insert(l.node, int8_linear(g, &l, ActQuant::Dynamic, &mut shared));
+                rep.insert(l.node, int8_linear(g, &l, ActQuant::Dynamic, 8, &mut shared));
                 readers.rewritten(g, &l.weight);
                 continue;
             }
