@@ -114,7 +114,7 @@ mod tests {
         let w = [0.5f32, -2.0, 0.25, 1.0, -0.125, 0.0];
         let (q, s) = quantize_per_column_bits(&w, 3, 2, 7);
         assert_eq!(q[1], -63);
-        assert_eq!(q[3], 63);
+        assert_eq!(q[0], 63);
         for i in 0..6 {
             assert!((-63..=63).contains(&q[i]));
             assert!((q[i] as f32 * s[i % 2] - w[i]).abs() <= s[i % 2] / 2.0 + 1e-7);
