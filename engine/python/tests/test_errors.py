@@ -102,6 +102,8 @@ def test_bad_export_options(tmp_path):
         perceiver_edge.export(DIGITS, out, keep_f32=["decoder"])
     with pytest.raises(ValueError, match="unknown calibration method"):
         perceiver_edge.export(DIGITS, out, precision="int8-static", calibration_method="median")
+    with pytest.raises(ValueError, match="--reduce-range .* applies to --precision int8 or int8-static, not q4"):
+        perceiver_edge.export(DIGITS, out, precision="q4", reduce_range=True)
     with pytest.raises(ValueError, match="latents=K chooses latents on calibration data"):
         perceiver_edge.export(DIGITS, out, latents=4)
     with pytest.raises(ValueError, match="shape options apply to a checkpoint folder"):
