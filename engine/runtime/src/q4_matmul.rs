@@ -77,6 +77,7 @@ pub struct GemmQ4 {
     /// What is applied to each block of the output once computed (bias, residual, GELU),
     /// reading the inputs past the activations; see [`crate::epilogue`].
     epilogue: Vec<Step>,
+    /// The kernel the decoded weights are multiplied on (chosen for this CPU at rewrite).
     kernel: Kernel,
 }
 
@@ -207,7 +208,7 @@ fn packed_runs() -> bool {
 }
 
 thread_local! {
-    /// Each thread's buffer of decoded weight rows.
+    /// Each thread's buffer of decoded weight rows (the `gemm` crate's path).
     static DECODED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's decoded block in panels, and a partial panel's rows on their way there.
     #[cfg(target_arch = "x86_64")]
@@ -572,6 +573,7 @@ mod tests {
         kernels
     }
 
+    /// Whether the CPU has F16C (the panel decoder's scales).
     fn has_f16c() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
