@@ -97,8 +97,9 @@ enum Command {
         /// Thread counts to try [default: 1 and the board's threads, capped at this host's cores].
         #[arg(long, value_delimiter = ',', value_name = "T,...")]
         threads: Option<Vec<usize>>,
-        /// Precisions to try (f32, f16, int8, int8-static, q4), or `profile` for the board's
-        /// preferred list [default: f32].
+        /// Precisions to try (f32, f16, int8, int8-static, q4; int8-7bit and int8-static-7bit
+        /// for 7-bit weights, `export --reduce-range`), or `profile` for the board's preferred
+        /// list [default: f32].
         #[arg(long, value_delimiter = ',', value_name = "P,...")]
         precisions: Option<Vec<String>>,
         /// Output positions decoded per inference, for heads that decode chosen positions

@@ -182,6 +182,76 @@ fn tune_takes_precision_candidates() {
     assert!(!ok && e.contains("unknown precision \"f8\""), "{e}");
 }
 
+/// `int8-7bit` candidates are int8 exports with 7-bit weights: the chosen model is the file
+/// `export --precision int8 --reduce-range` writes, not the 8-bit one.
+#[test]
+fn tune_takes_seven_bit_int8_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = |o: &Path, precisions: &str| {
+        let (ok, stdout, stderr) = cli(&[
+            "tune",
+            "models/digits",
+            "--target",
+            PROFILE,
+            "--calibrate",
+            DATA,
+            "-o",
+            o.to_str().unwrap(),
+            "--latents",
+            "16",
+            "--threads",
+            "1",
+            "--precisions",
+            precisions,
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--quiet",
+        ]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let both = dir.path().join("both");
+    let stdout = t(&both, "int8,int8-7bit");
+    assert!(stdout.contains("K16 B1 T1 int8-7bit"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(both.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["precisions"], serde_json::json!(["int8", "int8-7bit"]));
+    let (c8, c7) = (&r["candidates"][0], &r["candidates"][1]);
+    assert_eq!(c7["candidate"]["precision"], "int8-7bit");
+    let (m8, m7) = (c8["fidelity"]["max_abs"].as_f64().unwrap(), c7["fidelity"]["max_abs"].as_f64().unwrap());
+    assert!(m7 > 0.0 && m7 != m8, "7-bit weights change the outputs: {m7} vs {m8}");
+    assert!(c7["fidelity"]["top1_agreement"].as_f64().unwrap() >= 0.99, "{}", c7["fidelity"]);
+
+    let only = dir.path().join("only7");
+    t(&only, "int8-7bit");
+    let export = |name: &str, extra: &[&str]| {
+        let f = dir.path().join(name);
+        let mut args = vec!["export", "models/digits", "-o", f.to_str().unwrap(), "--precision", "int8"];
+        args.extend(extra);
+        let (ok, _, stderr) = cli(&args);
+        assert!(ok, "{stderr}");
+        std::fs::read(f).unwrap()
+    };
+    let chosen = std::fs::read(only.join("model.onnx")).unwrap();
+    assert!(chosen == export("e7.onnx", &["--reduce-range"]), "tune's int8-7bit is export --reduce-range");
+    assert!(chosen != export("e8.onnx", &[]));
+    let (ok, _, e) = cli(&[
+        "tune",
+        "models/digits",
+        "--target",
+        PROFILE,
+        "--calibrate",
+        DATA,
+        "-o",
+        dir.path().join("bad").to_str().unwrap(),
+        "--precisions",
+        "q4-7bit",
+    ]);
+    assert!(!ok && e.contains("unknown precision \"q4-7bit\"") && e.contains("int8-7bit"), "{e}");
+}
+
 /// The query axis on the marker model (a bare decoder with 256 output positions): the default
 /// axis measures every output and 64 positions and chooses a model that decodes every output;
 /// `--queries 64` chooses a 64-position model. Both chosen models are checked against

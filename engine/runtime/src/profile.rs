@@ -69,8 +69,8 @@ pub struct Budget {
     pub rate_hz: f64,
     /// Threads the model may use.
     pub threads: usize,
-    /// Precisions to try, preferred first.
-    pub precisions: Vec<Precision>,
+    /// Precisions to try, preferred first (`int8-7bit`: int8 with 7-bit weights).
+    pub precisions: Vec<PrecisionChoice>,
 }
 
 /// CPU instruction set of a board.
@@ -96,7 +96,7 @@ impl Arch {
     }
 }
 
-pub use crate::precision::Precision;
+pub use crate::precision::{Precision, PrecisionChoice};
 
 /// A profile that could not be read or is invalid: `FILE: KEY: message` on one line.
 #[derive(Clone, Debug, PartialEq)]
@@ -308,12 +308,13 @@ impl Profile {
             b.err("precisions", format!("expected an array like [\"f16\", \"f32\"], got {}", show(b.get("precisions"))))
         })?;
         if list.is_empty() {
-            return Err(b.err("precisions", "must list at least one of f32, f16, int8, int8-static, q4"));
+            let names = PrecisionChoice::NAMES.join(", ");
+            return Err(b.err("precisions", format!("must list at least one of {names}")));
         }
         let mut precisions = Vec::with_capacity(list.len());
         for v in list {
-            let Some(p) = v.as_str().and_then(|s| s.parse::<Precision>().ok()) else {
-                let names: Vec<String> = Precision::ALL.iter().map(|(_, n)| format!("\"{n}\"")).collect();
+            let Some(p) = v.as_str().and_then(|s| s.parse::<PrecisionChoice>().ok()) else {
+                let names: Vec<String> = PrecisionChoice::NAMES.iter().map(|n| format!("\"{n}\"")).collect();
                 return Err(b.err("precisions", format!("{} is not one of {}", show(v), names.join(", "))));
             };
             if precisions.contains(&p) {
@@ -416,7 +417,7 @@ impl fmt::Display for Profile {
         let ps: Vec<String> = b
             .precisions
             .iter()
-            .map(|p| if self.native(*p) { p.name().to_string() } else { format!("{} (emulated here)", p.name()) })
+            .map(|p| if self.native(p.precision) { p.name() } else { format!("{} (emulated here)", p.name()) })
             .collect();
         writeln!(f, "precisions     {}", ps.join(", "))
     }
@@ -458,7 +459,8 @@ precisions = ["f16", "int8", "f32"]
         assert!(p.cpu.fp16 && p.cpu.dotprod && p.cpu.neon);
         assert_eq!(p.cpu.mem_bandwidth_gbs, 17.0); // integer accepted as a number
         assert_eq!(p.budget.memory_mb, 256);
-        assert_eq!(p.budget.precisions, vec![Precision::F16, Precision::Int8, Precision::F32]);
+        let expected: Vec<PrecisionChoice> = [Precision::F16, Precision::Int8, Precision::F32].map(Into::into).into();
+        assert_eq!(p.budget.precisions, expected);
         assert!((p.period_ms() - 33.333).abs() < 1e-3);
         let shown = p.to_string();
         assert!(shown.contains("fp16 yes") && shown.contains("f16, int8, f32"), "{shown}");
@@ -531,12 +533,12 @@ precisions = ["f16", "int8", "f32"]
             (
                 "[\"f16\", \"int8\", \"f32\"]",
                 "[\"f16\", \"bf16\"]",
-                "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\", \"int8-static\", \"q4\"",
+                "x.toml: budget.precisions: string \"bf16\" is not one of \"f32\", \"f16\", \"int8\", \"int8-7bit\", \"int8-static\", \"int8-static-7bit\", \"q4\"",
             ),
             (
                 "[\"f16\", \"int8\", \"f32\"]",
                 "[]",
-                "x.toml: budget.precisions: must list at least one of f32, f16, int8, int8-static, q4",
+                "x.toml: budget.precisions: must list at least one of f32, f16, int8, int8-7bit, int8-static, int8-static-7bit, q4",
             ),
             (
                 "[\"f16\", \"int8\", \"f32\"]",

@@ -28,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use perceiver_edge_export::{analysis, split};
 use perceiver_edge_export::{Checkpoint, ExportOptions, Head, Precision, QuantOptions, Tables};
 use perceiver_edge_runtime::compare::{fidelity, Fidelity};
+use perceiver_edge_runtime::precision::PrecisionChoice;
 use perceiver_edge_runtime::{bench, to_vec, Session, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -44,8 +45,9 @@ pub struct Candidate {
     pub blocks: usize,
     /// Matmul threads.
     pub threads: usize,
-    /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes).
-    pub precision: Precision,
+    /// Numeric precision (`f32`, `f16`, `int8`, `int8-static`, `q4`; the quantisation passes),
+    /// `int8-7bit` / `int8-static-7bit` with 7-bit integer-product weights (`--reduce-range`).
+    pub precision: PrecisionChoice,
     /// Output positions decoded per inference, chosen at run time by an `output_indices` input
     /// (`export --decode-subset K`); `None`: every output.
     pub queries: Option<usize>,
@@ -110,9 +112,9 @@ pub fn candidates(
     if let Some(t) = threads.iter().find(|&&t| t > max_threads) {
         bail!("--threads {t}: expected 1 to {max_threads}");
     }
-    let mut precisions: Vec<Precision> = vec![];
+    let mut precisions: Vec<PrecisionChoice> = vec![];
     for p in axes.precisions.clone().unwrap_or_else(|| vec!["f32".into()]) {
-        let p: Precision = p.parse()?;
+        let p: PrecisionChoice = p.parse()?;
         if !precisions.contains(&p) {
             precisions.push(p);
         }
@@ -214,7 +216,7 @@ impl Measured {
     /// Short label, e.g. `K16 B1 T1`.
     pub fn label(&self) -> String {
         let c = self.candidate;
-        let p = if c.precision == Precision::F32 { String::new() } else { format!(" {}", c.precision) };
+        let p = if c.precision == Precision::F32.into() { String::new() } else { format!(" {}", c.precision) };
         let q = c.queries.map_or(String::new(), |k| format!(" Q{k}"));
         format!("K{} B{} T{}{p}{q}", c.latents, c.blocks, c.threads)
     }
@@ -467,7 +469,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
     let mut measured = vec![];
     let mut files_of = vec![];
     let mut features = vec![];
-    type Built = ((usize, usize, Precision, Option<usize>), PathBuf, Fidelity, cost::Features, Vec<Tensor>);
+    type Built = ((usize, usize, PrecisionChoice, Option<usize>), PathBuf, Fidelity, cost::Features, Vec<Tensor>);
     let mut last: Option<Built> = None;
     for c in &cands {
         bar.set_message(format!("K{} B{} T{} {}", c.latents, c.blocks, c.threads, c.precision));
@@ -483,11 +485,12 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     grid_subset: c.queries.is_some(),
                     ..base.clone()
                 };
-                let precision = c.precision;
+                let PrecisionChoice { precision, reduce_range } = c.precision;
                 let opts = perceiver_edge_export::options_for_precision(&opts, precision);
                 let mut e = perceiver_edge_export::build(&ck, &opts)?;
                 let q = QuantOptions {
                     precision,
+                    reduce_range,
                     calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
                     ..Default::default()
                 };
@@ -625,7 +628,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     bar.set_message(format!("recovering K{k} B{b}: step {}/{} loss {:.4}", p.step, p.steps, p.loss))
                 })?;
             let sck = Checkpoint::open(&dest)?;
-            let mut built: Vec<(Precision, PathBuf, Fidelity)> = vec![];
+            let mut built: Vec<(PrecisionChoice, PathBuf, Fidelity)> = vec![];
             for i in 0..measured.len() {
                 let c = measured[i].candidate;
                 if (c.latents, c.blocks) != (k, b) {
@@ -634,11 +637,13 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                 let (path, fid) = match built.iter().find(|x| x.0 == c.precision) {
                     Some((_, p, f)) => (p.clone(), f.clone()),
                     None => {
-                        let opts = perceiver_edge_export::options_for_precision(&base, c.precision);
+                        let PrecisionChoice { precision, reduce_range } = c.precision;
+                        let opts = perceiver_edge_export::options_for_precision(&base, precision);
                         let mut e = perceiver_edge_export::build(&sck, &opts)?;
                         let q = QuantOptions {
-                            precision: c.precision,
-                            calibrate: (c.precision == Precision::Int8Static).then(|| o.calibrate.clone()),
+                            precision,
+                            reduce_range,
+                            calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
                             ..Default::default()
                         };
                         e.quantize(&q, &dest, &mut |_, _| {})?;
@@ -717,8 +722,8 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
         precisions: {
             let mut p: Vec<String> = vec![];
             for c in &cands {
-                if !p.iter().any(|x| x == c.precision.name()) {
-                    p.push(c.precision.to_string());
+                if !p.contains(&c.precision.name()) {
+                    p.push(c.precision.name());
                 }
             }
             p
@@ -769,9 +774,10 @@ pub fn table(r: &Report) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let w = r.candidates.iter().map(|m| m.label().len()).max().unwrap_or(0).max(13);
     let _ = writeln!(
         s,
-        "{:<13} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4}",
+        "{:<w$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7} {:>7} {:>7} {:>6} {:>4}",
         "candidate",
         "MFLOPs",
         "p50 ms",
@@ -792,7 +798,7 @@ pub fn table(r: &Report) -> String {
         let f = &m.fidelity;
         let _ = writeln!(
             s,
-            "{:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>7} {:>7} {:>6} {:>4}{}",
+            "{:<w$} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>9.2} {:>7.2} {:>8.5} {:>7} {:>7} {:>7} {:>6} {:>4}{}",
             m.label(),
             m.flops as f64 / 1e6,
             m.p50_ms,
@@ -920,12 +926,14 @@ mod tests {
             latents: Some(vec![3, 8, 3]),
             blocks: Some(vec![2]),
             threads: Some(vec![1]),
-            precisions: Some(vec!["f32".into(), "int8".into(), "f32".into()]),
+            precisions: Some(vec!["f32".into(), "int8".into(), "f32".into(), "int8-7bit".into()]),
             queries: None,
         };
         let c = candidates(&axes, 8, 1, 4, 4, None).unwrap();
-        assert_eq!(c.len(), 4);
-        assert_eq!((c[0].precision, c[1].precision, c[2].latents), (Precision::F32, Precision::Int8, 3));
+        assert_eq!(c.len(), 6);
+        let names: Vec<String> = c.iter().map(|c| c.precision.name()).collect();
+        assert_eq!(names[..3], ["f32", "int8", "int8-7bit"]);
+        assert_eq!((c[1].precision.reduce_range, c[2].precision.reduce_range, c[3].latents), (false, true, 3));
         let bad = Axes { precisions: Some(vec!["f8".into()]), ..Default::default() };
         assert!(candidates(&bad, 8, 1, 1, 1, None).unwrap_err().to_string().contains("unknown precision \"f8\""));
         assert!(candidates(&Axes { latents: Some(vec![9]), ..Default::default() }, 8, 1, 1, 1, None).is_err());
@@ -954,7 +962,7 @@ mod tests {
     fn m(latents: usize, threads: usize, top1: f64, fits: bool) -> Measured {
         let p = cost::Predicted { latency_ms: 0.0, memory_bytes: 0.0 };
         Measured {
-            candidate: Candidate { latents, blocks: 1, threads, precision: Precision::F32, queries: None },
+            candidate: Candidate { latents, blocks: 1, threads, precision: Precision::F32.into(), queries: None },
             p50_ms: 0.0,
             p99_ms: 0.0,
             memory_bytes: 0,

@@ -144,7 +144,7 @@ pub fn accuracy_svg(cands: &[Measured], title: &str) -> String {
     let mut pts: Vec<(String, f64, f64, Option<f64>)> = vec![];
     for c in cands {
         let k = c.candidate;
-        let p = if k.precision == crate::Precision::F32 { String::new() } else { format!(" {}", k.precision) };
+        let p = if k.precision == crate::Precision::F32.into() { String::new() } else { format!(" {}", k.precision) };
         let q = k.queries.map_or(String::new(), |q| format!(" Q{q}"));
         let name = format!("K{} B{}{p}{q}", k.latents, k.blocks);
         if !pts.iter().any(|p| p.0 == name) {

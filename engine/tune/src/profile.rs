@@ -44,7 +44,7 @@ impl From<board::Profile> for Profile {
             deadline_ms: p.budget.deadline_ms,
             rate_hz: p.budget.rate_hz,
             threads: p.budget.threads,
-            precisions: p.budget.precisions.iter().map(|x| x.name().to_string()).collect(),
+            precisions: p.budget.precisions.iter().map(|x| x.name()).collect(),
         }
     }
 }
