@@ -17,7 +17,7 @@
 //! with attention computed in f64, and the fixtures with transformers.
 
 use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
-use crate::softmax_rows::{exp_neg, exp_sum, row_max, softmax_in_place};
+use crate::softmax_rows::{exp_neg, exp_sum_on, row_max, softmax_in_place};
 use std::cell::RefCell;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -372,28 +372,28 @@ fn online(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mu
             return unsafe { online_avx2(s, w, max, sum, factor) };
         }
     }
-    online_generic(s, w, max, sum, factor)
+    online_generic::<false>(s, w, max, sum, factor)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn online_avx512(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
-    online_generic(s, w, max, sum, factor)
+    online_generic::<false>(s, w, max, sum, factor)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn online_avx2(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
-    online_generic(s, w, max, sum, factor)
+    online_generic::<true>(s, w, max, sum, factor)
 }
 
 #[inline(always)]
-fn online_generic(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+fn online_generic<const FMA: bool>(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
     for (r, row) in s.chunks_exact_mut(w).enumerate() {
         let m = row_max(row, max[r]);
         // A row of -inf so far (never from finite inputs): weights as if the maximum were 0.
         let top = if m == f32::NEG_INFINITY { 0.0 } else { m };
-        let add = exp_sum(row, top);
+        let add = exp_sum_on::<FMA>(row, top);
         let f = if max[r] == f32::NEG_INFINITY { 0.0 } else { exp_neg(max[r] - top) };
         sum[r] = sum[r] * f + add;
         factor[r] = f;
