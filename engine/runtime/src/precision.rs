@@ -24,8 +24,17 @@ pub enum Precision {
 
 /// A precision name that is none of [`Precision::ALL`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown precision \"{0}\" (expected f32, f16, int8, int8-static or q4)")]
+#[error("unknown precision \"{name}\" (expected f32, f16, int8, int8-static or q4{hint})", name = .0, hint = seven_bit_hint(.0))]
 pub struct UnknownPrecision(pub String);
+
+/// For a `tune` / profile name such as `int8-7bit`, how `export` says it.
+fn seven_bit_hint(name: &str) -> &'static str {
+    if name.ends_with("-7bit") {
+        "; 7-bit int8 weights are `--precision int8 --reduce-range`"
+    } else {
+        ""
+    }
+}
 
 impl Precision {
     /// All precisions with their command-line names.
@@ -160,6 +169,8 @@ mod tests {
             assert_eq!(p.to_string(), n);
         }
         assert!("int4".parse::<Precision>().unwrap_err().to_string().contains("expected f32, f16"));
+        let e = "int8-7bit".parse::<Precision>().unwrap_err().to_string();
+        assert!(e.contains("--precision int8 --reduce-range"), "{e}");
     }
 
     #[test]
