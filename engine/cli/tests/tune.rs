@@ -135,31 +135,20 @@ fn errors_are_one_line() {
     assert_eq!(e.lines().count(), 1, "{e}");
 }
 
+/// `tune` on the digits model's 16 latents at one thread, with these precision candidates.
+fn tune_precisions(out: &Path, precisions: &str) -> (bool, String, String) {
+    let o = out.to_str().unwrap();
+    let mut args = vec!["tune", "models/digits", "--target", PROFILE, "--calibrate", DATA, "-o", o];
+    args.extend(["--latents", "16", "--threads", "1", "--precisions", precisions]);
+    args.extend(["--runs", "3", "--warmup", "1", "--quiet"]);
+    cli(&args)
+}
+
 #[test]
 fn tune_takes_precision_candidates() {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().join("out");
-    let (ok, stdout, stderr) = cli(&[
-        "tune",
-        "models/digits",
-        "--target",
-        PROFILE,
-        "--calibrate",
-        DATA,
-        "-o",
-        o.to_str().unwrap(),
-        "--latents",
-        "16",
-        "--threads",
-        "1",
-        "--precisions",
-        "f32,f16",
-        "--runs",
-        "3",
-        "--warmup",
-        "1",
-        "--quiet",
-    ]);
+    let (ok, stdout, stderr) = tune_precisions(&o, "f32,f16");
     assert!(ok, "{stderr}");
     assert!(stdout.contains("K16 B1 T1 f16"), "{stdout}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("report.json")).unwrap()).unwrap();
@@ -188,27 +177,7 @@ fn tune_takes_precision_candidates() {
 fn tune_takes_seven_bit_int8_candidates() {
     let dir = tempfile::tempdir().unwrap();
     let t = |o: &Path, precisions: &str| {
-        let (ok, stdout, stderr) = cli(&[
-            "tune",
-            "models/digits",
-            "--target",
-            PROFILE,
-            "--calibrate",
-            DATA,
-            "-o",
-            o.to_str().unwrap(),
-            "--latents",
-            "16",
-            "--threads",
-            "1",
-            "--precisions",
-            precisions,
-            "--runs",
-            "3",
-            "--warmup",
-            "1",
-            "--quiet",
-        ]);
+        let (ok, stdout, stderr) = tune_precisions(o, precisions);
         assert!(ok, "{stderr}");
         stdout
     };
@@ -237,19 +206,9 @@ fn tune_takes_seven_bit_int8_candidates() {
     let chosen = std::fs::read(only.join("model.onnx")).unwrap();
     assert!(chosen == export("e7.onnx", &["--reduce-range"]), "tune's int8-7bit is export --reduce-range");
     assert!(chosen != export("e8.onnx", &[]));
-    let (ok, _, e) = cli(&[
-        "tune",
-        "models/digits",
-        "--target",
-        PROFILE,
-        "--calibrate",
-        DATA,
-        "-o",
-        dir.path().join("bad").to_str().unwrap(),
-        "--precisions",
-        "q4-7bit",
-    ]);
+    let (ok, _, e) = tune_precisions(&dir.path().join("bad"), "q4-7bit");
     assert!(!ok && e.contains("unknown precision \"q4-7bit\"") && e.contains("int8-7bit"), "{e}");
+    assert!(!dir.path().join("bad").exists(), "nothing written");
 }
 
 /// The query axis on the marker model (a bare decoder with 256 output positions): the default
