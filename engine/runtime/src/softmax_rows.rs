@@ -29,6 +29,14 @@ const LANES: usize = 16;
 /// the low bits of the sum.
 const ROUNDER: f32 = 12_582_912.0;
 
+/// ln 2 in two parts for the range reduction (Cody-Waite): `0.693359375 - 2.12194440e-4`.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = 2.121_944_4e-4;
+
+/// `e^r` for `|r| <= ln 2 / 2` is `p(r) r^2 + r + 1` with `p` these coefficients, highest power
+/// first (Cephes' `expf`).
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_66, 0.5];
+
 /// `e^x` for `x <= 0` (a softmax's `x - max`): `2^n e^r` with `n = round(x / ln 2)`, `r` reduced
 /// in two steps (Cody-Waite) and `e^r` a degree-6 polynomial (Cephes' `expf`); `x` below -87 gives
 /// about 1e-38 rather than 0, NaN stays NaN.
@@ -37,13 +45,14 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + ROUNDER;
     let n = t - ROUNDER;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_66;
-    let p = p * r + 0.5;
+    let r = x - n * LN2_HI + n * LN2_LO;
+    let [c0, c1, c2, c3, c4, c5] = EXP_POLY;
+    let p = c0;
+    let p = p * r + c1;
+    let p = p * r + c2;
+    let p = p * r + c3;
+    let p = p * r + c4;
+    let p = p * r + c5;
     let e = p * r * r + r + 1.0;
     // n + 127 in the exponent field: the rounder's low bits hold n.
     let n_bits = t.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
@@ -148,10 +157,9 @@ pub(crate) unsafe fn exp_sum_avx2(xs: &mut [f32], top: f32) -> f32 {
         lo: _mm256_set1_ps(-87.0),
         log2e: _mm256_set1_ps(std::f32::consts::LOG2_E),
         rounder: _mm256_set1_ps(ROUNDER),
-        ln2_hi: _mm256_set1_ps(0.693_359_4),
-        ln2_lo: _mm256_set1_ps(2.121_944_4e-4),
-        c: [1.987_569_1e-4f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_66, 0.5]
-            .map(|v| _mm256_set1_ps(v)),
+        ln2_hi: _mm256_set1_ps(LN2_HI),
+        ln2_lo: _mm256_set1_ps(LN2_LO),
+        c: EXP_POLY.map(|v| _mm256_set1_ps(v)),
         one: _mm256_set1_ps(1.0),
         bias: _mm256_set1_epi32(127 - ROUNDER.to_bits() as i32),
     };
