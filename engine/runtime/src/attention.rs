@@ -372,7 +372,8 @@ fn online(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mu
             return unsafe { online_avx2(s, w, max, sum, factor) };
         }
     }
-    online_generic::<false>(s, w, max, sum, factor)
+    // SAFETY: without `FMA`, nothing to promise.
+    unsafe { online_generic::<false>(s, w, max, sum, factor) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -384,11 +385,22 @@ unsafe fn online_avx512(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn online_avx2(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+    // SAFETY: called only where the CPU has AVX2 and FMA (`online`).
     online_generic::<true>(s, w, max, sum, factor)
 }
 
+/// The online softmax of a chunk of scores (`FMA`: see [`exp_sum_on`]).
+///
+/// # Safety
+/// As [`exp_sum_on`].
 #[inline(always)]
-fn online_generic<const FMA: bool>(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
+unsafe fn online_generic<const FMA: bool>(
+    s: &mut [f32],
+    w: usize,
+    max: &mut [f32],
+    sum: &mut [f32],
+    factor: &mut [f32],
+) {
     for (r, row) in s.chunks_exact_mut(w).enumerate() {
         let m = row_max(row, max[r]);
         // A row of -inf so far (never from finite inputs): weights as if the maximum were 0.

@@ -178,6 +178,10 @@ mod tests {
         for n in PrecisionChoice::NAMES {
             assert_eq!(n.parse::<PrecisionChoice>().unwrap().to_string(), n);
         }
+        // Every graph precision is a choice too.
+        for (_, n) in Precision::ALL {
+            assert!(PrecisionChoice::NAMES.contains(&n), "{n} missing from NAMES");
+        }
         let c: PrecisionChoice = "int8-static-7bit".parse().unwrap();
         assert_eq!((c.precision, c.reduce_range), (Precision::Int8Static, true));
         assert_eq!("q4".parse::<PrecisionChoice>().unwrap(), PrecisionChoice::from(Precision::Q4));

@@ -9,7 +9,8 @@
 //! AVX2 + FMA where the CPU has them, chosen at run time; the baseline elsewhere), with `exp`
 //! from Cody-Waite range reduction and a degree-6 polynomial (relative error below 2e-7 over
 //! the range a softmax feeds it, `x - max(x) <= 0`; on AVX2 + FMA written out with intrinsics,
-//! [`exp_sum_avx2`]), and splits the rows over tract's thread pool. A softmax over an axis that is not the last (scores computed keys x queries, which
+//! [`exp_sum_avx2`]), and splits the rows over tract's thread pool. A softmax over an axis that is
+//! not the last (scores computed keys x queries, which
 //! tract and [`crate::gemm_matmul`] choose when it suits the product) runs in place too, over
 //! blocks of up to 64 neighbouring columns, each a vector wide, instead of on a transposed copy
 //! (the bench model's f16 graph, computed in f32: two `[4096, 128]` copies, 2.1 ms of 21). The
@@ -191,21 +192,26 @@ pub(crate) unsafe fn exp_sum_avx2(xs: &mut [f32], top: f32) -> f32 {
     sum
 }
 
-/// [`exp_sum`], or with `FMA` (set only by callers compiled for and dispatched on AVX2 + FMA)
-/// [`exp_sum_avx2`].
+/// [`exp_sum`], or with `FMA` [`exp_sum_avx2`].
+///
+/// # Safety
+/// With `FMA`, the CPU has AVX2 and FMA (callers compiled for them and dispatched on them).
 #[inline(always)]
-pub(crate) fn exp_sum_on<const FMA: bool>(xs: &mut [f32], top: f32) -> f32 {
+pub(crate) unsafe fn exp_sum_on<const FMA: bool>(xs: &mut [f32], top: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: `FMA` is set only where the CPU has AVX2 and FMA.
-        return unsafe { exp_sum_avx2(xs, top) };
+        // SAFETY: the caller's promise.
+        return exp_sum_avx2(xs, top);
     }
     exp_sum(xs, top)
 }
 
-/// Softmax of one row, in place (`FMA`: see [`exp_sum_on`]).
+/// Softmax of one row, in place.
+///
+/// # Safety
+/// As [`exp_sum_on`].
 #[inline(always)]
-fn row<const FMA: bool>(xs: &mut [f32]) {
+unsafe fn row<const FMA: bool>(xs: &mut [f32]) {
     let mut max = row_max(xs, f32::NEG_INFINITY);
     if max == f32::NEG_INFINITY {
         // Every value -inf (a fully masked row): equal weights (tract's kernel gives NaN).
@@ -276,7 +282,7 @@ enum Piece {
 /// Computes `pieces` of a softmax over `len` values `inner` apart in `data`.
 ///
 /// # Safety
-/// The pieces lie within `data` and touch disjoint values.
+/// The pieces lie within `data` and touch disjoint values; with `FMA`, as [`exp_sum_on`].
 #[inline(always)]
 unsafe fn pieces_generic<const FMA: bool>(data: *mut f32, len: usize, inner: usize, pieces: &[Piece]) {
     for p in pieces {

@@ -485,16 +485,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                     grid_subset: c.queries.is_some(),
                     ..base.clone()
                 };
-                let PrecisionChoice { precision, reduce_range } = c.precision;
-                let opts = perceiver_edge_export::options_for_precision(&opts, precision);
-                let mut e = perceiver_edge_export::build(&ck, &opts)?;
-                let q = QuantOptions {
-                    precision,
-                    reduce_range,
-                    calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
-                    ..Default::default()
-                };
-                e.quantize(&q, &o.checkpoint, &mut |_, _| {})?;
+                let e = export_at((&ck, &o.checkpoint), &opts, c.precision, &o.calibrate)?;
                 let q = c.queries.map_or(String::new(), |k| format!("-q{k}"));
                 let path = dir.join(format!("k{}-b{}-{}{q}.onnx", c.latents, c.blocks, c.precision));
                 e.write(&path)?;
@@ -637,16 +628,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
                 let (path, fid) = match built.iter().find(|x| x.0 == c.precision) {
                     Some((_, p, f)) => (p.clone(), f.clone()),
                     None => {
-                        let PrecisionChoice { precision, reduce_range } = c.precision;
-                        let opts = perceiver_edge_export::options_for_precision(&base, precision);
-                        let mut e = perceiver_edge_export::build(&sck, &opts)?;
-                        let q = QuantOptions {
-                            precision,
-                            reduce_range,
-                            calibrate: (precision == Precision::Int8Static).then(|| o.calibrate.clone()),
-                            ..Default::default()
-                        };
-                        e.quantize(&q, &dest, &mut |_, _| {})?;
+                        let e = export_at((&sck, &dest), &base, c.precision, &o.calibrate)?;
                         let path = dir.join(format!("recovered-k{k}-b{b}-{}.onnx", c.precision));
                         e.write(&path)?;
                         let mut s = Session::load(&path)?;
@@ -853,6 +835,27 @@ pub struct LatentChoice {
     pub trained: usize,
     /// Calibration samples the choice was made on.
     pub samples: usize,
+}
+
+/// A candidate's graph: checkpoint `ck` (read from folder `dir`) exported with `opts` at `choice`
+/// (the precision's rewrite options, the build, then its quantisation pass; int8-static
+/// calibrated on `calibrate`).
+fn export_at(
+    (ck, dir): (&Checkpoint, &Path),
+    opts: &ExportOptions,
+    choice: PrecisionChoice,
+    calibrate: &Path,
+) -> Result<perceiver_edge_export::Exported> {
+    let PrecisionChoice { precision, reduce_range } = choice;
+    let mut e = perceiver_edge_export::build(ck, &perceiver_edge_export::options_for_precision(opts, precision))?;
+    let q = QuantOptions {
+        precision,
+        reduce_range,
+        calibrate: (precision == Precision::Int8Static).then(|| calibrate.to_path_buf()),
+        ..Default::default()
+    };
+    e.quantize(&q, dir, &mut |_, _| {})?;
+    Ok(e)
 }
 
 /// The `export` pipeline shared by the CLI and the Python package: precision-dependent rewrite
