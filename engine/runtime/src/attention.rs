@@ -492,9 +492,10 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, Attention, [OutletId; 3])> =
         model.nodes().iter().filter_map(|n| candidate(model, n)).collect();
+    let mut subs = crate::Substitutions::default();
     for (id, op, inputs) in &found {
         let name = format!("{}.attention", model.node(*id).name);
-        crate::substitute(model, OutletId::new(*id, 0), name, op.clone(), inputs)?;
+        subs.substitute(model, OutletId::new(*id, 0), name, op.clone(), inputs)?;
     }
     model.compact()?;
     Ok(found.len())
@@ -622,6 +623,52 @@ mod tests {
         // Scores computed keys x queries, the softmax down the columns (vision-perceiver-learned's
         // cross-attention).
         check("md,nd->nm", 0, "nm,ne->me", &[24, 8], &[CHUNK + 100, 8], &[CHUNK + 100, 5], (24, CHUNK + 100));
+    }
+
+    /// Three attentions in a row, each one's queries the output of the one before (keys and values
+    /// shared): all three fused (each reads the op that replaced the one before; the graph failed to
+    /// load before), against tract's unfused ops, at one and three threads.
+    #[test]
+    fn attentions_in_a_row() {
+        let (h, m, n, d) = (2usize, 12usize, 40usize, 8usize);
+        let mut model = TypedModel::default();
+        let mut x = model.add_source("q", f32::fact([h, m, d])).unwrap();
+        let k = model.add_source("k", f32::fact([h, n, d])).unwrap();
+        let v = model.add_source("v", f32::fact([h, n, d])).unwrap();
+        for i in 0..3 {
+            let e = |eq: &str| EinSum::new(eq.parse().unwrap(), f32::datum_type());
+            let s = model.wire_node(format!("scores{i}"), e("hmd,hnd->hmn"), &[x, k]).unwrap()[0];
+            let f = model.add_const(format!("factor{i}"), Tensor::from_shape(&[1, 1, 1], &[0.3f32]).unwrap()).unwrap();
+            let s = model.wire_node(format!("scaled{i}"), TypedBinOp(Box::new(Mul), None), &[s, f]).unwrap()[0];
+            let p = model.wire_node(format!("probs{i}"), Softmax::new(tvec![2], None, SoftmaxKind::Softmax), &[s]);
+            x = model.wire_node(format!("out{i}"), e("hmn,hne->hme"), &[p.unwrap()[0], v]).unwrap()[0];
+        }
+        model.select_output_outlets(&[x]).unwrap();
+        let inputs: Vec<Tensor> = [(m, 37), (n, 53), (n, 29)]
+            .iter()
+            .map(|&(rows, seed)| Tensor::from_shape(&[h, rows, d], &values(h * rows * d, seed)).unwrap())
+            .collect();
+        let run = |m: &TypedModel| {
+            let plan = m.clone().into_runnable().unwrap();
+            let out = plan.run(inputs.iter().map(|t| t.clone().into_tvalue()).collect()).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let plain = run(&model);
+        let mut fused = model.clone();
+        crate::gemm_matmul::rewrite(&mut fused).unwrap();
+        assert_eq!(rewrite(&mut fused).unwrap(), 3);
+        assert_eq!(fused.nodes().iter().filter(|n| n.op_is::<Attention>()).count(), 3);
+        let mut results = vec![run(&fused)];
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            results.push(multithread_tract_scope(Executor::multithread(3), || run(&fused)));
+        }
+        for got in results {
+            for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
+                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
+            }
+        }
     }
 
     #[test]

@@ -162,9 +162,10 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<DequantConst> {
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, DequantConst)> =
         model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
+    let mut subs = crate::Substitutions::default();
     for (id, op) in &found {
         let name = format!("{}.dequant", model.node(*id).name);
-        crate::substitute(model, OutletId::new(*id, 0), name, op.clone(), &[])?;
+        subs.substitute(model, OutletId::new(*id, 0), name, op.clone(), &[])?;
     }
     model.compact()?;
     Ok(found.len())

@@ -17,7 +17,7 @@
 use crate::gemm_matmul::GemmMatMul;
 use crate::int8_matmul::Int8MatMul;
 use crate::q4_matmul::GemmQ4;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use tract_linalg::element_wise::ElementWise;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -260,13 +260,11 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     }
     let steps = found.iter().map(|f| f.1.steps).sum();
     // A chain's input may be the end of a chain replaced before it (a residual).
-    let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
+    let mut subs = crate::Substitutions::default();
     for (id, Planned { op, extra, last, .. }) in found {
         let name = format!("{}{SUFFIX}", model.node(last).name);
-        let inputs: Vec<OutletId> =
-            model.node(id).inputs.iter().chain(&extra).map(|o| *replaced.get(o).unwrap_or(o)).collect();
-        crate::substitute(model, OutletId::new(last, 0), name.clone(), op, &inputs)?;
-        replaced.insert(OutletId::new(last, 0), OutletId::new(model.node_by_name(&name)?.id, 0));
+        let inputs: Vec<OutletId> = model.node(id).inputs.iter().chain(&extra).copied().collect();
+        subs.substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
     }
     model.compact()?;
     Ok(steps)

@@ -373,6 +373,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let Some(first) = found.first() else { break };
         let at = Arc::as_ptr(&first.2);
         let mut packed: Vec<(crate::gemm_matmul::Strides, usize, usize, Arc<Packed>)> = vec![];
+        let mut subs = crate::Substitutions::default();
         for (id, op, b) in found.iter().filter(|f| Arc::as_ptr(&f.2) == at) {
             let key = (op.b, op.k, op.n);
             let shared = match packed.iter().find(|p| (p.0, p.1, p.2) == key) {
@@ -392,7 +393,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 node.inputs.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, o)| *o).collect();
             let name = format!("{}.packed", node.name);
             let op = GemmMatMul { packed: Some(shared), ..op.clone() };
-            crate::substitute(model, OutletId::new(*id, 0), name, op, &inputs)?;
+            subs.substitute(model, OutletId::new(*id, 0), name, op, &inputs)?;
             count += 1;
         }
         drop(found);

@@ -529,6 +529,7 @@ fn scaled_by(model: &TypedModel, id: usize, shape: &[usize]) -> Option<(usize, f
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, GemmMatMul)> =
         model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
+    let mut subs = crate::Substitutions::default();
     for (id, op) in &found {
         let node = model.node(*id);
         let name = format!("{}.gemm", node.name);
@@ -539,7 +540,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             op.scale_bits = factor.to_bits();
             replaced = OutletId::new(mul, 0);
         }
-        crate::substitute(model, replaced, name, op, &inputs)?;
+        subs.substitute(model, replaced, name, op, &inputs)?;
     }
     model.compact()?;
     Ok(found.len())

@@ -857,6 +857,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let Some(first) = found.first() else { break };
         let at = Arc::as_ptr(&first.weight);
         let mut packed: Vec<((usize, usize), Arc<Packed>)> = vec![];
+        let mut subs = crate::Substitutions::default();
         for f in found.iter().filter(|f| Arc::as_ptr(&f.weight) == at) {
             if !packed.iter().any(|p| p.0 == f.axes) {
                 let w = f.weight.try_as_plain_ram()?.as_slice::<i8>()?;
@@ -869,7 +870,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             let packed = packed.iter().find(|p| p.0 == f.axes).map(|p| p.1.clone()).unwrap();
             let op = Int8MatMul { packed, m: f.m, k: f.k, n: f.n, shape: f.shape.clone(), epilogue: vec![] };
             let name = model.node(f.mul).name.clone();
-            crate::substitute(model, OutletId::new(f.mul, 0), format!("{name}.int8"), op, &f.inputs)?;
+            subs.substitute(model, OutletId::new(f.mul, 0), format!("{name}.int8"), op, &f.inputs)?;
             count += 1;
         }
         drop(found);

@@ -257,13 +257,14 @@ fn chain(model: &TypedModel, node: &TypedNode) -> Option<(OutletId, f32)> {
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, OutletId, f32)> =
         model.nodes().iter().filter_map(|n| chain(model, n).map(|(x, eps)| (n.id, x, eps))).collect();
+    let mut subs = crate::Substitutions::default();
     for &(id, x, eps) in &found {
         let (mut last, mut inputs) = (id, vec![x]);
         let scale = affine_step(model, &mut last, &mut inputs, true);
         let shift = affine_step(model, &mut last, &mut inputs, false);
         let name = format!("{}{SUFFIX}", model.node(id).name);
         let op = LayerNormRows { eps_bits: eps.to_bits(), scale, shift };
-        crate::substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
+        subs.substitute(model, OutletId::new(last, 0), name, op, &inputs)?;
     }
     model.compact()?;
     Ok(found.len())
@@ -354,15 +355,62 @@ mod tests {
     fn expansion(rows: usize, len: usize, mean_axis: usize) -> TypedModel {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([rows, len])).unwrap();
-        let s = model.wire_node("sum", Reduce::new(tvec![mean_axis], Reducer::Sum), &[x]).unwrap()[0];
-        let n = [rows, len][mean_axis] as f32;
-        let r = model.add_const("recip", Tensor::from_shape(&[1, 1], &[1.0 / n]).unwrap()).unwrap();
-        let m = model.wire_node("mean", TypedBinOp(Box::new(Mul), None), &[s, r]).unwrap()[0];
-        let d = model.wire_node("d", TypedBinOp(Box::new(Sub), None), &[x, m]).unwrap()[0];
-        let eps = tensor0(1e-5f32).into_arc_tensor();
-        let y = model.wire_node("rms", RmsNorm { axis: 1, eps }, &[d]).unwrap()[0];
+        let y = wire_expansion(&mut model, x, mean_axis, "");
         model.select_output_outlets(&[y]).unwrap();
         model
+    }
+
+    /// Wires that expansion over `x` (node names prefixed by `at`); returns its output.
+    fn wire_expansion(model: &mut TypedModel, x: OutletId, mean_axis: usize, at: &str) -> OutletId {
+        let shape = model.outlet_fact(x).unwrap().shape.as_concrete().unwrap().to_vec();
+        let s = model.wire_node(format!("{at}sum"), Reduce::new(tvec![mean_axis], Reducer::Sum), &[x]).unwrap()[0];
+        let n = shape[mean_axis] as f32;
+        let r = model.add_const(format!("{at}recip"), Tensor::from_shape(&[1, 1], &[1.0 / n]).unwrap()).unwrap();
+        let m = model.wire_node(format!("{at}mean"), TypedBinOp(Box::new(Mul), None), &[s, r]).unwrap()[0];
+        let d = model.wire_node(format!("{at}d"), TypedBinOp(Box::new(Sub), None), &[x, m]).unwrap()[0];
+        let eps = tensor0(1e-5f32).into_arc_tensor();
+        model.wire_node(format!("{at}rms"), RmsNorm { axis: 1, eps }, &[d]).unwrap()[0]
+    }
+
+    /// Three trained LayerNorms in a row, each reading the one before: all three rewritten (each
+    /// reads the op that replaced the one before; the graph failed to load before), against
+    /// tract's expansion, at one and three threads.
+    #[test]
+    fn layer_norms_in_a_row() {
+        let (rows_n, len) = (40usize, 96usize);
+        let mut model = TypedModel::default();
+        let mut y = model.add_source("x", f32::fact([rows_n, len])).unwrap();
+        for i in 0..3 {
+            y = wire_expansion(&mut model, y, 1, &format!("ln{i}."));
+            let gamma: Vec<f32> = (0..len).map(|j| 1.0 + ((j * 13 + i) % 17) as f32 / 40.0).collect();
+            let beta: Vec<f32> = (0..len).map(|j| ((j * 7 + i) % 11) as f32 / 30.0 - 0.2).collect();
+            let g = model.add_const(format!("g{i}"), Tensor::from_shape(&[1, len], &gamma).unwrap()).unwrap();
+            let b = model.add_const(format!("b{i}"), Tensor::from_shape(&[1, len], &beta).unwrap()).unwrap();
+            y = model.wire_node(format!("scale{i}"), TypedBinOp(Box::new(Mul), None), &[y, g]).unwrap()[0];
+            y = model.wire_node(format!("shift{i}"), TypedBinOp(Box::new(Add), None), &[y, b]).unwrap()[0];
+        }
+        model.select_output_outlets(&[y]).unwrap();
+        let data: Vec<f32> = (0..rows_n * len).map(|i| ((i * 37) % 101) as f32 / 10.0 - 4.0).collect();
+        let input = Tensor::from_shape(&[rows_n, len], &data).unwrap();
+        let run = |m: &TypedModel| -> Vec<f32> {
+            let out = m.clone().into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let plain = run(&model);
+        let mut fused = model.clone();
+        assert_eq!(rewrite(&mut fused).unwrap(), 3);
+        assert_eq!(fused.nodes().iter().filter(|n| n.op_is::<LayerNormRows>()).count(), 3);
+        let mut results = vec![run(&fused)];
+        #[cfg(feature = "threads")]
+        {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            results.push(multithread_tract_scope(Executor::multithread(3), || run(&fused)));
+        }
+        for got in results {
+            for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
+                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
+            }
+        }
     }
 
     /// tract's own expansion of `LayerNormalization` (as tract-onnx wires it, decluttered),

@@ -142,20 +142,41 @@ pub(crate) fn thread_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
     }
 }
 
-/// Points every reader of outlet `replaced` of `model` at a new node `name` computing `op` on
-/// `inputs` (outlets of `model`): how the runtime's passes put their ops in tract's place.
-pub(crate) fn substitute(
-    model: &mut TypedModel,
-    replaced: OutletId,
-    name: String,
-    op: impl Into<Box<dyn tract_onnx::tract_core::ops::TypedOp>>,
-    inputs: &[OutletId],
-) -> TractResult<()> {
-    let mut patch = tract_onnx::tract_core::model::TypedModelPatch::default();
-    let taps = inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<TVec<_>>>()?;
-    let out = patch.wire_node(name, op, &taps)?;
-    patch.shunt_outside(model, replaced, out[0])?;
-    patch.apply(model)
+/// How the runtime's passes put their ops in tract's place: fusions found in one scan of a model,
+/// then made one after another. An input found as the output an earlier fusion replaced (a second
+/// attention or LayerNorm right after the first) is read from that fusion's op.
+#[derive(Default)]
+pub(crate) struct Substitutions(std::collections::HashMap<OutletId, OutletId>);
+
+impl Substitutions {
+    /// Points every reader of outlet `replaced` of `model` at a new node `name` computing `op` on
+    /// `inputs` (outlets of `model` as found).
+    pub(crate) fn substitute(
+        &mut self,
+        model: &mut TypedModel,
+        replaced: OutletId,
+        name: String,
+        op: impl Into<Box<dyn tract_onnx::tract_core::ops::TypedOp>>,
+        inputs: &[OutletId],
+    ) -> TractResult<()> {
+        let mut patch = tract_onnx::tract_core::model::TypedModelPatch::default();
+        let taps = inputs
+            .iter()
+            .map(|i| patch.tap_model(model, *self.0.get(i).unwrap_or(i)))
+            .collect::<TractResult<TVec<_>>>()?;
+        let out = patch.wire_node(name, op, &taps)?;
+        patch.shunt_outside(model, replaced, out[0])?;
+        // The patch adds one node, at the end of the model.
+        let id = model.nodes().len();
+        patch.apply(model)?;
+        tract_onnx::tract_core::internal::ensure!(
+            model.nodes().len() == id + 1,
+            "a substitution added {} nodes",
+            model.nodes().len() - id
+        );
+        self.0.insert(replaced, OutletId::new(id, 0));
+        Ok(())
+    }
 }
 
 /// The only reader of node `id`'s output in `model`, if it has exactly one and the output is not

@@ -515,6 +515,7 @@ fn unpadded(model: &TypedModel, o: OutletId) -> Option<(OutletId, usize)> {
 /// Replaces every product of `model` by a Q4_0 weight that [`GemmQ4`] computes; returns how many.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let found: Vec<(usize, GemmQ4)> = model.nodes().iter().filter_map(|n| Some((n.id, candidate(model, n)?))).collect();
+    let mut subs = crate::Substitutions::default();
     for (id, op) in &found {
         let node = model.node(*id);
         let (name, mut input) = (node.name.clone(), node.inputs[0]);
@@ -526,7 +527,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 (input, op.ka) = (unpadded, ka);
             }
         }
-        crate::substitute(model, OutletId::new(*id, 0), format!("{name}.q4"), op, &[input])?;
+        subs.substitute(model, OutletId::new(*id, 0), format!("{name}.q4"), op, &[input])?;
     }
     model.compact()?;
     Ok(found.len())
