@@ -478,7 +478,9 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
     let pv_at = crate::only_reader(model, node.id)?;
     (crate::only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
     let pv_node = model.node(pv_at.node);
-    let pv = pv_node.op_as::<GemmMatMul>().filter(|g| g.epilogue.is_empty())?;
+    // A factor `P V` took in (a constant multiplying the attention's output) is not the op's.
+    // A factor `P V` took in (a constant multiplying the attention's output) is not the op's.
+    let pv = pv_node.op_as::<GemmMatMul>().filter(|g| g.epilogue.is_empty() && g.scale_bits == 1f32.to_bits())?;
     let (q, k) = (scores.inputs[0], scores.inputs[1]);
     // Scores computed keys x queries (the softmax down the columns) are read as their transpose.
     match Attention::plan(qk, axis, pv) {
@@ -668,6 +670,38 @@ mod tests {
             for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
                 assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
             }
+        }
+    }
+
+    /// A constant multiplying the attention's output, which the `P V` product takes in: the
+    /// attention is left unfused, and the output keeps the factor (it was dropped before).
+    #[test]
+    fn keeps_a_factor_on_the_output() {
+        let mut model = TypedModel::default();
+        let q = model.add_source("q", f32::fact([6, 8])).unwrap();
+        let k = model.add_source("k", f32::fact([9, 8])).unwrap();
+        let v = model.add_source("v", f32::fact([9, 5])).unwrap();
+        let e = |eq: &str| EinSum::new(eq.parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", e("md,nd->mn"), &[q, k]).unwrap()[0];
+        let p = model.wire_node("probs", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
+        let o = model.wire_node("out", e("mn,ne->me"), &[p, v]).unwrap()[0];
+        let f = model.add_const("factor", Tensor::from_shape(&[1, 1], &[1.7f32]).unwrap()).unwrap();
+        let o = model.wire_node("scaled", TypedBinOp(Box::new(Mul), None), &[o, f]).unwrap()[0];
+        model.select_output_outlets(&[o]).unwrap();
+        let inputs: Vec<Tensor> = [([6, 8], 37), ([9, 8], 53), ([9, 5], 29)]
+            .iter()
+            .map(|(shape, seed)| Tensor::from_shape(shape, &values(shape[0] * shape[1], *seed)).unwrap())
+            .collect();
+        let run = |m: &TypedModel| {
+            let out = m.clone().into_runnable().unwrap().run(inputs.iter().map(|t| t.clone().into_tvalue()).collect());
+            out.unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let plain = run(&model);
+        let mut rewritten = model.clone();
+        crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
+        assert_eq!(rewrite(&mut rewritten).unwrap(), 0);
+        for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
         }
     }
 
