@@ -492,8 +492,18 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
 /// Replaces every attention chain of the decluttered `model` (after [`crate::gemm_matmul`]'s
 /// rewrite) with [`Attention`]; returns how many.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    let found: Vec<(usize, Attention, [OutletId; 3])> =
-        model.nodes().iter().filter_map(|n| candidate(model, n)).collect();
+    // A product can end one attention and hold the scores of the next (a softmax of an
+    // attention's output, then a product): each node goes to the first attention that takes it.
+    let mut taken = std::collections::HashSet::new();
+    let found: Vec<(usize, Attention, [OutletId; 3])> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let found = candidate(model, n)?;
+            let nodes = [model.node(n.inputs[0].node).id, n.id, found.0];
+            nodes.iter().all(|id| !taken.contains(id)).then(|| taken.extend(nodes)).map(|_| found)
+        })
+        .collect();
     let mut subs = crate::Substitutions::default();
     for (id, op, inputs) in &found {
         let name = format!("{}.attention", model.node(*id).name);
@@ -700,6 +710,40 @@ mod tests {
         let mut rewritten = model.clone();
         crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
         assert_eq!(rewrite(&mut rewritten).unwrap(), 0);
+        for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
+        }
+    }
+
+    /// An attention's output, a softmax of it, then a product: the second chain looks like an
+    /// attention whose scores are the first's output. The first is fused, the second left to
+    /// tract (each node goes to one op; the graph failed to load before), against tract.
+    #[test]
+    fn an_output_is_not_also_the_next_scores() {
+        let mut model = TypedModel::default();
+        let q = model.add_source("q", f32::fact([6, 8])).unwrap();
+        let k = model.add_source("k", f32::fact([9, 8])).unwrap();
+        let v = model.add_source("v", f32::fact([9, 5])).unwrap();
+        let e = |eq: &str| EinSum::new(eq.parse().unwrap(), f32::datum_type());
+        let s = model.wire_node("scores", e("md,nd->mn"), &[q, k]).unwrap()[0];
+        let p = model.wire_node("probs", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
+        let o = model.wire_node("out", e("mn,ne->me"), &[p, v]).unwrap()[0];
+        let p = model.wire_node("probs2", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[o]).unwrap()[0];
+        let w = model.add_const("w", Tensor::from_shape(&[5, 3], &values(15, 41)).unwrap()).unwrap();
+        let o = model.wire_node("out2", e("mn,ne->me"), &[p, w]).unwrap()[0];
+        model.select_output_outlets(&[o]).unwrap();
+        let inputs: Vec<Tensor> = [([6, 8], 37), ([9, 8], 53), ([9, 5], 29)]
+            .iter()
+            .map(|(shape, seed)| Tensor::from_shape(shape, &values(shape[0] * shape[1], *seed)).unwrap())
+            .collect();
+        let run = |m: &TypedModel| {
+            let out = m.clone().into_runnable().unwrap().run(inputs.iter().map(|t| t.clone().into_tvalue()).collect());
+            out.unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let plain = run(&model);
+        let mut rewritten = model.clone();
+        crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
+        assert_eq!(rewrite(&mut rewritten).unwrap(), 1);
         for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
             assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
         }
