@@ -1,0 +1,37 @@
+//! The runtime's rewrites on random graphs of the blocks an export holds, chained in ways the
+//! exported architectures never chain them (an attention reading an attention, LayerNorms in a
+//! row, a fused value that is also an output), run by the binary and by onnxruntime
+//! (`models/reference/graph_fuzz.py`): every output must agree. Seeded, so a failure names a graph
+//! that always fails; `python models/reference/graph_fuzz.py --graphs 5000` runs more by hand.
+
+use std::process::Command;
+
+mod common;
+use common::*;
+
+#[test]
+fn random_graphs_match_onnxruntime() {
+    let Some(py) = python() else {
+        eprintln!(
+            "graph fuzz skipped: set PERCEIVER_EDGE_PYTHON to a python with onnx + onnxruntime (scripts/test.sh does)"
+        );
+        return;
+    };
+    if std::env::var("PERCEIVER_EDGE_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+        eprintln!("graph fuzz skipped under a test runner: onnxruntime runs on the host");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(py)
+        .arg(root().join("models/reference/graph_fuzz.py"))
+        .arg("--bin")
+        .arg(env!("CARGO_BIN_EXE_perceiver-edge"))
+        .arg("--work")
+        .arg(tmp.path())
+        .args(["--graphs", "400"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("400 passed, 0 failed"), "random graphs differ from onnxruntime");
+}
