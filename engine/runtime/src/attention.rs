@@ -683,10 +683,9 @@ mod tests {
         }
     }
 
-    /// A constant multiplying the attention's output, which the `P V` product takes in: the
-    /// attention is left unfused, and the output keeps the factor (it was dropped before).
-    #[test]
-    fn keeps_a_factor_on_the_output() {
+    /// An attention of `[6, 8]` queries over 9 keys with values of 5, then `after` wired on its
+    /// output; rewritten, it must fuse `fused` attentions and give tract's outputs.
+    fn check_after(after: impl Fn(&mut TypedModel, OutletId) -> OutletId, fused: usize) {
         let mut model = TypedModel::default();
         let q = model.add_source("q", f32::fact([6, 8])).unwrap();
         let k = model.add_source("k", f32::fact([9, 8])).unwrap();
@@ -695,8 +694,7 @@ mod tests {
         let s = model.wire_node("scores", e("md,nd->mn"), &[q, k]).unwrap()[0];
         let p = model.wire_node("probs", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
         let o = model.wire_node("out", e("mn,ne->me"), &[p, v]).unwrap()[0];
-        let f = model.add_const("factor", Tensor::from_shape(&[1, 1], &[1.7f32]).unwrap()).unwrap();
-        let o = model.wire_node("scaled", TypedBinOp(Box::new(Mul), None), &[o, f]).unwrap()[0];
+        let o = after(&mut model, o);
         model.select_output_outlets(&[o]).unwrap();
         let inputs: Vec<Tensor> = [([6, 8], 37), ([9, 8], 53), ([9, 5], 29)]
             .iter()
@@ -709,10 +707,23 @@ mod tests {
         let plain = run(&model);
         let mut rewritten = model.clone();
         crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
-        assert_eq!(rewrite(&mut rewritten).unwrap(), 0);
+        assert_eq!(rewrite(&mut rewritten).unwrap(), fused);
         for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
             assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
         }
+    }
+
+    /// A constant multiplying the attention's output, which the `P V` product takes in: the
+    /// attention is left unfused, and the output keeps the factor (it was dropped before).
+    #[test]
+    fn keeps_a_factor_on_the_output() {
+        check_after(
+            |model, o| {
+                let f = model.add_const("factor", Tensor::from_shape(&[1, 1], &[1.7f32]).unwrap()).unwrap();
+                model.wire_node("scaled", TypedBinOp(Box::new(Mul), None), &[o, f]).unwrap()[0]
+            },
+            0,
+        );
     }
 
     /// An attention's output, a softmax of it, then a product: the second chain looks like an
@@ -720,33 +731,15 @@ mod tests {
     /// tract (each node goes to one op; the graph failed to load before), against tract.
     #[test]
     fn an_output_is_not_also_the_next_scores() {
-        let mut model = TypedModel::default();
-        let q = model.add_source("q", f32::fact([6, 8])).unwrap();
-        let k = model.add_source("k", f32::fact([9, 8])).unwrap();
-        let v = model.add_source("v", f32::fact([9, 5])).unwrap();
-        let e = |eq: &str| EinSum::new(eq.parse().unwrap(), f32::datum_type());
-        let s = model.wire_node("scores", e("md,nd->mn"), &[q, k]).unwrap()[0];
-        let p = model.wire_node("probs", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[s]).unwrap()[0];
-        let o = model.wire_node("out", e("mn,ne->me"), &[p, v]).unwrap()[0];
-        let p = model.wire_node("probs2", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[o]).unwrap()[0];
-        let w = model.add_const("w", Tensor::from_shape(&[5, 3], &values(15, 41)).unwrap()).unwrap();
-        let o = model.wire_node("out2", e("mn,ne->me"), &[p, w]).unwrap()[0];
-        model.select_output_outlets(&[o]).unwrap();
-        let inputs: Vec<Tensor> = [([6, 8], 37), ([9, 8], 53), ([9, 5], 29)]
-            .iter()
-            .map(|(shape, seed)| Tensor::from_shape(shape, &values(shape[0] * shape[1], *seed)).unwrap())
-            .collect();
-        let run = |m: &TypedModel| {
-            let out = m.clone().into_runnable().unwrap().run(inputs.iter().map(|t| t.clone().into_tvalue()).collect());
-            out.unwrap()[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
-        };
-        let plain = run(&model);
-        let mut rewritten = model.clone();
-        crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
-        assert_eq!(rewrite(&mut rewritten).unwrap(), 1);
-        for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
-            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
-        }
+        check_after(
+            |model, o| {
+                let p = model.wire_node("probs2", Softmax::new(tvec![1], None, SoftmaxKind::Softmax), &[o]).unwrap()[0];
+                let w = model.add_const("w", Tensor::from_shape(&[5, 3], &values(15, 41)).unwrap()).unwrap();
+                let e = EinSum::new("mn,ne->me".parse().unwrap(), f32::datum_type());
+                model.wire_node("out2", e, &[p, w]).unwrap()[0]
+            },
+            1,
+        );
     }
 
     #[test]
