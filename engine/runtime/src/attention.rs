@@ -670,17 +670,7 @@ mod tests {
         crate::gemm_matmul::rewrite(&mut fused).unwrap();
         assert_eq!(rewrite(&mut fused).unwrap(), 3);
         assert_eq!(fused.nodes().iter().filter(|n| n.op_is::<Attention>()).count(), 3);
-        let mut results = vec![run(&fused)];
-        #[cfg(feature = "threads")]
-        {
-            use tract_linalg::multithread::{multithread_tract_scope, Executor};
-            results.push(multithread_tract_scope(Executor::multithread(3), || run(&fused)));
-        }
-        for got in results {
-            for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
-                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
-            }
-        }
+        crate::assert_like_tract(&plain, || run(&fused));
     }
 
     /// An attention of `[6, 8]` queries over 9 keys with values of 5, then `after` wired on its
@@ -708,9 +698,7 @@ mod tests {
         let mut rewritten = model.clone();
         crate::gemm_matmul::rewrite(&mut rewritten).unwrap();
         assert_eq!(rewrite(&mut rewritten).unwrap(), fused);
-        for (i, (a, b)) in plain.iter().zip(&run(&rewritten)).enumerate() {
-            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
-        }
+        crate::assert_like_tract(&plain, || run(&rewritten));
     }
 
     /// A constant multiplying the attention's output, which the `P V` product takes in: the

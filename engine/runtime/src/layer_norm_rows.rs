@@ -400,17 +400,7 @@ mod tests {
         let mut fused = model.clone();
         assert_eq!(rewrite(&mut fused).unwrap(), 3);
         assert_eq!(fused.nodes().iter().filter(|n| n.op_is::<LayerNormRows>()).count(), 3);
-        let mut results = vec![run(&fused)];
-        #[cfg(feature = "threads")]
-        {
-            use tract_linalg::multithread::{multithread_tract_scope, Executor};
-            results.push(multithread_tract_scope(Executor::multithread(3), || run(&fused)));
-        }
-        for got in results {
-            for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
-                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
-            }
-        }
+        crate::assert_like_tract(&plain, || run(&fused));
     }
 
     /// tract's own expansion of `LayerNormalization` (as tract-onnx wires it, decluttered),

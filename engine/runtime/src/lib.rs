@@ -179,6 +179,24 @@ impl Substitutions {
     }
 }
 
+/// Test helper: `run` (a rewritten model's outputs) at one thread and, with threads, at three,
+/// each within `1e-5 (1 + |x|)` of `plain` (tract's outputs without the rewrite).
+#[cfg(test)]
+pub(crate) fn assert_like_tract(plain: &[f32], run: impl Fn() -> Vec<f32>) {
+    let mut results = vec![run()];
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        results.push(multithread_tract_scope(Executor::multithread(3), &run));
+    }
+    for got in results {
+        assert_eq!(got.len(), plain.len());
+        for (i, (a, b)) in plain.iter().zip(&got).enumerate() {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "[{i}]: {b} vs tract {a}");
+        }
+    }
+}
+
 /// The only reader of node `id`'s output in `model`, if it has exactly one and the output is not
 /// one of the model's (a rewrite may then fuse the two nodes).
 pub(crate) fn only_reader(model: &TypedModel, id: usize) -> Option<InletId> {
