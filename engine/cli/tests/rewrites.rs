@@ -488,7 +488,7 @@ fn int8_matmul_matches_tracts_bit_for_bit_on_every_fixture() {
 /// one and two threads: the same arithmetic in the same order, so the outputs' bits are identical.
 /// The f32 product takes them in every case (each fixture's Linears have biases), the 4-bit one
 /// (`GemmQ4`) in at least half the runs (as often as `GemmQ4` itself runs), the int8 one
-/// (`Int8MatMul`) wherever it runs (CPUs with AMX-INT8, or AVX2 without VNNI).
+/// (`Int8MatMul`) wherever it runs (CPUs with AMX-INT8, AVX-512 VNNI, or AVX2 without VNNI).
 #[test]
 fn epilogues_are_bit_identical_on_every_fixture() {
     let _switches = switches();

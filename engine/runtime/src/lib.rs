@@ -281,8 +281,9 @@ pub fn f32_packed_kernel() -> bool {
     f32_packed::available()
 }
 
-/// The runtime's int8 product kernel for the CPU running this process (`"AMX"` tiles, `"AVX2"`
-/// without VNNI), or `None` where int8 products stay with tract's kernels.
+/// The runtime's int8 product kernel for the CPU running this process (`"AMX"` tiles,
+/// `"AVX-512 VNNI"`, `"AVX2"` without VNNI), or `None` where int8 products stay with tract's
+/// kernels.
 pub fn int8_matmul_kernel() -> Option<&'static str> {
     int8_matmul::kernel().map(|k| k.name())
 }
