@@ -9,7 +9,9 @@
 //!   within the board's budget (judged on the board prediction when the board is not this
 //!   machine's architecture, on the measurement otherwise);
 //! * the **chosen** one is the fastest fitting candidate whose top-1 agreement with the full model
-//!   is at least `min_agreement`; if none is that faithful, the most faithful fitting one. It
+//!   is at least `min_agreement`, where candidates within [`SPEED_TIE`] of the fastest count as
+//!   equally fast and the most faithful of them wins (a budget that costs fidelity must pay in
+//!   speed); if none is that faithful, the most faithful fitting one. It
 //!   decodes the largest query count on the axis (every output by default): fewer positions
 //!   answer a smaller question, so those candidates are measured and reported, and chosen from
 //!   only when the user asks for that count (`--queries K`).
@@ -238,24 +240,39 @@ impl Measured {
     }
 }
 
+/// Latencies within this share of the fastest faithful candidate's count as equally fast in
+/// [`choose`], so that the more faithful wins: a budget that loses fidelity must be faster by more
+/// than a measurement's spread. (On AVX-512 VNNI, int8 with 7-bit weights runs as fast as with
+/// 8-bit ones, 468 against 495 ms on language-perceiver, at twice the error; on AVX2 without VNNI
+/// it is 10-16 % faster and still chosen.)
+pub const SPEED_TIE: f64 = 0.05;
+
 /// Picks, among the candidates that decode the largest query count on the axis, the fastest
-/// fitting one with top-1 agreement >= `min_agreement` (latency as judged: `lat[i]`), else the
-/// most faithful fitting one (then the fastest); `None` if none fits.
+/// fitting one with top-1 agreement >= `min_agreement` (latency as judged: `lat[i]`; those
+/// within [`SPEED_TIE`] of the fastest are equally fast and the most faithful of them wins), else
+/// the most faithful fitting one (then the fastest); `None` if none fits.
 pub fn choose(cands: &[Measured], lat: &[f64], min_agreement: f64) -> Option<usize> {
     let needed = needed_queries(cands);
     let fitting: Vec<usize> =
         (0..cands.len()).filter(|&i| cands[i].fits && cands[i].candidate.queries == needed).collect();
     let key = |i: usize| (lat[i], cands[i].candidate.threads, i);
-    let faithful = fitting.iter().copied().filter(|&i| cands[i].effective().top1_agreement >= min_agreement);
-    faithful.min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")).or_else(|| {
-        fitting.iter().copied().max_by(|&a, &b| {
-            let (fa, fb) = (cands[a].effective(), cands[b].effective());
-            fa.top1_agreement
-                .total_cmp(&fb.top1_agreement)
-                .then(fa.mean_cosine.total_cmp(&fb.mean_cosine))
-                .then(key(b).partial_cmp(&key(a)).expect("finite"))
-        })
-    })
+    // The more faithful (top-1 agreement, then mean cosine), then the faster.
+    let most_faithful = |a: &usize, b: &usize| {
+        let (fa, fb) = (cands[*a].effective(), cands[*b].effective());
+        fa.top1_agreement
+            .total_cmp(&fb.top1_agreement)
+            .then(fa.mean_cosine.total_cmp(&fb.mean_cosine))
+            .then(key(*b).partial_cmp(&key(*a)).expect("finite"))
+    };
+    let faithful: Vec<usize> =
+        fitting.iter().copied().filter(|&i| cands[i].effective().top1_agreement >= min_agreement).collect();
+    match faithful.iter().copied().min_by(|&a, &b| key(a).partial_cmp(&key(b)).expect("finite")) {
+        Some(fastest) => {
+            let bound = lat[fastest] * (1.0 + SPEED_TIE);
+            faithful.into_iter().filter(|&i| lat[i] <= bound).max_by(most_faithful)
+        }
+        None => fitting.into_iter().max_by(most_faithful),
+    }
 }
 
 /// The query count the chosen candidate must decode: every output when that is on the axis,
@@ -1009,6 +1026,17 @@ mod tests {
         // Latency tie: fewer threads.
         let c3 = [m(4, 2, 1.0, true), m(4, 1, 1.0, true)];
         assert_eq!(choose(&c3, &[1.0, 1.0], 0.9), Some(1));
+        // Within SPEED_TIE of the fastest: the more faithful (as 7-bit int8 weights against 8-bit
+        // ones where both run equally fast); the faster only when it pays by more.
+        let c5 = [m(4, 1, 0.995, true), m(4, 1, 1.0, true)];
+        assert_eq!(choose(&c5, &[1.0, 1.04], 0.99), Some(1));
+        assert_eq!(choose(&c5, &[1.0, 1.06], 0.99), Some(0));
+        // Equal agreement: the higher mean cosine, then the faster.
+        let (mut a, mut b) = (m(4, 2, 1.0, true), m(4, 1, 1.0, true));
+        (a.fidelity.mean_cosine, b.fidelity.mean_cosine) = (0.999, 0.998);
+        assert_eq!(choose(&[a.clone(), b.clone()], &[1.02, 1.0], 0.99), Some(0));
+        b.fidelity.mean_cosine = 0.999;
+        assert_eq!(choose(&[a, b], &[1.02, 1.0], 0.99), Some(1));
         // A candidate decoding fewer positions is not chosen while every output is on the axis.
         let mut sub = m(4, 1, 1.0, true);
         sub.candidate.queries = Some(64);
