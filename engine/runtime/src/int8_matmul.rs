@@ -621,27 +621,15 @@ impl Int8MatMul {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2Narrow => {
+            Kernel::Avx2Narrow | Kernel::Vnni => {
                 // The bytes read in place (or from the zero-padded copy to whole fours of `k`).
                 let kq = self.k.div_ceil(4);
+                let block_sums = if kernel == Kernel::Vnni { block_vnni } else { block_narrow };
                 for block in blocks.clone() {
                     let rows = BLOCK.min(self.m - block * BLOCK);
                     let a = a.add(block * BLOCK * bufs.lda);
                     for pair in pairs.clone() {
-                        block_narrow(a, bufs.lda, rows, weight(pair), kq, &mut sums);
-                        write(&sums, block, pair);
-                    }
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => {
-                // As the 7-bit kernel: the bytes read in place (or from the padded copy).
-                let kq = self.k.div_ceil(4);
-                for block in blocks.clone() {
-                    let rows = BLOCK.min(self.m - block * BLOCK);
-                    let a = a.add(block * BLOCK * bufs.lda);
-                    for pair in pairs.clone() {
-                        block_vnni(a, bufs.lda, rows, weight(pair), kq, &mut sums);
+                        block_sums(a, bufs.lda, rows, weight(pair), kq, &mut sums);
                         write(&sums, block, pair);
                     }
                 }
