@@ -479,7 +479,6 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<(usize, Attention, 
     (crate::only_reader(model, scores.id)?.node == node.id && pv_at.slot == 0).then_some(())?;
     let pv_node = model.node(pv_at.node);
     // A factor `P V` took in (a constant multiplying the attention's output) is not the op's.
-    // A factor `P V` took in (a constant multiplying the attention's output) is not the op's.
     let pv = pv_node.op_as::<GemmMatMul>().filter(|g| g.epilogue.is_empty() && g.scale_bits == 1f32.to_bits())?;
     let (q, k) = (scores.inputs[0], scores.inputs[1]);
     // Scores computed keys x queries (the softmax down the columns) are read as their transpose.
@@ -500,7 +499,8 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         .iter()
         .filter_map(|n| {
             let found = candidate(model, n)?;
-            let nodes = [model.node(n.inputs[0].node).id, n.id, found.0];
+            // The scores, the softmax, the product with the values.
+            let nodes = [n.inputs[0].node, n.id, found.0];
             nodes.iter().all(|id| !taken.contains(id)).then(|| taken.extend(nodes)).map(|_| found)
         })
         .collect();

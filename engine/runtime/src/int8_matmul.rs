@@ -35,7 +35,8 @@
 //!   8-row by 32-column tiles of `vpdpbusd` (four u8 x i8 products added into each i32 lane, never
 //!   saturating: exact) over the activations read in place. tract 0.23.9 runs these products by
 //!   copying the activations to signed bytes and packing them at every run (language-perceiver
-//!   int8 on a 2-core AMD Zen 4: 1.39x onnxruntime's time on the same file before this kernel).
+//!   int8 on a 2-core AMD Zen 4: 1.23-1.39x onnxruntime's time on the same file before this
+//!   kernel, 0.82x after; `docs/performance.md`).
 //!
 //! The zero point comes out as `zero point x column sum`, then each sum is converted to f32 and
 //! multiplied by its column's factor: the same integers and the same single f32 rounding as
