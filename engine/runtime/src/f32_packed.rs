@@ -1,26 +1,31 @@
-//! f32 products by a constant weight on CPUs with AVX2 and FMA but no AVX-512: the weight packed
-//! once at load, products on a micro-kernel of this module's. A rewrite of the decluttered graph,
-//! after [`crate::gemm_matmul`].
+//! f32 products by a constant weight on x86 with AVX2 and FMA or AVX-512: the weight packed once
+//! at load, products on micro-kernels of this module's. A rewrite of the decluttered graph, after
+//! [`crate::gemm_matmul`].
 //!
-//! On AVX2 the `gemm` crate's kernels ran the published architectures' Linears 1.44x slower than
-//! onnxruntime's MLAS (vision-perceiver-fourier, a 2-core AMD EPYC, session 19): the crate packs
-//! both operands on every call and blocks for a generic product. MLAS packs a constant weight
-//! once, into panels of 16 columns by 256 values of `k`, and runs 6 x 16 tiles of FMA over the
-//! activations read in place. This module does the same: [`Packed`] holds the weight as, per
-//! block of [`KC`] rows, panels of 16 columns (zero-padded); [`Packed::product`] walks blocks of
-//! [`MC`] activation rows, then `k` blocks, then [`NC`] columns, and runs each 6 x 16 tile as 12
-//! accumulators over the block's `k` (two panel loads and six broadcasts per `k`, the panel
-//! prefetched ahead), adding each `k` block's sums to the output. On the same host, a lone
-//! `[516, 1024] x [1024, 1024]` ran at 0.80-0.85x the crate's time in interleaved rounds, about
-//! onnxruntime's rate (a scratch program; figures in `docs/performance.md`).
+//! The `gemm` crate packs both operands on every call. On AVX2 its kernels ran the published
+//! architectures' Linears 1.44x slower than onnxruntime's MLAS (vision-perceiver-fourier, a 2-core
+//! AMD EPYC, session 19); on AVX-512 (Zen 4, session 27) they ran language-perceiver's
+//! `[256, 1280] x [1280, 1280]` products at 1.10-1.12x MLAS's time, the per-call packing of a 6.5
+//! MB weight being a tenth of a product with only 256 rows. MLAS packs a constant weight once,
+//! into panels of 16 columns by 256 values of `k`, and runs tiles of FMA over the activations read
+//! in place. This module does the same: [`Packed`] holds the weight as, per block of [`KC`] rows,
+//! panels of 16 columns (zero-padded); [`Packed::product`] walks blocks of [`MC`] activation rows,
+//! then `k` blocks, then [`NC`] columns, and runs a tile per panel, or pair of panels: on AVX2
+//! ([`Kernel::Avx2`]) 6 x 16 tiles, 12 accumulators over the block's `k` (two panel loads and six
+//! broadcasts per `k`); on AVX-512 ([`Kernel::Avx512`]) 12 x 32 tiles over two panels, 24
+//! accumulators (MLAS's AVX-512 tile), the panels prefetched ahead; each `k` block's sums are
+//! added to the output. Activation rows a multiple of 2 KiB apart (`[512, 1024]` latents) are
+//! read from a copy with a stride that spreads them over L1's sets. On the hosts measured, lone
+//! products ran at about onnxruntime's rate: AVX2 `[516, 1024] x [1024, 1024]` at 0.80-0.85x the
+//! crate's time; AVX-512 `[256, 1280] x [1280, 1280]` at 0.88-0.93x the crate's time and
+//! `[512, 1024] x [1024, 1024]` at the crate's (figures in `docs/performance.md`).
 //!
 //! [`rewrite`] gives each [`GemmMatMul`] whose second operand is a constant (rows of activations
 //! read in place, a row-major output) a packed copy of it and drops the constant from its inputs;
 //! a weight read by several products (a weight-shared latent block) is packed once, and the graph
-//! is compacted after each so its plain copy is gone before the next is packed. On AVX-512 the
-//! crate's kernels are faster than MLAS and stay. Results differ from the crate's by the order of
-//! the sums only; the tests compare each with a product computed in f64, and the fixtures with the
-//! crate's and with transformers.
+//! is compacted after each so its plain copy is gone before the next is packed. Results differ
+//! from the crate's by the order of the sums only; the tests compare each kernel with a product
+//! computed in f64, and the fixtures with the crate's and with transformers.
 
 use crate::gemm_matmul::GemmMatMul;
 use std::sync::Arc;
@@ -29,9 +34,12 @@ use tract_onnx::prelude::*;
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
-/// Rows of a tile.
+/// Rows of a tile ([`Kernel::Avx2`]).
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 6;
+/// Rows of a tile ([`Kernel::Avx512`]: 24 accumulators of the 32 registers).
+#[cfg(target_arch = "x86_64")]
+const MR_512: usize = 12;
 /// Columns of a tile and of a panel.
 const NR: usize = 16;
 /// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
@@ -43,29 +51,52 @@ const NC: usize = 128;
 #[cfg(target_arch = "x86_64")]
 const MC: usize = 384;
 
-/// Whether this CPU runs the kernel and the `gemm` crate's is not the faster (AVX-512).
-pub(crate) fn available() -> bool {
+/// The tiles that run the products.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kernel {
+    /// 6 x 16 tiles of 256-bit FMA, one panel at a time (AVX2 and FMA).
+    Avx2,
+    /// Up to 12 x 32 tiles of 512-bit FMA, two panels at a time (AVX-512F).
+    Avx512,
+}
+
+/// The kernel this CPU runs, the widest it has.
+pub(crate) fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && !is_x86_feature_detected!("avx512f")
+        if is_x86_feature_detected!("avx512f") {
+            Some(Kernel::Avx512)
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Some(Kernel::Avx2)
+        } else {
+            None
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
 }
 
-/// Whether this CPU has the kernel's instructions at all (tests run it on AVX-512 hosts too).
+/// Whether this CPU runs a kernel of this module's.
+pub(crate) fn available() -> bool {
+    kernel().is_some()
+}
+
+/// Every kernel this CPU runs (tests run the AVX2 one on AVX-512 hosts too).
 #[cfg(test)]
-pub(crate) fn has_kernel() -> bool {
+pub(crate) fn kernels() -> Vec<Kernel> {
+    let mut all = vec![];
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            all.push(Kernel::Avx2);
+        }
+        if is_x86_feature_detected!("avx512f") {
+            all.push(Kernel::Avx512);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    all
 }
 
 /// One row of a panel: 16 values, one 64-byte cache line (so no 32-byte load of the kernel
@@ -167,10 +198,9 @@ impl Packed {
     /// apart). `cols.start` is a multiple of 16.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `a` and `c` hold the rows and columns given, and no one else
-    /// writes `C`'s part meanwhile.
+    /// The CPU runs a kernel ([`available`]); `a` and `c` hold the rows and columns given, and no
+    /// one else writes `C`'s part meanwhile.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn product(
         &self,
         (a, lda): (*const f32, usize),
@@ -179,7 +209,8 @@ impl Packed {
         cols: std::ops::Range<usize>,
         scale: f32,
     ) {
-        self.blocks((a, lda), (c, ldc), rows, cols, scale, false)
+        let kernel = kernel().expect("a kernel (checked when packed)");
+        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, scale, false)
     }
 
     /// As [`Packed::product`], unscaled, adding to `C` instead of writing it (a product taken one
@@ -188,7 +219,6 @@ impl Packed {
     /// # Safety
     /// As [`Packed::product`].
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn add_product(
         &self,
         (a, lda): (*const f32, usize),
@@ -196,17 +226,19 @@ impl Packed {
         rows: usize,
         cols: std::ops::Range<usize>,
     ) {
-        self.blocks((a, lda), (c, ldc), rows, cols, 1.0, true)
+        let kernel = kernel().expect("a kernel (checked when packed)");
+        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, 1.0, true)
     }
 
-    /// The loops of [`Packed::product`] (`add`: of [`Packed::add_product`]).
+    /// The loops of [`Packed::product`] (`add`: of [`Packed::add_product`]) on `kernel`'s tiles.
     ///
     /// # Safety
-    /// As [`Packed::product`].
+    /// As [`Packed::product`], and the CPU runs `kernel`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn blocks(
         &self,
+        kernel: Kernel,
         (a, lda): (*const f32, usize),
         (c, ldc): (*mut f32, usize),
         rows: usize,
@@ -216,33 +248,134 @@ impl Packed {
     ) {
         debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
         let panels = self.n.div_ceil(NR);
+        let (tiles, width): (Tiles, usize) = match kernel {
+            Kernel::Avx2 => (tiles_avx2, NR),
+            Kernel::Avx512 => (tiles_avx512, 2 * NR),
+        };
+        // Rows of `A` a multiple of 2 KiB apart fall in at most two of L1's 64 sets (of 8 lines),
+        // where a 12-row tile's lines evict each other at every `k`: then each block of rows is
+        // read from a copy whose rows are 1 088 bytes apart (vision-perceiver's `[512, 1024]`
+        // latents: a lone `[512, 1024] x [1024, 1024]` ran 1.3x slower without it).
+        let copy = kernel == Kernel::Avx512 && lda.is_multiple_of(512);
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
             for pc in (0..self.k).step_by(KC) {
                 let kc = KC.min(self.k - pc);
                 let store = Store { first: pc == 0 && !add, last: pc + kc == self.k, scale };
                 let block = (self.data.as_ptr() as *const f32).add(pc * panels * NR);
+                let rows_at = if copy {
+                    ROWS.with_borrow_mut(|buf| {
+                        buf.resize(MC * COPY_STRIDE, 0.0);
+                        for r in 0..mc {
+                            let from = std::slice::from_raw_parts(a.add((ic + r) * lda + pc), kc);
+                            buf[r * COPY_STRIDE..r * COPY_STRIDE + kc].copy_from_slice(from);
+                        }
+                        // The buffer is this thread's and outlives the block (no one else
+                        // borrows it meanwhile).
+                        (buf.as_ptr(), COPY_STRIDE)
+                    })
+                } else {
+                    (a.add(ic * lda + pc), lda)
+                };
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
-                    for r0 in (ic..ic + mc).step_by(MR) {
-                        let ar = a.add(r0 * lda + pc);
-                        for j0 in (jc..jend).step_by(NR) {
+                    let mut r0 = ic;
+                    while r0 < ic + mc {
+                        let ar = rows_at.0.add((r0 - ic) * rows_at.1);
+                        let lda = rows_at.1;
+                        let mut done = 0;
+                        for j0 in (jc..jend).step_by(width) {
                             let b = block.add(j0 / NR * kc * NR);
-                            let at = (c.add(r0 * ldc + j0), ldc, NR.min(jend - j0));
-                            match MR.min(ic + mc - r0) {
-                                6 => tile::<6>(kc, (ar, lda), b, at, store),
-                                5 => tile::<5>(kc, (ar, lda), b, at, store),
-                                4 => tile::<4>(kc, (ar, lda), b, at, store),
-                                3 => tile::<3>(kc, (ar, lda), b, at, store),
-                                2 => tile::<2>(kc, (ar, lda), b, at, store),
-                                _ => tile::<1>(kc, (ar, lda), b, at, store),
-                            }
+                            let at = (c.add(r0 * ldc + j0), ldc, width.min(jend - j0));
+                            done = tiles(ic + mc - r0, kc, (ar, lda), b, at, store);
                         }
+                        r0 += done;
                     }
                 }
             }
         }
     }
+}
+
+/// Row stride of the copy of a block of `A`'s rows (see [`Packed::product`]'s loops): 17 lines, so
+/// 12 rows fall in 12 sets of L1.
+#[cfg(target_arch = "x86_64")]
+const COPY_STRIDE: usize = KC + 16;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's copy of a block of `A`'s rows ([`MC`] by [`KC`], rows [`COPY_STRIDE`] apart).
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs one tile of up to `rows` rows (as many as the kernel's tiles hold) and returns how many
+/// it ran: `tiles(rows, kc, (a, lda), b, (c, ldc, w), store)`, `b` the first panel's block (the
+/// next panel `kc` lines on), `w` columns of `C` written.
+#[cfg(target_arch = "x86_64")]
+type Tiles = unsafe fn(usize, usize, (*const f32, usize), *const f32, (*mut f32, usize, usize), Store) -> usize;
+
+/// [`Kernel::Avx2`]'s tile of up to 6 rows.
+///
+/// # Safety
+/// As [`Packed::product`], on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles_avx2(
+    rows: usize,
+    kc: usize,
+    a: (*const f32, usize),
+    b: *const f32,
+    at: (*mut f32, usize, usize),
+    store: Store,
+) -> usize {
+    match rows.min(MR) {
+        6 => tile::<6>(kc, a, b, at, store),
+        5 => tile::<5>(kc, a, b, at, store),
+        4 => tile::<4>(kc, a, b, at, store),
+        3 => tile::<3>(kc, a, b, at, store),
+        2 => tile::<2>(kc, a, b, at, store),
+        _ => tile::<1>(kc, a, b, at, store),
+    }
+    rows.min(MR)
+}
+
+/// [`Kernel::Avx512`]'s tile of up to 12 rows, over two panels when more than 16 columns are
+/// written.
+///
+/// # Safety
+/// As [`Packed::product`], on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tiles_avx512(
+    rows: usize,
+    kc: usize,
+    a: (*const f32, usize),
+    b: *const f32,
+    at: (*mut f32, usize, usize),
+    store: Store,
+) -> usize {
+    macro_rules! rows {
+        ($p:literal) => {
+            match rows.min(MR_512) {
+                12 => tile_512::<12, $p>(kc, a, b, at, store),
+                11 => tile_512::<11, $p>(kc, a, b, at, store),
+                10 => tile_512::<10, $p>(kc, a, b, at, store),
+                9 => tile_512::<9, $p>(kc, a, b, at, store),
+                8 => tile_512::<8, $p>(kc, a, b, at, store),
+                7 => tile_512::<7, $p>(kc, a, b, at, store),
+                6 => tile_512::<6, $p>(kc, a, b, at, store),
+                5 => tile_512::<5, $p>(kc, a, b, at, store),
+                4 => tile_512::<4, $p>(kc, a, b, at, store),
+                3 => tile_512::<3, $p>(kc, a, b, at, store),
+                2 => tile_512::<2, $p>(kc, a, b, at, store),
+                _ => tile_512::<1, $p>(kc, a, b, at, store),
+            }
+        };
+    }
+    if at.2 > NR {
+        rows!(2)
+    } else {
+        rows!(1)
+    }
+    rows.min(MR_512)
 }
 
 /// How a tile's sums reach the output.
@@ -337,6 +470,80 @@ unsafe fn tile<const R: usize>(
     }
 }
 
+/// One `R x 16 P` tile on AVX-512 over `kc` values of `k`: `P` panels (`b` the first one's
+/// block, the next `kc` lines on), as [`tile`] otherwise; partial widths by masked loads and
+/// stores.
+///
+/// # Safety
+/// As [`Packed::product`], on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_512<const R: usize, const P: usize>(
+    kc: usize,
+    (a, lda): (*const f32, usize),
+    b: *const f32,
+    (c, ldc, w): (*mut f32, usize, usize),
+    store: Store,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let panel = kc * NR;
+    let mut b = b;
+    let mut p = 0;
+    macro_rules! step {
+        ($o:expr) => {{
+            // Aligned: each row of a panel is a cache line.
+            let mut bv = [_mm512_setzero_ps(); P];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_load_ps(b.add(q * panel + $o * NR));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(r * lda + p + $o));
+                for (acc, &v) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(x, v, *acc);
+                }
+            }
+        }};
+    }
+    while p + 4 <= kc {
+        // Each panel's next four lines (past its end: a hint, never a fault).
+        for q in 0..P {
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(q * panel + 4 * NR + line * NR) as *const i8);
+            }
+        }
+        step!(0);
+        step!(1);
+        step!(2);
+        step!(3);
+        b = b.add(4 * NR);
+        p += 4;
+    }
+    while p < kc {
+        step!(0);
+        b = b.add(NR);
+        p += 1;
+    }
+    let factor = _mm512_set1_ps(store.scale);
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        for (q, &sum) in acc.iter().enumerate() {
+            let kept = w.saturating_sub(q * NR).min(NR);
+            let mask: __mmask16 = if kept == NR { !0 } else { (1u16 << kept) - 1 };
+            let at = row.add(q * NR);
+            let mut v = sum;
+            if !store.first {
+                v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), v);
+            }
+            if store.last && store.scale != 1.0 {
+                v = _mm512_mul_ps(v, factor);
+            }
+            _mm512_mask_storeu_ps(at, mask, v);
+        }
+    }
+}
+
 /// The packed form of `op` (reading constant `b` as its second operand), if the kernel runs it:
 /// one product whose first operand's rows and output's rows are contiguous, the same weight for
 /// every outer index.
@@ -424,21 +631,26 @@ mod tests {
     /// columns `cols` only, against the definition.
     #[cfg(target_arch = "x86_64")]
     fn check((m, k, n): (usize, usize, usize), cols: std::ops::Range<usize>, scale: f32) {
-        if !has_kernel() {
-            return;
+        for kernel in kernels() {
+            check_on(kernel, (m, k, n), cols.clone(), scale);
         }
+    }
+
+    /// [`check`] on one kernel.
+    #[cfg(target_arch = "x86_64")]
+    fn check_on(kernel: Kernel, (m, k, n): (usize, usize, usize), cols: std::ops::Range<usize>, scale: f32) {
         let lda = k + 3;
         let a: Vec<f32> = (0..m * lda).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
         let packed = Packed::new(k, n, |row, col| w[row * n + col]);
         let ldc = n + 5;
         let mut c = vec![f32::NAN; m * ldc];
-        unsafe { packed.product((a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale) };
+        unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale, false) };
         let want = reference(&a, lda, &w, (m, k, n));
         // Added to what the output holds: twice the (scaled) product, in the columns given.
         let mut twice = c.clone();
         if scale == 1.0 {
-            unsafe { packed.add_product((a.as_ptr(), lda), (twice.as_mut_ptr(), ldc), m, cols.clone()) };
+            unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (twice.as_mut_ptr(), ldc), m, cols.clone(), 1.0, true) };
         }
         for i in 0..m {
             for j in 0..ldc {
@@ -447,19 +659,22 @@ mod tests {
                     let want = want[i * n + j] * scale as f64;
                     assert!(
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
+                        "{kernel:?} {m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
                     );
                     if scale == 1.0 {
                         let got = twice[i * ldc + j] as f64;
                         assert!(
                             (got - 2.0 * want).abs() <= 2e-5 * (1.0 + want.abs()),
-                            "{m}x{k}x{n} [{i}, {j}] added: {got} vs {}",
+                            "{kernel:?} {m}x{k}x{n} [{i}, {j}] added: {got} vs {}",
                             2.0 * want
                         );
                     }
                 } else {
-                    assert!(got.is_nan(), "{m}x{k}x{n} [{i}, {j}] written outside columns {cols:?}");
-                    assert!(twice[i * ldc + j].is_nan(), "{m}x{k}x{n} [{i}, {j}] added outside columns {cols:?}");
+                    assert!(got.is_nan(), "{kernel:?} {m}x{k}x{n} [{i}, {j}] written outside columns {cols:?}");
+                    assert!(
+                        twice[i * ldc + j].is_nan(),
+                        "{kernel:?} {m}x{k}x{n} [{i}, {j}] added outside columns {cols:?}"
+                    );
                 }
             }
         }
@@ -476,6 +691,9 @@ mod tests {
         check((6, 513, 32), 16..32, 0.125); // three k blocks, scaled, from a later panel
         check((11, 9, 150), 128..150, -2.0); // the last partial pass only
         check((5, 4, 16), 0..16, 1.0);
+        check((25, 260, 150), 16..150, 1.0); // 12-row tiles and 13 rows left, odd pairs of panels
+        check((12, 8, 40), 0..40, 0.5); // a pair of panels, then one partial panel
+        check((400, 1021, 40), 0..40, 1.0); // rows 1 024 values apart: read from a copy (AVX-512)
     }
 
     #[cfg(target_arch = "x86_64")]

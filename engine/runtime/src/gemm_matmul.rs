@@ -17,9 +17,9 @@
 //! threads ([`crate::set_threads`]) the products run in tract's thread pool: outer loops of at
 //! least as many iterations as threads are split across them, a single product is split by
 //! `gemm` itself. Results differ from tract's by the order of the sums only; the tests compare
-//! each with a product computed in f64 and the fixtures with transformers. On CPUs with AVX2 and
-//! no AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernel instead (the
-//! weight packed once at load), where the crate's AVX2 kernels are slower than MLAS.
+//! each with a product computed in f64 and the fixtures with transformers. On x86 with AVX2 and
+//! FMA or AVX-512, a product by a constant weight runs on [`crate::f32_packed`]'s kernels instead
+//! (the weight packed once at load; the crate packs it at every call).
 
 use crate::epilogue::{Finish, Finishes, Rows, Step};
 use crate::f32_packed::Packed;
@@ -137,7 +137,7 @@ pub struct GemmMatMul {
     /// What is applied to each block of the output once computed (bias, residual, GELU), reading
     /// the inputs past the operands; see [`crate::epilogue`].
     pub(crate) epilogue: Vec<Step>,
-    /// The second operand, a constant, packed for the AVX2 kernel (then not an input); see
+    /// The second operand, a constant, packed for the runtime's kernels (then not an input); see
     /// [`crate::f32_packed`].
     pub(crate) packed: Option<Arc<Packed>>,
 }

@@ -268,9 +268,9 @@ pub fn set_int8_matmul(on: bool) {
     int8_matmul::ENABLED.set(on);
 }
 
-/// Whether models loaded from now on pack each constant f32 weight once for the runtime's AVX2
-/// kernel where it is the faster (the default; CPUs with AVX2 and FMA, no AVX-512) or, with
-/// `false`, leave the products to the `gemm` crate. For comparisons; outputs differ by rounding
+/// Whether models loaded from now on pack each constant f32 weight once for the runtime's kernels
+/// (the default, where they run: x86 with AVX2 and FMA or AVX-512) or, with `false`, leave the
+/// products to the `gemm` crate. For comparisons; outputs differ by rounding
 /// only (see `f32_packed.rs`).
 pub fn set_f32_packed(on: bool) {
     f32_packed::ENABLED.set(on);
