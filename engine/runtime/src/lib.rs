@@ -768,10 +768,10 @@ impl Session {
                 }
             } else if let Some(q) = node.op_as::<q4_matmul::GemmQ4>() {
                 // The runtime's own ops hold their constants too.
-                let w = q.weight();
-                add("Q4_0".into(), q4_matmul::weight_bytes(w), Some(Arc::as_ptr(w) as usize));
+                let (bytes, at) = q.weight_held();
+                add("Q4_0".into(), bytes, Some(at));
             } else if let Some(p) = node.op_as::<gemm_matmul::GemmMatMul>().and_then(|g| g.packed.as_ref()) {
-                add("f32 (AVX2 panels)".into(), p.bytes(), Some(Arc::as_ptr(p) as usize));
+                add("f32 (panels)".into(), p.bytes(), Some(Arc::as_ptr(p) as usize));
             } else if let Some(q) = node.op_as::<int8_matmul::Int8MatMul>() {
                 add(format!("i8 ({} packing)", q.kernel_name()), q.weight_bytes(), Some(q.weight_at()));
             } else if let Some(d) = node.op_as::<dequant_const::DequantConst>() {

@@ -9,12 +9,13 @@
 //! [`GemmQ4`] decodes a block of the weight's rows (at most 1 MiB of f32, so it stays in the
 //! core's cache) into a per-thread buffer and multiplies the activations by it with the `gemm`
 //! crate, block after block; with several threads each thread takes its own blocks. Where
-//! [`crate::f32_packed`]'s kernels run (x86 with AVX2, FMA and F16C), each block of 256 values of
-//! `k` is decoded straight into their panels (16 weight rows at a time, their bytes transposed in
-//! registers) and multiplied on them (a 2-core AMD EPYC with AVX2, one thread: lone `[512, 1024] x
-//! [1024, 1024]` 81 -> 93 GFLOP/s; vision-perceiver-fourier q4 5.25 -> 4.74 s a run, where
-//! onnxruntime took 4.78 s on the same file; on Zen 4's AVX-512 tiles language-perceiver q4
-//! 1.42-1.56 -> 1.33-1.40 s).
+//! [`crate::f32_packed`]'s kernels run (x86 with AVX2, FMA and F16C), the weight's bytes are
+//! reordered once at load into panels of 16 weight rows ([`Panels`]: the same 4 bits a weight),
+//! and each block of 256 values of `k` is decoded straight into the kernel's panels, a line of 16
+//! values from one 16-byte load, and multiplied on them (a 2-core AMD EPYC with AVX2, one thread:
+//! lone `[512, 1024] x [1024, 1024]` 81 -> 93 GFLOP/s; vision-perceiver-fourier q4 5.25 -> 4.74 s a
+//! run, where onnxruntime took 4.78 s on the same file; on Zen 4's AVX-512 tiles language-perceiver
+//! q4 1.42-1.56 -> 1.33-1.40 s).
 //! The weight stays 4-bit in memory; the decoded values are the ones tract's kernel uses
 //! (`(nibble - 8) * scale`, the scale an f16), so results differ from tract's by the order of the
 //! sums only. Products with fewer than [`MIN_ROWS`] activation rows (a classification decoder's
@@ -49,22 +50,65 @@ const TILE: usize = 16;
 /// Decoded f32 values per block of weight rows, at most (1 MiB).
 const SCRATCH: usize = 256 << 10;
 
-/// Which kernel multiplies the decoded weights.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-enum Kernel {
-    /// The `gemm` crate's (row-major decoded blocks).
-    Crate,
-    /// [`crate::f32_packed`]'s, where it runs (AVX2, FMA and F16C): the blocks decoded straight
-    /// into its panels.
-    Packed,
+/// The weight as the op holds it: the layout its kernel decodes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Weight {
+    /// tract's Q4_0 tensor (`n` rows of `k`, block after block), a block of rows decoded at a
+    /// time for the `gemm` crate's kernels.
+    Rows(Arc<Tensor>),
+    /// The same blocks reordered at load ([`Panels`]), decoded straight into
+    /// [`crate::f32_packed`]'s panels where its kernels run (x86 with AVX2, FMA and F16C).
+    Panels(Arc<Panels>),
+}
+
+/// Bytes of a Q4_0 block in [`Panels`]: 16 weight rows' blocks.
+const PANEL_BLOCK: usize = 16 * BLOCK_BYTES;
+
+/// A Q4_0 weight reordered for the panel decoder: per panel of 16 weight rows (rows past `n`
+/// zero), per block of 32 values of `k`, [`PANEL_BLOCK`] bytes: the 16 rows' f16 scales, then 16
+/// vectors of 16 bytes, vector `i` holding each row's byte `i` (values `i` and `16 + i` as its low
+/// and high nibbles). The bytes of tract's layout, transposed once at load instead of at every
+/// block decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Panels {
+    n: usize,
+    k: usize,
+    bytes: Vec<u8>,
+}
+
+impl std::hash::Hash for Panels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // A few bytes tell weights apart; equal weights hash alike (`eq` compares them all).
+        (self.n, self.k).hash(state);
+        self.bytes.iter().take(256).for_each(|b| b.hash(state));
+    }
+}
+
+impl Panels {
+    /// Reorders `blob`, tract's Q4_0 storage of `n` rows of `k` weights.
+    fn new(blob: &[u8], n: usize, k: usize) -> Panels {
+        let blocks = k / QK;
+        let mut bytes = vec![0u8; n.div_ceil(16) * blocks * PANEL_BLOCK];
+        for (j, panel) in bytes.chunks_exact_mut(blocks * PANEL_BLOCK).enumerate() {
+            for (b, out) in panel.chunks_exact_mut(PANEL_BLOCK).enumerate() {
+                for q in 0..16.min(n - 16 * j) {
+                    let src = &blob[((16 * j + q) * blocks + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                    out[2 * q..2 * q + 2].copy_from_slice(&src[..2]);
+                    for (i, &byte) in src[2..].iter().enumerate() {
+                        out[32 + 16 * i + q] = byte;
+                    }
+                }
+            }
+        }
+        Panels { n, k, bytes }
+    }
 }
 
 /// `C[.., n] = A[.., k] W[n, k]^T` with `W` Q4_0 block-quantised, `A` and `C` contiguous.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct GemmQ4 {
-    /// The weight: a tensor with Q4_0 block-quantised storage of `n` rows of `k`.
-    weight: Arc<Tensor>,
+    /// The weight: `n` rows of `k`, Q4_0 blocks.
+    weight: Weight,
     m: usize,
     /// Weights per row of the weight.
     k: usize,
@@ -77,8 +121,6 @@ pub struct GemmQ4 {
     /// What is applied to each block of the output once computed (bias, residual, GELU),
     /// reading the inputs past the activations; see [`crate::epilogue`].
     epilogue: Vec<Step>,
-    /// The kernel the decoded weights are multiplied on (chosen for this CPU at rewrite).
-    kernel: Kernel,
 }
 
 /// Decodes Q4_0 `blocks` (whole rows of the weight) into `out`, 32 values per block.
@@ -125,81 +167,88 @@ fn decode(blocks: &[u8], out: &mut [f32]) {
     decode_generic(blocks, out)
 }
 
-/// Decodes `blocks` Q4_0 blocks of 16 weight rows (`rows[q]` row `q`'s first block) into
+/// Decodes `blocks` blocks of a panel of [`Panels`] (`src`, from its first block on) into
 /// `lines` (`32 blocks` of them): line `p` holds the 16 rows' values at `p`, as [`decode`] gives
-/// them.
+/// them, bit for bit (`nibble - 8` taken on the bytes).
 ///
 /// # Safety
-/// The CPU has AVX2 and F16C; each of `rows` is readable for `blocks` blocks.
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn decode_panel_avx2(rows: [*const u8; 16], blocks: usize, lines: &mut [[f32; 16]]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_panel_avx2(src: &[u8], blocks: usize, lines: &mut [[f32; 16]]) {
     use std::arch::x86_64::*;
-    let zero = _mm_setzero_si128();
+    assert!(src.len() >= blocks * PANEL_BLOCK && lines.len() >= blocks * QK);
+    let (mask, eight) = (_mm_set1_epi8(15), _mm_set1_epi8(8));
     for (b, lines) in lines.chunks_exact_mut(QK).take(blocks).enumerate() {
-        let at = b * BLOCK_BYTES;
-        // Each row's scale, then its 16 bytes of nibbles.
-        let mut scales = [0u16; 16];
-        let mut x = [zero; 16];
-        for q in 0..16 {
-            scales[q] = (rows[q].add(at) as *const u16).read_unaligned();
-            x[q] = _mm_loadu_si128(rows[q].add(at + 2) as *const __m128i);
-        }
+        let at = src.as_ptr().add(b * PANEL_BLOCK);
         let d = [
-            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr() as *const __m128i)),
-            _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(8) as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
         ];
-        // Transposed: t[i] holds byte i of each row, in row order (unpacking 8, 16, 32 and 64
-        // bits at a time; after each stage a vector covers twice the rows and half the bytes).
-        let mut a = [zero; 16];
-        for i in 0..8 {
-            a[2 * i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
-            a[2 * i + 1] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
-        }
-        let mut c = [zero; 16];
-        for j in 0..4 {
-            for h in 0..2 {
-                let (lo, hi) = (a[4 * j + h], a[4 * j + 2 + h]);
-                c[4 * j + 2 * h] = _mm_unpacklo_epi16(lo, hi);
-                c[4 * j + 2 * h + 1] = _mm_unpackhi_epi16(lo, hi);
-            }
-        }
-        let mut e = [zero; 16];
-        for o in 0..2 {
-            for g in 0..4 {
-                let (lo, hi) = (c[8 * o + g], c[8 * o + 4 + g]);
-                e[8 * o + 2 * g] = _mm_unpacklo_epi32(lo, hi);
-                e[8 * o + 2 * g + 1] = _mm_unpackhi_epi32(lo, hi);
-            }
-        }
-        let mut t = [zero; 16];
-        for i in 0..8 {
-            t[2 * i] = _mm_unpacklo_epi64(e[i], e[8 + i]);
-            t[2 * i + 1] = _mm_unpackhi_epi64(e[i], e[8 + i]);
-        }
-        // Byte i: its low nibbles are value i, its high ones value 16 + i.
-        let (mask, eight) = (_mm_set1_epi8(15), _mm256_set1_epi32(8));
+        // Each byte `nibble - 8`, then widened with its sign.
         let store = |nibbles: __m128i, line: &mut [f32; 16]| {
+            let x = _mm_sub_epi8(nibbles, eight);
             for (h, d) in d.iter().enumerate() {
-                let v = _mm256_cvtepu8_epi32(if h == 0 { nibbles } else { _mm_srli_si128::<8>(nibbles) });
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)), *d);
-                _mm256_storeu_ps(line.as_mut_ptr().add(8 * h), v);
+                let v = _mm256_cvtepi8_epi32(if h == 0 { x } else { _mm_srli_si128::<8>(x) });
+                _mm256_storeu_ps(line.as_mut_ptr().add(8 * h), _mm256_mul_ps(_mm256_cvtepi32_ps(v), *d));
             }
         };
         let (low, high) = lines.split_at_mut(QK / 2);
         for i in 0..16 {
-            store(_mm_and_si128(t[i], mask), &mut low[i]);
-            store(_mm_and_si128(_mm_srli_epi16::<4>(t[i]), mask), &mut high[i]);
+            let t = _mm_loadu_si128(at.add(32 + 16 * i) as *const __m128i);
+            store(_mm_and_si128(t, mask), &mut low[i]);
+            store(_mm_and_si128(_mm_srli_epi16::<4>(t), mask), &mut high[i]);
         }
     }
 }
 
-/// Whether [`Kernel::Packed`] runs here: [`crate::f32_packed`]'s kernel does, and the CPU has
-/// AVX2 and F16C for [`decode_panel_avx2`].
+/// As [`decode_panel_avx2`], a line a register.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_panel_avx512(src: &[u8], blocks: usize, lines: &mut [[f32; 16]]) {
+    use std::arch::x86_64::*;
+    assert!(src.len() >= blocks * PANEL_BLOCK && lines.len() >= blocks * QK);
+    let (mask, eight) = (_mm_set1_epi8(15), _mm_set1_epi8(8));
+    for (b, lines) in lines.chunks_exact_mut(QK).take(blocks).enumerate() {
+        let at = src.as_ptr().add(b * PANEL_BLOCK);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i));
+        let (low, high) = lines.split_at_mut(QK / 2);
+        for i in 0..16 {
+            let t = _mm_loadu_si128(at.add(32 + 16 * i) as *const __m128i);
+            let (lo, hi) = (_mm_and_si128(t, mask), _mm_and_si128(_mm_srli_epi16::<4>(t), mask));
+            for (nibbles, line) in [(lo, &mut low[i]), (hi, &mut high[i])] {
+                let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(nibbles, eight)));
+                _mm512_storeu_ps(line.as_mut_ptr(), _mm512_mul_ps(v, d));
+            }
+        }
+    }
+}
+
+/// Decodes panel blocks as [`decode_panel_avx2`] on the widest vectors the packed kernel uses.
+///
+/// # Safety
+/// [`packed_runs`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn decode_panel(src: &[u8], blocks: usize, lines: &mut [[f32; 16]]) {
+    if crate::f32_packed::kernel() == Some(crate::f32_packed::Kernel::Avx512) {
+        decode_panel_avx512(src, blocks, lines)
+    } else {
+        decode_panel_avx2(src, blocks, lines)
+    }
+}
+
+/// Whether [`Weight::Panels`] runs here: [`crate::f32_packed`]'s kernels do, and the CPU has AVX2,
+/// FMA and F16C for [`decode_panel_avx2`].
 fn packed_runs() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::f32_packed::available() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+        crate::f32_packed::available()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -210,20 +259,27 @@ fn packed_runs() -> bool {
 thread_local! {
     /// Each thread's buffer of decoded weight rows (the `gemm` crate's path).
     static DECODED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's decoded block in panels, and a partial panel's rows on their way there.
+    /// Each thread's decoded block in panels, and a block of `k` that ends inside a Q4_0 block on
+    /// its way there.
     #[cfg(target_arch = "x86_64")]
-    static PANELS: RefCell<(Packed, Vec<f32>)> = const { RefCell::new((Packed::empty(), Vec::new())) };
-}
-
-/// Bytes of a Q4_0 weight's storage.
-pub(crate) fn weight_bytes(w: &Tensor) -> usize {
-    w.storage_as::<BlockQuantStorage>().map_or(0, |s| s.value().len())
+    static PANELS: RefCell<(Packed, Vec<[f32; 16]>)> = const { RefCell::new((Packed::empty(), Vec::new())) };
 }
 
 impl GemmQ4 {
-    /// The 4-bit weight this op holds (for the resident-weight count).
-    pub(crate) fn weight(&self) -> &Arc<Tensor> {
-        &self.weight
+    /// Bytes of the 4-bit weight this op holds and where they are (for the resident-weight count).
+    pub(crate) fn weight_held(&self) -> (usize, usize) {
+        match &self.weight {
+            Weight::Rows(w) => {
+                (w.storage_as::<BlockQuantStorage>().map_or(0, |s| s.value().len()), Arc::as_ptr(w) as usize)
+            }
+            Weight::Panels(p) => (p.bytes.len(), Arc::as_ptr(p) as usize),
+        }
+    }
+
+    /// Whether the weight is decoded into [`crate::f32_packed`]'s panels.
+    #[cfg(target_arch = "x86_64")]
+    fn on_panels(&self) -> bool {
+        matches!(self.weight, Weight::Panels(_))
     }
 
     /// Weight rows per block for `parts` blocks at least: blocks of about equal size within
@@ -231,7 +287,7 @@ impl GemmQ4 {
     fn rows_per_block(&self, parts: usize) -> usize {
         // Decoded at once: all `ka` values of a weight row, or one block of them on the panels.
         #[cfg(target_arch = "x86_64")]
-        let per_row = if self.kernel == Kernel::Packed { self.ka.min(KC) } else { self.ka };
+        let per_row = if self.on_panels() { self.ka.min(KC) } else { self.ka };
         #[cfg(not(target_arch = "x86_64"))]
         let per_row = self.ka;
         let most = (SCRATCH / per_row.max(1)).max(16);
@@ -245,7 +301,7 @@ impl GemmQ4 {
     /// `a` holds `m x k` f32s, `c` `m x n`, and no one else writes columns `cols` of `c`.
     unsafe fn columns(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>, finish: &Finish) {
         #[cfg(target_arch = "x86_64")]
-        if self.kernel == Kernel::Packed {
+        if self.on_panels() {
             self.columns_packed(blob, a, c, cols.clone());
             if !finish.steps.is_empty() {
                 finish.block(c as *mut f32, self.n, 0..self.m, cols);
@@ -289,16 +345,16 @@ impl GemmQ4 {
         });
     }
 
-    /// Columns `cols` of `C` on [`crate::f32_packed`]'s kernel, a block of [`KC`] values of `k`
-    /// at a time: the block's weights decoded straight into the kernel's panels, then their
-    /// product added to `C`. The activations' block is read once, as in an f32 product.
+    /// Columns `cols` of `C` on [`crate::f32_packed`]'s kernels, a block of [`KC`] values of `k`
+    /// at a time: the block's weights decoded from `blob` (the [`Panels`]' bytes) straight into the
+    /// kernel's panels, then their product added to `C`. The activations' block is read once, as
+    /// in an f32 product.
     ///
     /// # Safety
-    /// As [`GemmQ4::columns`]; the CPU has AVX2, FMA and F16C.
+    /// As [`GemmQ4::columns`]; [`packed_runs`]; `cols.start` is a multiple of 16.
     #[cfg(target_arch = "x86_64")]
     unsafe fn columns_packed(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>) {
-        let (k, ka, n, m, w) = (self.k, self.ka, self.n, self.m, cols.len());
-        let row_bytes = k / QK * BLOCK_BYTES;
+        let (kb, ka, n, m, w) = (self.k / QK, self.ka, self.n, self.m, cols.len());
         let (a, cb) = (a as *const f32, (c as *mut f32).add(cols.start));
         PANELS.with(|cell| {
             let (packed, tile) = &mut *cell.borrow_mut();
@@ -307,25 +363,14 @@ impl GemmQ4 {
                 // Whole Q4_0 blocks: the last may reach past `ka` (activations the export padded).
                 let blocks = kc.div_ceil(QK);
                 packed.refill_panels((kc, w), |j, lines| {
-                    let first = cols.start + 16 * j;
-                    let width = 16.min(cols.end - first);
-                    let src =
-                        |q: usize| &blob[(first + q) * row_bytes + pc / QK * BLOCK_BYTES..][..blocks * BLOCK_BYTES];
-                    if width == 16 && kc == blocks * QK {
-                        // SAFETY: the CPU has what the kernel needs; `src` is `blocks` blocks.
-                        unsafe { decode_panel_avx2(std::array::from_fn(|q| src(q).as_ptr()), blocks, lines) };
-                        return;
-                    }
-                    // A partial panel or block: each row decoded, then transposed.
-                    let len = blocks * QK;
-                    tile.resize(width * len, 0.0);
-                    for (q, out) in tile.chunks_exact_mut(len).enumerate() {
-                        decode(src(q), out);
-                    }
-                    for (p, line) in lines.iter_mut().enumerate() {
-                        for (q, v) in line.iter_mut().enumerate() {
-                            *v = if q < width { tile[q * len + p] } else { 0.0 };
-                        }
+                    let src = &blob[((cols.start / 16 + j) * kb + pc / QK) * PANEL_BLOCK..][..blocks * PANEL_BLOCK];
+                    // SAFETY: the CPU has what the decoder needs; `src` is `blocks` blocks.
+                    if kc == blocks * QK {
+                        unsafe { decode_panel(src, blocks, lines) };
+                    } else {
+                        tile.resize(blocks * QK, [0.0; 16]);
+                        unsafe { decode_panel(src, blocks, tile) };
+                        lines.copy_from_slice(&tile[..kc]);
                     }
                 });
                 if pc == 0 {
@@ -384,14 +429,17 @@ impl EvalOp for GemmQ4 {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let a = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
-        let blob = self.weight.try_storage_as::<BlockQuantStorage>()?.value();
+        let (blob, rows): (&[u8], usize) = match &self.weight {
+            Weight::Rows(w) => (w.try_storage_as::<BlockQuantStorage>()?.value(), self.n),
+            Weight::Panels(p) => (&p.bytes, self.n.div_ceil(16) * 16),
+        };
         ensure!(
-            a.len() == self.m * self.ka && blob.len() == self.n * self.k / QK * BLOCK_BYTES,
+            a.len() == self.m * self.ka && blob.len() == rows * self.k / QK * BLOCK_BYTES,
             "GemmQ4: {} activations and {} weight bytes, planned for {} and {}",
             a.len(),
             blob.len(),
             self.m * self.ka,
-            self.n * self.k / QK * BLOCK_BYTES
+            rows * self.k / QK * BLOCK_BYTES
         );
         let finish = Finish::new(&self.epilogue, &inputs[1..], self.m, self.n)?;
         let mut out = unsafe { Tensor::uninitialized_dt(f32::datum_type(), &self.shape)? };
@@ -483,14 +531,13 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<GemmQ4> {
     let m: usize = kept.iter().map(|&(p, _)| a[p]).product();
     let n = w[wn];
     (m >= MIN_ROWS && k.is_multiple_of(QK) && k > 0).then(|| GemmQ4 {
-        weight,
+        weight: Weight::Rows(weight),
         m,
         k,
         ka: k,
         n,
         shape: c,
         epilogue: vec![],
-        kernel: if packed_runs() { Kernel::Packed } else { Kernel::Crate },
     })
 }
 
@@ -530,7 +577,37 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         subs.substitute(model, OutletId::new(*id, 0), format!("{name}.q4"), op, &[input])?;
     }
     model.compact()?;
-    Ok(found.len())
+    let count = found.len();
+    // The ops found hold tract's copies of the weights too (kept, they doubled the load's peak
+    // RSS with the reordered ones: language-perceiver q4 199 -> 286 MiB).
+    drop(found);
+    if packed_runs() {
+        to_panels(model)?;
+    }
+    Ok(count)
+}
+
+/// Reorders each [`GemmQ4`]'s weight into [`Panels`], one weight at a time (every op reading it
+/// given the same copy), so that tract's copy is dropped before the next is reordered.
+fn to_panels(model: &mut TypedModel) -> TractResult<()> {
+    loop {
+        let rows = |n: &TypedNode| match n.op_as::<GemmQ4>().map(|op| &op.weight) {
+            Some(Weight::Rows(w)) => Some(w.clone()),
+            _ => None,
+        };
+        let Some(w) = model.nodes().iter().find_map(rows) else { return Ok(()) };
+        let storage = w.try_storage_as::<BlockQuantStorage>()?;
+        let ids: Vec<usize> =
+            model.nodes().iter().filter(|n| rows(n).is_some_and(|x| Arc::ptr_eq(&x, &w))).map(|n| n.id).collect();
+        let op = model.node(ids[0]).op_as::<GemmQ4>().expect("a GemmQ4");
+        let panels = Arc::new(Panels::new(storage.value(), op.n, op.k));
+        drop(w);
+        for id in ids {
+            let mut op = model.node(id).op_as::<GemmQ4>().expect("a GemmQ4").clone();
+            op.weight = Weight::Panels(panels.clone());
+            model.node_mut(id).op = Box::new(op);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -563,49 +640,57 @@ mod tests {
         }
     }
 
-    /// The kernels this CPU runs.
-    fn kernels() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Crate];
+    /// `w` in each layout this CPU runs ([`Weight::Panels`] where [`packed_runs`]).
+    fn layouts(w: &Arc<Tensor>, n: usize, k: usize) -> Vec<Weight> {
+        let mut layouts = vec![Weight::Rows(w.clone())];
         if packed_runs() {
-            kernels.push(Kernel::Packed);
+            let blob = w.try_storage_as::<BlockQuantStorage>().unwrap().value();
+            layouts.push(Weight::Panels(Arc::new(Panels::new(blob, n, k))));
         } else {
-            eprintln!("no AVX2, FMA and F16C here: the packed kernel not run");
+            eprintln!("no AVX2, FMA and F16C here: the packed kernels not run");
         }
-        kernels
+        layouts
     }
 
-    /// Whether the CPU has F16C (the panel decoder's scales).
-    fn has_f16c() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
-    /// 16 rows decoded into panel lines: each line the rows' values at one `k`, as [`decode`]
-    /// gives them, bit for bit.
+    /// A panel's blocks decoded into lines: each line the 16 rows' values at one `k`, as
+    /// [`decode`] gives them, bit for bit, and zeros past `n`; on each decoder this CPU runs.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn panel_decode_transposes_decode() {
-        if !(is_x86_feature_detected!("avx2") && has_f16c()) {
-            return eprintln!("no AVX2 and F16C here: panel decoding not run");
-        }
-        let (w, _) = weight(16, 96);
+        let (n, k) = (20, 96);
+        let (w, _) = weight(n, k);
         let blob = w.try_storage_as::<BlockQuantStorage>().unwrap().value().clone();
-        let row_bytes = 96 / QK * BLOCK_BYTES;
-        let mut rows = vec![0f32; 16 * 96];
+        let mut rows = vec![0f32; n * k];
         decode(&blob, &mut rows);
-        // The last two blocks of each row.
-        let mut lines = vec![[f32::NAN; 16]; 64];
-        let starts = std::array::from_fn(|q| blob[q * row_bytes + BLOCK_BYTES..].as_ptr());
-        unsafe { decode_panel_avx2(starts, 2, &mut lines) };
-        for (p, line) in lines.iter().enumerate() {
-            for (q, v) in line.iter().enumerate() {
-                assert_eq!(v.to_bits(), rows[q * 96 + 32 + p].to_bits(), "k {p}, row {q}");
+        let panels = Panels::new(&blob, n, k);
+        assert_eq!(panels.bytes.len(), 2 * 3 * PANEL_BLOCK);
+        type Decoder = unsafe fn(&[u8], usize, &mut [[f32; 16]]);
+        let mut decoders: Vec<(&str, Decoder)> = vec![];
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            decoders.push(("AVX2", decode_panel_avx2));
+        }
+        if is_x86_feature_detected!("avx512f") {
+            decoders.push(("AVX-512", decode_panel_avx512));
+        }
+        if decoders.is_empty() {
+            return eprintln!("no AVX2 or AVX-512 here: panel decoding not run");
+        }
+        for (name, decoder) in decoders {
+            for panel in 0..2 {
+                // The last two blocks of the panel's rows.
+                let mut lines = vec![[f32::NAN; 16]; 64];
+                let src = &panels.bytes[(panel * 3 + 1) * PANEL_BLOCK..];
+                unsafe { decoder(src, 2, &mut lines) };
+                for (p, line) in lines.iter().enumerate() {
+                    for (q, v) in line.iter().enumerate() {
+                        let row = 16 * panel + q;
+                        if row < n {
+                            assert_eq!(v.to_bits(), rows[row * k + 32 + p].to_bits(), "{name}: k {p}, row {row}");
+                        } else {
+                            assert_eq!(*v, 0.0, "{name}: k {p}, row {row} past n");
+                        }
+                    }
+                }
             }
         }
     }
@@ -621,8 +706,8 @@ mod tests {
             let a: Vec<f32> = (0..m * ka).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
             let ta = Tensor::from_shape(&[1, m, ka], &a).unwrap();
             let mut results = vec![];
-            for kernel in kernels() {
-                let op = GemmQ4 { weight: w.clone(), m, k, ka, n, shape: vec![1, m, n], epilogue: vec![], kernel };
+            for weight in layouts(&w, n, k) {
+                let op = GemmQ4 { weight, m, k, ka, n, shape: vec![1, m, n], epilogue: vec![] };
                 let eval = || op.eval(&EvalContext::out_of_plan(), tvec!(ta.clone().into_tvalue())).unwrap();
                 results.push(eval());
                 #[cfg(feature = "threads")]
