@@ -53,6 +53,7 @@ const MC: usize = 384;
 
 /// The tiles that run the products.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Kernel {
     /// 6 x 16 tiles of 256-bit FMA, one panel at a time (AVX2 and FMA).
     Avx2,
@@ -84,17 +85,14 @@ pub(crate) fn available() -> bool {
 }
 
 /// Every kernel this CPU runs (tests run the AVX2 one on AVX-512 hosts too).
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) fn kernels() -> Vec<Kernel> {
     let mut all = vec![];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            all.push(Kernel::Avx2);
-        }
-        if is_x86_feature_detected!("avx512f") {
-            all.push(Kernel::Avx512);
-        }
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        all.push(Kernel::Avx2);
+    }
+    if is_x86_feature_detected!("avx512f") {
+        all.push(Kernel::Avx512);
     }
     all
 }
