@@ -387,6 +387,34 @@ struct Store {
     scale: f32,
 }
 
+/// The walk over a block's `kc` values of `k` that both kernels' tiles take: four at a time, the
+/// next four lines of each of `panels` panels (`stride` values apart, from `b`) prefetched, then
+/// the rest one by one; `$step!(o)` multiplies at `k = p + o` and `b` follows `k`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! walk_k {
+    ($kc:expr, $b:ident, $p:ident, $panels:expr, $stride:expr, $step:ident) => {
+        while $p + 4 <= $kc {
+            // Past a panel's end: a hint, never a fault.
+            for q in 0..$panels {
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>($b.wrapping_add(q * $stride + 4 * NR + line * NR) as *const i8);
+                }
+            }
+            $step!(0);
+            $step!(1);
+            $step!(2);
+            $step!(3);
+            $b = $b.add(4 * NR);
+            $p += 4;
+        }
+        while $p < $kc {
+            $step!(0);
+            $b = $b.add(NR);
+            $p += 1;
+        }
+    };
+}
+
 /// One `R x 16` tile over `kc` values of `k`: `a` its first row's values (rows `lda` apart), `b`
 /// the panel's block (16 values a `k`), into `c` (rows `ldc` apart; `w` columns of the 16 kept).
 ///
@@ -418,23 +446,7 @@ unsafe fn tile<const R: usize>(
             }
         }};
     }
-    while p + 4 <= kc {
-        // The panel's next four rows of 64 bytes (past its end: a hint, never a fault).
-        for line in 0..4 {
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(4 * NR + line * NR) as *const i8);
-        }
-        step!(0);
-        step!(1);
-        step!(2);
-        step!(3);
-        b = b.add(4 * NR);
-        p += 4;
-    }
-    while p < kc {
-        step!(0);
-        b = b.add(NR);
-        p += 1;
-    }
+    walk_k!(kc, b, p, 1, 0, step);
     let factor = _mm256_set1_ps(store.scale);
     for (r, acc) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
@@ -504,25 +516,7 @@ unsafe fn tile_512<const R: usize, const P: usize>(
             }
         }};
     }
-    while p + 4 <= kc {
-        // Each panel's next four lines (past its end: a hint, never a fault).
-        for q in 0..P {
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(q * panel + 4 * NR + line * NR) as *const i8);
-            }
-        }
-        step!(0);
-        step!(1);
-        step!(2);
-        step!(3);
-        b = b.add(4 * NR);
-        p += 4;
-    }
-    while p < kc {
-        step!(0);
-        b = b.add(NR);
-        p += 1;
-    }
+    walk_k!(kc, b, p, P, panel, step);
     let factor = _mm512_set1_ps(store.scale);
     for (r, acc) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
