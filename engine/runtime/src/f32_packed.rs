@@ -287,6 +287,7 @@ impl Packed {
                             let at = (c.add(r0 * ldc + j0), ldc, width.min(jend - j0));
                             done = tiles(ic + mc - r0, kc, (ar, lda), b, at, store);
                         }
+                        debug_assert!(done > 0, "a tile ran");
                         r0 += done;
                     }
                 }
