@@ -246,9 +246,9 @@ impl Packed {
     ) {
         debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
         let panels = self.n.div_ceil(NR);
-        let (tiles, width): (Tiles, usize) = match kernel {
-            Kernel::Avx2 => (tiles_avx2, NR),
-            Kernel::Avx512 => (tiles_avx512, 2 * NR),
+        let width = match kernel {
+            Kernel::Avx2 => NR,
+            Kernel::Avx512 => 2 * NR,
         };
         // Rows of `A` a multiple of 2 KiB apart fall in at most two of L1's 64 sets (of 8 lines),
         // where a 12-row tile's lines evict each other at every `k`: then each block of rows is
@@ -285,7 +285,7 @@ impl Packed {
                         for j0 in (jc..jend).step_by(width) {
                             let b = block.add(j0 / NR * kc * NR);
                             let at = (c.add(r0 * ldc + j0), ldc, width.min(jend - j0));
-                            done = tiles(ic + mc - r0, kc, (ar, lda), b, at, store);
+                            done = tile_on(kernel, ic + mc - r0, kc, (ar, lda), b, at, store);
                         }
                         debug_assert!(done > 0, "a tile ran");
                         r0 += done;
@@ -307,18 +307,15 @@ thread_local! {
     static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs one tile of up to `rows` rows (as many as the kernel's tiles hold) and returns how many
-/// it ran: `tiles(rows, kc, (a, lda), b, (c, ldc, w), store)`, `b` the first panel's block (the
-/// next panel `kc` lines on), `w` columns of `C` written.
-#[cfg(target_arch = "x86_64")]
-type Tiles = unsafe fn(usize, usize, (*const f32, usize), *const f32, (*mut f32, usize, usize), Store) -> usize;
-
-/// [`Kernel::Avx2`]'s tile of up to 6 rows.
+/// Runs one of `kernel`'s tiles of up to `rows` rows (as many as its tiles hold) and returns how
+/// many it ran: `b` the first panel's block (the next panel `kc` lines on), `w` columns of `C`
+/// written; an AVX-512 tile spans two panels when more than 16 columns are written.
 ///
 /// # Safety
-/// As [`Packed::product`], on a CPU with AVX2 and FMA.
+/// As [`Packed::product`], on a CPU that runs `kernel`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles_avx2(
+unsafe fn tile_on(
+    kernel: Kernel,
     rows: usize,
     kc: usize,
     a: (*const f32, usize),
@@ -326,32 +323,7 @@ unsafe fn tiles_avx2(
     at: (*mut f32, usize, usize),
     store: Store,
 ) -> usize {
-    match rows.min(MR) {
-        6 => tile::<6>(kc, a, b, at, store),
-        5 => tile::<5>(kc, a, b, at, store),
-        4 => tile::<4>(kc, a, b, at, store),
-        3 => tile::<3>(kc, a, b, at, store),
-        2 => tile::<2>(kc, a, b, at, store),
-        _ => tile::<1>(kc, a, b, at, store),
-    }
-    rows.min(MR)
-}
-
-/// [`Kernel::Avx512`]'s tile of up to 12 rows, over two panels when more than 16 columns are
-/// written.
-///
-/// # Safety
-/// As [`Packed::product`], on a CPU with AVX-512F.
-#[cfg(target_arch = "x86_64")]
-unsafe fn tiles_avx512(
-    rows: usize,
-    kc: usize,
-    a: (*const f32, usize),
-    b: *const f32,
-    at: (*mut f32, usize, usize),
-    store: Store,
-) -> usize {
-    macro_rules! rows {
+    macro_rules! rows_512 {
         ($p:literal) => {
             match rows.min(MR_512) {
                 12 => tile_512::<12, $p>(kc, a, b, at, store),
@@ -369,12 +341,27 @@ unsafe fn tiles_avx512(
             }
         };
     }
-    if at.2 > NR {
-        rows!(2)
-    } else {
-        rows!(1)
+    match kernel {
+        Kernel::Avx2 => {
+            match rows.min(MR) {
+                6 => tile::<6>(kc, a, b, at, store),
+                5 => tile::<5>(kc, a, b, at, store),
+                4 => tile::<4>(kc, a, b, at, store),
+                3 => tile::<3>(kc, a, b, at, store),
+                2 => tile::<2>(kc, a, b, at, store),
+                _ => tile::<1>(kc, a, b, at, store),
+            }
+            rows.min(MR)
+        }
+        Kernel::Avx512 => {
+            if at.2 > NR {
+                rows_512!(2)
+            } else {
+                rows_512!(1)
+            }
+            rows.min(MR_512)
+        }
     }
-    rows.min(MR_512)
 }
 
 /// How a tile's sums reach the output.

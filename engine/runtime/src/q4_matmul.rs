@@ -530,7 +530,9 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Option<GemmQ4> {
     let k: usize = contracted.iter().map(|&(p, _)| a[p]).product();
     let m: usize = kept.iter().map(|&(p, _)| a[p]).product();
     let n = w[wn];
-    (m >= MIN_ROWS && k.is_multiple_of(QK) && k > 0).then(|| GemmQ4 {
+    // Bytes as the shape says (the panels and the kernels index by it).
+    let bytes = storage.value().len() == n * (k / QK) * BLOCK_BYTES;
+    (m >= MIN_ROWS && k.is_multiple_of(QK) && k > 0 && bytes).then(|| GemmQ4 {
         weight: Weight::Rows(weight),
         m,
         k,
@@ -596,14 +598,18 @@ fn to_panels(model: &mut TypedModel) -> TractResult<()> {
             _ => None,
         };
         let Some(w) = model.nodes().iter().find_map(rows) else { return Ok(()) };
-        let storage = w.try_storage_as::<BlockQuantStorage>()?;
-        let ids: Vec<usize> =
-            model.nodes().iter().filter(|n| rows(n).is_some_and(|x| Arc::ptr_eq(&x, &w))).map(|n| n.id).collect();
-        let op = model.node(ids[0]).op_as::<GemmQ4>().expect("a GemmQ4");
-        let panels = Arc::new(Panels::new(storage.value(), op.n, op.k));
+        let ops: Vec<(usize, GemmQ4)> = model
+            .nodes()
+            .iter()
+            .filter_map(|n| {
+                let op = n.op_as::<GemmQ4>()?;
+                matches!(&op.weight, Weight::Rows(x) if Arc::ptr_eq(x, &w)).then(|| (n.id, op.clone()))
+            })
+            .collect();
+        let (n, k) = (ops[0].1.n, ops[0].1.k);
+        let panels = Arc::new(Panels::new(w.try_storage_as::<BlockQuantStorage>()?.value(), n, k));
         drop(w);
-        for id in ids {
-            let mut op = model.node(id).op_as::<GemmQ4>().expect("a GemmQ4").clone();
+        for (id, mut op) in ops {
             op.weight = Weight::Panels(panels.clone());
             model.node_mut(id).op = Box::new(op);
         }
