@@ -9,37 +9,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{bin, ok, refused, root};
-
-/// The training Python, if there is one (see the module documentation).
-fn train_python() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PERCEIVER_EDGE_TRAIN_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = std::env::var_os("PERCEIVER_EDGE_TRAIN_VENV").map(PathBuf::from).or_else(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-        Some(cache.join("perceiver-edge/train-venv"))
-    })?;
-    venv.join(".perceiver-edge-ready").is_file().then(|| venv.join("bin/python"))
-}
-
-fn require_train_python(test: &str) -> Option<PathBuf> {
-    let p = train_python();
-    if p.is_none() {
-        assert!(
-            std::env::var_os("PERCEIVER_EDGE_REQUIRE_TRAIN").is_none(),
-            "{test}: PERCEIVER_EDGE_REQUIRE_TRAIN is set but there is no training Python \
-             (set PERCEIVER_EDGE_TRAIN_PYTHON to a Python with models/requirements-train.txt)"
-        );
-        eprintln!(
-            "SKIPPED {test}: no training Python (set PERCEIVER_EDGE_TRAIN_PYTHON to a Python with \
-             models/requirements-train.txt installed)"
-        );
-    }
-    p
-}
+use common::{bin, ok, refused, require_train_python, root};
 
 /// The digits training split as calibration data (never the held-out samples).
 fn digits_calibration(py: &Path, dir: &Path) -> PathBuf {

@@ -194,6 +194,61 @@ fn position_tables_are_a_budget_knob() {
     assert_eq!(out.status.code(), Some(1), "the two spellings conflict");
 }
 
+/// `--tables auto` below f32, on the bench model (image 64 x 64: 4 096 Fourier inputs; random
+/// weights from transformers, `bench_vs_onnxruntime.py::build_model`): at int8 the tables grow the
+/// stored graph by about 40 % for 57 % fewer FLOPs and are kept (the file is the `--tables all`
+/// file, and its logits match transformers' to int8's target); at q4 they would grow it by 65 %
+/// and are dropped (the `--tables none` file). The report gives both figures.
+#[test]
+fn tables_below_f32_are_kept_where_they_pay() {
+    let Some(py) = common::require_train_python("tables_below_f32_are_kept_where_they_pay") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("bench");
+    let script = "import sys, numpy as np, torch\n\
+                  sys.path.insert(0, sys.argv[1])\n\
+                  import bench_vs_onnxruntime as b\n\
+                  m = b.build_model(sys.argv[2])\n\
+                  x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)\n\
+                  np.save(sys.argv[3], x)\n\
+                  with torch.no_grad():\n    np.save(sys.argv[4], m(pixel_values=torch.from_numpy(x)).logits.numpy())\n";
+    let (x, want) = (tmp.path().join("x.npy"), tmp.path().join("want.npy"));
+    common::ok(
+        std::process::Command::new(&py)
+            .arg("-c")
+            .arg(script)
+            .arg(root().join("models/reference"))
+            .arg(&ck)
+            .arg(&x)
+            .arg(&want)
+            .env("PYTHONDONTWRITEBYTECODE", "1"),
+    );
+    let file = |n: &str| tmp.path().join(n);
+    let bytes = |n: &str| std::fs::read(file(n)).unwrap();
+    let report = |args: &[&str], n: &str| {
+        let out = bin().arg("export").arg(&ck).args(args).arg("-o").arg(file(n)).output().unwrap();
+        assert!(out.status.success(), "export {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let int8 = report(&["--precision", "int8"], "int8.onnx");
+    report(&["--precision", "int8", "--tables", "all"], "int8-all.onnx");
+    assert_eq!(bytes("int8.onnx"), bytes("int8-all.onnx"), "int8: auto keeps both tables");
+    let kept = int8.lines().find(|l| l.contains("kept    position_split:")).unwrap_or_else(|| panic!("{int8}"));
+    assert!(kept.contains("at the stored precision the graph grows by") && kept.contains("fewer FLOPs"), "{kept}");
+    let q4 = report(&["--precision", "q4"], "q4.onnx");
+    report(&["--precision", "q4", "--tables", "none"], "q4-none.onnx");
+    assert_eq!(bytes("q4.onnx"), bytes("q4-none.onnx"), "q4: auto drops the tables");
+    let skipped = q4.lines().find(|l| l.contains("skipped position_split:")).unwrap_or_else(|| panic!("{q4}"));
+    assert!(skipped.contains("--tables all keeps them"), "{skipped}");
+    // The kept tables (stored f16, run in f32) keep int8's fidelity.
+    std::fs::create_dir(file("out")).unwrap();
+    run(&file("int8.onnx"), &[x], &file("out"));
+    let (got, want) = (read(&file("out/logits.npy")), read(&want));
+    let dot: f64 = got.iter().zip(&want).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (norm(&got) * norm(&want));
+    assert!(cos >= 0.999, "int8 with tables: cosine {cos:.6} to transformers");
+}
+
 /// `chunked_attention` (running softmax over chunks of the inputs) against the graph without
 /// rewrites, on every fixture: with a limit of a few bytes every attention core the other
 /// rewrites leave is chunked (up to 16 chunks). Outputs agree to 1e-5 and still match

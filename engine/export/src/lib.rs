@@ -111,10 +111,11 @@ impl Exported {
 
 /// Builds the graph of an opened checkpoint and runs the default passes. For a graph that will
 /// be stored below f32 with `--tables auto` ([`passes::PerfOptions::stored_weight_bytes`]), the
-/// f32 tables are kept only where they make the stored graph smaller: the graph without them is
-/// measured on a copy (sharing the weights), the graph with them on the graph itself with the
-/// data of the weights the table rewrites do not read dropped ([`stored_with_tables`]), and the
-/// graph is then built again, with or without them.
+/// tables `auto` keeps in f32 are kept only where they pay at the stored precision
+/// ([`passes::tables::pay_at_stored_precision`]): the graph without them is measured on a copy
+/// (sharing the weights), the graph with them on the graph itself with the data of the weights
+/// the table rewrites do not read dropped ([`stored_with_tables`]), and the graph is then built
+/// again, with or without them.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let stored = opts
@@ -128,11 +129,21 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
             let without = {
                 let mut g = graph.clone();
                 passes::run_default(&mut g, &off)?;
-                passes::tables::stored_bytes(&g, bytes)
+                passes::tables::StoredCost::of(&g, bytes)
             };
             let with = stored_with_tables(ck, opts, graph, bytes)?;
             graph = heads::build_graph(ck, opts)?.0;
-            passes::run_default(&mut graph, if with < without { &opts.perf } else { &off })?
+            let pay = passes::tables::pay_at_stored_precision(without, with);
+            let mut decisions = passes::run_default(&mut graph, if pay { &opts.perf } else { &off })?;
+            let why = passes::tables::stored_reason(without, with);
+            for d in decisions.iter_mut().filter(|d| d.reason.starts_with("auto")) {
+                if d.kept {
+                    d.reason = format!("{}; {why}", d.reason);
+                } else if !pay {
+                    d.reason = format!("auto: {why}; --tables all keeps them");
+                }
+            }
+            decisions
         }
     };
     if let Some(e) = graph.error.take() {
@@ -151,17 +162,22 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
 /// hold every weight next to the tables; sizes come from shapes, so the figure is the same. If
 /// a rewrite did look up a dropped weight (f16 runs `few_query_attention` too, which reads a
 /// decoder's key and value weights), the trial is run again on a graph built whole.
-fn stored_with_tables(ck: &Checkpoint, opts: &ExportOptions, mut graph: ir::Graph, bytes: f64) -> Result<f64> {
+fn stored_with_tables(
+    ck: &Checkpoint,
+    opts: &ExportOptions,
+    mut graph: ir::Graph,
+    bytes: f64,
+) -> Result<passes::tables::StoredCost> {
     strip_for_table_trial(&mut graph);
     let reads = ir::Graph::stripped_reads();
     passes::run_default(&mut graph, &opts.perf)?;
     if ir::Graph::stripped_reads() == reads {
-        return Ok(passes::tables::stored_bytes(&graph, bytes));
+        return Ok(passes::tables::StoredCost::of(&graph, bytes));
     }
     drop(graph);
     let mut graph = heads::build_graph(ck, opts)?.0;
     passes::run_default(&mut graph, &opts.perf)?;
-    Ok(passes::tables::stored_bytes(&graph, bytes))
+    Ok(passes::tables::StoredCost::of(&graph, bytes))
 }
 
 /// Drops the data of the weights [`stored_with_tables`] expects the table rewrites not to read:
@@ -190,8 +206,8 @@ fn strip_for_table_trial(graph: &mut ir::Graph) {
 
 /// `opts` adjusted for a graph that will be stored at `precision`: int8 / q4 graphs skip
 /// `few_query_attention` (see [`passes::PerfOptions::quantised`]); with `--tables auto`, graphs
-/// stored below f32 keep the table rewrites only where they make the graph smaller at that
-/// precision (decided on the built graph, see [`build`]).
+/// stored below f32 keep the table rewrites only where they pay at that precision (decided on
+/// the built graph, see [`build`]).
 pub fn options_for_precision(opts: &ExportOptions, precision: Precision) -> ExportOptions {
     let mut o = opts.clone();
     o.perf.quantised = precision.is_integer();
@@ -322,7 +338,7 @@ mod tests {
             let bytes = opts.perf.stored_weight_bytes.unwrap();
             let mut whole = heads::build_graph(&ck, &opts).unwrap().0;
             passes::run_default(&mut whole, &opts.perf).unwrap();
-            let whole = passes::tables::stored_bytes(&whole, bytes);
+            let whole = passes::tables::StoredCost::of(&whole, bytes);
             let reads = ir::Graph::stripped_reads();
             let graph = heads::build_graph(&ck, &opts).unwrap().0;
             let held = |g: &ir::Graph| g.constants.iter().map(|(_, t)| t.bytes.len()).sum::<usize>();

@@ -46,8 +46,8 @@ pub struct ExportOptions {
 pub enum Tables {
     /// Keep a rewrite's tables only when they are no larger than the constants the rewrite
     /// removes and all kept tables stay within [`crate::passes::tables::MAX_SHARE`] of the
-    /// model's weight bytes (quantised exports also require them to pay off at the stored
-    /// precision, see [`crate::build`]).
+    /// model's weight bytes (exports below f32 also require them to pay at the stored precision,
+    /// see [`crate::passes::tables::pay_at_stored_precision`]).
     #[default]
     Auto,
     /// Every table rewrite that applies, whatever it costs.
@@ -100,7 +100,7 @@ pub struct PerfOptions {
     /// seqcls fixture, int8 cosine 0.99891 with it against 0.99988 without.
     pub quantised: bool,
     /// Bytes per weight the graph will be stored at when below f32 (f16 2, int8 1, q4 0.5):
-    /// `auto` then also requires the tables to make the stored graph smaller.
+    /// `auto` then also requires the tables to pay at that precision.
     pub stored_weight_bytes: Option<f64>,
     /// Attention scores larger than this many bytes are computed in chunks of the inputs
     /// (`chunked_attention`; default 32 MiB, 0 never).

@@ -891,8 +891,8 @@ pub fn export_checkpoint(
         q.calibrate = None;
     }
     let ck = Checkpoint::open(checkpoint)?;
-    // Precomputed position tables stay f32 next to quantised weights; a reduced-precision export
-    // is chosen for size, so it keeps them only where they make the graph smaller.
+    // Precomputed position tables stay f32 at run time next to quantised weights; a
+    // reduced-precision export keeps them only where they pay at its precision (tables.rs).
     opts = perceiver_edge_export::options_for_precision(&opts, q.precision);
     let mut choice = None;
     match (latents, &data) {

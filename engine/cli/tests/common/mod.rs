@@ -128,3 +128,36 @@ pub fn write_tensors(path: &Path, ts: &[(String, safetensors::Dtype, Vec<usize>,
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
+
+/// The training Python (torch + transformers): `PERCEIVER_EDGE_TRAIN_PYTHON`, or the venv
+/// `distill` creates on first use.
+pub fn train_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PERCEIVER_EDGE_TRAIN_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = std::env::var_os("PERCEIVER_EDGE_TRAIN_VENV").map(PathBuf::from).or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(cache.join("perceiver-edge/train-venv"))
+    })?;
+    venv.join(".perceiver-edge-ready").is_file().then(|| venv.join("bin/python"))
+}
+
+/// The training Python, or `None` with a SKIPPED message; a failure instead when
+/// `PERCEIVER_EDGE_REQUIRE_TRAIN` is set (CI sets it: there the tests must run).
+pub fn require_train_python(test: &str) -> Option<PathBuf> {
+    let p = train_python();
+    if p.is_none() {
+        assert!(
+            std::env::var_os("PERCEIVER_EDGE_REQUIRE_TRAIN").is_none(),
+            "{test}: PERCEIVER_EDGE_REQUIRE_TRAIN is set but there is no training Python \
+             (set PERCEIVER_EDGE_TRAIN_PYTHON to a Python with models/requirements-train.txt)"
+        );
+        eprintln!(
+            "SKIPPED {test}: no training Python (set PERCEIVER_EDGE_TRAIN_PYTHON to a Python with \
+             models/requirements-train.txt installed)"
+        );
+    }
+    p
+}

@@ -206,25 +206,104 @@ pub fn apply(g: &mut Graph, o: &PerfOptions) -> Result<(Vec<&'static str>, Vec<T
 }
 
 /// Bytes of a graph's f32 constants stored at `weight_bytes` per weight (f16 2, int8 1, q4
-/// 0.5): tables and small tensors stay f32. With `--tables auto`, a graph stored below f32 keeps
-/// its tables only where this is smaller with them than without (yes for digits with 64 inputs,
-/// no for the bench model with 4096; see [`crate::build`]).
+/// 0.5), as the quantisation passes store them: small tensors stay f32, the tables are stored
+/// f16 ([`super::quant::quantize_storage`]), q4 Linear weights (a `MatMul`'s 2-D second input)
+/// take 4 bits plus an f16 scale per 32, and below f16 every other large constant is stored int8.
 pub fn stored_bytes(g: &Graph, weight_bytes: f64) -> f64 {
+    let linear: std::collections::HashSet<&str> =
+        g.nodes.iter().filter(|n| n.op == "MatMul").filter_map(|n| n.inputs.get(1).map(String::as_str)).collect();
     g.constants
         .iter()
         .filter(|(_, t)| t.dtype == crate::ir::DType::F32)
         .map(|(n, t)| {
-            let per = if is_table(n) || t.len() < super::quant::MIN_QUANT_ELEMENTS { 4.0 } else { weight_bytes };
+            let per = if t.len() < super::quant::MIN_QUANT_ELEMENTS {
+                4.0
+            } else if is_table(n) {
+                2.0
+            } else if weight_bytes >= 1.0 {
+                weight_bytes
+            } else if t.shape.len() == 2 && linear.contains(n.as_str()) {
+                weight_bytes + 2.0 / 32.0
+            } else {
+                1.0
+            };
             per * t.len() as f64
         })
         .sum()
 }
 
-/// `o` without tables, because at the stored precision they outweigh what they replace.
+/// A graph's size when stored below f32 ([`stored_bytes`]) and its multiply-add FLOPs per
+/// inference: what `--tables auto` weighs for a graph stored below f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoredCost {
+    /// Stored bytes of its constants.
+    pub bytes: f64,
+    /// FLOPs per inference.
+    pub flops: u64,
+}
+
+impl StoredCost {
+    /// The cost of `g` stored at `weight_bytes` per weight.
+    pub fn of(g: &Graph, weight_bytes: f64) -> StoredCost {
+        StoredCost { bytes: stored_bytes(g, weight_bytes), flops: live_cost(g).1 }
+    }
+}
+
+/// Whether a graph stored below f32 keeps the tables `auto` would keep in f32: when they make it
+/// no larger, or grow it by a smaller share than the share of its FLOPs they save (memory bought
+/// for speed at no worse than one to one). The bench model's int8 graph grows by about 40 % for
+/// 57 % fewer FLOPs (kept: it runs 3x faster and peaks lower, the inputs' keys and values never
+/// exist); vision-perceiver-fourier's doubles for 7 % fewer (dropped).
+pub fn pay_at_stored_precision(without: StoredCost, with: StoredCost) -> bool {
+    if with.bytes <= without.bytes {
+        return true;
+    }
+    let growth = (with.bytes - without.bytes) / without.bytes.max(1.0);
+    let saved = without.flops.saturating_sub(with.flops) as f64 / (without.flops.max(1)) as f64;
+    growth <= saved
+}
+
+/// The numbers behind [`pay_at_stored_precision`], for the export report.
+pub fn stored_reason(without: StoredCost, with: StoredCost) -> String {
+    let saved = 100.0 * without.flops.saturating_sub(with.flops) as f64 / (without.flops.max(1)) as f64;
+    let growth = 100.0 * (with.bytes - without.bytes) / without.bytes.max(1.0);
+    if growth <= 0.0 {
+        format!("at the stored precision the graph is {:.0} % smaller with them", -growth)
+    } else {
+        format!("at the stored precision the graph grows by {growth:.0} % for {saved:.0} % fewer FLOPs")
+    }
+}
+
+/// `o` without tables, because at the stored precision they do not pay
+/// ([`pay_at_stored_precision`]).
 pub fn off_at_stored_precision(o: &PerfOptions) -> PerfOptions {
     PerfOptions {
         tables: Tables::None,
-        tables_off_reason: Some("auto: at the stored precision the f32 tables outweigh what they replace"),
+        tables_off_reason: Some("auto: at the stored precision the tables do not pay"),
         ..*o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(mib: f64, gflops: f64) -> StoredCost {
+        StoredCost { bytes: mib * 1048576.0, flops: (gflops * 1e9) as u64 }
+    }
+
+    #[test]
+    fn tables_pay_at_stored_precision_when_they_save_a_larger_share_of_flops_than_they_add_bytes() {
+        // Smaller with the tables: always kept, whatever the FLOPs.
+        assert!(pay_at_stored_precision(cost(4.0, 1.0), cost(3.9, 1.0)));
+        // The bench model at int8 (export report figures): +41 % bytes for -57 % FLOPs.
+        assert!(pay_at_stored_precision(cost(4.43, 2.47), cost(6.3, 1.07)));
+        // vision-perceiver-fourier at int8: twice the bytes for 7 % fewer FLOPs.
+        assert!(!pay_at_stored_precision(cost(59.1, 406.0), cost(120.5, 379.0)));
+        // Larger and no faster (no FLOPs, or more of them): dropped.
+        assert!(!pay_at_stored_precision(cost(4.0, 0.0), cost(4.1, 0.0)));
+        assert!(!pay_at_stored_precision(cost(4.0, 1.0), cost(4.1, 1.2)));
+        let why = stored_reason(cost(4.0, 2.0), cost(5.0, 1.0));
+        assert_eq!(why, "at the stored precision the graph grows by 25 % for 50 % fewer FLOPs");
     }
 }
