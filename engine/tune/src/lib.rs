@@ -758,6 +758,15 @@ pub fn table(r: &Report) -> String {
         r.host.cores,
         r.judged_on
     );
+    if r.judged_on != "measured" && r.precisions.iter().any(|p| p != "f32") {
+        let _ = writeln!(
+            s,
+            "precisions: not measured on the board; each is predicted at f32's compute rate, its fidelity \
+             measured on this {} host's kernels (x86 computes f16 in f32, an fp16 ARM board accumulates in \
+             f16): check the chosen file there with `perceiver-edge bench` and `compare`",
+            r.host.arch
+        );
+    }
     let _ = writeln!(s, "tables {}", r.tables);
     let _ = writeln!(
         s,
