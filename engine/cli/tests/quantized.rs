@@ -8,7 +8,7 @@
 //! held-out inputs and accuracy within 1 point; weight bytes <= 0.30x (int8), <= 0.55x (f16),
 //! <= 0.20x (q4) of f32.
 
-use perceiver_edge_runtime::{npy, to_vec, Session, Tensor};
+use perceiver_edge_runtime::{npy, Session, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,25 +23,6 @@ fn export(checkpoint: &Path, onnx: &Path, args: &[&str]) {
 
 fn run(onnx: &Path, inputs: Vec<Tensor>) -> Vec<Tensor> {
     Session::load(onnx).unwrap().run(inputs).unwrap()
-}
-
-/// (cosine similarity, max |a - b| / max |b|).
-fn metrics(a: &Tensor, b: &Tensor) -> (f64, f64) {
-    assert_eq!(a.shape(), b.shape());
-    let a: Vec<f32> = to_vec(a).unwrap();
-    let b: Vec<f32> = to_vec(b).unwrap();
-    let (mut dot, mut na, mut nb, mut maxd, mut maxb) = (0f64, 0f64, 0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(&b) {
-        let (x, y) = (*x as f64, *y as f64);
-        assert!(x.is_finite(), "non-finite output");
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-        maxd = maxd.max((x - y).abs());
-        maxb = maxb.max(y.abs());
-    }
-    let cos = if na > 0.0 && nb > 0.0 { dot / (na.sqrt() * nb.sqrt()) } else { (na == nb) as u8 as f64 };
-    (cos, if maxb > 0.0 { maxd / maxb } else { maxd })
 }
 
 /// Bytes of the constants of an exported graph (from the summary it stores).

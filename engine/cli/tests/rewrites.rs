@@ -242,10 +242,8 @@ fn tables_below_f32_are_kept_where_they_pay() {
     // The kept tables (stored f16, run in f32) keep int8's fidelity.
     std::fs::create_dir(file("out")).unwrap();
     run(&file("int8.onnx"), &[x], &file("out"));
-    let (got, want) = (read(&file("out/logits.npy")), read(&want));
-    let dot: f64 = got.iter().zip(&want).map(|(a, b)| *a as f64 * *b as f64).sum();
-    let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-    let cos = dot / (norm(&got) * norm(&want));
+    let (got, want) = (npy::read_npy(&file("out/logits.npy")).unwrap(), npy::read_npy(&want).unwrap());
+    let (cos, _) = common::metrics(&got, &want);
     assert!(cos >= 0.999, "int8 with tables: cosine {cos:.6} to transformers");
 }
 

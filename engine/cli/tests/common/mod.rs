@@ -161,3 +161,22 @@ pub fn require_train_python(test: &str) -> Option<PathBuf> {
     }
     p
 }
+
+/// (cosine similarity, max |a - b| / max |b|).
+pub fn metrics(a: &perceiver_edge_runtime::Tensor, b: &perceiver_edge_runtime::Tensor) -> (f64, f64) {
+    assert_eq!(a.shape(), b.shape());
+    let a: Vec<f32> = perceiver_edge_runtime::to_vec(a).unwrap();
+    let b: Vec<f32> = perceiver_edge_runtime::to_vec(b).unwrap();
+    let (mut dot, mut na, mut nb, mut maxd, mut maxb) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let (x, y) = (*x as f64, *y as f64);
+        assert!(x.is_finite(), "non-finite output");
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+        maxd = maxd.max((x - y).abs());
+        maxb = maxb.max(y.abs());
+    }
+    let cos = if na > 0.0 && nb > 0.0 { dot / (na.sqrt() * nb.sqrt()) } else { (na == nb) as u8 as f64 };
+    (cos, if maxb > 0.0 { maxd / maxb } else { maxd })
+}
