@@ -40,6 +40,12 @@ pub fn is_table(name: &str) -> bool {
 /// Constant bytes and multiply-add FLOPs of what the outputs depend on (what the final prune
 /// keeps), measured on a copy of the graph without the constants' data.
 pub fn live_cost(g: &Graph) -> (usize, u64) {
+    let (bytes, cost) = live(g);
+    (bytes, cost.flops.iter().map(|(_, f)| f).sum())
+}
+
+/// Constant bytes and [`crate::summary::Cost`] of what the outputs depend on.
+fn live(g: &Graph) -> (usize, crate::summary::Cost) {
     let mut s = Graph::default();
     s.inputs = g.inputs.clone();
     s.outputs = g.outputs.clone();
@@ -53,7 +59,7 @@ pub fn live_cost(g: &Graph) -> (usize, u64) {
     let len: std::collections::HashMap<&str, usize> =
         g.constants.iter().map(|(n, t)| (n.as_str(), t.byte_len())).collect();
     let bytes = s.constants.iter().map(|(n, _)| len.get(n.as_str()).copied().unwrap_or(0)).sum();
-    (bytes, crate::summary::cost(&s).flops.iter().map(|(_, f)| f).sum())
+    (bytes, crate::summary::cost(&s))
 }
 
 /// What one table rewrite did to a graph.
@@ -232,20 +238,33 @@ pub fn stored_bytes(g: &Graph, weight_bytes: f64) -> f64 {
         .sum()
 }
 
-/// A graph's size when stored below f32 ([`stored_bytes`]) and its multiply-add FLOPs per
-/// inference: what `--tables auto` weighs for a graph stored below f32.
+/// A graph's size when stored below f32 ([`stored_bytes`]), its multiply-add FLOPs per
+/// inference and its largest activation: what `--tables auto` weighs for a graph stored below f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StoredCost {
     /// Stored bytes of its constants.
     pub bytes: f64,
     /// FLOPs per inference.
     pub flops: u64,
+    /// Bytes of its largest intermediate value.
+    pub activation: f64,
 }
 
 impl StoredCost {
     /// The cost of `g` stored at `weight_bytes` per weight.
     pub fn of(g: &Graph, weight_bytes: f64) -> StoredCost {
-        StoredCost { bytes: stored_bytes(g, weight_bytes), flops: live_cost(g).1 }
+        let (_, cost) = live(g);
+        StoredCost {
+            bytes: stored_bytes(g, weight_bytes),
+            flops: cost.flops.iter().map(|(_, f)| f).sum(),
+            activation: cost.largest_activation.1 as f64,
+        }
+    }
+
+    /// Memory a run needs, as `tune` and the memory bounds model it: the stored constants plus
+    /// twice the largest activation (the runtime's base left out: the same either way).
+    pub fn run_bytes(&self) -> f64 {
+        self.bytes + 2.0 * self.activation
     }
 }
 
@@ -258,26 +277,31 @@ fn shares(without: StoredCost, with: StoredCost) -> (f64, f64) {
 
 /// Whether a graph stored below f32 keeps the tables `auto` would keep in f32: when they make it
 /// no larger, or grow it by a smaller share than the share of its FLOPs they save (memory bought
-/// for speed at no worse than one to one). The bench model's int8 graph grows by 42 % for 57 %
-/// fewer FLOPs (kept: it runs 3x faster and peaks lower, the inputs' keys and values never
-/// exist); vision-perceiver-fourier's by 64 % for 3 % fewer (dropped).
+/// for speed at no worse than one to one), or save FLOPs and make a run need no more memory
+/// ([`StoredCost::run_bytes`]: the activations they remove outweigh the bytes they add). The
+/// bench model's int8 graph grows by 42 % for 57 % fewer FLOPs (kept: it runs 3x faster and
+/// peaks lower, the inputs' keys and values never exist); its q4 graph by 65 % for 57 %, but a
+/// run needs 20 % less memory (kept); vision-perceiver-fourier's by 64 % for 3 % fewer, and its
+/// largest activation doubles (dropped).
 pub fn pay_at_stored_precision(without: StoredCost, with: StoredCost) -> bool {
     let (growth, saved) = shares(without, with);
-    growth <= 0.0 || growth <= saved
+    growth <= 0.0 || growth <= saved || (saved > 0.0 && with.run_bytes() <= without.run_bytes())
 }
 
 /// The numbers behind [`pay_at_stored_precision`], for the export report.
 pub fn stored_reason(without: StoredCost, with: StoredCost) -> String {
     let (growth, saved) = shares(without, with);
     if growth <= 0.0 {
-        format!("at the stored precision the graph is {:.0} % smaller with them", -100.0 * growth)
-    } else {
-        format!(
-            "at the stored precision the graph grows by {:.0} % for {:.0} % fewer FLOPs",
-            100.0 * growth,
-            100.0 * saved
-        )
+        return format!("at the stored precision the graph is {:.0} % smaller with them", -100.0 * growth);
     }
+    let run = with.run_bytes() / without.run_bytes().max(1.0) - 1.0;
+    format!(
+        "at the stored precision the graph grows by {:.0} % for {:.0} % fewer FLOPs, and a run needs {:.0} % {} memory",
+        100.0 * growth,
+        100.0 * saved,
+        100.0 * run.abs(),
+        if run <= 0.0 { "less" } else { "more" }
+    )
 }
 
 /// `o` without tables, because at the stored precision they do not pay
@@ -295,7 +319,11 @@ mod tests {
     use super::*;
 
     fn cost(mib: f64, gflops: f64) -> StoredCost {
-        StoredCost { bytes: mib * 1048576.0, flops: (gflops * 1e9) as u64 }
+        cost_run(mib, gflops, 0.0)
+    }
+
+    fn cost_run(mib: f64, gflops: f64, activation_mib: f64) -> StoredCost {
+        StoredCost { bytes: mib * 1048576.0, flops: (gflops * 1e9) as u64, activation: activation_mib * 1048576.0 }
     }
 
     #[test]
@@ -311,6 +339,28 @@ mod tests {
         assert!(!pay_at_stored_precision(cost(4.0, 0.0), cost(4.1, 0.0)));
         assert!(!pay_at_stored_precision(cost(4.0, 1.0), cost(4.1, 1.2)));
         let why = stored_reason(cost(4.0, 2.0), cost(5.0, 1.0));
-        assert_eq!(why, "at the stored precision the graph grows by 25 % for 50 % fewer FLOPs");
+        assert_eq!(
+            why,
+            "at the stored precision the graph grows by 25 % for 50 % fewer FLOPs, and a run needs 25 % more memory"
+        );
+    }
+
+    #[test]
+    fn tables_pay_at_stored_precision_when_a_run_needs_less_memory_with_them() {
+        // The bench model at q4 (export report figures): +65 % bytes for 57 % fewer FLOPs, but
+        // the largest activation halves: 3.4 + 2 x 4.1 MiB without, 5.6 + 2 x 2.0 with.
+        let (without, with) = (cost_run(3.4, 2.47, 4.08), cost_run(5.6, 1.07, 2.0));
+        assert!(!pay_at_stored_precision(cost(3.4, 2.47), cost(5.6, 1.07)), "on bytes and FLOPs alone: dropped");
+        assert!(pay_at_stored_precision(without, with));
+        assert!(
+            stored_reason(without, with).ends_with("and a run needs 17 % less memory"),
+            "{}",
+            stored_reason(without, with)
+        );
+        // vision-perceiver-fourier at q4: twice the bytes, 3 % fewer FLOPs, the largest
+        // activation 50 -> 98 MiB: dropped.
+        assert!(!pay_at_stored_precision(cost_run(45.0, 406.0, 50.0), cost_run(89.0, 394.0, 98.0)));
+        // Less memory but no FLOPs saved: nothing bought, dropped.
+        assert!(!pay_at_stored_precision(cost_run(4.0, 1.0, 4.0), cost_run(5.0, 1.0, 2.0)));
     }
 }
