@@ -5,8 +5,8 @@
 
 use perceiver_edge_runtime::{
     f32_packed_kernel, int8_matmul_kernel, npy, set_attention, set_epilogues, set_f32_packed, set_gemm_matmul,
-    set_int8_matmul, set_layer_norm_rows, set_q4_matmul, set_reference_order, set_softmax_rows, set_spin, set_threads,
-    to_vec, Session, Tensor,
+    set_int8_matmul, set_layer_norm_rows, set_q4_decoded, set_q4_matmul, set_reference_order, set_softmax_rows,
+    set_spin, set_threads, to_vec, Session, Tensor,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -500,6 +500,42 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
     set_threads(1).unwrap();
     assert!(n >= 19, "fixtures missing: {n} cases");
     assert!(with_kernel >= n, "GemmQ4 ran in only {with_kernel} of {} runs", 2 * n);
+}
+
+/// 4-bit weights decoded into f32 at load (`q4_matmul::decode_weights`, what `--device cuda` does
+/// before tract-cuda sees the graph) against the 4-bit products, on every fixture's q4 export: the
+/// same decoded values, so the outputs differ by the order of the sums only; no 4-bit product
+/// runs and the resident weights grow (f32 instead of 4.5 bits a weight).
+#[test]
+fn q4_weights_decoded_at_load_agree_with_the_4_bit_products_on_every_fixture() {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for c in cases() {
+        let (fixture, case) = (&c.fixture, &c.name);
+        let (onnx, inputs) = export_at(tmp.path(), &c, "q4");
+        let run_with = |decoded: bool| {
+            set_q4_decoded(decoded);
+            run_counting(&onnx, &inputs, 1, "GemmQ4")
+        };
+        let (want, _, resident_4bit) = run_with(false);
+        let (got, used, resident) = run_with(true);
+        set_q4_decoded(false);
+        assert!(!used, "{fixture}/{case}: a 4-bit product ran with the weights decoded");
+        assert!(resident > resident_4bit, "{fixture}/{case}: resident {resident} B decoded, {resident_4bit} B 4-bit");
+        let mut worst = 0f64;
+        for (t, g) in want.iter().zip(&got) {
+            let scale = t.iter().fold(0f64, |m, v| m.max((*v as f64).abs()));
+            for (i, (a, b)) in t.iter().zip(g).enumerate() {
+                let e = (*a as f64 - *b as f64).abs();
+                assert!(e <= 1e-5 * (1.0 + scale), "{fixture}/{case} [{i}]: decoded {b} vs 4-bit {a}");
+                worst = worst.max(e);
+            }
+        }
+        eprintln!("{fixture:>15}/{case:<7} q4 |decoded - 4-bit| {worst:.2e}, resident {resident_4bit} -> {resident} B");
+        n += 1;
+    }
+    assert!(n >= 19, "fixtures missing: {n} cases");
 }
 
 /// The runtime's int8 product (`Int8MatMul`, `MatMulInteger -> Cast -> Mul` in one op, on AMX

@@ -229,6 +229,10 @@ impl Switch {
         Switch(std::sync::atomic::AtomicBool::new(true))
     }
 
+    pub(crate) const fn off() -> Switch {
+        Switch(std::sync::atomic::AtomicBool::new(false))
+    }
+
     pub(crate) fn get(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -259,6 +263,13 @@ pub fn set_gemm_matmul(on: bool) {
 /// kernels. For comparisons; outputs differ by rounding only (see `q4_matmul.rs`).
 pub fn set_q4_matmul(on: bool) {
     q4_matmul::ENABLED.set(on);
+}
+
+/// Whether models loaded from now on decode their 4-bit (Q4_0) weights into f32 at load on the CPU
+/// as well (`false`, the default: they stay 4-bit), as `--device cuda` always does. For
+/// comparisons; outputs differ by rounding only (see `q4_matmul::decode_weights`).
+pub fn set_q4_decoded(on: bool) {
+    q4_matmul::DECODE_AT_LOAD.set(on);
 }
 
 /// Whether models loaded from now on compute int8 products (`MatMulInteger`, its cast and its
@@ -432,13 +443,16 @@ impl Device {
 /// Prepares a typed model with tract-cuda's runtime (CUDA transform, optimisation, device
 /// memory handling); the result is an ordinary tract plan whose ops run on the GPU.
 #[cfg(any(feature = "cuda", feature = "cuda-13"))]
-fn cuda_plan(typed: TypedModel) -> std::result::Result<Plan, String> {
+fn cuda_plan(mut typed: TypedModel) -> std::result::Result<Plan, String> {
     // Naming the crate links it, so its runtime registers itself with tract-core.
     std::hint::black_box(&tract_cuda::CudaTransform);
     let runtime = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
         // `{:#}`: the whole cause chain on one line (which library or driver check failed).
         .map_err(|e| format!("CUDA is not usable here: {}", format!("{e:#}").replace('\n', " ")))?
         .ok_or("this build has no CUDA runtime registered")?;
+    // tract-cuda's 4-bit products do not reproduce the CPU's results; its f32 products do.
+    q4_matmul::decode_weights(&mut typed)
+        .map_err(|e| format!("cannot decode the 4-bit weights: {}", first_line(&e)))?;
     let model = typed.into_decluttered().map_err(|e| format!("cannot declutter the graph: {}", first_line(&e)))?;
     let runnable = runtime
         .prepare(model)
@@ -663,6 +677,9 @@ impl Session {
         let plan: Plan = match device {
             Device::Cpu => f16_as_f32::apply(&mut typed)
                 .and_then(|widened| {
+                    if q4_matmul::DECODE_AT_LOAD.get() {
+                        q4_matmul::decode_weights(&mut typed)?;
+                    }
                     f16_in_f32 = widened;
                     pack_once::optimize(typed, pack_once::ENABLED.get(), |m| {
                         if gemm_matmul::ENABLED.get() {

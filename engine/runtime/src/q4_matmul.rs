@@ -589,6 +589,35 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     Ok(count)
 }
 
+/// Whether models loaded from now on decode every Q4_0 weight into f32 at load on the CPU too, as
+/// `--device cuda` always does (see [`decode_weights`]). Off by default; for comparisons.
+pub(crate) static DECODE_AT_LOAD: crate::Switch = crate::Switch::off();
+
+/// Replaces every Q4_0 block-quantised constant of `model` by its f32 values (`(nibble - 8) x
+/// scale`, what the CPU's products use), so that the products read a plain f32 weight; returns
+/// how many. For `--device cuda`: tract-cuda's 4-bit products did not reproduce the CPU's results
+/// (2e-2 to 2.7 apart on the q4 fixtures, an H100), its f32 products did (5.8e-6). The weight then
+/// takes 8x its 4-bit bytes in the device's memory.
+pub(crate) fn decode_weights(model: &mut TypedModel) -> TractResult<usize> {
+    let q4: &dyn BlockQuant = &Q4_0;
+    let is_q4 = |n: &TypedNode| {
+        let c = n.op_as::<Const>()?;
+        c.val().storage_as::<BlockQuantStorage>().filter(|s| *s.format() == *q4).map(|_| c.val().clone())
+    };
+    let found: Vec<(usize, Arc<Tensor>)> = model.nodes().iter().filter_map(|n| Some((n.id, is_q4(n)?))).collect();
+    for (id, weight) in &found {
+        let storage = weight.storage_as::<BlockQuantStorage>().context("a Q4_0 constant")?;
+        let decoded = Q4_0.dequant_f32(storage.value())?.into_shape(weight.shape())?.into_arc_tensor();
+        let node = model.node_mut(*id);
+        node.outputs[0].fact = TypedFact::try_from(decoded.clone())?;
+        node.op = Box::new(Const::new(decoded)?);
+    }
+    if !found.is_empty() {
+        model.refresh_output_facts()?;
+    }
+    Ok(found.len())
+}
+
 /// Reorders each [`GemmQ4`]'s weight into [`Panels`], one weight at a time (every op reading it
 /// given the same copy), so that tract's copy is dropped before the next is reordered.
 fn to_panels(model: &mut TypedModel) -> TractResult<()> {
