@@ -95,6 +95,9 @@ pub(crate) enum Kernel {
     Avx2Narrow,
     /// AVX-512 VNNI `vpdpbusd` on the bytes (the 7-bit layout, any weights).
     Vnni,
+    /// AVX-VNNI `vpdpbusd` on 256-bit registers (the 7-bit layout and tiles, any weights): Intel
+    /// CPUs with AVX-VNNI but no AVX-512 (Alder Lake and later client parts, Alder Lake-N).
+    AvxVnni,
     /// Plain Rust over the tile layout: the reference the tests hold the others to.
     #[cfg_attr(not(test), allow(dead_code))]
     Plain,
@@ -108,6 +111,7 @@ impl Kernel {
             Kernel::Avx2 => "AVX2",
             Kernel::Avx2Narrow => "AVX2, 7-bit weights",
             Kernel::Vnni => "AVX-512 VNNI",
+            Kernel::AvxVnni => "AVX-VNNI",
             Kernel::Plain => "plain",
         }
     }
@@ -148,7 +152,7 @@ fn block_bytes(kernel: Kernel, k: usize) -> usize {
         // Two panels, each 2 x 16 bytes per pair of `k`.
         Kernel::Avx2 => 2 * k.div_ceil(2) * 2 * PANEL,
         // Two panels, each 4 x 16 bytes per four values of `k`.
-        Kernel::Avx2Narrow | Kernel::Vnni => 2 * k.div_ceil(4) * 4 * PANEL,
+        Kernel::Avx2Narrow | Kernel::Vnni | Kernel::AvxVnni => 2 * k.div_ceil(4) * 4 * PANEL,
     }
 }
 
@@ -171,7 +175,7 @@ fn pack(kernel: Kernel, k: usize, n: usize, w: impl Fn(usize, usize) -> i8) -> P
                     let (panel, half, c) = (col / PANEL, (col % PANEL) / 8, col % 8);
                     (panel * kp + row / 2) * 2 * PANEL + half * PANEL + 2 * c + row % 2
                 }
-                Kernel::Avx2Narrow | Kernel::Vnni => {
+                Kernel::Avx2Narrow | Kernel::Vnni | Kernel::AvxVnni => {
                     let (panel, half, c) = (col / PANEL, (col % PANEL) / 8, col % 8);
                     (panel * kq + row / 4) * 4 * PANEL + half * 2 * PANEL + 4 * c + row % 4
                 }
@@ -218,8 +222,7 @@ pub(crate) fn has_amx() -> bool {
 }
 
 /// The kernel the products run on here: AMX tiles where the CPU has them, else AVX-512 VNNI, else
-/// AVX2 where it has no VNNI at all; none (tract's kernels) elsewhere, AVX-VNNI without AVX-512
-/// included.
+/// AVX-VNNI, else AVX2; none (tract's kernels) elsewhere.
 pub(crate) fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -229,8 +232,10 @@ pub(crate) fn kernel() -> Option<Kernel> {
         if has_avx512_vnni() {
             return Some(Kernel::Vnni);
         }
-        let vnni = std::is_x86_feature_detected!("avx512vnni") || tract_linalg::x86_64::avxvnni::has_avxvnni();
-        if std::is_x86_feature_detected!("avx2") && !vnni {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("avxvnni") {
+            return Some(Kernel::AvxVnni);
+        }
+        if std::is_x86_feature_detected!("avx2") && !std::is_x86_feature_detected!("avx512vnni") {
             return Some(Kernel::Avx2);
         }
     }
@@ -484,6 +489,78 @@ unsafe fn block_vnni(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: us
     }
 }
 
+/// A 256-bit VNNI kernel, [`tile_narrow`] and [`block_narrow`] with `vpdpbusd` (four u8 x i8
+/// products into each i32 lane, no saturation: exact for any weights) for the multiply and the
+/// adds: `$tile` and `$block` compiled for `$features` with the instruction's `$dot` form.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vnni256 {
+    ($tile:ident, $block:ident, $features:literal, $dot:ident) => {
+        /// One tile of [`Kernel::AvxVnni`] (see the macro `vnni256`).
+        ///
+        /// # Safety
+        /// As [`tile_narrow`], any weights; the target features available.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $tile<const R: usize>(a: *const u8, lda: usize, b: *const u8, kq: usize, out: *mut i32) {
+            use std::arch::x86_64::*;
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for q in 0..kq {
+                let w = b.add(q * 4 * PANEL);
+                let w0 = _mm256_loadu_si256(w as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(2 * PANEL) as *const __m256i);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32((a.add(r * lda + 4 * q) as *const i32).read_unaligned());
+                    acc[0] = $dot(acc[0], x, w0);
+                    acc[1] = $dot(acc[1], x, w1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_si256(out.add(r * BLOCK) as *mut __m256i, acc[0]);
+                _mm256_storeu_si256(out.add(r * BLOCK + 8) as *mut __m256i, acc[1]);
+            }
+        }
+
+        /// A block's sums on [`Kernel::AvxVnni`] (see the macro `vnni256`).
+        ///
+        /// # Safety
+        /// As [`block_narrow`], any weights; the target features available.
+        #[target_feature(enable = $features)]
+        unsafe fn $block(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: usize, c: &mut Sums) {
+            for half in 0..2 {
+                let b = b.add(half * kq * 4 * PANEL);
+                let mut r = 0;
+                while r < rows {
+                    let (a, out) = (a.add(r * lda), c.0.as_mut_ptr().add(r * BLOCK + half * PANEL));
+                    match rows - r {
+                        1 => $tile::<1>(a, lda, b, kq, out),
+                        2 => $tile::<2>(a, lda, b, kq, out),
+                        3 => $tile::<3>(a, lda, b, kq, out),
+                        4 => $tile::<4>(a, lda, b, kq, out),
+                        5 => $tile::<5>(a, lda, b, kq, out),
+                        _ => $tile::<TILE_ROWS>(a, lda, b, kq, out),
+                    }
+                    r += TILE_ROWS;
+                }
+            }
+        }
+    };
+}
+
+// The VEX form (AVX-VNNI), which the kernel runs on, and the EVEX form of the same instruction
+// (AVX-512 VNNI with VL), which runs it on AVX-512 CPUs without AVX-VNNI (the tests there).
+#[cfg(target_arch = "x86_64")]
+vnni256!(tile_avx_vnni, block_avx_vnni, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+#[cfg(target_arch = "x86_64")]
+vnni256!(tile_avx_vnni_evex, block_avx_vnni_evex, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
+
+/// Whether [`Kernel::AvxVnni`]'s instruction runs here, in one of its two forms.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn runs_avx_vnni() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && (std::is_x86_feature_detected!("avxvnni")
+            || (std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")))
+}
+
 /// Whether every weight has 7 bits (-64..=63), so that [`Kernel::Avx2Narrow`] is exact for it
 /// (as onnxruntime's quantiser writes them with `reduce_range`).
 fn seven_bits(w: &[i8]) -> bool {
@@ -550,7 +627,7 @@ unsafe fn finish_with(kernel: Kernel, sums: &Sums, rows: usize, c: *mut f32, ldc
     #[cfg(target_arch = "x86_64")]
     match kernel {
         Kernel::Amx | Kernel::Vnni => return finish_avx512(sums, rows, c, ldc, bias, factor),
-        Kernel::Avx2 | Kernel::Avx2Narrow => return finish_avx2(sums, rows, c, ldc, bias, factor),
+        Kernel::Avx2 | Kernel::Avx2Narrow | Kernel::AvxVnni => return finish_avx2(sums, rows, c, ldc, bias, factor),
         Kernel::Plain => {}
     }
     let _ = kernel;
@@ -622,10 +699,15 @@ impl Int8MatMul {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2Narrow | Kernel::Vnni => {
+            Kernel::Avx2Narrow | Kernel::Vnni | Kernel::AvxVnni => {
                 // The bytes read in place (or from the zero-padded copy to whole fours of `k`).
                 let kq = self.k.div_ceil(4);
-                let block_sums = if kernel == Kernel::Vnni { block_vnni } else { block_narrow };
+                let block_sums = match kernel {
+                    Kernel::Vnni => block_vnni,
+                    Kernel::AvxVnni if std::is_x86_feature_detected!("avxvnni") => block_avx_vnni,
+                    Kernel::AvxVnni => block_avx_vnni_evex,
+                    _ => block_narrow,
+                };
                 for block in blocks.clone() {
                     let rows = BLOCK.min(self.m - block * BLOCK);
                     let a = a.add(block * BLOCK * bufs.lda);
@@ -678,13 +760,13 @@ impl Int8MatMul {
         // fill them, else from a zero-padded copy. AVX2 widens each block's rows as it goes.
         let lda = match self.packed.kernel {
             Kernel::Avx2 => self.k,
-            Kernel::Avx2Narrow | Kernel::Vnni => self.k.div_ceil(4) * 4,
+            Kernel::Avx2Narrow | Kernel::Vnni | Kernel::AvxVnni => self.k.div_ceil(4) * 4,
             _ => self.k.div_ceil(TILE_K) * TILE_K,
         };
         let padded;
         let in_place = match self.packed.kernel {
             Kernel::Avx2 => true,
-            Kernel::Avx2Narrow | Kernel::Vnni => lda == self.k,
+            Kernel::Avx2Narrow | Kernel::Vnni | Kernel::AvxVnni => lda == self.k,
             _ => lda == self.k && self.m.is_multiple_of(BLOCK),
         };
         let a = if in_place {
@@ -1086,6 +1168,19 @@ mod tests {
             return check(Kernel::Vnni);
         }
         eprintln!("no AVX-512 VNNI here: its kernel not run");
+    }
+
+    /// AVX-VNNI's tiles, in the VEX form where the CPU has AVX-VNNI, else in the EVEX form of the
+    /// same instruction (AVX-512 VNNI with VL): the same code but for the instruction's encoding.
+    #[test]
+    fn avx_vnni_matches_the_definition() {
+        #[cfg(target_arch = "x86_64")]
+        if runs_avx_vnni() {
+            let form = if std::is_x86_feature_detected!("avxvnni") { "VEX" } else { "EVEX" };
+            eprintln!("AVX-VNNI tiles in the {form} form");
+            return check(Kernel::AvxVnni);
+        }
+        eprintln!("no AVX-VNNI or AVX-512 VNNI with VL here: its kernel not run");
     }
 
     #[test]
