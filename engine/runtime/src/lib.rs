@@ -293,7 +293,7 @@ pub fn f32_packed_kernel() -> bool {
 }
 
 /// The runtime's int8 product kernel for the CPU running this process (`"AMX"` tiles,
-/// `"AVX-512 VNNI"`, `"AVX2"` without VNNI), or `None` where int8 products stay with tract's
+/// `"AVX-512 VNNI"`, `"AVX-VNNI"`, `"AVX2"`), or `None` where int8 products stay with tract's
 /// kernels.
 pub fn int8_matmul_kernel() -> Option<&'static str> {
     int8_matmul::kernel().map(|k| k.name())
