@@ -455,6 +455,21 @@ fn spinning_threads_are_bit_identical() {
     bit_identical_with(set_spin, "spinning threads", &["f32", "q4"], 2);
 }
 
+/// Asserts every output value of `got` within 1e-5 x (1 + the largest |value| of its output) of
+/// `want`'s (`what` names the comparison); returns the largest difference.
+fn within_1e5(want: &[Vec<f32>], got: &[Vec<f32>], what: &str) -> f64 {
+    let mut worst = 0f64;
+    for (t, g) in want.iter().zip(got) {
+        let scale = t.iter().fold(0f64, |m, v| m.max((*v as f64).abs()));
+        for (i, (a, b)) in t.iter().zip(g).enumerate() {
+            let e = (*a as f64 - *b as f64).abs();
+            assert!(e <= 1e-5 * (1.0 + scale), "{what} [{i}]: {b} against {a}");
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
 /// The runtime's 4-bit product (`GemmQ4`) against tract's Q4_0 kernel, on every fixture's q4
 /// export: the same decoded weights in both, so the outputs differ by the order of the sums only.
 #[test]
@@ -481,15 +496,8 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
                 "{fixture}/{case}: resident {resident} B with GemmQ4, {tract_resident} B without"
             );
             with_kernel += used as usize;
-            let mut worst = 0f64;
-            for (t, g) in tract.iter().zip(&got) {
-                let scale = t.iter().fold(0f64, |m, v| m.max((*v as f64).abs()));
-                for (i, (a, b)) in t.iter().zip(g).enumerate() {
-                    let e = (*a as f64 - *b as f64).abs();
-                    assert!(e <= 1e-5 * (1.0 + scale), "{fixture}/{case} [{i}] at {threads} threads: {b} vs tract {a}");
-                    worst = worst.max(e);
-                }
-            }
+            let worst =
+                within_1e5(&tract, &got, &format!("{fixture}/{case} at {threads} threads, GemmQ4 against tract"));
             eprintln!(
                 "{fixture:>15}/{case:<7} q4 |GemmQ4 - tract| {worst:.2e} ({threads} threads, kernel used: {used})"
             );
@@ -523,15 +531,7 @@ fn q4_weights_decoded_at_load_agree_with_the_4_bit_products_on_every_fixture() {
         set_q4_decoded(false);
         assert!(!used, "{fixture}/{case}: a 4-bit product ran with the weights decoded");
         assert!(resident > resident_4bit, "{fixture}/{case}: resident {resident} B decoded, {resident_4bit} B 4-bit");
-        let mut worst = 0f64;
-        for (t, g) in want.iter().zip(&got) {
-            let scale = t.iter().fold(0f64, |m, v| m.max((*v as f64).abs()));
-            for (i, (a, b)) in t.iter().zip(g).enumerate() {
-                let e = (*a as f64 - *b as f64).abs();
-                assert!(e <= 1e-5 * (1.0 + scale), "{fixture}/{case} [{i}]: decoded {b} vs 4-bit {a}");
-                worst = worst.max(e);
-            }
-        }
+        let worst = within_1e5(&want, &got, &format!("{fixture}/{case}, decoded against 4-bit"));
         eprintln!("{fixture:>15}/{case:<7} q4 |decoded - 4-bit| {worst:.2e}, resident {resident_4bit} -> {resident} B");
         n += 1;
     }

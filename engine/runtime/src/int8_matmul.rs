@@ -366,65 +366,91 @@ unsafe fn block_avx2(a: *const i16, lda: usize, rows: usize, b: *const u8, kp: u
     }
 }
 
-/// One AVX2 tile for 7-bit weights: the sums of `R` rows of `a` (bytes, `lda` apart, `4 kq` each)
-/// by one packed panel `b` (16 columns, `kq` fours of `k`), stored to `out` (rows [`BLOCK`]
-/// apart). `vpmaddubsw` adds two byte products in 16 bits with saturation; with activations at
-/// most 255 and weights within -64..=63 the pair is within -32640..=32130, never saturated.
+/// Tiles over the 7-bit layout (per 16 columns and four values of `k`, each 32-bit lane a column's
+/// four weights): `$tile` computes the sums of `R` rows of `a` (bytes, `lda` apart, `4 kq` each) by
+/// one packed panel `b` (16 columns, `kq` fours of `k`) into `out` (rows [`BLOCK`] apart), each
+/// step adding a lane's four products with `$dot`; `$block` a block's first `rows` rows (at most
+/// 32) by its two panels. Both compiled for `$features`.
+///
+/// # Safety (of the functions)
+/// The target features available; `a` readable for `rows` rows of `4 kq` bytes, `b` for
+/// `2 * kq * 64` bytes, weights as `$dot` requires.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiles_by_fours {
+    ($tile:ident, $block:ident, $features:literal, $dot:ident) => {
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $tile<const R: usize>(a: *const u8, lda: usize, b: *const u8, kq: usize, out: *mut i32) {
+            use std::arch::x86_64::*;
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for q in 0..kq {
+                let w = b.add(q * 4 * PANEL);
+                // Columns 0..8 and 8..16, each lane a column's four weights.
+                let w0 = _mm256_loadu_si256(w as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(2 * PANEL) as *const __m256i);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // The row's four activations of this step, in every lane.
+                    let x = _mm256_set1_epi32((a.add(r * lda + 4 * q) as *const i32).read_unaligned());
+                    acc[0] = $dot(acc[0], x, w0);
+                    acc[1] = $dot(acc[1], x, w1);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_si256(out.add(r * BLOCK) as *mut __m256i, acc[0]);
+                _mm256_storeu_si256(out.add(r * BLOCK + 8) as *mut __m256i, acc[1]);
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $block(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: usize, c: &mut Sums) {
+            for half in 0..2 {
+                let b = b.add(half * kq * 4 * PANEL);
+                let mut r = 0;
+                while r < rows {
+                    let (a, out) = (a.add(r * lda), c.0.as_mut_ptr().add(r * BLOCK + half * PANEL));
+                    match rows - r {
+                        1 => $tile::<1>(a, lda, b, kq, out),
+                        2 => $tile::<2>(a, lda, b, kq, out),
+                        3 => $tile::<3>(a, lda, b, kq, out),
+                        4 => $tile::<4>(a, lda, b, kq, out),
+                        5 => $tile::<5>(a, lda, b, kq, out),
+                        _ => $tile::<TILE_ROWS>(a, lda, b, kq, out),
+                    }
+                    r += TILE_ROWS;
+                }
+            }
+        }
+    };
+}
+
+/// `acc` plus each lane's four byte products, for weights of 7 bits: `vpmaddubsw` adds two byte
+/// products in 16 bits with saturation; with activations at most 255 and weights within -64..=63
+/// the pair is within -32640..=32130, never saturated; `vpmaddwd` by ones adds the pairs in 32.
 ///
 /// # Safety
-/// AVX2 available; `a` readable for `R` rows of `4 kq` bytes, `b` for `kq * 64` bytes of weights
-/// within -64..=63, `out` writable for `R` rows of 16.
+/// AVX2 available.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_narrow<const R: usize>(a: *const u8, lda: usize, b: *const u8, kq: usize, out: *mut i32) {
+unsafe fn dot_narrow(
+    acc: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+    w: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_si256(); 2]; R];
-    for q in 0..kq {
-        let w = b.add(q * 4 * PANEL);
-        // Columns 0..8 and 8..16, each lane a column's four weights.
-        let w0 = _mm256_loadu_si256(w as *const __m256i);
-        let w1 = _mm256_loadu_si256(w.add(2 * PANEL) as *const __m256i);
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // The row's four activations of this step, in every lane.
-            let x = _mm256_set1_epi32((a.add(r * lda + 4 * q) as *const i32).read_unaligned());
-            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
-            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        _mm256_storeu_si256(out.add(r * BLOCK) as *mut __m256i, acc[0]);
-        _mm256_storeu_si256(out.add(r * BLOCK + 8) as *mut __m256i, acc[1]);
-    }
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
 }
 
-/// The sums of a block's first `rows` rows for 7-bit weights: `a` those rows (`lda` apart, `4 kq`
-/// bytes each), `b` the block's two packed panels.
-///
-/// # Safety
-/// AVX2 available; `a` readable for `rows` rows of `4 kq` bytes, `b` for `2 * kq * 64` bytes of
-/// weights within -64..=63; `rows <= 32`.
+// AVX2 for 7-bit weights ([`Kernel::Avx2Narrow`]); AVX-VNNI's `vpdpbusd` (four u8 x i8 products
+// into each i32 lane, no saturation: exact for any weights) in its VEX form ([`Kernel::AvxVnni`]),
+// and in the EVEX form of the same instruction (AVX-512 VNNI with VL), which runs it on AVX-512
+// CPUs without AVX-VNNI (the tests there).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn block_narrow(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: usize, c: &mut Sums) {
-    for half in 0..2 {
-        let b = b.add(half * kq * 4 * PANEL);
-        let mut r = 0;
-        while r < rows {
-            let (a, out) = (a.add(r * lda), c.0.as_mut_ptr().add(r * BLOCK + half * PANEL));
-            match rows - r {
-                1 => tile_narrow::<1>(a, lda, b, kq, out),
-                2 => tile_narrow::<2>(a, lda, b, kq, out),
-                3 => tile_narrow::<3>(a, lda, b, kq, out),
-                4 => tile_narrow::<4>(a, lda, b, kq, out),
-                5 => tile_narrow::<5>(a, lda, b, kq, out),
-                _ => tile_narrow::<TILE_ROWS>(a, lda, b, kq, out),
-            }
-            r += TILE_ROWS;
-        }
-    }
-}
+tiles_by_fours!(tile_narrow, block_narrow, "avx2", dot_narrow);
+#[cfg(target_arch = "x86_64")]
+tiles_by_fours!(tile_avx_vnni, block_avx_vnni, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+#[cfg(target_arch = "x86_64")]
+tiles_by_fours!(tile_avx_vnni_evex, block_avx_vnni_evex, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
 /// Whether the CPU has the AVX-512 instructions [`Kernel::Vnni`] uses.
 #[cfg(target_arch = "x86_64")]
@@ -488,70 +514,6 @@ unsafe fn block_vnni(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: us
         r += VNNI_ROWS;
     }
 }
-
-/// A 256-bit VNNI kernel, [`tile_narrow`] and [`block_narrow`] with `vpdpbusd` (four u8 x i8
-/// products into each i32 lane, no saturation: exact for any weights) for the multiply and the
-/// adds: `$tile` and `$block` compiled for `$features` with the instruction's `$dot` form.
-#[cfg(target_arch = "x86_64")]
-macro_rules! vnni256 {
-    ($tile:ident, $block:ident, $features:literal, $dot:ident) => {
-        /// One tile of [`Kernel::AvxVnni`] (see the macro `vnni256`).
-        ///
-        /// # Safety
-        /// As [`tile_narrow`], any weights; the target features available.
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $tile<const R: usize>(a: *const u8, lda: usize, b: *const u8, kq: usize, out: *mut i32) {
-            use std::arch::x86_64::*;
-            let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for q in 0..kq {
-                let w = b.add(q * 4 * PANEL);
-                let w0 = _mm256_loadu_si256(w as *const __m256i);
-                let w1 = _mm256_loadu_si256(w.add(2 * PANEL) as *const __m256i);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32((a.add(r * lda + 4 * q) as *const i32).read_unaligned());
-                    acc[0] = $dot(acc[0], x, w0);
-                    acc[1] = $dot(acc[1], x, w1);
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_si256(out.add(r * BLOCK) as *mut __m256i, acc[0]);
-                _mm256_storeu_si256(out.add(r * BLOCK + 8) as *mut __m256i, acc[1]);
-            }
-        }
-
-        /// A block's sums on [`Kernel::AvxVnni`] (see the macro `vnni256`).
-        ///
-        /// # Safety
-        /// As [`block_narrow`], any weights; the target features available.
-        #[target_feature(enable = $features)]
-        unsafe fn $block(a: *const u8, lda: usize, rows: usize, b: *const u8, kq: usize, c: &mut Sums) {
-            for half in 0..2 {
-                let b = b.add(half * kq * 4 * PANEL);
-                let mut r = 0;
-                while r < rows {
-                    let (a, out) = (a.add(r * lda), c.0.as_mut_ptr().add(r * BLOCK + half * PANEL));
-                    match rows - r {
-                        1 => $tile::<1>(a, lda, b, kq, out),
-                        2 => $tile::<2>(a, lda, b, kq, out),
-                        3 => $tile::<3>(a, lda, b, kq, out),
-                        4 => $tile::<4>(a, lda, b, kq, out),
-                        5 => $tile::<5>(a, lda, b, kq, out),
-                        _ => $tile::<TILE_ROWS>(a, lda, b, kq, out),
-                    }
-                    r += TILE_ROWS;
-                }
-            }
-        }
-    };
-}
-
-// The VEX form (AVX-VNNI), which the kernel runs on, and the EVEX form of the same instruction
-// (AVX-512 VNNI with VL), which runs it on AVX-512 CPUs without AVX-VNNI (the tests there).
-#[cfg(target_arch = "x86_64")]
-vnni256!(tile_avx_vnni, block_avx_vnni, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
-#[cfg(target_arch = "x86_64")]
-vnni256!(tile_avx_vnni_evex, block_avx_vnni_evex, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32);
 
 /// Whether [`Kernel::AvxVnni`]'s instruction runs here, in one of its two forms.
 #[cfg(all(test, target_arch = "x86_64"))]
