@@ -59,6 +59,14 @@ impl Drop for Stop<'_> {
 /// (`install`), runs alternated between workers and each worker's heap came to hold a run's
 /// activations: vision-perceiver-fourier int8 at two threads peaked at 284 MiB RSS against 184 at
 /// one.
+///
+/// A spinning worker must never spin on top of a job of the run (a rayon worker waiting for a
+/// job it stole may take other work meanwhile): the run would wait for that job, and the worker
+/// for the run's end. The spinners were spawned (`spawn_broadcast`) and a late one was taken
+/// that way: a two-thread `bench` hung, its worker spinning inside a product's job. Now the
+/// spinners are part of the run's broadcast (none outlives it), the first worker starts the run
+/// only once every other worker is in its spinner (so none holds a job of the run beneath it),
+/// and a spinner taken inside another run's spinner returns at once.
 pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(feature = "threads")]
     if let Some(pool) = crate::thread_pool().filter(|_| ENABLED.get()) {
@@ -66,12 +74,16 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
             let job = std::sync::Mutex::new(Some(Handed(f)));
             let executor = tract_linalg::multithread::Executor::MultiThread(pool.clone());
             let running = AtomicBool::new(true);
+            let started = std::sync::atomic::AtomicUsize::new(0);
             let mut outs = pool.broadcast(|ctx| {
                 if ctx.index() != 0 {
-                    spin(&running);
+                    spin(&running, &started);
                     return None;
                 }
                 let _stop = Stop(&running);
+                while started.load(Ordering::Acquire) + 1 < ctx.num_threads() {
+                    std::hint::spin_loop();
+                }
                 let f = job.lock().unwrap_or_else(|e| e.into_inner()).take()?.take();
                 // The worker sees the pool the caller saw (set for the caller's thread alone, or not).
                 Some(Handed(tract_linalg::multithread::multithread_tract_scope(executor.clone(), f)))
@@ -92,8 +104,14 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
 static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Takes the pool's pending work, or waits without sleeping, until `running` turns false.
+/// `started` counts the spinner in first; one taken inside another spinner on this thread (another
+/// run's, sharing the pool) returns at once, the outer one keeping the worker busy.
 #[cfg(feature = "threads")]
-fn spin(running: &AtomicBool) {
+fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize) {
+    started.fetch_add(1, Ordering::AcqRel);
+    if IN_SPINNER.with(|s| s.replace(true)) {
+        return;
+    }
     SPINNING.fetch_add(1, Ordering::AcqRel);
     let _count = Decrement;
     while running.load(Ordering::Acquire) {
@@ -103,7 +121,13 @@ fn spin(running: &AtomicBool) {
     }
 }
 
-/// Counts a spinning worker out however its loop ends.
+#[cfg(feature = "threads")]
+thread_local! {
+    /// Whether this thread is inside a spinner.
+    static IN_SPINNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts a spinning worker out, and its thread out of its spinner, however its loop ends.
 #[cfg(feature = "threads")]
 struct Decrement;
 
@@ -111,6 +135,7 @@ struct Decrement;
 impl Drop for Decrement {
     fn drop(&mut self) {
         SPINNING.fetch_sub(1, Ordering::AcqRel);
+        IN_SPINNER.with(|s| s.set(false));
     }
 }
 
@@ -165,6 +190,52 @@ mod tests {
         });
         assert_eq!(ids[0].0, Some(0), "the run is not on the first worker");
         assert!(ids.iter().all(|id| *id == ids[0]), "runs moved between workers: {ids:?}");
+    }
+
+    /// Runs `n` runs of `on_pool` on a pool of two, each splitting work over the pool, from
+    /// `callers` threads at once; false if they have not all ended within 60 s (a deadlock).
+    fn runs_end(callers: usize, n: usize) -> bool {
+        let executor = Executor::multithread(2);
+        let (done, ended) = std::sync::mpsc::channel();
+        for _ in 0..callers {
+            let (executor, done) = (executor.clone(), done.clone());
+            std::thread::spawn(move || {
+                multithread_tract_scope(executor, || {
+                    for i in 0..n as u64 {
+                        let pool = crate::thread_pool().unwrap();
+                        // Four split ops with serial work between them, as in a model run.
+                        let sum = on_pool(|| {
+                            (0..4u64)
+                                .map(|op| {
+                                    let serial = (0..2000u64).fold(op, |a, x| std::hint::black_box(a ^ x));
+                                    let split = pool.install(|| {
+                                        (0..64u64)
+                                            .into_par_iter()
+                                            .map(|x| (0..500u64).map(|y| std::hint::black_box(x * y * i)).sum::<u64>())
+                                            .sum::<u64>()
+                                    });
+                                    std::hint::black_box(serial);
+                                    split
+                                })
+                                .sum::<u64>()
+                        });
+                        assert_eq!(
+                            sum,
+                            4 * (0..64u64).map(|x| (0..500u64).map(|y| x * y * i).sum::<u64>()).sum::<u64>()
+                        );
+                    }
+                });
+                let _ = done.send(());
+            });
+        }
+        (0..callers).all(|_| ended.recv_timeout(Duration::from_secs(60)).is_ok())
+    }
+
+    #[test]
+    fn many_runs_end_one_caller_or_two() {
+        let _one = one_at_a_time();
+        assert!(runs_end(1, 3000), "3000 runs from one thread did not end within 60 s");
+        assert!(runs_end(2, 1000), "1000 runs from each of two threads sharing the pool did not end within 60 s");
     }
 
     #[test]
