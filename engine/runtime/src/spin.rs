@@ -10,7 +10,7 @@
 //! nothing), and 0.092 ms with the whole loop on a pool worker and the other worker kept busy
 //! taking work (onnxruntime's thread pool spins the same way between ops by default).
 //!
-//! [`on_pool`] runs a whole model run on one worker of the pool and, for as long as it lasts, has
+//! [`on_pool`] runs a whole model run on the pool's first worker and, for as long as it lasts, has
 //! every other worker poll the pool for work (`rayon::yield_now`) instead of sleeping. Nothing
 //! else changes: the same ops split the same work, so outputs are bit-identical
 //! (`set_spin(false)` turns it off for comparisons). The price is that the other cores stay busy
@@ -33,10 +33,10 @@ impl<T> Handed<T> {
     }
 }
 
-// SAFETY: a `Handed` value moves to one pool worker inside `ThreadPool::install` and its result
-// moves back; the calling thread is blocked in `install` meanwhile, so the value (the plan's state
-// with its non-atomically counted tensors) is used by one thread at a time, and rayon's latch
-// orders the worker's accesses before the caller's.
+// SAFETY: a `Handed` value moves to the pool's first worker inside `ThreadPool::broadcast` (taken
+// from a mutex by that worker alone) and its result moves back; the calling thread is blocked in
+// `broadcast` meanwhile, so the value (the plan's state with its non-atomically counted tensors) is
+// used by one thread at a time, and rayon's latch orders the worker's accesses before the caller's.
 #[cfg(feature = "threads")]
 unsafe impl<T> Send for Handed<T> {}
 
