@@ -512,8 +512,9 @@ fn q4_kernel_agrees_with_tracts_on_every_fixture() {
 
 /// 4-bit weights decoded into f32 at load (`q4_matmul::decode_weights`, what `--device cuda` does
 /// before tract-cuda sees the graph) against the 4-bit products, on every fixture's q4 export: the
-/// same decoded values, so the outputs differ by the order of the sums only; no 4-bit product
-/// runs and the resident weights grow (f32 instead of 4.5 bits a weight).
+/// same decoded values, so the outputs differ by the order of the sums only, and they match
+/// transformers' to q4's target; no 4-bit product runs and the resident weights grow (f32 instead
+/// of 4.5 bits a weight).
 #[test]
 fn q4_weights_decoded_at_load_agree_with_the_4_bit_products_on_every_fixture() {
     let _switches = switches();
@@ -532,6 +533,16 @@ fn q4_weights_decoded_at_load_agree_with_the_4_bit_products_on_every_fixture() {
         assert!(!used, "{fixture}/{case}: a 4-bit product ran with the weights decoded");
         assert!(resident > resident_4bit, "{fixture}/{case}: resident {resident} B decoded, {resident_4bit} B 4-bit");
         let worst = within_1e5(&want, &got, &format!("{fixture}/{case}, decoded against 4-bit"));
+        // And against transformers' outputs, at q4's target (`quantized.rs`).
+        let names: Vec<String> = Session::load(&onnx).unwrap().outputs().iter().map(|o| o.name.clone()).collect();
+        for (name, file) in &c.outputs {
+            let reference = npy::read_npy(file).unwrap();
+            let at =
+                names.iter().position(|n| n == name).unwrap_or_else(|| panic!("{fixture}/{case}: no output {name}"));
+            let decoded = Tensor::from_shape(reference.shape(), &got[at]).unwrap();
+            let (cos, _) = common::metrics(&decoded, &reference);
+            assert!(cos >= 0.95, "{fixture}/{case} {name}: decoded q4 cosine {cos:.6} to transformers");
+        }
         eprintln!("{fixture:>15}/{case:<7} q4 |decoded - 4-bit| {worst:.2e}, resident {resident_4bit} -> {resident} B");
         n += 1;
     }

@@ -604,11 +604,13 @@ pub(crate) fn decode_weights(model: &mut TypedModel) -> TractResult<usize> {
         let c = n.op_as::<Const>()?;
         c.val().storage_as::<BlockQuantStorage>().filter(|s| *s.format() == *q4).map(|_| c.val().clone())
     };
-    let found: Vec<(usize, Arc<Tensor>)> = model.nodes().iter().filter_map(|n| Some((n.id, is_q4(n)?))).collect();
-    for (id, weight) in &found {
+    // One weight at a time, its 4-bit copy dropped once decoded.
+    let found: Vec<usize> = model.nodes().iter().filter(|n| is_q4(n).is_some()).map(|n| n.id).collect();
+    for &id in &found {
+        let weight = is_q4(model.node(id)).context("a Q4_0 constant")?;
         let storage = weight.storage_as::<BlockQuantStorage>().context("a Q4_0 constant")?;
         let decoded = Q4_0.dequant_f32(storage.value())?.into_shape(weight.shape())?.into_arc_tensor();
-        let node = model.node_mut(*id);
+        let node = model.node_mut(id);
         node.outputs[0].fact = TypedFact::try_from(decoded.clone())?;
         node.op = Box::new(Const::new(decoded)?);
     }
