@@ -81,8 +81,16 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
                     return None;
                 }
                 let _stop = Stop(&running);
+                // Yielding the core after a few rounds: with more threads than cores a spinner
+                // may be waiting for this one's.
+                let mut rounds = 0u32;
                 while started.load(Ordering::Acquire) + 1 < ctx.num_threads() {
-                    std::hint::spin_loop();
+                    rounds += 1;
+                    if rounds < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
                 }
                 let f = job.lock().unwrap_or_else(|e| e.into_inner()).take()?.take();
                 // The worker sees the pool the caller saw (set for the caller's thread alone, or not).
