@@ -86,9 +86,10 @@ fn range(xs: &[f32]) -> (f32, f32) {
     range_generic(xs)
 }
 
-/// From this many values the range and the quantisation are split over the threads.
+/// From this many values the range and the quantisation are split over the threads (as the
+/// LayerNorm or product before them is: each thread's rows stay in its core's cache).
 #[cfg(feature = "threads")]
-const PARALLEL_MIN: usize = 1 << 17;
+const PARALLEL_MIN: usize = 16 << 10;
 
 /// Values per thread when `xs` is split over tract's thread pool, if it is.
 #[cfg(feature = "threads")]

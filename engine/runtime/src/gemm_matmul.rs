@@ -334,10 +334,15 @@ impl GemmMatMul {
     }
 
     /// The blocks of work for `threads` threads: each outer product whole when there are at
-    /// least as many as threads, else each cut along its longer side into two blocks a thread (of
-    /// whole 16-row or 16-column panels; one a thread below 128 rows or columns a block), as
-    /// (outer index, rows, columns). Each block packs the operand it shares with the others
-    /// whole, so the shorter side's operand is the one shared. Two blocks a thread let a thread
+    /// least as many as threads, else each cut into two blocks a thread (of whole 16-row or
+    /// 16-column panels; one a thread below 128 rows or columns a block), as (outer index, rows,
+    /// columns). A product by a packed weight is cut along its rows from [`ROWS_EACH`] rows a
+    /// thread: each thread then reads and writes only its own rows, which the ops before and after
+    /// (LayerNorm, quantisation, the next product) split the same way, so they stay in the cache of
+    /// the core that wrote them (cut along the columns, every row was half in the other core's:
+    /// the bench model at two threads, `bench --profile`, ran its LayerNorms slower than one thread
+    /// did). Other products are cut along their longer side: each block packs the operand it
+    /// shares with the others whole, so the shorter side's operand is the one shared. Two blocks a thread let a thread
     /// that a busy neighbour slowed take less of the work: on this 2-core host, interleaved
     /// rounds of `[512, 1024] x [1024, 1024]`, `[256, 1280] x [1280, 1280]` and `[512, 128] x
     /// [128, 512]` (a scratch program, 3 runs of 30 rounds) ran faster in 7 of 9 medians and 7 of
@@ -348,7 +353,7 @@ impl GemmMatMul {
         if outer >= threads {
             return (0..outer).map(|i| (i, 0..self.m, 0..self.n)).collect();
         }
-        let by_rows = self.m >= self.n;
+        let by_rows = self.m >= self.n || (self.packed.is_some() && self.m >= ROWS_EACH * threads);
         let side = if by_rows { self.m } else { self.n };
         let parts = if side >= 2 * threads * 128 { 2 * threads } else { threads };
         let step = side.div_ceil(parts).div_ceil(16) * 16;
@@ -393,6 +398,10 @@ impl GemmMatMul {
 /// Below this many multiply-adds a product stays on one thread.
 #[cfg(feature = "threads")]
 const PARALLEL_MIN: usize = 1 << 18;
+
+/// Rows a thread from which a product by a packed weight is split along its rows.
+#[cfg(feature = "threads")]
+const ROWS_EACH: usize = 32;
 
 impl Op for GemmMatMul {
     fn name(&self) -> StaticName {
@@ -619,6 +628,49 @@ mod tests {
         assert!(plan("mk,kn->m", &[3, 4], &[4, 6], &[3]).is_none(), "a sum over n");
         assert!(plan("mm,mn->mn", &[3, 3], &[3, 6], &[3, 6]).is_none(), "a diagonal");
         assert!(plan("bmk,bkn->bmn", &[2, 3, 4], &[3, 4, 5], &[3, 3, 5]).is_none(), "unequal batch");
+    }
+
+    /// A product by a packed weight is split along its rows from 32 rows a thread (the bench
+    /// model's `[128, 256] x [256, 256]` at two threads), the same product by an input along its
+    /// longer side; split either way, at one, two and three threads, its outputs are the same bits
+    /// and agree with an f64 product.
+    #[cfg(feature = "threads")]
+    #[test]
+    fn a_product_by_a_packed_weight_splits_along_its_rows() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        let (m, k, n) = (128, 256, 256);
+        let plain = GemmMatMul::plan(&"mk,kn->mn".parse().unwrap(), &[m, k], &[k, n], &[m, n]).unwrap();
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        let rows = |blocks: &[(usize, std::ops::Range<usize>, std::ops::Range<usize>)]| {
+            blocks.iter().map(|b| (b.1.clone(), b.2.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(rows(&plain.blocks(2)), vec![(0..128, 0..128), (0..128, 128..256)], "by an input: columns");
+        if !crate::f32_packed::available() {
+            return;
+        }
+        let packed = GemmMatMul { packed: Some(Arc::new(Packed::new(k, n, |r, c| w[r * n + c]))), ..plain.clone() };
+        assert_eq!(rows(&packed.blocks(2)), vec![(0..64, 0..256), (64..128, 0..256)], "by a packed weight: rows");
+        assert_eq!(rows(&packed.blocks(3))[0], (0..48, 0..256));
+        assert_eq!(rows(&packed.blocks(5))[0], (0..128, 0..64), "under 32 rows a thread: columns");
+        let ta = Tensor::from_shape(&[m, k], &a).unwrap();
+        let tw = Tensor::from_shape(&[k, n], &w).unwrap();
+        let run = |op: &GemmMatMul, inputs: TVec<TValue>| {
+            let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap().remove(0);
+            out.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let by_packed = || run(&packed, tvec!(ta.clone().into_tvalue()));
+        let by_input = || run(&plain, tvec!(ta.clone().into_tvalue(), tw.clone().into_tvalue()));
+        let one = by_packed();
+        for threads in [2, 3] {
+            let (p, i) = multithread_tract_scope(Executor::multithread(threads), || (by_packed(), by_input()));
+            assert!(p == one, "packed weight, {threads} threads: other bits than one thread's");
+            for (j, (got, plain)) in p.iter().zip(&i).enumerate() {
+                let want: f64 = (0..k).map(|x| a[j / n * k + x] as f64 * w[x * n + j % n] as f64).sum();
+                assert!((*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "[{j}] {got} vs {want}");
+                assert!((*plain as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "[{j}] by input {plain} vs {want}");
+            }
+        }
     }
 
     /// A product then a constant factor (an attention's scores), as tract computes them and as

@@ -750,8 +750,11 @@ impl Int8MatMul {
             use rayon::prelude::*;
             let work = self.m.saturating_mul(self.k).saturating_mul(self.n);
             if let Some(pool) = crate::thread_pool().filter(|_| work >= PARALLEL_MIN) {
-                let parts = 2 * pool.current_num_threads();
-                let by_cols = pairs >= parts || pairs >= blocks;
+                let threads = pool.current_num_threads();
+                let parts = 2 * threads;
+                // Along the rows when each thread gets a block of them: the threads then keep
+                // their own rows from op to op (see `GemmMatMul::blocks`).
+                let by_cols = blocks < threads && (pairs >= parts || pairs >= blocks);
                 let (side, per) =
                     if by_cols { (pairs, pairs.div_ceil(parts)) } else { (blocks, blocks.div_ceil(parts)) };
                 if side > 1 {
@@ -1028,8 +1031,8 @@ mod tests {
 
     /// Whole blocks and partial ones in every dimension, `k` below, at and over one tile; the
     /// last two large enough to be split over the threads (by columns, then by rows).
-    const SHAPES: [(usize, usize, usize); 6] =
-        [(32, 64, 32), (16, 261, 40), (70, 128, 33), (33, 1000, 96), (128, 300, 256), (300, 1000, 40)];
+    const SHAPES: [(usize, usize, usize); 7] =
+        [(32, 64, 32), (16, 261, 40), (70, 128, 33), (33, 1000, 96), (128, 300, 256), (300, 1000, 40), (40, 1024, 256)];
 
     /// Each shape of [`SHAPES`] on `kernel`, then the extremes: activations 255 with zero point 0
     /// by weights -128 (the largest products, every pair sum at its bound), and 0 by 127; for
@@ -1069,7 +1072,7 @@ mod tests {
                 c
             };
             assert_eq!(run(), want, "m {m} k {k} n {n}, {kernel:?}, into NaNs");
-            // Three threads: tasks by blocks of columns, or of rows where columns are few.
+            // Three threads: tasks by blocks of rows where each thread gets one, else of columns.
             #[cfg(feature = "threads")]
             {
                 use tract_linalg::multithread::{multithread_tract_scope, Executor};

@@ -107,9 +107,11 @@ fn rows(data: &mut [f32], len: usize, eps: f32, affine: Affine) {
     rows_generic(data, len, eps, affine)
 }
 
-/// Below this many values a LayerNorm stays on one thread.
+/// Below this many values a LayerNorm stays on one thread. From the bench model's `[128, 256]`
+/// up it is split, as the product that wrote it was (by rows; see `GemmMatMul::blocks`): one
+/// thread would read the other's rows out of that core's cache.
 #[cfg(feature = "threads")]
-const PARALLEL_MIN: usize = 64 << 10;
+const PARALLEL_MIN: usize = 16 << 10;
 
 /// `(x - mean) / sqrt(var + eps)` over the last axis of an f32 tensor, then (a trained
 /// LayerNorm's) times the scale and plus the shift when they are inputs 1 and 2 (or the one).

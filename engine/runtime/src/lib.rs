@@ -478,6 +478,8 @@ pub struct Session {
     external_bytes: u64,
     /// Whether its f16 values are computed in f32 ([`f16_as_f32`]).
     f16_in_f32: bool,
+    /// Where its runs go: the thread pool, or the calling thread when nothing splits.
+    placement: spin::Placement,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
@@ -751,7 +753,20 @@ impl Session {
                 }
             }
         }
-        Ok((Session { plan, state, inputs, ranges, outputs, metadata, external_bytes: external, f16_in_f32 }, exposed))
+        Ok((
+            Session {
+                plan,
+                state,
+                inputs,
+                ranges,
+                outputs,
+                metadata,
+                external_bytes: external,
+                f16_in_f32,
+                placement: Default::default(),
+            },
+            exposed,
+        ))
     }
 
     /// Bytes of the constants (weights, tables) the optimised plan keeps resident, by element
@@ -909,7 +924,7 @@ impl Session {
         self.check_inputs(&inputs)?;
         let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
         // A panic inside tract must not take the caller down: report it and start a fresh state.
-        let state = &mut self.state;
+        let (state, placement) = (&mut self.state, &mut self.placement);
         let run = || match per_op {
             None => state.run(inputs),
             Some(per_op) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
@@ -921,7 +936,7 @@ impl Session {
                 out
             }),
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| spin::on_pool(run))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| placement.run(run))) {
             Ok(Ok(outputs)) => Ok(outputs.into_iter().map(|v| v.into_tensor()).collect()),
             Ok(Err(e)) => Err(Error::Run(first_line(&e))),
             Err(panic) => {

@@ -67,7 +67,10 @@ impl Drop for Stop<'_> {
 /// spinners are part of the run's broadcast (none outlives it), the first worker starts the run
 /// only once every other worker is in its spinner (so none holds a job of the run beneath it),
 /// and a spinner taken inside another run's spinner returns at once.
-pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
+///
+/// Also says whether another worker took any of the run's work (`None`: the run was not on the
+/// pool).
+fn on_pool<R>(f: impl FnOnce() -> R) -> (R, Option<bool>) {
     #[cfg(feature = "threads")]
     if let Some(pool) = crate::thread_pool().filter(|_| ENABLED.get()) {
         if pool.current_thread_index().is_none() {
@@ -75,9 +78,10 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
             let executor = tract_linalg::multithread::Executor::MultiThread(pool.clone());
             let running = AtomicBool::new(true);
             let started = std::sync::atomic::AtomicUsize::new(0);
+            let helped = AtomicBool::new(false);
             let mut outs = pool.broadcast(|ctx| {
                 if ctx.index() != 0 {
-                    spin(&running, &started);
+                    spin(&running, &started, &helped);
                     return None;
                 }
                 let _stop = Stop(&running);
@@ -97,25 +101,73 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
                 Some(Handed(tract_linalg::multithread::multithread_tract_scope(executor.clone(), f)))
             });
             if let Some(out) = outs.iter_mut().find_map(Option::take) {
-                return out.take();
+                return (out.take(), Some(helped.load(Ordering::Acquire)));
             }
             unreachable!("worker 0 of the pool ran the job");
         }
         // Already on a worker (a run inside a run): the others are spinning or busy.
-        return f();
+        return (f(), None);
     }
-    f()
+    (f(), None)
+}
+
+/// Runs in a row that no other worker helped after which a session's runs stay on the calling
+/// thread.
+const IDLE_RUNS: u8 = 3;
+
+/// Where one session's runs go: to the pool ([`on_pool`]) while other workers take some of their
+/// work, to the calling thread on one thread once [`IDLE_RUNS`] runs in a row had none taken. A
+/// model too small for any op to split gains nothing from the pool and pays for waking it: the
+/// digits model's f32 graph took 0.082 ms a run at two threads against 0.060 at one. Its shapes are
+/// fixed, so its ops split the same way at every run; a change of thread count starts over.
+#[derive(Debug, Default)]
+pub(crate) struct Placement {
+    threads: usize,
+    idle: u8,
+}
+
+impl Placement {
+    /// Runs `f` (a whole model run) where this session's runs go.
+    pub(crate) fn run<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "threads")]
+        {
+            let threads = crate::thread_pool().map_or(1, |p| p.current_num_threads());
+            if threads != self.threads {
+                *self = Placement { threads, idle: 0 };
+            }
+            if self.idle >= IDLE_RUNS {
+                // As at one thread: an op that would split runs whole here, without waking the pool.
+                use tract_linalg::multithread::{multithread_tract_scope, Executor};
+                return multithread_tract_scope(Executor::SingleThread, f);
+            }
+            let (out, helped) = on_pool(f);
+            match helped {
+                Some(true) => self.idle = 0,
+                Some(false) => self.idle += 1,
+                None => {}
+            }
+            out
+        }
+        #[cfg(not(feature = "threads"))]
+        f()
+    }
+
+    /// Whether runs now stay on the calling thread.
+    #[cfg(test)]
+    fn stays_here(&self) -> bool {
+        self.idle >= IDLE_RUNS
+    }
 }
 
 /// How many workers are spinning now (for the tests).
 #[cfg(feature = "threads")]
 static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Takes the pool's pending work, or waits without sleeping, until `running` turns false.
-/// `started` counts the spinner in first; one taken inside another spinner on this thread (another
+/// Takes the pool's pending work, or waits without sleeping, until `running` turns false; sets
+/// `helped` when it took some. `started` counts the spinner in first; one taken inside another spinner on this thread (another
 /// run's, sharing the pool) returns at once, the outer one keeping the worker busy.
 #[cfg(feature = "threads")]
-fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize) {
+fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize, helped: &AtomicBool) {
     started.fetch_add(1, Ordering::AcqRel);
     if IN_SPINNER.with(|s| s.replace(true)) {
         return;
@@ -123,7 +175,9 @@ fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize) {
     SPINNING.fetch_add(1, Ordering::AcqRel);
     let _count = Decrement;
     while running.load(Ordering::Acquire) {
-        if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+        if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+            helped.store(true, Ordering::Release);
+        } else {
             std::hint::spin_loop();
         }
     }
@@ -185,6 +239,7 @@ mod tests {
                 let pool = crate::thread_pool().unwrap();
                 pool.install(|| (0..1_000_000u64).into_par_iter().sum::<u64>())
             })
+            .0
         });
         assert_eq!(sum, 999_999 * 1_000_000 / 2);
         assert!(eventually(|| SPINNING.load(Ordering::Acquire) == 0), "workers still spin after the run");
@@ -194,7 +249,7 @@ mod tests {
     fn every_run_is_on_the_same_worker() {
         let _one = one_at_a_time();
         let ids: Vec<_> = multithread_tract_scope(Executor::multithread(3), || {
-            (0..50).map(|_| on_pool(|| (rayon::current_thread_index(), std::thread::current().id()))).collect()
+            (0..50).map(|_| on_pool(|| (rayon::current_thread_index(), std::thread::current().id())).0).collect()
         });
         assert_eq!(ids[0].0, Some(0), "the run is not on the first worker");
         assert!(ids.iter().all(|id| *id == ids[0]), "runs moved between workers: {ids:?}");
@@ -226,7 +281,8 @@ mod tests {
                                     split
                                 })
                                 .sum::<u64>()
-                        });
+                        })
+                        .0;
                         assert_eq!(
                             sum,
                             4 * (0..64u64).map(|x| (0..500u64).map(|y| x * y * i).sum::<u64>()).sum::<u64>()
@@ -255,6 +311,7 @@ mod tests {
                     assert!(eventually(|| SPINNING.load(Ordering::Acquire) >= 1));
                     panic!("inside the run")
                 })
+                .0
             })
         });
         assert!(caught.is_err(), "the panic did not reach the caller");
@@ -265,10 +322,57 @@ mod tests {
     fn runs_here_when_switched_off_or_on_one_thread() {
         let _one = one_at_a_time();
         let here = std::thread::current().id();
-        assert_eq!(on_pool(|| std::thread::current().id()), here);
+        assert_eq!(on_pool(|| std::thread::current().id()), (here, None));
         ENABLED.set(false);
-        let id = multithread_tract_scope(Executor::multithread(2), || on_pool(|| std::thread::current().id()));
+        let id = multithread_tract_scope(Executor::multithread(2), || on_pool(|| std::thread::current().id()).0);
         ENABLED.set(true);
         assert_eq!(id, here);
+    }
+
+    /// A run with an op split over the pool: 64 parts of about a millisecond each.
+    fn split_run() -> (Option<usize>, u64) {
+        let pool = crate::thread_pool().unwrap();
+        let sum = pool.install(|| {
+            (0..64u64).into_par_iter().map(|x| (0..200_000u64).map(|y| std::hint::black_box(x ^ y)).sum::<u64>()).sum()
+        });
+        (rayon::current_thread_index(), sum)
+    }
+
+    #[test]
+    fn runs_that_split_nothing_move_to_the_calling_thread_on_one_thread() {
+        let _one = one_at_a_time();
+        multithread_tract_scope(Executor::multithread(2), || {
+            let mut placement = Placement::default();
+            let mut places = vec![];
+            for _ in 0..IDLE_RUNS + 3 {
+                places.push(placement.run(|| (rayon::current_thread_index(), crate::thread_pool().is_some())));
+            }
+            let idle = IDLE_RUNS as usize;
+            assert!(places[..idle].iter().all(|p| *p == (Some(0), true)), "first runs not on the pool: {places:?}");
+            assert!(
+                places[idle..].iter().all(|p| *p == (None, false)),
+                "later runs not here on one thread: {places:?}"
+            );
+            assert!(placement.stays_here());
+            // Another thread count starts over.
+            let first =
+                multithread_tract_scope(Executor::multithread(3), || placement.run(rayon::current_thread_index));
+            assert_eq!(first, Some(0));
+            assert!(!placement.stays_here());
+        });
+    }
+
+    #[test]
+    fn runs_that_split_work_stay_on_the_pool() {
+        let _one = one_at_a_time();
+        multithread_tract_scope(Executor::multithread(2), || {
+            let mut placement = Placement::default();
+            let want = (0..64u64).map(|x| (0..200_000u64).map(|y| x ^ y).sum::<u64>()).sum::<u64>();
+            for run in 0..3 * IDLE_RUNS {
+                let (place, sum) = placement.run(split_run);
+                assert_eq!((place, sum), (Some(0), want), "run {run}");
+            }
+            assert!(!placement.stays_here());
+        });
     }
 }
