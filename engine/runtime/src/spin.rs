@@ -67,10 +67,7 @@ impl Drop for Stop<'_> {
 /// spinners are part of the run's broadcast (none outlives it), the first worker starts the run
 /// only once every other worker is in its spinner (so none holds a job of the run beneath it),
 /// and a spinner taken inside another run's spinner returns at once.
-///
-/// Also says whether another worker took any of the run's work (`None`: the run was not on the
-/// pool).
-fn on_pool<R>(f: impl FnOnce() -> R) -> (R, Option<bool>) {
+pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(feature = "threads")]
     if let Some(pool) = crate::thread_pool().filter(|_| ENABLED.get()) {
         if pool.current_thread_index().is_none() {
@@ -78,10 +75,9 @@ fn on_pool<R>(f: impl FnOnce() -> R) -> (R, Option<bool>) {
             let executor = tract_linalg::multithread::Executor::MultiThread(pool.clone());
             let running = AtomicBool::new(true);
             let started = std::sync::atomic::AtomicUsize::new(0);
-            let helped = AtomicBool::new(false);
             let mut outs = pool.broadcast(|ctx| {
                 if ctx.index() != 0 {
-                    spin(&running, &started, &helped);
+                    spin(&running, &started);
                     return None;
                 }
                 let _stop = Stop(&running);
@@ -101,29 +97,45 @@ fn on_pool<R>(f: impl FnOnce() -> R) -> (R, Option<bool>) {
                 Some(Handed(tract_linalg::multithread::multithread_tract_scope(executor.clone(), f)))
             });
             if let Some(out) = outs.iter_mut().find_map(Option::take) {
-                return (out.take(), Some(helped.load(Ordering::Acquire)));
+                return out.take();
             }
             unreachable!("worker 0 of the pool ran the job");
         }
         // Already on a worker (a run inside a run): the others are spinning or busy.
-        return (f(), None);
+        return f();
     }
-    (f(), None)
+    f()
 }
 
-/// Runs in a row that no other worker helped after which a session's runs stay on the calling
-/// thread.
-const IDLE_RUNS: u8 = 3;
+/// Timed runs of each kind (on the pool, on one thread) a session compares before it chooses,
+/// each kind's after an untimed one (the first run on a thread allocates its buffers, the first on
+/// the pool after a pause wakes its workers).
+const TRIALS: usize = 5;
 
-/// Where one session's runs go: to the pool ([`on_pool`]) while other workers take some of their
-/// work, to the calling thread on one thread once [`IDLE_RUNS`] runs in a row had none taken. A
-/// model too small for any op to split gains nothing from the pool and pays for waking it: the
-/// digits model's f32 graph took 0.082 ms a run at two threads against 0.060 at one. Its shapes are
-/// fixed, so its ops split the same way at every run; a change of thread count starts over.
+/// A first run at least this long keeps the session on the pool without a trial: waking the pool
+/// costs tens of microseconds a run, nothing beside such a run.
+const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Where one session's runs go when it has a pool of more than one thread: on the pool
+/// ([`on_pool`]), or on the calling thread as at one thread. Small models gain less from
+/// splitting their ops than waking the pool costs: the digits model's f32 graph took 0.082 ms a
+/// run at two threads against 0.060 at one, the shapes model's int8 graph 0.58-0.63 against
+/// 0.49-0.53 (`bench --runs 2000`). So a session whose first run (on the pool) was short times
+/// [`TRIALS`] runs in a row on one thread, then as many on the pool, and keeps the pool unless
+/// one thread's median was shorter by a twentieth or more (the user asked for the threads; a close
+/// call is the host's noise). In a row, not alternated: a pool run right after a run without it
+/// pays for waking its workers, which runs back to back do not (alternated, the shapes model's
+/// f32 graph chose one thread at 0.66 ms where the pool runs it in 0.44). Its shapes are fixed, so every later run does the same work; a
+/// change of thread count starts over. Outputs are the same either way but where an attention
+/// splits its keys over the threads (which only a run far longer than [`LONG_RUN`] does).
 #[derive(Debug, Default)]
 pub(crate) struct Placement {
     threads: usize,
-    idle: u8,
+    runs: usize,
+    pool: Vec<std::time::Duration>,
+    here: Vec<std::time::Duration>,
+    /// Whether runs go to the pool, once chosen.
+    chosen: Option<bool>,
 }
 
 impl Placement {
@@ -131,31 +143,59 @@ impl Placement {
     pub(crate) fn run<R>(&mut self, f: impl FnOnce() -> R) -> R {
         #[cfg(feature = "threads")]
         {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
             let threads = crate::thread_pool().map_or(1, |p| p.current_num_threads());
             if threads != self.threads {
-                *self = Placement { threads, idle: 0 };
+                *self = Placement { threads, ..Placement::default() };
             }
-            if self.idle >= IDLE_RUNS {
-                // As at one thread: an op that would split runs whole here, without waking the pool.
-                use tract_linalg::multithread::{multithread_tract_scope, Executor};
-                return multithread_tract_scope(Executor::SingleThread, f);
+            if threads == 1 {
+                return f();
             }
-            let (out, helped) = on_pool(f);
-            match helped {
-                Some(true) => self.idle = 0,
-                Some(false) => self.idle += 1,
-                None => {}
-            }
+            let pool = self.next_on_pool();
+            let start = std::time::Instant::now();
+            let out = if pool {
+                on_pool(f)
+            } else {
+                // As at one thread: no op splits, and the pool is not woken.
+                multithread_tract_scope(Executor::SingleThread, f)
+            };
+            self.record(pool, start.elapsed());
             out
         }
         #[cfg(not(feature = "threads"))]
         f()
     }
 
-    /// Whether runs now stay on the calling thread.
-    #[cfg(test)]
-    fn stays_here(&self) -> bool {
-        self.idle >= IDLE_RUNS
+    /// Whether the next run goes to the pool: the first one does, then the trial's runs on one
+    /// thread, then its runs on the pool.
+    fn next_on_pool(&self) -> bool {
+        self.chosen.unwrap_or(self.runs == 0 || self.runs > TRIALS + 1)
+    }
+
+    /// Counts a run that took `took`, on the pool or not; chooses once the trial is complete.
+    fn record(&mut self, pool: bool, took: std::time::Duration) {
+        if self.chosen.is_none() {
+            if self.runs == 0 {
+                if took >= LONG_RUN {
+                    self.chosen = Some(true);
+                }
+            } else if self.runs == 1 || self.runs == TRIALS + 2 {
+                // The first of each kind: untimed.
+            } else if pool {
+                self.pool.push(took);
+            } else {
+                self.here.push(took);
+            }
+            if self.pool.len() >= TRIALS && self.here.len() >= TRIALS {
+                let median = |v: &mut Vec<std::time::Duration>| {
+                    v.sort();
+                    v[v.len() / 2]
+                };
+                let (pool, here) = (median(&mut self.pool), median(&mut self.here));
+                self.chosen = Some(here * 20 > pool * 19);
+            }
+        }
+        self.runs += 1;
     }
 }
 
@@ -163,11 +203,11 @@ impl Placement {
 #[cfg(feature = "threads")]
 static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Takes the pool's pending work, or waits without sleeping, until `running` turns false; sets
-/// `helped` when it took some. `started` counts the spinner in first; one taken inside another spinner on this thread (another
+/// Takes the pool's pending work, or waits without sleeping, until `running` turns false.
+/// `started` counts the spinner in first; one taken inside another spinner on this thread (another
 /// run's, sharing the pool) returns at once, the outer one keeping the worker busy.
 #[cfg(feature = "threads")]
-fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize, helped: &AtomicBool) {
+fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize) {
     started.fetch_add(1, Ordering::AcqRel);
     if IN_SPINNER.with(|s| s.replace(true)) {
         return;
@@ -175,9 +215,7 @@ fn spin(running: &AtomicBool, started: &std::sync::atomic::AtomicUsize, helped: 
     SPINNING.fetch_add(1, Ordering::AcqRel);
     let _count = Decrement;
     while running.load(Ordering::Acquire) {
-        if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-            helped.store(true, Ordering::Release);
-        } else {
+        if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
             std::hint::spin_loop();
         }
     }
@@ -239,7 +277,6 @@ mod tests {
                 let pool = crate::thread_pool().unwrap();
                 pool.install(|| (0..1_000_000u64).into_par_iter().sum::<u64>())
             })
-            .0
         });
         assert_eq!(sum, 999_999 * 1_000_000 / 2);
         assert!(eventually(|| SPINNING.load(Ordering::Acquire) == 0), "workers still spin after the run");
@@ -249,7 +286,7 @@ mod tests {
     fn every_run_is_on_the_same_worker() {
         let _one = one_at_a_time();
         let ids: Vec<_> = multithread_tract_scope(Executor::multithread(3), || {
-            (0..50).map(|_| on_pool(|| (rayon::current_thread_index(), std::thread::current().id())).0).collect()
+            (0..50).map(|_| on_pool(|| (rayon::current_thread_index(), std::thread::current().id()))).collect()
         });
         assert_eq!(ids[0].0, Some(0), "the run is not on the first worker");
         assert!(ids.iter().all(|id| *id == ids[0]), "runs moved between workers: {ids:?}");
@@ -281,8 +318,7 @@ mod tests {
                                     split
                                 })
                                 .sum::<u64>()
-                        })
-                        .0;
+                        });
                         assert_eq!(
                             sum,
                             4 * (0..64u64).map(|x| (0..500u64).map(|y| x * y * i).sum::<u64>()).sum::<u64>()
@@ -311,7 +347,6 @@ mod tests {
                     assert!(eventually(|| SPINNING.load(Ordering::Acquire) >= 1));
                     panic!("inside the run")
                 })
-                .0
             })
         });
         assert!(caught.is_err(), "the panic did not reach the caller");
@@ -322,57 +357,75 @@ mod tests {
     fn runs_here_when_switched_off_or_on_one_thread() {
         let _one = one_at_a_time();
         let here = std::thread::current().id();
-        assert_eq!(on_pool(|| std::thread::current().id()), (here, None));
+        assert_eq!(on_pool(|| std::thread::current().id()), here);
         ENABLED.set(false);
-        let id = multithread_tract_scope(Executor::multithread(2), || on_pool(|| std::thread::current().id()).0);
+        let id = multithread_tract_scope(Executor::multithread(2), || on_pool(|| std::thread::current().id()));
         ENABLED.set(true);
         assert_eq!(id, here);
     }
 
-    /// A run with an op split over the pool: 64 parts of about a millisecond each.
-    fn split_run() -> (Option<usize>, u64) {
-        let pool = crate::thread_pool().unwrap();
-        let sum = pool.install(|| {
-            (0..64u64).into_par_iter().map(|x| (0..200_000u64).map(|y| std::hint::black_box(x ^ y)).sum::<u64>()).sum()
-        });
-        (rayon::current_thread_index(), sum)
+    /// Feeds `placement` runs of the given durations (us) in the order it asks for them, and
+    /// returns where each went.
+    fn trial(placement: &mut Placement, pool_us: u64, here_us: u64, runs: usize) -> Vec<bool> {
+        (0..runs)
+            .map(|_| {
+                let pool = placement.next_on_pool();
+                placement.record(pool, Duration::from_micros(if pool { pool_us } else { here_us }));
+                pool
+            })
+            .collect()
     }
 
     #[test]
-    fn runs_that_split_nothing_move_to_the_calling_thread_on_one_thread() {
-        let _one = one_at_a_time();
-        multithread_tract_scope(Executor::multithread(2), || {
-            let mut placement = Placement::default();
-            let mut places = vec![];
-            for _ in 0..IDLE_RUNS + 3 {
-                places.push(placement.run(|| (rayon::current_thread_index(), crate::thread_pool().is_some())));
-            }
-            let idle = IDLE_RUNS as usize;
-            assert!(places[..idle].iter().all(|p| *p == (Some(0), true)), "first runs not on the pool: {places:?}");
-            assert!(
-                places[idle..].iter().all(|p| *p == (None, false)),
-                "later runs not here on one thread: {places:?}"
-            );
-            assert!(placement.stays_here());
-            // Another thread count starts over.
-            let first =
-                multithread_tract_scope(Executor::multithread(3), || placement.run(rayon::current_thread_index));
-            assert_eq!(first, Some(0));
-            assert!(!placement.stays_here());
-        });
+    fn a_short_session_keeps_the_faster_place_after_its_trial() {
+        let (t, f) = (true, false);
+        // A first run on the pool, six on one thread, then six on the pool (the first of each
+        // untimed).
+        let trial_runs = [t, f, f, f, f, f, f, t, t, t, t, t, t];
+        let mut faster_here = Placement::default();
+        let places = trial(&mut faster_here, 2000, 1890, 15);
+        assert_eq!(places[..13], trial_runs);
+        assert_eq!(places[13..], [f, f], "one thread faster by a twentieth");
+        let mut close = Placement::default();
+        assert_eq!(trial(&mut close, 2000, 1910, 15)[13..], [t, t], "one thread faster by less: the pool");
+        let mut faster_on_pool = Placement::default();
+        assert_eq!(trial(&mut faster_on_pool, 1000, 2000, 15)[13..], [t, t], "pool faster");
+        // Slow runs on either side do not decide while they are fewer than half (the untimed
+        // ones not at all): the medians do.
+        let mut noisy = Placement::default();
+        let here = [(f, 50), (f, 2), (f, 9), (f, 2), (f, 9), (f, 2)];
+        let pool = [(t, 50), (t, 1), (t, 9), (t, 1), (t, 1), (t, 9)];
+        for (pool, ms) in [(t, 1)].iter().chain(&here).chain(&pool) {
+            assert_eq!(noisy.next_on_pool(), *pool);
+            noisy.record(*pool, Duration::from_millis(*ms));
+        }
+        assert_eq!(noisy.chosen, Some(true));
+        // A long first run keeps the pool at once.
+        let mut long = Placement::default();
+        assert_eq!(trial(&mut long, 25_000, 1000, 4), [t, t, t, t]);
     }
 
     #[test]
-    fn runs_that_split_work_stay_on_the_pool() {
+    fn runs_go_where_the_session_chose() {
         let _one = one_at_a_time();
+        let place = || (rayon::current_thread_index(), crate::thread_pool().is_some());
         multithread_tract_scope(Executor::multithread(2), || {
             let mut placement = Placement::default();
-            let want = (0..64u64).map(|x| (0..200_000u64).map(|y| x ^ y).sum::<u64>()).sum::<u64>();
-            for run in 0..3 * IDLE_RUNS {
-                let (place, sum) = placement.run(split_run);
-                assert_eq!((place, sum), (Some(0), want), "run {run}");
+            assert_eq!(placement.run(place), (Some(0), true), "the first run is on the pool");
+            // Each run then goes where the trial or the choice says.
+            for _ in 0..2 * TRIALS + 4 {
+                let want = if placement.next_on_pool() { (Some(0), true) } else { (None, false) };
+                assert_eq!(placement.run(place), want);
             }
-            assert!(!placement.stays_here());
+            assert!(placement.chosen.is_some(), "no choice after the trial");
+            // Another thread count starts over, on the pool.
+            let first = multithread_tract_scope(Executor::multithread(3), || placement.run(place));
+            assert_eq!(first, (Some(0), true));
+            assert_eq!((placement.runs, placement.chosen), (1, None));
         });
+        // One thread: here, nothing to choose.
+        let mut placement = Placement::default();
+        assert_eq!(placement.run(place), (None, false));
+        assert_eq!(placement.runs, 0);
     }
 }
