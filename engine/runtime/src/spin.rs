@@ -15,6 +15,12 @@
 //! else changes: the same ops split the same work, so outputs are bit-identical
 //! (`set_spin(false)` turns it off for comparisons). The price is that the other cores stay busy
 //! for the whole run, serial stretches included, as with onnxruntime's default.
+//!
+//! [`Placement`] decides, per session, whether its runs go to the pool at all: a small model's
+//! runs may go faster on the calling thread alone, and a short trial of both decides.
+
+// Without threads every run is the caller's: the pool's side is unused.
+#![cfg_attr(not(feature = "threads"), allow(dead_code))]
 
 #[cfg(feature = "threads")]
 use std::sync::atomic::{AtomicBool, Ordering};
