@@ -1030,7 +1030,8 @@ mod tests {
     }
 
     /// Whole blocks and partial ones in every dimension, `k` below, at and over one tile; the
-    /// last two large enough to be split over the threads (by columns, then by rows).
+    /// last three large enough to be split over three threads (by rows twice, then by columns:
+    /// two blocks of rows for three threads).
     const SHAPES: [(usize, usize, usize); 7] =
         [(32, 64, 32), (16, 261, 40), (70, 128, 33), (33, 1000, 96), (128, 300, 256), (300, 1000, 40), (40, 1024, 256)];
 

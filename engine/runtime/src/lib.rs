@@ -478,7 +478,7 @@ pub struct Session {
     external_bytes: u64,
     /// Whether its f16 values are computed in f32 ([`f16_as_f32`]).
     f16_in_f32: bool,
-    /// Where its runs go: the thread pool, or the calling thread when nothing splits.
+    /// Where its runs go: the thread pool, or the calling thread where a trial found that faster.
     placement: spin::Placement,
 }
 

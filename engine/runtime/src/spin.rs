@@ -131,9 +131,10 @@ const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
 /// one thread's median was shorter by a twentieth or more (the user asked for the threads; a close
 /// call is the host's noise). In a row, not alternated: a pool run right after a run without it
 /// pays for waking its workers, which runs back to back do not (alternated, the shapes model's
-/// f32 graph chose one thread at 0.66 ms where the pool runs it in 0.44). Its shapes are fixed, so every later run does the same work; a
-/// change of thread count starts over. Outputs are the same either way but where an attention
-/// splits its keys over the threads (which only a run far longer than [`LONG_RUN`] does).
+/// f32 graph chose one thread at 0.66 ms where the pool runs it in 0.44). Its shapes are fixed,
+/// so every later run does the same work; a change of thread count starts over. Outputs are the
+/// same either way but where an attention splits its keys over the threads (which only a run far
+/// longer than [`LONG_RUN`] does).
 #[derive(Debug, Default)]
 pub(crate) struct Placement {
     threads: usize,
