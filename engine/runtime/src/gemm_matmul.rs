@@ -343,10 +343,10 @@ impl GemmMatMul {
     /// the bench model at two threads, `bench --profile`, ran its LayerNorms slower than one thread
     /// did). Other products are cut along their longer side: each block packs the operand it
     /// shares with the others whole, so the shorter side's operand is the one shared. Two blocks a
-    /// thread let a thread that a busy neighbour slowed take less of the work: on this 2-core host, interleaved
-    /// rounds of `[512, 1024] x [1024, 1024]`, `[256, 1280] x [1280, 1280]` and `[512, 128] x
-    /// [128, 512]` (a scratch program, 3 runs of 30 rounds) ran faster in 7 of 9 medians and 7 of
-    /// 9 90th percentiles with four blocks than with two, by 1-5 %.
+    /// thread let a thread that a busy neighbour slowed take less of the work: on this 2-core
+    /// host, interleaved rounds of `[512, 1024] x [1024, 1024]`, `[256, 1280] x [1280, 1280]` and
+    /// `[512, 128] x [128, 512]` (a scratch program, 3 runs of 30 rounds) ran faster in 7 of 9
+    /// medians and 7 of 9 90th percentiles with four blocks than with two, by 1-5 %.
     #[cfg(feature = "threads")]
     fn blocks(&self, threads: usize) -> Vec<(usize, std::ops::Range<usize>, std::ops::Range<usize>)> {
         let outer = self.outer();
