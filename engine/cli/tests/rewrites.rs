@@ -455,6 +455,41 @@ fn spinning_threads_are_bit_identical() {
     bit_identical_with(set_spin, "spinning threads", &["f32", "q4"], 2);
 }
 
+/// Twenty runs of one session at two threads (the placement's trial, runs on one thread then on
+/// the pool, then its choice: `spin::Placement`) against one run at one thread, on the first case
+/// of every fixture's f32, int8 and q4 exports: products and row-wise ops split by rows or columns
+/// without changing any sum's order, and no fixture's attention splits its keys (at most 2048), so
+/// every run's bits are one thread's.
+#[test]
+fn runs_at_two_threads_are_one_threads_bits_through_the_placement_trial() {
+    let _switches = switches();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let bits = |outs: Vec<Tensor>| -> Vec<Vec<u32>> {
+        outs.iter().map(|t| to_vec::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect()).collect()
+    };
+    for c in cases().into_iter().filter(|c| seen.insert(c.fixture.clone())) {
+        for precision in ["f32", "int8", "q4"] {
+            let (onnx, inputs) = export_at(tmp.path(), &c, precision);
+            set_threads(1).unwrap();
+            let one = bits(Session::load(&onnx).unwrap().run(inputs.clone()).unwrap());
+            set_threads(2).unwrap();
+            let mut session = Session::load(&onnx).unwrap();
+            for run in 0..20 {
+                let two = bits(session.run(inputs.clone()).unwrap());
+                assert!(
+                    two == one,
+                    "{}/{} {precision}: run {run} at two threads differs from one thread",
+                    c.fixture,
+                    c.name
+                );
+            }
+        }
+    }
+    set_threads(1).unwrap();
+    assert!(seen.len() >= 5, "fixtures missing: {}", seen.len());
+}
+
 /// Asserts every output value of `got` within 1e-5 x (1 + the largest |value| of its output) of
 /// `want`'s (`what` names the comparison); returns the largest difference.
 fn within_1e5(want: &[Vec<f32>], got: &[Vec<f32>], what: &str) -> f64 {

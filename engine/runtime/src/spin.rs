@@ -133,8 +133,9 @@ const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
 /// pays for waking its workers, which runs back to back do not (alternated, the shapes model's
 /// f32 graph chose one thread at 0.66 ms where the pool runs it in 0.44). Its shapes are fixed,
 /// so every later run does the same work; a change of thread count starts over. Outputs are the
-/// same either way but where an attention splits its keys over the threads (which only a run far
-/// longer than [`LONG_RUN`] does).
+/// same bits either way (products and row-wise ops split without changing any sum's order) except
+/// where one head's attention over more than [`crate::attention`]'s chunk of keys splits its keys
+/// over the threads: there the trial's runs differ by rounding, as two thread counts do.
 #[derive(Debug, Default)]
 pub(crate) struct Placement {
     threads: usize,
@@ -159,14 +160,17 @@ impl Placement {
                 return f();
             }
             let pool = self.next_on_pool();
-            let start = std::time::Instant::now();
+            // Timed during the trial only.
+            let start = self.chosen.is_none().then(std::time::Instant::now);
             let out = if pool {
                 on_pool(f)
             } else {
                 // As at one thread: no op splits, and the pool is not woken.
                 multithread_tract_scope(Executor::SingleThread, f)
             };
-            self.record(pool, start.elapsed());
+            if let Some(start) = start {
+                self.record(pool, start.elapsed());
+            }
             out
         }
         #[cfg(not(feature = "threads"))]
