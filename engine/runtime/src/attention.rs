@@ -17,7 +17,9 @@
 //! with attention computed in f64, and the fixtures with transformers.
 
 use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
-use crate::softmax_rows::{exp_neg, exp_sum_on, row_max, softmax_in_place};
+use crate::softmax_rows::{exp_neg, exp_sum_on, row_max, softmax_in_place, PLAIN};
+#[cfg(target_arch = "x86_64")]
+use crate::softmax_rows::{AVX2, AVX512};
 use std::cell::RefCell;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -372,40 +374,35 @@ fn online(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mu
             return unsafe { online_avx2(s, w, max, sum, factor) };
         }
     }
-    // SAFETY: without `FMA`, nothing to promise.
-    unsafe { online_generic::<false>(s, w, max, sum, factor) }
+    // SAFETY: the plain kernel needs no feature.
+    unsafe { online_generic::<PLAIN>(s, w, max, sum, factor) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn online_avx512(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
-    online_generic::<false>(s, w, max, sum, factor)
+    // SAFETY: called only where the CPU has AVX-512F (`online`).
+    online_generic::<AVX512>(s, w, max, sum, factor)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn online_avx2(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
     // SAFETY: called only where the CPU has AVX2 and FMA (`online`).
-    online_generic::<true>(s, w, max, sum, factor)
+    online_generic::<AVX2>(s, w, max, sum, factor)
 }
 
-/// The online softmax of a chunk of scores (`FMA`: see [`exp_sum_on`]).
+/// The online softmax of a chunk of scores (`ISA`: see [`exp_sum_on`]).
 ///
 /// # Safety
 /// As [`exp_sum_on`].
 #[inline(always)]
-unsafe fn online_generic<const FMA: bool>(
-    s: &mut [f32],
-    w: usize,
-    max: &mut [f32],
-    sum: &mut [f32],
-    factor: &mut [f32],
-) {
+unsafe fn online_generic<const ISA: u8>(s: &mut [f32], w: usize, max: &mut [f32], sum: &mut [f32], factor: &mut [f32]) {
     for (r, row) in s.chunks_exact_mut(w).enumerate() {
         let m = row_max(row, max[r]);
         // A row of -inf so far (never from finite inputs): weights as if the maximum were 0.
         let top = if m == f32::NEG_INFINITY { 0.0 } else { m };
-        let add = exp_sum_on::<FMA>(row, top);
+        let add = exp_sum_on::<ISA>(row, top);
         let f = if max[r] == f32::NEG_INFINITY { 0.0 } else { exp_neg(max[r] - top) };
         sum[r] = sum[r] * f + add;
         factor[r] = f;
