@@ -566,7 +566,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn written_out_exp_sums_are_within_two_ulps_of_f64() {
-        let mut kernels: Vec<(&str, unsafe fn(&mut [f32], f32) -> f32)> = vec![];
+        type ExpSum = unsafe fn(&mut [f32], f32) -> f32;
+        let mut kernels: Vec<(&str, ExpSum)> = vec![];
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             kernels.push(("AVX2", exp_sum_avx2));
         }
