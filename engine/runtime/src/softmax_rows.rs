@@ -9,8 +9,8 @@
 //! AVX2 + FMA where the CPU has them, chosen at run time; the baseline elsewhere), with `exp`
 //! from Cody-Waite range reduction and a degree-6 polynomial (relative error below 2e-7 over
 //! the range a softmax feeds it, `x - max(x) <= 0`; on AVX2 + FMA and on AVX-512 written out with
-//! intrinsics, [`exp_sum_avx2`] and [`exp_sum_avx512`]), and splits the rows over tract's thread pool. A softmax over an axis that is
-//! not the last (scores computed keys x queries, which
+//! intrinsics, [`exp_sum_avx2`] and [`exp_sum_avx512`]), and splits the rows over tract's thread
+//! pool. A softmax over an axis that is not the last (scores computed keys x queries, which
 //! tract and [`crate::gemm_matmul`] choose when it suits the product) runs in place too, over
 //! blocks of up to 64 neighbouring columns, each a vector wide, instead of on a transposed copy
 //! (the bench model's f16 graph, computed in f32: two `[4096, 128]` copies, 2.1 ms of 21). The
