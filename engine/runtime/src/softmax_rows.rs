@@ -97,186 +97,153 @@ pub(crate) fn exp_sum(xs: &mut [f32], top: f32) -> f32 {
     sum
 }
 
-/// [`exp_sum`] on AVX2 + FMA, written out: four vectors of eight at a time, each step taken for
-/// all four (independent chains side by side), the polynomial in fused multiply-adds in Estrin's
-/// order, the constants in registers. The compiler's vectorisation of [`exp_sum`] could not fuse
-/// (Rust does not contract `a * b + c`) and ran one long chain per vector: a `[512, 512]` softmax
-/// (one head of vision-perceiver's latent self-attention) took 0.24 ms on a 2-core AMD EPYC (Zen
-/// 3) where it takes 0.13 ms with this (a throwaway test), and vision-perceiver-conv's `Attention`
-/// ops 745 / 725 ms a run where they take 712 / 675 ms (`bench --profile 2`, builds alternated).
-/// Same range reduction and coefficients as [`exp_neg`]; the tests hold both to 2.5e-7 of f64.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
+/// The written-out `exp_sum`s, one body for both vector widths: `$w` names a module of the
+/// width's intrinsics under common names ([`w256`], [`w512`]), `$lanes` its `f32` lanes. Four
+/// vectors at a time, each step taken for all four (independent chains side by side: the
+/// scheduler's window holds less than one vector's whole chain otherwise), the polynomial in
+/// fused multiply-adds in Estrin's order, the constants in registers; a scalar tail.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn exp_sum_avx2(xs: &mut [f32], top: f32) -> f32 {
-    use std::arch::x86_64::*;
-    let (n, p) = (xs.len(), xs.as_mut_ptr());
-    // `e^(x - top)` of `V` vectors of eight values, each step taken for all of them before the
-    // next (independent chains side by side: the scheduler's window holds less than one
-    // vector's whole chain per vector otherwise).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp<const V: usize>(x: [__m256; V], k: &Consts) -> [__m256; V] {
-        let x = x.map(|x| _mm256_max_ps(k.lo, _mm256_sub_ps(x, k.top)));
-        let t = x.map(|x| _mm256_fmadd_ps(x, k.log2e, k.rounder));
-        let mut r = [_mm256_setzero_ps(); V];
-        for v in 0..V {
-            let n = _mm256_sub_ps(t[v], k.rounder);
-            r[v] = _mm256_fmadd_ps(n, k.ln2_lo, _mm256_fnmadd_ps(n, k.ln2_hi, x[v]));
+macro_rules! exp_sum_written_out {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $w:ident, $lanes:literal) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(xs: &mut [f32], top: f32) -> f32 {
+            use $w::*;
+            let (n, p) = (xs.len(), xs.as_mut_ptr());
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn exp<const V: usize>(x: [F; V], k: &Consts) -> [F; V] {
+                let x = x.map(|x| max(k.lo, sub(x, k.top)));
+                let t = x.map(|x| fmadd(x, k.log2e, k.rounder));
+                let mut r = [zero(); V];
+                for v in 0..V {
+                    let n = sub(t[v], k.rounder);
+                    r[v] = fmadd(n, k.ln2_lo, fnmadd(n, k.ln2_hi, x[v]));
+                }
+                // (c0 r + c1) r^4 + (c2 r + c3) r^2 + (c4 r + c5), then times r^2, plus r + 1.
+                let r2 = r.map(|r| mul(r, r));
+                let mut out = [zero(); V];
+                for v in 0..V {
+                    let a = fmadd(k.c[0], r[v], k.c[1]);
+                    let b = fmadd(k.c[2], r[v], k.c[3]);
+                    let c = fmadd(k.c[4], r[v], k.c[5]);
+                    let q = fmadd(a, mul(r2[v], r2[v]), fmadd(b, r2[v], c));
+                    let e = fmadd(q, r2[v], add(r[v], k.one));
+                    // n + 127 in the exponent field: the rounder's low bits hold n.
+                    let bits = add_i32(as_bits(t[v]), k.bias);
+                    out[v] = mul(e, from_bits(shift_left::<23>(bits)));
+                }
+                out
+            }
+            struct Consts {
+                top: F,
+                lo: F,
+                log2e: F,
+                rounder: F,
+                ln2_hi: F,
+                ln2_lo: F,
+                c: [F; 6],
+                one: F,
+                bias: I,
+            }
+            let k = Consts {
+                top: splat(top),
+                lo: splat(-87.0),
+                log2e: splat(std::f32::consts::LOG2_E),
+                rounder: splat(ROUNDER),
+                ln2_hi: splat(LN2_HI),
+                ln2_lo: splat(LN2_LO),
+                c: EXP_POLY.map(|v| splat(v)),
+                one: splat(1.0),
+                bias: splat_i32(127 - ROUNDER.to_bits() as i32),
+            };
+            let mut acc = [zero(); 4];
+            let mut i = 0;
+            while i + 4 * $lanes <= n {
+                let x = [0, 1, 2, 3].map(|j| load(p.add(i + $lanes * j)));
+                let e = exp(x, &k);
+                for j in 0..4 {
+                    store(p.add(i + $lanes * j), e[j]);
+                    acc[j] = add(acc[j], e[j]);
+                }
+                i += 4 * $lanes;
+            }
+            while i + $lanes <= n {
+                let [e] = exp([load(p.add(i))], &k);
+                store(p.add(i), e);
+                acc[0] = add(acc[0], e);
+                i += $lanes;
+            }
+            let v = add(add(acc[0], acc[1]), add(acc[2], acc[3]));
+            let mut lanes = [0f32; $lanes];
+            store(lanes.as_mut_ptr(), v);
+            let mut sum: f32 = lanes.iter().sum();
+            for v in &mut xs[i..] {
+                *v = exp_neg(*v - top);
+                sum += *v;
+            }
+            sum
         }
-        // The polynomial in Estrin's order (a shorter chain than Horner's):
-        // (c0 r + c1) r^4 + (c2 r + c3) r^2 + (c4 r + c5).
-        let r2 = r.map(|r| _mm256_mul_ps(r, r));
-        let mut out = [_mm256_setzero_ps(); V];
-        for v in 0..V {
-            let a = _mm256_fmadd_ps(k.c[0], r[v], k.c[1]);
-            let b = _mm256_fmadd_ps(k.c[2], r[v], k.c[3]);
-            let c = _mm256_fmadd_ps(k.c[4], r[v], k.c[5]);
-            let q = _mm256_fmadd_ps(a, _mm256_mul_ps(r2[v], r2[v]), _mm256_fmadd_ps(b, r2[v], c));
-            let e = _mm256_fmadd_ps(q, r2[v], _mm256_add_ps(r[v], k.one));
-            // n + 127 in the exponent field: the rounder's low bits hold n.
-            let bits = _mm256_add_epi32(_mm256_castps_si256(t[v]), k.bias);
-            out[v] = _mm256_mul_ps(e, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits)));
-        }
-        out
-    }
-    struct Consts {
-        top: __m256,
-        lo: __m256,
-        log2e: __m256,
-        rounder: __m256,
-        ln2_hi: __m256,
-        ln2_lo: __m256,
-        c: [__m256; 6],
-        one: __m256,
-        bias: __m256i,
-    }
-    let k = Consts {
-        top: _mm256_set1_ps(top),
-        lo: _mm256_set1_ps(-87.0),
-        log2e: _mm256_set1_ps(std::f32::consts::LOG2_E),
-        rounder: _mm256_set1_ps(ROUNDER),
-        ln2_hi: _mm256_set1_ps(LN2_HI),
-        ln2_lo: _mm256_set1_ps(LN2_LO),
-        c: EXP_POLY.map(|v| _mm256_set1_ps(v)),
-        one: _mm256_set1_ps(1.0),
-        bias: _mm256_set1_epi32(127 - ROUNDER.to_bits() as i32),
     };
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        let x = [0, 1, 2, 3].map(|j| _mm256_loadu_ps(p.add(i + 8 * j)));
-        let e = exp(x, &k);
-        for j in 0..4 {
-            _mm256_storeu_ps(p.add(i + 8 * j), e[j]);
-            acc[j] = _mm256_add_ps(acc[j], e[j]);
-        }
-        i += 32;
-    }
-    while i + 8 <= n {
-        let [e] = exp([_mm256_loadu_ps(p.add(i))], &k);
-        _mm256_storeu_ps(p.add(i), e);
-        acc[0] = _mm256_add_ps(acc[0], e);
-        i += 8;
-    }
-    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-    let mut sum: f32 = lanes.iter().sum();
-    for v in &mut xs[i..] {
-        *v = exp_neg(*v - top);
-        sum += *v;
-    }
-    sum
 }
 
-/// [`exp_sum_avx2`] on AVX-512: sixteen values a vector, four vectors at a time. The compiler's
-/// vectorisation of [`exp_sum`] for AVX-512 has no fused multiply-adds: on the bench model (a
-/// 2-core AMD EPYC, Zen 4, `bench --profile 300`, one thread, three rounds each way) its one
-/// softmax, `[128, 4096]`, took 0.25-0.27 ms with it and 0.18-0.19 with this, its `Attention` ops
-/// 1.82-1.91 ms and 1.66-1.79. The tests hold it to 2.5e-7 of f64, as [`exp_sum_avx2`].
-///
-/// # Safety
-/// The CPU has AVX-512F.
+/// AVX2 + FMA intrinsics under the names [`exp_sum_written_out`] uses.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn exp_sum_avx512(xs: &mut [f32], top: f32) -> f32 {
-    use std::arch::x86_64::*;
-    let (n, p) = (xs.len(), xs.as_mut_ptr());
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp<const V: usize>(x: [__m512; V], k: &Consts) -> [__m512; V] {
-        let x = x.map(|x| _mm512_max_ps(k.lo, _mm512_sub_ps(x, k.top)));
-        let t = x.map(|x| _mm512_fmadd_ps(x, k.log2e, k.rounder));
-        let mut r = [_mm512_setzero_ps(); V];
-        for v in 0..V {
-            let n = _mm512_sub_ps(t[v], k.rounder);
-            r[v] = _mm512_fmadd_ps(n, k.ln2_lo, _mm512_fnmadd_ps(n, k.ln2_hi, x[v]));
-        }
-        let r2 = r.map(|r| _mm512_mul_ps(r, r));
-        let mut out = [_mm512_setzero_ps(); V];
-        for v in 0..V {
-            let a = _mm512_fmadd_ps(k.c[0], r[v], k.c[1]);
-            let b = _mm512_fmadd_ps(k.c[2], r[v], k.c[3]);
-            let c = _mm512_fmadd_ps(k.c[4], r[v], k.c[5]);
-            let q = _mm512_fmadd_ps(a, _mm512_mul_ps(r2[v], r2[v]), _mm512_fmadd_ps(b, r2[v], c));
-            let e = _mm512_fmadd_ps(q, r2[v], _mm512_add_ps(r[v], k.one));
-            let bits = _mm512_add_epi32(_mm512_castps_si512(t[v]), k.bias);
-            out[v] = _mm512_mul_ps(e, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits)));
-        }
-        out
-    }
-    struct Consts {
-        top: __m512,
-        lo: __m512,
-        log2e: __m512,
-        rounder: __m512,
-        ln2_hi: __m512,
-        ln2_lo: __m512,
-        c: [__m512; 6],
-        one: __m512,
-        bias: __m512i,
-    }
-    let k = Consts {
-        top: _mm512_set1_ps(top),
-        lo: _mm512_set1_ps(-87.0),
-        log2e: _mm512_set1_ps(std::f32::consts::LOG2_E),
-        rounder: _mm512_set1_ps(ROUNDER),
-        ln2_hi: _mm512_set1_ps(LN2_HI),
-        ln2_lo: _mm512_set1_ps(LN2_LO),
-        c: EXP_POLY.map(|v| _mm512_set1_ps(v)),
-        one: _mm512_set1_ps(1.0),
-        bias: _mm512_set1_epi32(127 - ROUNDER.to_bits() as i32),
+mod w256 {
+    pub(super) use std::arch::x86_64::{
+        __m256 as F, __m256i as I, _mm256_add_epi32 as add_i32, _mm256_add_ps as add, _mm256_castps_si256 as as_bits,
+        _mm256_castsi256_ps as from_bits, _mm256_fmadd_ps as fmadd, _mm256_fnmadd_ps as fnmadd,
+        _mm256_loadu_ps as load, _mm256_max_ps as max, _mm256_mul_ps as mul, _mm256_set1_epi32 as splat_i32,
+        _mm256_set1_ps as splat, _mm256_setzero_ps as zero, _mm256_slli_epi32 as shift_left, _mm256_storeu_ps as store,
+        _mm256_sub_ps as sub,
     };
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 64 <= n {
-        let x = [0, 1, 2, 3].map(|j| _mm512_loadu_ps(p.add(i + 16 * j)));
-        let e = exp(x, &k);
-        for j in 0..4 {
-            _mm512_storeu_ps(p.add(i + 16 * j), e[j]);
-            acc[j] = _mm512_add_ps(acc[j], e[j]);
-        }
-        i += 64;
-    }
-    while i + 16 <= n {
-        let [e] = exp([_mm512_loadu_ps(p.add(i))], &k);
-        _mm512_storeu_ps(p.add(i), e);
-        acc[0] = _mm512_add_ps(acc[0], e);
-        i += 16;
-    }
-    let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-    let mut sum: f32 = lanes.iter().sum();
-    for v in &mut xs[i..] {
-        *v = exp_neg(*v - top);
-        sum += *v;
-    }
-    sum
 }
+
+/// AVX-512F intrinsics under the names [`exp_sum_written_out`] uses.
+#[cfg(target_arch = "x86_64")]
+mod w512 {
+    pub(super) use std::arch::x86_64::{
+        __m512 as F, __m512i as I, _mm512_add_epi32 as add_i32, _mm512_add_ps as add, _mm512_castps_si512 as as_bits,
+        _mm512_castsi512_ps as from_bits, _mm512_fmadd_ps as fmadd, _mm512_fnmadd_ps as fnmadd,
+        _mm512_loadu_ps as load, _mm512_max_ps as max, _mm512_mul_ps as mul, _mm512_set1_epi32 as splat_i32,
+        _mm512_set1_ps as splat, _mm512_setzero_ps as zero, _mm512_slli_epi32 as shift_left, _mm512_storeu_ps as store,
+        _mm512_sub_ps as sub,
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+exp_sum_written_out!(
+    /// [`exp_sum`] on AVX2 + FMA, eight values a vector ([`exp_sum_written_out`]). The compiler's
+    /// vectorisation of [`exp_sum`] could not fuse (Rust does not contract `a * b + c`) and ran
+    /// one long chain per vector: a `[512, 512]` softmax (one head of vision-perceiver's latent
+    /// self-attention) took 0.24 ms on a 2-core AMD EPYC (Zen 3) where it takes 0.13 ms with this
+    /// (a throwaway test), and vision-perceiver-conv's `Attention` ops 745 / 725 ms a run where
+    /// they take 712 / 675 ms (`bench --profile 2`, builds alternated). Same range reduction and
+    /// coefficients as [`exp_neg`]; the tests hold both to 2.5e-7 of f64.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    exp_sum_avx2,
+    "avx2,fma",
+    w256,
+    8
+);
+
+#[cfg(target_arch = "x86_64")]
+exp_sum_written_out!(
+    /// [`exp_sum`] on AVX-512, sixteen values a vector ([`exp_sum_written_out`]). The compiler's
+    /// vectorisation of [`exp_sum`] for AVX-512 has no fused multiply-adds either: on the bench
+    /// model (a 2-core AMD EPYC, Zen 4, `bench --profile 300`, one thread, three rounds each way)
+    /// its one softmax, `[128, 4096]`, took 0.25-0.27 ms with it and 0.18-0.19 with this, its
+    /// `Attention` ops 1.82-1.91 ms and 1.66-1.79. The tests hold it to 2.5e-7 of f64.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    exp_sum_avx512,
+    "avx512f",
+    w512,
+    16
+);
 
 /// Which `exp` [`exp_sum_on`] runs: [`exp_sum`] as the compiler vectorises it ([`PLAIN`]),
 /// [`exp_sum_avx2`] ([`AVX2`]) or [`exp_sum_avx512`] ([`AVX512`]).
