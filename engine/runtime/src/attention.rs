@@ -13,9 +13,13 @@
 //! rescaled when the maximum grows), the chunk's values added into the output by the `gemm`
 //! crate. With at most [`CHUNK`] keys (the latent self-attention) there is one chunk: the scores
 //! of a block of rows, an exact softmax of each row (the kernel of [`crate::softmax_rows`]), one
-//! product. Results differ from the unfused chain by rounding only; the unit tests compare both
+//! product; on x86 with [`crate::f32_packed`]'s kernels, when K and V are small enough
+//! ([`PACKED_MAX_BYTES`]), both products run on those kernels, K and V packed into panels once
+//! per task (see [`Attention::one_chunk_packed`]). Results differ from the unfused chain by rounding only; the unit tests compare both
 //! with attention computed in f64, and the fixtures with transformers.
 
+#[cfg(target_arch = "x86_64")]
+use crate::f32_packed::{Packed, NR};
 use crate::gemm_matmul::{matmul_into, GemmMatMul, Strides};
 use crate::softmax_rows::{exp_neg, exp_sum_on, row_max, softmax_in_place, PLAIN};
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +44,13 @@ const STEP: usize = 1024;
 
 /// Most query rows per task.
 const MAX_ROWS: usize = 512;
+
+/// The most bytes of K and V that a one-chunk attention packs for [`crate::f32_packed`]'s
+/// kernels (half a MiB, a Zen 3 core's L2). Per-node times (`bench --profile`, one thread, Zen 4):
+/// vision-perceiver-conv's self-attention (512 keys, `d` and `dv` 128: 512 KiB) 572-574 ->
+/// 532-536 ms; language-perceiver's cross-attention (2048 keys, `d` 32, `dv` 160: 1.5 MiB)
+/// 17.0 -> 18.2-18.8 ms, packed whole before the products, V no longer stays in cache.
+const PACKED_MAX_BYTES: usize = 512 << 10;
 
 /// Below this many multiply-adds an attention stays on one thread: the digits model's
 /// (`models/digits`, 16 latents) took 0.025 ms a run on one thread and 0.044-0.049 on two
@@ -73,6 +84,14 @@ pub struct Attention {
     lens: (usize, usize, usize),
     shape: Vec<usize>,
     scale_bits: u32,
+    /// Whether the one chunk runs on [`crate::f32_packed`]'s kernels ([`Attention::packs`]).
+    packed: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's K and V packed for [`crate::f32_packed`]'s kernels.
+    static PANELS: RefCell<(Packed, Packed)> = const { RefCell::new((Packed::empty(), Packed::empty())) };
 }
 
 thread_local! {
@@ -109,7 +128,7 @@ impl Attention {
             let p = pv.loops[j];
             loops.push(Outer { extent: l.extent, q: l.a, k: l.b, v: p.b, o: p.c });
         }
-        Some(Attention {
+        let mut op = Attention {
             m: qk.m,
             d: qk.k,
             keys: n,
@@ -122,7 +141,35 @@ impl Attention {
             lens: (qk.a_len, qk.b_len, pv.b_len),
             shape: pv.shape.clone(),
             scale_bits: qk.scale_bits,
-        })
+            packed: false,
+        };
+        op.packed = op.packs();
+        Some(op)
+    }
+
+    /// Whether the one chunk is to run on [`crate::f32_packed`]'s kernels: the pass is on and
+    /// the CPU has one, there is one chunk, K and V take at most [`PACKED_MAX_BYTES`], and Q's
+    /// and O's rows are contiguous.
+    fn packs(&self) -> bool {
+        crate::f32_packed::ENABLED.get()
+            && crate::f32_packed::available()
+            && self.keys <= CHUNK
+            && (self.d + self.dv) * self.keys * 4 <= PACKED_MAX_BYTES
+            && (self.q.col, self.o.col) == (1, 1)
+            && self.q.row > 0
+            && self.o.row > 0
+    }
+
+    /// Values from one row of scores to the next in a task's buffer: the keys, or one cache line
+    /// more where rows would be a multiple of 2 KiB apart (then the packed kernels' tiles, twelve
+    /// rows at a time, would read them from two of L1's sets, see [`crate::f32_packed`]; the
+    /// packed self-attention of vision-perceiver-conv 542-544 -> 532-536 ms).
+    fn score_stride(&self, step: usize) -> usize {
+        if self.packed && (step * 4).is_multiple_of(2048) {
+            step + 16
+        } else {
+            step
+        }
     }
 
     fn outer(&self) -> usize {
@@ -191,10 +238,17 @@ impl Attention {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (s, state) = &mut *scratch;
-            if s.len() < rows * step {
-                s.resize(rows * step, 0.0);
+            let stride = self.score_stride(step);
+            if s.len() < rows * stride {
+                s.resize(rows * stride, 0.0);
             }
-            let s = &mut s[..rows * step];
+            let s = &mut s[..rows * stride];
+            #[cfg(target_arch = "x86_64")]
+            if self.packed {
+                // One chunk (`packs`), so no slot.
+                PANELS.with_borrow_mut(|(kp, vp)| self.one_chunk_packed((q, k, v), (o, os), (s, stride), rows, kp, vp));
+                return;
+            }
             if step == self.keys && slot.is_none() {
                 // One chunk: the scores of these rows, an exact softmax, one product.
                 matmul_into(
@@ -249,6 +303,64 @@ impl Attention {
                 }
             }
         });
+    }
+
+    /// The one chunk on [`crate::f32_packed`]'s kernels: K and V packed into this thread's
+    /// panels `kp` and `vp` (the packing costs a fraction of the products: 0.5 % of
+    /// vision-perceiver-conv's attention time by sampling), the `rows` rows of scores into `s`
+    /// (rows `stride` apart), an exact softmax of each, the product by V into O.
+    ///
+    /// # Safety
+    /// As [`Attention::task`]; `q` and `o` at the task's first row, `k` and `v` at its head's.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn one_chunk_packed(
+        &self,
+        (q, k, v): (*const f32, *const f32, *const f32),
+        (o, os): (*mut f32, Strides),
+        (s, stride): (&mut [f32], usize),
+        rows: usize,
+        kp: &mut Packed,
+        vp: &mut Packed,
+    ) {
+        let (keys, dv, ks, vs) = (self.keys, self.dv, self.k, self.v);
+        // K (`d x keys`): panel `j`'s line `p` holds value `p` of keys `16 j..16 j + 16`.
+        kp.refill((self.d, keys), |p0, j, lines| {
+            for c in 0..NR {
+                let key = j * NR + c;
+                if key < keys {
+                    let from = k.offset(key as isize * ks.col + p0 as isize * ks.row);
+                    for (p, line) in lines.iter_mut().enumerate() {
+                        line[c] = *from.offset(p as isize * ks.row);
+                    }
+                } else {
+                    lines.iter_mut().for_each(|line| line[c] = 0.0);
+                }
+            }
+        });
+        // V (`keys x dv`): panel `j`'s line `p` holds columns `16 j..16 j + 16` of key `p`.
+        vp.refill((keys, dv), |p0, j, lines| {
+            let c0 = j * NR;
+            let w = NR.min(dv - c0);
+            for (p, line) in lines.iter_mut().enumerate() {
+                let from = v.offset((p0 + p) as isize * vs.row + c0 as isize * vs.col);
+                if vs.col == 1 {
+                    line[..w].copy_from_slice(std::slice::from_raw_parts(from, w));
+                } else {
+                    for (c, x) in line[..w].iter_mut().enumerate() {
+                        *x = *from.offset(c as isize * vs.col);
+                    }
+                }
+                line[w..].fill(0.0);
+            }
+        });
+        let scale = f32::from_bits(self.scale_bits);
+        kp.product((q, self.q.row as usize), (s.as_mut_ptr(), stride), rows, 0..keys, scale);
+        if stride == keys {
+            softmax_in_place(s, keys);
+        } else {
+            s.chunks_exact_mut(stride).for_each(|row| softmax_in_place(&mut row[..keys], keys));
+        }
+        vp.product((s.as_ptr(), stride), (o, os.row as usize), rows, 0..dv, 1.0);
     }
 
     /// Rows in one part's slot of the partial results: a task's most (a decoder's single query
@@ -417,13 +529,14 @@ impl Op for Attention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "m {} d {} keys {} dv {}, {} outer, scale {}",
+            "m {} d {} keys {} dv {}, {} outer, scale {}{}",
             self.m,
             self.d,
             self.keys,
             self.dv,
             self.outer(),
-            f32::from_bits(self.scale_bits)
+            f32::from_bits(self.scale_bits),
+            if self.packed { ", packed" } else { "" }
         )])
     }
 
@@ -524,7 +637,10 @@ mod tests {
     /// An attention over `heads` heads as an exporter writes it: scores (`scores`, einsum
     /// notation over Q and K), a factor, a softmax over the keys (axis `axis` of the scores),
     /// the product with V (`out`); run by tract, then rewritten (products on the `gemm` crate,
-    /// then fused), each compared with attention computed in f64, at one and three threads.
+    /// then fused), each compared with attention computed in f64, at one and three threads; the
+    /// fused op as planned and with its one chunk on the `gemm` crate (not packed). `packed`:
+    /// whether the plan is to pack, where the CPU has [`crate::f32_packed`]'s kernels.
+    #[allow(clippy::too_many_arguments)]
     fn check(
         scores: &str,
         axis: usize,
@@ -533,6 +649,7 @@ mod tests {
         k: &[usize],
         v: &[usize],
         (queries, keys): (usize, usize),
+        packed: bool,
     ) {
         let mut model = TypedModel::default();
         let [sq, sk, sv] = [("q", q), ("k", k), ("v", v)].map(|(n, s)| model.add_source(n, f32::fact(s)).unwrap());
@@ -598,12 +715,21 @@ mod tests {
         assert_eq!(rewrite(&mut rewritten).unwrap(), 1, "{scores} {out}");
         let op = rewritten.nodes().iter().find_map(|n| n.op_as::<Attention>()).expect("fused").clone();
         assert_eq!((op.m, op.keys), (queries, keys), "{scores}");
+        assert_eq!(op.packed, packed && crate::f32_packed::available(), "{scores}");
         assert!(!rewritten.nodes().iter().any(|n| n.op_is::<Softmax>()), "{scores}: the softmax is taken in");
-        let mut results = vec![("tract", run(&model)), ("fused", run(&rewritten))];
+        let mut unpacked = rewritten.clone();
+        for node in unpacked.nodes_mut() {
+            if let Some(op) = node.op_as::<Attention>() {
+                node.op = Box::new(Attention { packed: false, ..op.clone() });
+            }
+        }
+        let mut results = vec![("tract", run(&model)), ("fused", run(&rewritten)), ("fused, gemm", run(&unpacked))];
         #[cfg(feature = "threads")]
         {
             use tract_linalg::multithread::{multithread_tract_scope, Executor};
-            results.push(("fused, 3 threads", multithread_tract_scope(Executor::multithread(3), || run(&rewritten))));
+            for (what, m) in [("fused, 3 threads", &rewritten), ("fused, gemm, 3 threads", &unpacked)] {
+                results.push((what, multithread_tract_scope(Executor::multithread(3), || run(m))));
+            }
         }
         for (what, got) in results {
             assert_eq!(got.len(), reference.len());
@@ -617,21 +743,34 @@ mod tests {
     fn heads_in_one_chunk_match_f64() {
         // Latent self-attention: per head, scores queries x keys.
         // Large enough to be split over the threads (by heads).
-        check("hmd,hnd->hmn", 2, "hmn,hne->hme", &[3, 37, 16], &[3, 290, 16], &[3, 290, 8], (37, 290));
+        check("hmd,hnd->hmn", 2, "hmn,hne->hme", &[3, 37, 16], &[3, 290, 16], &[3, 290, 8], (37, 290), true);
+    }
+
+    #[test]
+    fn rows_of_512_scores_match_f64() {
+        // Scores rows 2 KiB long (stored a line further apart when packed), values of 40 (a
+        // partial panel), queries in tiles of 12 and a remainder.
+        check("hmd,hnd->hmn", 2, "hmn,hne->hme", &[2, 29, 20], &[2, 512, 20], &[2, 512, 40], (29, 512), true);
+    }
+
+    #[test]
+    fn large_keys_and_values_are_not_packed() {
+        // K and V over `PACKED_MAX_BYTES`: the one chunk on the `gemm` crate.
+        check("hmd,hnd->hmn", 2, "hmn,hne->hme", &[2, 9, 64], &[2, 1500, 64], &[2, 1500, 40], (9, 1500), false);
     }
 
     #[test]
     fn many_keys_in_chunks_match_f64() {
         // A cross-attention over more keys than one chunk holds (the last chunk partial), rows
         // split over threads.
-        check("md,nd->mn", 1, "mn,ne->me", &[40, 8], &[CHUNK + 452, 8], &[CHUNK + 452, 6], (40, CHUNK + 452));
+        check("md,nd->mn", 1, "mn,ne->me", &[40, 8], &[CHUNK + 452, 8], &[CHUNK + 452, 6], (40, CHUNK + 452), false);
     }
 
     #[test]
     fn scores_keys_by_queries_match_f64() {
         // Scores computed keys x queries, the softmax down the columns (vision-perceiver-learned's
         // cross-attention).
-        check("md,nd->nm", 0, "nm,ne->me", &[24, 8], &[CHUNK + 100, 8], &[CHUNK + 100, 5], (24, CHUNK + 100));
+        check("md,nd->nm", 0, "nm,ne->me", &[24, 8], &[CHUNK + 100, 8], &[CHUNK + 100, 5], (24, CHUNK + 100), false);
     }
 
     /// Three attentions in a row, each one's queries the output of the one before (keys and values

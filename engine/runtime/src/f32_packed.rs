@@ -41,7 +41,7 @@ const MR: usize = 6;
 #[cfg(target_arch = "x86_64")]
 const MR_512: usize = 12;
 /// Columns of a tile and of a panel.
-const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 /// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
 pub(crate) const KC: usize = 256;
 /// Columns per pass over a block of rows (128 KiB of panels, in L2).
@@ -169,14 +169,28 @@ impl Packed {
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn refill_panels(&mut self, (k, n): (usize, usize), mut panel: impl FnMut(usize, &mut [[f32; NR]])) {
         assert!(k <= KC, "one block of k");
+        self.refill((k, n), |_, j, lines| panel(j, lines));
+    }
+
+    /// Packs a `k x n` weight into this buffer (its allocation reused), a panel of a block of
+    /// `k` at a time: `panel(p0, j, lines)` writes the lines of panel `j` in the block starting at
+    /// row `p0`, line `p` the weight's row `p0 + p` at columns `16 j..16 j + 16` (zeros past `n`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn refill(&mut self, (k, n): (usize, usize), mut panel: impl FnMut(usize, usize, &mut [[f32; NR]])) {
         let panels = n.div_ceil(NR);
         self.data.resize(panels * k, Line([0.0; NR]));
         (self.k, self.n) = (k, n);
-        for (j, lines) in self.data.chunks_exact_mut(k.max(1)).enumerate() {
-            // SAFETY: a `Line` is 16 `f32`s and nothing else (`repr(C)`, 64 bytes, aligned more
-            // than an `f32` array needs).
-            let lines = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut [f32; NR], lines.len()) };
-            panel(j, lines);
+        let mut rest = &mut self.data[..];
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            for j in 0..panels {
+                let (lines, tail) = rest.split_at_mut(kc);
+                rest = tail;
+                // SAFETY: a `Line` is 16 `f32`s and nothing else (`repr(C)`, 64 bytes, aligned
+                // more than an `f32` array needs).
+                let lines = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut [f32; NR], kc) };
+                panel(p0, j, lines);
+            }
         }
     }
 
@@ -686,6 +700,26 @@ mod tests {
                 for (row, line) in lines.iter_mut().enumerate() {
                     for (q, v) in line.iter_mut().enumerate() {
                         *v = if j * 16 + q < n { w(row, j * 16 + q) } else { 0.0 };
+                    }
+                }
+            });
+            assert!(p == Packed::new(k, n, w), "{k} x {n}");
+        }
+    }
+
+    /// [`Packed::refill`] over several blocks of `k` (the last partial) packs as [`Packed::new`],
+    /// into a buffer that held a larger weight before.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn refill_packs_blocks_as_new() {
+        let mut p = Packed::empty();
+        for (k, n) in [(700, 50), (600, 40), (256, 16), (3, 1)] {
+            let w = |row: usize, col: usize| (row * 1000 + col) as f32 + 0.5;
+            p.refill((k, n), |p0, j, lines| {
+                assert!(lines.len() <= KC && p0.is_multiple_of(KC));
+                for (row, line) in lines.iter_mut().enumerate() {
+                    for (q, v) in line.iter_mut().enumerate() {
+                        *v = if j * 16 + q < n { w(p0 + row, j * 16 + q) } else { 0.0 };
                     }
                 }
             });
