@@ -340,9 +340,11 @@ fn runtime_kernels_agree_with_tracts_on_every_fixture() {
 }
 
 /// The runtime's packed f32 kernel (`engine/runtime/src/f32_packed.rs`: constant weights packed
-/// once, AVX2 tiles) against the `gemm` crate's products, on every fixture's default export, at 1
-/// and 2 threads: outputs agree to 1e-5 and match transformers to the fixture tolerance. The
-/// kernel runs in every case where the CPU has it (AVX2 and FMA, no AVX-512), never elsewhere.
+/// once, AVX2 or AVX-512 tiles) against the `gemm` crate's products, on every fixture's default
+/// export, at 1 and 2 threads: outputs agree to 1e-5 and match transformers to the fixture
+/// tolerance. The kernel runs in every case where the CPU has it (AVX2 and FMA, or AVX-512), never
+/// elsewhere. Switching it off also sends `Attention`'s one-chunk products back to the crate
+/// (session 32), so both of its routes are compared here too.
 #[test]
 fn packed_f32_kernel_agrees_with_the_crates_on_every_fixture() {
     let _switches = switches();

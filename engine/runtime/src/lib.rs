@@ -441,9 +441,10 @@ impl Device {
 }
 
 /// Prepares a typed model with tract-cuda's runtime (CUDA transform, optimisation, device
-/// memory handling); the result is an ordinary tract plan whose ops run on the GPU.
+/// memory handling); the result is an ordinary tract plan whose ops run on the GPU, and whether
+/// the graph's f16 values were widened to f32 first.
 #[cfg(any(feature = "cuda", feature = "cuda-13"))]
-fn cuda_plan(mut typed: TypedModel) -> std::result::Result<Plan, String> {
+fn cuda_plan(mut typed: TypedModel) -> std::result::Result<(Plan, bool), String> {
     // Naming the crate links it, so its runtime registers itself with tract-core.
     std::hint::black_box(&tract_cuda::CudaTransform);
     let runtime = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
@@ -453,15 +454,19 @@ fn cuda_plan(mut typed: TypedModel) -> std::result::Result<Plan, String> {
     // tract-cuda's 4-bit products do not reproduce the CPU's results; its f32 products do.
     q4_matmul::decode_weights(&mut typed)
         .map_err(|e| format!("cannot decode the 4-bit weights: {}", first_line(&e)))?;
+    // Its f16 graphs ran 70x slower than f32 ones: computed in f32, as on x86 CPUs.
+    let widened = f16_as_f32::apply_unless(&mut typed, false)
+        .map_err(|e| format!("cannot widen the f16 graph to f32: {}", first_line(&e)))?;
     let model = typed.into_decluttered().map_err(|e| format!("cannot declutter the graph: {}", first_line(&e)))?;
     let runnable = runtime
         .prepare(model)
         .map_err(|e| format!("cannot prepare the graph for CUDA: {}", format!("{e:#}").replace('\n', " ")))?;
-    runnable.typed_plan().cloned().ok_or_else(|| "the CUDA runtime returned no tract plan".to_string())
+    let plan = runnable.typed_plan().cloned().ok_or_else(|| "the CUDA runtime returned no tract plan".to_string())?;
+    Ok((plan, widened))
 }
 
 #[cfg(not(any(feature = "cuda", feature = "cuda-13")))]
-fn cuda_plan(_typed: TypedModel) -> std::result::Result<Plan, String> {
+fn cuda_plan(_typed: TypedModel) -> std::result::Result<(Plan, bool), String> {
     Err("this build has no CUDA support (rebuild with `--features cuda`)".to_string())
 }
 
@@ -729,7 +734,11 @@ impl Session {
                     order::plan(m, reference.as_deref())
                 })
                 .map_err(|e| err(format!("cannot optimise the graph: {}", first_line(&e))))?,
-            Device::Cuda => cuda_plan(typed).map_err(err)?,
+            Device::Cuda => {
+                let (plan, widened) = cuda_plan(typed).map_err(err)?;
+                f16_in_f32 = widened;
+                plan
+            }
         };
         let state = TypedSimpleState::new(&plan).map_err(|e| err(e.to_string()))?;
         alloc::release_freed();
@@ -835,7 +844,8 @@ impl Session {
         self.external_bytes
     }
 
-    /// Whether this f16 graph runs in f32 here, this CPU lacking f16 arithmetic ([`f16_as_f32`]).
+    /// Whether this f16 graph runs in f32 here: this CPU lacks f16 arithmetic, or `--device cuda`
+    /// ([`f16_as_f32`]).
     pub fn f16_computed_in_f32(&self) -> bool {
         self.f16_in_f32
     }
