@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_bench import (EXPORT_FLAGS, MODELS, PRECISIONS, SEQ_LEN, checkpoint, engine, fmt,  # noqa: E402
-                        fresh, graph_io, make_inputs, max_abs, med, ort_time, reference, say)
+from peer_bench import (MODELS, PRECISIONS, checked_args, checkpoint, engine, exported, fmt,  # noqa: E402
+                        graph_io, make_inputs, max_abs, med, ort_time, reference, say)
 
 
 def ort_cuda(path: Path, feed, warmup: int, runs: int):
@@ -69,12 +69,8 @@ def one_model(name: str, a, threads: list[int], rows: list[dict]) -> None:
     ref, _ = reference(name, ck, feeds, a)
     for prec in a.precisions:
         tag = f"[{name} {prec}]"
-        path = work / f"{name}-{prec}.onnx"
         try:
-            if not fresh(path, ck / "model.safetensors"):
-                size = ["--seq-len", str(SEQ_LEN)] if name == "language" else []
-                engine([a.bin, "export", str(ck), "-o", str(path)] + EXPORT_FLAGS.get(prec, ["--precision", prec])
-                       + size)
+            path = exported(a, name, prec, ck)
             ins, outs = graph_io(path)
             feed = {n: feeds[n] for n, _ in ins}
             files = [work / f"{name}.in.{n}.npy" for n in feed]
@@ -131,21 +127,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     ap.add_argument("--device", default="cuda", help="the device compared with the CPU (cpu: a dry run of the script)")
     a = ap.parse_args()
-    a.models, a.precisions = a.models.split(","), a.precisions.split(",")
     a.skip_torch_export = True  # for peer_bench.reference: transformers' outputs only
-    for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
-        bad = [x for x in got if x not in known]
-        if bad:
-            print(f"{what}: unknown {', '.join(map(repr, bad))} (expected one of {', '.join(known)})", file=sys.stderr)
-            return 1
-    try:
-        threads = list(dict.fromkeys(os.cpu_count() if t == "all" else int(t) for t in a.threads.split(",")))
-        assert all(t >= 1 for t in threads) and a.rounds >= 1 and (a.runs or 1) >= 1 and (a.warmup or 0) >= 0
-    except (ValueError, AssertionError):
-        print("--threads: positive integers or 'all'; --rounds, --runs >= 1; --warmup >= 0", file=sys.stderr)
-        return 1
-    if not Path(a.bin).is_file():
-        print(f"--bin: {a.bin} not found", file=sys.stderr)
+    threads = checked_args(a)
+    if threads is None:
         return 1
     a.work = (a.work or Path(tempfile.mkdtemp(prefix="pe-gpu-"))).resolve()
     a.work.mkdir(parents=True, exist_ok=True)

@@ -216,6 +216,25 @@ def reference(name, ck, feeds, a):
     return ref, torch_path
 
 
+def exported(a, name: str, prec: str, ck: Path) -> Path:
+    """WORK/NAME-PREC.onnx, exported from `ck` unless a newer one is there (and not
+    `a.reexport`); raises RuntimeError if the export fails."""
+    path = a.work / f"{name}-{prec}.onnx"
+    tag = f"[{name} {prec}]"
+    if getattr(a, "reexport", False) or not fresh(path, ck / "model.safetensors"):
+        t0 = time.perf_counter()
+        size = ["--seq-len", str(SEQ_LEN)] if name == "language" else []
+        try:
+            engine([a.bin, "export", str(ck), "-o", str(path)] + EXPORT_FLAGS.get(prec, ["--precision", prec]) + size)
+        except RuntimeError:
+            path.unlink(missing_ok=True)
+            raise
+        say(f"{tag} perceiver-edge export: {(time.perf_counter() - t0):.1f} s -> {path}")
+    else:
+        say(f"{tag} perceiver-edge export: reusing {path}")
+    return path
+
+
 def bench_model(name, a, threads, rows):
     work = a.work
     ck = checkpoint(name, work)
@@ -226,20 +245,8 @@ def bench_model(name, a, threads, rows):
 
     for prec in a.precisions:
         tag = f"[{name} {prec}]"
-        pe_path = work / f"{name}-{prec}.onnx"
         try:
-            if a.reexport or not fresh(pe_path, ck / "model.safetensors"):
-                t0 = time.perf_counter()
-                size = ["--seq-len", str(SEQ_LEN)] if name == "language" else []
-                try:
-                    flags = EXPORT_FLAGS.get(prec, ["--precision", prec])
-                    engine([a.bin, "export", str(ck), "-o", str(pe_path)] + flags + size)
-                except RuntimeError:
-                    pe_path.unlink(missing_ok=True)
-                    raise
-                say(f"{tag} perceiver-edge export: {(time.perf_counter() - t0):.1f} s -> {pe_path}")
-            else:
-                say(f"{tag} perceiver-edge export: reusing {pe_path}")
+            pe_path = exported(a, name, prec, ck)
             ins, outs = graph_io(pe_path)
             missing = [n for n, _ in ins if n not in feeds]
             if missing:
@@ -313,6 +320,28 @@ def scaling(rows) -> list[dict]:
     return out
 
 
+def checked_args(a) -> list[int] | None:
+    """Splits `a.models` and `a.precisions` into lists and checks them, the counts and `a.bin`;
+    returns the thread counts (`all` = every CPU), or None after printing what is wrong."""
+    a.models = a.models.split(",")
+    a.precisions = a.precisions.split(",")
+    for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
+        bad = [x for x in got if x not in known]
+        if bad:
+            print(f"{what}: unknown {', '.join(map(repr, bad))} (expected one of {', '.join(known)})", file=sys.stderr)
+            return None
+    try:
+        threads = list(dict.fromkeys(os.cpu_count() if t == "all" else int(t) for t in a.threads.split(",")))
+        assert all(t >= 1 for t in threads) and a.rounds >= 1 and (a.runs or 1) >= 1 and (a.warmup or 0) >= 0
+    except (ValueError, AssertionError):
+        print("--threads: positive integers or 'all'; --rounds, --runs >= 1; --warmup >= 0", file=sys.stderr)
+        return None
+    if not Path(a.bin).is_file():
+        print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
+        return None
+    return threads
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
@@ -328,21 +357,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
-    a.models = a.models.split(",")
-    a.precisions = a.precisions.split(",")
-    for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
-        bad = [x for x in got if x not in known]
-        if bad:
-            print(f"{what}: unknown {', '.join(map(repr, bad))} (expected one of {', '.join(known)})", file=sys.stderr)
-            return 1
-    try:
-        threads = list(dict.fromkeys(os.cpu_count() if t == "all" else int(t) for t in a.threads.split(",")))
-        assert all(t >= 1 for t in threads) and a.rounds >= 1 and (a.runs or 1) >= 1 and (a.warmup or 0) >= 0
-    except (ValueError, AssertionError):
-        print("--threads: positive integers or 'all'; --rounds, --runs >= 1; --warmup >= 0", file=sys.stderr)
-        return 1
-    if not Path(a.bin).is_file():
-        print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
+    threads = checked_args(a)
+    if threads is None:
         return 1
     repo = Path(__file__).resolve().parents[2]
     a.work = (a.work or Path(tempfile.mkdtemp(prefix="pe-peer-"))).resolve()
