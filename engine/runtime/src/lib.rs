@@ -966,9 +966,34 @@ fn model_dir(path: &Path) -> std::path::PathBuf {
 }
 
 /// The message of a caught panic, on one line.
+/// A caught panic's message on one line, without the backtrace that an `anyhow` error formatted
+/// with `{:?}` carries when `RUST_BACKTRACE` is set (tract-cuda panics so when it cannot create
+/// a CUDA context: a stub `libcuda.so`, no GPU).
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-    msg.unwrap_or_default().replace('\n', " ")
+    let msg = msg.unwrap_or_default();
+    let msg = msg.split("Stack backtrace:").next().unwrap_or_default();
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod panic_message_tests {
+    use super::panic_message;
+
+    #[test]
+    fn a_panics_message_is_one_line_without_its_backtrace() {
+        // As tract-cuda's panic read on a GPU machine with RUST_BACKTRACE=1 (session 33).
+        let text = "Could not create CUDA context: Could not find system default CUDA device\n\nCaused by:\n    \
+                    DriverError(CUDA_ERROR_STUB_LIBRARY, \"\")\n\nStack backtrace:\n   0: <unknown>\n   1: main\n";
+        let caught = std::panic::catch_unwind(|| std::panic::panic_any(text.to_string())).unwrap_err();
+        assert_eq!(
+            panic_message(&caught),
+            "Could not create CUDA context: Could not find system default CUDA device Caused by: \
+             DriverError(CUDA_ERROR_STUB_LIBRARY, \"\")"
+        );
+        let caught = std::panic::catch_unwind(|| panic!("index out of bounds")).unwrap_err();
+        assert_eq!(panic_message(&caught), "index out of bounds");
+    }
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {
