@@ -976,6 +976,21 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+fn first_line(e: &impl std::fmt::Display) -> String {
+    // tract errors carry a cause chain; `{:#}` would span lines.
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// A tensor of `shape` holding `data` (row-major); `None` if the sizes differ.
+pub fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> Option<Tensor> {
+    Tensor::from_shape(shape, data).ok()
+}
+
+/// The elements of a tensor of type `T` as a vector; `None` for another type.
+pub fn to_vec<T: Datum + Clone>(t: &Tensor) -> Option<Vec<T>> {
+    (t.datum_type() == T::datum_type()).then(|| t.try_as_plain_ram().ok()?.as_slice::<T>().ok().map(|s| s.to_vec()))?
+}
+
 #[cfg(test)]
 mod panic_message_tests {
     use super::panic_message;
@@ -994,19 +1009,4 @@ mod panic_message_tests {
         let caught = std::panic::catch_unwind(|| panic!("index out of bounds")).unwrap_err();
         assert_eq!(panic_message(&caught), "index out of bounds");
     }
-}
-
-fn first_line(e: &impl std::fmt::Display) -> String {
-    // tract errors carry a cause chain; `{:#}` would span lines.
-    e.to_string().lines().next().unwrap_or("").to_string()
-}
-
-/// A tensor of `shape` holding `data` (row-major); `None` if the sizes differ.
-pub fn tensor<T: Datum + Copy>(shape: &[usize], data: &[T]) -> Option<Tensor> {
-    Tensor::from_shape(shape, data).ok()
-}
-
-/// The elements of a tensor of type `T` as a vector; `None` for another type.
-pub fn to_vec<T: Datum + Clone>(t: &Tensor) -> Option<Vec<T>> {
-    (t.datum_type() == T::datum_type()).then(|| t.try_as_plain_ram().ok()?.as_slice::<T>().ok().map(|s| s.to_vec()))?
 }
