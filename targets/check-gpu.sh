@@ -14,13 +14,15 @@
 # with numpy (fixtures), plus torch and transformers (gpu_bench.py generates the checkpoints).
 # The CUDA libraries' folders (driver, cudart, cublas, nvrtc, cudnn, curand: system or pip's
 # nvidia-* packages) are put in LD_LIBRARY_PATH. Logs and gpu_bench's JSON go to OUT_DIR
-# (default gpu-check/).
+# (default: a new temporary folder).
 set -uo pipefail
+[ $# -ge 1 ] && [ -x "$1" ] || { echo "error: usage: targets/check-gpu.sh BIN [OUT_DIR] (BIN: an executable perceiver-edge)" >&2; exit 1; }
+bin=$(realpath "$1")
+out=${2:-$(mktemp -d -t pe-gpu-check.XXXXXX)}
+mkdir -p "$out" && out=$(realpath "$out") || exit 1
+echo "logs in $out"
 cd "$(dirname "$0")/.."
-bin=${1:?usage: targets/check-gpu.sh BIN [OUT_DIR]}
-out=${2:-gpu-check}
 py=${PERCEIVER_EDGE_PYTHON:-python3}
-mkdir -p "$out"
 
 roots=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu)
 roots+=($("$py" -c 'import site; print(" ".join(p + "/nvidia" for p in site.getsitepackages()))' 2>/dev/null))
@@ -28,7 +30,7 @@ dirs=$(find "${roots[@]}" -maxdepth 3 \( -name 'libcuda.so*' -o -name 'libcudart
   -o -name 'libnvrtc*.so*' -o -name 'libcudnn*.so*' -o -name 'libcurand*.so*' \) -not -path '*/stubs/*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-nvidia-smi -L || echo "nvidia-smi failed"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi: a Jetson has none)"
 
 status=0
 # Fixtures: the four precisions side by side (each process runs its cases one after another).
@@ -44,6 +46,10 @@ for p in f32 f16 int8 q4; do
   grep -E "^(FAIL|ERROR)" "$out/fixtures-$p.log" | head -5
 done
 
+if grep -q "^0 outputs passed" "$out/fixtures-f32.log"; then
+  echo "error: no fixture ran on --device cuda (the first lines of $out/fixtures-f32.log say why); not timing" >&2
+  exit 1
+fi
 work=$(mktemp -d)
 echo "== gpu_bench.py: bench model (work folder $work)"
 PYTHONUNBUFFERED=1 "$py" models/reference/gpu_bench.py --bin "$bin" --work "$work" --models bench \
