@@ -6,7 +6,7 @@ Usage (from the repository root, with a binary built with `--features cuda-13` o
 
     python3 models/reference/gpu_bench.py --bin target/release/perceiver-edge
         [--models bench,vision-fourier] [--precisions f32,f16,int8,q4] [--threads 1,all]
-        [--rounds 2] [--runs R] [--warmup W] [--work DIR] [--json FILE]
+        [--rounds 2] [--runs R] [--warmup W] [--work DIR] [--json FILE] [--device cuda]
 
 Checkpoints, seeded inputs and transformers' outputs are made and cached as peer_bench.py does
 (WORK/MODEL/, WORK/MODEL.in.NAME.npy, WORK/MODEL.ref.npy; torch and transformers needed once).
@@ -15,7 +15,9 @@ the CPU and with `--device cuda`, and reports max |GPU - CPU| and each one's max
 transformers; then each round times `perceiver-edge bench --json` on the CPU at every --threads
 count and on the GPU, in turn (p50, load + optimise time, peak host RSS; medians over rounds).
 Where onnxruntime has its CUDA provider, it times that on the same graph as a peer. Defaults:
---runs 50 and --warmup 5 for the bench model, 10 and 2 for the published ones.
+--runs 50 and --warmup 5 for the bench model, 10 and 2 for the published ones. `--device cpu`
+runs the whole script without a GPU (both columns on the CPU), to try it out. targets/check-gpu.sh
+calls it after the fixture checks.
 """
 
 from __future__ import annotations
