@@ -39,19 +39,22 @@ pub fn has_f16(model: &TypedModel) -> bool {
 /// outputs are not f16 (their element type is the caller's contract) and this CPU lacks f16
 /// arithmetic. Returns whether it did.
 pub fn apply(model: &mut TypedModel) -> TractResult<bool> {
-    apply_unless(model, host_has_f16_arithmetic())
+    if host_has_f16_arithmetic() {
+        return Ok(false);
+    }
+    widen(model)
 }
 
-/// [`apply`] for a device that runs f16 natively (`native`: the graph is left alone) or not.
-/// `--device cuda` passes `false`: tract-cuda 0.23.9 ran the bench model's f16 graph in 222 ms a
-/// run on an H200 against 3.1 ms for its f32 graph (session 33, `targets/check-gpu.sh`).
-pub fn apply_unless(model: &mut TypedModel, native: bool) -> TractResult<bool> {
+/// [`apply`] whatever this CPU has: for `--device cuda`, where tract-cuda 0.23.9 ran the bench
+/// model's f16 graph in 222 ms a run on an H200 against 3.1 ms for its f32 graph (session 33,
+/// `targets/check-gpu.sh`).
+pub fn widen(model: &mut TypedModel) -> TractResult<bool> {
     let io_f16 = model
         .input_outlets()?
         .iter()
         .chain(model.output_outlets()?)
         .any(|o| model.outlet_fact(*o).map(|f| f.datum_type == DatumType::F16).unwrap_or(true));
-    if !ENABLED.get() || io_f16 || native || !has_f16(model) {
+    if !ENABLED.get() || io_f16 || !has_f16(model) {
         return Ok(false);
     }
     FloatPrecisionTranslator::new(DatumType::F16, DatumType::F32).transform(model)?;

@@ -455,8 +455,8 @@ fn cuda_plan(mut typed: TypedModel) -> std::result::Result<(Plan, bool), String>
     q4_matmul::decode_weights(&mut typed)
         .map_err(|e| format!("cannot decode the 4-bit weights: {}", first_line(&e)))?;
     // Its f16 graphs ran 72x slower than f32 ones (H200): computed in f32, as on x86 CPUs.
-    let widened = f16_as_f32::apply_unless(&mut typed, false)
-        .map_err(|e| format!("cannot widen the f16 graph to f32: {}", first_line(&e)))?;
+    let widened =
+        f16_as_f32::widen(&mut typed).map_err(|e| format!("cannot widen the f16 graph to f32: {}", first_line(&e)))?;
     let model = typed.into_decluttered().map_err(|e| format!("cannot declutter the graph: {}", first_line(&e)))?;
     let runnable = runtime
         .prepare(model)
