@@ -50,7 +50,8 @@ if grep -q "^0 outputs passed" "$out/fixtures-f32.log"; then
   echo "error: no fixture ran on --device cuda (the first lines of $out/fixtures-f32.log say why); not timing" >&2
   exit 1
 fi
-work=$(mktemp -d)
+work=$(mktemp -d)   # checkpoints and exports (about 1 GB with vision-fourier): removed at exit
+trap 'rm -rf "$work"' EXIT
 echo "== gpu_bench.py: bench model (work folder $work)"
 PYTHONUNBUFFERED=1 "$py" models/reference/gpu_bench.py --bin "$bin" --work "$work" --models bench \
   --json "$out/gpu_bench-bench.json" 2>&1 | tee "$out/gpu_bench-bench.log" || status=1

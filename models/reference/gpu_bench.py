@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_bench import (MODELS, PRECISIONS, checked_args, checkpoint, engine, exported, fmt,  # noqa: E402
-                        graph_io, make_inputs, max_abs, med, ort_time, reference, say)
+from peer_bench import (MODELS, PRECISIONS, checked_args, engine, exported, fmt, graph_io,  # noqa: E402
+                        max_abs, med, ort_time, prepared, say)
 
 
 def ort_cuda(path: Path, feed, warmup: int, runs: int):
@@ -64,11 +63,7 @@ def bench_json(a, path: Path, files, runs: int, warmup: int, extra: list[str]):
 
 def one_model(name: str, a, threads: list[int], rows: list[dict]) -> None:
     work = a.work
-    ck = checkpoint(name, work)
-    feeds = make_inputs(name, ck, work)
-    runs = a.runs or (50 if name == "bench" else 10)
-    warmup = a.warmup if a.warmup is not None else (5 if name == "bench" else 2)
-    ref, _ = reference(name, ck, feeds, a)
+    ck, feeds, runs, warmup, ref, _ = prepared(name, a, runs=(50, 10), warmup=(5, 2))
     for prec in a.precisions:
         tag = f"[{name} {prec}]"
         try:
@@ -110,7 +105,8 @@ def one_model(name: str, a, threads: list[int], rows: list[dict]) -> None:
             p50_ms={k: stat(k, lambda j: j["latency_ms"]["p50"]) for k in keys},
             p99_ms={k: stat(k, lambda j: j["latency_ms"]["p99"]) for k in keys},
             load_ms={k: stat(k, lambda j: j["load_ms"]) for k in keys},
-            peak_rss_mib={k: stat(k, lambda j: (j["memory"]["peak_rss"] or 0) / 2**20) for k in keys},
+            peak_rss_mib={k: stat(k, lambda j: j["memory"]["peak_rss"] and j["memory"]["peak_rss"] / 2**20)
+                          for k in keys},
             ort_cuda_ms=ort_ms, max_abs_gpu_cpu=gpu_cpu, max_abs_cpu_output=scale,
             max_abs_cpu_ref=max_abs(got["cpu"], ref), max_abs_gpu_ref=max_abs(got["cuda"], ref),
             max_abs_ort_cuda_ref=max_abs(ort_out, ref), rounds=rounds))
@@ -130,11 +126,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="the device compared with the CPU (cpu: a dry run of the script)")
     a = ap.parse_args()
     a.skip_torch_export = True  # for peer_bench.reference: transformers' outputs only
-    threads = checked_args(a)
+    threads = checked_args(a, prefix="pe-gpu-")
     if threads is None:
         return 1
-    a.work = (a.work or Path(tempfile.mkdtemp(prefix="pe-gpu-"))).resolve()
-    a.work.mkdir(parents=True, exist_ok=True)
     say(f"work folder {a.work}; binary {a.bin}; CPU threads {threads}; {os.cpu_count()} CPUs")
     rows: list[dict] = []
     for name in a.models:

@@ -235,13 +235,20 @@ def exported(a, name: str, prec: str, ck: Path) -> Path:
     return path
 
 
+def prepared(name: str, a, runs: tuple[int, int], warmup: tuple[int, int]):
+    """(checkpoint, seeded inputs, runs, warm-up runs, transformers' output, its ONNX export) of
+    `name`: runs and warm-up are `a.runs` / `a.warmup` where given, else the first of each pair for
+    the bench model and the second for the published ones."""
+    ck = checkpoint(name, a.work)
+    feeds = make_inputs(name, ck, a.work)
+    pick = 0 if name == "bench" else 1
+    ref, torch_path = reference(name, ck, feeds, a)
+    return ck, feeds, a.runs or runs[pick], warmup[pick] if a.warmup is None else a.warmup, ref, torch_path
+
+
 def bench_model(name, a, threads, rows):
     work = a.work
-    ck = checkpoint(name, work)
-    feeds = make_inputs(name, ck, work)
-    runs = a.runs or (20 if name == "bench" else 3)
-    warmup = a.warmup if a.warmup is not None else (3 if name == "bench" else 1)
-    ref, torch_path = reference(name, ck, feeds, a)
+    ck, feeds, runs, warmup, ref, torch_path = prepared(name, a, runs=(20, 3), warmup=(3, 1))
 
     for prec in a.precisions:
         tag = f"[{name} {prec}]"
@@ -320,9 +327,11 @@ def scaling(rows) -> list[dict]:
     return out
 
 
-def checked_args(a) -> list[int] | None:
+def checked_args(a, prefix: str) -> list[int] | None:
     """Splits `a.models` and `a.precisions` into lists and checks them, the counts and `a.bin`;
-    returns the thread counts (`all` = every CPU), or None after printing what is wrong."""
+    makes `a.work` (a new temporary folder named PREFIX... if not given), which must lie outside
+    this repository. Returns the thread counts (`all` = every CPU), or None after printing what is
+    wrong."""
     a.models = a.models.split(",")
     a.precisions = a.precisions.split(",")
     for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
@@ -339,6 +348,12 @@ def checked_args(a) -> list[int] | None:
     if not Path(a.bin).is_file():
         print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
         return None
+    repo = Path(__file__).resolve().parents[2]
+    a.work = (a.work or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    if a.work == repo or repo in a.work.parents:
+        print(f"--work: {a.work} is inside the repository; use a folder outside it", file=sys.stderr)
+        return None
+    a.work.mkdir(parents=True, exist_ok=True)
     return threads
 
 
@@ -357,15 +372,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
-    threads = checked_args(a)
+    threads = checked_args(a, prefix="pe-peer-")
     if threads is None:
         return 1
-    repo = Path(__file__).resolve().parents[2]
-    a.work = (a.work or Path(tempfile.mkdtemp(prefix="pe-peer-"))).resolve()
-    if a.work == repo or repo in a.work.parents:
-        print(f"--work: {a.work} is inside the repository; use a folder outside it", file=sys.stderr)
-        return 1
-    a.work.mkdir(parents=True, exist_ok=True)
     say(f"work folder {a.work}; binary {a.bin}; threads {threads}; {os.cpu_count()} CPUs")
 
     rows: list[dict] = []
