@@ -158,6 +158,16 @@ fn tune_takes_precision_candidates() {
     assert_eq!(r["precisions"], serde_json::json!(["f32", "f16"]));
     let f16 = &r["candidates"][1];
     assert_eq!(f16["candidate"]["precision"], "f16");
+    // Its products are f16 (the f32 candidate's f32), which the Cortex-A76 board computes at
+    // twice f32's peak: the prediction says so.
+    let (f32c, flops) = (&r["candidates"][0], f16["flops"].as_u64().unwrap());
+    assert!(flops > 0 && f32c["flops"].as_u64() == Some(flops));
+    assert_eq!((f16["products"]["f16"].as_u64(), f32c["products"]["f32"].as_u64()), (Some(flops), Some(flops)));
+    assert_eq!(
+        (r["target"]["peak_ratio_f16"].as_f64(), r["target"]["peak_ratio_int8"].as_f64()),
+        (Some(2.0), Some(4.0))
+    );
+    assert!(stdout.contains("f16 and int8 products are predicted at 2x and 4x f32's rate"), "{stdout}");
     assert!(f16["fidelity"]["max_abs"].as_f64().unwrap() > 0.0 && f16["fidelity"]["max_abs"].as_f64().unwrap() < 0.1);
     let (ok, _, e) = cli(&[
         "tune",

@@ -1,9 +1,9 @@
 //! What `inspect` reports: architecture sizes, parameters, FLOPs per stage and memory, computed
 //! from the built graph (so it describes exactly what is exported).
 
-use crate::ir::{DType, Graph};
+use crate::ir::{DType, Graph, Node};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// The summary is stored as JSON in the ONNX model under [`metadata::SUMMARY`]; its fields keep
@@ -86,6 +86,48 @@ pub struct Cost {
     pub largest_activation: (String, usize),
 }
 
+/// Multiply-add FLOPs (2 per MAC) of node `n` if it is a matmul or convolution, else 0.
+fn node_flops(n: &Node, shapes: &HashMap<&str, &[usize]>) -> u64 {
+    let numel = n.outputs[0].numel() as u64;
+    match n.op.as_str() {
+        "MatMul" | "MatMulInteger" | "MatMulNBits" => {
+            let k = shapes.get(n.inputs[0].as_str()).and_then(|s| s.last()).copied().unwrap_or(0);
+            2 * numel * k as u64
+        }
+        "Conv" => {
+            let w = shapes.get(n.inputs[1].as_str()).map(|s| s[1..].iter().product::<usize>()).unwrap_or(0);
+            2 * numel * w as u64
+        }
+        _ => 0,
+    }
+}
+
+/// A graph's product FLOPs by the arithmetic they run in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct ProductFlops {
+    /// f32 products, 4-bit weight products included (their weights are decoded to f32).
+    pub f32: u64,
+    /// Products with f16 results.
+    pub f16: u64,
+    /// Integer products (`MatMulInteger`).
+    pub int8: u64,
+}
+
+/// Splits `g`'s product FLOPs by arithmetic (their sum is [`Cost::flops`]' total).
+pub fn product_flops(g: &Graph) -> ProductFlops {
+    let shapes = g.value_shapes();
+    let mut p = ProductFlops::default();
+    for n in &g.nodes {
+        let f = node_flops(n, &shapes);
+        match (n.op.as_str(), n.outputs[0].dtype) {
+            ("MatMulInteger", _) => p.int8 += f,
+            (_, DType::F16) => p.f16 += f,
+            _ => p.f32 += f,
+        }
+    }
+    p
+}
+
 /// Computes FLOPs per stage and memory of `g`.
 pub fn cost(g: &Graph) -> Cost {
     let shapes = g.value_shapes();
@@ -93,18 +135,7 @@ pub fn cost(g: &Graph) -> Cost {
     let mut largest = (String::new(), 0usize);
     for n in &g.nodes {
         let out = &n.outputs[0];
-        let numel = out.numel() as u64;
-        let f = match n.op.as_str() {
-            "MatMul" | "MatMulInteger" | "MatMulNBits" => {
-                let k = shapes.get(n.inputs[0].as_str()).and_then(|s| s.last()).copied().unwrap_or(0);
-                2 * numel * k as u64
-            }
-            "Conv" => {
-                let w = shapes.get(n.inputs[1].as_str()).map(|s| s[1..].iter().product::<usize>()).unwrap_or(0);
-                2 * numel * w as u64
-            }
-            _ => 0,
-        };
+        let f = node_flops(n, &shapes);
         if f > 0 {
             let stage = metadata::stage_of(&n.name);
             match flops.iter_mut().find(|(s, _)| *s == stage) {
@@ -255,5 +286,46 @@ impl fmt::Display for Summary {
             writeln!(f, "output         {n}: {t} {s:?}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::passes::quant::pass_for;
+    use crate::{KeepF32, Precision};
+
+    #[test]
+    fn product_flops_split_by_the_arithmetic_each_precision_computes_in() {
+        // Two [4, 64] x [64, 64] Linears and one activation product [4, 64] x [64, 4]:
+        // 2 x 4 x 64 x 64 FLOPs each, 2 x 4 x 64 x 4 for the last.
+        let (linear, act) = (2 * 4 * 64 * 64u64, 2 * 4 * 64 * 4u64);
+        let graph = || {
+            let mut g = Graph::new();
+            let x = g.input("x", DType::F32, &[4, 64]);
+            let w: Vec<f32> = (0..64 * 64).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+            let (w0, w1) = (g.const_f32("w0", &[64, 64], &w), g.const_f32("w1", &[64, 64], &w));
+            let h = g.matmul(&x, &w0);
+            let h = g.matmul(&h, &w1);
+            let t = g.transpose(&x, &[1, 0]);
+            let y = g.matmul(&h, &t);
+            g.output(&y, "y");
+            g
+        };
+        let split = |p: Precision| {
+            let mut g = graph();
+            if let Some(pass) = pass_for(p, &KeepF32::default(), None, false).unwrap() {
+                pass.run(&mut g).unwrap();
+            }
+            let total: u64 = cost(&g).flops.iter().map(|(_, f)| f).sum();
+            assert_eq!(total, 2 * linear + act, "{p}");
+            product_flops(&g)
+        };
+        assert_eq!(split(Precision::F32), ProductFlops { f32: 2 * linear + act, f16: 0, int8: 0 });
+        // Only weights are quantised: the activation product stays in f32 (int8) or f16.
+        assert_eq!(split(Precision::Int8), ProductFlops { f32: act, f16: 0, int8: 2 * linear });
+        assert_eq!(split(Precision::F16), ProductFlops { f32: 0, f16: 2 * linear + act, int8: 0 });
+        // 4-bit weights are decoded to f32 for the product.
+        assert_eq!(split(Precision::Q4), ProductFlops { f32: 2 * linear + act, f16: 0, int8: 0 });
     }
 }

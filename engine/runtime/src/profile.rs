@@ -339,6 +339,31 @@ impl Profile {
             Precision::F16 => self.cpu.fp16,
         }
     }
+
+    /// Peak throughput of products computed in `arithmetic` relative to f32 products on this
+    /// board, from its instruction set (an upper bound, not a measurement): 2 for f16 with fp16
+    /// arithmetic (a 128-bit FMLA does 8 f16 multiply-adds where FMLA.4S does 4 f32), 4 for int8
+    /// with dotprod (an SDOT does 16 int8 multiply-adds); 1 otherwise (f16 is computed in f32
+    /// without fp16; int8 on SMLAL does 4 per instruction, as f32 does; x86's VNNI and AMX are not
+    /// described by this schema, and 4-bit weights are decoded to f32).
+    pub fn peak_ratio(&self, arithmetic: Arithmetic) -> f64 {
+        match arithmetic {
+            Arithmetic::F16 if self.cpu.fp16 => 2.0,
+            Arithmetic::Int8 if self.cpu.dotprod => 4.0,
+            _ => 1.0,
+        }
+    }
+}
+
+/// The arithmetic a product runs in (what [`Profile::peak_ratio`] rates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// f32 multiply-adds.
+    F32,
+    /// f16 multiply-adds.
+    F16,
+    /// int8 multiply-adds into i32.
+    Int8,
 }
 
 /// The CPU this program runs on, as the OS reports it (on aarch64 from the kernel's HWCAP, which
@@ -405,6 +430,12 @@ impl fmt::Display for Profile {
         writeln!(f, "cpu            {} ({}), {} cores", c.arch.as_str(), c.target, c.cores)?;
         writeln!(f, "features       neon {}, fp16 {}, dotprod {}", yn(c.neon), yn(c.fp16), yn(c.dotprod))?;
         writeln!(f, "peak           {:.1} GFLOP/s f32, {:.1} GB/s memory", c.peak_gflops_f32, c.mem_bandwidth_gbs)?;
+        writeln!(
+            f,
+            "products       f16 {}x, int8 {}x f32's peak (instruction set)",
+            self.peak_ratio(Arithmetic::F16),
+            self.peak_ratio(Arithmetic::Int8)
+        )?;
         writeln!(f, "memory budget  {} MiB", b.memory_mb)?;
         writeln!(
             f,
@@ -464,6 +495,23 @@ precisions = ["f16", "int8", "f32"]
         assert!((p.period_ms() - 33.333).abs() < 1e-3);
         let shown = p.to_string();
         assert!(shown.contains("fp16 yes") && shown.contains("f16, int8, f32"), "{shown}");
+        assert!(shown.contains("f16 2x, int8 4x f32's peak"), "{shown}");
+    }
+
+    #[test]
+    fn peak_ratios_follow_the_instruction_set() {
+        let a76 = Profile::parse(PI5, "x.toml").unwrap();
+        let ratios = |p: &Profile| [Arithmetic::F32, Arithmetic::F16, Arithmetic::Int8].map(|a| p.peak_ratio(a));
+        assert_eq!(ratios(&a76), [1.0, 2.0, 4.0]);
+        // Cortex-A72 (Raspberry Pi 4): neither fp16 arithmetic nor SDOT.
+        let a72 = Profile::parse(
+            &PI5.replace("fp16 = true", "fp16 = false").replace("dotprod = true", "dotprod = false"),
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(ratios(&a72), [1.0, 1.0, 1.0]);
+        let dot_only = Profile::parse(&PI5.replace("fp16 = true", "fp16 = false"), "x.toml").unwrap();
+        assert_eq!(ratios(&dot_only), [1.0, 1.0, 4.0]);
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! latency = FLOPs / (per-thread GFLOP/s x thread speed-up) + nodes x per-node overhead
 //!         + weight bytes / bandwidth
 //!
+//! where, on a board, the FLOPs of f16 and int8 products count at their peak's ratio to f32's on
+//! that board (fp16 arithmetic 2x, SDOT 4x: [`perceiver_edge_runtime::profile::Profile::peak_ratio`]).
+//!
 //! memory  = weight bytes + 2 x largest activation + runtime base
 //!
 //! On the host the three rates come from the micro-benchmark (a 256^3 matmul chain, a chain of
 //! 100 tiny matmuls, a 32 MiB copy), all run through the same runtime. For a board, compute rates are
 //! scaled by the ratio of per-core peak GFLOP/s (board profile / host profile) and bandwidth by
 //! the ratio of bandwidths, i.e. the board is assumed to reach the same fraction of its peak as
-//! the host does of its own.
+//! the host does of its own f32 peak, in each arithmetic. On the host every product counts at the
+//! f32 rate (its own candidates are measured, not predicted, when `tune` judges them).
 //!
 //! Threads are not assumed to help: the speed-up of T threads is measured, on the micro-benchmark's
 //! matmul chain for every count up to the host's cores, and on the model itself when `tune`
@@ -22,6 +26,7 @@
 use crate::profile::Profile;
 use anyhow::Result;
 use perceiver_edge_export::ir::{DType, Graph};
+use perceiver_edge_export::summary::{product_flops, ProductFlops};
 use perceiver_edge_export::Summary;
 use perceiver_edge_runtime::{alloc, tensor, Session};
 use serde::Serialize;
@@ -52,6 +57,8 @@ pub struct HostRates {
 pub struct Features {
     /// FLOPs per inference.
     pub flops: u64,
+    /// The same FLOPs by the arithmetic of their products.
+    pub products: ProductFlops,
     /// Graph nodes.
     pub nodes: usize,
     /// Constant bytes.
@@ -65,6 +72,7 @@ impl Features {
     pub fn of(g: &Graph, s: &Summary) -> Features {
         Features {
             flops: s.flops.iter().map(|(_, f)| f).sum(),
+            products: product_flops(g),
             nodes: g.nodes.len(),
             weight_bytes: s.weight_bytes,
             largest_activation: s.largest_activation.1,
@@ -130,7 +138,15 @@ impl HostRates {
             board.map_or(self.bandwidth_gbs, |b| self.bandwidth_gbs * b.mem_bandwidth_gbs / self.host_bandwidth_gbs);
         let usable = board.map_or(threads, |b| threads.min(b.cores)).max(1);
         let speedup = Self::speedup(curve, usable);
-        let compute_s = f.flops as f64 / (self.gflops_per_thread * scale * 1e9 * speedup);
+        // FLOPs at f32's rate: on a board, f16 and int8 products count at their peak ratio.
+        let f32_equivalent = match board {
+            None => f.flops as f64,
+            Some(b) => {
+                let p = &f.products;
+                p.f32 as f64 + p.f16 as f64 / b.peak_ratio_f16 + p.int8 as f64 / b.peak_ratio_int8
+            }
+        };
+        let compute_s = f32_equivalent / (self.gflops_per_thread * scale * 1e9 * speedup);
         let overhead_s = f.nodes as f64 * self.us_per_node * 1e-6 / scale;
         let memory_s = f.weight_bytes as f64 / (bw * 1e9);
         Predicted {
@@ -246,9 +262,15 @@ mod tests {
         }
     }
 
+    /// Features of a graph whose products are all f32.
+    fn f32_features(flops: u64, nodes: usize, weight_bytes: usize, largest_activation: usize) -> Features {
+        let products = ProductFlops { f32: flops, ..Default::default() };
+        Features { flops, products, nodes, weight_bytes, largest_activation }
+    }
+
     #[test]
     fn host_prediction_adds_compute_overhead_and_weights() {
-        let f = Features { flops: 1_000_000_000, nodes: 100, weight_bytes: 10_000_000, largest_activation: 500 };
+        let f = f32_features(1_000_000_000, 100, 10_000_000, 500);
         let p = rates().predict(&f, 1, None);
         // 100 ms compute + 0.1 ms nodes + 1 ms weights
         assert!((p.latency_ms - 101.1).abs() < 1e-9, "{}", p.latency_ms);
@@ -257,16 +279,41 @@ mod tests {
         assert!((p2.latency_ms - 51.1).abs() < 1e-9);
     }
 
+    /// A 4-core aarch64 board at 20 GFLOP/s f32 per core and 10 GB/s.
+    fn board(fp16: bool, dotprod: bool) -> Profile {
+        let text = format!(
+            "name = \"b\"\n[cpu]\narch = \"aarch64\"\ntarget = \"aarch64-unknown-linux-gnu\"\ncores = 4\n\
+             neon = true\nfp16 = {fp16}\ndotprod = {dotprod}\npeak_gflops_f32 = 80.0\nmem_bandwidth_gbs = 10.0\n\
+             [budget]\nmemory_mb = 64\ndeadline_ms = 10\nrate_hz = 30\nthreads = 4\nprecisions = [\"f32\"]\n"
+        );
+        Profile::parse(&text, "b.toml").unwrap()
+    }
+
+    #[test]
+    fn board_prediction_counts_f16_and_int8_products_at_their_peak_ratio() {
+        // 1 GFLOP: 0.2 in f32 products, 0.8 in f16 (an f16 graph's attention products are f16
+        // too; here a mix) or in int8 products.
+        let mixed = |f16: u64, int8: u64| Features {
+            products: ProductFlops { f32: 200_000_000, f16, int8 },
+            ..f32_features(1_000_000_000, 0, 0, 0)
+        };
+        let ms = |f: &Features, b: &Profile| (rates().predict(f, 1, Some(b)).latency_ms * 1e9).round() / 1e9;
+        // Board at half the host's per-core peak: 1 GFLOP of f32 products takes 200 ms.
+        let (plain, a76) = (board(false, false), board(true, true));
+        assert_eq!(ms(&mixed(800_000_000, 0), &plain), 200.0, "no fp16: f16 products at f32's rate");
+        assert_eq!(ms(&mixed(0, 800_000_000), &plain), 200.0, "no SDOT: int8 products at f32's rate");
+        // fp16 arithmetic: 40 ms + 800 MFLOP at 2x = 40 + 80.
+        assert_eq!(ms(&mixed(800_000_000, 0), &a76), 120.0);
+        // SDOT: 40 ms + 800 MFLOP at 4x = 40 + 40.
+        assert_eq!(ms(&mixed(0, 800_000_000), &a76), 80.0);
+        // On the host every product counts at the rate it measured (f32's).
+        assert_eq!((rates().predict(&mixed(0, 800_000_000), 1, None).latency_ms * 1e9).round() / 1e9, 100.0);
+    }
+
     #[test]
     fn board_prediction_scales_by_peak_per_core_and_bandwidth() {
-        let board = Profile::parse(
-            "name = \"b\"\n[cpu]\narch = \"aarch64\"\ntarget = \"aarch64-unknown-linux-gnu\"\ncores = 4\n\
-             neon = true\nfp16 = false\ndotprod = false\npeak_gflops_f32 = 80.0\nmem_bandwidth_gbs = 10.0\n\
-             [budget]\nmemory_mb = 64\ndeadline_ms = 10\nrate_hz = 30\nthreads = 4\nprecisions = [\"f32\"]\n",
-            "b.toml",
-        )
-        .unwrap();
-        let f = Features { flops: 1_000_000_000, nodes: 100, weight_bytes: 10_000_000, largest_activation: 0 };
+        let board = board(false, false);
+        let f = f32_features(1_000_000_000, 100, 10_000_000, 0);
         // per-core peak 20 vs host 40: half speed; bandwidth 10 vs 20: half.
         let p = rates().predict(&f, 8, Some(&board));
         // compute 1e9 / (10e9 * 0.5 * 4) = 50 ms; nodes 0.2 ms; weights 10e6 / 5e9 = 2 ms.
@@ -275,7 +322,7 @@ mod tests {
 
     #[test]
     fn threads_scale_as_measured_never_as_assumed() {
-        let f = Features { flops: 1_000_000_000, nodes: 0, weight_bytes: 0, largest_activation: 0 };
+        let f = f32_features(1_000_000_000, 0, 0, 0);
         // The host measured 2 threads 1.5x faster, 3 threads 0.9x (slower than 1).
         let r = HostRates { thread_speedup: vec![1.0, 1.5, 0.9], ..rates() };
         let ms = |p: Predicted| (p.latency_ms * 1e6).round() / 1e6;

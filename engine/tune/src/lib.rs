@@ -203,6 +203,9 @@ pub struct Measured {
     pub predicted_board: cost::Predicted,
     /// FLOPs per inference.
     pub flops: u64,
+    /// The same FLOPs by the arithmetic of their products (`predicted_board` counts f16 and int8
+    /// products at the board's peak ratio to f32).
+    pub products: perceiver_edge_export::summary::ProductFlops,
     /// Fidelity against the full model on the validation samples.
     pub fidelity: Fidelity,
     /// Within the board's deadline and memory budget.
@@ -547,6 +550,7 @@ pub fn tune(o: &TuneOptions) -> Result<Report> {
             predicted_host: rates.predict(&feat, c.threads, None),
             predicted_board: rates.predict(&feat, c.threads, Some(&board)),
             flops: feat.flops,
+            products: feat.products,
             fidelity: fid,
             fits: false,
             pareto: false,
@@ -761,10 +765,11 @@ pub fn table(r: &Report) -> String {
     if r.judged_on != "measured" && r.precisions.iter().any(|p| p != "f32") {
         let _ = writeln!(
             s,
-            "precisions: not measured on the board; each is predicted at f32's compute rate, its fidelity \
-             measured on this {} host's kernels (x86 computes f16 in f32, an fp16 ARM board accumulates in \
-             f16): check the chosen file there with `perceiver-edge bench` and `compare`",
-            r.host.arch
+            "precisions: not measured on the board; f16 and int8 products are predicted at {}x and {}x \
+             f32's rate (the board's instruction set: its peak, an upper bound), their fidelity measured on \
+             this {} host's kernels (x86 computes f16 in f32, an fp16 ARM board accumulates in f16): check \
+             the chosen file there with `perceiver-edge bench` and `compare`",
+            r.target.peak_ratio_f16, r.target.peak_ratio_int8, r.host.arch
         );
     }
     let _ = writeln!(s, "tables {}", r.tables);
@@ -999,6 +1004,7 @@ mod tests {
             predicted_host: p,
             predicted_board: p,
             flops: 0,
+            products: Default::default(),
             fidelity: Fidelity { top1_agreement: top1, mean_cosine: top1, ..Default::default() },
             fits,
             pareto: false,

@@ -20,6 +20,10 @@ pub struct Profile {
     pub peak_gflops_f32: f64,
     /// Memory bandwidth, GB/s.
     pub mem_bandwidth_gbs: f64,
+    /// Peak of f16 products over f32's, from the instruction set ([`board::Profile::peak_ratio`]).
+    pub peak_ratio_f16: f64,
+    /// Peak of int8 products over f32's, from the instruction set.
+    pub peak_ratio_int8: f64,
     /// Memory the model may use, MB (MiB).
     pub memory_mb: f64,
     /// Latency deadline, ms.
@@ -35,6 +39,8 @@ pub struct Profile {
 impl From<board::Profile> for Profile {
     fn from(p: board::Profile) -> Profile {
         Profile {
+            peak_ratio_f16: p.peak_ratio(board::Arithmetic::F16),
+            peak_ratio_int8: p.peak_ratio(board::Arithmetic::Int8),
             name: p.name,
             arch: p.cpu.arch.as_str().to_string(),
             cores: p.cpu.cores,
@@ -73,6 +79,7 @@ mod tests {
         assert_eq!((p.arch.as_str(), p.cores, p.threads), ("aarch64", 4, 4));
         assert_eq!((p.memory_mb, p.rate_hz), (256.0, 30.0));
         assert_eq!(p.precisions, ["f16", "int8", "f32"]);
+        assert_eq!((p.peak_ratio_f16, p.peak_ratio_int8), (2.0, 4.0));
         let text = std::fs::read_to_string(root.join("targets/raspberry-pi-5.toml")).unwrap();
         let err = format!("{:#}", Profile::parse(&text.replace("cores", "corez"), "bad.toml").unwrap_err());
         assert!(err.contains("bad.toml") && err.contains("corez"), "{err}");

@@ -207,11 +207,11 @@ pub fn write_single(g: &Graph, w: &mut dyn std::io::Write) -> std::io::Result<()
     let mut model = model_proto_with(g, vec![]);
     let graph = model.graph.take().expect("model_proto_with sets the graph");
     let before_model = pb::ModelProto {
-        ir_version: model.ir_version,
+        ir_version: std::mem::take(&mut model.ir_version),
         producer_name: std::mem::take(&mut model.producer_name),
         producer_version: std::mem::take(&mut model.producer_version),
         domain: std::mem::take(&mut model.domain),
-        model_version: model.model_version,
+        model_version: std::mem::take(&mut model.model_version),
         doc_string: std::mem::take(&mut model.doc_string),
         ..Default::default()
     };
