@@ -14,7 +14,7 @@
 //! 100 tiny matmuls, a 32 MiB copy), all run through the same runtime. For a board, compute rates are
 //! scaled by the ratio of per-core peak GFLOP/s (board profile / host profile) and bandwidth by
 //! the ratio of bandwidths, i.e. the board is assumed to reach the same fraction of its peak as
-//! the host does of its own f32 peak, in each arithmetic. On the host every product counts at the
+//! the host does of its own f32 peak (at most all of it), in each arithmetic. On the host every product counts at the
 //! f32 rate (its own candidates are measured, not predicted, when `tune` judges them).
 //!
 //! Threads are not assumed to help: the speed-up of T threads is measured, on the micro-benchmark's
@@ -95,6 +95,18 @@ impl HostRates {
         board.map_or(1.0, |b| (b.peak_gflops_f32 / b.cores as f64) / self.host_peak_gflops_per_core)
     }
 
+    /// Fraction of its per-core f32 peak the host reaches on one thread, as a board is assumed to
+    /// reach of its own; at most 1: a measurement above the host profile's peak means that figure
+    /// (its clock) is low, and no board beats its peak.
+    pub fn efficiency(&self) -> f64 {
+        (self.gflops_per_thread / self.host_peak_gflops_per_core).min(1.0)
+    }
+
+    /// Single-thread f32 GFLOP/s on the host (`board` None) or on `board`.
+    fn gflops(&self, board: Option<&Profile>) -> f64 {
+        board.map_or(self.gflops_per_thread, |b| b.peak_gflops_f32 / b.cores as f64 * self.efficiency())
+    }
+
     /// Speed-up of `threads` threads given the speed-ups measured on the host (`measured[i]`:
     /// i + 1 threads). Up to the host's cores it is the measurement; past them the host's
     /// efficiency at its largest count is extrapolated if that count gained, else no gain.
@@ -146,7 +158,7 @@ impl HostRates {
                 p.f32 as f64 + p.f16 as f64 / b.peak_ratio_f16 + p.int8 as f64 / b.peak_ratio_int8
             }
         };
-        let compute_s = f32_equivalent / (self.gflops_per_thread * scale * 1e9 * speedup);
+        let compute_s = f32_equivalent / (self.gflops(board) * 1e9 * speedup);
         let overhead_s = f.nodes as f64 * self.us_per_node * 1e-6 / scale;
         let memory_s = f.weight_bytes as f64 / (bw * 1e9);
         Predicted {
@@ -318,6 +330,22 @@ mod tests {
         let p = rates().predict(&f, 8, Some(&board));
         // compute 1e9 / (10e9 * 0.5 * 4) = 50 ms; nodes 0.2 ms; weights 10e6 / 5e9 = 2 ms.
         assert!((p.latency_ms - 52.2).abs() < 1e-9, "{}", p.latency_ms);
+    }
+
+    #[test]
+    fn a_board_never_beats_its_peak() {
+        let f = f32_features(1_000_000_000, 0, 0, 0);
+        // The host measured 60 GFLOP/s a thread where its profile says 40 a core: the profile's
+        // clock is low. The board (20 a core) is predicted at its peak, not at 150 % of it.
+        let fast = HostRates { gflops_per_thread: 60.0, ..rates() };
+        assert_eq!(fast.efficiency(), 1.0);
+        let ms = |r: &HostRates, b: Option<&Profile>| (r.predict(&f, 1, b).latency_ms * 1e9).round() / 1e9;
+        assert_eq!(ms(&fast, Some(&board(false, false))), 50.0);
+        // On the host the measurement stands.
+        assert!((ms(&fast, None) - 1000.0 / 60.0).abs() < 1e-6);
+        // Below the peak the host's fraction carries over: 10 of 40 = 25 % of the board's 20.
+        assert_eq!(rates().efficiency(), 0.25);
+        assert_eq!(ms(&rates(), Some(&board(false, false))), 200.0);
     }
 
     #[test]

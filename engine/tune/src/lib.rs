@@ -775,8 +775,11 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(s, "tables {}", r.tables);
     let _ = writeln!(
         s,
-        "host rates: {:.2} GFLOP/s per thread, {:.2} us per node, {:.1} GB/s copy; thread speed-up measured {}",
+        "host rates: {:.2} GFLOP/s per thread ({:.0} % of the host profile's peak per core, {:.0} % carried to \
+         boards), {:.2} us per node, {:.1} GB/s copy; thread speed-up measured {}",
         r.host_rates.gflops_per_thread,
+        100.0 * r.host_rates.gflops_per_thread / r.host_rates.host_peak_gflops_per_core,
+        100.0 * r.host_rates.efficiency(),
         r.host_rates.us_per_node,
         r.host_rates.bandwidth_gbs,
         r.host_rates
