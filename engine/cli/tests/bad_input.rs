@@ -144,6 +144,30 @@ fn bad_run_inputs_are_refused_with_one_line() {
     assert!(!out.exists(), "no output written by failed runs");
 }
 
+/// An output whose folder does not exist: one line naming the output and the missing folder,
+/// once, and nothing created.
+#[test]
+fn outputs_into_a_missing_folder_are_refused_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let missing = t.join("missing");
+    let folder = format!("folder {} does not exist", missing.display());
+    let onnx = missing.join("m.onnx");
+    fails(&[&"export", &fixture("seqcls"), &"-o", &onnx], &["m.onnx: cannot write", &folder]);
+    let good = t.join("m.onnx");
+    assert!(bin().arg("export").arg(fixture("seqcls")).arg("-o").arg(&good).status().unwrap().success());
+    let ids = fixture("seqcls").join("default.in.input_ids.npy");
+    fails(&[&"run", &good, &"--input", &ids, &"--output", &missing.join("y.npy")], &["y.npy", &folder]);
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../targets/raspberry-pi-5.toml");
+    let cal = digits.join("samples/heldout_inputs.npy");
+    fails(&[&"tune", &digits, &"--target", &target, &"--calibrate", &cal, &"-o", &missing.join("out")], &[&folder]);
+    let out = bin().arg("export").arg(fixture("seqcls")).arg("-o").arg(&onnx).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("does not exist").count(), 1, "the cause once: {err}");
+    assert!(!missing.exists(), "no folder created");
+}
+
 #[test]
 fn sharded_and_half_precision_checkpoints_load() {
     let tmp = tempfile::tempdir().unwrap();

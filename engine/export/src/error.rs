@@ -26,13 +26,12 @@ pub enum Error {
     #[error("{}", one_line(.0))]
     Invalid(String),
     /// An output file could not be written.
-    #[error("{path}: cannot write: {source}")]
+    #[error("{path}: cannot write: {reason}")]
     Write {
         /// The file that was to be written.
         path: String,
-        /// The I/O failure.
-        #[source]
-        source: std::io::Error,
+        /// The I/O failure (text, so that an error chain does not print it twice).
+        reason: String,
     },
     /// Running a graph (calibration, analysis) or reading its data failed in the runtime.
     #[error(transparent)]
@@ -55,7 +54,8 @@ impl Error {
 
     /// A failed write of `path`.
     pub fn write(path: &Path, source: std::io::Error) -> Error {
-        Error::Write { path: path.display().to_string(), source }
+        let reason = perceiver_edge_runtime::fsio::missing_folder(path, source).to_string();
+        Error::Write { path: path.display().to_string(), reason }
     }
 
     /// An invalid configuration or option.

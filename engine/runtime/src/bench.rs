@@ -8,6 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::*;
 
+/// Warm-up runs added at most, beyond `--warmup`, until a session at more than one thread has
+/// chosen where its runs go ([`Session::settled`]): measured runs taken during its trial would
+/// time one thread, not the pool.
+const SETTLE_RUNS: usize = crate::spin::TRIAL_RUNS;
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -166,7 +171,8 @@ pub struct BenchReport {
     pub resident_weight_bytes: u64,
     /// Load + optimise time.
     pub load_ms: f64,
-    /// Warm-up runs.
+    /// Warm-up runs made: `--warmup`, and at several threads more until the session has chosen
+    /// where its runs go ([`Session::settled`]).
     pub warmup: usize,
     /// Measured runs.
     pub runs: usize,
@@ -301,8 +307,11 @@ pub fn bench_on(
     session.check_inputs(&inputs)?;
     let nonfinite_input_values = count_nonfinite(&inputs);
     let mut nonfinite_output_runs = 0;
-    for _ in 0..opts.warmup {
+    let mut warmup = 0;
+    // `--warmup 0` times from the first run, the trial's included.
+    while warmup < opts.warmup || opts.warmup > 0 && !session.settled() && warmup < opts.warmup + SETTLE_RUNS {
         session.run(inputs.clone())?;
+        warmup += 1;
     }
     // The per-run records are allocated before the steady-state snapshot, so a long run shows
     // the model's memory, not the benchmark's own bookkeeping. Runs expected: the count, or
@@ -378,7 +387,7 @@ pub fn bench_on(
         external_data_bytes: session.external_data_bytes(),
         resident_weight_bytes: session.resident_weights().iter().map(|(_, b)| *b as u64).sum(),
         load_ms,
-        warmup: opts.warmup,
+        warmup,
         runs: samples.len(),
         threads,
         nonfinite_input_values,
@@ -449,8 +458,10 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
         None => synthetic_for(model.inputs(), |i| model.input_range(i))?,
     };
     let runs = opts.runs.max(1);
+    // Each part's session chooses where its runs go in its first runs (see `SETTLE_RUNS`).
+    let warmup = if threads > 1 { opts.warmup.max(crate::spin::TRIAL_RUNS) } else { opts.warmup };
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Latency> {
-        for _ in 0..opts.warmup {
+        for _ in 0..warmup {
             f()?;
         }
         let mut v = Vec::with_capacity(runs);

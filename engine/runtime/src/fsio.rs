@@ -13,6 +13,17 @@ fn temporary_next_to(path: &Path) -> PathBuf {
     dir.join(format!(".{name}.{}.{n}.partial", std::process::id()))
 }
 
+/// `e`, or where `path`'s folder does not exist, an error that says so (the OS's "No such file
+/// or directory" does not say which).
+pub fn missing_folder(path: &Path, e: std::io::Error) -> std::io::Error {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() {
+        std::io::Error::new(e.kind(), format!("folder {} does not exist", dir.display()))
+    } else {
+        e
+    }
+}
+
 /// A file written completely under a temporary name next to its destination, not yet renamed
 /// into place: [`Staged::commit`] renames it; dropping it uncommitted removes it. Staging
 /// several files then committing them all is how a multi-output write is all-or-nothing.
@@ -50,7 +61,7 @@ impl Drop for Staged {
 /// until [`Staged::commit`]. On failure nothing is left behind.
 pub fn stage_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<Staged> {
     let tmp = temporary_next_to(path);
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| missing_folder(path, e))?;
     let staged = Staged { tmp, path: path.to_path_buf(), committed: false };
     let mut w = std::io::BufWriter::new(f);
     fill(&mut w)?;

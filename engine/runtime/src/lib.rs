@@ -911,6 +911,14 @@ impl Session {
         Ok(())
     }
 
+    /// Whether this session's runs now go where they will stay. Always at one thread; at more, a
+    /// session whose first run is short (under 20 ms) times a few runs on the calling thread and
+    /// a few on the pool before it chooses (at most 13 runs, again after a change of
+    /// [`set_threads`]): a measurement of the threads' speed starts once this is true.
+    pub fn settled(&self) -> bool {
+        self.placement.settled()
+    }
+
     /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
     pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         self.run_with(inputs, None)

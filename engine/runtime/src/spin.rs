@@ -118,6 +118,10 @@ pub(crate) fn on_pool<R>(f: impl FnOnce() -> R) -> R {
 /// the pool after a pause wakes its workers).
 const TRIALS: usize = 5;
 
+/// Runs a session's trial takes at most: the first on the pool, then each kind's untimed run
+/// and [`TRIALS`] timed ones.
+pub(crate) const TRIAL_RUNS: usize = 2 * TRIALS + 3;
+
 /// A first run at least this long keeps the session on the pool without a trial: waking the pool
 /// costs tens of microseconds a run, nothing beside such a run.
 const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
@@ -175,6 +179,18 @@ impl Placement {
         }
         #[cfg(not(feature = "threads"))]
         f()
+    }
+
+    /// Whether runs now go where they will stay: at one thread always; with more, once the trial
+    /// at the current thread count has chosen (after at most [`TRIAL_RUNS`] runs).
+    pub(crate) fn settled(&self) -> bool {
+        #[cfg(feature = "threads")]
+        {
+            let threads = crate::thread_pool().map_or(1, |p| p.current_num_threads());
+            threads == 1 || (threads == self.threads && self.chosen.is_some())
+        }
+        #[cfg(not(feature = "threads"))]
+        true
     }
 
     /// Whether the next run goes to the pool: the first one does, then the trial's runs on one
@@ -422,13 +438,19 @@ mod tests {
         let place = || (rayon::current_thread_index(), crate::thread_pool().is_some());
         multithread_tract_scope(Executor::multithread(2), || {
             let mut placement = Placement::default();
+            assert!(!placement.settled(), "two threads: a trial first");
             assert_eq!(placement.run(place), (Some(0), true), "the first run is on the pool");
-            // Each run then goes where the trial or the choice says.
+            // Each run then goes where the trial or the choice says; settled once chosen, within
+            // TRIAL_RUNS runs.
             for _ in 0..2 * TRIALS + 4 {
+                assert_eq!(placement.settled(), placement.chosen.is_some());
                 let want = if placement.next_on_pool() { (Some(0), true) } else { (None, false) };
                 assert_eq!(placement.run(place), want);
+                assert!(placement.settled() || placement.runs < TRIAL_RUNS, "{} runs", placement.runs);
             }
-            assert!(placement.chosen.is_some(), "no choice after the trial");
+            assert!(placement.chosen.is_some() && placement.settled(), "no choice after the trial");
+            // Another thread count is not settled until its own trial.
+            assert!(!multithread_tract_scope(Executor::multithread(3), || placement.settled()));
             // Another thread count starts over, on the pool.
             let first = multithread_tract_scope(Executor::multithread(3), || placement.run(place));
             assert_eq!(first, (Some(0), true));
@@ -436,6 +458,7 @@ mod tests {
         });
         // One thread: here, nothing to choose.
         let mut placement = Placement::default();
+        assert!(placement.settled());
         assert_eq!(placement.run(place), (None, false));
         assert_eq!(placement.runs, 0);
     }
