@@ -459,7 +459,7 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
     };
     let runs = opts.runs.max(1);
     // Each part's session chooses where its runs go in its first runs (see `SETTLE_RUNS`).
-    let warmup = if threads > 1 { opts.warmup.max(crate::spin::TRIAL_RUNS) } else { opts.warmup };
+    let warmup = if threads > 1 && opts.warmup > 0 { opts.warmup.max(SETTLE_RUNS) } else { opts.warmup };
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Latency> {
         for _ in 0..warmup {
             f()?;
