@@ -240,7 +240,7 @@ enum Command {
         /// Measure for this many seconds instead of a fixed number of runs.
         #[arg(long, value_name = "S")]
         duration: Option<f64>,
-        /// Unmeasured warm-up runs (at --threads 2 or more, up to 13 more until the engine has
+        /// Unmeasured warm-up runs (at --threads 2 or more, up to 12 more until the engine has
         /// chosen between the thread pool and one thread for this model; 0: none at all).
         #[arg(long, default_value_t = 5)]
         warmup: usize,

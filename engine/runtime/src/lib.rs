@@ -912,8 +912,8 @@ impl Session {
     }
 
     /// Whether this session's runs now go where they will stay. Always at one thread; at more, a
-    /// session whose first run is short (under 20 ms) times a few runs on the calling thread and
-    /// a few on the pool before it chooses (at most 13 runs, again after a change of
+    /// session whose first run is short (under 20 ms) times a few runs on the pool and
+    /// a few on one thread before it chooses (at most 12 runs, again after a change of
     /// [`set_threads`]): a measurement of the threads' speed starts once this is true.
     pub fn settled(&self) -> bool {
         self.placement.settled()
