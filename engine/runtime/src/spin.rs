@@ -419,25 +419,21 @@ mod tests {
         assert_eq!(trial(&mut close, 2000, 1910, 14)[TRIAL_RUNS..], [t, t], "one thread faster by less: the pool");
         let mut faster_on_pool = Placement::default();
         assert_eq!(trial(&mut faster_on_pool, 1000, 2000, 14)[TRIAL_RUNS..], [t, t], "pool faster");
+        // Runs taking `pool_ms` (the first untimed) then `here_ms` (the first untimed), in the
+        // trial's order; where the session chose.
+        let replay = |pool_ms: [u64; TRIALS + 1], here_ms: [u64; TRIALS + 1]| {
+            let mut p = Placement::default();
+            for (pool, ms) in pool_ms.map(|ms| (t, ms)).into_iter().chain(here_ms.map(|ms| (f, ms))) {
+                assert_eq!(p.next_on_pool(), pool);
+                p.record(pool, Duration::from_millis(ms));
+            }
+            p.chosen
+        };
         // Slow runs do not decide, however many (the untimed ones not at all): each kind's best
         // run does. Here a pool slow in four of its five timed runs, as one woken after a pause.
-        let mut noisy = Placement::default();
-        let pool = [(t, 15), (t, 9), (t, 9), (t, 1), (t, 9), (t, 9)];
-        let here = [(f, 15), (f, 2), (f, 2), (f, 2), (f, 2), (f, 2)];
-        for (pool, ms) in pool.iter().chain(&here) {
-            assert_eq!(noisy.next_on_pool(), *pool);
-            noisy.record(*pool, Duration::from_millis(*ms));
-        }
-        assert_eq!(noisy.chosen, Some(true));
+        assert_eq!(replay([15, 9, 9, 1, 9, 9], [15, 2, 2, 2, 2, 2]), Some(true));
         // One thread's best faster by a twentieth: one thread, however slow its other runs.
-        let mut here_best = Placement::default();
-        let pool = [(t, 1), (t, 2), (t, 2), (t, 2), (t, 2), (t, 2)];
-        let here = [(f, 1), (f, 1), (f, 9), (f, 9), (f, 9), (f, 9)];
-        for (pool, ms) in pool.iter().chain(&here) {
-            assert_eq!(here_best.next_on_pool(), *pool);
-            here_best.record(*pool, Duration::from_millis(*ms));
-        }
-        assert_eq!(here_best.chosen, Some(false));
+        assert_eq!(replay([1, 2, 2, 2, 2, 2], [1, 1, 9, 9, 9, 9]), Some(false));
         // A long first run keeps the pool at once.
         let mut long = Placement::default();
         assert_eq!(trial(&mut long, 25_000, 1000, 4), [t, t, t, t]);
