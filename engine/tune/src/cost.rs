@@ -14,8 +14,9 @@
 //! 100 tiny matmuls, a 32 MiB copy), all run through the same runtime. For a board, compute rates are
 //! scaled by the ratio of per-core peak GFLOP/s (board profile / host profile) and bandwidth by
 //! the ratio of bandwidths, i.e. the board is assumed to reach the same fraction of its peak as
-//! the host does of its own f32 peak (at most all of it), in each arithmetic. On the host every product counts at the
-//! f32 rate (its own candidates are measured, not predicted, when `tune` judges them).
+//! the host does of its own f32 peak (at most all of it), in each arithmetic. On the host every
+//! product counts at the f32 rate (its own candidates are measured, not predicted, when `tune`
+//! judges them).
 //!
 //! Threads are not assumed to help: the speed-up of T threads is measured, on the micro-benchmark's
 //! matmul chain for every count up to the host's cores, and on the model itself when `tune`
