@@ -122,6 +122,12 @@ const TRIALS: usize = 5;
 /// there, then one untimed and [`TRIALS`] timed on one thread.
 pub(crate) const TRIAL_RUNS: usize = 2 * TRIALS + 2;
 
+/// Runs after which a session that chose one thread tries the pool again: a trial is a moment of
+/// a shared host, whose other cores may have been busy then (a robot node runs for hours). A
+/// session where one thread is really faster pays its trial's pool runs once in this many runs:
+/// under 1 % of its time.
+const RETRY_AFTER: usize = 1024;
+
 /// A first run at least this long keeps the session on the pool without a trial: waking the pool
 /// costs tens of microseconds a run, nothing beside such a run.
 const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
@@ -140,7 +146,8 @@ const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
 /// after six runs without it stayed slow for several runs, 0.6 to 6 ms where it settles at 0.65
 /// (four 256 x 256 products, one thread 1.2 ms), and the medians chose one thread in 44 of 140
 /// sessions (`bench --threads 2 --runs 30 --warmup 1`); this way 15 of 140. Noise only adds time,
-/// so each kind's best run is the closest to its cost. Its shapes are fixed,
+/// so each kind's best run is the closest to its cost. Those left on one thread by a busy moment
+/// try again after [`RETRY_AFTER`] runs. Its shapes are fixed,
 /// so every later run does the same work; a change of thread count starts over. Outputs are the
 /// same bits either way (products and row-wise ops split without changing any sum's order) except
 /// where one head's attention over more than [`crate::attention`]'s chunk of keys splits its keys
@@ -177,9 +184,7 @@ impl Placement {
                 // As at one thread: no op splits, and the pool is not woken.
                 multithread_tract_scope(Executor::SingleThread, f)
             };
-            if let Some(start) = start {
-                self.record(pool, start.elapsed());
-            }
+            self.record(pool, start.map_or_else(Default::default, |s| s.elapsed()));
             out
         }
         #[cfg(not(feature = "threads"))]
@@ -204,7 +209,8 @@ impl Placement {
         self.chosen.unwrap_or(self.runs <= TRIALS)
     }
 
-    /// Counts a run that took `took`, on the pool or not; chooses once the trial is complete.
+    /// Counts a run that took `took` (timed during the trial), on the pool or not; chooses once
+    /// the trial is complete, and starts another [`RETRY_AFTER`] runs after choosing one thread.
     fn record(&mut self, pool: bool, took: std::time::Duration) {
         if self.chosen.is_none() {
             if self.runs == 0 {
@@ -225,6 +231,9 @@ impl Placement {
             }
         }
         self.runs += 1;
+        if self.chosen == Some(false) && self.runs >= RETRY_AFTER {
+            *self = Placement { threads: self.threads, ..Placement::default() };
+        }
     }
 }
 
@@ -434,6 +443,13 @@ mod tests {
         assert_eq!(replay([15, 9, 9, 1, 9, 9], [15, 2, 2, 2, 2, 2]), Some(true));
         // One thread's best faster by a twentieth: one thread, however slow its other runs.
         assert_eq!(replay([1, 2, 2, 2, 2, 2], [1, 1, 9, 9, 9, 9]), Some(false));
+        // One thread's choice is tried again after RETRY_AFTER runs (now the pool is faster);
+        // the pool's is kept.
+        let mut retried = Placement::default();
+        let places = trial(&mut retried, 2000, 1890, RETRY_AFTER);
+        assert!(places[TRIAL_RUNS..].iter().all(|p| !p) && retried.chosen.is_none(), "a new trial");
+        assert_eq!(trial(&mut retried, 1000, 1890, TRIAL_RUNS + 2)[TRIAL_RUNS..], [t, t]);
+        assert!(trial(&mut retried, 1000, 1890, 2 * RETRY_AFTER).iter().all(|p| *p), "kept");
         // A long first run keeps the pool at once.
         let mut long = Placement::default();
         assert_eq!(trial(&mut long, 25_000, 1000, 4), [t, t, t, t]);
