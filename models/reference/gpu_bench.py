@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_bench import (MODELS, PRECISIONS, checked_args, engine, exported, fmt, graph_io,  # noqa: E402
-                        max_abs, med, ort_time, prepared, say)
+from peer_bench import (MODELS, PRECISIONS, checked_args, engine, exported, fmt, graph_feed,  # noqa: E402
+                        max_abs, med, named_inputs, ort_time, prepared, say)
 
 
 def ort_cuda(path: Path, feed, warmup: int, runs: int):
@@ -68,15 +68,12 @@ def one_model(name: str, a, threads: list[int], rows: list[dict]) -> None:
         tag = f"[{name} {prec}]"
         try:
             path = exported(a, name, prec, ck)
-            ins, outs = graph_io(path)
-            feed = {n: feeds[n] for n, _ in ins}
-            files = [work / f"{name}.in.{n}.npy" for n in feed]
+            outs, feed, files = graph_feed(path, name, feeds, work)
             got = {}
             for key, dev in (("cpu", "cpu"), ("cuda", a.device)):
                 out_dir = work / f"{name}-{prec}-{key}-out"
                 out_dir.mkdir(exist_ok=True)
-                engine([a.bin, "run", str(path), "--device", dev, "--output", str(out_dir)]
-                       + sum((["--input", f"{n}={f}"] for n, f in zip(feed, files)), []))
+                engine([a.bin, "run", str(path), "--device", dev, "--output", str(out_dir)] + named_inputs(feed, files))
                 got[key] = np.load(out_dir / f"{outs[0]}.npy")
         except RuntimeError as e:
             say(f"{tag} skipped: {e}")

@@ -127,6 +127,23 @@ def graph_io(path: Path) -> tuple[list[tuple[str, int]], list[str]]:
     return ins, [o.name for o in g.output]
 
 
+def graph_feed(path: Path, name: str, feeds: dict, work: Path):
+    """(output names, {input: array} in graph order, its `.npy` files in WORK) for `path`'s inputs,
+    from the inputs `make_inputs` saved (the engine keeps f32 / int64 inputs at every precision);
+    raises RuntimeError for an input this script does not make."""
+    ins, outs = graph_io(path)
+    missing = [n for n, _ in ins if n not in feeds]
+    if missing:
+        raise RuntimeError(f"graph input(s) {missing} unknown to this script")
+    feed = {n: feeds[n] for n, _ in ins}
+    return outs, feed, [work / f"{name}.in.{n}.npy" for n in feed]
+
+
+def named_inputs(feed: dict, files: list[Path]) -> list[str]:
+    """`run`'s `--input NAME=FILE` arguments."""
+    return sum((["--input", f"{n}={f}"] for n, f in zip(feed, files)), [])
+
+
 def session(path: Path, threads: int, feed, warmup: int):
     """(onnxruntime session, first output of the last warm-up run), or (None, None) if it fails."""
     import onnxruntime as ort
@@ -254,16 +271,10 @@ def bench_model(name, a, threads, rows):
         tag = f"[{name} {prec}]"
         try:
             pe_path = exported(a, name, prec, ck)
-            ins, outs = graph_io(pe_path)
-            missing = [n for n, _ in ins if n not in feeds]
-            if missing:
-                raise RuntimeError(f"graph input(s) {missing} unknown to this script")
-            feed = {n: feeds[n] for n, _ in ins}  # the engine keeps f32 / int64 inputs at every precision
-            files = [work / f"{name}.in.{n}.npy" for n in feed]
+            outs, feed, files = graph_feed(pe_path, name, feeds, work)
             out_dir = work / f"{name}-{prec}-peer-out"
             out_dir.mkdir(exist_ok=True)
-            engine([a.bin, "run", str(pe_path)] + sum((["--input", f"{n}={f}"] for n, f in zip(feed, files)), [])
-                   + ["--output", str(out_dir)])
+            engine([a.bin, "run", str(pe_path)] + named_inputs(feed, files) + ["--output", str(out_dir)])
             err_engine = max_abs(np.load(out_dir / f"{outs[0]}.npy"), ref)
         except RuntimeError as e:
             say(f"{tag} skipped: {e}")
