@@ -8,11 +8,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::*;
 
-/// Warm-up runs added at most, beyond `--warmup`, until a session at more than one thread has
-/// chosen where its runs go ([`Session::settled`]): measured runs taken during its trial would
-/// time one thread, not the pool.
-const SETTLE_RUNS: usize = crate::spin::TRIAL_RUNS;
-
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -172,7 +167,7 @@ pub struct BenchReport {
     /// Load + optimise time.
     pub load_ms: f64,
     /// Warm-up runs made: `--warmup`, and at several threads more until the session has chosen
-    /// where its runs go ([`Session::settled`]).
+    /// where its runs go ([`Session::warm_up`]).
     pub warmup: usize,
     /// Measured runs.
     pub runs: usize,
@@ -307,12 +302,8 @@ pub fn bench_on(
     session.check_inputs(&inputs)?;
     let nonfinite_input_values = count_nonfinite(&inputs);
     let mut nonfinite_output_runs = 0;
-    let mut warmup = 0;
     // `--warmup 0` times from the first run, the trial's included.
-    while warmup < opts.warmup || opts.warmup > 0 && !session.settled() && warmup < opts.warmup + SETTLE_RUNS {
-        session.run(inputs.clone())?;
-        warmup += 1;
-    }
+    let warmup = session.warm_up(&inputs, opts.warmup)?;
     // The per-run records are allocated before the steady-state snapshot, so a long run shows
     // the model's memory, not the benchmark's own bookkeeping. Runs expected: the count, or
     // the duration at the paced rate (or at the warm-up speed), up to a million (24 MB).
@@ -458,8 +449,8 @@ pub fn bench_split(dir: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions)
         None => synthetic_for(model.inputs(), |i| model.input_range(i))?,
     };
     let runs = opts.runs.max(1);
-    // Each part's session chooses where its runs go in its first runs (see `SETTLE_RUNS`).
-    let warmup = if threads > 1 && opts.warmup > 0 { opts.warmup.max(SETTLE_RUNS) } else { opts.warmup };
+    // Each part's session chooses where its runs go in its first runs (see `Session::warm_up`).
+    let warmup = if threads > 1 && opts.warmup > 0 { opts.warmup.max(crate::spin::TRIAL_RUNS) } else { opts.warmup };
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Latency> {
         for _ in 0..warmup {
             f()?;

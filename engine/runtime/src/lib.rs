@@ -911,12 +911,18 @@ impl Session {
         Ok(())
     }
 
-    /// Whether this session's runs now go where they will stay. Always at one thread; at more, a
-    /// session whose first run is short (under 20 ms) times a few runs on the pool and
-    /// a few on one thread before it chooses (at most 12 runs, again after a change of
-    /// [`set_threads`]): a measurement of the threads' speed starts once this is true.
-    pub fn settled(&self) -> bool {
-        self.placement.settled()
+    /// Warm-up: runs the model `runs` times on `inputs` (outputs dropped) and, at more than one
+    /// thread, on until it has chosen where its runs go: a session whose first run is short (under
+    /// 20 ms) times a few runs on the pool and a few on one thread before it chooses (at most 12
+    /// runs, again after a change of [`set_threads`]), and runs timed before then would time the
+    /// trial. `runs` 0 runs nothing. Returns the runs made.
+    pub fn warm_up(&mut self, inputs: &[Tensor], runs: usize) -> Result<usize> {
+        let mut made = 0;
+        while made < runs || runs > 0 && !self.placement.settled() && made < runs + spin::TRIAL_RUNS {
+            self.run(inputs.to_vec())?;
+            made += 1;
+        }
+        Ok(made)
     }
 
     /// Runs the model on `inputs` (in graph-input order) and returns its outputs.

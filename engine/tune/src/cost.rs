@@ -173,13 +173,7 @@ impl HostRates {
 /// session takes to choose where its runs go (else the pool's runs would be timed on one thread:
 /// the chain measured T2 1.00x where `bench` measures it 1.82x).
 fn time_runs(session: &mut Session, inputs: &[perceiver_edge_runtime::Tensor], runs: usize) -> Result<f64> {
-    session.run(inputs.to_vec())?;
-    for _ in 0..16 {
-        if session.settled() {
-            break;
-        }
-        session.run(inputs.to_vec())?;
-    }
+    session.warm_up(inputs, 1)?;
     let mut best = f64::INFINITY;
     for _ in 0..runs {
         let t = Instant::now();
