@@ -21,10 +21,9 @@ impl WorkDir {
             bail!("{}: exists and is not a folder ({what} writes a folder)", out.display());
         }
         let path = parent.join(format!(".{name}.{what}-{}.partial", std::process::id()));
-        if !parent.is_dir() {
-            bail!("{}: cannot create: folder {} does not exist", out.display(), parent.display());
-        }
-        std::fs::create_dir(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        std::fs::create_dir(&path)
+            .map_err(|e| perceiver_edge_runtime::fsio::missing_folder(out, e))
+            .with_context(|| format!("{}: cannot create", out.display()))?;
         Ok(WorkDir { path, out: out.to_path_buf(), done: false })
     }
 
