@@ -1023,3 +1023,36 @@ mod panic_message_tests {
         assert_eq!(panic_message(&caught), "index out of bounds");
     }
 }
+
+#[cfg(all(test, feature = "threads"))]
+mod warm_up_tests {
+    use super::*;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+
+    /// The bundled digits model (its first run is far below the trial's 20 ms on a native CPU).
+    fn digits() -> (Session, Vec<Tensor>) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::temp_dir().join(format!("pe-warm-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let onnx = dir.join("digits.onnx");
+        perceiver_edge_export::export(&root.join("models/digits"), &Default::default()).unwrap().write(&onnx).unwrap();
+        let session = Session::load(&onnx).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let inputs = bench::synthetic_inputs(&session).unwrap();
+        (session, inputs)
+    }
+
+    #[test]
+    fn warm_up_runs_until_the_trial_has_chosen() {
+        let (mut s, x) = digits();
+        multithread_tract_scope(Executor::multithread(2), || {
+            assert_eq!(s.warm_up(&x, 0).unwrap(), 0, "0 runs nothing");
+            let made = s.warm_up(&x, 1).unwrap();
+            assert!((1..=1 + spin::TRIAL_RUNS).contains(&made), "{made} runs");
+            assert!(s.placement.settled(), "timed runs after warm_up(1) would time the trial ({made} runs made)");
+            assert_eq!(s.warm_up(&x, 2).unwrap(), 2, "once chosen, exactly the runs asked for");
+        });
+        // One thread: nothing to choose.
+        multithread_tract_scope(Executor::SingleThread, || assert_eq!(s.warm_up(&x, 3).unwrap(), 3));
+    }
+}
