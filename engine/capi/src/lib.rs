@@ -239,7 +239,7 @@ fn null_arg(name: &str) -> Failure {
 fn from_runtime(e: Error) -> Failure {
     let status = match e {
         Error::Load { .. } => pe_status::PE_LOAD,
-        Error::Input { .. } => pe_status::PE_INVALID_ARGUMENT,
+        Error::Input { .. } | Error::Setting(_) => pe_status::PE_INVALID_ARGUMENT,
         Error::Npy { .. } | Error::Run(_) => pe_status::PE_RUN,
     };
     failure(status, e.to_string())

@@ -208,6 +208,9 @@ enum Command {
         /// mode); prints how many ran.
         #[arg(long, value_name = "MS", conflicts_with = "blocks")]
         deadline_ms: Option<f64>,
+        /// Matmul threads (as `bench --threads`; capped at this machine's cores).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Compare a candidate graph (e.g. quantised) with a reference graph of the same model:
     /// output errors, top-1 agreement, accuracy with labels, and a per-layer error table.
@@ -745,7 +748,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             print!("{}", perceiver_edge_tune::distill::summary(&record, &output));
             Ok(())
         }
-        Command::Run { model, inputs, outputs, print, device, points, blocks, deadline_ms } => {
+        Command::Run { model, inputs, outputs, print, device, points, blocks, deadline_ms, threads } => {
+            perceiver_edge_runtime::set_threads(threads)?;
             if perceiver_edge_runtime::split::is_split(&model) {
                 return run_split(&model, &inputs, &outputs, &points, blocks, deadline_ms);
             }

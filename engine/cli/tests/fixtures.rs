@@ -64,8 +64,8 @@ fn compare(c: &Case, name: &str, got: &Path, want: &Path) -> f64 {
     worst
 }
 
-/// Exports every fixture case into `dir` as `<fixture>__<case>.onnx`, runs it with the CLI and
-/// compares against transformers' outputs.
+/// Exports every fixture case into `dir` as `<fixture>__<case>.onnx`, runs it with the CLI at
+/// one thread and at `run --threads 2`, and compares both against transformers' outputs.
 fn export_and_run_all(dir: &Path) -> usize {
     let cases = cases();
     assert!(cases.len() >= 19, "fixtures missing: found {} cases", cases.len());
@@ -73,20 +73,28 @@ fn export_and_run_all(dir: &Path) -> usize {
         let case = c.json["name"].as_str().unwrap();
         let onnx = dir.join(format!("{}__{case}.onnx", c.fixture));
         export_case(c, &onnx);
-        let mut cmd = bin();
-        cmd.arg("run").arg(&onnx);
-        for i in c.json["inputs"].as_array().unwrap() {
-            cmd.arg("--input").arg(c.dir.join(i["file"].as_str().unwrap()));
-        }
-        let out_dir = dir.join(format!("{}__{case}.out/", c.fixture));
-        cmd.arg("--output").arg(&out_dir);
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "run {}/{case}: {}", c.fixture, String::from_utf8_lossy(&out.stderr));
-        for o in c.json["outputs"].as_array().unwrap() {
-            let name = o["name"].as_str().unwrap();
-            let worst =
-                compare(c, name, &out_dir.join(format!("{name}.npy")), &c.dir.join(o["file"].as_str().unwrap()));
-            eprintln!("tract {:>15}/{case:<7} {name:<18} max |err| {worst:.2e}", c.fixture);
+        for threads in [1, 2] {
+            let mut cmd = bin();
+            cmd.arg("run").arg(&onnx);
+            for i in c.json["inputs"].as_array().unwrap() {
+                cmd.arg("--input").arg(c.dir.join(i["file"].as_str().unwrap()));
+            }
+            // Two threads' outputs in a folder of their own, apart from the ONNX files.
+            let out_dir = match threads {
+                1 => dir.join(format!("{}__{case}.out/", c.fixture)),
+                _ => dir.join(format!("threads{threads}/{}__{case}.out/", c.fixture)),
+            };
+            std::fs::create_dir_all(&out_dir).unwrap();
+            cmd.arg("--output").arg(&out_dir).args(["--threads", &threads.to_string()]);
+            let out = cmd.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "run {}/{case} --threads {threads}: {stderr}", c.fixture);
+            for o in c.json["outputs"].as_array().unwrap() {
+                let name = o["name"].as_str().unwrap();
+                let want = c.dir.join(o["file"].as_str().unwrap());
+                let worst = compare(c, name, &out_dir.join(format!("{name}.npy")), &want);
+                eprintln!("tract T{threads} {:>15}/{case:<7} {name:<18} max |err| {worst:.2e}", c.fixture);
+            }
         }
     }
     cases.len()

@@ -9,8 +9,8 @@ use std::process::Command;
 mod common;
 use common::*;
 
-#[test]
-fn random_graphs_match_onnxruntime() {
+/// Runs `graph_fuzz.py` on `graphs` graphs with `args` (skipped without a Python).
+fn graph_fuzz(graphs: usize, args: &[&str]) {
     let Some(py) = python() else {
         eprintln!(
             "graph fuzz skipped: set PERCEIVER_EDGE_PYTHON to a python with onnx + onnxruntime (scripts/test.sh does)"
@@ -28,10 +28,24 @@ fn random_graphs_match_onnxruntime() {
         .arg(env!("CARGO_BIN_EXE_perceiver-edge"))
         .arg("--work")
         .arg(tmp.path())
-        .args(["--graphs", "400"])
+        .args(["--graphs", &graphs.to_string()])
+        .args(args)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("400 passed, 0 failed"), "random graphs differ from onnxruntime");
+    let all = format!("{graphs} passed, 0 failed");
+    assert!(out.status.success() && stdout.contains(&all), "random graphs {args:?} differ from onnxruntime");
+}
+
+#[test]
+fn random_graphs_match_onnxruntime() {
+    graph_fuzz(400, &[]);
+}
+
+/// Sizes past the kernels' row, `k` and column blocks, attentions over several chunks of keys,
+/// on two threads (the split products and attentions, the parts joined).
+#[test]
+fn large_random_graphs_on_two_threads_match_onnxruntime() {
+    graph_fuzz(150, &["--large", "--threads", "2", "--seed", "100000"]);
 }

@@ -385,6 +385,13 @@ fn cli_numbers_are_checked() {
         }
         refused(t, &a, &[needle]);
     }
+    let input = t.join("x.npy");
+    let x = perceiver_edge_runtime::tensor(&[1, 3, 12, 16], &vec![0.5f32; 12 * 16 * 3]).unwrap();
+    perceiver_edge_runtime::npy::write_npy(&input, &x).unwrap();
+    for value in ["0", "100000"] {
+        let out = t.join("y.npy");
+        refused(t, &[&"run", &model, &"-i", &input, &"-o", &out, &"--threads", &value], &[&format!("--threads {value}")]);
+    }
     let ck = fixture("image_fourier");
     let data = t.join("calib.npy");
     let x = perceiver_edge_runtime::tensor(&[4, 3, 16, 16], &vec![0.5f32; 4 * 3 * 16 * 16]).unwrap();

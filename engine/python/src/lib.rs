@@ -54,7 +54,7 @@ fn existing(path: &Path) -> PyResult<()> {
 
 fn runtime_err(e: rt::Error) -> PyErr {
     match &e {
-        rt::Error::Input { .. } | rt::Error::Npy { .. } => value_err(e.to_string()),
+        rt::Error::Input { .. } | rt::Error::Npy { .. } | rt::Error::Setting(_) => value_err(e.to_string()),
         rt::Error::Load { path, msg } => {
             if !Path::new(path).exists() && path != "<memory>" {
                 not_found(Path::new(path))

@@ -48,7 +48,7 @@ impl BenchOptions {
         rate_hz: Option<f64>,
         threads: usize,
     ) -> Result<BenchOptions> {
-        let bad = |msg: String| Err(Error::Run(msg));
+        let bad = |msg: String| Err(Error::Setting(msg));
         if duration_s.is_none() && !(1..=MAX_RUNS).contains(&runs) {
             return bad(format!("--runs {runs}: expected 1 to {MAX_RUNS} (or give --duration)"));
         }

@@ -86,6 +86,9 @@ pub enum Error {
     /// Inference failed.
     #[error("inference failed: {}", one_line(.0))]
     Run(String),
+    /// A setting is out of range; the message starts with the flag, e.g. `--threads 0: ...`.
+    #[error("{}", one_line(.0))]
+    Setting(String),
 }
 
 /// `s` on one line: control characters (a newline in a tensor or node name taken from a file)
@@ -106,7 +109,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// 1 is accepted.
 pub fn set_threads(n: usize) -> Result<usize> {
     if n == 0 || n > limits::MAX_THREADS {
-        return Err(Error::Run(format!("--threads {n}: expected 1 to {}", limits::MAX_THREADS)));
+        return Err(Error::Setting(format!("--threads {n}: expected 1 to {}", limits::MAX_THREADS)));
     }
     #[cfg(feature = "threads")]
     {
@@ -123,7 +126,7 @@ pub fn set_threads(n: usize) -> Result<usize> {
     #[cfg(not(feature = "threads"))]
     match n {
         1 => Ok(1),
-        _ => Err(Error::Run(format!("{n} threads requested, but this build has no `threads` feature"))),
+        _ => Err(Error::Setting(format!("--threads {n}: this build has no `threads` feature (only 1)"))),
     }
 }
 
