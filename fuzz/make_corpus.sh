@@ -79,6 +79,26 @@ PY
 "$bin" export "$tiny_if" --no-rewrites -o "$c/onnx_load_run/tiny_image_fourier_norewrite.onnx" > /dev/null
 "$bin" export "$tiny_if" --precision int8 -o "$c/onnx_load_run/tiny_image_fourier_int8.onnx" > /dev/null
 "$bin" export "$tiny_bl" --seq-len 3 -o "$c/onnx_load_run/tiny_bare_latents.onnx" > /dev/null
+"$bin" export "$tiny_if" --precision f16 -o "$c/onnx_load_run/tiny_image_fourier_f16.onnx" > /dev/null
+"$bin" export "$tiny_if" --precision q4 -o "$c/onnx_load_run/tiny_image_fourier_q4.onnx" > /dev/null
+# Random graphs of the blocks the runtime fuses, chained as exports never chain them
+# (models/reference/graph_fuzz.py): the first graph holding each block.
+"$py" - "$c/onnx_load_run" <<'PY'
+import sys
+sys.path.insert(0, "models/reference")
+import onnx
+import graph_fuzz
+wanted = {"attention": {"Softmax", "Transpose", "Reshape"}, "int8": {"MatMulInteger"}, "f16": {"Cast", "MatMul"},
+          "dequantized": {"DequantizeLinear"}, "layer_norm": {"LayerNormalization"}, "erf": {"Erf"},
+          "concat": {"Concat"}, "slice": {"Slice"}}
+for name, ops in wanted.items():
+    for seed in range(1000):
+        model = graph_fuzz.graph(seed)[0]
+        have = {n.op_type for n in model.graph.node}
+        if ops <= have and len(model.SerializeToString()) < 16 << 10:
+            onnx.save(model, f"{sys.argv[1]}/graph_fuzz_{name}_{seed}.onnx")
+            break
+PY
 "$py" - "$c/onnx_load_run" <<'PY'
 import sys, numpy as np, onnx
 from onnx import helper as h, TensorProto as T, numpy_helper as nh

@@ -42,13 +42,28 @@ pub fn body(name: &str) -> Option<fn(&[u8])> {
     })
 }
 
-/// Called once by each cargo-fuzz target before the first input: puts back the default panic
-/// hook in place of libFuzzer's, which aborts on every panic, even one the library catches and
-/// turns into an error (`Session::run` reports a panic inside tract as a one-line error). A
-/// panic that escapes a body still aborts: libfuzzer-sys catches it and calls
-/// `std::process::abort`, and libFuzzer saves the input as a crash.
+/// Called once by each cargo-fuzz target before the first input: replaces libFuzzer's panic
+/// hook, which aborts on every panic, even one the library catches and turns into an error
+/// (`Session` reports a panic inside tract as a one-line error), with one that prints the panic
+/// and aborts only on a panic in this repository's code ([`in_this_repository`]): the runtime's
+/// rewrites and kernels must refuse a bad graph, not panic. A panic that escapes a body also
+/// aborts: libfuzzer-sys catches it and calls `std::process::abort`, and libFuzzer saves the
+/// input as a crash.
 pub fn fuzz_init() {
     drop(std::panic::take_hook());
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if info.location().is_some_and(|at| in_this_repository(at.file())) {
+            std::process::abort();
+        }
+    }));
+}
+
+/// Whether a panic's source file is this repository's code (a path under `engine/` or
+/// `firmware-examples/`; dependencies' paths are absolute, under the cargo registry).
+pub fn in_this_repository(file: &str) -> bool {
+    file.starts_with("engine/") || file.starts_with("firmware-examples/")
 }
 
 /// `onnx_load_run` runs a loaded model only if its inputs take at most this many bytes.

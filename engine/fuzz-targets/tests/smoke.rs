@@ -6,18 +6,44 @@
 //! binary (`perceiver_edge_fuzz_targets::alloc_cap`, as in the fuzzer). Measured: 6.5 s in the
 //! release profile on 2 cores (the tests run in parallel).
 //!
+//! A panic in this repository's code fails the case even where the library caught it and
+//! reported a one-line error (`Session` turns a panic inside tract into an error; its rewrites
+//! and kernels live in `engine/runtime` and must refuse bad graphs, not panic): a panic hook
+//! notes where each panic happened.
+//!
 //! `FUZZ_SMOKE_CASES=N` overrides the mutations per target (e.g. a longer local run);
 //! `FUZZ_SMOKE_TRACE=1` prints each case's name before running it and writes its bytes to
 //! `target/fuzz-smoke-failures/<target>/current` (to find the one that aborted).
 
 use perceiver_edge_fuzz_targets::alloc_cap::CappedAlloc;
-use perceiver_edge_fuzz_targets::{body, TARGETS};
+use perceiver_edge_fuzz_targets::{body, in_this_repository, TARGETS};
 use std::path::{Path, PathBuf};
 
 /// Refuses single allocations over 2 GiB: the caller aborts the test binary (after the test
 /// harness printed which test ran; run one test with `--exact` to narrow it down).
 #[global_allocator]
 static ALLOC: CappedAlloc = CappedAlloc;
+
+thread_local! {
+    /// Where the last panic on this thread happened, if in this repository's code.
+    static OURS: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Notes each panic in this repository's code ([`in_this_repository`]) for [`smoke`], and prints
+/// it.
+fn note_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let Some(at) = info.location() else { return };
+            if in_this_repository(at.file()) {
+                let at = format!("{}:{}: {}", at.file(), at.line(), info.payload_as_str().unwrap_or("?"));
+                eprintln!("panic at {at}");
+                OURS.with_borrow_mut(|o| *o = Some(at));
+            }
+        }))
+    });
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -156,6 +182,7 @@ fn cases(target: &str) -> usize {
 }
 
 fn smoke(target: &str) {
+    note_panics();
     let f = body(target).unwrap();
     let seeds = seeds(target);
     let text = matches!(target, "export_checkpoint" | "npy_inputs" | "board_profile");
@@ -172,11 +199,17 @@ fn smoke(target: &str) {
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(dir.join("current"), data);
         }
-        if std::panic::catch_unwind(|| f(data)).is_err() {
+        OURS.with_borrow_mut(|o| *o = None);
+        let escaped = std::panic::catch_unwind(|| f(data)).is_err();
+        let ours = OURS.with_borrow_mut(|o| o.take());
+        if escaped || ours.is_some() {
             let dir = root().join("target/fuzz-smoke-failures").join(target);
             let _ = std::fs::create_dir_all(&dir);
             let _ = std::fs::write(dir.join(&name), data);
-            failures.push(name);
+            failures.push(match ours {
+                Some(at) => format!("{name} (panic at {at})"),
+                None => name,
+            });
         }
     };
     for (name, data) in &seeds {

@@ -276,9 +276,20 @@ pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String
 }
 
 /// Checks every value of the typed graph against the ceiling on one tensor, before tract
-/// optimises (and so folds constants and allocates).
+/// optimises (and so folds constants and allocates), and every softmax's axis against its
+/// input's rank (tract 0.23.9 takes an ONNX axis below -rank as `(axis + rank) as usize`, ~2^64,
+/// and runs such a softmax anyway, where onnxruntime refuses the model).
 pub fn check_facts(model: &TypedModel) -> Result<(), String> {
     for node in model.nodes() {
+        if let Some(sm) = node.op_as::<tract_onnx::tract_core::ops::nn::Softmax>() {
+            let rank = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?.rank();
+            if sm.axes.iter().any(|&a| a >= rank) {
+                return Err(format!(
+                    "node `{}` (Softmax): axis out of range for its rank-{rank} input (expected -{rank}..{rank})",
+                    node.name
+                ));
+            }
+        }
         for (ix, out) in node.outputs.iter().enumerate() {
             let Some(shape) = out.fact.shape.as_concrete() else { continue };
             let size = out.fact.datum_type.size_of();
