@@ -390,7 +390,11 @@ fn cli_numbers_are_checked() {
     perceiver_edge_runtime::npy::write_npy(&input, &x).unwrap();
     for value in ["0", "100000"] {
         let out = t.join("y.npy");
-        refused(t, &[&"run", &model, &"-i", &input, &"-o", &out, &"--threads", &value], &[&format!("--threads {value}")]);
+        refused(
+            t,
+            &[&"run", &model, &"-i", &input, &"-o", &out, &"--threads", &value],
+            &[&format!("--threads {value}")],
+        );
     }
     let ck = fixture("image_fourier");
     let data = t.join("calib.npy");
