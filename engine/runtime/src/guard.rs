@@ -137,18 +137,43 @@ fn const_ints(proto: &ModelProto, name: &str) -> Option<Vec<i64>> {
     Some(t.int64_data.clone())
 }
 
-/// Checks a node whose output size is given by a constant shape input.
+/// Bytes of one element of value `name` where the graph declares its type (an initializer or a
+/// graph input).
+fn value_elem_bytes(proto: &ModelProto, name: &str) -> Option<usize> {
+    let g = proto.graph.as_ref()?;
+    if let Some(t) = g.initializer.iter().find(|t| t.name == name) {
+        return elem_bytes(t.data_type);
+    }
+    let input = g.input.iter().find(|i| i.name == name)?;
+    let tract_onnx::pb::type_proto::Value::TensorType(t) = input.r#type.as_ref()?.value.as_ref()?;
+    elem_bytes(t.elem_type)
+}
+
+/// Checks a node whose output size is given by a constant shape input, in bytes of its element
+/// type where that is known: tract 0.23.9 folds a `ConstantOfShape` of a constant shape while it
+/// types the graph, before [`check_facts`] sees it (a `[2, 2^30]` f32 one took 8 GiB and 39 s
+/// before the refusal, found by fuzzing).
 fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
-    let shape_input = match n.op_type.as_str() {
-        "ConstantOfShape" => n.input.first(),
-        "Expand" | "Reshape" | "Tile" => n.input.get(1),
-        _ => None,
+    let (shape_input, elem) = match n.op_type.as_str() {
+        // The `value` attribute's type, float32 without one.
+        "ConstantOfShape" => {
+            let value = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
+            (n.input.first(), value.map_or(Some(4), |t| elem_bytes(t.data_type)))
+        }
+        "Expand" | "Tile" => (n.input.get(1), n.input.first().and_then(|i| value_elem_bytes(proto, i))),
+        "Reshape" => (n.input.get(1), None),
+        _ => (None, None),
     };
     let Some(values) = shape_input.and_then(|i| const_ints(proto, i)) else { return Ok(()) };
     // Reshape's -1 / 0 entries and Tile's repeats only shrink or multiply what exists; a
     // negative entry anywhere else is an error tract reports itself.
     let dims: Vec<usize> = values.iter().map(|&d| d.max(1) as usize).collect();
-    limits::tensor_bytes(&dims, 1).map(|_| ()).map_err(|m| format!("node `{}` ({}): {m}", n.name, n.op_type))
+    limits::tensor_bytes(&dims, elem.unwrap_or(1))
+        .map(|_| ())
+        .map_err(|m| {
+            let name = if n.name.is_empty() { n.output.first().map_or("", String::as_str) } else { &n.name };
+            format!("node `{name}` ({}): {m}", n.op_type)
+        })
 }
 
 /// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
