@@ -168,12 +168,10 @@ fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
     // Reshape's -1 / 0 entries and Tile's repeats only shrink or multiply what exists; a
     // negative entry anywhere else is an error tract reports itself.
     let dims: Vec<usize> = values.iter().map(|&d| d.max(1) as usize).collect();
-    limits::tensor_bytes(&dims, elem.unwrap_or(1))
-        .map(|_| ())
-        .map_err(|m| {
-            let name = if n.name.is_empty() { n.output.first().map_or("", String::as_str) } else { &n.name };
-            format!("node `{name}` ({}): {m}", n.op_type)
-        })
+    limits::tensor_bytes(&dims, elem.unwrap_or(1)).map(|_| ()).map_err(|m| {
+        let name = if n.name.is_empty() { n.output.first().map_or("", String::as_str) } else { &n.name };
+        format!("node `{name}` ({}): {m}", n.op_type)
+    })
 }
 
 /// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
