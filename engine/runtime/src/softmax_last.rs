@@ -31,7 +31,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             let shape = model.outlet_fact(n.inputs[0]).ok()?.shape.as_concrete()?.to_vec();
             let &[axis] = op.axes.as_slice() else { return None };
             let last = shape.len().checked_sub(1)?;
-            // An axis past the rank (a hostile graph's) is left for tract to refuse.
+            // An axis past the rank (a hostile graph's; `guard::check_facts` refuses it first).
             let behind: usize = shape.get(axis.checked_add(1)?..)?.iter().product();
             (axis < last && behind >= MIN_STRIDE).then(|| (n.id, n.name.clone(), n.inputs[0], op.clone(), axis, last))
         });
