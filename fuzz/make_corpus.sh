@@ -90,7 +90,7 @@ import onnx
 import graph_fuzz
 wanted = {"attention": {"Softmax", "Transpose", "Reshape"}, "int8": {"MatMulInteger"}, "f16": {"Cast", "MatMul"},
           "dequantized": {"DequantizeLinear"}, "layer_norm": {"LayerNormalization"}, "erf": {"Erf"},
-          "concat": {"Concat"}, "slice": {"Slice"}}
+          "concat": {"Concat"}, "slice": {"Slice"}, "q4": {"MatMulNBits"}}
 for name, ops in wanted.items():
     for seed in range(1000):
         model = graph_fuzz.graph(seed)[0]

@@ -233,6 +233,38 @@ def dequantized_linear(b: Builder, x: str, shape: tuple[int, int]) -> tuple[str,
     return b.one("MatMul", [x, wd]), (n, out)
 
 
+def q4_linear(b: Builder, x: str, shape: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+    """A Linear on 4-bit weights as `export --precision q4` writes it: `com.microsoft`
+    `MatMulNBits` (block 32, scales exact in f16, so both engines decode the same weights), the
+    activation zero-padded to a multiple of 32 values when needed."""
+    n, d = shape
+    out = b.width([d, 8, 16])
+    kp = -(-d // 32) * 32
+    w = np.zeros((kp, out), np.float32)
+    w[:d] = b.weight((d, out))
+    blocks = w.reshape(kp // 32, 32, out)
+    # Q4_0: the value of largest magnitude in each block of 32 maps to code 0 (-8 x scale).
+    top = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)
+    scale = (top / -8.0).astype(np.float16).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    codes = np.where(scale == 0, 8, np.clip(np.round(blocks / safe) + 8, 0, 15)).astype(np.uint8)
+    decoded = ((codes.astype(np.float32) - 8) * scale).reshape(kp, out)
+    # [N, K / 32, 16] bytes, two codes each, low nibble first; one scale per (column, block).
+    by_column = codes.transpose(2, 0, 1)
+    packed = (by_column[:, :, 0::2] | (by_column[:, :, 1::2] << 4)).astype(np.uint8)
+    if kp != d:
+        pads = b.const(np.array([0, 0, 0, kp - d], np.int64), "pads")
+        x_in = b.one("Pad", [x, pads], ref=False)
+    else:
+        x_in = x
+    y = b.node("MatMulNBits", [x_in, b.const(packed, "q4"), b.const(scale[:, 0, :].T.reshape(-1).copy(), "q4scale")],
+               ref=False, domain="com.microsoft", K=kp, N=out, bits=4, block_size=32)[0]
+    b.ref_one("MatMul", [x, b.const(decoded[:d], "w", ref_only=True)], y)
+    if b.rng.random() < 0.7:
+        y = b.one("Add", [y, b.const((b.rng.standard_normal(out) * 0.1).astype(np.float32), "bias")])
+    return y, (n, out)
+
+
 def query_attention(b: Builder, x: str, shape: tuple[int, int]) -> tuple[str, tuple[int, int]]:
     """A decoder's attention: a few constant queries attending to the rows of `x`."""
     n, d = shape
@@ -244,7 +276,7 @@ def query_attention(b: Builder, x: str, shape: tuple[int, int]) -> tuple[str, tu
 
 
 BLOCKS = [linear, layer_norm, attention, softmax, int8_linear, reshape_round_trip, concat_features, f16_linear,
-          dequantized_linear, query_attention]
+          dequantized_linear, query_attention, q4_linear]
 
 
 def graph(seed: int, large: bool = False) -> tuple[onnx.ModelProto, np.ndarray, bool, Builder]:
@@ -270,7 +302,10 @@ def graph(seed: int, large: bool = False) -> tuple[onnx.ModelProto, np.ndarray, 
         outputs.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, list(s)))
     g = helper.make_graph(b.nodes, f"fuzz{seed}",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, d])], outputs, b.inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17)]
+    if any(n.domain == "com.microsoft" for n in b.nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(g, opset_imports=opsets)
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model, rng.standard_normal((n, d)).astype(np.float32), b.approx, b

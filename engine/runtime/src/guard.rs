@@ -298,12 +298,50 @@ pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String
     Ok(external)
 }
 
+/// Checks that a product (tract's `EinSum`) reads each axis at one extent in every input (or 1).
+/// tract 0.23.9 does not check a 4-bit weight's (a `MatMulNBits`): activations padded to 655392
+/// values a row against a weight of 32 rows ran its kernel past the weight's end (a segfault,
+/// found by fuzzing).
+fn check_product_extents(model: &TypedModel, node: &TypedNode) -> Result<(), String> {
+    use tract_onnx::tract_core::ops::{einsum::EinSum, konst::Const};
+    let Some(op) = node.op_as::<EinSum>() else { return Ok(()) };
+    // A block-quantised constant's fact does not carry its logical shape: read the tensor's.
+    let shapes: Vec<Option<Vec<usize>>> = node
+        .inputs
+        .iter()
+        .map(|i| match model.node(i.node).op_as::<Const>() {
+            Some(k) => Some(k.val().shape().to_vec()),
+            None => model.outlet_fact(*i).ok()?.shape.as_concrete().map(<[usize]>::to_vec),
+        })
+        .collect();
+    for axis in op.axes.iter_all_axes() {
+        let mut seen: Option<(usize, usize)> = None;
+        for (slot, positions) in axis.inputs.iter().enumerate() {
+            let Some(Some(shape)) = shapes.get(slot) else { continue };
+            for &p in positions {
+                let d = shape.get(p).copied().unwrap_or(1);
+                match seen {
+                    _ if d == 1 => {}
+                    None => seen = Some((slot, d)),
+                    Some((s0, d0)) if d0 != d => return Err(format!(
+                        "node `{}` (product): input {s0} has {d0} values along an axis that input {slot} has {d} along",
+                        node.name
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every value of the typed graph against the ceiling on one tensor, before tract
 /// optimises (and so folds constants and allocates), and every softmax's axis against its
 /// input's rank (tract 0.23.9 takes an ONNX axis below -rank as `(axis + rank) as usize`, ~2^64,
 /// and runs such a softmax anyway, where onnxruntime refuses the model).
 pub fn check_facts(model: &TypedModel) -> Result<(), String> {
     for node in model.nodes() {
+        check_product_extents(model, node)?;
         if let Some(sm) = node.op_as::<tract_onnx::tract_core::ops::nn::Softmax>() {
             let rank = model.outlet_fact(node.inputs[0]).map_err(|e| e.to_string())?.rank();
             if sm.axes.iter().any(|&a| a >= rank) {
