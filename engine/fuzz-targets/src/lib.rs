@@ -50,6 +50,7 @@ pub fn body(name: &str) -> Option<fn(&[u8])> {
 /// aborts: libfuzzer-sys catches it and calls `std::process::abort`, and libFuzzer saves the
 /// input as a crash.
 pub fn fuzz_init() {
+    set_limits();
     drop(std::panic::take_hook());
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -58,6 +59,14 @@ pub fn fuzz_init() {
             std::process::abort();
         }
     }));
+}
+
+/// Sets the library's ceiling on one tensor (`--max-tensor-gib`, 4 GiB by default) to half of
+/// [`alloc_cap::CAP`], so that a legitimately large tensor is refused by the limit, not aborted
+/// by the cap (a `Pad` to 2 GiB + 4 KiB did, in the smoke test), and an allocation over the cap
+/// is one the limits did not see. Called by [`fuzz_init`] and the smoke test.
+pub fn set_limits() {
+    perceiver_edge_runtime::limits::set_max_tensor_bytes((alloc_cap::CAP / 2) as u64);
 }
 
 /// Whether a panic's source file is this repository's code (a path under `engine/` or

@@ -16,7 +16,7 @@
 //! `target/fuzz-smoke-failures/<target>/current` (to find the one that aborted).
 
 use perceiver_edge_fuzz_targets::alloc_cap::CappedAlloc;
-use perceiver_edge_fuzz_targets::{body, in_this_repository, TARGETS};
+use perceiver_edge_fuzz_targets::{body, in_this_repository, set_limits, TARGETS};
 use std::path::{Path, PathBuf};
 
 /// Refuses single allocations over 2 GiB: the caller aborts the test binary (after the test
@@ -183,6 +183,7 @@ fn cases(target: &str) -> usize {
 
 fn smoke(target: &str) {
     note_panics();
+    set_limits();
     let f = body(target).unwrap();
     let seeds = seeds(target);
     let text = matches!(target, "export_checkpoint" | "npy_inputs" | "board_profile");

@@ -323,10 +323,12 @@ fn check_product_extents(model: &TypedModel, node: &TypedNode) -> Result<(), Str
                 match seen {
                     _ if d == 1 => {}
                     None => seen = Some((slot, d)),
-                    Some((s0, d0)) if d0 != d => return Err(format!(
+                    Some((s0, d0)) if d0 != d => {
+                        return Err(format!(
                         "node `{}` (product): input {s0} has {d0} values along an axis that input {slot} has {d} along",
                         node.name
-                    )),
+                    ))
+                    }
                     Some(_) => {}
                 }
             }
