@@ -149,6 +149,15 @@ fn value_elem_bytes(proto: &ModelProto, name: &str) -> Option<usize> {
     elem_bytes(t.elem_type)
 }
 
+/// A node's name for an error: its name, or its first output's where it has none.
+fn label(n: &NodeProto) -> &str {
+    if n.name.is_empty() {
+        n.output.first().map_or("", String::as_str)
+    } else {
+        &n.name
+    }
+}
+
 /// Checks a node whose output size is given by a constant shape input, in bytes of its element
 /// type where that is known: tract 0.23.9 folds a `ConstantOfShape` of a constant shape while it
 /// types the graph, before [`check_facts`] sees it (a `[2, 2^30]` f32 one took 8 GiB and 39 s
@@ -168,10 +177,9 @@ fn check_shape_node(proto: &ModelProto, n: &NodeProto) -> Result<(), String> {
     // Reshape's -1 / 0 entries and Tile's repeats only shrink or multiply what exists; a
     // negative entry anywhere else is an error tract reports itself.
     let dims: Vec<usize> = values.iter().map(|&d| d.max(1) as usize).collect();
-    limits::tensor_bytes(&dims, elem.unwrap_or(1)).map(|_| ()).map_err(|m| {
-        let name = if n.name.is_empty() { n.output.first().map_or("", String::as_str) } else { &n.name };
-        format!("node `{name}` ({}): {m}", n.op_type)
-    })
+    limits::tensor_bytes(&dims, elem.unwrap_or(1))
+        .map(|_| ())
+        .map_err(|m| format!("node `{}` ({}): {m}", label(n), n.op_type))
 }
 
 /// Checks attributes tract turns into allocations when it types the graph: a Transpose `perm`
@@ -196,7 +204,8 @@ fn check_normalized_rank(g: &tract_onnx::pb::GraphProto, n: &NodeProto) -> Resul
     if scalar {
         return Err(format!(
             "node `{}` ({}): input `{x}` is a scalar; it normalises over an axis of a tensor",
-            n.name, n.op_type
+            label(n),
+            n.op_type
         ));
     }
     Ok(())
@@ -208,7 +217,7 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
         if a.ints.len() > 1 << 16 {
             return Err(format!(
                 "node `{}` ({}): attribute `{}` holds {} integers",
-                n.name,
+                label(n),
                 n.op_type,
                 a.name,
                 a.ints.len()
@@ -221,7 +230,9 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
         if let Some(v) = vals.iter().find(|v| !(-(MAX_RANK as i64)..MAX_RANK as i64).contains(v)) {
             return Err(format!(
                 "node `{}` ({}): {} {v} is outside -{MAX_RANK}..{MAX_RANK}",
-                n.name, n.op_type, a.name
+                label(n),
+                n.op_type,
+                a.name
             ));
         }
     }
@@ -234,7 +245,9 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
             if a.i < -1 {
                 return Err(format!(
                     "node `{}` ({}): axis {} is not supported: use -1 or the axis counted from 0",
-                    n.name, n.op_type, a.i
+                    label(n),
+                    n.op_type,
+                    a.i
                 ));
             }
         }
@@ -254,7 +267,8 @@ fn check_attributes(n: &NodeProto) -> Result<(), String> {
             if !ok {
                 return Err(format!(
                     "node `{}` (Transpose): perm {:?} is not a permutation of 0..{len}",
-                    n.name, perm.ints
+                    label(n),
+                    perm.ints
                 ));
             }
         }
@@ -278,7 +292,8 @@ pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String
         if let Some(i) = n.input.iter().find(|i| !i.is_empty() && !known.contains(i.as_str())) {
             return Err(format!(
                 "node `{}` ({}) reads `{i}`, which no node, initializer or graph input produces",
-                n.name, n.op_type
+                label(n),
+                n.op_type
             ));
         }
     }
@@ -288,7 +303,7 @@ pub fn check_proto(proto: &ModelProto, dir: Option<&Path>) -> Result<u64, String
     for n in &g.node {
         for a in &n.attribute {
             if let Some(t) = &a.t {
-                external += check_tensor(t, &format!("node `{}` attribute `{}`", n.name, a.name), dir)?;
+                external += check_tensor(t, &format!("node `{}` attribute `{}`", label(n), a.name), dir)?;
             }
         }
         check_shape_node(proto, n)?;
