@@ -400,8 +400,7 @@ impl GemmMatMul {
 const PARALLEL_MIN: usize = 1 << 18;
 
 /// Rows a thread from which a product by a packed weight is split along its rows.
-#[cfg(feature = "threads")]
-const ROWS_EACH: usize = 32;
+pub(crate) const ROWS_EACH: usize = 32;
 
 impl Op for GemmMatMul {
     fn name(&self) -> StaticName {

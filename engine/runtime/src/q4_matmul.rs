@@ -295,19 +295,28 @@ impl GemmQ4 {
         self.n.div_ceil(blocks).div_ceil(16).max(1) * 16
     }
 
-    /// Columns `cols` of `C` (weight rows): decode them, then one product.
+    /// Rows `rows` and columns `cols` of `C` (columns: weight rows): decode the columns, then
+    /// one product. Off the panels `rows` is every row.
     ///
     /// # Safety
-    /// `a` holds `m x k` f32s, `c` `m x n`, and no one else writes columns `cols` of `c`.
-    unsafe fn columns(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>, finish: &Finish) {
+    /// `a` holds `m x k` f32s, `c` `m x n`, and no one else writes this block of `c`.
+    unsafe fn block(
+        &self,
+        blob: &[u8],
+        (a, c): (usize, usize),
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        finish: &Finish,
+    ) {
         #[cfg(target_arch = "x86_64")]
         if self.on_panels() {
-            self.columns_packed(blob, a, c, cols.clone());
+            self.columns_packed(blob, (a, c), rows.clone(), cols.clone());
             if !finish.steps.is_empty() {
-                finish.block(c as *mut f32, self.n, 0..self.m, cols);
+                finish.block(c as *mut f32, self.n, rows, cols);
             }
             return;
         }
+        debug_assert!(rows == (0..self.m), "off the panels a block holds every row");
         let (k, ka, n, m, w) = (self.k, self.ka, self.n, self.m, cols.len());
         let row_bytes = k / QK * BLOCK_BYTES;
         DECODED.with(|buf| {
@@ -345,17 +354,24 @@ impl GemmQ4 {
         });
     }
 
-    /// Columns `cols` of `C` on [`crate::f32_packed`]'s kernels, a block of [`KC`] values of `k`
-    /// at a time: the block's weights decoded from `blob` (the [`Panels`]' bytes) straight into the
-    /// kernel's panels, then their product added to `C`. The activations' block is read once, as
-    /// in an f32 product.
+    /// Rows `rows` and columns `cols` of `C` on [`crate::f32_packed`]'s kernels, a block of
+    /// [`KC`] values of `k` at a time: the block's weights decoded from `blob` (the [`Panels`]'
+    /// bytes) straight into the kernel's panels, then their product added to `C`. The
+    /// activations' block is read once, as in an f32 product.
     ///
     /// # Safety
-    /// As [`GemmQ4::columns`]; [`packed_runs`]; `cols.start` is a multiple of 16.
+    /// As [`GemmQ4::block`]; [`packed_runs`]; `cols.start` is a multiple of 16.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn columns_packed(&self, blob: &[u8], a: usize, c: usize, cols: std::ops::Range<usize>) {
-        let (kb, ka, n, m, w) = (self.k / QK, self.ka, self.n, self.m, cols.len());
-        let (a, cb) = (a as *const f32, (c as *mut f32).add(cols.start));
+    unsafe fn columns_packed(
+        &self,
+        blob: &[u8],
+        (a, c): (usize, usize),
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
+        let (kb, ka, n, m, w) = (self.k / QK, self.ka, self.n, rows.len(), cols.len());
+        let a = (a as *const f32).add(rows.start * ka);
+        let cb = (c as *mut f32).add(rows.start * n + cols.start);
         PANELS.with(|cell| {
             let (packed, tile) = &mut *cell.borrow_mut();
             for pc in (0..ka).step_by(KC) {
@@ -382,32 +398,43 @@ impl GemmQ4 {
         });
     }
 
-    /// Runs every block of columns, split over tract's thread pool when it has more than one
-    /// thread.
+    /// The tasks for `threads` threads, each a part of `C`'s rows and the blocks of columns it
+    /// takes in turn, each block decoding at most [`SCRATCH`] weights at once. On the panels a
+    /// product of at least [`crate::gemm_matmul::ROWS_EACH`] rows a thread is cut along its rows,
+    /// one part a thread (each decodes the whole weight): each thread then reads and writes only
+    /// its own rows, which the ops before and after split the same way (see `GemmMatMul::blocks`).
+    /// Otherwise along its columns, each decoded once.
+    fn tasks(&self, threads: usize) -> Vec<(std::ops::Range<usize>, Vec<std::ops::Range<usize>>)> {
+        let columns = |step: usize| (0..self.n).step_by(step).map(move |c| c..(c + step).min(self.n));
+        #[cfg(target_arch = "x86_64")]
+        if threads > 1 && self.on_panels() && self.m >= crate::gemm_matmul::ROWS_EACH * threads {
+            let (step, cols) = (self.m.div_ceil(threads), self.rows_per_block(1));
+            return (0..self.m).step_by(step).map(|r| (r..(r + step).min(self.m), columns(cols).collect())).collect();
+        }
+        columns(self.rows_per_block(threads)).map(|c| (0..self.m, vec![c])).collect()
+    }
+
+    /// Runs every task, split over tract's thread pool when it has more than one thread.
     fn run(&self, blob: &[u8], a: &[f32], c: &mut [f32], finish: &Finish) {
-        let (pa, pc) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
+        let bufs = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
+        // SAFETY (both calls): lengths checked by `eval`; tasks write disjoint parts of `C`.
+        let task = |(rows, cols): (std::ops::Range<usize>, Vec<std::ops::Range<usize>>)| {
+            for cols in cols {
+                unsafe { self.block(blob, bufs, rows.clone(), cols, finish) }
+            }
+        };
         #[cfg(feature = "threads")]
         {
             use rayon::prelude::*;
             if let Some(pool) = crate::thread_pool() {
-                let step = self.rows_per_block(pool.current_num_threads());
-                let blocks: Vec<usize> = (0..self.n).step_by(step).collect();
-                if blocks.len() > 1 {
-                    // SAFETY: lengths checked by `eval`; blocks write disjoint columns.
-                    pool.install(|| {
-                        blocks
-                            .into_par_iter()
-                            .for_each(|s| unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n), finish) })
-                    });
+                let tasks = self.tasks(pool.current_num_threads());
+                if tasks.len() > 1 {
+                    pool.install(|| tasks.into_par_iter().for_each(task));
                     return;
                 }
             }
         }
-        let step = self.rows_per_block(1);
-        for s in (0..self.n).step_by(step) {
-            // SAFETY: lengths checked by `eval`.
-            unsafe { self.columns(blob, pa, pc, s..(s + step).min(self.n), finish) };
-        }
+        self.tasks(1).into_iter().for_each(task);
     }
 }
 
@@ -749,8 +776,15 @@ mod tests {
                 results.push(eval());
                 #[cfg(feature = "threads")]
                 {
+                    // Three threads: the panels' products of at least 96 rows cut along their
+                    // rows, the others along their columns; either way each value is summed in
+                    // the same order as on one thread.
                     use tract_linalg::multithread::{multithread_tract_scope, Executor};
-                    results.push(multithread_tract_scope(Executor::multithread(3), eval));
+                    let one = results.last().unwrap()[0].clone();
+                    let three = multithread_tract_scope(Executor::multithread(3), eval);
+                    let values = |t: &TValue| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                    assert_eq!(values(&three[0]), values(&one), "{m}x{k}x{n}: three threads, one thread");
+                    results.push(three);
                 }
             }
             for got in results {
