@@ -400,6 +400,7 @@ impl GemmMatMul {
 const PARALLEL_MIN: usize = 1 << 18;
 
 /// Rows a thread from which a product by a packed weight is split along its rows.
+#[cfg(any(feature = "threads", target_arch = "x86_64"))]
 pub(crate) const ROWS_EACH: usize = 32;
 
 impl Op for GemmMatMul {
