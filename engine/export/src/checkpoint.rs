@@ -197,6 +197,18 @@ impl Stored {
     }
 }
 
+/// Some of a checkpoint's tensors, read from their files when asked for, apart from the
+/// [`Checkpoint`] (see [`Checkpoint::tensors`]).
+#[derive(Clone, Debug)]
+pub struct Tensors(HashMap<String, Stored>);
+
+impl Tensors {
+    /// Tensor `full` (full name), read from its file and converted to f32.
+    pub fn read(&self, full: &str) -> Result<Weight> {
+        self.0.get(full).ok_or_else(|| Error::tensor(full, "missing from the checkpoint"))?.read(full)
+    }
+}
+
 /// Little-endian tensor bytes as f32 (`None` for a dtype the exporter does not read).
 fn to_f32(dtype: safetensors::Dtype, raw: &[u8]) -> Option<Vec<f32>> {
     use safetensors::Dtype;
@@ -429,6 +441,16 @@ impl Checkpoint {
     /// A tensor by its full name (`embedding_decoder.bias`).
     pub fn get_top(&self, full: &str) -> Result<Weight> {
         self.stored(full)?.read(full)
+    }
+
+    /// The tensors of these full names the checkpoint has, to read after this value is gone.
+    pub fn tensors<'n>(&self, full: impl IntoIterator<Item = &'n str>) -> Tensors {
+        Tensors(full.into_iter().filter_map(|n| Some((n.to_string(), self.tensors.get(n)?.clone()))).collect())
+    }
+
+    /// The stored shape of tensor `full` (full name), if the checkpoint has it.
+    pub fn stored_shape(&self, full: &str) -> Option<&[usize]> {
+        self.tensors.get(full).map(|t| t.shape.as_slice())
     }
 
     /// Where tensor `full` lies, or the error naming it as missing.

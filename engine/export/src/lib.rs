@@ -114,9 +114,19 @@ impl Exported {
 /// tables `auto` keeps in f32 are kept only where they pay at the stored precision
 /// ([`passes::tables::pay_at_stored_precision`]): the graph without them is measured on a copy
 /// (sharing the weights), the graph with them on the graph itself with the data of the weights
-/// the table rewrites do not read dropped ([`stored_with_tables`]), and the graph is then built
-/// again, with or without them.
+/// the table rewrites do not read dropped ([`stored_with_tables`]). Without them the graph is
+/// built again; with them it is that graph, its dropped weights read back from the checkpoint.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
+    let mut exported = build_deferred(ck, opts)?;
+    exported.graph.restore_all()?;
+    Ok(exported)
+}
+
+/// [`build`], leaving the weights the table trial dropped on disk ([`ir::Graph::defer`]) where
+/// the tables pay: [`Exported::quantize`] reads each one back when it quantises it, so a
+/// quantised export with tables never holds every f32 weight next to the tables (the bench
+/// model's int8 export: 40 -> 30 MiB peak RSS). Call [`Exported::quantize`] before writing.
+pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let stored = opts
         .perf
@@ -131,10 +141,21 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
                 passes::run_default(&mut g, &off)?;
                 passes::tables::StoredCost::of(&g, bytes)
             };
-            let with = stored_with_tables(ck, opts, graph, bytes)?;
-            graph = heads::build_graph(ck, opts)?.0;
+            let (with, trial) = stored_with_tables(ck, opts, graph, bytes)?;
             let pay = passes::tables::pay_at_stored_precision(without, with);
-            let mut decisions = passes::run_default(&mut graph, if pay { &opts.perf } else { &off })?;
+            let mut decisions = match trial.filter(|(g, _)| pay && read_back_ok(ck, g)) {
+                Some((g, decisions)) => {
+                    graph = g;
+                    let stripped = graph.constants.iter().filter(|(_, t)| t.is_stripped());
+                    let tensors = ck.tensors(stripped.map(|(n, _)| weight_tensor(n).0));
+                    graph.defer(move |name, shape| read_back(&tensors, name, shape));
+                    decisions
+                }
+                None => {
+                    graph = heads::build_graph(ck, opts)?.0;
+                    passes::run_default(&mut graph, if pay { &opts.perf } else { &off })?
+                }
+            };
             let why = passes::tables::stored_reason(without, with);
             for d in decisions.iter_mut().filter(|d| d.reason.starts_with("auto")) {
                 if d.kept {
@@ -156,7 +177,42 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     Ok(Exported { graph, summary })
 }
 
-/// Stored bytes (at `bytes` per weight) of `graph` after the default passes with its tables.
+/// The checkpoint tensor a weight constant holds: `model::blocks` names each after its tensor,
+/// with `.T` when it holds it transposed.
+fn weight_tensor(name: &str) -> (&str, bool) {
+    match name.strip_suffix(".T") {
+        Some(full) => (full, true),
+        None => (name, false),
+    }
+}
+
+/// Whether every constant `graph` dropped can be read back from the checkpoint: a stored tensor
+/// of its size (transposed: of its shape reversed).
+fn read_back_ok(ck: &Checkpoint, graph: &ir::Graph) -> bool {
+    graph.constants.iter().filter(|(_, t)| t.is_stripped()).all(|(name, t)| {
+        let (full, transpose) = weight_tensor(name);
+        ck.stored_shape(full).is_some_and(|s| {
+            s.iter().product::<usize>() == t.len() && (!transpose || (s.len() == 2 && t.shape == [s[1], s[0]]))
+        })
+    })
+}
+
+/// Weight constant `name` of shape `shape`, read back from the checkpoint (see [`read_back_ok`]).
+fn read_back(tensors: &checkpoint::Tensors, name: &str, shape: &[usize]) -> Result<ir::TensorData> {
+    let (full, transpose) = weight_tensor(name);
+    let w = tensors.read(full)?;
+    if w.data.len() != shape.iter().product::<usize>() {
+        return Err(Error::tensor(full, format!("has shape {:?}, expected {shape:?} to read it back", w.shape)));
+    }
+    let (_, bytes) = model::blocks::weight_bytes(&w, transpose);
+    Ok(ir::TensorData::f32_le_bytes(shape, bytes))
+}
+
+/// The table trial's graph, its dropped weights still dropped, and the passes' table decisions.
+type Trial = (ir::Graph, Vec<summary::TableDecision>);
+
+/// Stored bytes (at `bytes` per weight) of `graph` after the default passes with its tables,
+/// and that graph with the passes' table decisions when no rewrite read a dropped weight.
 /// Measured with the data of the weights read only after the first softmax dropped (the table
 /// rewrites work on the inputs' side of the encoder's cross-attention), so the trial does not
 /// hold every weight next to the tables; sizes come from shapes, so the figure is the same. If
@@ -167,17 +223,17 @@ fn stored_with_tables(
     opts: &ExportOptions,
     mut graph: ir::Graph,
     bytes: f64,
-) -> Result<passes::tables::StoredCost> {
+) -> Result<(passes::tables::StoredCost, Option<Trial>)> {
     strip_for_table_trial(&mut graph);
     let reads = ir::Graph::stripped_reads();
-    passes::run_default(&mut graph, &opts.perf)?;
+    let decisions = passes::run_default(&mut graph, &opts.perf)?;
     if ir::Graph::stripped_reads() == reads {
-        return Ok(passes::tables::StoredCost::of(&graph, bytes));
+        return Ok((passes::tables::StoredCost::of(&graph, bytes), Some((graph, decisions))));
     }
     drop(graph);
     let mut graph = heads::build_graph(ck, opts)?.0;
     passes::run_default(&mut graph, &opts.perf)?;
-    Ok(passes::tables::StoredCost::of(&graph, bytes))
+    Ok((passes::tables::StoredCost::of(&graph, bytes), None))
 }
 
 /// Drops the data of the weights [`stored_with_tables`] expects the table rewrites not to read:
@@ -287,6 +343,11 @@ impl Exported {
             )));
         }
         let keep = KeepF32::new(&q.keep_f32);
+        // The int8 and q4 passes read each deferred weight back as they quantise it
+        // ([`build_deferred`]); every other path reads the whole graph.
+        if !matches!(q.precision, Precision::Int8 | Precision::Q4) {
+            self.graph.restore_all()?;
+        }
         let ranges = if q.precision == Precision::Int8Static {
             let data = q.calibrate.clone().or_else(|| default_calibration(checkpoint)).ok_or_else(|| {
                 Error::invalid("int8-static needs calibration inputs: give --calibrate DATA (.npy file or folder)")
@@ -308,6 +369,7 @@ impl Exported {
         let primary: std::collections::HashSet<String> =
             self.graph.nodes.iter().flat_map(|n| n.outputs.iter().map(|o| o.name.clone())).collect();
         pass.run(&mut self.graph)?;
+        self.graph.restore_all()?;
         passes::quant::compact_names(&mut self.graph, &primary);
         for (k, v) in self.graph.metadata.iter_mut() {
             if k == metadata::PASSES {
@@ -345,12 +407,59 @@ mod tests {
             let mut stripped = graph.clone();
             strip_for_table_trial(&mut stripped);
             assert!(held(&stripped) * 2 < held(&graph), "{p}: most weights dropped for the trial");
-            assert_eq!(stored_with_tables(&ck, &opts, graph, bytes).unwrap(), whole, "{p}");
+            assert_eq!(stored_with_tables(&ck, &opts, graph, bytes).unwrap().0, whole, "{p}");
             // int8 / q4 run the table rewrites alone; f16 also `few_query_attention`, which reads
             // the decoder's key and value weights: its trial falls back to the whole graph.
             if p.is_integer() {
                 assert_eq!(ir::Graph::stripped_reads(), reads, "{p}: a rewrite looked up a dropped weight");
             }
         }
+    }
+
+    /// `build_deferred` then `quantize` (the weights the table trial dropped read back one at a
+    /// time) writes the graph the passes give on the whole graph: the path before deferral
+    /// (`stored_weight_bytes` off runs the same passes, tables kept, on every weight).
+    #[test]
+    fn deferred_weights_read_back_give_the_whole_graphs_file() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+        let ck = Checkpoint::open(&dir).unwrap();
+        let bytes = |mut e: Exported| {
+            e.graph.metadata.retain(|(k, _)| k != metadata::SUMMARY);
+            ir::onnx::to_bytes(&e.graph)
+        };
+        for p in [Precision::Int8, Precision::Q4] {
+            let opts = options_for_precision(&ExportOptions::default(), p);
+            let q = QuantOptions { precision: p, ..Default::default() };
+            let mut deferred = build_deferred(&ck, &opts).unwrap();
+            let stripped = deferred.graph.constants.iter().filter(|(_, t)| t.is_stripped()).count();
+            assert!(stripped > 0, "{p}: the tables pay here, so weights stay on disk until quantised");
+            deferred.quantize(&q, &dir, &mut |_, _| {}).unwrap();
+            assert!(deferred.graph.constants.iter().all(|(_, t)| !t.is_stripped()), "{p}: all read back");
+            let mut whole = opts.clone();
+            whole.perf.stored_weight_bytes = None;
+            let mut whole = build(&ck, &whole).unwrap();
+            whole.quantize(&q, &dir, &mut |_, _| {}).unwrap();
+            assert_eq!(bytes(deferred), bytes(whole), "{p}");
+        }
+    }
+
+    /// A checkpoint changed between `build_deferred` and `quantize` ends in an error naming the
+    /// file, not a panic or a graph with missing weights.
+    #[test]
+    fn a_checkpoint_changed_before_read_back_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("pe-deferred-changed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(digits.join(f), dir.join(f)).unwrap();
+        }
+        let ck = Checkpoint::open(&dir).unwrap();
+        let opts = options_for_precision(&ExportOptions::default(), Precision::Int8);
+        let mut e = build_deferred(&ck, &opts).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"short").unwrap();
+        let q = QuantOptions { precision: Precision::Int8, ..Default::default() };
+        let err = e.quantize(&q, &dir, &mut |_, _| {}).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("model.safetensors") && err.contains("changed since it was opened"), "{err}");
     }
 }

@@ -148,7 +148,7 @@ pub fn cost(g: &Graph) -> Cost {
             largest = (out.name.clone(), bytes);
         }
     }
-    let weight_bytes = g.constants.iter().map(|(_, t)| t.bytes.len()).sum();
+    let weight_bytes = g.constants.iter().map(|(_, t)| t.byte_len()).sum();
     Cost { flops, weight_bytes, largest_activation: largest }
 }
 

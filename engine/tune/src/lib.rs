@@ -881,7 +881,8 @@ fn export_at(
     calibrate: &Path,
 ) -> Result<perceiver_edge_export::Exported> {
     let PrecisionChoice { precision, reduce_range } = choice;
-    let mut e = perceiver_edge_export::build(ck, &perceiver_edge_export::options_for_precision(opts, precision))?;
+    let mut e =
+        perceiver_edge_export::build_deferred(ck, &perceiver_edge_export::options_for_precision(opts, precision))?;
     let q = QuantOptions {
         precision,
         reduce_range,
@@ -923,7 +924,7 @@ pub fn export_checkpoint(
         (Some(_), None) => bail!("--latents K chooses latents on calibration data: give --calibrate DATA"),
         (None, _) => {}
     }
-    let mut exported = perceiver_edge_export::build(&ck, &opts)?;
+    let mut exported = perceiver_edge_export::build_deferred(&ck, &opts)?;
     exported.quantize(&q, checkpoint, progress)?;
     Ok((exported, choice))
 }

@@ -2,6 +2,7 @@
 //! transform. Every value carries its fixed shape, so builders, passes and `inspect` never need
 //! a separate shape inference.
 
+use crate::error::{Error, Result};
 use std::collections::{HashMap, HashSet};
 
 /// Element type of a graph value or constant.
@@ -205,8 +206,24 @@ pub struct Graph {
     /// Named values where a split export may cut the graph (`latents.cross`, `latents.block.K`);
     /// not written to ONNX.
     pub marks: Vec<(String, Val)>,
+    /// Where the data of stripped constants is read back from, if anywhere (see
+    /// [`Graph::defer`]).
+    deferred: Deferred,
     scope: Vec<String>,
     counter: usize,
+}
+
+/// Reads back a stripped constant's data from its name and shape (see [`Graph::defer`]).
+type Source = dyn Fn(&str, &[usize]) -> Result<TensorData> + Send + Sync;
+
+/// A graph's [`Source`], if it has one.
+#[derive(Clone, Default)]
+struct Deferred(Option<std::sync::Arc<Source>>);
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Deferred(source)" } else { "Deferred(none)" })
+    }
 }
 
 thread_local! {
@@ -348,6 +365,42 @@ impl Graph {
     /// How many times this thread looked up a stripped constant's data.
     pub fn stripped_reads() -> usize {
         STRIPPED_READS.with(|c| c.get())
+    }
+
+    /// Makes the stripped constants deferred: [`Graph::restore`] reads their data back from
+    /// `source` (name and shape -> data) when a pass needs it, so a graph can be rewritten and
+    /// quantised without ever holding every f32 weight. Whoever holds such a graph calls
+    /// [`Graph::restore_all`] before anything reads every constant (writing, running).
+    pub fn defer(&mut self, source: impl Fn(&str, &[usize]) -> Result<TensorData> + Send + Sync + 'static) {
+        self.deferred = Deferred(Some(std::sync::Arc::new(source)));
+    }
+
+    /// Reads back the data of constant `name` if it is stripped and the graph has a source
+    /// (see [`Graph::defer`]); checks it has the constant's type and shape.
+    pub fn restore(&mut self, name: &str) -> Result<()> {
+        let Some(source) = self.deferred.0.clone() else { return Ok(()) };
+        let Some((_, t)) = self.constants.iter_mut().find(|(n, t)| n == name && t.is_stripped()) else {
+            return Ok(());
+        };
+        let data = source(name, &t.shape)?;
+        if data.dtype != t.dtype || data.shape != t.shape || data.bytes.len() != t.byte_len() {
+            return Err(Error::tensor(
+                name,
+                format!("read back as {:?} {:?}, expected {:?} {:?}", data.dtype, data.shape, t.dtype, t.shape),
+            ));
+        }
+        *t = data;
+        Ok(())
+    }
+
+    /// [`Graph::restore`] for every stripped constant: afterwards the graph holds all its data.
+    pub fn restore_all(&mut self) -> Result<()> {
+        let stripped: Vec<String> =
+            self.constants.iter().filter(|(_, t)| t.is_stripped()).map(|(n, _)| n.clone()).collect();
+        for name in stripped {
+            self.restore(&name)?;
+        }
+        Ok(())
     }
 
     /// Adds a node with one output of the given type and shape.

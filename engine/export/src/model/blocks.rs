@@ -30,6 +30,25 @@ pub struct Builder<'a> {
 }
 
 /// The key a checkpoint tensor's constant is cached under (`.T` for its transpose).
+/// A checkpoint tensor as a constant's shape and bytes (f32, little-endian), transposed if asked
+/// (2-D): straight into the bytes, no f32 copy next to the checkpoint's.
+pub(crate) fn weight_bytes(w: &Weight, transpose: bool) -> (Vec<usize>, Vec<u8>) {
+    if transpose {
+        let (r, c) = (w.shape[0], w.shape[1]);
+        let mut t = vec![0u8; r * c * 4];
+        for (i, row) in w.data.chunks_exact(c).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                t[(j * r + i) * 4..][..4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        (vec![c, r], t)
+    } else {
+        (w.shape.clone(), w.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// A constant's name: its tensor's full name, with `.T` when transposed (`crate::read_back`
+/// reads it back by this name).
 fn cache_key(full_name: &str, transpose: bool) -> String {
     if transpose {
         format!("{full_name}.T")
@@ -68,19 +87,7 @@ impl<'a> Builder<'a> {
         if let Some(v) = self.weights.get(&key) {
             return v.clone();
         }
-        // Straight into the constant's bytes: no f32 copy next to the checkpoint's.
-        let (shape, bytes) = if transpose {
-            let (r, c) = (w.shape[0], w.shape[1]);
-            let mut t = vec![0u8; r * c * 4];
-            for (i, row) in w.data.chunks_exact(c).enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    t[(j * r + i) * 4..][..4].copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            (vec![c, r], t)
-        } else {
-            (w.shape.clone(), w.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        };
+        let (shape, bytes) = weight_bytes(w, transpose);
         let v = Val { name: key.clone(), dtype: DType::F32, shape: shape.clone() };
         self.g.constants.push((key.clone(), TensorData::f32_le_bytes(&shape, bytes)));
         self.weights.insert(key, v.clone());

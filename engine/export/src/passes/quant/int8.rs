@@ -133,6 +133,7 @@ pub(super) fn int8_pass(
         if kept(g, &l, keep) || small(&l) {
             continue;
         }
+        g.restore(&l.weight)?;
         if weight_only(&l) || constant.contains(&g.nodes[l.node].inputs[0]) {
             rep.insert(l.node, weight_only_linear(g, &l));
             readers.rewritten(g, &l.weight);
@@ -153,6 +154,7 @@ pub(super) fn int8_pass(
         readers.rewritten(g, &l.weight);
     }
     splice(g, rep);
+    g.restore_all()?;
     quantize_storage(g, keep);
     Ok(())
 }

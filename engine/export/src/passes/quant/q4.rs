@@ -26,6 +26,7 @@ impl Pass for Q4 {
             if kept(g, &l, &self.keep) {
                 continue;
             }
+            g.restore(&l.weight)?;
             if constant.contains(&g.nodes[l.node].inputs[0]) {
                 rep.insert(l.node, weight_only_linear(g, &l));
                 readers.rewritten(g, &l.weight);
@@ -88,6 +89,7 @@ impl Pass for Q4 {
             readers.rewritten(g, &l.weight);
         }
         splice(g, rep);
+        g.restore_all()?;
         quantize_storage(g, &self.keep);
         g.metadata.push((metadata::PRECISION.into(), Precision::Q4.name().into()));
         Ok(())
