@@ -39,9 +39,12 @@ ckpt tiny_image_fourier 0 "$tiny_if/config.json" "$tiny_if/model.safetensors"
 ckpt tiny_image_fourier_packs 24 "$tiny_if/config.json" "$tiny_if/model.safetensors"
 ckpt tiny_image_fourier_norewrite_b2 38 "$tiny_if/config.json" "$tiny_if/model.safetensors"
 ckpt tiny_bare_latents 1 "$tiny_bl/config.json" "$tiny_bl/model.safetensors"
+ckpt tiny_image_fourier_int8 64 "$tiny_if/config.json" "$tiny_if/model.safetensors"
+ckpt tiny_bare_latents_q4 129 "$tiny_bl/config.json" "$tiny_bl/model.safetensors"
 ckpt bare_latents 1 "$fix/bare_latents/config.json" "$fix/bare_latents/model.safetensors"
 ckpt bare_trainable 1 "$fix/bare_trainable/config.json" "$fix/bare_trainable/model.safetensors"
 ckpt image_fourier 0 "$fix/image_fourier/config.json" "$fix/image_fourier/model.safetensors"
+ckpt image_fourier_q4 128 "$fix/image_fourier/config.json" "$fix/image_fourier/model.safetensors"
 for d in "$fix"/*/; do
   n=$(basename "$d")
   ckpt "config_only_$n" 1 "$d/config.json" "$tmp/empty.safetensors"

@@ -5,7 +5,7 @@
 //!
 //! | body                  | input                                   | code under test                                  |
 //! |-----------------------|-----------------------------------------|--------------------------------------------------|
-//! | [`export_checkpoint`] | option flags, config.json, safetensors  | `perceiver_edge_export::export`, `pack::build`    |
+//! | [`export_checkpoint`] | option flags, config.json, safetensors  | `export`, int8 / q4 `quantize`, `pack::build`     |
 //! | [`npy_inputs`]        | a `.npy` file                           | `npy::read_npy`, `dataset::load_inputs`           |
 //! | [`onnx_load_run`]     | an ONNX model                           | `Session::from_bytes`, `Session::run`             |
 //! | [`board_profile`]     | a board TOML                            | `profile::Profile::parse`                         |
@@ -20,7 +20,7 @@
 pub mod alloc_cap;
 pub mod cortex_m;
 
-use perceiver_edge_export::{pack, ExportOptions};
+use perceiver_edge_export::{options_for_precision, pack, Checkpoint, ExportOptions, Precision, QuantOptions};
 use perceiver_edge_runtime::profile::Profile;
 use perceiver_edge_runtime::tract_onnx::prelude::{DatumType, Tensor};
 use perceiver_edge_runtime::{dataset, npy, IoSpec, Session};
@@ -150,6 +150,11 @@ pub mod flags {
     pub const PACK_INT8: u8 = 16;
     /// `--no-position-tables`.
     pub const NO_POSITION_TABLES: u8 = 32;
+    /// Also export `--precision int8` (weights read back from the checkpoint as they are
+    /// quantised, `build_deferred`).
+    pub const INT8: u8 = 64;
+    /// Also export `--precision q4`.
+    pub const Q4: u8 = 128;
 }
 
 /// A checkpoint folder: `data` split by [`split_checkpoint`] into config.json and
@@ -177,6 +182,20 @@ pub fn export_checkpoint(data: &[u8]) {
             assert!(!bytes.is_empty());
         }
         Err(e) => one_line("export", &e.to_string()),
+    }
+    for (bit, precision) in [(flags::INT8, Precision::Int8), (flags::Q4, Precision::Q4)] {
+        if f & bit == 0 {
+            continue;
+        }
+        let quantised = Checkpoint::open(&dir.0).and_then(|ck| {
+            let mut e = perceiver_edge_export::build_deferred(&ck, &options_for_precision(&opts, precision))?;
+            e.quantize(&QuantOptions { precision, ..Default::default() }, &dir.0, &mut |_, _| {})?;
+            Ok(e)
+        });
+        match quantised {
+            Ok(out) => assert!(!out.to_bytes().is_empty()),
+            Err(e) => one_line("export --precision", &e.to_string()),
+        }
     }
     for (bit, precision) in [(flags::PACK_F32, pack::Precision::F32), (flags::PACK_INT8, pack::Precision::Int8)] {
         if f & bit == 0 {
