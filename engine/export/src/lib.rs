@@ -123,7 +123,8 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
 }
 
 /// [`build`], leaving the weights the table trial dropped on disk ([`ir::Graph::defer`]) where
-/// the tables pay: [`Exported::quantize`] reads each one back when it quantises it, so a
+/// `auto`'s tables stand at the stored precision: [`Exported::quantize`] reads each one back
+/// when it quantises it, so a
 /// quantised export with tables never holds every f32 weight next to the tables (the bench
 /// model's int8 export: 40 -> 30 MiB peak RSS). Call [`Exported::quantize`] before writing.
 pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
