@@ -393,7 +393,8 @@ impl Graph {
         Ok(())
     }
 
-    /// [`Graph::restore`] for every stripped constant: afterwards the graph holds all its data.
+    /// [`Graph::restore`] for every stripped constant: afterwards a graph with a source holds all
+    /// its data (one without keeps its stripped constants stripped).
     pub fn restore_all(&mut self) -> Result<()> {
         let stripped: Vec<String> =
             self.constants.iter().filter(|(_, t)| t.is_stripped()).map(|(n, _)| n.clone()).collect();
