@@ -114,7 +114,7 @@ impl Exported {
 /// tables `auto` keeps in f32 are kept only where they pay at the stored precision
 /// ([`passes::tables::pay_at_stored_precision`]): the graph without them is measured on a copy
 /// (sharing the weights), the graph with them on the graph itself with the data of the weights
-/// the table rewrites do not read dropped ([`stored_with_tables`]). Without them the graph is
+/// the table rewrites do not read dropped (`stored_with_tables`). Without them the graph is
 /// built again; with them it is that graph, its dropped weights read back from the checkpoint.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let mut exported = build_deferred(ck, opts)?;

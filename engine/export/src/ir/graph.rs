@@ -172,7 +172,7 @@ pub enum Attr {
 /// One operation, ONNX semantics (`op` is an ONNX op type in `domain`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
-    /// Unique node name; its first path segment is the model stage (see [`Stage`]).
+    /// Unique node name; its first path segment is the model stage (see [`metadata::stage_of`](crate::metadata::stage_of)).
     pub name: String,
     /// ONNX op type.
     pub op: String,

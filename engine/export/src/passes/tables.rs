@@ -213,7 +213,7 @@ pub fn apply(g: &mut Graph, o: &PerfOptions) -> Result<(Vec<&'static str>, Vec<T
 
 /// Bytes of a graph's f32 constants stored at `weight_bytes` per weight (f16 2, int8 1, q4
 /// 0.5), as the quantisation passes store them: small tensors stay f32, the tables are stored
-/// f16 ([`super::quant::quantize_storage`]), q4 Linear weights (a `MatMul`'s 2-D second input)
+/// f16 (`quant::quantize_storage`), q4 Linear weights (a `MatMul`'s 2-D second input)
 /// take 4 bits plus an f16 scale per 32, and below f16 every other large constant is stored int8.
 pub fn stored_bytes(g: &Graph, weight_bytes: f64) -> f64 {
     let linear: std::collections::HashSet<&str> =
