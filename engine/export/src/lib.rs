@@ -124,9 +124,9 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
 
 /// [`build`], leaving the weights the table trial dropped on disk ([`ir::Graph::defer`]) where
 /// `auto`'s tables stand at the stored precision: [`Exported::quantize`] reads each one back
-/// when it quantises it, so a
-/// quantised export with tables never holds every f32 weight next to the tables (the bench
-/// model's int8 export: 40 -> 30 MiB peak RSS). Call [`Exported::quantize`] before writing.
+/// when it quantises it, so a quantised export with tables never holds every f32 weight next to
+/// the tables (the bench model's int8 export: 40 -> 30 MiB peak RSS). Call
+/// [`Exported::quantize`] before writing.
 pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let stored = opts
@@ -147,8 +147,7 @@ pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported>
             let mut decisions = match trial.filter(|(g, _)| pay && read_back_ok(ck, g)) {
                 Some((g, decisions)) => {
                     graph = g;
-                    let stripped = graph.constants.iter().filter(|(_, t)| t.is_stripped());
-                    let tensors = ck.tensors(stripped.map(|(n, _)| weight_tensor(n).0));
+                    let tensors = ck.tensors(graph.stripped().map(|(n, _)| model::blocks::tensor_of_key(n).0));
                     graph.defer(move |name, shape| read_back(&tensors, name, shape));
                     decisions
                 }
@@ -178,35 +177,23 @@ pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported>
     Ok(Exported { graph, summary })
 }
 
-/// The checkpoint tensor a weight constant holds: `model::blocks` names each after its tensor,
-/// with `.T` when it holds it transposed.
-fn weight_tensor(name: &str) -> (&str, bool) {
-    match name.strip_suffix(".T") {
-        Some(full) => (full, true),
-        None => (name, false),
-    }
-}
-
 /// Whether every constant `graph` dropped can be read back from the checkpoint: a stored tensor
 /// of its size (transposed: of its shape reversed).
 fn read_back_ok(ck: &Checkpoint, graph: &ir::Graph) -> bool {
-    graph.constants.iter().filter(|(_, t)| t.is_stripped()).all(|(name, t)| {
-        let (full, transpose) = weight_tensor(name);
+    graph.stripped().all(|(name, t)| {
+        let (full, transpose) = model::blocks::tensor_of_key(name);
         ck.stored_shape(full).is_some_and(|s| {
             s.iter().product::<usize>() == t.len() && (!transpose || (s.len() == 2 && t.shape == [s[1], s[0]]))
         })
     })
 }
 
-/// Weight constant `name` of shape `shape`, read back from the checkpoint (see [`read_back_ok`]).
+/// Weight constant `name` of shape `shape`, read back from the checkpoint (see [`read_back_ok`];
+/// [`ir::Graph::restore`] checks the bytes fill the shape).
 fn read_back(tensors: &checkpoint::Tensors, name: &str, shape: &[usize]) -> Result<ir::TensorData> {
-    let (full, transpose) = weight_tensor(name);
-    let w = tensors.read(full)?;
-    if w.data.len() != shape.iter().product::<usize>() {
-        return Err(Error::tensor(full, format!("has shape {:?}, expected {shape:?} to read it back", w.shape)));
-    }
-    let (_, bytes) = model::blocks::weight_bytes(&w, transpose);
-    Ok(ir::TensorData::f32_le_bytes(shape, bytes))
+    let (full, transpose) = model::blocks::tensor_of_key(name);
+    let (_, bytes) = model::blocks::weight_bytes(&tensors.read(full)?, transpose);
+    Ok(ir::TensorData { dtype: ir::DType::F32, shape: shape.to_vec(), bytes: bytes.into() })
 }
 
 /// The table trial's graph, its dropped weights still dropped, and the passes' table decisions.
@@ -432,10 +419,10 @@ mod tests {
             let opts = options_for_precision(&ExportOptions::default(), p);
             let q = QuantOptions { precision: p, ..Default::default() };
             let mut deferred = build_deferred(&ck, &opts).unwrap();
-            let stripped = deferred.graph.constants.iter().filter(|(_, t)| t.is_stripped()).count();
+            let stripped = deferred.graph.stripped().count();
             assert!(stripped > 0, "{p}: the tables pay here, so weights stay on disk until quantised");
             deferred.quantize(&q, &dir, &mut |_, _| {}).unwrap();
-            assert!(deferred.graph.constants.iter().all(|(_, t)| !t.is_stripped()), "{p}: all read back");
+            assert_eq!(deferred.graph.stripped().count(), 0, "{p}: all read back");
             let mut whole = opts.clone();
             whole.perf.stored_weight_bytes = None;
             let mut whole = build(&ck, &whole).unwrap();

@@ -393,11 +393,15 @@ impl Graph {
         Ok(())
     }
 
+    /// The constants whose data [`Graph::strip_constants`] dropped, by name.
+    pub fn stripped(&self) -> impl Iterator<Item = (&str, &TensorData)> {
+        self.constants.iter().filter(|(_, t)| t.is_stripped()).map(|(n, t)| (n.as_str(), t))
+    }
+
     /// [`Graph::restore`] for every stripped constant: afterwards a graph with a source holds all
     /// its data (one without keeps its stripped constants stripped).
     pub fn restore_all(&mut self) -> Result<()> {
-        let stripped: Vec<String> =
-            self.constants.iter().filter(|(_, t)| t.is_stripped()).map(|(n, _)| n.clone()).collect();
+        let stripped: Vec<String> = self.stripped().map(|(n, _)| n.to_string()).collect();
         for name in stripped {
             self.restore(&name)?;
         }

@@ -29,7 +29,6 @@ pub struct Builder<'a> {
     weights: HashMap<String, Val>,
 }
 
-/// The key a checkpoint tensor's constant is cached under (`.T` for its transpose).
 /// A checkpoint tensor as a constant's shape and bytes (f32, little-endian), transposed if asked
 /// (2-D): straight into the bytes, no f32 copy next to the checkpoint's.
 pub(crate) fn weight_bytes(w: &Weight, transpose: bool) -> (Vec<usize>, Vec<u8>) {
@@ -47,13 +46,22 @@ pub(crate) fn weight_bytes(w: &Weight, transpose: bool) -> (Vec<usize>, Vec<u8>)
     }
 }
 
-/// A constant's name: its tensor's full name, with `.T` when transposed (`crate::read_back`
-/// reads it back by this name).
+/// The name of a checkpoint tensor's constant, and the key it is cached under: the tensor's full
+/// name, with `.T` when transposed ([`tensor_of_key`] is the inverse).
 fn cache_key(full_name: &str, transpose: bool) -> String {
     if transpose {
         format!("{full_name}.T")
     } else {
         full_name.to_string()
+    }
+}
+
+/// The checkpoint tensor (full name) and transposition a weight constant named by [`cache_key`]
+/// holds: how an export reads a weight back by its constant's name.
+pub(crate) fn tensor_of_key(key: &str) -> (&str, bool) {
+    match key.strip_suffix(".T") {
+        Some(full) => (full, true),
+        None => (key, false),
     }
 }
 

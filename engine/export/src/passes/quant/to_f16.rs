@@ -16,7 +16,6 @@ impl Pass for ToF16 {
     }
     fn run(&self, g: &mut Graph) -> Result<()> {
         self.keep.check_all_used(all_names(g).into_iter())?;
-        g.restore_all()?;
         let output_names: HashSet<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
         let consts: HashMap<String, TensorData> = g.constants.iter().cloned().collect();
         // Current dtype of every f32-or-f16 value.
