@@ -238,55 +238,79 @@ pub struct Checkpoint {
 
 /// Validates the tensors of one safetensors file (dtype, shape, finite values) and records in
 /// `out` where each lies. With `only`, the file must hold exactly the tensors a shard index
-/// assigns to it.
+/// assigns to it. The header is read first and each tensor after it on its own, so opening a
+/// checkpoint holds one tensor at a time, never the whole file.
 fn read_safetensors(path: &Path, out: &mut HashMap<String, Stored>, only: Option<&[&str]>) -> Result<()> {
-    let len = std::fs::metadata(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?.len();
-    perceiver_edge_runtime::limits::check_fits_memory(len).map_err(|m| Error::file(path, m))?;
-    let bytes = perceiver_edge_runtime::fsio::read_file(path, u64::MAX)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    let file = std::sync::Arc::new(path.to_path_buf());
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    use std::io::{Read, Seek, SeekFrom};
+    let invalid = |m: String| Error::file(path, format!("not a valid safetensors file: {m}"));
+    let (mut f, len) =
+        perceiver_edge_runtime::fsio::open_regular(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| invalid(format!("{len} bytes, shorter than the 8-byte header size")))?;
+    let n = u64::from_le_bytes(n);
+    // safetensors' own limit on the header (100 MB).
+    if n > 100_000_000 || n > len.saturating_sub(8) {
+        return Err(invalid(format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let header = std::str::from_utf8(&header).map_err(|e| invalid(format!("the header is not UTF-8: {e}")))?;
+    // Deserialising checks the offsets: in order, contiguous, each the size its dtype and
+    // shape give.
+    let meta: safetensors::tensor::Metadata = serde_json::from_str(header).map_err(|e| invalid(e.to_string()))?;
+    let names = meta.offset_keys();
+    let infos = meta.tensors();
+    let data_len = names.last().map_or(0, |k| infos[k].data_offsets.1) as u64;
+    if 8 + n + data_len != len {
+        return Err(invalid(format!("its header describes {} bytes, the file holds {len}", 8 + n + data_len)));
+    }
     if let Some(only) = only {
-        if let Some(n) = only.iter().find(|n| !st.names().contains(n)) {
+        if let Some(n) = only.iter().find(|n| !infos.contains_key(**n)) {
             return Err(Error::file(
                 path,
                 format!("the shard index assigns tensor `{n}` to this shard, but it is not in it"),
             ));
         }
-        if let Some(n) = st.names().into_iter().find(|n| !only.contains(n)) {
+        if let Some(n) = names.iter().find(|n| !only.contains(&n.as_str())) {
             return Err(Error::file(
                 path,
                 format!("holds tensor `{n}`, which the shard index assigns to another shard"),
             ));
         }
     }
-    for (name, view) in st.iter() {
+    let file = std::sync::Arc::new(path.to_path_buf());
+    for name in &names {
+        let info = infos[name];
         if out.contains_key(name) {
             return Err(Error::file(path, format!("tensor `{name}` is defined twice in the checkpoint")));
         }
         use safetensors::Dtype;
-        let raw = view.data();
-        let data: Vec<f32> = match (view.dtype(), to_f32(view.dtype(), raw)) {
-            (_, Some(data)) => data,
-            (Dtype::I64 | Dtype::I32, None) if name.ends_with("num_batches_tracked") => continue,
-            (other, None) => {
-                return Err(Error::file(
-                    path,
-                    format!("tensor `{name}` has dtype {other:?}, expected F32, F16 or BF16"),
-                ))
+        let (start, end) = info.data_offsets;
+        let offset = 8 + n + start as u64;
+        if to_f32(info.dtype, &[]).is_none() {
+            if matches!(info.dtype, Dtype::I64 | Dtype::I32) && name.ends_with("num_batches_tracked") {
+                continue;
             }
-        };
-        if data.is_empty() {
-            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, with no elements", view.shape())));
+            return Err(Error::file(
+                path,
+                format!("tensor `{name}` has dtype {:?}, expected F32, F16 or BF16", info.dtype),
+            ));
         }
+        if start == end {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, with no elements", info.shape)));
+        }
+        perceiver_edge_runtime::limits::check_fits_memory((end - start) as u64).map_err(|m| Error::file(path, m))?;
+        let mut raw = vec![0u8; end - start];
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut raw))
+            .map_err(|e| Error::file(path, format!("cannot read tensor `{name}`: {e}")))?;
+        let data = to_f32(info.dtype, &raw).expect("a dtype to_f32 reads");
         let bad = data.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
             return Err(Error::file(path, format!("tensor `{name}` holds {bad} NaN or infinite value(s)")));
         }
-        let offset = (raw.as_ptr() as usize - bytes.as_ptr() as usize) as u64;
         let stored =
-            Stored { file: file.clone(), dtype: view.dtype(), shape: view.shape().to_vec(), offset, len: raw.len() };
+            Stored { file: file.clone(), dtype: info.dtype, shape: info.shape.clone(), offset, len: raw.len() };
         out.insert(name.to_string(), stored);
     }
     Ok(())
