@@ -84,6 +84,9 @@ impl Exported {
     /// the side file's path when one was written.
     pub fn write_with(&self, path: &Path, external_data: bool) -> Result<Option<PathBuf>> {
         use perceiver_edge_runtime::fsio;
+        if let Some((name, _)) = self.graph.stripped().next() {
+            return Err(Error::tensor(name, "still on disk: call Exported::quantize before writing a deferred build"));
+        }
         if !external_data && !ir::onnx::needs_external_data(&self.graph) {
             // Streamed from the graph: the weights are not copied into a protobuf first.
             fsio::write_atomic_with(path, |w| ir::onnx::write_single(&self.graph, w))
@@ -112,49 +115,47 @@ impl Exported {
 /// Builds the graph of an opened checkpoint and runs the default passes. For a graph that will
 /// be stored below f32 with `--tables auto` ([`passes::PerfOptions::stored_weight_bytes`]), the
 /// tables `auto` keeps in f32 are kept only where they pay at the stored precision
-/// ([`passes::tables::pay_at_stored_precision`]): the graph without them is measured on a copy
-/// (sharing the weights), the graph with them on the graph itself with the data of the weights
-/// the table rewrites do not read dropped (`stored_with_tables`). Without them the graph is
-/// built again; with them it is that graph, its dropped weights read back from the checkpoint.
+/// ([`passes::tables::pay_at_stored_precision`]): the passes run without them and with them,
+/// each on a graph built with its weights on disk (see [`build_deferred`]), and the graph that
+/// wins is kept.
 pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
     let mut exported = build_deferred(ck, opts)?;
     exported.graph.restore_all()?;
     Ok(exported)
 }
 
-/// [`build`], leaving the weights the table trial dropped on disk ([`ir::Graph::defer`]) where
-/// `auto`'s tables stand at the stored precision: [`Exported::quantize`] reads each one back
-/// when it quantises it, so a quantised export with tables never holds every f32 weight next to
-/// the tables (the bench model's int8 export: 40 -> 30 MiB peak RSS). Call
-/// [`Exported::quantize`] before writing.
+/// [`build`], leaving on disk the weights no pass read ([`ir::Graph::defer`]) for a graph that
+/// will be stored below f32 with `--tables auto`: it is built with its weight matrices on disk
+/// ([`heads::build_graph_deferred`]), the passes read back what they look up
+/// ([`passes_reading_back`]), and [`Exported::quantize`] reads back each of the others when it
+/// converts it, so such an export never holds every f32 weight at once (the bench model's int8
+/// export: 40 -> 30 MiB peak RSS in session 36, ... in session 37). Call [`Exported::quantize`]
+/// before writing.
 pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
-    let (mut graph, mut summary) = heads::build_graph(ck, opts)?;
     let stored = opts
         .perf
         .stored_weight_bytes
         .filter(|&b| b < 4.0 && opts.perf.tables == options::Tables::Auto && !opts.perf.no_rewrites);
-    let decisions = match stored {
-        None => passes::run_default(&mut graph, &opts.perf)?,
+    let (mut graph, mut summary, decisions) = match stored {
+        None => {
+            let (mut graph, summary) = heads::build_graph(ck, opts)?;
+            let decisions = passes::run_default(&mut graph, &opts.perf)?;
+            (graph, summary, decisions)
+        }
         Some(bytes) => {
+            let (mut lazy, summary) = heads::build_graph_deferred(ck, opts)?;
+            read_back_what_rewrites_read(&mut lazy)?;
             let off = passes::tables::off_at_stored_precision(&opts.perf);
-            let without = {
-                let mut g = graph.clone();
-                passes::run_default(&mut g, &off)?;
-                passes::tables::StoredCost::of(&g, bytes)
-            };
-            let (with, trial) = stored_with_tables(ck, opts, graph, bytes)?;
+            // One trial graph at a time: the one without tables is run again if it wins.
+            let without = passes::tables::StoredCost::of(&passes_reading_back(&mut lazy, &off)?.0, bytes);
+            let (with_graph, with_decisions) = passes_reading_back(&mut lazy, &opts.perf)?;
+            let with = passes::tables::StoredCost::of(&with_graph, bytes);
             let pay = passes::tables::pay_at_stored_precision(without, with);
-            let mut decisions = match trial.filter(|(g, _)| pay && read_back_ok(ck, g)) {
-                Some((g, decisions)) => {
-                    graph = g;
-                    let tensors = ck.tensors(graph.stripped().map(|(n, _)| model::blocks::tensor_of_key(n).0));
-                    graph.defer(move |name, shape| read_back(&tensors, name, shape));
-                    decisions
-                }
-                None => {
-                    graph = heads::build_graph(ck, opts)?.0;
-                    passes::run_default(&mut graph, if pay { &opts.perf } else { &off })?
-                }
+            let (graph, mut decisions) = if pay {
+                (with_graph, with_decisions)
+            } else {
+                drop(with_graph);
+                passes_reading_back(&mut lazy, &off)?
             };
             let why = passes::tables::stored_reason(without, with);
             for d in decisions.iter_mut().filter(|d| d.reason.starts_with("auto")) {
@@ -164,7 +165,7 @@ pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported>
                     d.reason = format!("auto: {why}; --tables all keeps them");
                 }
             }
-            decisions
+            (graph, summary, decisions)
         }
     };
     if let Some(e) = graph.error.take() {
@@ -177,75 +178,63 @@ pub fn build_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported>
     Ok(Exported { graph, summary })
 }
 
-/// Whether every constant `graph` dropped can be read back from the checkpoint: a stored tensor
-/// of its size (transposed: of its shape reversed).
-fn read_back_ok(ck: &Checkpoint, graph: &ir::Graph) -> bool {
-    graph.stripped().all(|(name, t)| {
-        let (full, transpose) = model::blocks::tensor_of_key(name);
-        ck.stored_shape(full).is_some_and(|s| {
-            s.iter().product::<usize>() == t.len() && (!transpose || (s.len() == 2 && t.shape == [s[1], s[0]]))
-        })
-    })
-}
-
-/// Weight constant `name` of shape `shape`, read back from the checkpoint (see [`read_back_ok`];
-/// [`ir::Graph::restore`] checks the bytes fill the shape).
-fn read_back(tensors: &checkpoint::Tensors, name: &str, shape: &[usize]) -> Result<ir::TensorData> {
-    let (full, transpose) = model::blocks::tensor_of_key(name);
-    let (_, bytes) = model::blocks::weight_bytes(&tensors.read(full)?, transpose);
-    Ok(ir::TensorData { dtype: ir::DType::F32, shape: shape.to_vec(), bytes: bytes.into() })
-}
-
-/// The table trial's graph, its dropped weights still dropped, and the passes' table decisions.
-type Trial = (ir::Graph, Vec<summary::TableDecision>);
-
-/// Stored bytes (at `bytes` per weight) of `graph` after the default passes with its tables,
-/// and that graph with the passes' table decisions when no rewrite read a dropped weight.
-/// Measured with the data of the weights read only after the first softmax dropped (the table
-/// rewrites work on the inputs' side of the encoder's cross-attention), so the trial does not
-/// hold every weight next to the tables; sizes come from shapes, so the figure is the same. If
-/// a rewrite did look up a dropped weight (f16 runs `few_query_attention` too, which reads a
-/// decoder's key and value weights), the trial is run again on a graph built whole.
-fn stored_with_tables(
-    ck: &Checkpoint,
-    opts: &ExportOptions,
-    mut graph: ir::Graph,
-    bytes: f64,
-) -> Result<(passes::tables::StoredCost, Option<Trial>)> {
-    strip_for_table_trial(&mut graph);
-    let reads = ir::Graph::stripped_reads();
-    let decisions = passes::run_default(&mut graph, &opts.perf)?;
-    if ir::Graph::stripped_reads() == reads {
-        return Ok((passes::tables::StoredCost::of(&graph, bytes), Some((graph, decisions))));
-    }
-    drop(graph);
-    let mut graph = heads::build_graph(ck, opts)?.0;
-    passes::run_default(&mut graph, &opts.perf)?;
-    Ok((passes::tables::StoredCost::of(&graph, bytes), None))
-}
-
-/// Drops the data of the weights [`stored_with_tables`] expects the table rewrites not to read:
-/// matrices read only after the first softmax that do not feed a value no graph input reaches.
-fn strip_for_table_trial(graph: &mut ir::Graph) {
-    let first_softmax = graph.nodes.iter().position(|n| n.op == "Softmax").unwrap_or(graph.nodes.len());
-    let early: std::collections::HashSet<&str> =
-        graph.nodes[..first_softmax].iter().flat_map(|n| n.inputs.iter().map(String::as_str)).collect();
-    let late: std::collections::HashSet<String> = graph.nodes[first_softmax..]
+/// Reads back into a graph built with its weights on disk the weights the rewrites are known
+/// to look up, so [`passes_reading_back`] usually runs the passes once: those read before the
+/// first softmax (the table rewrites work on the inputs' side of the encoder's
+/// cross-attention) and the inputs of values no graph input reaches (the rewrites evaluate
+/// constant queries, a decoder's among them).
+fn read_back_what_rewrites_read(lazy: &mut ir::Graph) -> Result<()> {
+    let first_softmax = lazy.nodes.iter().position(|n| n.op == "Softmax").unwrap_or(lazy.nodes.len());
+    let constant = passes::quant::input_independent(lazy);
+    let read: std::collections::BTreeSet<String> = lazy.nodes[..first_softmax]
         .iter()
-        .flat_map(|n| n.inputs.iter())
-        .filter(|i| !early.contains(i.as_str()))
-        .cloned()
+        .chain(lazy.nodes.iter().filter(|n| n.outputs.iter().any(|o| constant.contains(&o.name))))
+        .flat_map(|n| n.inputs.iter().cloned())
         .collect();
-    // Kept whatever their place: vectors and small matrices (the matchers look up scales and
-    // biases anywhere) and the inputs of values no graph input reaches (the rewrites evaluate constant
-    // queries, a decoder's among them).
-    let mut keep: std::collections::HashSet<String> =
-        graph.constants.iter().filter(|(_, t)| t.shape.len() < 2 || t.len() < 1024).map(|(n, _)| n.clone()).collect();
-    let constant = passes::quant::input_independent(graph);
-    for n in graph.nodes.iter().filter(|n| n.outputs.iter().any(|o| constant.contains(&o.name))) {
-        keep.extend(n.inputs.iter().cloned());
+    for name in &read {
+        lazy.restore(name)?;
     }
-    graph.strip_constants(|n| late.contains(n) && !keep.contains(n));
+    Ok(())
+}
+
+/// The default passes run on a copy of `lazy`, a graph built with its weights on disk
+/// ([`heads::build_graph_deferred`]): the weights a pass looks up are read back into `lazy`
+/// and the passes run again on a fresh copy, until they look up none it lacks. Passes see only
+/// data through [`ir::Graph::constant_data`], so the result is what they give on the whole
+/// graph, with the weights none of them read still on disk. Should a pass carry a stripped
+/// constant into one of its own (a name or shape the checkpoint does not hold), every weight is
+/// read back first.
+fn passes_reading_back(
+    lazy: &mut ir::Graph,
+    perf: &passes::PerfOptions,
+) -> Result<(ir::Graph, Vec<summary::TableDecision>)> {
+    loop {
+        let held: std::collections::HashMap<String, Vec<usize>> =
+            lazy.stripped().map(|(n, t)| (n.to_string(), t.shape.clone())).collect();
+        let mut g = lazy.clone();
+        let mark = ir::Graph::stripped_reads();
+        let decisions = passes::run_default(&mut g, perf)?;
+        let read = ir::Graph::stripped_reads_since(mark);
+        let carried = g.stripped().any(|(n, t)| held.get(n) != Some(&t.shape));
+        if read.is_empty() && !carried {
+            return Ok((g, decisions));
+        }
+        drop(g);
+        if carried {
+            lazy.restore_all()?;
+        } else {
+            for name in &read {
+                lazy.restore(name)?;
+            }
+        }
+        if lazy.stripped().count() == held.len() {
+            // Nothing more to read back: the passes looked up a constant the checkpoint does not give.
+            return Err(Error::invalid(format!(
+                "a rewrite looked up constant `{}`, which could not be read back",
+                read.first().map_or("?", String::as_str)
+            )));
+        }
+    }
 }
 
 /// `opts` adjusted for a graph that will be stored at `precision`: int8 / q4 graphs skip
@@ -331,9 +320,9 @@ impl Exported {
             )));
         }
         let keep = KeepF32::new(&q.keep_f32);
-        // The int8 and q4 passes read each deferred weight back as they quantise it
-        // ([`build_deferred`]); every other path reads the whole graph.
-        if !matches!(q.precision, Precision::Int8 | Precision::Q4) {
+        // The int8, q4 and f16 passes read each deferred weight back as they convert it
+        // ([`build_deferred`]); int8-static runs the graph to calibrate, so it reads them all.
+        if !matches!(q.precision, Precision::Int8 | Precision::Q4 | Precision::F16) {
             self.graph.restore_all()?;
         }
         let ranges = if q.precision == Precision::Int8Static {
@@ -353,7 +342,9 @@ impl Exported {
         } else {
             None
         };
-        let Some(pass) = passes::quant::pass_for(q.precision, &keep, ranges, q.reduce_range)? else { return Ok(()) };
+        let Some(pass) = passes::quant::pass_for(q.precision, &keep, ranges, q.reduce_range)? else {
+            return self.graph.restore_all();
+        };
         let primary: std::collections::HashSet<String> =
             self.graph.nodes.iter().flat_map(|n| n.outputs.iter().map(|o| o.name.clone())).collect();
         pass.run(&mut self.graph)?;
@@ -380,27 +371,29 @@ impl Exported {
 mod tests {
     use super::*;
 
+    /// The passes run on a graph built with its weights on disk, reading back what they look
+    /// up, give the graph they give on the whole graph, byte for byte, with and without tables,
+    /// and leave most weights on disk.
     #[test]
-    fn table_trial_on_a_stripped_graph_measures_what_the_whole_graph_does() {
+    fn passes_reading_back_give_the_whole_graphs_result() {
         let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap();
+        let held = |g: &ir::Graph| g.constants.iter().map(|(_, t)| t.bytes.len()).sum::<usize>();
         for p in [Precision::F16, Precision::Int8, Precision::Q4] {
             let opts = options_for_precision(&ExportOptions::default(), p);
-            let bytes = opts.perf.stored_weight_bytes.unwrap();
-            let mut whole = heads::build_graph(&ck, &opts).unwrap().0;
-            passes::run_default(&mut whole, &opts.perf).unwrap();
-            let whole = passes::tables::StoredCost::of(&whole, bytes);
-            let reads = ir::Graph::stripped_reads();
-            let graph = heads::build_graph(&ck, &opts).unwrap().0;
-            let held = |g: &ir::Graph| g.constants.iter().map(|(_, t)| t.bytes.len()).sum::<usize>();
-            let mut stripped = graph.clone();
-            strip_for_table_trial(&mut stripped);
-            assert!(held(&stripped) * 2 < held(&graph), "{p}: most weights dropped for the trial");
-            assert_eq!(stored_with_tables(&ck, &opts, graph, bytes).unwrap().0, whole, "{p}");
-            // int8 / q4 run the table rewrites alone; f16 also `few_query_attention`, which reads
-            // the decoder's key and value weights: its trial falls back to the whole graph.
-            if p.is_integer() {
-                assert_eq!(ir::Graph::stripped_reads(), reads, "{p}: a rewrite looked up a dropped weight");
+            let (mut lazy, _) = heads::build_graph_deferred(&ck, &opts).unwrap();
+            let whole_held = held(&heads::build_graph(&ck, &opts).unwrap().0);
+            assert!(held(&lazy) * 4 < whole_held, "{p}: the build leaves most weights on disk");
+            for perf in [opts.perf, passes::tables::off_at_stored_precision(&opts.perf)] {
+                let mut whole = heads::build_graph(&ck, &opts).unwrap().0;
+                passes::run_default(&mut whole, &perf).unwrap();
+                let (mut g, _) = passes_reading_back(&mut lazy, &perf).unwrap();
+                assert!(held(&g) < held(&whole), "{p}: weights no pass reads stay on disk");
+                g.restore_all().unwrap();
+                assert_eq!(ir::onnx::to_bytes(&g), ir::onnx::to_bytes(&whole), "{p} tables {:?}", perf.tables);
             }
+            // f16 runs `few_query_attention`, which reads the decoder's key and value weights:
+            // read back, the others stay on disk.
+            assert!(held(&lazy) * 2 < whole_held, "{p}: the passes read back few weights");
         }
     }
 
@@ -415,7 +408,7 @@ mod tests {
             e.graph.metadata.retain(|(k, _)| k != metadata::SUMMARY);
             ir::onnx::to_bytes(&e.graph)
         };
-        for p in [Precision::Int8, Precision::Q4] {
+        for p in [Precision::Int8, Precision::Q4, Precision::F16] {
             let opts = options_for_precision(&ExportOptions::default(), p);
             let q = QuantOptions { precision: p, ..Default::default() };
             let mut deferred = build_deferred(&ck, &opts).unwrap();

@@ -106,6 +106,21 @@ fn not_for(what: &str, head: Head) -> Error {
 
 /// Builds the fixed-shape graph of checkpoint `ck` (before any pass) and its summary.
 pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summary)> {
+    build(ck, opts, false)
+}
+
+/// [`build_graph`] with the weight matrices left on disk
+/// ([`crate::model::blocks::DEFERRED_MIN_ELEMENTS`] elements or more): their constants are
+/// stripped, and the graph reads each back from the checkpoint when asked
+/// ([`Graph::restore`]), so the passes and the quantiser can work without holding them all.
+pub fn build_graph_deferred(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summary)> {
+    let (mut g, summary) = build(ck, opts, true)?;
+    let tensors = ck.tensors(g.stripped().map(|(n, _)| crate::model::blocks::tensor_of_key(n).0));
+    g.defer(move |name, shape| crate::model::blocks::read_back(&tensors, name, shape));
+    Ok((g, summary))
+}
+
+fn build(ck: &Checkpoint, opts: &ExportOptions, defer_weights: bool) -> Result<(Graph, Summary)> {
     let head = Head::of(ck)?;
     let batch = opts.batch.unwrap_or(1);
     if batch == 0 {
@@ -135,6 +150,7 @@ pub fn build_graph(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Graph, Summ
     uses(opts.decoder.is_some(), "--decoder", &[Bare])?;
 
     let mut b = Builder::new(ck, batch);
+    b.defer_weights = defer_weights;
     b.budget = Budget::from_options(ck, opts)?;
     b.grid_subset = opts.grid_subset;
     let (h, w) = opts.image_size.unwrap_or_else(|| cfg.image_hw());

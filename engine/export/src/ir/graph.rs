@@ -94,6 +94,12 @@ impl TensorData {
         TensorData { dtype: DType::F32, shape: shape.to_vec(), bytes: std::sync::Arc::new(bytes) }
     }
 
+    /// An f32 tensor of `shape` whose data is not held: stripped from the start (see
+    /// [`Graph::strip_constants`]), read back through the graph's source ([`Graph::defer`]).
+    pub fn deferred_f32(shape: &[usize]) -> TensorData {
+        TensorData { dtype: DType::F32, shape: shape.to_vec(), bytes: Default::default() }
+    }
+
     /// An i64 tensor. Panics if `data` does not fill `shape` (a programming error).
     pub fn i64(shape: &[usize], data: &[i64]) -> TensorData {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "i64 tensor {shape:?}");
@@ -227,8 +233,9 @@ impl std::fmt::Debug for Deferred {
 }
 
 thread_local! {
-    /// Reads of stripped constants on this thread (see [`Graph::strip_constants`]).
-    static STRIPPED_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The names of the stripped constants looked up on this thread, in order (see
+    /// [`Graph::strip_constants`]).
+    static STRIPPED_READS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Broadcast two shapes numpy-style; `None` when they do not broadcast.
@@ -345,7 +352,7 @@ impl Graph {
     pub fn constant_data(&self, name: &str) -> Option<&TensorData> {
         let t = self.constants.iter().find(|(n, _)| n == name).map(|(_, t)| t)?;
         if t.is_stripped() {
-            STRIPPED_READS.with(|c| c.set(c.get() + 1));
+            STRIPPED_READS.with(|r| r.borrow_mut().push(name.to_string()));
             return None;
         }
         Some(t)
@@ -364,7 +371,16 @@ impl Graph {
 
     /// How many times this thread looked up a stripped constant's data.
     pub fn stripped_reads() -> usize {
-        STRIPPED_READS.with(|c| c.get())
+        STRIPPED_READS.with(|r| r.borrow().len())
+    }
+
+    /// The stripped constants this thread looked up after its `mark`-th such lookup
+    /// ([`Graph::stripped_reads`] taken before), each once.
+    pub fn stripped_reads_since(mark: usize) -> Vec<String> {
+        let mut names: Vec<String> = STRIPPED_READS.with(|r| r.borrow().get(mark..).unwrap_or_default().to_vec());
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Makes the stripped constants deferred: [`Graph::restore`] reads their data back from

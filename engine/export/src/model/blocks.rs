@@ -26,8 +26,16 @@ pub struct Builder<'a> {
     pub attention_probs: Vec<(String, Val)>,
     /// Subset queries are rows of the full query grid ([`crate::options::ExportOptions::grid_subset`]).
     pub grid_subset: bool,
+    /// Leave weight matrices of [`DEFERRED_MIN_ELEMENTS`] or more on disk: their constants are
+    /// stripped ([`TensorData::deferred_f32`]) and read back when asked for (see
+    /// [`crate::heads::build_graph_deferred`]).
+    pub defer_weights: bool,
     weights: HashMap<String, Val>,
 }
+
+/// The smallest weight matrix a deferred build leaves on disk: smaller ones and every vector
+/// (scales, biases: the passes' matchers look them up anywhere) are read at once.
+pub const DEFERRED_MIN_ELEMENTS: usize = 1024;
 
 /// A checkpoint tensor as a constant's shape and bytes (f32, little-endian), transposed if asked
 /// (2-D): straight into the bytes, no f32 copy next to the checkpoint's.
@@ -65,6 +73,14 @@ pub(crate) fn tensor_of_key(key: &str) -> (&str, bool) {
     }
 }
 
+/// Weight constant `name` (named by [`cache_key`]) of shape `shape`, read back from the
+/// checkpoint's `tensors` for a graph whose weights were left on disk ([`Graph::defer`]).
+pub(crate) fn read_back(tensors: &crate::checkpoint::Tensors, name: &str, shape: &[usize]) -> Result<TensorData> {
+    let (full, transpose) = tensor_of_key(name);
+    let (_, bytes) = weight_bytes(&tensors.read(full)?, transpose);
+    Ok(TensorData { dtype: DType::F32, shape: shape.to_vec(), bytes: bytes.into() })
+}
+
 /// Options of one `PerceiverLayer` that are not visible in its weights.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerOpts {
@@ -85,6 +101,7 @@ impl<'a> Builder<'a> {
             budget: Default::default(),
             attention_probs: vec![],
             grid_subset: false,
+            defer_weights: false,
             weights: HashMap::new(),
         }
     }
@@ -111,9 +128,22 @@ impl<'a> Builder<'a> {
     /// the checkpoint the first time, shared afterwards (a weight-shared block is applied
     /// several times).
     fn weight(&mut self, name: &str, shape: &[Option<usize>], transpose: bool) -> Result<Val> {
-        if let Some(v) = self.weights.get(&cache_key(&self.ck.full_name(name), transpose)) {
+        let full = self.ck.full_name(name);
+        let key = cache_key(&full, transpose);
+        if let Some(v) = self.weights.get(&key) {
             self.ck.check_stored_shape(name, shape)?;
             return Ok(v.clone());
+        }
+        if self.defer_weights {
+            self.ck.check_stored_shape(name, shape)?;
+            let stored = self.ck.stored_shape(&full).unwrap_or_default();
+            if stored.len() == 2 && stored[0] * stored[1] >= DEFERRED_MIN_ELEMENTS {
+                let shape = if transpose { vec![stored[1], stored[0]] } else { stored.to_vec() };
+                let v = Val { name: key.clone(), dtype: DType::F32, shape: shape.clone() };
+                self.g.constants.push((key.clone(), TensorData::deferred_f32(&shape)));
+                self.weights.insert(key, v.clone());
+                return Ok(v);
+            }
         }
         let w = self.ck.get_shaped(name, shape)?;
         Ok(self.constant(&w, transpose))

@@ -34,10 +34,25 @@ impl Pass for ToF16 {
         // Values beyond f16's range (the attention mask's f32::MIN) stay f32 up to the Softmax
         // that consumes them: in f16 they would become infinities (and 0 * inf = NaN).
         let out_of_range = |t: &TensorData| t.as_f32().is_some_and(|v| v.iter().any(|x| x.abs() > 65504.0));
+        // Deferred weights ([`Graph::defer`]) are read back one at a time: their range checked
+        // and their f16 copy made, then dropped again (read back at the end if an f32 reader
+        // remains), so the pass never holds every f32 weight next to the f16 copies.
+        let (mut deferred, mut far): (HashMap<String, Vec<u8>>, HashSet<String>) = Default::default();
+        for name in g.stripped().map(|(n, _)| n.to_string()).collect::<Vec<_>>() {
+            g.restore(&name)?;
+            let t = g.constants.iter().find(|(n, t)| *n == name && !t.is_stripped()).map(|(_, t)| t);
+            let t = t.ok_or_else(|| Error::tensor(&name, "not held, and the graph cannot read it back"))?;
+            if out_of_range(t) {
+                far.insert(name.clone());
+            }
+            deferred.insert(name.clone(), f16_of(t));
+            g.strip_constants(|n| n == name);
+        }
         let mut wide: HashSet<String> = HashSet::new();
         for mut n in std::mem::take(&mut g.nodes) {
             let is_output = n.outputs.iter().any(|o| output_names.contains(&o.name));
-            let needs_range = n.inputs.iter().any(|x| wide.contains(x) || consts.get(x).is_some_and(out_of_range));
+            let needs_range =
+                n.inputs.iter().any(|x| wide.contains(x) || consts.get(x).is_some_and(out_of_range) || far.contains(x));
             if needs_range && !F16_KEEP_OPS.contains(&n.op.as_str()) {
                 wide.extend(n.outputs.iter().map(|o| o.name.clone()));
             }
@@ -56,12 +71,7 @@ impl Pass for ToF16 {
                     // Constants are converted at export time, once per precision needed.
                     let name = format!("{x}.f16");
                     if !dtype.contains_key(&name) {
-                        let bytes = t
-                            .as_f32()
-                            .unwrap()
-                            .iter()
-                            .flat_map(|v| f16::from_f32(*v).to_bits().to_le_bytes())
-                            .collect();
+                        let bytes = deferred.remove(x.as_str()).unwrap_or_else(|| f16_of(t));
                         new_consts.push((name.clone(), tensor(DType::F16, &t.shape, bytes)));
                         dtype.insert(name.clone(), DType::F16);
                     }
@@ -115,4 +125,12 @@ impl Pass for ToF16 {
         g.metadata.push((metadata::PRECISION.into(), Precision::F16.name().into()));
         Ok(())
     }
+}
+
+/// The little-endian f16 bytes of f32 data.
+fn f16_of(t: &TensorData) -> Vec<u8> {
+    t.bytes
+        .chunks_exact(4)
+        .flat_map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits().to_le_bytes())
+        .collect()
 }
