@@ -150,8 +150,8 @@ pub mod flags {
     pub const PACK_INT8: u8 = 16;
     /// `--no-position-tables`.
     pub const NO_POSITION_TABLES: u8 = 32;
-    /// Also export `--precision int8` (weights read back from the checkpoint as they are
-    /// quantised, `build_deferred`).
+    /// Also export `--precision int8` and `--precision f16` (weights read back from the
+    /// checkpoint as the passes and the conversion reach them, `build_deferred`).
     pub const INT8: u8 = 64;
     /// Also export `--precision q4`.
     pub const Q4: u8 = 128;
@@ -183,7 +183,8 @@ pub fn export_checkpoint(data: &[u8]) {
         }
         Err(e) => one_line("export", &e.to_string()),
     }
-    for (bit, precision) in [(flags::INT8, Precision::Int8), (flags::Q4, Precision::Q4)] {
+    for (bit, precision) in [(flags::INT8, Precision::Int8), (flags::INT8, Precision::F16), (flags::Q4, Precision::Q4)]
+    {
         if f & bit == 0 {
             continue;
         }
@@ -193,7 +194,10 @@ pub fn export_checkpoint(data: &[u8]) {
             Ok(e)
         });
         match quantised {
-            Ok(out) => assert!(!out.to_bytes().is_empty()),
+            Ok(out) => {
+                assert!(out.graph.stripped().next().is_none(), "{precision}: a weight left on disk after quantising");
+                assert!(!out.to_bytes().is_empty());
+            }
             Err(e) => one_line("export --precision", &e.to_string()),
         }
     }
