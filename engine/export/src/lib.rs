@@ -209,13 +209,13 @@ fn passes_reading_back(
     perf: &passes::PerfOptions,
 ) -> Result<(ir::Graph, Vec<summary::TableDecision>)> {
     loop {
-        let held: std::collections::HashMap<String, Vec<usize>> =
+        let on_disk: std::collections::HashMap<String, Vec<usize>> =
             lazy.stripped().map(|(n, t)| (n.to_string(), t.shape.clone())).collect();
         let mut g = lazy.clone();
         let mark = ir::Graph::stripped_reads();
         let decisions = passes::run_default(&mut g, perf)?;
         let read = ir::Graph::stripped_reads_since(mark);
-        let carried = g.stripped().any(|(n, t)| held.get(n) != Some(&t.shape));
+        let carried = g.stripped().any(|(n, t)| on_disk.get(n) != Some(&t.shape));
         if read.is_empty() && !carried {
             return Ok((g, decisions));
         }
@@ -227,7 +227,7 @@ fn passes_reading_back(
                 lazy.restore(name)?;
             }
         }
-        if lazy.stripped().count() == held.len() {
+        if lazy.stripped().count() == on_disk.len() {
             // Nothing more to read back: the passes looked up a constant the checkpoint does not give.
             return Err(Error::invalid(format!(
                 "a rewrite looked up constant `{}`, which could not be read back",
