@@ -261,8 +261,11 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Stored>, only: Option
     let names = meta.offset_keys();
     let infos = meta.tensors();
     let data_len = names.last().map_or(0, |k| infos[k].data_offsets.1) as u64;
-    if 8 + n + data_len != len {
-        return Err(invalid(format!("its header describes {} bytes, the file holds {len}", 8 + n + data_len)));
+    // A header whose offsets pass u64 is refused here too (`None` never equals the length).
+    let described = (8 + n).checked_add(data_len);
+    if described != Some(len) {
+        let described = described.map_or_else(|| "more than 2^64".to_string(), |d| d.to_string());
+        return Err(invalid(format!("its header describes {described} bytes, the file holds {len}")));
     }
     if let Some(only) = only {
         if let Some(n) = only.iter().find(|n| !infos.contains_key(**n)) {
@@ -544,6 +547,50 @@ mod tests {
         std::fs::create_dir(&st).unwrap();
         let e = ck.get("embeddings.latents").unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Headers are checked before anything is allocated from them: a header size past the file,
+    /// offsets that sum past 2^64, data shorter or longer than the header says. One-line errors
+    /// naming the file.
+    #[test]
+    fn safetensors_headers_are_checked() {
+        let dir = std::env::temp_dir().join(format!("pe-ck-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let file = |header: &str, data: usize| {
+            let mut b = (header.len() as u64).to_le_bytes().to_vec();
+            b.extend(header.as_bytes());
+            b.resize(b.len() + data, 0);
+            b
+        };
+        // 15 tensors of 2^60 bytes and one of 2^60 - 4: the data would end at 2^64 - 4.
+        let big: Vec<String> = (0..16u64)
+            .map(|i| {
+                let (s, e) = (i << 60, if i == 15 { u64::MAX - 3 } else { (i + 1) << 60 });
+                format!("\"t{i}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{s},{e}]}}", (e - s) / 4)
+            })
+            .collect();
+        let big = format!("{{{}}}", big.join(","));
+        let one = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let mut huge = file(one, 8);
+        huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        for (bytes, want) in [
+            (file(&big, 4), "more than 2^64"),
+            (huge, "a header of 1099511627776 bytes"),
+            (file(one, 4), "describes"),
+            (file(one, 12), "describes"),
+            (file("{", 0), "not a valid safetensors file"),
+            (vec![1, 2, 3], "shorter than the 8-byte header size"),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let e = read_safetensors(&path, &mut HashMap::new(), None).unwrap_err().to_string();
+            assert!(e.contains("model.safetensors") && e.contains(want) && !e.contains('\n'), "{want}: {e}");
+        }
+        std::fs::write(&path, file(one, 8)).unwrap();
+        let mut out = HashMap::new();
+        read_safetensors(&path, &mut out, None).unwrap();
+        assert_eq!((out["a"].offset, out["a"].len, out["a"].shape.as_slice()), (8 + one.len() as u64, 8, &[2][..]));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
