@@ -193,6 +193,11 @@ impl Stored {
         f.read_exact(&mut raw).map_err(changed)?;
         let data =
             to_f32(self.dtype, &raw).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unexpected dtype")))?;
+        // Checked again: below f32 most weights are read back long after the checkpoint was opened.
+        let bad = data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(changed(std::io::Error::other(format!("{bad} NaN or infinite value(s)"))));
+        }
         Ok(Weight { name: name.to_string(), shape: self.shape.clone(), data })
     }
 }
@@ -540,6 +545,13 @@ mod tests {
         let latents = ck.get("embeddings.latents").unwrap();
         assert_eq!(latents.data.len(), latents.shape.iter().product::<usize>());
         let st = dir.join("model.safetensors");
+        // A NaN written over a weight after opening: refused when read back, as at opening.
+        let mut bytes = std::fs::read(&st).unwrap();
+        let at = ck.tensors[&ck.full_name("embeddings.latents")].offset as usize;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&st, &bytes).unwrap();
+        let e = ck.get("embeddings.latents").unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("embeddings.latents") && e.contains("NaN"), "{e}");
         std::fs::OpenOptions::new().write(true).open(&st).unwrap().set_len(8).unwrap();
         let e = ck.get("embeddings.latents").unwrap_err().to_string();
         assert!(e.contains("model.safetensors") && e.contains("embeddings.latents") && e.contains("changed"), "{e}");

@@ -214,7 +214,7 @@ fn passes_reading_back(
         let mut g = lazy.clone();
         let mark = ir::Graph::stripped_reads();
         let decisions = passes::run_default(&mut g, perf)?;
-        let read = ir::Graph::stripped_reads_since(mark);
+        let read = ir::Graph::take_stripped_reads_since(mark);
         let carried = g.stripped().any(|(n, t)| on_disk.get(n) != Some(&t.shape));
         if read.is_empty() && !carried {
             return Ok((g, decisions));
@@ -378,6 +378,7 @@ mod tests {
     fn passes_reading_back_give_the_whole_graphs_result() {
         let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap();
         let held = |g: &ir::Graph| g.constants.iter().map(|(_, t)| t.bytes.len()).sum::<usize>();
+        let record = ir::Graph::stripped_reads();
         for p in [Precision::F16, Precision::Int8, Precision::Q4] {
             let opts = options_for_precision(&ExportOptions::default(), p);
             let (mut lazy, _) = heads::build_graph_deferred(&ck, &opts).unwrap();
@@ -395,6 +396,7 @@ mod tests {
             // read back, the others stay on disk.
             assert!(held(&lazy) * 2 < whole_held, "{p}: the passes read back few weights");
         }
+        assert_eq!(ir::Graph::stripped_reads(), record, "the lookups are forgotten once read back");
     }
 
     /// `build_deferred` then `quantize` (the weights the table trial dropped read back one at a

@@ -375,9 +375,14 @@ impl Graph {
     }
 
     /// The stripped constants this thread looked up after its `mark`-th such lookup
-    /// ([`Graph::stripped_reads`] taken before), each once.
-    pub fn stripped_reads_since(mark: usize) -> Vec<String> {
-        let mut names: Vec<String> = STRIPPED_READS.with(|r| r.borrow().get(mark..).unwrap_or_default().to_vec());
+    /// ([`Graph::stripped_reads`] taken before), each once; they are forgotten, so the record
+    /// does not grow from export to export in a long-lived process.
+    pub fn take_stripped_reads_since(mark: usize) -> Vec<String> {
+        let mut names: Vec<String> = STRIPPED_READS.with(|r| {
+            let mut r = r.borrow_mut();
+            let from = mark.min(r.len());
+            r.drain(from..).collect()
+        });
         names.sort();
         names.dedup();
         names

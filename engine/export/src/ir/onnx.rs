@@ -117,6 +117,7 @@ pub fn write_external(
     data: &mut dyn std::io::Write,
     location: &str,
 ) -> std::io::Result<u64> {
+    refuse_stripped(g)?;
     let mut offset = 0u64;
     let mut initializers = Vec::with_capacity(g.constants.len());
     let mut external = vec![];
@@ -192,8 +193,18 @@ fn model_proto_with(g: &Graph, initializer: Vec<pb::TensorProto>) -> pb::ModelPr
     }
 }
 
+/// An error for a graph with a constant whose data was left on disk ([`Graph::defer`]): it
+/// would be written empty.
+fn refuse_stripped(g: &Graph) -> std::io::Result<()> {
+    match g.stripped().next() {
+        Some((name, _)) => Err(std::io::Error::other(format!("constant `{name}` was not read back before writing"))),
+        None => Ok(()),
+    }
+}
+
 /// Encodes `g` as ONNX protobuf bytes.
 pub fn to_bytes(g: &Graph) -> Vec<u8> {
+    debug_assert!(g.stripped().next().is_none(), "a graph with constants left on disk (Graph::restore_all first)");
     to_model_proto(g).encode_to_vec()
 }
 
@@ -203,6 +214,7 @@ pub fn to_bytes(g: &Graph) -> Vec<u8> {
 /// order, so the model is the concatenation of the fields before the graph, the graph (its
 /// fields before the initializers, each initializer, the fields after), and the fields after it.
 pub fn write_single(g: &Graph, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    refuse_stripped(g)?;
     use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
     let mut model = model_proto_with(g, vec![]);
     let graph = model.graph.take().expect("model_proto_with sets the graph");
