@@ -127,7 +127,7 @@ pub fn build(ck: &Checkpoint, opts: &ExportOptions) -> Result<Exported> {
 /// [`build`], leaving on disk the weights no pass read ([`ir::Graph::defer`]) for a graph that
 /// will be stored below f32 with `--tables auto`: it is built with its weight matrices on disk
 /// ([`heads::build_graph_deferred`]), the passes read back what they look up
-/// ([`passes_reading_back`]), and [`Exported::quantize`] reads back each of the others when it
+/// (`passes_reading_back`), and [`Exported::quantize`] reads back each of the others when it
 /// converts it, so such an export never holds every f32 weight at once (language-perceiver's
 /// int8 export: 794 -> 231 MiB peak RSS; the bench model's f16: 41 -> 31). Call
 /// [`Exported::quantize`] before writing.
