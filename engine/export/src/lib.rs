@@ -399,6 +399,19 @@ mod tests {
         assert_eq!(ir::Graph::stripped_reads(), record, "the lookups are forgotten once read back");
     }
 
+    /// One value's shape looked up alone is the whole map's, for every value of a built graph.
+    #[test]
+    fn value_shape_agrees_with_value_shapes() {
+        let ck = Checkpoint::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits")).unwrap();
+        let g = build(&ck, &ExportOptions::default()).unwrap().graph;
+        let all = g.value_shapes();
+        assert!(all.len() > 100);
+        for (name, shape) in &all {
+            assert_eq!(g.value_shape(name), Some(*shape), "{name}");
+        }
+        assert_eq!(g.value_shape("no such value"), None);
+    }
+
     /// `build_deferred` then `quantize` (the weights the table trial dropped read back one at a
     /// time) writes the graph the passes give on the whole graph: the path before deferral
     /// (`stored_weight_bytes` off runs the same passes, tables kept, on every weight).

@@ -101,11 +101,8 @@ fn find(g: &Graph, prod: &Producers, ln: usize) -> Option<Match> {
     if pos.len() != m * p || p >= c {
         return None;
     }
-    let data = g.value_shapes().get(data_name.as_str()).map(|s| Val {
-        name: data_name.clone(),
-        dtype: DType::F32,
-        shape: s.to_vec(),
-    })?;
+    let data =
+        g.value_shape(data_name).map(|s| Val { name: data_name.clone(), dtype: DType::F32, shape: s.to_vec() })?;
     let (_, gamma) = const_f32(g, &node.inputs[1])?;
     let (_, beta) = const_f32(g, &node.inputs[2])?;
     let ln_out = &node.outputs[0].name;

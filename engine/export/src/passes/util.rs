@@ -179,8 +179,7 @@ fn eval_with(g: &Graph, prod: &Producers, name: &str) -> Option<(Vec<usize>, Vec
 
 /// The f32 value `name` with its shape.
 pub fn val(g: &Graph, name: &str) -> Option<Val> {
-    let shapes = g.value_shapes();
-    Some(Val { name: name.to_string(), dtype: DType::F32, shape: shapes.get(name)?.to_vec() })
+    Some(Val { name: name.to_string(), dtype: DType::F32, shape: g.value_shape(name)?.to_vec() })
 }
 
 /// Follows `x -> Reshape [B, M, H, d] -> Transpose(perm)` and returns the transpose's output.

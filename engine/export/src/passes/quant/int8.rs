@@ -24,7 +24,7 @@ pub(super) fn int8_linear(
     let base = &mm.name;
     let w = g.constant_data(&l.weight).and_then(|t| t.as_f32()).expect("f32 weight");
     let (q, wscale) = quantize_per_column_bits(&w, l.k, l.n, bits);
-    let xshape = g.value_shapes().get(x.as_str()).map(|s| s.to_vec()).unwrap_or_default();
+    let xshape = g.value_shape(&x).map(|s| s.to_vec()).unwrap_or_default();
     let wq = format!("{}.q", l.weight);
     if g.constant_data(&wq).is_none() {
         g.constants.push((wq.clone(), tensor(DType::I8, &[l.k, l.n], q.iter().map(|v| *v as u8).collect())));

@@ -48,7 +48,7 @@ impl Pass for Q4 {
                 w.resize(kp * l.n, 0.0);
                 let padded = format!("{x}.pad32");
                 if shared.insert(padded.clone()) {
-                    let shape = g.value_shapes().get(x.as_str()).map(|s| s.to_vec()).unwrap_or_default();
+                    let shape = g.value_shape(&x).map(|s| s.to_vec()).unwrap_or_default();
                     let rank = shape.len();
                     let mut pads = vec![0i64; 2 * rank];
                     pads[2 * rank - 1] = (kp - l.k) as i64;
