@@ -194,10 +194,7 @@ impl Stored {
         let data =
             to_f32(self.dtype, &raw).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unexpected dtype")))?;
         // Checked again: below f32 most weights are read back long after the checkpoint was opened.
-        let bad = data.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            return Err(changed(std::io::Error::other(format!("{bad} NaN or infinite value(s)"))));
-        }
+        check_finite(name, &data).map_err(|e| Error::file(path, format!("{e} (changed since it was opened?)")))?;
         Ok(Weight { name: name.to_string(), shape: self.shape.clone(), data })
     }
 }
@@ -211,6 +208,14 @@ impl Tensors {
     /// Tensor `full` (full name), read from its file and converted to f32.
     pub fn read(&self, full: &str) -> Result<Weight> {
         self.0.get(full).ok_or_else(|| Error::tensor(full, "missing from the checkpoint"))?.read(full)
+    }
+}
+
+/// The error for tensor `name` holding NaN or infinite values, if it does.
+fn check_finite(name: &str, data: &[f32]) -> std::result::Result<(), String> {
+    match data.iter().filter(|v| !v.is_finite()).count() {
+        0 => Ok(()),
+        bad => Err(format!("tensor `{name}` holds {bad} NaN or infinite value(s)")),
     }
 }
 
@@ -313,10 +318,7 @@ fn read_safetensors(path: &Path, out: &mut HashMap<String, Stored>, only: Option
             .and_then(|_| f.read_exact(&mut raw))
             .map_err(|e| Error::file(path, format!("cannot read tensor `{name}`: {e}")))?;
         let data = to_f32(info.dtype, &raw).expect("a dtype to_f32 reads");
-        let bad = data.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            return Err(Error::file(path, format!("tensor `{name}` holds {bad} NaN or infinite value(s)")));
-        }
+        check_finite(name, &data).map_err(|e| Error::file(path, e))?;
         let stored =
             Stored { file: file.clone(), dtype: info.dtype, shape: info.shape.clone(), offset, len: raw.len() };
         out.insert(name.to_string(), stored);

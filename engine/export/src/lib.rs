@@ -84,9 +84,6 @@ impl Exported {
     /// the side file's path when one was written.
     pub fn write_with(&self, path: &Path, external_data: bool) -> Result<Option<PathBuf>> {
         use perceiver_edge_runtime::fsio;
-        if let Some((name, _)) = self.graph.stripped().next() {
-            return Err(Error::tensor(name, "still on disk: call Exported::quantize before writing a deferred build"));
-        }
         if !external_data && !ir::onnx::needs_external_data(&self.graph) {
             // Streamed from the graph: the weights are not copied into a protobuf first.
             fsio::write_atomic_with(path, |w| ir::onnx::write_single(&self.graph, w))
