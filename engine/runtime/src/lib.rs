@@ -254,6 +254,15 @@ pub fn set_pack_once(on: bool) {
     pack_once::ENABLED.set(on);
 }
 
+/// Whether models loaded from now on translate a 4-bit product that repeats an earlier one (a
+/// weight-shared block applied several times) by repeating the earlier one's nodes (the default),
+/// so each parsed 4-bit weight is dropped after its first reader, or, with `false`, as tract
+/// does: repacked for every reader and held until the last. For comparisons; outputs are
+/// bit-identical (see `weights_once.rs`).
+pub fn set_repeats_once(on: bool) {
+    weights_once::REPEATS_ONCE.set(on);
+}
+
 /// Whether models loaded from now on compute f32 matrix products with the `gemm` crate (the
 /// default) or, with `false`, with tract's own kernels. For comparisons; outputs differ by
 /// rounding only (see `gemm_matmul.rs`).

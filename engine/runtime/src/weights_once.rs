@@ -164,6 +164,11 @@ pub fn hand_over(proto: &mut ModelProto, model: &Path, file_len: u64) -> Result<
 /// the end. Here a parsed constant read by no node still to translate is dropped from the parsed
 /// model and, when nothing in the typed model reads it either (the repacked weight replaced it),
 /// from the typed model too: at any moment one weight is held twice.
+///
+/// A 4-bit product repeating an earlier one (same op, same constant inputs, same activation
+/// shape: a weight-shared block applied several times) repeats that one's translated nodes
+/// ([`Recording`]) instead of repacking the weight, so its parsed copy is dropped after the first
+/// reader, not the last (with [`REPEATS_ONCE`]).
 pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tract_onnx::prelude::TypedModel> {
     use tract_onnx::tract_core::ops::dummy::Dummy;
     use tract_onnx::tract_core::ops::konst::Const;
@@ -181,42 +186,44 @@ pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tra
     // Readers still to translate, per node.
     let mut readers: Vec<usize> =
         source.nodes().iter().map(|n| n.outputs.iter().map(|o| o.successors.len()).sum()).collect();
-    for id in source.eval_order()? {
-        let outlets = translate_node(&source, id, &mut target, &mapping)
-            .with_context(|| format!("Translating node {}", source.node(id)))?;
+    let order = source.eval_order()?;
+    let (leaders, followers) = if REPEATS_ONCE.get() { repeats(&source, &order) } else { Default::default() };
+    let mut recorded: HashMap<usize, Recording> = HashMap::new();
+    for &id in &order {
+        let recording = leaders.get(&id).and_then(|leader| recorded.get(leader));
+        let replayed = recording.is_some();
+        let outlets = match recording {
+            Some(r) => r.replay(&source, id, &mut target, &mapping),
+            None => {
+                let before = target.nodes().len();
+                let outlets = translate_node(&source, id, &mut target, &mapping);
+                if let Ok(outlets) = &outlets {
+                    let count = followers.get(&id).copied().unwrap_or(0);
+                    let recording =
+                        (count > 0).then(|| Recording::of(&source, id, &target, &mapping, before, outlets)).flatten();
+                    if let Some(r) = recording {
+                        recorded.insert(id, r);
+                        // Its followers will not read the constants: they are read once more.
+                        for input in source.node(id).inputs.clone().into_iter().skip(1) {
+                            readers[input.node] = readers[input.node].saturating_sub(count);
+                            release(&mut source, &mut target, &mapping, &readers, &keep, input.node);
+                        }
+                    }
+                }
+                outlets
+            }
+        }
+        .with_context(|| format!("Translating node {}", source.node(id)))?;
         for (ix, outlet) in outlets.into_iter().enumerate() {
             mapping.insert(OutletId::new(id, ix), outlet);
             if let Some(label) = source.outlet_label(OutletId::new(id, ix)) {
                 target.set_outlet_label(outlet, label.to_string())?;
             }
         }
-        for input in source.node(id).inputs.clone() {
+        // A replayed node's constant inputs were counted when its leader was recorded.
+        for input in source.node(id).inputs.clone().into_iter().take(if replayed { 1 } else { usize::MAX }) {
             readers[input.node] = readers[input.node].saturating_sub(1);
-            let node = source.node(input.node);
-            let constant = node.outputs.iter().all(|o| o.fact.value.is_concrete());
-            let kept = (0..node.outputs.len()).any(|ix| keep.contains(&OutletId::new(input.node, ix)));
-            if readers[input.node] > 0 || !constant || kept {
-                continue;
-            }
-            let node = &mut source.nodes_mut()[input.node];
-            node.op = Box::new(Dummy::new());
-            for o in &mut node.outputs {
-                o.fact.value = GenericFactoid::Any;
-            }
-            for ix in 0..node.outputs.len() {
-                let Some(&t) = mapping.get(&OutletId::new(input.node, ix)) else { continue };
-                // A node that passes its input through (an identity) maps to the same outlet.
-                if mapping.iter().any(|(s, v)| *v == t && s.node != input.node && readers[s.node] > 0) {
-                    continue;
-                }
-                let t = &mut target.nodes_mut()[t.node];
-                if t.op_is::<Const>() && t.outputs.iter().all(|o| o.successors.is_empty()) {
-                    t.op = Box::new(Dummy::new());
-                    for o in &mut t.outputs {
-                        o.fact = TypedFact::dt_shape(o.fact.datum_type, o.fact.shape.clone());
-                    }
-                }
-            }
+            release(&mut source, &mut target, &mapping, &readers, &keep, input.node);
         }
     }
     // As tract does: inputs stay, even unread ones.
@@ -231,6 +238,43 @@ pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tra
     target.properties.clone_from(&source.properties);
     target.compact()?;
     return Ok(target);
+
+    /// Drops the parsed constant `node` once no node still to translate reads it, and its typed
+    /// copy once nothing in the typed model reads that.
+    fn release(
+        source: &mut InferenceModel,
+        target: &mut TypedModel,
+        mapping: &HashMap<OutletId, OutletId>,
+        readers: &[usize],
+        keep: &[OutletId],
+        id: usize,
+    ) {
+        let node = source.node(id);
+        let constant = node.outputs.iter().all(|o| o.fact.value.is_concrete());
+        let kept = (0..node.outputs.len()).any(|ix| keep.contains(&OutletId::new(id, ix)));
+        if readers[id] > 0 || !constant || kept {
+            return;
+        }
+        let node = &mut source.nodes_mut()[id];
+        node.op = Box::new(Dummy::new());
+        for o in &mut node.outputs {
+            o.fact.value = GenericFactoid::Any;
+        }
+        for ix in 0..node.outputs.len() {
+            let Some(&t) = mapping.get(&OutletId::new(id, ix)) else { continue };
+            // A node that passes its input through (an identity) maps to the same outlet.
+            if mapping.iter().any(|(s, v)| *v == t && s.node != id && readers[s.node] > 0) {
+                continue;
+            }
+            let t = &mut target.nodes_mut()[t.node];
+            if t.op_is::<Const>() && t.outputs.iter().all(|o| o.successors.is_empty()) {
+                t.op = Box::new(Dummy::new());
+                for o in &mut t.outputs {
+                    o.fact = TypedFact::dt_shape(o.fact.datum_type, o.fact.shape.clone());
+                }
+            }
+        }
+    }
 
     /// tract-hir's translation of one node (`InferenceModelExt::into_typed`).
     fn translate_node(
@@ -255,5 +299,131 @@ pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tra
             target.outlet_fact(*output)?.consistent()?;
         }
         Ok(outputs)
+    }
+}
+
+/// Whether [`into_typed`] translates a repeated 4-bit product by repeating its first reader's
+/// nodes (see [`crate::set_repeats_once`]).
+pub(crate) static REPEATS_ONCE: crate::Switch = crate::Switch::on();
+
+/// The 4-bit products (`MatMulNBits`) that repeat an earlier one in `order`: the same op (its
+/// sizes and inputs' roles), the same constant inputs and an activation of the same type and
+/// shape. Returns each repeat's leader (the first of its kind) and each leader's number of
+/// repeats.
+fn repeats(
+    source: &tract_onnx::prelude::InferenceModel,
+    order: &[usize],
+) -> (HashMap<usize, usize>, HashMap<usize, usize>) {
+    use tract_onnx::tract_hir::infer::Factoid;
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let (mut leaders, mut followers) = (HashMap::new(), HashMap::new());
+    for &id in order {
+        let node = source.node(id);
+        if node.op.name() != "MatMulNBits" || node.inputs.len() < 2 {
+            continue;
+        }
+        let fact = |o: &tract_onnx::prelude::OutletId| source.outlet_fact(*o).ok();
+        let constant = |o: &tract_onnx::prelude::OutletId| fact(o).is_some_and(|f| f.value.is_concrete());
+        let (activation, weights) = (&node.inputs[0], &node.inputs[1..]);
+        if constant(activation) || !weights.iter().all(constant) {
+            continue;
+        }
+        let Some(a) = fact(activation) else { continue };
+        let leader = *first.entry(format!("{:?} {:?} {:?}", node.op, weights, a)).or_insert(id);
+        if leader != id {
+            leaders.insert(id, leader);
+            *followers.entry(leader).or_default() += 1;
+        }
+    }
+    (leaders, followers)
+}
+
+/// The typed nodes one node's translation added, to be repeated for a node that would translate
+/// to the same (see [`repeats`]): its activation inputs are substituted, the constants it built
+/// are shared, every other node is wired again under the new node's name.
+struct Recording {
+    /// The typed nodes the translation added, in order.
+    nodes: std::ops::Range<usize>,
+    /// The leader's activation input (its first), as typed.
+    activation: tract_onnx::prelude::OutletId,
+    /// The leader's outputs, as typed.
+    outputs: Vec<tract_onnx::prelude::OutletId>,
+    /// The leader's name, the prefix of the nodes it added.
+    name: String,
+}
+
+impl Recording {
+    /// The nodes `id`'s translation added to `target` (from `first` on, giving `outputs`), if
+    /// each reads only nodes among them, the activation or constants, and each output is one of
+    /// theirs or a constant.
+    fn of(
+        source: &tract_onnx::prelude::InferenceModel,
+        id: usize,
+        target: &tract_onnx::prelude::TypedModel,
+        mapping: &HashMap<tract_onnx::prelude::OutletId, tract_onnx::prelude::OutletId>,
+        first: usize,
+        outputs: &[tract_onnx::prelude::OutletId],
+    ) -> Option<Recording> {
+        use tract_onnx::tract_core::ops::konst::Const;
+        let node = source.node(id);
+        let activation = *mapping.get(&node.inputs[0])?;
+        let nodes = first..target.nodes().len();
+        let known = |o: &tract_onnx::prelude::OutletId| {
+            nodes.contains(&o.node) || *o == activation || target.node(o.node).op_is::<Const>()
+        };
+        let reads_known = nodes.clone().all(|n| target.node(n).inputs.iter().all(known));
+        let gives_known = outputs.iter().all(|o| nodes.contains(&o.node) || target.node(o.node).op_is::<Const>());
+        (reads_known && gives_known).then(|| Recording {
+            nodes,
+            activation,
+            outputs: outputs.to_vec(),
+            name: node.name.clone(),
+        })
+    }
+
+    /// Wires the recorded nodes again for `id`, whose activation is typed in `mapping`.
+    fn replay(
+        &self,
+        source: &tract_onnx::prelude::InferenceModel,
+        id: usize,
+        target: &mut tract_onnx::prelude::TypedModel,
+        mapping: &HashMap<tract_onnx::prelude::OutletId, tract_onnx::prelude::OutletId>,
+    ) -> TractResult<tract_onnx::tract_hir::internal::TVec<tract_onnx::prelude::OutletId>> {
+        use tract_onnx::prelude::OutletId;
+        use tract_onnx::tract_core::ops::konst::Const;
+        use tract_onnx::tract_hir::internal::*;
+        let node = source.node(id);
+        let activation = *mapping.get(&node.inputs[0]).context("a repeated product's input is not translated")?;
+        if target.outlet_fact(activation)? != target.outlet_fact(self.activation)? {
+            bail!("a repeated product's input differs from its first reader's");
+        }
+        let mut wired: HashMap<usize, TVec<OutletId>> = HashMap::new();
+        let remap = |o: &OutletId, wired: &HashMap<usize, TVec<OutletId>>| -> OutletId {
+            match wired.get(&o.node) {
+                Some(outs) => outs[o.slot],
+                None if *o == self.activation => activation,
+                None => *o,
+            }
+        };
+        for n in self.nodes.clone() {
+            let old = target.node(n);
+            if old.op_is::<Const>() {
+                continue;
+            }
+            let inputs: TVec<OutletId> = old.inputs.iter().map(|o| remap(o, &wired)).collect();
+            let name = match old.name.strip_prefix(&self.name) {
+                Some(rest) => format!("{}{rest}", node.name),
+                None => format!("{}.{}", node.name, old.name),
+            };
+            let op = old.op.clone();
+            let outs = target.wire_node(name, op, &inputs)?;
+            for (slot, o) in outs.iter().enumerate() {
+                if target.outlet_fact(*o)? != target.outlet_fact(OutletId::new(n, slot))? {
+                    bail!("a repeated product's node {} typed differently", target.node(n).name);
+                }
+            }
+            wired.insert(n, outs);
+        }
+        Ok(self.outputs.iter().map(|o| remap(o, &wired)).collect())
     }
 }
