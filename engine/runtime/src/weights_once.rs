@@ -417,6 +417,9 @@ impl Recording {
             };
             let op = old.op.clone();
             let outs = target.wire_node(name, op, &inputs)?;
+            if outs.len() != target.node(n).outputs.len() {
+                bail!("a repeated product's node {} wired differently", target.node(n).name);
+            }
             for (slot, o) in outs.iter().enumerate() {
                 if target.outlet_fact(*o)? != target.outlet_fact(OutletId::new(n, slot))? {
                     bail!("a repeated product's node {} typed differently", target.node(n).name);
