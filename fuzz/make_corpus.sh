@@ -84,6 +84,8 @@ PY
 "$bin" export "$tiny_bl" --seq-len 3 -o "$c/onnx_load_run/tiny_bare_latents.onnx" > /dev/null
 "$bin" export "$tiny_if" --precision f16 -o "$c/onnx_load_run/tiny_image_fourier_f16.onnx" > /dev/null
 "$bin" export "$tiny_if" --precision q4 -o "$c/onnx_load_run/tiny_image_fourier_q4.onnx" > /dev/null
+# A latent block applied twice whose 4-bit products repeat (the loader replays their translation).
+"$bin" export "$fix/image_fourier" --precision q4 -o "$c/onnx_load_run/image_fourier_q4_repeats.onnx" > /dev/null
 # Random graphs of the blocks the runtime fuses, chained as exports never chain them
 # (models/reference/graph_fuzz.py): the first graph holding each block.
 "$py" - "$c/onnx_load_run" <<'PY'
