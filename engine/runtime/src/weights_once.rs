@@ -203,10 +203,10 @@ pub fn into_typed(model: tract_onnx::prelude::InferenceModel) -> TractResult<tra
                         (count > 0).then(|| Recording::of(&source, id, &target, &mapping, before, outlets)).flatten();
                     if let Some(r) = recording {
                         recorded.insert(id, r);
-                        // Its followers will not read the constants: they are read once more.
-                        for input in source.node(id).inputs.clone().into_iter().skip(1) {
+                        // Its repeats will not read its constants: count their reads off now,
+                        // so the constants go with this node's own read, counted off below.
+                        for input in source.node(id).inputs.iter().skip(1) {
                             readers[input.node] = readers[input.node].saturating_sub(count);
-                            release(&mut source, &mut target, &mapping, &readers, &keep, input.node);
                         }
                     }
                 }
