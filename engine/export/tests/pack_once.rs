@@ -8,12 +8,13 @@
 //! allocator, installed here), and a weight-shared 4-bit block whose repeats replay their first
 //! reader's translation (`set_repeats_once`) drops each parsed weight after its first reader.
 
-use perceiver_edge_export::ir::{onnx, DType, Graph};
+use perceiver_edge_export::ir::{onnx, Attr, DType, Graph, TensorData};
 use perceiver_edge_export::passes::quant::pass_for;
 use perceiver_edge_export::{build, Checkpoint, ExportOptions, KeepF32, Precision, QuantOptions};
 use perceiver_edge_runtime::alloc::{self, Counting};
 use perceiver_edge_runtime::{set_pack_once, set_repeats_once, Session, Tensor};
 use std::path::Path;
+use std::sync::Arc;
 
 #[global_allocator]
 static HEAP: Counting = Counting;
@@ -108,7 +109,10 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
     // first weight on an activation of another shape: the repeats replay their first reader's
     // nodes (`set_repeats_once`), so each parsed weight is dropped after the first application,
     // where repacking it for every reader held all 8 to the last. Same outputs as tract's own
-    // translation; the product of another shape still finds its weight.
+    // translation; the product of another shape still finds its weight. Three forms of the
+    // products: as q4 exports write them; with zero points and a bias (tract then wires a
+    // zero-point correction and a bias add, reading constants outside the replayed nodes); and
+    // with blocks of 16 (tract then dequantises the weight to f32 instead of repacking it).
     let mut g = Graph::new();
     let mut x = g.input("x", DType::F32, &[4, 1024]);
     let other = g.input("other", DType::F32, &[2, 1024]);
@@ -130,29 +134,68 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
     let weights: std::collections::HashSet<_> =
         g.nodes.iter().filter(|n| n.op == "MatMulNBits").map(|n| n.inputs[1].clone()).collect();
     assert_eq!(weights.len(), 8, "the q4 pass should keep the block's weights shared");
-    let shared = dir.join("shared-q4.onnx");
-    std::fs::write(&shared, onnx::to_bytes(&g)).unwrap();
-    let load_peak = |once: bool, repeats: bool| -> (Session, u64) {
-        set_pack_once(once);
-        set_repeats_once(repeats);
-        let before = alloc::in_use().unwrap();
-        alloc::reset_peak();
-        let s = Session::load(&shared).unwrap();
-        (s, alloc::peak().unwrap() - before)
-    };
-    let (mut tract, _) = load_peak(false, false);
-    let (mut each, each_peak) = load_peak(true, false);
-    let (mut once, once_peak) = load_peak(true, true);
-    set_pack_once(true);
-    let expected = run(&mut tract);
-    assert_eq!(run(&mut each), expected, "shared q4 block, repacked per reader");
-    assert_eq!(run(&mut once), expected, "shared q4 block, repeats replayed");
-    assert_eq!(resident(&once), resident(&each));
-    // Weights: 8 x 0.5 MiB parsed, 8 x 0.56 MiB repacked; the parsed ones are gone after the
-    // first application instead of the third (measured: 12.2 -> 9.0 MB).
-    assert!(
-        once_peak + 2 * 1024 * 1024 < each_peak,
-        "shared q4 block load heap peak: {once_peak} replaying repeats, {each_peak} repacking each"
-    );
+    let constant = |g: &Graph, name: &str| g.constants.iter().find(|c| c.0 == name).unwrap().1.clone();
+    let mut zp_bias = g.clone();
+    let mut block16 = g.clone();
+    for w in &weights {
+        // Zero points 0..15 (packed two to a byte, 32 blocks per column) and a bias per column.
+        let zp: Vec<u8> = (0..1024 * 16).map(|j| ((j * 7) % 256) as u8).collect();
+        let bias: Vec<f32> = (0..1024).map(|j| (j % 13) as f32 / 64.0 - 0.1).collect();
+        let (zn, bn) = (format!("{w}.zp"), format!("{w}.bias"));
+        zp_bias
+            .constants
+            .push((zn.clone(), TensorData { dtype: DType::U8, shape: vec![1024 * 16], bytes: Arc::new(zp) }));
+        zp_bias.constants.push((bn.clone(), TensorData::f32(&[1024], &bias)));
+        for n in zp_bias.nodes.iter_mut().filter(|n| n.op == "MatMulNBits" && &n.inputs[1] == w) {
+            n.inputs.extend([zn.clone(), String::new(), bn.clone()]);
+        }
+        // The same weight in blocks of 16: the codes' bytes as they are, each scale twice (the
+        // export stores the scales as int8 times an f32 scale each, dequantised in the graph).
+        let q = constant(&block16, &format!("{w}scale.q"));
+        let scale = constant(&block16, &format!("{w}scale.scale")).as_f32().unwrap();
+        let doubled: Vec<f32> = q.bytes.iter().zip(&scale).flat_map(|(q, s)| [*q as i8 as f32 * s; 2]).collect();
+        let sn = format!("{w}.scale16");
+        block16.constants.push((sn.clone(), TensorData::f32(&[doubled.len()], &doubled)));
+        for c in block16.constants.iter_mut().filter(|c| &c.0 == w) {
+            c.1.shape = vec![1024, 64, 8];
+        }
+        for n in block16.nodes.iter_mut().filter(|n| n.op == "MatMulNBits" && &n.inputs[1] == w) {
+            n.inputs[2] = sn.clone();
+        }
+    }
+    for n in block16.nodes.iter_mut().filter(|n| n.op == "MatMulNBits") {
+        for (key, value) in n.attrs.iter_mut() {
+            if key == "block_size" {
+                *value = Attr::Int(16);
+            }
+        }
+    }
+    for (form, g) in [("as exported", &g), ("zero points and bias", &zp_bias), ("blocks of 16", &block16)] {
+        let shared = dir.join("shared-q4.onnx");
+        std::fs::write(&shared, onnx::to_bytes(g)).unwrap();
+        let load_peak = |once: bool, repeats: bool| -> (Session, u64) {
+            set_pack_once(once);
+            set_repeats_once(repeats);
+            let before = alloc::in_use().unwrap();
+            alloc::reset_peak();
+            let s = Session::load(&shared).unwrap();
+            (s, alloc::peak().unwrap() - before)
+        };
+        let (mut tract, _) = load_peak(false, false);
+        let (mut each, each_peak) = load_peak(true, false);
+        let (mut once, once_peak) = load_peak(true, true);
+        set_pack_once(true);
+        let expected = run(&mut tract);
+        assert_eq!(run(&mut each), expected, "shared q4 block {form}, repacked per reader");
+        assert_eq!(run(&mut once), expected, "shared q4 block {form}, repeats replayed");
+        assert_eq!(resident(&once), resident(&each), "{form}");
+        // Weights: 8 x 0.5 MiB parsed, 8 x 0.56 MiB repacked (or 4 MiB dequantised); the parsed
+        // ones are gone after the first application instead of the third (as exported: measured
+        // 12.2 -> 9.0 MB).
+        assert!(
+            once_peak + 2 * 1024 * 1024 < each_peak,
+            "shared q4 block {form}, load heap peak: {once_peak} replaying repeats, {each_peak} repacking each"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -394,7 +394,12 @@ impl Recording {
         use tract_onnx::tract_hir::internal::*;
         let node = source.node(id);
         let activation = *mapping.get(&node.inputs[0]).context("a repeated product's input is not translated")?;
-        if target.outlet_fact(activation)? != target.outlet_fact(self.activation)? {
+        // What the translation depends on: the activation's type and shape, and its value where
+        // constant (`wire_node` folds constant inputs). Other properties (`uniform`, ...) may
+        // differ between two activations without changing what is wired.
+        let same = |a: &TypedFact, b: &TypedFact| a.datum_type == b.datum_type && a.shape == b.shape;
+        let (mine, first) = (target.outlet_fact(activation)?, target.outlet_fact(self.activation)?);
+        if !same(mine, first) || mine.konst != first.konst {
             bail!("a repeated product's input differs from its first reader's");
         }
         let mut wired: HashMap<usize, TVec<OutletId>> = HashMap::new();
@@ -416,12 +421,13 @@ impl Recording {
                 None => format!("{}.{}", node.name, old.name),
             };
             let op = old.op.clone();
+            let name = target.unique_name(name).into_owned();
             let outs = target.wire_node(name, op, &inputs)?;
             if outs.len() != target.node(n).outputs.len() {
                 bail!("a repeated product's node {} wired differently", target.node(n).name);
             }
             for (slot, o) in outs.iter().enumerate() {
-                if target.outlet_fact(*o)? != target.outlet_fact(OutletId::new(n, slot))? {
+                if !same(target.outlet_fact(*o)?, target.outlet_fact(OutletId::new(n, slot))?) {
                     bail!("a repeated product's node {} typed differently", target.node(n).name);
                 }
             }
