@@ -90,7 +90,7 @@ pub fn release_freed() {
 /// While alive, large allocations get their own memory maps (glibc `M_MMAP_THRESHOLD` 256 KiB),
 /// so a buffer the loader frees (the file's bytes, the protobuf, unpacked weights) goes back to
 /// the system at once instead of staying in the heap as free space that still counts as resident.
-/// Dropping it switches to the running regime ([`running_regime`]), in which activations reuse
+/// Dropping it switches to the running regime (`running_regime`), in which activations reuse
 /// heap memory from run to run. `export` holds one too (its trial graphs and tables come and go).
 /// Phases nest: the running regime starts when the outermost ends. A no-op where the C library is
 /// not glibc.

@@ -283,7 +283,7 @@ pub fn bench(model: &Path, inputs: Option<Vec<Tensor>>, opts: &BenchOptions) -> 
     bench_on(model, inputs, opts, crate::Device::Cpu)
 }
 
-/// [`bench`] with the model prepared for `device` (CPU or, with the `cuda` feature, CUDA).
+/// [`bench`](fn@bench) with the model prepared for `device` (CPU or, with the `cuda` feature, CUDA).
 pub fn bench_on(
     model: &Path,
     inputs: Option<Vec<Tensor>>,
