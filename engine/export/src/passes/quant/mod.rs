@@ -231,6 +231,35 @@ mod tests {
         assert!(g.nodes.iter().any(|n| n.op == "MatMulInteger"), "the 256 x 64 Linear is int8");
     }
 
+    /// Storage quantises a large 2-D constant per channel, but leaves in f32 a 1-D one, where
+    /// each value would get its own scale (5 bytes for 4, and not exact); the q4 pass's block
+    /// scales stay f32, read by `MatMulNBits` directly.
+    #[test]
+    fn storage_keeps_one_dimensional_constants_in_f32() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 2048]);
+        let data: Vec<f32> = (0..2048).map(|i| (i % 17) as f32 / 17.0 - 0.4).collect();
+        let bias = g.const_f32("bias", &[2048], &data);
+        let table = g.const_f32("table", &[2, 2048], &[data.clone(), data].concat());
+        let y = g.add(&x, &bias);
+        let y = g.add(&y, &table);
+        g.output(&y, "y");
+        quantize_storage(&mut g, &KeepF32::default());
+        assert!(g.constant_data(&bias.name).is_some_and(|t| t.dtype == DType::F32 && t.shape == [2048]));
+        assert!(g.constant_data(&table.name).is_none(), "the 2-D table is stored as int8");
+        let dq: Vec<&str> =
+            g.nodes.iter().filter(|n| n.op == "DequantizeLinear").map(|n| &n.outputs[0].name[..]).collect();
+        assert_eq!(dq, [&table.name[..]]);
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits");
+        let mut g = crate::build(&crate::Checkpoint::open(&dir).unwrap(), &Default::default()).unwrap().graph;
+        Q4 { keep: KeepF32::default() }.run(&mut g).unwrap();
+        for n in g.nodes.iter().filter(|n| n.op == "MatMulNBits") {
+            let scales = g.constant_data(&n.inputs[2]);
+            assert!(scales.is_some_and(|t| t.dtype == DType::F32 && t.shape.len() == 1), "{}", n.name);
+        }
+    }
+
     #[test]
     fn unknown_precision_is_one_line() {
         let e = "int4".parse::<Precision>().unwrap_err().to_string();

@@ -5,6 +5,7 @@ use super::*;
 
 /// Replaces the large f32 constants that are not Linear weights (and not LayerNorm
 /// parameters) by int8 codes + per-axis scales + `DequantizeLinear`, keeping their names.
+/// A constant whose axis would give every value its own scale (a 1-D one) stays f32.
 /// Per-head `[H, K, N]` MatMul weights (from the attention rewrites) are stored this way too;
 /// the rewrites' precomputed tables are stored f16.
 pub(super) fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
@@ -56,8 +57,14 @@ pub(super) fn quantize_storage(g: &mut Graph, keep: &KeepF32) {
         } else {
             t.shape.len() - 1
         };
-        let data = t.as_f32().expect("f32 constant");
         let c = t.shape[axis];
+        if c == t.len() {
+            // One scale per value (a 1-D constant: a q4 weight's block scales, a bias) would
+            // store 5 bytes where f32 stores 4, and tract would fold it back to f32 at load.
+            constants.push((name, t));
+            continue;
+        }
+        let data = t.as_f32().expect("f32 constant");
         let inner: usize = t.shape[axis + 1..].iter().product();
         let mut scales = vec![0f32; c];
         for (i, v) in data.iter().enumerate() {
