@@ -149,11 +149,9 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
         for n in zp_bias.nodes.iter_mut().filter(|n| n.op == "MatMulNBits" && &n.inputs[1] == w) {
             n.inputs.extend([zn.clone(), String::new(), bn.clone()]);
         }
-        // The same weight in blocks of 16: the codes' bytes as they are, each scale twice (the
-        // export stores the scales as int8 times an f32 scale each, dequantised in the graph).
-        let q = constant(&block16, &format!("{w}scale.q"));
-        let scale = constant(&block16, &format!("{w}scale.scale")).as_f32().unwrap();
-        let doubled: Vec<f32> = q.bytes.iter().zip(&scale).flat_map(|(q, s)| [*q as i8 as f32 * s; 2]).collect();
+        // The same weight in blocks of 16: the codes' bytes as they are, each scale twice.
+        let scales = constant(&block16, &format!("{w}scale")).as_f32().unwrap();
+        let doubled: Vec<f32> = scales.iter().flat_map(|s| [*s; 2]).collect();
         let sn = format!("{w}.scale16");
         block16.constants.push((sn.clone(), TensorData::f32(&[doubled.len()], &doubled)));
         for c in block16.constants.iter_mut().filter(|c| &c.0 == w) {
