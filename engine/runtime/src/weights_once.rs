@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use tract_onnx::data_resolver::{MmapDataResolver, ModelDataResolver};
 use tract_onnx::pb::tensor_proto::DataLocation;
 use tract_onnx::pb::{ModelProto, StringStringEntryProto};
-use tract_onnx::prelude::TractResult;
+use tract_onnx::prelude::{InferenceModel, OutletId, TVec, TractResult, TypedModel};
 
 const WINDOW: usize = 1 << 20;
 
@@ -310,10 +310,7 @@ pub(crate) static REPEATS_ONCE: crate::Switch = crate::Switch::on();
 /// sizes and inputs' roles), the same constant inputs and an activation of the same type and
 /// shape. Returns each repeat's leader (the first of its kind) and each leader's number of
 /// repeats.
-fn repeats(
-    source: &tract_onnx::prelude::InferenceModel,
-    order: &[usize],
-) -> (HashMap<usize, usize>, HashMap<usize, usize>) {
+fn repeats(source: &InferenceModel, order: &[usize]) -> (HashMap<usize, usize>, HashMap<usize, usize>) {
     use tract_onnx::tract_hir::infer::Factoid;
     let mut first: HashMap<String, usize> = HashMap::new();
     let (mut leaders, mut followers) = (HashMap::new(), HashMap::new());
@@ -322,8 +319,8 @@ fn repeats(
         if node.op.name() != "MatMulNBits" || node.inputs.len() < 2 {
             continue;
         }
-        let fact = |o: &tract_onnx::prelude::OutletId| source.outlet_fact(*o).ok();
-        let constant = |o: &tract_onnx::prelude::OutletId| fact(o).is_some_and(|f| f.value.is_concrete());
+        let fact = |o: &OutletId| source.outlet_fact(*o).ok();
+        let constant = |o: &OutletId| fact(o).is_some_and(|f| f.value.is_concrete());
         let (activation, weights) = (&node.inputs[0], &node.inputs[1..]);
         if constant(activation) || !weights.iter().all(constant) {
             continue;
@@ -345,9 +342,9 @@ struct Recording {
     /// The typed nodes the translation added, in order.
     nodes: std::ops::Range<usize>,
     /// The leader's activation input (its first), as typed.
-    activation: tract_onnx::prelude::OutletId,
+    activation: OutletId,
     /// The leader's outputs, as typed.
-    outputs: Vec<tract_onnx::prelude::OutletId>,
+    outputs: Vec<OutletId>,
     /// The leader's name, the prefix of the nodes it added.
     name: String,
 }
@@ -357,20 +354,18 @@ impl Recording {
     /// each reads only nodes among them, the activation or constants, and each output is one of
     /// theirs or a constant.
     fn of(
-        source: &tract_onnx::prelude::InferenceModel,
+        source: &InferenceModel,
         id: usize,
-        target: &tract_onnx::prelude::TypedModel,
-        mapping: &HashMap<tract_onnx::prelude::OutletId, tract_onnx::prelude::OutletId>,
+        target: &TypedModel,
+        mapping: &HashMap<OutletId, OutletId>,
         first: usize,
-        outputs: &[tract_onnx::prelude::OutletId],
+        outputs: &[OutletId],
     ) -> Option<Recording> {
         use tract_onnx::tract_core::ops::konst::Const;
         let node = source.node(id);
         let activation = *mapping.get(&node.inputs[0])?;
         let nodes = first..target.nodes().len();
-        let known = |o: &tract_onnx::prelude::OutletId| {
-            nodes.contains(&o.node) || *o == activation || target.node(o.node).op_is::<Const>()
-        };
+        let known = |o: &OutletId| nodes.contains(&o.node) || *o == activation || target.node(o.node).op_is::<Const>();
         let reads_known = nodes.clone().all(|n| target.node(n).inputs.iter().all(known));
         let gives_known = outputs.iter().all(|o| nodes.contains(&o.node) || target.node(o.node).op_is::<Const>());
         (reads_known && gives_known).then(|| Recording {
@@ -384,12 +379,11 @@ impl Recording {
     /// Wires the recorded nodes again for `id`, whose activation is typed in `mapping`.
     fn replay(
         &self,
-        source: &tract_onnx::prelude::InferenceModel,
+        source: &InferenceModel,
         id: usize,
-        target: &mut tract_onnx::prelude::TypedModel,
-        mapping: &HashMap<tract_onnx::prelude::OutletId, tract_onnx::prelude::OutletId>,
-    ) -> TractResult<tract_onnx::tract_hir::internal::TVec<tract_onnx::prelude::OutletId>> {
-        use tract_onnx::prelude::OutletId;
+        target: &mut TypedModel,
+        mapping: &HashMap<OutletId, OutletId>,
+    ) -> TractResult<TVec<OutletId>> {
         use tract_onnx::tract_core::ops::konst::Const;
         use tract_onnx::tract_hir::internal::*;
         let node = source.node(id);
