@@ -6,13 +6,14 @@
 //! read (`weights_once::into_typed`): a q4 graph, whose `MatMulNBits` weights tract repacks as it
 //! translates, gives the same outputs and loads with a lower heap peak (counted by the runtime's
 //! allocator, installed here), and a weight-shared 4-bit block whose repeats replay their first
-//! reader's translation (`set_repeats_once`) drops each parsed weight after its first reader.
+//! reader's translation (`set_repeats_once`) drops each parsed weight after its first reader; its
+//! outputs are compared with tract's own translation of `MatMulNBits` (`set_nbits_import`).
 
 use perceiver_edge_export::ir::{onnx, Attr, DType, Graph, TensorData};
 use perceiver_edge_export::passes::quant::pass_for;
 use perceiver_edge_export::{build, Checkpoint, ExportOptions, KeepF32, Precision, QuantOptions};
 use perceiver_edge_runtime::alloc::{self, Counting};
-use perceiver_edge_runtime::{set_pack_once, set_repeats_once, Session, Tensor};
+use perceiver_edge_runtime::{set_nbits_import, set_pack_once, set_repeats_once, Session, Tensor};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -99,6 +100,11 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
     let (mut once, once_peak) = load_peak(true);
     set_pack_once(true);
     assert_eq!(run(&mut once), run(&mut tract), "q4 chain");
+    set_nbits_import(false);
+    let (mut tract_op, _) = load_peak(false);
+    set_nbits_import(true);
+    set_pack_once(true);
+    assert_eq!(run(&mut once), run(&mut tract_op), "q4 chain, tract's MatMulNBits");
     // Weights: 8 MiB as q4 (plus scales), which tract held twice at the end of translation.
     assert!(
         once_peak + 4 * 1024 * 1024 < tract_peak,
@@ -179,7 +185,11 @@ fn pack_once_keeps_outputs_and_holds_a_repeated_block_once() {
             let s = Session::load(&shared).unwrap();
             (s, alloc::peak().unwrap() - before)
         };
+        // tract's own translation of `MatMulNBits` too (the runtime reads the exported form's
+        // weights straight into Q4_0 blocks: `set_nbits_import`).
+        set_nbits_import(false);
         let (mut tract, _) = load_peak(false, false);
+        set_nbits_import(true);
         let (mut each, each_peak) = load_peak(true, false);
         let (mut once, once_peak) = load_peak(true, true);
         set_pack_once(true);

@@ -31,6 +31,7 @@ mod int8_matmul;
 mod layer_norm_rows;
 pub mod limits;
 pub mod metadata;
+mod nbits_import;
 pub mod npy;
 mod order;
 mod pack_once;
@@ -261,6 +262,14 @@ pub fn set_pack_once(on: bool) {
 /// bit-identical (see `weights_once.rs`).
 pub fn set_repeats_once(on: bool) {
     weights_once::REPEATS_ONCE.set(on);
+}
+
+/// Whether models loaded from now on read a 4-bit `MatMulNBits` weight in blocks of 32 straight
+/// into tract's Q4_0 blocks (the default) or, with `false`, through tract-onnx's translation,
+/// which widens it to a byte per weight first. For comparisons; the graphs are identical (see
+/// `nbits_import.rs`).
+pub fn set_nbits_import(on: bool) {
+    nbits_import::ENABLED.set(on);
 }
 
 /// Whether models loaded from now on compute f32 matrix products with the `gemm` crate (the
@@ -619,6 +628,7 @@ impl Session {
             return Err(err(format!("{}: the model's folder must be valid UTF-8", d.display())));
         }
         let mut onnx = tract_onnx::onnx();
+        nbits_import::register(&mut onnx);
         // tract resolves external data only inside the model's folder: a model file that is a
         // symlink to elsewhere keeps its weights in the protobuf.
         let inside = |path: &Path| match (path.canonicalize(), dir.map(Path::canonicalize)) {
