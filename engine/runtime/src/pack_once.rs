@@ -12,7 +12,9 @@
 //! constants alone (an axis change, cast or packing of such inputs) that apply the same op to the
 //! same inputs. It runs before each round's constant propagation (so what the round before wired
 //! per consumer is folded once) and right after the ops are generated (so each weight is packed
-//! once and every application's matmul bakes a handle on the same buffer). The arithmetic is
+//! once and every application's matmul bakes a handle on the same buffer). Before decluttering,
+//! [`fold_axis_changes`] applies the axis changes translation left on weights to the weights in
+//! place, where constant propagation would fold each into a copy. The arithmetic is
 //! unchanged (the same kernels read the same bytes), so outputs are bit-identical; the tests
 //! compare the plan with and without the pass.
 
@@ -46,11 +48,62 @@ pub fn optimize(
         // Before each round's PropConst.
         codegen.add_pass(0, Box::new(ShareConstants));
         declutter.add_pass(0, Box::new(ShareConstants));
+        fold_axis_changes(&mut model)?;
     }
     declutter.optimize(&mut model)?;
     between(&mut model)?;
     model.optimize_with_session(&mut codegen.session())?;
     Ok(model)
+}
+
+/// Applies each axis change (`AxisOp`: an added or removed unit axis, a reshape, a move) that is
+/// the only reader of a constant to that constant in place, and returns how many. tract's
+/// translation leaves one on most weights (an int8 or q4 export's products get their weight
+/// through an added axis), and decluttering's constant propagation folds each into a copy of the
+/// weight (language-perceiver int8: 333 of them on 196 MB of weights) while the change-of-axes
+/// pass tries each against the graph first.
+pub(crate) fn fold_axis_changes(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::internal::ensure;
+    use tract_onnx::tract_core::ops::dummy::Dummy;
+    let mut count = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<AxisOp>().cloned() else { continue };
+        let [input] = node.inputs[..] else { continue };
+        let source = model.node(input.node);
+        let Some(konst) = source.op_as::<Const>() else { continue };
+        let only_reader = source.outputs.len() == 1 && source.outputs[0].successors.len() == 1;
+        if !only_reader || konst.exotic_fact().is_some() || model.outputs.contains(&input) || node.outputs.len() != 1 {
+            continue;
+        }
+        let want = node.outputs[0].fact.clone();
+        let value = konst.val().clone();
+        // The constant's other holders (its op, its output's fact) let go, so that the value
+        // changes in place.
+        let source = model.node_mut(input.node);
+        let fact = source.outputs[0].fact.without_value();
+        source.op = Box::new(Dummy::new());
+        source.outputs[0].fact = fact;
+        source.outputs[0].successors.clear();
+        let mut value = Arc::try_unwrap(value).unwrap_or_else(|shared| shared.as_ref().clone());
+        op.change_tensor(&mut value, false)?;
+        let value = value.into_arc_tensor();
+        let fact = TypedFact::try_from(value.clone())?;
+        ensure!(
+            fact.datum_type == want.datum_type && fact.shape == want.shape,
+            "folding {} into its constant gave {fact:?}, expected {want:?}",
+            model.node(id).name
+        );
+        let node = model.node_mut(id);
+        node.op = Box::new(Const::new(value)?);
+        node.inputs.clear();
+        node.outputs[0].fact = fact;
+        count += 1;
+    }
+    if count > 0 {
+        model.compact()?;
+    }
+    Ok(count)
 }
 
 /// The pass: merges equal constants, then equal constant-valued nodes on the same inputs.
@@ -157,4 +210,52 @@ fn merge(model: &mut TypedModel, key: impl Fn(&TypedNode) -> Option<u64>) -> Tra
         }
     }
     Ok(rewire.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y = x + AddAxis(w)` (and `z = x + Rm(AddAxis(w))`-like second readers when `shared`),
+    /// `w` a `[3, 8]` constant; with its data's address.
+    fn model(shared: bool) -> (TypedModel, usize) {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([1, 3, 8])).unwrap();
+        let w = Tensor::from_shape(&[3, 8], &(0..24).map(|i| i as f32 / 7.0).collect::<Vec<_>>()).unwrap();
+        let at = w.as_bytes().as_ptr() as usize;
+        let w = m.add_const("w", w).unwrap();
+        let wide = m.wire_node("w.add", AxisOp::Add(0), &[w]).unwrap()[0];
+        let y = m.wire_node("y", tract_onnx::tract_core::ops::math::add(), &[x, wide]).unwrap()[0];
+        let mut outputs = vec![y];
+        if shared {
+            let again = m.wire_node("w.add2", AxisOp::Add(0), &[w]).unwrap()[0];
+            outputs.push(m.wire_node("z", tract_onnx::tract_core::ops::math::mul(), &[x, again]).unwrap()[0]);
+        }
+        m.select_output_outlets(&outputs).unwrap();
+        (m, at)
+    }
+
+    fn run(m: TypedModel) -> TVec<TValue> {
+        let x = Tensor::from_shape(&[1, 3, 8], &(0..24).map(|i| 1.0 - i as f32 / 5.0).collect::<Vec<_>>()).unwrap();
+        m.into_runnable().unwrap().run(tvec!(x.into_tvalue())).unwrap()
+    }
+
+    #[test]
+    fn an_axis_change_folds_into_its_only_constant_in_place() {
+        let (mut m, at) = model(false);
+        assert_eq!(fold_axis_changes(&mut m).unwrap(), 1);
+        assert!(m.nodes().iter().all(|n| !n.op_is::<AxisOp>()));
+        let konst = m.nodes().iter().find_map(|n| n.op_as::<Const>()).unwrap().val().clone();
+        assert_eq!(konst.shape(), &[1, 3, 8]);
+        assert_eq!(konst.as_bytes().as_ptr() as usize, at, "the constant was copied");
+        assert_eq!(run(m), run(model(false).0));
+    }
+
+    #[test]
+    fn a_constant_read_twice_is_left_alone() {
+        let (mut m, _) = model(true);
+        assert_eq!(fold_axis_changes(&mut m).unwrap(), 0);
+        assert_eq!(m.nodes().iter().filter(|n| n.op_is::<AxisOp>()).count(), 2);
+        assert_eq!(run(m), run(model(true).0));
+    }
 }
