@@ -12,7 +12,9 @@
 //! exactly the nodes tract's translation wires, the Q4_0 blocks built by [`to_q4_0`] a byte at a
 //! time from `B`'s bytes; any other form goes to tract's own translation. The blocks are
 //! byte-identical to tract's (tested below and, through whole models, in
-//! `engine/export/tests/pack_once.rs`).
+//! `engine/export/tests/pack_once.rs`). (A scale beyond f16's range, infinite or NaN, makes
+//! tract wire a zero-point correction of infinities or NaNs too; the outputs are not finite
+//! either way.)
 
 use std::sync::OnceLock;
 use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
@@ -58,6 +60,7 @@ fn parse(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Inferen
     let bits: usize = node.get_attr_opt("bits")?.unwrap_or(4);
     let block_size: usize = node.get_attr("block_size")?;
     // A, B and scales given; zero points, g_idx and bias absent (or named "").
+    ensure!(node.input.len() >= 3, "MatMulNBits: expected inputs A, B and scales, got {}", node.input.len());
     let three = node.input.len() >= 3 && node.input[..3].iter().all(|s| !s.is_empty());
     let rest_absent = node.input.iter().skip(3).all(|s| s.is_empty());
     if bits == 4 && block_size == QK && k > 0 && k.is_multiple_of(QK) && n > 0 && three && rest_absent {
@@ -129,7 +132,11 @@ impl Expansion for Q4Linear {
 
         let input = model.outlet_fact(inputs[0])?;
         let (dt, rank) = (input.datum_type, input.rank());
-        ensure!(rank >= 1, "MatMulNBits: the input A has no axis");
+        ensure!(
+            rank >= 1 && input.shape[rank - 1] == k.to_dim(),
+            "MatMulNBits: the input A is {:?}, expected a last axis of K={k}",
+            input.shape
+        );
         let a = model.wire_node(format!("{prefix}.cast_a"), cast(f32::datum_type()), &[inputs[0]])?[0];
         let lead: String = "abcdefgh".chars().take(rank - 1).collect();
         let storage = BlockQuantStorage::new(Box::new(Q4_0), n, k, Arc::new(blob))?;
@@ -184,6 +191,8 @@ mod tests {
         let scales: Vec<f32> = (0..n * k / QK).map(|i| (i as f32 - 7.0) * 0.037).collect();
         let blob = to_q4_0(&b, &scales).unwrap();
         assert_eq!(blob.as_bytes(), tracts(&b, &scales, n, k).as_slice());
+        let nibbles = Q4_0.pack_prequantized_nibbles(&b, &scales, n, k).unwrap();
+        assert_eq!(blob.as_bytes(), nibbles.as_bytes());
         assert_eq!(blob.as_bytes().as_ptr() as usize % 128, 0);
     }
 
