@@ -361,6 +361,59 @@ fn onnx_files_are_checked() {
     refused(t, &[&"compare", &model, &p, &"--inputs", &input], &["wide.onnx", "output shape"]);
 }
 
+/// An edit of a 4-bit product: its `K`, its weight's dims, its weight and its scales.
+type NbitsEdit = dyn Fn(&mut i64, &mut Vec<i64>, &mut pb::TensorProto, &mut pb::TensorProto);
+
+/// 4-bit products (`MatMulNBits`, read by the runtime's own translation, `nbits_import.rs`): a
+/// weight of the wrong size, and a `K` that is not the activation's last axis.
+#[test]
+fn four_bit_products_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let model = t.join("q4.onnx");
+    export_ok(&fixture("image_fourier"), &model, &["--image-size", "12", "16", "--precision", "q4"]);
+    let base = read_model(&model);
+    // The first product's own copies of its weight and scales, edited by `edit` (`K`, the
+    // weight's rows of blocks, the scales), so that other readers of the originals are untouched.
+    let variant = |name: &str, edit: &NbitsEdit| {
+        let mut m = base.clone();
+        let g = m.graph.as_mut().unwrap();
+        let at = g.node.iter().position(|n| n.op_type == "MatMulNBits").unwrap();
+        let (b, s) = (g.node[at].input[1].clone(), g.node[at].input[2].clone());
+        let mut wb = g.initializer.iter().find(|i| i.name == b).unwrap().clone();
+        let mut ws = g.initializer.iter().find(|i| i.name == s).unwrap().clone();
+        (wb.name, ws.name) = ("edited_b".into(), "edited_scales".into());
+        let k = g.node[at].attribute.iter_mut().find(|a| a.name == "K").unwrap();
+        let mut dims = wb.dims.clone();
+        edit(&mut k.i, &mut dims, &mut wb, &mut ws);
+        wb.dims = dims;
+        g.node[at].input[1] = wb.name.clone();
+        g.node[at].input[2] = ws.name.clone();
+        g.initializer.extend([wb, ws]);
+        let p = t.join(name);
+        write_model(&p, &m);
+        p
+    };
+    // One row of the weight missing (its dims and bytes agree).
+    let p = variant("nbits_short.onnx", &|_, dims, b, _| {
+        let row = (dims[1] * dims[2]) as usize;
+        dims[0] -= 1;
+        b.raw_data.truncate(b.raw_data.len() - row);
+    });
+    refused(t, &[&"bench", &p, &"--runs", &"1"], &["nbits_short.onnx", "MatMulNBits", "blocks of 16 bytes"]);
+    // K one block longer than the activation's last axis, weight and scales to match.
+    let p = variant("nbits_k.onnx", &|k, dims, b, s| {
+        *k += 32;
+        let n = dims[0] as usize;
+        dims[1] += 1;
+        b.raw_data = vec![0x88; n * dims[1] as usize * 16];
+        let scales: Vec<f32> = vec![0.5; n * dims[1] as usize];
+        s.dims = vec![scales.len() as i64];
+        s.raw_data = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+    });
+    refused(t, &[&"bench", &p, &"--runs", &"1"], &["nbits_k.onnx", "MatMulNBits", "last axis of K="]);
+}
+
 #[test]
 fn cli_numbers_are_checked() {
     let tmp = tempfile::tempdir().unwrap();

@@ -666,7 +666,7 @@ impl Session {
             model.select_output_outlets(&outlets).map_err(|e| err(e.to_string()))?;
         }
         let typed = if pack_once::ENABLED.get() { weights_once::into_typed(model) } else { model.into_typed() };
-        let mut typed = typed.map_err(|e| err(format!("cannot type the graph: {}", first_line(&e))))?;
+        let mut typed = typed.map_err(|e| err(format!("cannot type the graph: {}", with_cause(&e))))?;
         guard::check_facts(&typed).map_err(err)?;
 
         let metadata: Vec<(String, String)> = typed
@@ -1014,6 +1014,17 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn first_line(e: &impl std::fmt::Display) -> String {
     // tract errors carry a cause chain; `{:#}` would span lines.
     e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// The error's first line and, when it is a context (`Translating node ...`), its root cause's:
+/// what went wrong as well as where.
+fn with_cause(e: &TractError) -> String {
+    let (outer, cause) = (first_line(e), first_line(&e.root_cause()));
+    if cause.is_empty() || outer.contains(&cause) {
+        outer
+    } else {
+        format!("{outer}: {cause}")
+    }
 }
 
 /// A tensor of `shape` holding `data` (row-major); `None` if the sizes differ.
