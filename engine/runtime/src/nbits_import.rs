@@ -9,8 +9,9 @@
 //!
 //! [`register`] puts [`parse`] in tract's op register in its place. For the form the exporter
 //! writes (4 bits, blocks of 32, `K` a multiple of 32, no zero points, `g_idx` or bias) it wires
-//! exactly the nodes tract's translation wires, the Q4_0 blocks built by [`to_q4_0`] a byte at a
-//! time from `B`'s bytes; any other form goes to tract's own translation. The blocks are
+//! exactly the nodes tract's translation wires, the Q4_0 blocks built from `B`'s bytes as they are
+//! by tract-linalg's `pack_prequantized_nibbles` (a byte at a time since this repository's patch
+//! 3, `vendor/tract-linalg/PATCHES.md`); any other form goes to tract's own translation. The blocks are
 //! byte-identical to tract's (tested below and, through whole models, in
 //! `engine/export/tests/pack_once.rs`). (A scale beyond f16's range, infinite or NaN, makes
 //! tract wire a zero-point correction of infinities or NaNs too; the outputs are not finite
@@ -128,7 +129,8 @@ impl Expansion for Q4Linear {
             scales.len()
         );
         let scales = scales.cast_to::<f32>()?;
-        let blob = to_q4_0(b.try_as_plain_ram()?.as_slice::<u8>()?, scales.try_as_plain_ram()?.as_slice::<f32>()?)?;
+        let (b, scales) = (b.try_as_plain_ram()?, scales.try_as_plain_ram()?);
+        let blob = Q4_0.pack_prequantized_nibbles(b.as_slice::<u8>()?, scales.as_slice::<f32>()?, n, k)?;
 
         let input = model.outlet_fact(inputs[0])?;
         let (dt, rank) = (input.datum_type, input.rank());
@@ -152,26 +154,6 @@ impl Expansion for Q4Linear {
     }
 }
 
-/// Q4_0 blocks of a `MatMulNBits` weight: `b` holds 16 bytes a block (weight `2i` in byte `i`'s
-/// low nibble, `2i + 1` in its high one), `scales` one value a block. A Q4_0 block is the scale as
-/// f16 (little-endian), then byte `j` holds weight `j` low and weight `j + 16` high.
-pub(crate) fn to_q4_0(b: &[u8], scales: &[f32]) -> TractResult<Blob> {
-    ensure!(b.len() == scales.len() * 16, "{} bytes of 4-bit weights for {} blocks", b.len(), scales.len());
-    let layout = std::alloc::Layout::from_size_align(scales.len() * BLOCK_BYTES, 128)?;
-    // SAFETY: every byte is written below before it is read.
-    let mut blob = unsafe { Blob::for_layout(layout) };
-    for ((out, src), scale) in blob.as_bytes_mut().chunks_exact_mut(BLOCK_BYTES).zip(b.chunks_exact(16)).zip(scales) {
-        out[..2].copy_from_slice(&f16::from_f32(*scale).to_bits().to_le_bytes());
-        let (lo, hi) = src.split_at(8);
-        for j in 0..8 {
-            // Weights 2j and 2j + 1 (in lo[j]) and 2j + 16 and 2j + 17 (in hi[j]).
-            out[2 + 2 * j] = (lo[j] & 0x0F) | (hi[j] << 4);
-            out[3 + 2 * j] = (lo[j] >> 4) | (hi[j] & 0xF0);
-        }
-    }
-    Ok(blob)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,15 +166,18 @@ mod tests {
         Q4_0.pack_prequantized(&q, scales, n, k).unwrap().as_bytes().to_vec()
     }
 
+    /// Q4_0 blocks from the bytes as they are (what [`Q4Linear`] builds).
+    fn nibbles(b: &[u8], scales: &[f32], n: usize, k: usize) -> TractResult<Blob> {
+        Q4_0.pack_prequantized_nibbles(b, scales, n, k)
+    }
+
     #[test]
     fn blocks_match_tract_linalgs_packing() {
         let (n, k) = (5, 96);
         let b: Vec<u8> = (0..n * k / 2).map(|i| ((i * 7919 + 13) % 256) as u8).collect();
         let scales: Vec<f32> = (0..n * k / QK).map(|i| (i as f32 - 7.0) * 0.037).collect();
-        let blob = to_q4_0(&b, &scales).unwrap();
+        let blob = nibbles(&b, &scales, n, k).unwrap();
         assert_eq!(blob.as_bytes(), tracts(&b, &scales, n, k).as_slice());
-        let nibbles = Q4_0.pack_prequantized_nibbles(&b, &scales, n, k).unwrap();
-        assert_eq!(blob.as_bytes(), nibbles.as_bytes());
         assert_eq!(blob.as_bytes().as_ptr() as usize % 128, 0);
     }
 
@@ -200,7 +185,7 @@ mod tests {
     fn blocks_decode_to_the_weights() {
         // Weight i of a block = i % 16, scale 1: Q4_0 decodes (nibble - 8) * scale.
         let b: Vec<u8> = (0..16).map(|j| (((2 * j) % 16) | (((2 * j + 1) % 16) << 4)) as u8).collect();
-        let blob = to_q4_0(&b, &[1.0]).unwrap();
+        let blob = nibbles(&b, &[1.0], 1, 32).unwrap();
         let values = Q4_0.dequant_f32(&blob).unwrap();
         let values = values.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
         let want: Vec<f32> = (0..32).map(|i| (i % 16) as f32 - 8.0).collect();
@@ -209,7 +194,10 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_errors() {
-        assert!(to_q4_0(&[0u8; 15], &[1.0]).is_err());
-        assert!(to_q4_0(&[0u8; 32], &[1.0]).is_err());
+        assert!(nibbles(&[0u8; 15], &[1.0], 1, 32).is_err());
+        assert!(nibbles(&[0u8; 32], &[1.0], 1, 32).is_err());
+        assert!(nibbles(&[0u8; 16], &[1.0, 2.0], 1, 32).is_err());
+        assert!(nibbles(&[0u8; 16], &[1.0], 1, 33).is_err());
+        assert!(nibbles(&[], &[], usize::MAX, 64).is_err());
     }
 }

@@ -71,10 +71,26 @@ impl<const QK: usize> BaseQ4_0<QK> {
         m: usize,
         k: usize,
     ) -> TractResult<Blob> {
-        ensure!(q.len() == m * k / 2, "Expected {} bytes, got {}", m * k / 2, q.len());
-        self.pack_prequantized_by(scales, m, k, |ix| {
-            if ix % 2 == 0 { q[ix / 2] & 0x0F } else { q[ix / 2] >> 4 }
-        })
+        ensure!(k % QK == 0, "Q4_0 needs K a multiple of {QK}, got {k}");
+        let n_blocks = k / QK;
+        let blocks = m.checked_mul(n_blocks).context("Q4_0: too many blocks")?;
+        ensure!(q.len() == blocks * QK / 2, "Expected {} bytes, got {}", blocks * QK / 2, q.len());
+        ensure!(scales.len() == blocks, "Expected {blocks} scales, got {}", scales.len());
+        let mut blob =
+            unsafe { Blob::for_layout(Layout::from_size_align(blocks * self.block_bytes(), 128)?) };
+        // A block byte by byte: the source's byte i holds weights 2i (low nibble) and 2i + 1;
+        // Q4_0's byte j holds weights j (low) and j + 16, after the f16 scale.
+        for ((out, src), scale) in
+            blob.chunks_exact_mut(self.block_bytes()).zip(q.chunks_exact(QK / 2)).zip(scales)
+        {
+            out[..2].copy_from_slice(&f16::from_f32(*scale).to_bits().to_le_bytes());
+            let (lo, hi) = src.split_at(QK / 4);
+            for j in 0..QK / 4 {
+                out[2 + 2 * j] = (lo[j] & 0x0F) | (hi[j] << 4);
+                out[3 + 2 * j] = (lo[j] >> 4) | (hi[j] & 0xF0);
+            }
+        }
+        Ok(blob)
     }
 
     fn pack_prequantized_by(
