@@ -199,5 +199,6 @@ mod tests {
         assert!(nibbles(&[0u8; 16], &[1.0, 2.0], 1, 32).is_err());
         assert!(nibbles(&[0u8; 16], &[1.0], 1, 33).is_err());
         assert!(nibbles(&[], &[], usize::MAX, 64).is_err());
+        assert!(nibbles(&[], &[], usize::MAX / 8, 32).is_err());
     }
 }

@@ -73,7 +73,10 @@ impl<const QK: usize> BaseQ4_0<QK> {
     ) -> TractResult<Blob> {
         ensure!(k % QK == 0, "Q4_0 needs K a multiple of {QK}, got {k}");
         let n_blocks = k / QK;
-        let blocks = m.checked_mul(n_blocks).context("Q4_0: too many blocks")?;
+        let blocks = m
+            .checked_mul(n_blocks)
+            .filter(|b| b.checked_mul(self.block_bytes()).is_some())
+            .context("Q4_0: too many blocks")?;
         ensure!(q.len() == blocks * QK / 2, "Expected {} bytes, got {}", blocks * QK / 2, q.len());
         ensure!(scales.len() == blocks, "Expected {blocks} scales, got {}", scales.len());
         let mut blob =
