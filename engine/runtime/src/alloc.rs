@@ -18,7 +18,23 @@ pub struct Counting;
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
+        let mut p = huge::map(layout);
+        if p.is_null() {
+            p = unsafe { System.alloc(layout) };
+        }
+        if p.is_null() {
+            refused(layout.size());
+        }
+        grow(layout.size() as u64);
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // A fresh map is zero already.
+        let mut p = huge::map(layout);
+        if p.is_null() {
+            p = unsafe { System.alloc_zeroed(layout) };
+        }
         if p.is_null() {
             refused(layout.size());
         }
@@ -27,12 +43,19 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        if !unsafe { huge::unmap(ptr, layout.size()) } {
+            unsafe { System.dealloc(ptr, layout) };
+        }
         IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        let p = match unsafe { huge::remap(ptr, layout, new_size) } {
+            Some(p) => p,
+            None => unsafe { System.realloc(ptr, layout, new_size) },
+        };
         if p.is_null() {
             refused(new_size);
         }
@@ -105,6 +128,7 @@ impl LoadPhase {
         if *n == 0 {
             // glibc's defaults for the map count and trim threshold; a low map threshold.
             set_regime(256 << 10, 65536, 128 << 10);
+            huge::LOADING.store(true, Ordering::Relaxed);
         }
         *n += 1;
         LoadPhase(())
@@ -116,6 +140,7 @@ impl Drop for LoadPhase {
         let mut n = PHASES.lock().unwrap_or_else(|e| e.into_inner());
         *n = n.saturating_sub(1);
         if *n == 0 {
+            huge::LOADING.store(false, Ordering::Relaxed);
             running_regime();
         }
     }
@@ -145,4 +170,293 @@ fn set_regime(mmap_threshold: i32, mmap_max: i32, trim: i32) {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = (mmap_threshold, mmap_max, trim);
+}
+
+/// Whether large buffers allocated while loading get huge pages (on by default; off for
+/// comparisons). Has effect only with [`Counting`] installed, on Linux with glibc.
+pub fn set_huge_pages(on: bool) {
+    huge::ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Huge pages for the loader's large buffers (Linux, glibc).
+///
+/// Loading copies every weight a few times (the protobuf's bytes, tract's tensor, the packed
+/// panels), and each copy lands in fresh memory the kernel maps in 4 KiB pages, one page fault
+/// each: a third of language-perceiver f32's load. While a [`LoadPhase`] is alive, a buffer of
+/// 2 MiB or more gets a memory map of its own, aligned to 2 MiB and advised as transparent huge
+/// pages (`MADV_HUGEPAGE`), so the kernel maps it 2 MiB at a time. A map is zero when made, so a
+/// zeroed buffer is not written twice. Its address is kept in a fixed table (nothing here
+/// allocates), and freeing it unmaps it whenever that happens. At run time large buffers stay with
+/// glibc: a huge page the kernel must first compact memory for would show up as a slow run.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod huge {
+    use std::alloc::Layout;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// The huge page size on x86-64 and on ARM with 4 KiB pages; elsewhere the advice just
+    /// covers fewer (or no) whole huge pages.
+    const HUGE_PAGE: usize = 2 << 20;
+    /// Up to this many maps at once; later buffers go to glibc.
+    const SLOTS: usize = 4096;
+
+    pub static LOADING: AtomicBool = AtomicBool::new(false);
+    pub static ENABLED: AtomicBool = AtomicBool::new(true);
+    static MAPS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    /// One past the highest slot ever used: lookups scan only that far.
+    static USED: AtomicUsize = AtomicUsize::new(0);
+
+    fn page() -> usize {
+        // SAFETY: sysconf takes no pointers.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 {
+            p as usize
+        } else {
+            4096
+        }
+    }
+
+    /// A new map for `layout` if it is loading time and the buffer is large; null otherwise
+    /// (the caller asks glibc).
+    pub fn map(layout: Layout) -> *mut u8 {
+        if layout.size() < HUGE_PAGE
+            || layout.align() > HUGE_PAGE
+            || !LOADING.load(Ordering::Relaxed)
+            || !ENABLED.load(Ordering::Relaxed)
+        {
+            return std::ptr::null_mut();
+        }
+        let Some(len) = layout.size().checked_next_multiple_of(page()) else { return std::ptr::null_mut() };
+        let Some(total) = len.checked_add(HUGE_PAGE) else { return std::ptr::null_mut() };
+        // SAFETY: an anonymous private map at an address the kernel picks; the parts outside
+        // the aligned range are unmapped again, and only page-aligned ranges are passed.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return std::ptr::null_mut();
+            }
+            let base = base as usize;
+            let start = base.next_multiple_of(HUGE_PAGE);
+            if start > base {
+                libc::munmap(base as *mut libc::c_void, start - base);
+            }
+            let tail = base + total - (start + len);
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+            if !remember(start) {
+                libc::munmap(start as *mut libc::c_void, len);
+                return std::ptr::null_mut();
+            }
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            start as *mut u8
+        }
+    }
+
+    fn remember(addr: usize) -> bool {
+        for (i, slot) in MAPS.iter().enumerate() {
+            if slot.compare_exchange(0, addr, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                USED.fetch_max(i + 1, Ordering::AcqRel);
+                LIVE.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether `addr` is one of the maps made here.
+    #[cfg(test)]
+    pub(super) fn is_map(addr: usize) -> bool {
+        MAPS[..USED.load(Ordering::Acquire)].iter().any(|s| s.load(Ordering::Relaxed) == addr)
+    }
+
+    /// Takes `addr` out of the table; false if it is not one of the maps made here.
+    fn forget(addr: usize) -> bool {
+        if LIVE.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let used = USED.load(Ordering::Acquire);
+        for slot in &MAPS[..used] {
+            if slot.load(Ordering::Relaxed) == addr
+                && slot.compare_exchange(addr, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            {
+                LIVE.fetch_sub(1, Ordering::AcqRel);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Unmaps `ptr` if it is one of the maps made here; false for glibc's buffers.
+    ///
+    /// # Safety
+    /// `ptr` with `size` bytes is a live allocation of the global allocator.
+    pub unsafe fn unmap(ptr: *mut u8, size: usize) -> bool {
+        if size < HUGE_PAGE || !forget(ptr as usize) {
+            return false;
+        }
+        let len = size.next_multiple_of(page());
+        // SAFETY: the range is the map made for this buffer.
+        unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+        true
+    }
+
+    /// Resizes one of the maps made here: `mremap` (which moves pages, not bytes) while it
+    /// stays large, a copy into glibc's memory once small; `None` for glibc's buffers. A null
+    /// inside `Some` is a refusal (the old buffer is kept).
+    ///
+    /// # Safety
+    /// `ptr` with `layout` is a live allocation of the global allocator.
+    pub unsafe fn remap(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*mut u8> {
+        use std::alloc::GlobalAlloc;
+        if layout.size() < HUGE_PAGE || !forget(ptr as usize) {
+            return None;
+        }
+        let old = layout.size().next_multiple_of(page());
+        if new_size < HUGE_PAGE {
+            // SAFETY: a plain allocation of the system allocator, filled from the map, which
+            // is then unmapped.
+            unsafe {
+                let p = std::alloc::System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+                if p.is_null() {
+                    remember(ptr as usize);
+                } else {
+                    std::ptr::copy_nonoverlapping(ptr, p, new_size);
+                    libc::munmap(ptr as *mut libc::c_void, old);
+                }
+                return Some(p);
+            }
+        }
+        let moved = match new_size.checked_next_multiple_of(page()) {
+            // SAFETY: the old range is this buffer's map; the kernel moves it if it must.
+            Some(new) => unsafe { libc::mremap(ptr as *mut libc::c_void, old, new, libc::MREMAP_MAYMOVE) },
+            None => libc::MAP_FAILED,
+        };
+        if moved == libc::MAP_FAILED {
+            remember(ptr as usize);
+            return Some(std::ptr::null_mut());
+        }
+        if !remember(moved as usize) {
+            // No slot left (another thread took it): the map cannot be told from glibc's
+            // buffers any more, so its bytes move into one of those.
+            // SAFETY: as above.
+            unsafe {
+                let p = std::alloc::System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+                if !p.is_null() {
+                    std::ptr::copy_nonoverlapping(moved as *const u8, p, new_size.min(layout.size()));
+                    libc::munmap(moved, new_size.next_multiple_of(page()));
+                }
+                // A refusal here leaves the map alive but unknown; `Counting` exits on it.
+                return Some(p);
+            }
+        }
+        Some(moved as *mut u8)
+    }
+}
+
+/// Without glibc on Linux every buffer comes from the system allocator.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod huge {
+    use std::alloc::Layout;
+    use std::sync::atomic::AtomicBool;
+
+    pub static LOADING: AtomicBool = AtomicBool::new(false);
+    pub static ENABLED: AtomicBool = AtomicBool::new(true);
+
+    pub fn map(_: Layout) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+
+    pub unsafe fn unmap(_: *mut u8, _: usize) -> bool {
+        false
+    }
+
+    pub unsafe fn remap(_: *mut u8, _: Layout, _: usize) -> Option<*mut u8> {
+        None
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` line of the mapping of /proc/self/smaps that starts at `addr`, if any.
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let Some((range, _)) = line.split_once(' ') else { continue };
+            let Some((start, _)) = range.split_once('-') else { continue };
+            if usize::from_str_radix(start, 16).ok() != Some(addr) {
+                continue;
+            }
+            return lines.find_map(|l| l.strip_prefix("VmFlags:").map(str::to_string));
+        }
+        None
+    }
+
+    /// Whether a map advised as huge pages starts at `addr`.
+    fn advised(addr: usize) -> bool {
+        vm_flags(addr).is_some_and(|f| f.split_whitespace().any(|f| f == "hg"))
+    }
+
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_large_buffer_made_while_loading_is_an_advised_map_that_keeps_its_bytes() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _phase = LoadPhase::begin();
+        let size = 3 << 20;
+        let layout = Layout::from_size_align(size, 64).unwrap();
+        // SAFETY: each call passes back what the previous one returned, with its layout.
+        unsafe {
+            let p = Counting.alloc_zeroed(layout);
+            assert_eq!(p as usize % (2 << 20), 0, "aligned to a huge page");
+            let bytes = std::slice::from_raw_parts_mut(p, size);
+            assert!(bytes.iter().all(|&b| b == 0));
+            assert!(huge::is_map(p as usize));
+            assert!(advised(p as usize), "a map of its own, advised as huge pages");
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            // Grown: moved by the kernel if it must, bytes kept.
+            let q = Counting.realloc(p, layout, 5 << 20);
+            let grown = std::slice::from_raw_parts(q, 5 << 20);
+            assert!(grown[..size].iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            // Shrunk below the threshold: into glibc's memory, the map gone.
+            let small = Counting.realloc(q, Layout::from_size_align(5 << 20, 64).unwrap(), 1 << 20);
+            assert!(!huge::is_map(q as usize) && !advised(q as usize), "the map is unmapped");
+            let kept = std::slice::from_raw_parts(small, 1 << 20);
+            assert!(kept.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            Counting.dealloc(small, Layout::from_size_align(1 << 20, 64).unwrap());
+
+            let r = Counting.alloc(layout);
+            assert!(advised(r as usize));
+            Counting.dealloc(r, layout);
+            assert!(!huge::is_map(r as usize) && !advised(r as usize), "freeing unmaps it");
+        }
+    }
+
+    #[test]
+    fn switched_off_large_buffers_come_from_glibc() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _phase = LoadPhase::begin();
+        set_huge_pages(false);
+        let layout = Layout::from_size_align(3 << 20, 64).unwrap();
+        // SAFETY: the buffer is freed with its layout.
+        unsafe {
+            let p = Counting.alloc_zeroed(layout);
+            set_huge_pages(true);
+            assert!(std::slice::from_raw_parts(p, 3 << 20).iter().all(|&b| b == 0));
+            assert!(!huge::is_map(p as usize), "not one of the maps");
+            Counting.dealloc(p, layout);
+        }
+    }
 }
