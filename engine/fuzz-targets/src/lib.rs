@@ -273,12 +273,18 @@ fn synthetic_inputs(s: &Session) -> Option<Vec<Tensor>> {
         .collect()
 }
 
-/// An ONNX model: loaded as `run`, `bench` and `inspect` do, and, if its inputs are small (at
+/// An ONNX model: loaded from memory (`Session::from_bytes`, as the C API and Python package
+/// can) and from a file, as `run`, `bench` and `inspect` do (the protobuf decoded from the file,
+/// its large initializers left there until tract reads them), and, if its inputs are small (at
 /// most [`MAX_RUN_INPUT_BYTES`]), run once on synthetic inputs.
 pub fn onnx_load_run(data: &[u8]) {
-    let mut s = match Session::from_bytes(data) {
+    if let Err(e) = Session::from_bytes(data) {
+        one_line("Session::from_bytes", &e.to_string());
+    }
+    let dir = Scratch::new();
+    let mut s = match Session::load(&dir.write("model.onnx", data)) {
         Ok(s) => s,
-        Err(e) => return one_line("Session::from_bytes", &e.to_string()),
+        Err(e) => return one_line("Session::load", &e.to_string()),
     };
     let Some(inputs) = synthetic_inputs(&s) else { return };
     if let Err(e) = s.run(inputs) {

@@ -609,40 +609,44 @@ impl Session {
         use prost::Message;
         let _phase = alloc::LoadPhase::begin();
         let err = |msg: String| Error::Load { path: "<memory>".into(), msg };
-        let (mut proto, len, file) = match source {
-            Source::File(path, len) => (weights_once::decode_file(path).map_err(err)?, len, Some(path)),
+        // tract resolves external data only inside the model's folder, given as UTF-8: a model
+        // file that is a symlink to elsewhere keeps its weights in the protobuf.
+        let utf8_dir = dir.and_then(|d| d.to_str()).map(str::to_string);
+        let inside = |path: &Path| match (path.canonicalize(), dir.map(Path::canonicalize)) {
+            (Ok(p), Some(Ok(d))) => p.starts_with(d),
+            _ => false,
+        };
+        let (proto, len, handed) = match source {
+            // A file's large weights stay in it until tract reads them (`weights_once`).
+            Source::File(path, len) => {
+                let defer = utf8_dir.is_some() && inside(path);
+                let (proto, handed) = weights_once::decode_file(path, defer).map_err(err)?;
+                (proto, len, handed)
+            }
             Source::Bytes(bytes) => {
                 let proto = tract_onnx::pb::ModelProto::decode(bytes)
                     .map_err(|e| err(format!("not a loadable ONNX model: not an ONNX protobuf ({e})")))?;
                 (proto, bytes.len() as u64, None)
             }
         };
-        let external = guard::check_proto(&proto, dir).map_err(err)?;
+        // The weights left in the model file count as external data here; they are in `len`.
+        let in_file = handed.as_ref().map_or(0, weights_once::HandOver::bytes);
+        let external = guard::check_proto(&proto, dir).map_err(err)?.saturating_sub(in_file);
         if external > 0 {
             limits::check_fits_memory(len + external).map_err(err)?;
         }
-        // tract resolves external data only when given the model's folder (as UTF-8); it reads
-        // each tensor through a memory map of the side file and copies it into its own memory.
-        let utf8_dir = dir.and_then(|d| d.to_str()).map(str::to_string);
         if let (Some(d), None, true) = (dir, &utf8_dir, external > 0) {
             return Err(err(format!("{}: the model's folder must be valid UTF-8", d.display())));
         }
         let mut onnx = tract_onnx::onnx();
         nbits_import::register(&mut onnx);
-        // tract resolves external data only inside the model's folder: a model file that is a
-        // symlink to elsewhere keeps its weights in the protobuf.
-        let inside = |path: &Path| match (path.canonicalize(), dir.map(Path::canonicalize)) {
-            (Ok(p), Some(Ok(d))) => p.starts_with(d),
-            _ => false,
-        };
-        let dir_str = match (file, utf8_dir) {
-            // A file's own weights go to tract as external data of the file, handed over.
-            (Some(path), Some(d)) if inside(path) => {
-                onnx.provider = Arc::new(weights_once::hand_over(&mut proto, path, len).map_err(err)?);
-                Some(d)
+        let dir_str = match handed {
+            Some(handed) => {
+                onnx.provider = Arc::new(handed);
+                utf8_dir
             }
-            (_, d) if external > 0 => d,
-            _ => None,
+            None if external > 0 => utf8_dir,
+            None => None,
         };
         let parsed = onnx
             .parse(&proto, dir_str.as_deref())

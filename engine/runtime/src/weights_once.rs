@@ -1,16 +1,19 @@
 //! One copy of the weights while a file loads.
 //!
 //! Reading an ONNX file the obvious way holds the weights three times at its peak: the file's
-//! bytes, the decoded protobuf's `raw_data`, then tract's tensors built from the protobuf. Here
+//! bytes, the decoded protobuf's `raw_data`, then tract's tensors built from the protobuf; and
+//! prost copies each `raw_data` twice on the way (into a `Bytes`, then into the `Vec`). Here
 //!
 //! * [`decode_file`] decodes the protobuf straight from the file through a 1 MiB window
-//!   ([`FileBuf`], a `prost::bytes::Buf`), so the file's bytes are never all in memory;
-//! * [`hand_over`] moves each initializer's `raw_data` out of the protobuf into a
-//!   [`HandOver`] data resolver and marks the initializer as external data of the model file
-//!   itself, at an offset past the file's end that no real tensor can have. tract then asks the
-//!   resolver for each tensor in turn; the resolver gives its bytes away (a move, no copy), tract
-//!   copies them into its tensor and drops them, so at any moment a weight lives in the protobuf
-//!   or in tract, plus one tensor in flight.
+//!   ([`FileBuf`], a `prost::bytes::Buf`), so the file's bytes are never all in memory, and
+//!   (with `defer`) leaves the `raw_data` of every initializer of at least 4 KiB in the file:
+//!   it decodes the model, graph and initializer messages field by field (prost's own
+//!   `merge_field` for every other field), skips those bytes, and marks the initializer as
+//!   external data of the model file itself, at the bytes' offset;
+//! * the returned [`HandOver`], tract's data resolver for the load, reads each such tensor from
+//!   the file (the descriptor opened for decoding) when tract asks for it; tract copies it into
+//!   its tensor and drops it, so at any moment a weight lives in the file or in tract, plus one
+//!   tensor in flight, and it was copied twice (the kernel's read, tract's copy), not four times.
 //!
 //! Real external data (a side file) still goes through tract's own memory-mapped reader.
 //!
@@ -19,14 +22,15 @@
 //! ops rebuild as they translate).
 
 use prost::bytes::Buf;
-use std::collections::HashMap;
+use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use tract_onnx::data_resolver::{MmapDataResolver, ModelDataResolver};
 use tract_onnx::pb::tensor_proto::DataLocation;
-use tract_onnx::pb::{ModelProto, StringStringEntryProto};
+use tract_onnx::pb::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use tract_onnx::prelude::{InferenceModel, OutletId, TVec, TractResult, TypedModel};
 
 const WINDOW: usize = 1 << 20;
@@ -34,6 +38,7 @@ const WINDOW: usize = 1 << 20;
 /// A file read through a fixed window, as a `Buf` prost can decode from.
 pub struct FileBuf {
     file: File,
+    len: u64,
     window: Vec<u8>,
     pos: usize,
     filled: usize,
@@ -45,7 +50,7 @@ impl FileBuf {
     fn open(path: &Path) -> std::io::Result<FileBuf> {
         let (file, len) = crate::fsio::open_regular(path)?;
         let remaining = usize::try_from(len).map_err(|_| std::io::Error::other("file too large"))?;
-        let mut b = FileBuf { file, window: vec![0; WINDOW], pos: 0, filled: 0, remaining, error: None };
+        let mut b = FileBuf { file, len, window: vec![0; WINDOW], pos: 0, filled: 0, remaining, error: None };
         b.refill();
         Ok(b)
     }
@@ -75,6 +80,31 @@ impl FileBuf {
     }
 }
 
+impl FileBuf {
+    /// The file offset of the next byte.
+    fn position(&self) -> u64 {
+        self.len - self.remaining as u64
+    }
+
+    /// Skips `n` bytes (at most `remaining`) without reading those past the window.
+    fn skip(&mut self, n: usize) {
+        let in_window = (self.filled - self.pos).min(n);
+        self.pos += in_window;
+        self.remaining -= in_window;
+        let rest = n - in_window;
+        if rest > 0 {
+            // The window is used up: the file's position is the next byte's.
+            if let Err(e) = self.file.seek(SeekFrom::Current(rest as i64)) {
+                self.error = Some(e);
+                self.remaining = 0;
+                return;
+            }
+            self.remaining -= rest;
+        }
+        self.refill();
+    }
+}
+
 impl Buf for FileBuf {
     fn remaining(&self) -> usize {
         self.remaining
@@ -92,23 +122,171 @@ impl Buf for FileBuf {
     }
 }
 
-/// Decodes the ONNX protobuf in `path` without holding the file's bytes.
-pub fn decode_file(path: &Path) -> Result<ModelProto, String> {
-    use prost::Message;
+/// Decodes the ONNX protobuf in `path` without holding the file's bytes. With `defer`, the
+/// `raw_data` of each initializer of 4 KiB or more stays in the file: the initializer becomes
+/// external data of the file itself (`location` its name, `offset` and `length` the bytes' place),
+/// and the returned [`HandOver`] reads it when tract asks. Only for a file inside the folder
+/// tract is given as the model's, which is where tract resolves `location`.
+pub fn decode_file(path: &Path, defer: bool) -> Result<(ModelProto, Option<HandOver>), String> {
     let mut buf = FileBuf::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let decoded = ModelProto::decode(&mut buf);
+    let defer = defer && cfg!(unix);
+    let decoded = if defer {
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or("the model's file name must be valid UTF-8")?;
+        decode_deferring(&mut buf, name)
+    } else {
+        ModelProto::decode(&mut buf).map(|m| (m, HashSet::new())).map_err(text)
+    };
     if let Some(e) = buf.error.take() {
         return Err(format!("cannot read: {e}"));
     }
-    decoded.map_err(|e| format!("not a loadable ONNX model: not an ONNX protobuf ({e})"))
+    let (model, ranges) = decoded.map_err(|e| format!("not a loadable ONNX model: not an ONNX protobuf ({e})"))?;
+    if !defer {
+        return Ok((model, None));
+    }
+    let canonical = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = ranges.iter().map(|&(_, len)| len as u64).sum();
+    Ok((model, Some(HandOver { model: canonical, file: buf.file, ranges, bytes })))
 }
 
-/// A data resolver that hands over the initializers [`hand_over`] took out of the protobuf, and
-/// reads every other external tensor as tract does.
+/// Initializer `raw_data` from this size on stays in the file.
+const DEFER_FROM: usize = 4096;
+
+/// Decodes a `ModelProto` as prost does, but the model's graph and the graph's initializers
+/// field by field, leaving large initializer `raw_data` in the file. Returns the (offset, length)
+/// of each range left there.
+fn decode_deferring(buf: &mut FileBuf, name: &str) -> Result<(ModelProto, HashSet<(u64, usize)>), String> {
+    let ctx = DecodeContext::default();
+    let mut model = ModelProto::default();
+    let mut ranges = HashSet::new();
+    while buf.has_remaining() {
+        let (tag, wire) = decode_key(buf).map_err(text)?;
+        if tag != 7 || wire != WireType::LengthDelimited {
+            model.merge_field(tag, wire, buf, ctx.clone()).map_err(text)?;
+            continue;
+        }
+        // ModelProto.graph
+        let graph = model.graph.get_or_insert_with(GraphProto::default);
+        let end = message_end(buf)?;
+        while buf.remaining() > end {
+            let (tag, wire) = decode_key(buf).map_err(text)?;
+            if tag != 5 || wire != WireType::LengthDelimited {
+                graph.merge_field(tag, wire, buf, ctx.clone()).map_err(text)?;
+            } else {
+                // GraphProto.initializer
+                let (t, range) = decode_initializer(buf, name, &ctx)?;
+                graph.initializer.push(t);
+                ranges.extend(range);
+            }
+            within(buf, end)?;
+        }
+    }
+    Ok((model, ranges))
+}
+
+/// One initializer (a length-delimited `TensorProto`), its large `raw_data` left in the file.
+fn decode_initializer(
+    buf: &mut FileBuf,
+    name: &str,
+    ctx: &DecodeContext,
+) -> Result<(TensorProto, Option<(u64, usize)>), String> {
+    let mut t = TensorProto::default();
+    let mut range = None;
+    let end = message_end(buf)?;
+    while buf.remaining() > end {
+        let (tag, wire) = decode_key(buf).map_err(text)?;
+        if tag != 9 || wire != WireType::LengthDelimited {
+            t.merge_field(tag, wire, buf, ctx.clone()).map_err(text)?;
+        } else {
+            // TensorProto.raw_data: the last one counts, as in prost.
+            let len = length(buf, end)?;
+            if len >= DEFER_FROM {
+                range = Some((buf.position(), len));
+                t.raw_data.clear();
+                buf.skip(len);
+            } else {
+                range = None;
+                t.raw_data = buf.copy_to_bytes(len).to_vec();
+            }
+        }
+        within(buf, end)?;
+    }
+    let Some((offset, len)) = range else { return Ok((t, None)) };
+    if !t.external_data.is_empty() || t.data_location.is_some() {
+        // The initializer has its own say on where its data is: read the bytes in, so that it
+        // is checked and loaded as it would be from memory.
+        match read_at(&buf.file, offset, len) {
+            Ok(bytes) => t.raw_data = bytes,
+            Err(e) => {
+                buf.error = Some(e);
+                return Err("cannot read".into());
+            }
+        }
+        return Ok((t, None));
+    }
+    let entry = |k: &str, v: String| StringStringEntryProto { key: k.into(), value: v };
+    t.external_data =
+        vec![entry("location", name.into()), entry("offset", offset.to_string()), entry("length", len.to_string())];
+    t.data_location = Some(DataLocation::External as i32);
+    Ok((t, Some((offset, len))))
+}
+
+/// Reads a length prefix that must fit before `end` (as `remaining`), as prost checks.
+fn length(buf: &mut FileBuf, end: usize) -> Result<usize, String> {
+    let len = decode_varint(buf).map_err(text)?;
+    match usize::try_from(len) {
+        Ok(len) if len <= buf.remaining() - end => Ok(len),
+        _ => Err("buffer underflow".into()),
+    }
+}
+
+/// Reads the length prefix of a nested message and returns where it ends (as `remaining`).
+fn message_end(buf: &mut FileBuf) -> Result<usize, String> {
+    let len = length(buf, 0)?;
+    Ok(buf.remaining() - len)
+}
+
+/// A field that ran past its message's end is malformed (prost: "delimited length exceeded").
+fn within(buf: &FileBuf, end: usize) -> Result<(), String> {
+    if buf.remaining() < end {
+        return Err("delimited length exceeded".into());
+    }
+    Ok(())
+}
+
+fn text(e: DecodeError) -> String {
+    e.to_string()
+}
+
+/// Reads `len` bytes at `offset` without moving the file's cursor. Zeroed memory of this size is
+/// a fresh memory map: nothing passes over it before the read.
+#[cfg(unix)]
+fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0; len];
+    file.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes)
+}
+
+/// [`decode_file`] leaves nothing in the file where reading at an offset needs a cursor.
+#[cfg(not(unix))]
+fn read_at(_: &File, _: u64, _: usize) -> std::io::Result<Vec<u8>> {
+    Err(std::io::Error::other("reading at an offset needs a unix system"))
+}
+
+/// The data resolver of a load: reads the initializers [`decode_file`] left in the model file
+/// from the descriptor it decoded, and every other external tensor as tract does.
 pub struct HandOver {
     model: PathBuf,
-    first_key: usize,
-    taken: Mutex<HashMap<usize, Vec<u8>>>,
+    file: File,
+    ranges: HashSet<(u64, usize)>,
+    bytes: u64,
+}
+
+impl HandOver {
+    /// The bytes left in the file (counted as external data by the model's checks).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 impl ModelDataResolver for HandOver {
@@ -119,40 +297,12 @@ impl ModelDataResolver for HandOver {
         offset: usize,
         length: Option<usize>,
     ) -> TractResult<()> {
-        if offset >= self.first_key && p == self.model {
-            let bytes = self.taken.lock().expect("not poisoned").remove(&offset);
-            if let Some(bytes) = bytes {
-                *buf = bytes;
-                return Ok(());
-            }
+        if let Some(len) = length.filter(|&len| p == self.model && self.ranges.contains(&(offset as u64, len))) {
+            *buf = read_at(&self.file, offset as u64, len)?;
+            return Ok(());
         }
         MmapDataResolver.read_bytes_from_path(buf, p, offset, length)
     }
-}
-
-/// Moves the `raw_data` of every initializer of at least 4 KiB out of `proto` into a resolver,
-/// leaving an external-data reference to `model` (the file the protobuf came from, inside its
-/// folder as tract resolves it) at a key offset past the file's `file_len` bytes.
-pub fn hand_over(proto: &mut ModelProto, model: &Path, file_len: u64) -> Result<HandOver, String> {
-    let canonical = model.canonicalize().map_err(|e| format!("{}: {e}", model.display()))?;
-    let name = model.file_name().and_then(|n| n.to_str()).ok_or("the model's file name must be valid UTF-8")?;
-    let first_key = usize::try_from(file_len).map_err(|_| "file too large")? + 1;
-    let mut taken = HashMap::new();
-    if let Some(g) = proto.graph.as_mut() {
-        for t in g.initializer.iter_mut().filter(|t| t.raw_data.len() >= 4096) {
-            let key = first_key + taken.len();
-            let bytes = std::mem::take(&mut t.raw_data);
-            let entry = |k: &str, v: String| StringStringEntryProto { key: k.into(), value: v };
-            t.external_data = vec![
-                entry("location", name.into()),
-                entry("offset", key.to_string()),
-                entry("length", bytes.len().to_string()),
-            ];
-            t.data_location = Some(DataLocation::External as i32);
-            taken.insert(key, bytes);
-        }
-    }
-    Ok(HandOver { model: canonical, first_key, taken: Mutex::new(taken) })
 }
 
 /// Translates a parsed model to a typed one as tract's `into_typed` does, dropping each constant
@@ -428,5 +578,200 @@ impl Recording {
             wired.insert(n, outs);
         }
         Ok(self.outputs.iter().map(|o| remap(o, &wired)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::encoding::{encode_key, encode_varint};
+    use tract_onnx::pb::{AttributeProto, NodeProto, OperatorSetIdProto};
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    fn tensor(name: &str, n_bytes: usize, seed: u8) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            dims: vec![(n_bytes / 4) as i64],
+            data_type: 1,
+            raw_data: bytes(n_bytes, seed),
+            ..Default::default()
+        }
+    }
+
+    fn length_delimited(tag: u32, body: &[u8], out: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(body.len() as u64, out);
+        out.extend_from_slice(body);
+    }
+
+    /// A model with every case the deferring decoder tells apart: large and small initializers,
+    /// one whose `raw_data` appears twice (the last counts), one that names its own data
+    /// location, a large tensor in a `Constant` node's attribute (left inline), and fields
+    /// around the graph.
+    fn model_bytes() -> Vec<u8> {
+        let mut own_location = tensor("own", 4096, 3);
+        own_location.data_location = Some(DataLocation::Default as i32);
+        let constant = NodeProto {
+            op_type: "Constant".into(),
+            output: vec!["c".into()],
+            attribute: vec![AttributeProto {
+                name: "value".into(),
+                t: Some(tensor("c", 10000, 4)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let graph = GraphProto {
+            name: "g".into(),
+            node: vec![constant],
+            initializer: vec![tensor("big", 8192, 1), tensor("small", 16, 2), own_location],
+            ..Default::default()
+        };
+        let model = ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        let mut out = model.encode_to_vec();
+        // A second graph message merges into the first: one initializer given large then small
+        // `raw_data`, and one given small then large.
+        let twice = |first: usize, second: usize| {
+            let mut t = tensor("twice", first, 5).encode_to_vec();
+            let mut later = Vec::new();
+            length_delimited(9, &bytes(second, 6), &mut later);
+            t.extend(later);
+            t
+        };
+        let mut g2 = Vec::new();
+        length_delimited(5, &twice(8192, 16), &mut g2);
+        length_delimited(5, &twice(16, 6000), &mut g2);
+        length_delimited(7, &g2, &mut out);
+        // ModelProto.producer_name after the graph.
+        length_delimited(2, b"test", &mut out);
+        out
+    }
+
+    /// Reads the deferred initializers' bytes back into the protobuf, undoing the deferral.
+    fn restore(model: &mut ModelProto, handed: &HandOver) {
+        let Some(g) = model.graph.as_mut() else { return };
+        for t in &mut g.initializer {
+            let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).and_then(|e| e.value.parse().ok());
+            let (Some(offset), Some(len)) = (entry("offset"), entry("length")) else { continue };
+            if handed.ranges.contains(&(offset, len as usize)) {
+                t.raw_data = read_at(&handed.file, offset, len as usize).unwrap();
+                t.external_data.clear();
+                t.data_location = None;
+            }
+        }
+    }
+
+    fn decode_both(dir: &Path, data: &[u8]) -> (Result<ModelProto, String>, Result<ModelProto, String>) {
+        let path = dir.join("m.onnx");
+        std::fs::write(&path, data).unwrap();
+        let theirs = ModelProto::decode(data).map_err(|e| e.to_string());
+        let ours = decode_file(&path, true).map(|(mut m, handed)| {
+            restore(&mut m, handed.as_ref().unwrap());
+            m
+        });
+        (theirs, ours)
+    }
+
+    #[test]
+    fn deferring_decodes_as_prost_and_leaves_only_large_initializers_in_the_file() {
+        let dir = std::env::temp_dir().join(format!("pe-defer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = model_bytes();
+        let path = dir.join("m.onnx");
+        std::fs::write(&path, &data).unwrap();
+        let (model, handed) = decode_file(&path, true).unwrap();
+        let handed = handed.unwrap();
+        let g = model.graph.as_ref().unwrap();
+        let left: Vec<&str> = g.initializer.iter().filter(|t| !t.external_data.is_empty()).map(|t| &*t.name).collect();
+        // "own" names its own data location; the first "twice" ends small.
+        assert_eq!(left, ["big", "twice"]);
+        assert_eq!(handed.bytes(), 8192 + 6000);
+        // The bytes left in the file are the initializer's own.
+        let big = &g.initializer[0];
+        let offset: u64 = big.external_data.iter().find(|e| e.key == "offset").unwrap().value.parse().unwrap();
+        assert_eq!(read_at(&handed.file, offset, 8192).unwrap(), bytes(8192, 1));
+        assert_eq!(g.node[0].attribute[0].t.as_ref().unwrap().raw_data.len(), 10000);
+
+        let (theirs, ours) = decode_both(&dir, &data);
+        assert_eq!(ours.unwrap(), theirs.unwrap());
+
+        // An initializer whose last field (its name) runs 2 bytes past the length the graph
+        // gives it, the graph going on after the name: prost refuses it, and so must this.
+        let body =
+            TensorProto { name: "abc".into(), dims: vec![1], data_type: 1, ..Default::default() }.encode_to_vec();
+        let mut graph = Vec::new();
+        encode_key(5, WireType::LengthDelimited, &mut graph);
+        encode_varint(body.len() as u64 - 2, &mut graph);
+        graph.extend_from_slice(&body);
+        length_delimited(2, b"graph name", &mut graph);
+        let mut overrun = Vec::new();
+        length_delimited(7, &graph, &mut overrun);
+        let (theirs, ours) = decode_both(&dir, &overrun);
+        assert!(theirs.is_err() && ours.is_err(), "{ours:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn deferring_accepts_and_refuses_what_prost_does() {
+        let dir = std::env::temp_dir().join(format!("pe-defer-mut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = model_bytes();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..4000 {
+            let mut d = data.clone();
+            for _ in 0..1 + next(3) {
+                match next(5) {
+                    0 => {
+                        let i = next(d.len());
+                        d[i] ^= 1 << next(8);
+                    }
+                    // Lengths one longer or shorter.
+                    4 => {
+                        let i = next(d.len());
+                        d[i] = if next(2) == 0 { d[i].wrapping_add(1) } else { d[i].wrapping_sub(1) };
+                    }
+                    1 => d.truncate(next(d.len())),
+                    2 => {
+                        let i = next(d.len());
+                        d[i] = [0x00, 0x7f, 0x80, 0xff][next(4)];
+                    }
+                    _ => {
+                        let (a, b) = (next(d.len()), next(d.len()));
+                        let piece = d[a.min(b)..a.max(b)].to_vec();
+                        let at = next(d.len());
+                        d.splice(at..at, piece);
+                    }
+                }
+                if d.is_empty() {
+                    break;
+                }
+            }
+            let (theirs, ours) = decode_both(&dir, &d);
+            match (theirs, ours) {
+                (Ok(t), Ok(o)) => {
+                    assert_eq!(o, t);
+                    accepted += 1;
+                }
+                (Err(_), Err(_)) => refused += 1,
+                (t, o) => panic!("prost: {:?}, deferring: {:?}", t.map(|_| ()), o.map(|_| ())),
+            }
+        }
+        assert!(accepted > 100 && refused > 100, "{accepted} accepted, {refused} refused");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
