@@ -157,6 +157,30 @@ impl Packed {
         Packed { k, n, data }
     }
 
+    /// Packs the `k x n` weight at `w`, `w[row * sk + col * sn]` at (`row`, `col`), as
+    /// [`Packed::new`] does, a line at a time: a row-major weight (`sn` 1) by slices, without
+    /// filling the buffer with zeros first.
+    pub(crate) fn from_strided(k: usize, n: usize, w: &[f32], (sk, sn): (isize, isize)) -> Packed {
+        if sn != 1 || sk < 0 {
+            return Packed::new(k, n, |row, col| w[(row as isize * sk + col as isize * sn) as usize]);
+        }
+        let sk = sk as usize;
+        let panels = n.div_ceil(NR);
+        let mut data = Vec::with_capacity(panels * k);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            for j in 0..panels {
+                let (c0, width) = (j * NR, NR.min(n - j * NR));
+                data.extend((pc..pc + kc).map(|p| {
+                    let mut line = Line([0.0; NR]);
+                    line.0[..width].copy_from_slice(&w[p * sk + c0..p * sk + c0 + width]);
+                    line
+                }));
+            }
+        }
+        Packed { k, n, data }
+    }
+
     /// An empty weight: a buffer for [`Packed::refill_panels`].
     #[cfg(target_arch = "x86_64")]
     pub(crate) const fn empty() -> Packed {
@@ -581,10 +605,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 Some(p) => p.3.clone(),
                 None => {
                     let w = b.try_as_plain_ram()?.as_slice::<f32>()?;
-                    let (sk, sn) = (op.b.row, op.b.col);
-                    let p = Arc::new(Packed::new(op.k, op.n, |row, col| {
-                        w[(row as isize * sk + col as isize * sn) as usize]
-                    }));
+                    let p = Arc::new(Packed::from_strided(op.k, op.n, w, (op.b.row, op.b.col)));
                     packed.push((op.b, op.k, op.n, p.clone()));
                     p
                 }
@@ -724,6 +745,19 @@ mod tests {
                 }
             });
             assert!(p == Packed::new(k, n, w), "{k} x {n}");
+        }
+    }
+
+    /// [`Packed::from_strided`] against [`Packed::new`] on the same values: row-major (by
+    /// slices, padded rows, partial panels, several blocks of `k`) and column-major.
+    #[test]
+    fn from_strided_packs_as_new() {
+        for (k, n, sk) in [(1, 1, 1), (300, 20, 20), (700, 50, 53), (256, 16, 16), (5, 33, 40)] {
+            let w: Vec<f32> = (0..k * sk).map(|i| i as f32 * 0.25 - 7.0).collect();
+            let want = Packed::new(k, n, |row, col| w[row * sk + col]);
+            assert!(Packed::from_strided(k, n, &w, (sk as isize, 1)) == want, "{k} x {n}, rows {sk} apart");
+            let t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * sk + i / k]).collect();
+            assert!(Packed::from_strided(k, n, &t, (1, k as isize)) == want, "{k} x {n} column-major");
         }
     }
 
