@@ -7,7 +7,7 @@
 //! |-----------------------|-----------------------------------------|--------------------------------------------------|
 //! | [`export_checkpoint`] | option flags, config.json, safetensors  | `export`, int8 / q4 `quantize`, `pack::build`     |
 //! | [`npy_inputs`]        | a `.npy` file                           | `npy::read_npy`, `dataset::load_inputs`           |
-//! | [`onnx_load_run`]     | an ONNX model                           | `Session::from_bytes`, `Session::run`             |
+//! | [`onnx_load_run`]     | an ONNX model                           | `Session::from_bytes`, `Session::load`, `run`     |
 //! | [`board_profile`]     | a board TOML                            | `profile::Profile::parse`                         |
 //! | [`pack_reader`]       | a weight pack                           | the cortex-m firmware's reader (host build)       |
 //!
