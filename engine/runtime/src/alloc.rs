@@ -309,55 +309,60 @@ mod huge {
     }
 
     /// Resizes one of the maps made here: `mremap` (which moves pages, not bytes) while it
-    /// stays large, a copy into glibc's memory once small; `None` for glibc's buffers. A null
-    /// inside `Some` is a refusal (the old buffer is kept).
+    /// stays large and needs no more than page alignment (all `mremap` keeps), otherwise a new
+    /// buffer (a map while loading, glibc's memory else) that the bytes are copied into; `None`
+    /// for glibc's buffers. A null inside `Some` is a refusal: the old buffer is kept, though
+    /// in the unlikely case that another thread took its table slot meanwhile it is no longer
+    /// known as a map (`Counting` exits on a refusal).
     ///
     /// # Safety
     /// `ptr` with `layout` is a live allocation of the global allocator.
     pub unsafe fn remap(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*mut u8> {
-        use std::alloc::GlobalAlloc;
         if layout.size() < HUGE_PAGE || !forget(ptr as usize) {
             return None;
         }
         let old = layout.size().next_multiple_of(page());
-        if new_size < HUGE_PAGE {
-            // SAFETY: a plain allocation of the system allocator, filled from the map, which
-            // is then unmapped.
-            unsafe {
-                let p = std::alloc::System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
-                if p.is_null() {
-                    remember(ptr as usize);
-                } else {
-                    std::ptr::copy_nonoverlapping(ptr, p, new_size);
-                    libc::munmap(ptr as *mut libc::c_void, old);
-                }
-                return Some(p);
-            }
-        }
-        let moved = match new_size.checked_next_multiple_of(page()) {
+        let new = new_size.checked_next_multiple_of(page());
+        if let (true, true, Some(new)) = (new_size >= HUGE_PAGE, layout.align() <= page(), new) {
             // SAFETY: the old range is this buffer's map; the kernel moves it if it must.
-            Some(new) => unsafe { libc::mremap(ptr as *mut libc::c_void, old, new, libc::MREMAP_MAYMOVE) },
-            None => libc::MAP_FAILED,
-        };
-        if moved == libc::MAP_FAILED {
-            remember(ptr as usize);
-            return Some(std::ptr::null_mut());
-        }
-        if !remember(moved as usize) {
-            // No slot left (another thread took it): the map cannot be told from glibc's
-            // buffers any more, so its bytes move into one of those.
-            // SAFETY: as above.
-            unsafe {
-                let p = std::alloc::System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
-                if !p.is_null() {
-                    std::ptr::copy_nonoverlapping(moved as *const u8, p, new_size.min(layout.size()));
-                    libc::munmap(moved, new_size.next_multiple_of(page()));
-                }
-                // A refusal here leaves the map alive but unknown; `Counting` exits on it.
-                return Some(p);
+            let moved = unsafe { libc::mremap(ptr as *mut libc::c_void, old, new, libc::MREMAP_MAYMOVE) };
+            if moved == libc::MAP_FAILED {
+                remember(ptr as usize);
+                return Some(std::ptr::null_mut());
             }
+            if remember(moved as usize) {
+                return Some(moved as *mut u8);
+            }
+            // No slot left (another thread took it): its bytes move into glibc's memory below.
+            return Some(unsafe { into_new(moved as *mut u8, new, new_size, layout) });
         }
-        Some(moved as *mut u8)
+        Some(unsafe { into_new(ptr, old, new_size, layout) })
+    }
+
+    /// Copies the map `ptr` (`len` bytes mapped) into a new buffer of `new_size` bytes and
+    /// `layout`'s alignment, and unmaps it; null (the map kept) if no buffer is to be had.
+    ///
+    /// # Safety
+    /// `ptr` is a map of `len` bytes made here, no longer in the table, holding `layout`.
+    unsafe fn into_new(ptr: *mut u8, len: usize, new_size: usize, layout: Layout) -> *mut u8 {
+        use std::alloc::GlobalAlloc;
+        // SAFETY: `layout.align()` is a valid alignment and `new_size` was accepted by the caller.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let mut p = map(new_layout);
+        if p.is_null() {
+            // SAFETY: a plain allocation of the system allocator.
+            p = unsafe { std::alloc::System.alloc(new_layout) };
+        }
+        if p.is_null() {
+            remember(ptr as usize);
+            return p;
+        }
+        // SAFETY: both buffers hold at least the bytes copied, and they do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(ptr, p, new_size.min(layout.size()));
+            libc::munmap(ptr as *mut libc::c_void, len);
+        }
+        p
     }
 }
 
@@ -460,6 +465,15 @@ mod tests {
             let kept = std::slice::from_raw_parts(small, 1 << 20);
             assert!(kept.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
             Counting.dealloc(small, Layout::from_size_align(1 << 20, 64).unwrap());
+
+            // An alignment past a page: grown into a new map, not `mremap`'s page alignment.
+            let wide = Layout::from_size_align(3 << 20, 1 << 20).unwrap();
+            let w = Counting.alloc(wide);
+            std::ptr::write_bytes(w, 7, 3 << 20);
+            let w2 = Counting.realloc(w, wide, 5 << 20);
+            assert_eq!(w2 as usize % (1 << 20), 0, "alignment kept");
+            assert!(std::slice::from_raw_parts(w2, 3 << 20).iter().all(|&b| b == 7));
+            Counting.dealloc(w2, Layout::from_size_align(5 << 20, 1 << 20).unwrap());
 
             let r = Counting.alloc(layout);
             assert!(huge::is_map(r as usize) && (advised(r as usize) || !shows));

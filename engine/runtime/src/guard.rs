@@ -12,7 +12,7 @@ use tract_onnx::pb::{ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 
 /// Bytes of one element of ONNX data type `code`, for the types a graph may carry.
-fn elem_bytes(code: i32) -> Option<usize> {
+pub(crate) fn elem_bytes(code: i32) -> Option<usize> {
     use DataType as T;
     Some(match T::try_from(code).ok()? {
         T::Float | T::Int32 | T::Uint32 => 4,

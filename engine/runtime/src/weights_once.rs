@@ -152,7 +152,9 @@ pub fn decode_file(path: &Path, defer: bool) -> Result<(ModelProto, Option<HandO
 const DEFER_FROM: usize = 4096;
 
 /// Decodes a `ModelProto` as prost does, but the model's graph and the graph's initializers
-/// field by field, leaving large initializer `raw_data` in the file. Returns the (offset, length)
+/// field by field, leaving large initializer `raw_data` in the file. (prost's recursion limit
+/// counts from the fields decoded here: two levels more than from the top, as prost's
+/// `enter_recursion` is not public; harmless for the stack.) Returns the (offset, length)
 /// of each range left there.
 fn decode_deferring(buf: &mut FileBuf, name: &str) -> Result<(ModelProto, HashSet<(u64, usize)>), String> {
     let ctx = DecodeContext::default();
@@ -211,9 +213,16 @@ fn decode_initializer(
         within(buf, end)?;
     }
     let Some((offset, len)) = range else { return Ok((t, None)) };
-    if !t.external_data.is_empty() || t.data_location.is_some() {
-        // The initializer has its own say on where its data is: read the bytes in, so that it
-        // is checked and loaded as it would be from memory.
+    // Left in the file: data that only tract reads, exactly the size its shape declares.
+    // Otherwise the bytes are read in, so that the model's checks see them as from memory: an
+    // initializer with its own say on where its data is, int64 values (shapes, which the checks
+    // read before tract does), and a size that does not match (refused as inline data is).
+    let declared = crate::guard::elem_bytes(t.data_type).and_then(|size| {
+        let dims: Option<Vec<usize>> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect();
+        dims?.iter().try_fold(size, |acc, &d| acc.checked_mul(d))
+    });
+    let int64 = t.data_type == tract_onnx::pb::tensor_proto::DataType::Int64 as i32;
+    if !t.external_data.is_empty() || t.data_location.is_some() || int64 || declared != Some(len) {
         match read_at(&buf.file, offset, len) {
             Ok(bytes) => t.raw_data = bytes,
             Err(e) => {
@@ -230,13 +239,18 @@ fn decode_initializer(
     Ok((t, Some((offset, len))))
 }
 
-/// Reads a length prefix that must fit before `end` (as `remaining`), as prost checks.
+/// Reads a length prefix that must fit in the file and before `end` (as `remaining`), as prost
+/// checks (its varint may itself have run past `end`).
 fn length(buf: &mut FileBuf, end: usize) -> Result<usize, String> {
     let len = decode_varint(buf).map_err(text)?;
-    match usize::try_from(len) {
-        Ok(len) if len <= buf.remaining() - end => Ok(len),
-        _ => Err("buffer underflow".into()),
+    let len = match usize::try_from(len) {
+        Ok(len) if len <= buf.remaining() => len,
+        _ => return Err("buffer underflow".into()),
+    };
+    if buf.remaining() < end || len > buf.remaining() - end {
+        return Err("delimited length exceeded".into());
     }
+    Ok(len)
 }
 
 /// Reads the length prefix of a nested message and returns where it ends (as `remaining`).
@@ -624,10 +638,13 @@ mod tests {
             }],
             ..Default::default()
         };
+        // int64 values (a shape the checks read) and a size its shape does not declare stay inline.
+        let int64 = TensorProto { data_type: 7, dims: vec![512], ..tensor("int64", 4096, 7) };
+        let wrong_size = TensorProto { dims: vec![10], ..tensor("wrong size", 8192, 8) };
         let graph = GraphProto {
             name: "g".into(),
             node: vec![constant],
-            initializer: vec![tensor("big", 8192, 1), tensor("small", 16, 2), own_location],
+            initializer: vec![tensor("big", 8192, 1), tensor("small", 16, 2), own_location, int64, wrong_size],
             ..Default::default()
         };
         let model = ModelProto {
@@ -640,7 +657,7 @@ mod tests {
         // A second graph message merges into the first: one initializer given large then small
         // `raw_data`, and one given small then large.
         let twice = |first: usize, second: usize| {
-            let mut t = tensor("twice", first, 5).encode_to_vec();
+            let mut t = TensorProto { dims: vec![(second / 4) as i64], ..tensor("twice", first, 5) }.encode_to_vec();
             let mut later = Vec::new();
             length_delimited(9, &bytes(second, 6), &mut later);
             t.extend(later);
@@ -691,8 +708,12 @@ mod tests {
         let handed = handed.unwrap();
         let g = model.graph.as_ref().unwrap();
         let left: Vec<&str> = g.initializer.iter().filter(|t| !t.external_data.is_empty()).map(|t| &*t.name).collect();
-        // "own" names its own data location; the first "twice" ends small.
+        // "own" names its own data location, "int64" and "wrong size" stay inline, the first
+        // "twice" ends small.
         assert_eq!(left, ["big", "twice"]);
+        for t in &g.initializer[2..5] {
+            assert!(t.raw_data.len() >= 4096, "{} read in", t.name);
+        }
         assert_eq!(handed.bytes(), 8192 + 6000);
         // The bytes left in the file are the initializer's own.
         let big = &g.initializer[0];
@@ -715,6 +736,19 @@ mod tests {
         let mut overrun = Vec::new();
         length_delimited(7, &graph, &mut overrun);
         let (theirs, ours) = decode_both(&dir, &overrun);
+        assert!(theirs.is_err() && ours.is_err(), "{ours:?}");
+
+        // An initializer whose last byte is a `raw_data` key: its length is read from past the
+        // initializer's end (the graph's name field after it).
+        let mut body =
+            TensorProto { name: "k".into(), dims: vec![1], data_type: 1, ..Default::default() }.encode_to_vec();
+        body.push(9 << 3 | 2);
+        let mut graph = Vec::new();
+        length_delimited(5, &body, &mut graph);
+        length_delimited(2, b"graph name", &mut graph);
+        let mut past = Vec::new();
+        length_delimited(7, &graph, &mut past);
+        let (theirs, ours) = decode_both(&dir, &past);
         assert!(theirs.is_err() && ours.is_err(), "{ours:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
