@@ -18,28 +18,14 @@ pub struct Counting;
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let mut p = huge::map(layout);
-        if p.is_null() {
-            p = unsafe { System.alloc(layout) };
-        }
-        if p.is_null() {
-            refused(layout.size());
-        }
-        grow(layout.size() as u64);
-        p
+        // SAFETY: `layout` is the caller's, valid for the system allocator.
+        counted(layout, || unsafe { System.alloc(layout) })
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // A fresh map is zero already.
-        let mut p = huge::map(layout);
-        if p.is_null() {
-            p = unsafe { System.alloc_zeroed(layout) };
-        }
-        if p.is_null() {
-            refused(layout.size());
-        }
-        grow(layout.size() as u64);
-        p
+        // SAFETY: as in `alloc`.
+        counted(layout, || unsafe { System.alloc_zeroed(layout) })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -63,6 +49,20 @@ unsafe impl GlobalAlloc for Counting {
         grow(new_size as u64);
         p
     }
+}
+
+/// A huge-page map for `layout` while loading, else what `system` gives, counted; a refusal
+/// exits ([`refused`]).
+fn counted(layout: Layout, system: impl FnOnce() -> *mut u8) -> *mut u8 {
+    let mut p = huge::map(layout);
+    if p.is_null() {
+        p = system();
+    }
+    if p.is_null() {
+        refused(layout.size());
+    }
+    grow(layout.size() as u64);
+    p
 }
 
 /// Reports a refused allocation on one line and exits with status 1. Nothing here allocates:
