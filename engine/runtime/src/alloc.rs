@@ -231,14 +231,7 @@ mod huge {
         // SAFETY: an anonymous private map at an address the kernel picks; the parts outside
         // the aligned range are unmapped again, and only page-aligned ranges are passed.
         unsafe {
-            let base = libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
+            let base = anonymous(total);
             if base == libc::MAP_FAILED {
                 return std::ptr::null_mut();
             }
@@ -257,6 +250,21 @@ mod huge {
             }
             libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
             start as *mut u8
+        }
+    }
+
+    /// A private anonymous read-write map of `len` bytes (`MAP_FAILED` if refused).
+    pub(super) fn anonymous(len: usize) -> *mut libc::c_void {
+        // SAFETY: the kernel picks the address; no memory is touched.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         }
     }
 
@@ -420,14 +428,7 @@ mod tests {
         // SAFETY: a private anonymous map, advised, looked up, and unmapped.
         unsafe {
             let len = 4 << 20;
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
+            let p = huge::anonymous(len);
             assert_ne!(p, libc::MAP_FAILED);
             let shows = libc::madvise(p, len, libc::MADV_HUGEPAGE) == 0 && advised(p as usize);
             libc::munmap(p, len);

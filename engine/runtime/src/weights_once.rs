@@ -144,8 +144,7 @@ pub fn decode_file(path: &Path, defer: bool) -> Result<(ModelProto, Option<HandO
         return Ok((model, None));
     }
     let canonical = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
-    let bytes = ranges.iter().map(|&(_, len)| len as u64).sum();
-    Ok((model, Some(HandOver { model: canonical, file: buf.file, ranges, bytes })))
+    Ok((model, Some(HandOver { model: canonical, file: buf.file, ranges })))
 }
 
 /// Initializer `raw_data` from this size on stays in the file.
@@ -293,13 +292,12 @@ pub struct HandOver {
     model: PathBuf,
     file: File,
     ranges: HashSet<(u64, usize)>,
-    bytes: u64,
 }
 
 impl HandOver {
     /// The bytes left in the file (counted as external data by the model's checks).
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.ranges.iter().map(|&(_, len)| len as u64).sum()
     }
 }
 
