@@ -130,6 +130,7 @@ impl Expansion for Q4Linear {
         );
         let scales = scales.cast_to::<f32>()?;
         let (b, scales) = (b.try_as_plain_ram()?, scales.try_as_plain_ram()?);
+        clear_upper_vector_state();
         let blob = Q4_0.pack_prequantized_nibbles(b.as_slice::<u8>()?, scales.as_slice::<f32>()?, n, k)?;
 
         let input = model.outlet_fact(inputs[0])?;
@@ -151,6 +152,32 @@ impl Expansion for Q4Linear {
         let axes = AxesMapping::from_strs(&[format!("{lead}k"), "gnk".to_string()], &[format!("{lead}n")])?;
         let y = model.wire_node(format!("{prefix}.matmul"), EinSum::new(axes, f32::datum_type()), &[a, weight])?[0];
         model.wire_node(format!("{prefix}.cast_y"), cast(dt), &[y])
+    }
+}
+
+/// `vzeroupper` where the CPU has AVX: clears the upper halves of the vector registers before
+/// `pack_prequantized_nibbles`, whose loop (SSE code) converts each block's scale with one F16C
+/// instruction (VEX code). On Intel CPUs, while those upper halves hold data (left by code run
+/// earlier in the load: tract-linalg's assembly kernels, for one, return without `vzeroupper`),
+/// every switch between SSE and VEX code costs a state transition: two a block, which made the
+/// packing most of a q4 load (language-perceiver q4 on a Xeon with AMX: 1.68-1.78 s -> 0.65-0.70
+/// s, `bench --runs 1`; a `vzeroupper` at the start of the load did not help). AMD's cores have
+/// no such transitions. Values are unchanged.
+fn clear_upper_vector_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX. `vzeroupper` zeroes bits 128 and up of ymm0-15 / zmm0-15 and
+        // keeps their low 128 bits; the operands tell the compiler those registers are clobbered.
+        unsafe {
+            std::arch::asm!(
+                "vzeroupper",
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+                out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+                out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+                options(nomem, nostack, preserves_flags)
+            )
+        };
     }
 }
 
