@@ -217,8 +217,8 @@ fn decode_initializer(
     // initializer with its own say on where its data is, int64 values (shapes, which the checks
     // read before tract does), and a size that does not match (refused as inline data is).
     let declared = crate::guard::elem_bytes(t.data_type).and_then(|size| {
-        let dims: Option<Vec<usize>> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect();
-        dims?.iter().try_fold(size, |acc, &d| acc.checked_mul(d))
+        let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
+        crate::limits::tensor_bytes(&dims, size).ok()
     });
     let int64 = t.data_type == tract_onnx::pb::tensor_proto::DataType::Int64 as i32;
     if !t.external_data.is_empty() || t.data_location.is_some() || int64 || declared != Some(len) {
