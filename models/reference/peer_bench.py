@@ -8,7 +8,7 @@ Usage (from the repository root, after ``cargo build --release``):
     /work/refvenv/bin/python models/reference/peer_bench.py [--models bench,vision-conv,...]
         [--precisions f32,f16,int8,int8-7bit,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
         [--work DIR] [--bin target/release/perceiver-edge] [--skip-torch-export] [--reexport]
-        [--json FILE]
+        [--in-process] [--json FILE]
 
 For each model: checkpoints go to WORK/MODEL/ (generated once with seeded random weights, reused
 when WORK/MODEL/model.safetensors exists); a seeded input (images: standard normal [1, 3, H, W];
@@ -21,7 +21,9 @@ WORK/MODEL-torch.onnx with ``torch.onnx.export`` (opset 17, TorchScript exporter
 count it creates onnxruntime sessions (CPU provider, intra-op T, inter-op 1, sequential, all
 graph optimisations) and warms them up; then each round times, for each thread count in turn,
 (a) onnxruntime on the perceiver-edge graph, (b) onnxruntime on transformers' export (f32 only),
-(c) ``perceiver-edge bench --json`` (p50). Reported: medians over rounds of the times and of the per-round ratios
+(c) ``perceiver-edge bench --json`` (p50), or with --in-process perceiver-edge's Python package
+(``perceiver_edge.Model``, loaded once, warmed up after each change of threads) timed in this
+process, the order of (a)-(c) reversed every other round. Reported: medians over rounds of the times and of the per-round ratios
 engine / onnxruntime, the max abs difference to transformers of perceiver-edge (``perceiver-edge
 run``) and of onnxruntime, a markdown table and the thread scaling (p50 at the fewest threads /
 p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
@@ -178,6 +180,59 @@ def engine(cmd: list[str]) -> str:
     return r.stdout
 
 
+def engine_p50(cmd: list[str], tag: str, threads: int) -> float | None:
+    """p50 of `perceiver-edge bench --json` (`cmd`), None (said) if it fails."""
+    try:
+        return json.loads(engine(cmd))["latency_ms"]["p50"]
+    except RuntimeError as ex:
+        say(f"{tag} T={threads}: perceiver-edge bench failed: {ex}")
+        return None
+
+
+# Between two timed series in one process: long enough for a thread pool that spins after its
+# last run (onnxruntime's, by default) to stop before the other engine's series starts.
+PAUSE_S = 0.05
+
+
+class InProcess:
+    """perceiver-edge timed in this process (`--in-process`): the Python package's `Model`, loaded
+    once, its runs alternated with onnxruntime's in each round, so that both are timed seconds
+    apart on the same warm process instead of a new `perceiver-edge bench` process (load included)
+    between them."""
+
+    def __init__(self, path: Path, feed: dict, warmup: int):
+        import perceiver_edge
+
+        self.pe = perceiver_edge
+        self.model = perceiver_edge.Model.load(path)
+        # One thread until the first timed series, as `perceiver-edge run` computes the output.
+        perceiver_edge.set_threads(1)
+        self.feed, self.warmup, self.at = feed, warmup, None
+
+    def threads(self, t: int) -> None:
+        """Runs on `t` threads from now, warmed up: `warmup` runs, and after a change of threads
+        the runs the engine takes to choose between its pool and one thread (a short model
+        times a few of each; `Session::warm_up`, at most 12)."""
+        if t != self.at:
+            self.pe.set_threads(t)
+            self.at = t
+            t0 = time.perf_counter()
+            self.model.run(self.feed)
+            extra = 12 if t > 1 and time.perf_counter() - t0 < 0.02 else 0
+            for _ in range(max(self.warmup - 1, 0) + extra):
+                self.model.run(self.feed)
+
+    def time(self, t: int, runs: int) -> float:
+        """Median ms of `runs` runs at `t` threads."""
+        self.threads(t)
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.model.run(self.feed)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+
 def max_abs(a, ref) -> float | None:
     return None if a is None else float(np.abs(np.asarray(a, dtype=np.float32) - ref).max())
 
@@ -290,28 +345,42 @@ def bench_model(name, a, threads, rows):
             peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
             err_torch = max_abs(out, ref) if err_torch is None else err_torch
             sessions[t] = (same, peer)
+        inproc = None
+        if a.in_process:
+            try:
+                inproc = InProcess(pe_path, feed, warmup)
+                out = inproc.model.run(feed)[outs[0]]
+            except (ValueError, RuntimeError, OSError) as ex:
+                say(f"{tag} skipped: the Python package cannot run {pe_path.name}: {ex}")
+                continue
+            say(f"{tag} in process, one thread: max |perceiver_edge.Model - transformers| = {max_abs(out, ref):.3g}")
         # Thread counts interleaved within each round, so that a slow phase of a shared host
         # falls on every thread count alike and the per-round scaling compares like with like.
         rounds = {t: [] for t in threads}
         for r in range(a.rounds):
             for t in threads:
                 same, peer = sessions[t]
-                o = ort_time(same, feed, runs)[0] if same else None
-                p = ort_time(peer, feeds, runs)[0] if peer else None
                 cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
                        "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
-                try:
-                    e = json.loads(engine(cmd))["latency_ms"]["p50"]
-                except RuntimeError as ex:
-                    say(f"{tag} T={t}: perceiver-edge bench failed: {ex}")
-                    e = None
+                timers = [lambda: ort_time(same, feed, runs)[0] if same else None,
+                          lambda: ort_time(peer, feeds, runs)[0] if peer else None,
+                          (lambda: inproc.time(t, runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
+                if inproc:
+                    inproc.threads(t)
+                    if r % 2:  # in one process the order alternates too: onnxruntime first, then last
+                        timers.reverse()
+                times = []
+                for timer in timers:
+                    times.append(timer())
+                    time.sleep(PAUSE_S)
+                o, p, e = times[::-1] if inproc and r % 2 else times
                 rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
                           ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
                 rounds[t].append(rr)
                 say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
                     f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
                     f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
-        del sessions
+        del sessions, inproc
         for t in threads:
             rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
                              engine_ms=med(r["engine_ms"] for r in rounds[t]),
@@ -356,6 +425,13 @@ def checked_args(a, prefix: str) -> list[int] | None:
     except (ValueError, AssertionError):
         print("--threads: positive integers or 'all'; --rounds, --runs >= 1; --warmup >= 0", file=sys.stderr)
         return None
+    if a.in_process:
+        try:
+            import perceiver_edge  # noqa: F401
+        except ImportError:
+            print("--in-process: the Python package is not installed in this Python "
+                  f"({sys.executable}): pip install ./engine/python", file=sys.stderr)
+            return None
     if not Path(a.bin).is_file():
         print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
         return None
@@ -380,6 +456,9 @@ def main() -> int:
     ap.add_argument("--bin", default="target/release/perceiver-edge", help="perceiver-edge binary (release)")
     ap.add_argument("--skip-torch-export", action="store_true", help="no transformers' ONNX export column")
     ap.add_argument("--reexport", action="store_true", help="export the perceiver-edge graphs even if cached")
+    ap.add_argument("--in-process", action="store_true",
+                    help="time perceiver-edge in this process (the Python package, `pip install ./engine/python`) "
+                         "alternated with onnxruntime, instead of a `perceiver-edge bench` process a round")
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
@@ -387,6 +466,11 @@ def main() -> int:
     if threads is None:
         return 1
     say(f"work folder {a.work}; binary {a.bin}; threads {threads}; {os.cpu_count()} CPUs")
+    if a.in_process:
+        import perceiver_edge
+
+        say(f"perceiver-edge timed in this process: perceiver_edge {perceiver_edge.__version__} "
+            f"from {Path(perceiver_edge.__file__).parent}")
 
     rows: list[dict] = []
     for name in a.models:
@@ -409,7 +493,7 @@ def main() -> int:
               f"onnxruntime on transformers' export {fmt(s['ort_torch_ms'])}x")
     if a.json:
         a.json.write_text(json.dumps(dict(bin=a.bin, work=str(a.work), cpus=os.cpu_count(), threads=threads,
-                                          rounds=a.rounds, rows=rows, scaling=scale), indent=1))
+                                          rounds=a.rounds, in_process=a.in_process, rows=rows, scaling=scale), indent=1))
         say(f"wrote {a.json}")
     return 0
 
