@@ -61,6 +61,10 @@ class Model:
         range). Inputs are copied once; outputs are numpy arrays over the engine's output
         buffers (no copy). The GIL is released while the model runs.
         """
+    def warm_up(self, inputs: Mapping[str, npt.NDArray[Any]], runs: int = 5) -> int:
+        """Runs the model ``runs`` times on ``inputs`` (outputs dropped) and, at more than one
+        thread (``set_threads``), on until the engine has chosen between its thread pool and one
+        thread for this model (at most 12 more runs). Returns the runs made."""
     def bench(
         self,
         runs: int = 100,

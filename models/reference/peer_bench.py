@@ -210,21 +210,16 @@ class InProcess:
         self.feed, self.warmup, self.at = feed, warmup, None
 
     def threads(self, t: int) -> None:
-        """Runs on `t` threads from now, warmed up: `warmup` runs, and after a change of threads
-        the runs the engine takes to choose between its pool and one thread (a short model
-        times a few of each; `Session::warm_up`, at most 12)."""
+        """Runs on `t` threads from now, warmed up after a change (`Model.warm_up`: `warmup` runs,
+        and at several threads the runs the engine takes to choose between its pool and one
+        thread)."""
         if t != self.at:
             self.pe.set_threads(t)
             self.at = t
-            t0 = time.perf_counter()
-            self.model.run(self.feed)
-            extra = 12 if t > 1 and time.perf_counter() - t0 < 0.02 else 0
-            for _ in range(max(self.warmup - 1, 0) + extra):
-                self.model.run(self.feed)
+            self.model.warm_up(self.feed, max(self.warmup, 1))
 
-    def time(self, t: int, runs: int) -> float:
-        """Median ms of `runs` runs at `t` threads."""
-        self.threads(t)
+    def time(self, runs: int) -> float:
+        """Median ms of `runs` runs (after `threads`)."""
         ts = []
         for _ in range(runs):
             t0 = time.perf_counter()
@@ -364,7 +359,7 @@ def bench_model(name, a, threads, rows):
                        "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
                 timers = [lambda: ort_time(same, feed, runs)[0] if same else None,
                           lambda: ort_time(peer, feeds, runs)[0] if peer else None,
-                          (lambda: inproc.time(t, runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
+                          (lambda: inproc.time(runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
                 if inproc:
                     inproc.threads(t)
                     if r % 2:  # in one process the order alternates too: onnxruntime first, then last

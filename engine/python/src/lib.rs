@@ -431,6 +431,19 @@ impl Model {
         Ok(out)
     }
 
+    /// Warm-up before timed or real-time runs: runs the model `runs` times on `inputs` (outputs
+    /// dropped) and, at more than one thread (`set_threads`), on until the engine has chosen
+    /// between its thread pool and one thread for this model (a model whose first run is short
+    /// times a few runs of each, at most 12 more). Returns the runs made.
+    #[pyo3(signature = (inputs, runs = 5))]
+    fn warm_up(&self, py: Python<'_>, inputs: &Bound<'_, PyDict>, runs: usize) -> PyResult<usize> {
+        let tensors = tensors_from_dict(inputs, &self.inputs)?;
+        detached(py, || {
+            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            session.warm_up(&tensors, runs).map_err(runtime_err)
+        })
+    }
+
     /// Benchmarks the model like `perceiver-edge bench --json`: loads the file again (load +
     /// optimise time), `warmup` unmeasured runs, then `runs` measured runs (or `duration`
     /// seconds of them), optionally paced at `rate` Hz, on `inputs` or synthetic inputs.

@@ -2,6 +2,7 @@
 (bit-identical to `perceiver-edge run`), compare, bench."""
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -193,6 +194,26 @@ def test_set_threads(digits):
     finally:
         perceiver_edge.set_threads(1)
     assert np.array_equal(digits.run({"pixel_values": x})["logits"], want)
+
+
+def test_warm_up(digits_onnx):
+    x = {"pixel_values": np.load(SAMPLES[0])}
+    model = perceiver_edge.Model.load(digits_onnx)
+    assert model.warm_up(x, 3) == 3  # one thread: nothing to choose
+    assert model.warm_up(x, 0) == 0
+    perceiver_edge.set_threads(2)
+    try:
+        # digits' runs are short (well under 20 ms): the engine times its pool against one thread
+        # before it chooses, in more runs than asked when there are two cores to choose between.
+        made = model.warm_up(x, 1)
+        assert 1 <= made <= 13
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert made > 1
+        assert model.warm_up(x, 2) == 2, "once chosen, exactly the runs asked for"
+    finally:
+        perceiver_edge.set_threads(1)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.warm_up({"pixel_values": np.zeros((1, 2), np.float32)})
 
 
 @pytest.mark.parametrize("precision", ["f16", "int8", "int8-static", "q4"])
