@@ -8,8 +8,9 @@
 //! `[256, 1280] x [1280, 1280]` products at 1.10-1.12x MLAS's time, the per-call packing of a 6.5
 //! MB weight being a tenth of a product with only 256 rows. MLAS packs a constant weight once,
 //! into panels of 16 columns by 256 values of `k`, and runs tiles of FMA over the activations read
-//! in place. This module does the same: [`Packed`] holds the weight as, per block of [`KC`] rows,
-//! panels of 16 columns (zero-padded); [`Packed::product`] walks blocks of [`MC`] activation rows,
+//! in place. This module does the same: [`Packed`] holds the weight as, per block of rows of `k`
+//! ([`KC`], or up to 640 where a core has 2 MiB of L2: [`k_block`]), panels of 16 columns
+//! (zero-padded); [`Packed::product`] walks blocks of [`MC`] activation rows,
 //! then `k` blocks, then [`NC`] columns, and runs a tile per panel, or pair of panels: on AVX2
 //! ([`Kernel::Avx2`]) 6 x 16 tiles, 12 accumulators over the block's `k` (two panel loads and six
 //! broadcasts per `k`); on AVX-512 ([`Kernel::Avx512`]) 12 x 32 tiles over two panels, 24
@@ -42,12 +43,19 @@ const MR: usize = 6;
 const MR_512: usize = 12;
 /// Columns of a tile and of a panel.
 pub(crate) const NR: usize = 16;
-/// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows).
+/// Values of `k` per block (a panel's block is 16 KiB, in L1 with the tile's rows): the blocks
+/// [`Packed::refill`] fills, and a weight's where a core has less than 2 MiB of L2.
 pub(crate) const KC: usize = 256;
+/// Values of `k` per block at most where a core has 2 MiB of L2 or more (see [`k_block`]).
+const KC_LARGE: usize = 640;
+/// L2 a core (KiB) from which a weight is packed in the larger blocks of [`k_block`].
+#[cfg(target_arch = "x86_64")]
+const LARGE_L2_KIB: u32 = 2048;
 /// Columns per pass over a block of rows (128 KiB of panels, in L2).
 #[cfg(target_arch = "x86_64")]
 const NC: usize = 128;
-/// Activation rows per block (up to 384 KiB of a `k` block, read from L2 by each `NC` columns).
+/// Activation rows per block (up to 384 KiB of a 256-value `k` block, 960 KiB of a 640-value
+/// one; read from L2 by each `NC` columns).
 #[cfg(target_arch = "x86_64")]
 const MC: usize = 384;
 
@@ -79,6 +87,52 @@ pub(crate) fn kernel() -> Option<Kernel> {
     }
 }
 
+/// The block of `k` a weight of `k` rows is packed in: [`KC`], or on a CPU with 2 MiB of L2 a
+/// core or more (Intel's Xeons since Sapphire Rapids; AMD's Zen 3 and 4 have 0.5 and 1
+/// MiB) `k` cut into equal blocks of at most [`KC_LARGE`] values, a multiple of 16. Fewer blocks
+/// mean fewer passes adding a block's sums to the output; an activation block of [`MC`] rows
+/// and a pass's panels (1.3 MiB at most) still fit such an L2. On a 2-core Xeon of family 6
+/// model 207 (2 MiB of L2 a core), two sessions of one model packed both ways and alternated in
+/// one process: a chain of eight `[256, 1280] x [1280, 1280]` products 0.962x the time in blocks
+/// of 640 (0.970 in 512, 0.978 in 384), language-perceiver f32 0.974-0.977x, vision-perceiver-conv
+/// f32 0.989x in blocks of 512.
+pub(crate) fn k_block(k: usize) -> usize {
+    if large_l2() {
+        equal_blocks(k, KC_LARGE)
+    } else {
+        KC
+    }
+}
+
+/// The block that cuts `k` into equal blocks of at most `most` values (`most` a multiple of 16),
+/// rounded up to a multiple of 16.
+fn equal_blocks(k: usize, most: usize) -> usize {
+    let blocks = k.div_ceil(most).max(1);
+    k.div_ceil(blocks).div_ceil(NR).max(1) * NR
+}
+
+/// Whether each core has 2 MiB of L2 or more (CPUID leaf 0x80000006, which Intel
+/// and AMD both report).
+fn large_l2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static LARGE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *LARGE.get_or_init(|| {
+            use std::arch::x86_64::__cpuid;
+            // SAFETY: CPUID runs on every x86_64 CPU; the extended leaf is read only where the
+            // CPU reports it.
+            #[allow(unused_unsafe)]
+            unsafe {
+                __cpuid(0x8000_0000).eax >= 0x8000_0006 && __cpuid(0x8000_0006).ecx >> 16 >= LARGE_L2_KIB
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU runs a kernel of this module's.
 pub(crate) fn available() -> bool {
     kernel().is_some()
@@ -103,31 +157,32 @@ pub(crate) fn kernels() -> Vec<Kernel> {
 #[repr(C, align(64))]
 struct Line([f32; NR]);
 
-/// A weight `W[k, n]` packed for the kernel: per block of [`KC`] rows, per panel of 16 columns,
+/// A weight `W[k, n]` packed for the kernel: per block of `kc` rows, per panel of 16 columns,
 /// the block's rows of the panel (zero-padded past `n`).
 pub(crate) struct Packed {
     k: usize,
     n: usize,
+    kc: usize,
     data: Vec<Line>,
 }
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Packed {{ k: {}, n: {} }}", self.k, self.n)
+        write!(f, "Packed {{ k: {}, n: {}, kc: {} }}", self.k, self.n, self.kc)
     }
 }
 
 impl std::hash::Hash for Packed {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         // A few values tell weights apart; equal weights hash alike (`eq` compares them all).
-        (self.k, self.n).hash(state);
+        (self.k, self.n, self.kc).hash(state);
         self.values().iter().take(64).for_each(|v| v.to_bits().hash(state));
     }
 }
 
 impl PartialEq for Packed {
     fn eq(&self, other: &Packed) -> bool {
-        (self.k, self.n) == (other.k, other.n)
+        (self.k, self.n, self.kc) == (other.k, other.n, other.kc)
             && self.values().iter().zip(other.values()).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 }
@@ -135,13 +190,14 @@ impl PartialEq for Packed {
 impl Eq for Packed {}
 
 impl Packed {
-    /// Packs `w` (`w(row, col)` the weight at row `row` of `k`, column `col` of `n`).
-    pub(crate) fn new(k: usize, n: usize, w: impl Fn(usize, usize) -> f32) -> Packed {
+    /// Packs `w` (`w(row, col)` the weight at row `row` of `k`, column `col` of `n`) in blocks of
+    /// `block` values of `k` ([`KC`], or [`k_block`]'s).
+    pub(crate) fn new(k: usize, n: usize, block: usize, w: impl Fn(usize, usize) -> f32) -> Packed {
         let panels = n.div_ceil(NR);
         let mut data = vec![Line([0.0; NR]); panels * k];
         let mut at = 0;
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..k).step_by(block) {
+            let kc = block.min(k - pc);
             for j in 0..panels {
                 for p in pc..pc + kc {
                     for (q, v) in data[at].0.iter_mut().enumerate() {
@@ -154,21 +210,21 @@ impl Packed {
                 }
             }
         }
-        Packed { k, n, data }
+        Packed { k, n, kc: block, data }
     }
 
     /// Packs the `k x n` weight at `w`, `w[row * sk + col * sn]` at (`row`, `col`), as
     /// [`Packed::new`] does, a line at a time: a row-major weight (`sn` 1) by slices, without
     /// filling the buffer with zeros first.
-    pub(crate) fn from_strided(k: usize, n: usize, w: &[f32], (sk, sn): (isize, isize)) -> Packed {
+    pub(crate) fn from_strided(k: usize, n: usize, block: usize, w: &[f32], (sk, sn): (isize, isize)) -> Packed {
         if sn != 1 || sk < 0 {
-            return Packed::new(k, n, |row, col| w[(row as isize * sk + col as isize * sn) as usize]);
+            return Packed::new(k, n, block, |row, col| w[(row as isize * sk + col as isize * sn) as usize]);
         }
         let sk = sk as usize;
         let panels = n.div_ceil(NR);
         let mut data = Vec::with_capacity(panels * k);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..k).step_by(block) {
+            let kc = block.min(k - pc);
             for j in 0..panels {
                 let (c0, width) = (j * NR, NR.min(n - j * NR));
                 data.extend((pc..pc + kc).map(|p| {
@@ -178,13 +234,13 @@ impl Packed {
                 }));
             }
         }
-        Packed { k, n, data }
+        Packed { k, n, kc: block, data }
     }
 
     /// An empty weight: a buffer for [`Packed::refill_panels`].
     #[cfg(target_arch = "x86_64")]
     pub(crate) const fn empty() -> Packed {
-        Packed { k: 0, n: 0, data: Vec::new() }
+        Packed { k: 0, n: 0, kc: KC, data: Vec::new() }
     }
 
     /// Packs a `k x n` weight of one block of `k` (`k` at most [`KC`]) into this buffer (its
@@ -203,7 +259,7 @@ impl Packed {
     pub(crate) fn refill(&mut self, (k, n): (usize, usize), mut panel: impl FnMut(usize, usize, &mut [[f32; NR]])) {
         let panels = n.div_ceil(NR);
         self.data.resize(panels * k, Line([0.0; NR]));
-        (self.k, self.n) = (k, n);
+        (self.k, self.n, self.kc) = (k, n, KC);
         let mut rest = &mut self.data[..];
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
@@ -295,20 +351,21 @@ impl Packed {
         let copy = kernel == Kernel::Avx512 && lda.is_multiple_of(512);
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
-            for pc in (0..self.k).step_by(KC) {
-                let kc = KC.min(self.k - pc);
+            for pc in (0..self.k).step_by(self.kc) {
+                let kc = self.kc.min(self.k - pc);
                 let store = Store { first: pc == 0 && !add, last: pc + kc == self.k, scale };
                 let block = (self.data.as_ptr() as *const f32).add(pc * panels * NR);
                 let rows_at = if copy {
                     ROWS.with_borrow_mut(|buf| {
-                        buf.resize(MC * COPY_STRIDE, 0.0);
+                        let stride = copy_stride(self.kc);
+                        buf.resize(MC * stride, 0.0);
                         for r in 0..mc {
                             let from = std::slice::from_raw_parts(a.add((ic + r) * lda + pc), kc);
-                            buf[r * COPY_STRIDE..r * COPY_STRIDE + kc].copy_from_slice(from);
+                            buf[r * stride..r * stride + kc].copy_from_slice(from);
                         }
                         // The buffer is this thread's and outlives the block (no one else
                         // borrows it meanwhile).
-                        (buf.as_ptr(), COPY_STRIDE)
+                        (buf.as_ptr(), stride)
                     })
                 } else {
                     (a.add(ic * lda + pc), lda)
@@ -334,14 +391,18 @@ impl Packed {
     }
 }
 
-/// Row stride of the copy of a block of `A`'s rows (see [`Packed::product`]'s loops): 17 lines, so
-/// 12 rows fall in 12 sets of L1.
+/// Row stride of the copy of a block of `A`'s rows for blocks of `kc` values of `k` (see
+/// [`Packed::product`]'s loops): a line more than the block (17 lines for [`KC`]), so 12 rows
+/// fall in 12 sets of L1.
 #[cfg(target_arch = "x86_64")]
-const COPY_STRIDE: usize = KC + 16;
+fn copy_stride(kc: usize) -> usize {
+    kc.div_ceil(NR) * NR + NR
+}
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Each thread's copy of a block of `A`'s rows ([`MC`] by [`KC`], rows [`COPY_STRIDE`] apart).
+    /// Each thread's copy of a block of `A`'s rows ([`MC`] by a block of `k`, rows
+    /// [`copy_stride`] apart).
     static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -605,7 +666,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 Some(p) => p.3.clone(),
                 None => {
                     let w = b.try_as_plain_ram()?.as_slice::<f32>()?;
-                    let p = Arc::new(Packed::from_strided(op.k, op.n, w, (op.b.row, op.b.col)));
+                    let p = Arc::new(Packed::from_strided(op.k, op.n, k_block(op.k), w, (op.b.row, op.b.col)));
                     packed.push((op.b, op.k, op.n, p.clone()));
                     p
                 }
@@ -657,11 +718,30 @@ mod tests {
         let lda = k + 3;
         let a: Vec<f32> = (0..m * lda).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0).collect();
-        let packed = Packed::new(k, n, |row, col| w[row * n + col]);
+        // The blocks of `k` of every CPU, whichever this one packs in.
+        let mut blocks = vec![KC, equal_blocks(k, KC_LARGE)];
+        blocks.dedup();
+        for block in blocks {
+            check_packed(kernel, (m, k, n), block, cols.clone(), scale, (&a, lda), &w);
+        }
+    }
+
+    /// [`check_on`] for a weight packed in blocks of `block` values of `k`.
+    #[cfg(target_arch = "x86_64")]
+    fn check_packed(
+        kernel: Kernel,
+        (m, k, n): (usize, usize, usize),
+        block: usize,
+        cols: std::ops::Range<usize>,
+        scale: f32,
+        (a, lda): (&[f32], usize),
+        w: &[f32],
+    ) {
+        let packed = Packed::new(k, n, block, |row, col| w[row * n + col]);
         let ldc = n + 5;
         let mut c = vec![f32::NAN; m * ldc];
         unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale, false) };
-        let want = reference(&a, lda, &w, (m, k, n));
+        let want = reference(a, lda, w, (m, k, n));
         // Added to what the output holds: twice the (scaled) product, in the columns given.
         let mut twice = c.clone();
         if scale == 1.0 {
@@ -674,7 +754,7 @@ mod tests {
                     let want = want[i * n + j] * scale as f64;
                     assert!(
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{kernel:?} {m}x{k}x{n} [{i}, {j}]: {got} vs {want}"
+                        "{kernel:?} {m}x{k}x{n} in blocks of {block} [{i}, {j}]: {got} vs {want}"
                     );
                     if scale == 1.0 {
                         let got = twice[i * ldc + j] as f64;
@@ -709,6 +789,18 @@ mod tests {
         check((25, 260, 150), 16..150, 1.0); // 12-row tiles and 13 rows left, odd pairs of panels
         check((12, 8, 40), 0..40, 0.5); // a pair of panels, then one partial panel
         check((400, 1021, 40), 0..40, 1.0); // rows 1 024 values apart: read from a copy (AVX-512)
+        check((30, 1300, 40), 0..40, 1.0); // three blocks of 448 where a core's L2 is large
+    }
+
+    #[test]
+    fn blocks_of_k_are_equal_multiples_of_16() {
+        let cases = [(1280, 640), (1024, 512), (768, 384), (256, 256), (322, 336), (1, 16), (2048, 512), (641, 336)];
+        for (k, want) in cases {
+            assert_eq!(equal_blocks(k, KC_LARGE), want, "k = {k}");
+        }
+        for k in [1, 255, 256, 1024, 1280, 4096] {
+            assert!(k_block(k) == KC || (large_l2() && k_block(k) == equal_blocks(k, KC_LARGE)), "k = {k}");
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -724,7 +816,7 @@ mod tests {
                     }
                 }
             });
-            assert!(p == Packed::new(k, n, w), "{k} x {n}");
+            assert!(p == Packed::new(k, n, KC, w), "{k} x {n}");
         }
     }
 
@@ -744,7 +836,7 @@ mod tests {
                     }
                 }
             });
-            assert!(p == Packed::new(k, n, w), "{k} x {n}");
+            assert!(p == Packed::new(k, n, KC, w), "{k} x {n}");
         }
     }
 
@@ -754,17 +846,21 @@ mod tests {
     fn from_strided_packs_as_new() {
         for (k, n, sk) in [(1, 1, 1), (300, 20, 20), (700, 50, 53), (256, 16, 16), (5, 33, 40)] {
             let w: Vec<f32> = (0..k * sk).map(|i| i as f32 * 0.25 - 7.0).collect();
-            let want = Packed::new(k, n, |row, col| w[row * sk + col]);
-            assert!(Packed::from_strided(k, n, &w, (sk as isize, 1)) == want, "{k} x {n}, rows {sk} apart");
-            let t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * sk + i / k]).collect();
-            assert!(Packed::from_strided(k, n, &t, (1, k as isize)) == want, "{k} x {n} column-major");
+            for block in [KC, equal_blocks(k, KC_LARGE)] {
+                let want = Packed::new(k, n, block, |row, col| w[row * sk + col]);
+                let got = Packed::from_strided(k, n, block, &w, (sk as isize, 1));
+                assert!(got == want, "{k} x {n}, rows {sk} apart, blocks of {block}");
+                let t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * sk + i / k]).collect();
+                let got = Packed::from_strided(k, n, block, &t, (1, k as isize));
+                assert!(got == want, "{k} x {n} column-major, blocks of {block}");
+            }
         }
     }
 
     #[test]
     fn packs_by_blocks_of_k_and_panels() {
         // k = 300: block 0 holds rows 0..256 of each panel, block 1 rows 256..300.
-        let p = Packed::new(300, 20, |row, col| (row * 100 + col) as f32);
+        let p = Packed::new(300, 20, KC, |row, col| (row * 100 + col) as f32);
         assert_eq!(p.values().len(), 2 * 16 * 300);
         assert_eq!(p.values().as_ptr() as usize % 64, 0, "panel rows on cache lines");
         assert_eq!(p.values()[16], 100.0, "block 0, panel 0, row 1, column 0");

@@ -649,7 +649,10 @@ mod tests {
         if !crate::f32_packed::available() {
             return;
         }
-        let packed = GemmMatMul { packed: Some(Arc::new(Packed::new(k, n, |r, c| w[r * n + c]))), ..plain.clone() };
+        let packed = GemmMatMul {
+            packed: Some(Arc::new(Packed::new(k, n, crate::f32_packed::k_block(k), |r, c| w[r * n + c]))),
+            ..plain.clone()
+        };
         assert_eq!(rows(&packed.blocks(2)), vec![(0..64, 0..256), (64..128, 0..256)], "by a packed weight: rows");
         assert_eq!(rows(&packed.blocks(3))[0], (0..48, 0..256));
         assert_eq!(rows(&packed.blocks(5))[0], (0..128, 0..64), "under 32 rows a thread: columns");
