@@ -48,8 +48,7 @@ pub(crate) const NR: usize = 16;
 pub(crate) const KC: usize = 256;
 /// Values of `k` per block at most where a core has 2 MiB of L2 or more (see [`k_block`]).
 const KC_LARGE: usize = 640;
-/// L2 a core (KiB) from which a weight is packed in the larger blocks of [`k_block`].
-#[cfg(target_arch = "x86_64")]
+/// L2 a core (KiB) from which a weight is packed in the larger blocks of [`block_for`].
 const LARGE_L2_KIB: u32 = 2048;
 /// Columns per pass over a block of rows (128 KiB of panels, in L2).
 #[cfg(target_arch = "x86_64")]
@@ -87,17 +86,22 @@ pub(crate) fn kernel() -> Option<Kernel> {
     }
 }
 
-/// The block of `k` a weight of `k` rows is packed in: [`KC`], or on a CPU with 2 MiB of L2 a
-/// core or more (Intel's Xeons since Sapphire Rapids; AMD's Zen 3 and 4 have 0.5 and 1
-/// MiB) `k` cut into equal blocks of at most [`KC_LARGE`] values, a multiple of 16. Fewer blocks
+/// The block of `k` a weight of `k` rows is packed in on this CPU ([`block_for`] its L2).
+pub(crate) fn k_block(k: usize) -> usize {
+    block_for(k, l2_kib())
+}
+
+/// The block of `k` for a core with `l2_kib` of L2: [`KC`], or with 2 MiB or more (Intel's
+/// Xeons since Sapphire Rapids among others, measured on Emerald Rapids only; AMD's Zen 3 and 4
+/// have 0.5 and 1 MiB) `k` cut into equal blocks of at most [`KC_LARGE`] values, a multiple of 16. Fewer blocks
 /// mean fewer passes adding a block's sums to the output; an activation block of [`MC`] rows
 /// and a pass's panels (1.3 MiB at most) still fit such an L2. On a 2-core Xeon of family 6
 /// model 207 (2 MiB of L2 a core), two sessions of one model packed both ways and alternated in
 /// one process: a chain of eight `[256, 1280] x [1280, 1280]` products 0.962x the time in blocks
 /// of 640 (0.970 in 512, 0.978 in 384), language-perceiver f32 0.974-0.977x, vision-perceiver-conv
 /// f32 0.989x in blocks of 512.
-pub(crate) fn k_block(k: usize) -> usize {
-    if large_l2() {
+fn block_for(k: usize, l2_kib: u32) -> usize {
+    if l2_kib >= LARGE_L2_KIB {
         equal_blocks(k, KC_LARGE)
     } else {
         KC
@@ -111,25 +115,29 @@ fn equal_blocks(k: usize, most: usize) -> usize {
     k.div_ceil(blocks).div_ceil(NR).max(1) * NR
 }
 
-/// Whether each core has 2 MiB of L2 or more (CPUID leaf 0x80000006, which Intel
-/// and AMD both report).
-fn large_l2() -> bool {
+/// KiB of L2 a core as CPUID leaf 0x80000006 reports it (Intel and AMD both do; read once, on
+/// the core the first packing runs on), 0 where it is not reported or not x86.
+fn l2_kib() -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
-        static LARGE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *LARGE.get_or_init(|| {
+        static KIB: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        *KIB.get_or_init(|| {
             use std::arch::x86_64::__cpuid;
             // SAFETY: CPUID runs on every x86_64 CPU; the extended leaf is read only where the
             // CPU reports it.
             #[allow(unused_unsafe)]
             unsafe {
-                __cpuid(0x8000_0000).eax >= 0x8000_0006 && __cpuid(0x8000_0006).ecx >> 16 >= LARGE_L2_KIB
+                if __cpuid(0x8000_0000).eax >= 0x8000_0006 {
+                    __cpuid(0x8000_0006).ecx >> 16
+                } else {
+                    0
+                }
             }
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        0
     }
 }
 
@@ -798,9 +806,15 @@ mod tests {
         for (k, want) in cases {
             assert_eq!(equal_blocks(k, KC_LARGE), want, "k = {k}");
         }
-        for k in [1, 255, 256, 1024, 1280, 4096] {
-            assert!(k_block(k) == KC || (large_l2() && k_block(k) == equal_blocks(k, KC_LARGE)), "k = {k}");
+        // Zen 3, Zen 4, Emerald Rapids (and no leaf reported).
+        for (l2, k, want) in [(512, 1280, 256), (1024, 1280, 256), (2048, 1280, 640), (2048, 1024, 512), (0, 768, 256)]
+        {
+            assert_eq!(block_for(k, l2), want, "k = {k}, {l2} KiB of L2");
         }
+        // In blocks of 448: block 1 starts at row 448 of panel 0, after both panels of block 0.
+        let p = Packed::new(1300, 20, 448, |row, col| (row * 100 + col) as f32);
+        assert_eq!(p.values()[2 * 448 * 16], 44800.0, "block 1, panel 0, row 448");
+        assert_eq!(p.values()[2 * 2 * 448 * 16 + 16], 89700.0, "block 2, panel 0, row 897");
     }
 
     #[cfg(target_arch = "x86_64")]
