@@ -362,13 +362,14 @@ def bench_model(name, a, threads, rows):
                           (lambda: inproc.time(runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
                 if inproc:
                     inproc.threads(t)
-                    if r % 2:  # in one process the order alternates too: onnxruntime first, then last
-                        timers.reverse()
-                times = []
-                for timer in timers:
-                    times.append(timer())
-                    time.sleep(PAUSE_S)
-                o, p, e = times[::-1] if inproc and r % 2 else times
+                # In one process the order alternates too: onnxruntime first, then last.
+                order = [2, 1, 0] if inproc and r % 2 else [0, 1, 2]
+                times = [None] * 3
+                for i in order:
+                    times[i] = timers[i]()
+                    if inproc:
+                        time.sleep(PAUSE_S)
+                o, p, e = times
                 rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
                           ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
                 rounds[t].append(rr)
