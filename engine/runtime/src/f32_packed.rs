@@ -15,8 +15,12 @@
 //! ([`Kernel::Avx2`]) 6 x 16 tiles, 12 accumulators over the block's `k` (two panel loads and six
 //! broadcasts per `k`); on AVX-512 ([`Kernel::Avx512`]) 12 x 32 tiles over two panels, 24
 //! accumulators (MLAS's AVX-512 tile), the panels prefetched ahead; each `k` block's sums are
-//! added to the output. Activation rows a multiple of 2 KiB apart (`[512, 1024]` latents) are
-//! read from a copy with a stride that spreads them over L1's sets. On the hosts measured, lone
+//! added to the output. While a pass over [`NC`] columns runs, the panels of the next pass are
+//! fetched into L2, a line per 4 values of `k` of each tile: without it the first row tile of
+//! each pass waited on the weight from L3 (each Linear's weight is read once a run), and a chain
+//! of `[256, 1280] x [1280, 1280]` products ran 1.03-1.05x slower on Emerald Rapids. Activation
+//! rows a multiple of 2 KiB apart (`[512, 1024]` latents) are read from a copy with a stride that
+//! spreads them over L1's sets. On the hosts measured, lone
 //! products ran at about onnxruntime's rate: AVX2 `[516, 1024] x [1024, 1024]` at 0.80-0.85x the
 //! crate's time; AVX-512 `[256, 1280] x [1280, 1280]` at 0.88-0.93x the crate's time and
 //! `[512, 1024] x [1024, 1024]` at the crate's (figures in `docs/performance.md`).
@@ -357,12 +361,13 @@ impl Packed {
         // read from a copy whose rows are 1 088 bytes apart (vision-perceiver's `[512, 1024]`
         // latents: a lone `[512, 1024] x [1024, 1024]` ran 1.3x slower without it).
         let copy = kernel == Kernel::Avx512 && lda.is_multiple_of(512);
+        let data = self.data.as_ptr() as *const f32;
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
             for pc in (0..self.k).step_by(self.kc) {
                 let kc = self.kc.min(self.k - pc);
-                let store = Store { first: pc == 0 && !add, last: pc + kc == self.k, scale };
-                let block = (self.data.as_ptr() as *const f32).add(pc * panels * NR);
+                let mut store = Store { first: pc == 0 && !add, last: pc + kc == self.k, scale, ahead: (data, 0) };
+                let block = data.add(pc * panels * NR);
                 let rows_at = if copy {
                     ROWS.with_borrow_mut(|buf| {
                         let stride = copy_stride(self.kc);
@@ -380,6 +385,9 @@ impl Packed {
                 };
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
+                    // The next pass's panels, fetched into L2 a line per 4 `k` of each tile.
+                    let (next, lines) = self.next_pass(pc, jc, &cols, ic + mc < rows).unwrap_or((0, 0));
+                    let mut fetched = 0;
                     let mut r0 = ic;
                     while r0 < ic + mc {
                         let ar = rows_at.0.add((r0 - ic) * rows_at.1);
@@ -388,6 +396,9 @@ impl Packed {
                         for j0 in (jc..jend).step_by(width) {
                             let b = block.add(j0 / NR * kc * NR);
                             let at = (c.add(r0 * ldc + j0), ldc, width.min(jend - j0));
+                            let n = (kc / 4).min(lines - fetched);
+                            store.ahead = (data.add((next + fetched) * NR), n);
+                            fetched += n;
                             done = tile_on(kernel, ic + mc - r0, kc, (ar, lda), b, at, store);
                         }
                         debug_assert!(done > 0, "a tile ran");
@@ -396,6 +407,35 @@ impl Packed {
                 }
             }
         }
+    }
+}
+
+impl Packed {
+    /// The lines the pass after the one over columns `jc..jc + NC` of the `k` block at `pc`
+    /// reads, in the order of [`Packed::product`]'s loops (the next [`NC`] columns of `cols`, else
+    /// the next `k` block's first ones, else, where `more_rows`, the first block's first ones for
+    /// the next block of rows), as (first line, lines); `None` after the last pass.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn next_pass(
+        &self,
+        pc: usize,
+        jc: usize,
+        cols: &std::ops::Range<usize>,
+        more_rows: bool,
+    ) -> Option<(usize, usize)> {
+        let (pc, jc) = if jc + NC < cols.end {
+            (pc, jc + NC)
+        } else if pc + self.kc < self.k {
+            (pc + self.kc, cols.start)
+        } else if more_rows {
+            (0, cols.start)
+        } else {
+            return None;
+        };
+        let kc = self.kc.min(self.k - pc);
+        // Every block before `pc` holds `kc` lines of each panel.
+        let first = pc * self.n.div_ceil(NR) + jc / NR * kc;
+        Some((first, ((jc + NC).min(cols.end) - jc).div_ceil(NR) * kc))
     }
 }
 
@@ -477,23 +517,33 @@ unsafe fn tile_on(
 struct Store {
     /// The first `k` block: the output is written, not added to.
     first: bool,
+    /// Lines of the panels the next pass reads, to fetch into L2 while this tile runs, one per 4
+    /// values of `k` (the first line's address, and how many; see [`walk_k`]).
+    ahead: (*const f32, usize),
     /// The last `k` block: the whole sum is then scaled.
     last: bool,
     scale: f32,
 }
 
 /// The walk over a block's `kc` values of `k` that both kernels' tiles take: four at a time, the
-/// next four lines of each of `panels` panels (`stride` values apart, from `b`) prefetched, then
-/// the rest one by one; `$step!(o)` multiplies at `k = p + o` and `b` follows `k`.
+/// next four lines of each of `panels` panels (`stride` values apart, from `b`) prefetched into
+/// L1 and a line of `ahead` ([`Store::ahead`]) into L2, then the rest one by one; `$step!(o)`
+/// multiplies at `k = p + o` and `b` follows `k`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! walk_k {
-    ($kc:expr, $b:ident, $p:ident, $panels:expr, $stride:expr, $step:ident) => {
+    ($kc:expr, $b:ident, $p:ident, $panels:expr, $stride:expr, $step:ident, $ahead:expr) => {
+        let (mut ahead, mut left) = $ahead;
         while $p + 4 <= $kc {
             // Past a panel's end: a hint, never a fault.
             for q in 0..$panels {
                 for line in 0..4 {
                     _mm_prefetch::<_MM_HINT_T0>($b.wrapping_add(q * $stride + 4 * NR + line * NR) as *const i8);
                 }
+            }
+            if left > 0 {
+                _mm_prefetch::<_MM_HINT_T1>(ahead as *const i8);
+                ahead = ahead.add(NR);
+                left -= 1;
             }
             $step!(0);
             $step!(1);
@@ -541,7 +591,7 @@ unsafe fn tile<const R: usize>(
             }
         }};
     }
-    walk_k!(kc, b, p, 1, 0, step);
+    walk_k!(kc, b, p, 1, 0, step, store.ahead);
     let factor = _mm256_set1_ps(store.scale);
     for (r, acc) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
@@ -611,7 +661,7 @@ unsafe fn tile_512<const R: usize, const P: usize>(
             }
         }};
     }
-    walk_k!(kc, b, p, P, panel, step);
+    walk_k!(kc, b, p, P, panel, step, store.ahead);
     let factor = _mm512_set1_ps(store.scale);
     for (r, acc) in acc.iter().enumerate() {
         let row = c.add(r * ldc);
@@ -815,6 +865,36 @@ mod tests {
         let p = Packed::new(1300, 20, 448, |row, col| (row * 100 + col) as f32);
         assert_eq!(p.values()[2 * 448 * 16], 44800.0, "block 1, panel 0, row 448");
         assert_eq!(p.values()[2 * 2 * 448 * 16 + 16], 89700.0, "block 2, panel 0, row 897");
+    }
+
+    /// The lines [`Packed::next_pass`] names hold the next pass's weights: the first, the weight
+    /// at its first row and column; the last, at its last row and last panel's first column.
+    #[test]
+    fn the_next_pass_is_read_ahead() {
+        // 19 panels, `k` in blocks of 448, 448 and 404.
+        let p = Packed::new(1300, 300, 448, |row, col| (row * 1000 + col) as f32);
+        let line = |i: usize| p.values()[i * NR];
+        let cases = [
+            // (pc, jc, cols, more rows) -> the next pass's first row and column, last row and
+            // last panel's column, lines.
+            ((0, 0, 0..300, false), Some(((0, 128), (447, 240), 8 * 448))),
+            ((0, 256, 0..300, false), Some(((448, 0), (895, 112), 8 * 448))),
+            ((448, 128, 0..300, false), Some(((448, 256), (895, 288), 3 * 448))),
+            ((448, 256, 0..300, false), Some(((896, 0), (1299, 112), 8 * 404))),
+            ((448, 144, 16..300, false), Some(((448, 272), (895, 288), 2 * 448))),
+            ((896, 256, 0..300, true), Some(((0, 0), (447, 112), 8 * 448))),
+            ((896, 256, 0..300, false), None),
+        ];
+        for ((pc, jc, cols, more_rows), want) in cases {
+            let got = p.next_pass(pc, jc, &cols, more_rows);
+            assert_eq!(got.is_some(), want.is_some(), "after ({pc}, {jc})");
+            if let (Some((first, lines)), Some(((r0, c0), (r1, c1), n))) = (got, want) {
+                assert_eq!(lines, n, "lines after ({pc}, {jc})");
+                assert!(first + lines <= p.data.len(), "within the weight after ({pc}, {jc})");
+                assert_eq!(line(first), (r0 * 1000 + c0) as f32, "first line after ({pc}, {jc})");
+                assert_eq!(line(first + lines - 1), (r1 * 1000 + c1) as f32, "last line after ({pc}, {jc})");
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
