@@ -39,6 +39,9 @@ use tract_onnx::prelude::*;
 /// Whether this pass runs (see [`crate::Switch`]).
 pub(crate) static ENABLED: crate::Switch = crate::Switch::on();
 
+/// Whether products fetch the next pass's panels into L2 as they run (see [`Packed::next_pass`]).
+pub(crate) static READ_AHEAD: crate::Switch = crate::Switch::on();
+
 /// Rows of a tile ([`Kernel::Avx2`]).
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 6;
@@ -386,7 +389,8 @@ impl Packed {
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
                     // The next pass's panels, fetched into L2 a line per 4 `k` of each tile.
-                    let (next, lines) = self.next_pass(pc, jc, &cols, ic + mc < rows).unwrap_or((0, 0));
+                    let next = if READ_AHEAD.get() { self.next_pass(pc, jc, &cols, ic + mc < rows) } else { None };
+                    let (next, lines) = next.unwrap_or((0, 0));
                     let mut fetched = 0;
                     let mut r0 = ic;
                     while r0 < ic + mc {
@@ -893,6 +897,33 @@ mod tests {
                 assert!(first + lines <= p.data.len(), "within the weight after ({pc}, {jc})");
                 assert_eq!(line(first), (r0 * 1000 + c0) as f32, "first line after ({pc}, {jc})");
                 assert_eq!(line(first + lines - 1), (r1 * 1000 + c1) as f32, "last line after ({pc}, {jc})");
+            }
+        }
+    }
+
+    /// Products reading the next pass's panels ahead are bit for bit those without, on shapes
+    /// of several passes, `k` blocks and row blocks (the switch is only read here).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reading_ahead_changes_no_result() {
+        let run = |kernel: Kernel, (m, k, n): (usize, usize, usize), ahead: bool| -> Vec<f32> {
+            READ_AHEAD.set(ahead);
+            let w: Vec<f32> = (0..k * n).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0).collect();
+            let p = Packed::new(k, n, 448, |r, c| w[r * n + c]);
+            let mut c = vec![f32::NAN; m * n];
+            unsafe { p.blocks(kernel, (a.as_ptr(), k), (c.as_mut_ptr(), n), m, 16..n, 1.0, false) };
+            READ_AHEAD.set(true);
+            c
+        };
+        for kernel in kernels() {
+            for shape in [(400, 1300, 300), (25, 900, 150), (13, 40, 20)] {
+                let (on, off) = (run(kernel, shape, true), run(kernel, shape, false));
+                assert!(on.iter().zip(&off).all(|(x, y)| x.to_bits() == y.to_bits()), "{kernel:?} {shape:?}");
+                assert!(
+                    on[..16].iter().all(|x| x.is_nan()) && !on[16].is_nan(),
+                    "{kernel:?} {shape:?}: columns 16.. only"
+                );
             }
         }
     }

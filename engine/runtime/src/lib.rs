@@ -308,6 +308,13 @@ pub fn set_f32_packed(on: bool) {
     f32_packed::ENABLED.set(on);
 }
 
+/// Whether runs from now on fetch the weight panels of a packed f32 product's next pass (over
+/// its next 128 columns) into L2 while the current one runs (the default), or, with `false`, leave
+/// them to the hardware. For comparisons; outputs are bit-identical (see `f32_packed.rs`).
+pub fn set_read_ahead(on: bool) {
+    f32_packed::READ_AHEAD.set(on);
+}
+
 /// Whether the runtime's packed f32 kernel runs on this CPU (see [`set_f32_packed`]).
 pub fn f32_packed_kernel() -> bool {
     f32_packed::available()
