@@ -18,7 +18,7 @@
 //! added to the output. While a pass over [`NC`] columns runs, the panels of the next pass are
 //! fetched into L2, a line per 4 values of `k` of each tile: without it the first row tile of
 //! each pass waited on the weight from L3 (each Linear's weight is read once a run), and a chain
-//! of `[256, 1280] x [1280, 1280]` products ran 1.03-1.05x slower on Emerald Rapids. Activation
+//! of `[256, 1280] x [1280, 1280]` products ran 1.02-1.05x slower on Emerald Rapids. Activation
 //! rows a multiple of 2 KiB apart (`[512, 1024]` latents) are read from a copy with a stride that
 //! spreads them over L1's sets. On the hosts measured, lone
 //! products ran at about onnxruntime's rate: AVX2 `[516, 1024] x [1024, 1024]` at 0.80-0.85x the
