@@ -122,6 +122,15 @@ fn equal_blocks(k: usize, most: usize) -> usize {
     k.div_ceil(blocks).div_ceil(NR).max(1) * NR
 }
 
+/// Whether a pass's panels over blocks of `kc` values of `k`, the next pass's and a block of
+/// [`MC`] activation rows fit together in `l2_kib` of L2, so that the next pass can be read ahead
+/// (see [`Packed::next_pass`]) without pushing out what this one reads: blocks of 256 need 640
+/// KiB (not Zen 3's 512, Zen 4's 1 MiB), blocks of 640 1.6 MiB (Emerald Rapids' 2 MiB).
+#[cfg(target_arch = "x86_64")]
+fn ahead_fits(kc: usize, l2_kib: u32) -> bool {
+    (2 * NC + MC) * kc * std::mem::size_of::<f32>() <= l2_kib as usize * 1024
+}
+
 /// KiB of L2 a core as CPUID leaf 0x80000006 reports it (Intel and AMD both do; read once, on
 /// the core the first packing runs on), 0 where it is not reported or not x86.
 fn l2_kib() -> u32 {
@@ -365,6 +374,7 @@ impl Packed {
         // latents: a lone `[512, 1024] x [1024, 1024]` ran 1.3x slower without it).
         let copy = kernel == Kernel::Avx512 && lda.is_multiple_of(512);
         let data = self.data.as_ptr() as *const f32;
+        let ahead = READ_AHEAD.get() && ahead_fits(self.kc, l2_kib());
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
             for pc in (0..self.k).step_by(self.kc) {
@@ -389,7 +399,7 @@ impl Packed {
                 for jc in cols.clone().step_by(NC) {
                     let jend = (jc + NC).min(cols.end);
                     // The next pass's panels, fetched into L2 a line per 4 `k` of each tile.
-                    let next = if READ_AHEAD.get() { self.next_pass(pc, jc, &cols, ic + mc < rows) } else { None };
+                    let next = if ahead { self.next_pass(pc, jc, &cols, ic + mc < rows) } else { None };
                     let (next, lines) = next.unwrap_or((0, 0));
                     let mut fetched = 0;
                     let mut r0 = ic;
@@ -419,7 +429,7 @@ impl Packed {
     /// reads, in the order of [`Packed::product`]'s loops (the next [`NC`] columns of `cols`, else
     /// the next `k` block's first ones, else, where `more_rows`, the first block's first ones for
     /// the next block of rows), as (first line, lines); `None` after the last pass.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg(target_arch = "x86_64")]
     fn next_pass(
         &self,
         pc: usize,
@@ -873,8 +883,15 @@ mod tests {
 
     /// The lines [`Packed::next_pass`] names hold the next pass's weights: the first, the weight
     /// at its first row and column; the last, at its last row and last panel's first column.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_next_pass_is_read_ahead() {
+        // Where: Zen 3, Zen 4, Emerald Rapids in its blocks of 640 (and no leaf).
+        for (kc, l2, want) in
+            [(256, 512, false), (256, 1024, true), (640, 2048, true), (640, 1024, false), (256, 0, false)]
+        {
+            assert_eq!(ahead_fits(kc, l2), want, "blocks of {kc}, {l2} KiB of L2");
+        }
         // 19 panels, `k` in blocks of 448, 448 and 404.
         let p = Packed::new(1300, 300, 448, |row, col| (row * 1000 + col) as f32);
         let line = |i: usize| p.values()[i * NR];
