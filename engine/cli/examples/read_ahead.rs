@@ -14,7 +14,15 @@
 use perceiver_edge_runtime::{bench::synthetic_inputs, set_read_ahead, set_threads, to_vec, Session};
 use std::time::Instant;
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = measure() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Loads the model, checks both sides' outputs, alternates the blocks and prints the figures.
+fn measure() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: read_ahead MODEL.onnx [BLOCKS] [RUNS] [THREADS]";
     let path = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?;
