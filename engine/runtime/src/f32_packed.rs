@@ -16,14 +16,15 @@
 //! broadcasts per `k`); on AVX-512 ([`Kernel::Avx512`]) 12 x 32 tiles over two panels, 24
 //! accumulators (MLAS's AVX-512 tile), the panels prefetched ahead; each `k` block's sums are
 //! added to the output. While a pass over [`NC`] columns runs, the panels of the next pass are
-//! fetched into L2, a line per 4 values of `k` of each tile: without it the first row tile of
-//! each pass waited on the weight from L3 (each Linear's weight is read once a run), and a chain
-//! of `[256, 1280] x [1280, 1280]` products ran 1.02-1.05x slower on Emerald Rapids. Activation
+//! fetched into L2 (where both fit in it with a block of rows: [`ahead_fits`]), a line per 4
+//! values of `k` of each tile: without it the first row tile of each pass waited on the weight
+//! from L3 (each Linear's weight is read once a run), and a chain of `[256, 1280] x [1280, 1280]`
+//! products ran 1.02-1.05x slower on Emerald Rapids. Activation
 //! rows a multiple of 2 KiB apart (`[512, 1024]` latents) are read from a copy with a stride that
-//! spreads them over L1's sets. On the hosts measured, lone
-//! products ran at about onnxruntime's rate: AVX2 `[516, 1024] x [1024, 1024]` at 0.80-0.85x the
-//! crate's time; AVX-512 `[256, 1280] x [1280, 1280]` at 0.88-0.93x the crate's time and
-//! `[512, 1024] x [1024, 1024]` at the crate's (figures in `docs/performance.md`).
+//! spreads them over L1's sets. On the hosts measured, lone products ran at about onnxruntime's
+//! rate: AVX2 `[516, 1024] x [1024, 1024]` at 0.80-0.85x the crate's time; AVX-512 `[256, 1280] x
+//! [1280, 1280]` at 0.88-0.93x the crate's time and `[512, 1024] x [1024, 1024]` at the crate's
+//! (figures in `docs/performance.md`).
 //!
 //! [`rewrite`] gives each [`GemmMatMul`] whose second operand is a constant (rows of activations
 //! read in place, a row-major output) a packed copy of it and drops the constant from its inputs;
@@ -919,15 +920,19 @@ mod tests {
     }
 
     /// Products reading the next pass's panels ahead are bit for bit those without, on shapes
-    /// of several passes, `k` blocks and row blocks (the switch is only read here).
+    /// of several passes, `k` blocks and row blocks (weights in blocks of 256, read ahead on any
+    /// core with 640 KiB of L2 or more).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn reading_ahead_changes_no_result() {
+        if !ahead_fits(KC, l2_kib()) {
+            eprintln!("this core's L2 ({} KiB) reads no pass ahead: both sides run without", l2_kib());
+        }
         let run = |kernel: Kernel, (m, k, n): (usize, usize, usize), ahead: bool| -> Vec<f32> {
             READ_AHEAD.set(ahead);
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0).collect();
-            let p = Packed::new(k, n, 448, |r, c| w[r * n + c]);
+            let p = Packed::new(k, n, KC, |r, c| w[r * n + c]);
             let mut c = vec![f32::NAN; m * n];
             unsafe { p.blocks(kernel, (a.as_ptr(), k), (c.as_mut_ptr(), n), m, 16..n, 1.0, false) };
             READ_AHEAD.set(true);
