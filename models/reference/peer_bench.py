@@ -25,7 +25,8 @@ graph optimisations) and warms them up; then each round times, for each thread c
 (``perceiver_edge.Model``, loaded once, warmed up after each change of threads) timed in this
 process, the order of (a)-(c) reversed every other round. Reported: medians over rounds of the times and of the per-round ratios
 engine / onnxruntime, the max abs difference to transformers of perceiver-edge (``perceiver-edge
-run``) and of onnxruntime, a markdown table and the thread scaling (p50 at the fewest threads /
+run``) and of onnxruntime, a markdown table, each row's range of per-round ratios (and how many
+are at or under 1.0) and the thread scaling (p50 at the fewest threads /
 p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
 model, 3 and 1 for the published ones.
 """
@@ -403,6 +404,15 @@ def scaling(rows) -> list[dict]:
     return out
 
 
+def spread(rounds: list[dict], key: str) -> str:
+    """The range of the per-round ratios `key` over `rounds` and how many are at or under 1.0 (the
+    medians in the table hide how far a noisy host spreads them)."""
+    xs = [r[key] for r in rounds if r[key]]
+    if not xs:
+        return "n/a"
+    return f"{min(xs):.3f}-{max(xs):.3f} ({sum(x <= 1.0 for x in xs)} of {len(xs)} at or under 1.0)"
+
+
 def checked_args(a, prefix: str) -> list[int] | None:
     """Splits `a.models` and `a.precisions` into lists and checks them, the counts and `a.bin`;
     makes `a.work` (a new temporary folder named PREFIX... if not given), which must lie outside
@@ -480,6 +490,10 @@ def main() -> int:
         print(f"| {r['model']} | {r['precision']} | {r['threads']} | {fmt(r['engine_ms'])} | {fmt(r['ort_same_ms'])} "
               f"| {fmt(r['ratio_same'], '.3f')} | {fmt(r['ort_torch_ms'])} | {fmt(r['ratio_torch'], '.3f')} "
               f"| {fmt(r['max_abs_engine'], '.3g')} |")
+    print()
+    for r in rows:
+        print(f"per-round ratios {r['model']} {r['precision']} T={r['threads']}: same graph "
+              f"{spread(r['rounds'], 'ratio_same')}, transformers' export {spread(r['rounds'], 'ratio_torch')}")
     scale = scaling(rows)
     if scale:
         print()
