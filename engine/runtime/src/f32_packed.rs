@@ -327,7 +327,7 @@ impl Packed {
         scale: f32,
     ) {
         let kernel = kernel().expect("a kernel (checked when packed)");
-        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, scale, false)
+        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, scale, false, self.reads_ahead())
     }
 
     /// As [`Packed::product`], unscaled, adding to `C` instead of writing it (a product taken one
@@ -344,10 +344,18 @@ impl Packed {
         cols: std::ops::Range<usize>,
     ) {
         let kernel = kernel().expect("a kernel (checked when packed)");
-        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, 1.0, true)
+        self.blocks(kernel, (a, lda), (c, ldc), rows, cols, 1.0, true, self.reads_ahead())
     }
 
-    /// The loops of [`Packed::product`] (`add`: of [`Packed::add_product`]) on `kernel`'s tiles.
+    /// Whether products by this weight read the next pass ahead: [`READ_AHEAD`] on, and
+    /// [`ahead_fits`] this core's L2.
+    #[cfg(target_arch = "x86_64")]
+    fn reads_ahead(&self) -> bool {
+        READ_AHEAD.get() && ahead_fits(self.kc, l2_kib())
+    }
+
+    /// The loops of [`Packed::product`] (`add`: of [`Packed::add_product`]) on `kernel`'s tiles,
+    /// the next pass read ahead where `ahead` (see [`Packed::next_pass`]).
     ///
     /// # Safety
     /// As [`Packed::product`], and the CPU runs `kernel`.
@@ -362,6 +370,7 @@ impl Packed {
         cols: std::ops::Range<usize>,
         scale: f32,
         add: bool,
+        ahead: bool,
     ) {
         debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= self.n);
         let panels = self.n.div_ceil(NR);
@@ -375,7 +384,6 @@ impl Packed {
         // latents: a lone `[512, 1024] x [1024, 1024]` ran 1.3x slower without it).
         let copy = kernel == Kernel::Avx512 && lda.is_multiple_of(512);
         let data = self.data.as_ptr() as *const f32;
-        let ahead = READ_AHEAD.get() && ahead_fits(self.kc, l2_kib());
         for ic in (0..rows).step_by(MC) {
             let mc = MC.min(rows - ic);
             for pc in (0..self.k).step_by(self.kc) {
@@ -423,9 +431,7 @@ impl Packed {
             }
         }
     }
-}
 
-impl Packed {
     /// The lines the pass after the one over columns `jc..jc + NC` of the `k` block at `pc`
     /// reads, in the order of [`Packed::product`]'s loops (the next [`NC`] columns of `cols`, else
     /// the next `k` block's first ones, else, where `more_rows`, the first block's first ones for
@@ -813,12 +819,14 @@ mod tests {
         let packed = Packed::new(k, n, block, |row, col| w[row * n + col]);
         let ldc = n + 5;
         let mut c = vec![f32::NAN; m * ldc];
-        unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale, false) };
+        unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (c.as_mut_ptr(), ldc), m, cols.clone(), scale, false, true) };
         let want = reference(a, lda, w, (m, k, n));
         // Added to what the output holds: twice the (scaled) product, in the columns given.
         let mut twice = c.clone();
         if scale == 1.0 {
-            unsafe { packed.blocks(kernel, (a.as_ptr(), lda), (twice.as_mut_ptr(), ldc), m, cols.clone(), 1.0, true) };
+            unsafe {
+                packed.blocks(kernel, (a.as_ptr(), lda), (twice.as_mut_ptr(), ldc), m, cols.clone(), 1.0, true, true)
+            };
         }
         for i in 0..m {
             for j in 0..ldc {
@@ -920,22 +928,16 @@ mod tests {
     }
 
     /// Products reading the next pass's panels ahead are bit for bit those without, on shapes
-    /// of several passes, `k` blocks and row blocks (weights in blocks of 256, read ahead on any
-    /// core with 640 KiB of L2 or more).
+    /// of several passes, `k` blocks and row blocks.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn reading_ahead_changes_no_result() {
-        if !ahead_fits(KC, l2_kib()) {
-            eprintln!("this core's L2 ({} KiB) reads no pass ahead: both sides run without", l2_kib());
-        }
         let run = |kernel: Kernel, (m, k, n): (usize, usize, usize), ahead: bool| -> Vec<f32> {
-            READ_AHEAD.set(ahead);
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0).collect();
             let p = Packed::new(k, n, KC, |r, c| w[r * n + c]);
             let mut c = vec![f32::NAN; m * n];
-            unsafe { p.blocks(kernel, (a.as_ptr(), k), (c.as_mut_ptr(), n), m, 16..n, 1.0, false) };
-            READ_AHEAD.set(true);
+            unsafe { p.blocks(kernel, (a.as_ptr(), k), (c.as_mut_ptr(), n), m, 16..n, 1.0, false, ahead) };
             c
         };
         for kernel in kernels() {
