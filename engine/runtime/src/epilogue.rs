@@ -52,7 +52,7 @@ pub(crate) enum Step {
 pub(crate) struct Finish<'a> {
     pub(crate) steps: &'a [Step],
     pub(crate) inputs: Vec<&'a [f32]>,
-    gelu: Option<Gelu>,
+    gelu: Option<&'static Gelu>,
 }
 
 /// How a GELU step runs on this CPU: the arithmetic of tract's `erf` kernel repeated in
@@ -78,6 +78,16 @@ const GELU_CHUNK: usize = 1024;
 struct Chunk([f32; GELU_CHUNK]);
 
 impl Gelu {
+    /// The way to run GELU on this CPU, chosen at the first call.
+    fn here() -> TractResult<&'static Gelu> {
+        static HERE: std::sync::OnceLock<Gelu> = std::sync::OnceLock::new();
+        if let Some(gelu) = HERE.get() {
+            return Ok(gelu);
+        }
+        let gelu = Gelu::new()?;
+        Ok(HERE.get_or_init(|| gelu))
+    }
+
     /// The way to run tract's `erf` kernel for f32 on this CPU.
     fn new() -> TractResult<Gelu> {
         let erf = tract_linalg::routines::Func::Erf.ew_f32()?;
@@ -217,7 +227,7 @@ impl<'a> Finish<'a> {
             };
             ensure!(inputs.get(i).is_some_and(|x| x.len() == want), "epilogue input {i} is not of {want} values");
         }
-        let gelu = if steps.contains(&Step::Gelu) { Some(Gelu::new()?) } else { None };
+        let gelu = if steps.contains(&Step::Gelu) { Some(Gelu::here()?) } else { None };
         Ok(Finish { steps, inputs, gelu })
     }
 
@@ -247,7 +257,7 @@ impl<'a> Finish<'a> {
                         row.iter_mut().for_each(|x| *x *= f);
                     }
                     Step::Gelu => {
-                        let gelu = self.gelu.as_ref().expect("GELU's kernel chosen for a GELU step");
+                        let gelu = self.gelu.expect("GELU's kernel chosen for a GELU step");
                         gelu.run(row);
                     }
                 }
@@ -570,7 +580,7 @@ mod tests {
         model.select_output_outlets(&[y]).unwrap();
         let by_op = run(&model, &Tensor::from_shape(&[x.len()], &x).unwrap()).remove(0);
         let mut got = x.clone();
-        Gelu::new().unwrap().run(&mut got);
+        Gelu::here().unwrap().run(&mut got);
         assert!(got.iter().map(|v| v.to_bits()).eq(by_op), "the way chosen against GeluExact");
     }
 
