@@ -71,8 +71,17 @@ pub(crate) fn row_max(xs: &[f32], start: f32) -> f32 {
             lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
-    let mut max = start;
-    for &v in lanes.iter().chain(chunks.remainder()) {
+    // The lanes' largest by halves (no lane is NaN: a comparison with NaN keeps the lane), then
+    // `start` and the tail in order.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            lanes[j] = if lanes[j + w] > lanes[j] { lanes[j + w] } else { lanes[j] };
+        }
+    }
+    let mut max = if lanes[0] > start { lanes[0] } else { start };
+    for &v in chunks.remainder() {
         max = if v > max { v } else { max };
     }
     max
@@ -177,7 +186,15 @@ macro_rules! exp_sum_written_out {
             let v = add(add(acc[0], acc[1]), add(acc[2], acc[3]));
             let mut lanes = [0f32; $lanes];
             store(lanes.as_mut_ptr(), v);
-            let mut sum: f32 = lanes.iter().sum();
+            // Halves added pairwise: a row of 128 values ran a chain of 16 dependent additions.
+            let mut w = $lanes;
+            while w > 1 {
+                w /= 2;
+                for j in 0..w {
+                    lanes[j] += lanes[j + w];
+                }
+            }
+            let mut sum = lanes[0];
             for v in &mut xs[i..] {
                 *v = exp_neg(*v - top);
                 sum += *v;
@@ -619,6 +636,20 @@ mod tests {
         // A fully masked column: equal weights.
         let got = softmax(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, 1.0], 2, 2, true);
         assert!((got[0] - 0.5).abs() < 1e-7 && (got[2] - 0.5).abs() < 1e-7);
+    }
+
+    /// `row_max` gives the largest value wherever it sits (in any lane, in the tail), or `start`
+    /// where that is larger. A softmax does not show a wrong maximum unless `exp` overflows.
+    #[test]
+    fn row_max_finds_the_largest_anywhere() {
+        for len in 1..=70 {
+            for at in 0..len {
+                let mut xs: Vec<f32> = (0..len).map(|i| -((i * 7 % 13) as f32)).collect();
+                xs[at] = 5.0;
+                assert_eq!(row_max(&xs, f32::NEG_INFINITY), 5.0, "{len} values, the largest at {at}");
+                assert_eq!(row_max(&xs, 6.0), 6.0, "{len} values, a larger start");
+            }
+        }
     }
 
     #[test]
