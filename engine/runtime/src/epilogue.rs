@@ -77,6 +77,11 @@ const GELU_CHUNK: usize = 1024;
 #[repr(C, align(64))]
 struct Chunk([f32; GELU_CHUNK]);
 
+thread_local! {
+    /// Each thread's [`Chunk`] for tract's `erf` kernel (made once, not zeroed for every row).
+    static CHUNK: std::cell::RefCell<Chunk> = const { std::cell::RefCell::new(Chunk([0f32; GELU_CHUNK])) };
+}
+
 impl Gelu {
     /// The way to run GELU on this CPU, chosen at the first call.
     fn here() -> TractResult<&'static Gelu> {
@@ -114,14 +119,15 @@ impl Gelu {
             #[cfg(target_arch = "x86_64")]
             Gelu::Fma => unsafe { gelu_fma(row, c) },
             Gelu::Tract(erf) => {
-                let mut chunk = Chunk([0f32; GELU_CHUNK]);
-                for part in row.chunks_mut(GELU_CHUNK) {
-                    let s = &mut chunk.0[..part.len()];
-                    s.iter_mut().zip(part.iter()).for_each(|(s, x)| *s = *x * c);
-                    // The kernel fails only for a datum type it lacks; f32's is built in.
-                    let _ = erf.run(s);
-                    part.iter_mut().zip(s.iter()).for_each(|(x, e)| *x = (*x * 0.5) * (*e + 1.0));
-                }
+                CHUNK.with_borrow_mut(|chunk| {
+                    for part in row.chunks_mut(GELU_CHUNK) {
+                        let s = &mut chunk.0[..part.len()];
+                        s.iter_mut().zip(part.iter()).for_each(|(s, x)| *s = *x * c);
+                        // The kernel fails only for a datum type it lacks; f32's is built in.
+                        let _ = erf.run(s);
+                        part.iter_mut().zip(s.iter()).for_each(|(x, e)| *x = (*x * 0.5) * (*e + 1.0));
+                    }
+                })
             }
         }
     }
