@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 #[cfg(feature = "export")]
 use clap::Args;
 use clap::{Parser, Subcommand};
-use perceiver_edge_runtime::{bench, npy, profile::Profile, Device, Session};
+use perceiver_edge_runtime::{bench, npy, profile::Profile, Device, OpKey, Session};
 
 /// Counts heap bytes so `bench` can report peak heap and steady-state growth.
 #[global_allocator]
@@ -266,6 +266,10 @@ enum Command {
         /// (tract's optimised ops), slowest first; JSON: an `ops` list.
         #[arg(long, value_name = "RUNS")]
         profile: Option<usize>,
+        /// With --profile: a line per kind of op and shape (tract's description of the nodes:
+        /// a product's sizes, kernel and epilogue, ...) instead of per kind.
+        #[arg(long)]
+        by_shape: bool,
     },
     /// Check a board profile (targets/*.toml) and print what it says.
     Profile {
@@ -761,7 +765,10 @@ fn dispatch(cmd: Command) -> Result<()> {
             }
             run(&model, &inputs, &outputs, print, device)
         }
-        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device, profile } => {
+        Command::Bench { model, runs, duration, warmup, threads, rate, inputs, json, device, profile, by_shape } => {
+            if by_shape && profile.is_none() {
+                bail!("--by-shape: profiles by shape with --profile RUNS, which was not given");
+            }
             if profile == Some(0) {
                 bail!("--profile 0: expected a number of runs of at least 1");
             }
@@ -787,7 +794,8 @@ fn dispatch(cmd: Command) -> Result<()> {
                 return Ok(());
             }
             let report = bench::bench_on(&model, inputs.clone(), &opts, device)?;
-            let ops = profile.map(|runs| bench::profile(&model, inputs, runs, opts.threads)).transpose()?;
+            let key = if by_shape { OpKey::Shape } else { OpKey::Kind };
+            let ops = profile.map(|runs| bench::profile(&model, inputs, runs, opts.threads, key)).transpose()?;
             if json {
                 let mut v = serde_json::to_value(&report)?;
                 if let Some(ops) = &ops {
@@ -798,11 +806,23 @@ fn dispatch(cmd: Command) -> Result<()> {
                 print_bench(&report);
                 if let Some(ops) = &ops {
                     println!(
-                        "time per op kind (per run, {} profiled runs; per-node timing adds overhead):",
+                        "time per op kind{} (per run, {} profiled runs; per-node timing adds overhead):",
+                        if by_shape { " and shape" } else { "" },
                         profile.unwrap_or(1)
                     );
                     for o in ops {
-                        println!("  {:<28} {:>5} nodes {:>10.3} ms {:>6.1} %", o.op, o.nodes, o.ms, o.share * 100.0);
+                        if by_shape {
+                            // The key last: its descriptions differ in length.
+                            println!("  {:>5} nodes {:>10.3} ms {:>6.1} %  {}", o.nodes, o.ms, o.share * 100.0, o.op);
+                        } else {
+                            println!(
+                                "  {:<28} {:>5} nodes {:>10.3} ms {:>6.1} %",
+                                o.op,
+                                o.nodes,
+                                o.ms,
+                                o.share * 100.0
+                            );
+                        }
                     }
                 }
             }

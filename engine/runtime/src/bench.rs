@@ -2,7 +2,7 @@
 //! over the run) and a paced mode that runs at a fixed rate like a camera loop and counts
 //! deadline misses. The JSON form ([`BenchReport`]) is stable; see docs/cli.md (`bench`).
 
-use crate::{alloc, Error, Result, Session};
+use crate::{alloc, Error, OpKey, Result, Session};
 use serde::Serialize;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -541,10 +541,12 @@ mod tests {
     }
 }
 
-/// Time spent in one kind of op (tract's optimised op name) per run, from [`profile`].
+/// Time spent in one kind of op (tract's optimised op name, or name and shape) per run, from
+/// [`profile`].
 #[derive(Clone, Debug, Serialize)]
 pub struct OpTime {
-    /// tract's op name (`OptMatMul`, `OptMatMulPack`, `Softmax`, ...).
+    /// tract's op name (`OptMatMul`, `OptMatMulPack`, `Softmax`, ...), with [`OpKey::Shape`] followed
+    /// by the node's description in brackets.
     pub op: String,
     /// Nodes of this kind evaluated per run.
     pub nodes: usize,
@@ -555,9 +557,16 @@ pub struct OpTime {
 }
 
 /// Where a run's time goes: loads `model`, warms up once, runs it `runs` times timing every node,
-/// and returns the time per op kind (slowest first). Per-node timing adds a little overhead, so
-/// the sum exceeds a plain run's latency slightly; use it for shares, not for latency.
-pub fn profile(model: &Path, inputs: Option<Vec<Tensor>>, runs: usize, threads: usize) -> Result<Vec<OpTime>> {
+/// and returns the time per op kind, or per kind and shape (`key`), slowest first. Per-node timing
+/// adds a little overhead, so the sum exceeds a plain run's latency slightly; use it for shares,
+/// not for latency.
+pub fn profile(
+    model: &Path,
+    inputs: Option<Vec<Tensor>>,
+    runs: usize,
+    threads: usize,
+    key: OpKey,
+) -> Result<Vec<OpTime>> {
     crate::set_threads(threads)?;
     let mut session = Session::load(model)?;
     let inputs = match inputs {
@@ -568,7 +577,7 @@ pub fn profile(model: &Path, inputs: Option<Vec<Tensor>>, runs: usize, threads: 
     let mut per_op = std::collections::BTreeMap::new();
     let runs = runs.max(1);
     for _ in 0..runs {
-        session.run_profiled(inputs.clone(), &mut per_op)?;
+        session.run_profiled_by(inputs.clone(), &mut per_op, key)?;
     }
     let total: f64 = per_op.values().map(|(_, d): &(usize, Duration)| d.as_secs_f64()).sum();
     let mut ops: Vec<OpTime> = per_op

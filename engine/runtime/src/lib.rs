@@ -498,6 +498,31 @@ fn cuda_plan(_typed: TypedModel) -> std::result::Result<(Plan, bool), String> {
     Err("this build has no CUDA support (rebuild with `--features cuda`)".to_string())
 }
 
+/// Each key's node count and summed time, as [`Session::run_profiled`] adds them up.
+pub type OpTimes = std::collections::BTreeMap<String, (usize, std::time::Duration)>;
+
+/// What [`Session::run_profiled_by`] adds each node's time under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpKey {
+    /// The op's name (`OptMatMul`, `Softmax`, ...): one entry per kind of op.
+    #[default]
+    Kind,
+    /// The op's name and tract's description of the node (`Op::info`: a product's sizes, kernel
+    /// and epilogue, ...): one entry per kind of op and shape.
+    Shape,
+}
+
+impl OpKey {
+    /// The key of a node running `op`.
+    fn of(self, op: &dyn tract_onnx::tract_core::ops::Op) -> String {
+        let name = op.name();
+        match (self, op.info()) {
+            (OpKey::Shape, Ok(info)) if !info.is_empty() => format!("{name} [{}]", info.join("; ")),
+            _ => name.to_string(),
+        }
+    }
+}
+
 /// A loaded, optimised model with its reusable run state.
 pub struct Session {
     plan: Plan,
@@ -965,29 +990,26 @@ impl Session {
 
     /// [`Session::run`], also adding each node's time to `per_op` under its op's name (tract's
     /// optimised ops: `OptMatMul`, `OptMatMulPack`, `Softmax`, ...), with how many nodes ran it.
-    pub fn run_profiled(
-        &mut self,
-        inputs: Vec<Tensor>,
-        per_op: &mut std::collections::BTreeMap<String, (usize, std::time::Duration)>,
-    ) -> Result<Vec<Tensor>> {
-        self.run_with(inputs, Some(per_op))
+    pub fn run_profiled(&mut self, inputs: Vec<Tensor>, per_op: &mut OpTimes) -> Result<Vec<Tensor>> {
+        self.run_with(inputs, Some((per_op, OpKey::Kind)))
     }
 
-    fn run_with(
-        &mut self,
-        inputs: Vec<Tensor>,
-        per_op: Option<&mut std::collections::BTreeMap<String, (usize, std::time::Duration)>>,
-    ) -> Result<Vec<Tensor>> {
+    /// [`Session::run_profiled`], each node's time added under the key `key` gives it.
+    pub fn run_profiled_by(&mut self, inputs: Vec<Tensor>, per_op: &mut OpTimes, key: OpKey) -> Result<Vec<Tensor>> {
+        self.run_with(inputs, Some((per_op, key)))
+    }
+
+    fn run_with(&mut self, inputs: Vec<Tensor>, per_op: Option<(&mut OpTimes, OpKey)>) -> Result<Vec<Tensor>> {
         self.check_inputs(&inputs)?;
         let inputs: TVec<TValue> = inputs.into_iter().map(TValue::from).collect();
         // A panic inside tract must not take the caller down: report it and start a fresh state.
         let (state, placement) = (&mut self.state, &mut self.placement);
         let run = || match per_op {
             None => state.run(inputs),
-            Some(per_op) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+            Some((per_op, key)) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
                 let t = std::time::Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                let e = per_op.entry(node.op().name().to_string()).or_default();
+                let e = per_op.entry(key.of(node.op())).or_default();
                 e.0 += 1;
                 e.1 += t.elapsed();
                 out
