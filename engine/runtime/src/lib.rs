@@ -1009,9 +1009,11 @@ impl Session {
             Some((per_op, key)) => state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
                 let t = std::time::Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                // Timed before the key is made: a shape key formats the node's description.
+                let took = t.elapsed();
                 let e = per_op.entry(key.of(node.op())).or_default();
                 e.0 += 1;
-                e.1 += t.elapsed();
+                e.1 += took;
                 out
             }),
         };
