@@ -381,7 +381,7 @@ fn run_into(onnx: &Path, inputs: &[Tensor], threads: usize, dir: &Path) -> BTree
     set_threads(threads).unwrap();
     let mut s = Session::load(onnx).unwrap();
     let mut ops = std::collections::BTreeMap::new();
-    let outs = s.run_profiled(inputs.to_vec(), &mut ops).unwrap();
+    let outs = s.run_profiled(inputs.to_vec(), &mut ops, perceiver_edge_runtime::OpKey::Kind).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     for (spec, t) in s.outputs().iter().zip(&outs) {
         npy::write_npy(&dir.join(format!("{}.npy", spec.name)), t).unwrap();
@@ -412,7 +412,7 @@ fn run_counting(onnx: &Path, inputs: &[Tensor], threads: usize, op: &str) -> (Ve
     set_threads(threads).unwrap();
     let mut s = Session::load(onnx).unwrap();
     let mut ops = std::collections::BTreeMap::new();
-    let outs = s.run_profiled(inputs.to_vec(), &mut ops).unwrap();
+    let outs = s.run_profiled(inputs.to_vec(), &mut ops, perceiver_edge_runtime::OpKey::Kind).unwrap();
     let resident = s.resident_weights().iter().map(|e| e.1).sum();
     // An op with an epilogue taken in is named `OP+epilogue`.
     let used = ops.keys().any(|k| k == op || k.strip_prefix(op).is_some_and(|rest| rest.starts_with('+')));

@@ -16,7 +16,7 @@ fn run(bytes: &[u8], on: bool, inputs: &dyn Fn(&Session) -> Vec<Tensor>) -> (Vec
     let mut s = Session::from_bytes(bytes).unwrap();
     let mut ops = BTreeMap::new();
     let x = inputs(&s);
-    (s.run_profiled(x, &mut ops).unwrap(), ops)
+    (s.run_profiled(x, &mut ops, perceiver_edge_runtime::OpKey::Kind).unwrap(), ops)
 }
 
 #[test]

@@ -40,7 +40,9 @@ fn an_f16_graph_runs_in_f32_without_f16_arithmetic() {
         set_f16_as_f32(on);
         let mut s = Session::from_bytes(&bytes).unwrap();
         let mut ops = BTreeMap::new();
-        let y = s.run_profiled(vec![tensor(&[rows, k], &xs).unwrap()], &mut ops).unwrap();
+        let y = s
+            .run_profiled(vec![tensor(&[rows, k], &xs).unwrap()], &mut ops, perceiver_edge_runtime::OpKey::Kind)
+            .unwrap();
         (to_vec::<f32>(&y[0]).unwrap(), s.f16_computed_in_f32(), ops)
     };
     let (without, widened_without, _) = run(false);

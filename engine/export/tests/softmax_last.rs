@@ -23,7 +23,7 @@ fn a_softmax_over_a_strided_axis_runs_on_a_contiguous_copy() {
         set_softmax_last(last);
         let mut s = Session::from_bytes(&bytes).unwrap();
         let mut ops = BTreeMap::new();
-        (s.run_profiled(input(), &mut ops).unwrap(), ops)
+        (s.run_profiled(input(), &mut ops, perceiver_edge_runtime::OpKey::Kind).unwrap(), ops)
     };
     let (without, ops_without) = run(false, false);
     let (with, ops_with) = run(false, true);

@@ -577,7 +577,7 @@ pub fn profile(
     let mut per_op = std::collections::BTreeMap::new();
     let runs = runs.max(1);
     for _ in 0..runs {
-        session.run_profiled_by(inputs.clone(), &mut per_op, key)?;
+        session.run_profiled(inputs.clone(), &mut per_op, key)?;
     }
     let total: f64 = per_op.values().map(|(_, d): &(usize, Duration)| d.as_secs_f64()).sum();
     let mut ops: Vec<OpTime> = per_op

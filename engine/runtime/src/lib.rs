@@ -501,7 +501,7 @@ fn cuda_plan(_typed: TypedModel) -> std::result::Result<(Plan, bool), String> {
 /// Each key's node count and summed time, as [`Session::run_profiled`] adds them up.
 pub type OpTimes = std::collections::BTreeMap<String, (usize, std::time::Duration)>;
 
-/// What [`Session::run_profiled_by`] adds each node's time under.
+/// What [`Session::run_profiled`] adds each node's time under.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OpKey {
     /// The op's name (`OptMatMul`, `Softmax`, ...): one entry per kind of op.
@@ -988,14 +988,10 @@ impl Session {
         self.run_with(inputs, None)
     }
 
-    /// [`Session::run`], also adding each node's time to `per_op` under its op's name (tract's
-    /// optimised ops: `OptMatMul`, `OptMatMulPack`, `Softmax`, ...), with how many nodes ran it.
-    pub fn run_profiled(&mut self, inputs: Vec<Tensor>, per_op: &mut OpTimes) -> Result<Vec<Tensor>> {
-        self.run_with(inputs, Some((per_op, OpKey::Kind)))
-    }
-
-    /// [`Session::run_profiled`], each node's time added under the key `key` gives it.
-    pub fn run_profiled_by(&mut self, inputs: Vec<Tensor>, per_op: &mut OpTimes, key: OpKey) -> Result<Vec<Tensor>> {
+    /// [`Session::run`], also adding each node's time to `per_op` under the key `key` gives it
+    /// ([`OpKey::Kind`]: tract's optimised op name, `OptMatMul`, `Softmax`, ...), with how many
+    /// nodes ran it.
+    pub fn run_profiled(&mut self, inputs: Vec<Tensor>, per_op: &mut OpTimes, key: OpKey) -> Result<Vec<Tensor>> {
         self.run_with(inputs, Some((per_op, key)))
     }
 
