@@ -1191,6 +1191,12 @@ fn print_bench(r: &bench::BenchReport) {
     );
     println!("load         {:.1} ms (parse + optimise)", r.load_ms);
     println!("runs         {} measured after {} warm-up, {} thread(s)", r.runs, r.warmup, r.threads);
+    if r.threads > 1 {
+        let share = r.pool_share.map_or(String::new(), |s| format!(" (which had {:.0} % of their cores)", 100.0 * s));
+        let here = r.runs as u64 - r.pool_runs.min(r.runs as u64);
+        let here = if here > 0 { format!("; {here} on one thread, found faster") } else { String::new() };
+        println!("pool         {} of {} runs on the {} threads{share}{here}", r.pool_runs, r.runs, r.threads);
+    }
     println!(
         "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}  (min {:.3}, mean {:.3}, sd {:.3})",
         l.p50, l.p90, l.p99, l.max, l.min, l.mean, l.stddev

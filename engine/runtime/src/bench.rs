@@ -173,6 +173,12 @@ pub struct BenchReport {
     pub runs: usize,
     /// Matmul threads used (`--threads`, capped at this machine's cores).
     pub threads: usize,
+    /// Measured runs on the thread pool, at several threads; the others ran on one thread, found
+    /// faster (a small model, or the pool's cores busy with another process).
+    pub pool_runs: u64,
+    /// The pool's threads' share of their cores (CPU time over wall time) in those runs, where
+    /// known: under 1 when another process took their cores.
+    pub pool_share: Option<f64>,
     /// NaN / infinite values in the inputs (a broken sensor shows up here).
     pub nonfinite_input_values: usize,
     /// Measured runs whose outputs held a NaN or infinite value.
@@ -327,6 +333,7 @@ pub fn bench_on(
     let rss_after_warmup = proc_status_bytes("VmRSS:");
     let heap_after_warmup = alloc::in_use();
     alloc::reset_peak();
+    let used_before = session.pool_use();
 
     let period = opts.rate_hz.map(|hz| Duration::from_secs_f64(1.0 / hz));
     let begin = Instant::now();
@@ -356,6 +363,7 @@ pub fn bench_on(
         i += 1;
     }
     let total_s = begin.elapsed().as_secs_f64();
+    let used = session.pool_use().since(&used_before);
     let latency_ms = latency(&samples);
     let paced = period.map(|p| {
         let p_ms = p.as_secs_f64() * 1e3;
@@ -381,6 +389,8 @@ pub fn bench_on(
         warmup,
         runs: samples.len(),
         threads,
+        pool_runs: used.pool_runs,
+        pool_share: used.share.filter(|_| used.pool_runs > 0).map(|s| s.ratio()),
         nonfinite_input_values,
         nonfinite_output_runs,
         latency_ms,

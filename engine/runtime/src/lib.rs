@@ -54,6 +54,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 
 /// The tract ONNX crate this runtime is built on (for examples and tools that need its API).
+pub use spin::{PoolUse, Share};
 pub use tract_onnx;
 pub use tract_onnx::prelude::{DatumType, Tensor};
 
@@ -107,7 +108,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Sets the number of threads tract's matrix products use (1 = single-threaded, the default)
 /// and returns the number it will use: `n`, capped at this machine's cores (more threads than
 /// cores only wait on each other). Needs the `threads` feature (on by default); without it only
-/// 1 is accepted.
+/// 1 is accepted. At more than one, each session times its runs on the pool against one thread
+/// and runs on one thread where that is faster: a small model, or the pool's cores busy with
+/// another process ([`Session::pool_use`]).
 pub fn set_threads(n: usize) -> Result<usize> {
     if n == 0 || n > limits::MAX_THREADS {
         return Err(Error::Setting(format!("--threads {n}: expected 1 to {}", limits::MAX_THREADS)));
@@ -981,6 +984,13 @@ impl Session {
             made += 1;
         }
         Ok(made)
+    }
+
+    /// Where this session's runs went at more than one thread, from its load: on the thread
+    /// pool or on the calling thread alone, and the pool's threads' share of their cores (a
+    /// busy neighbour on a core shows there; see [`set_threads`]).
+    pub fn pool_use(&self) -> PoolUse {
+        self.placement.used()
     }
 
     /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
