@@ -8,7 +8,7 @@ Usage (from the repository root, after ``cargo build --release``):
     /work/refvenv/bin/python models/reference/peer_bench.py [--models bench,vision-conv,...]
         [--precisions f32,f16,int8,int8-7bit,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
         [--work DIR] [--bin target/release/perceiver-edge] [--skip-torch-export] [--reexport]
-        [--in-process] [--json FILE]
+        [--in-process] [--busy-core N] [--json FILE]
 
 For each model: checkpoints go to WORK/MODEL/ (generated once with seeded random weights, reused
 when WORK/MODEL/model.safetensors exists); a seeded input (images: standard normal [1, 3, H, W];
@@ -29,11 +29,16 @@ run``) and of onnxruntime, a markdown table, each row's range of per-round ratio
 are at or under 1.0) and the thread scaling (p50 at the fewest threads /
 p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
 model, 3 and 1 for the published ones.
+
+--busy-core N (Linux) runs a busy loop pinned to CPU N from each graph's sessions to its last round
+(warm-ups included): a neighbour process taking one of the cores, as another node of a robot does.
+Both engines then run beside it; their thread scaling shows what a second thread is worth then.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -229,6 +234,23 @@ class InProcess:
         return statistics.median(ts)
 
 
+@contextlib.contextmanager
+def busy(core: int | None):
+    """A busy loop pinned to CPU `core` while the block runs (nothing when None)."""
+    if core is None:
+        yield
+        return
+    loop = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.2)
+        if loop.poll() is not None:
+            raise RuntimeError(f"--busy-core {core}: the busy loop exited {loop.returncode}")
+        yield
+    finally:
+        loop.kill()
+        loop.wait()
+
+
 def max_abs(a, ref) -> float | None:
     return None if a is None else float(np.abs(np.asarray(a, dtype=np.float32) - ref).max())
 
@@ -332,62 +354,63 @@ def bench_model(name, a, threads, rows):
             continue
         say(f"{tag} inputs {', '.join(f'{n} {x.dtype} {list(x.shape)}' for n, x in feed.items())}; "
             f"max |perceiver-edge - transformers| = {err_engine:.3g}")
-        use_torch = torch_path if prec == "f32" else None
-        err_ort = err_torch = None
-        sessions = {}
-        for t in threads:
-            same, out = session(pe_path, t, feed, warmup)
-            err_ort = max_abs(out, ref) if err_ort is None else err_ort
-            peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
-            err_torch = max_abs(out, ref) if err_torch is None else err_torch
-            sessions[t] = (same, peer)
-        inproc = None
-        if a.in_process:
-            try:
-                inproc = InProcess(pe_path, feed, warmup)
-                out = inproc.model.run(feed)[outs[0]]
-            except (ValueError, RuntimeError, OSError) as ex:
-                say(f"{tag} skipped: the Python package cannot run {pe_path.name}: {ex}")
-                continue
-            say(f"{tag} in process, one thread: max |perceiver_edge.Model - transformers| = {max_abs(out, ref):.3g}")
-        # Thread counts interleaved within each round, so that a slow phase of a shared host
-        # falls on every thread count alike and the per-round scaling compares like with like.
-        rounds = {t: [] for t in threads}
-        for r in range(a.rounds):
+        with busy(a.busy_core):
+            use_torch = torch_path if prec == "f32" else None
+            err_ort = err_torch = None
+            sessions = {}
             for t in threads:
-                same, peer = sessions[t]
-                cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
-                       "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
-                timers = [lambda: ort_time(same, feed, runs)[0] if same else None,
-                          lambda: ort_time(peer, feeds, runs)[0] if peer else None,
-                          (lambda: inproc.time(runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
-                if inproc:
-                    inproc.threads(t)
-                # In one process the order alternates too: onnxruntime first, then last.
-                order = [2, 1, 0] if inproc and r % 2 else [0, 1, 2]
-                times = [None] * 3
-                for i in order:
-                    times[i] = timers[i]()
+                same, out = session(pe_path, t, feed, warmup)
+                err_ort = max_abs(out, ref) if err_ort is None else err_ort
+                peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
+                err_torch = max_abs(out, ref) if err_torch is None else err_torch
+                sessions[t] = (same, peer)
+            inproc = None
+            if a.in_process:
+                try:
+                    inproc = InProcess(pe_path, feed, warmup)
+                    out = inproc.model.run(feed)[outs[0]]
+                except (ValueError, RuntimeError, OSError) as ex:
+                    say(f"{tag} skipped: the Python package cannot run {pe_path.name}: {ex}")
+                    continue
+                say(f"{tag} in process, one thread: max |perceiver_edge.Model - transformers| = {max_abs(out, ref):.3g}")
+            # Thread counts interleaved within each round, so that a slow phase of a shared host
+            # falls on every thread count alike and the per-round scaling compares like with like.
+            rounds = {t: [] for t in threads}
+            for r in range(a.rounds):
+                for t in threads:
+                    same, peer = sessions[t]
+                    cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
+                           "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
+                    timers = [lambda: ort_time(same, feed, runs)[0] if same else None,
+                              lambda: ort_time(peer, feeds, runs)[0] if peer else None,
+                              (lambda: inproc.time(runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
                     if inproc:
-                        time.sleep(PAUSE_S)
-                o, p, e = times
-                rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
-                          ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
-                rounds[t].append(rr)
-                say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
-                    f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
-                    f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
-        del sessions, inproc
-        for t in threads:
-            rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
-                             engine_ms=med(r["engine_ms"] for r in rounds[t]),
-                             ort_same_ms=med(r["ort_same_ms"] for r in rounds[t]),
-                             ort_torch_ms=med(r["ort_torch_ms"] for r in rounds[t]),
-                             ratio_same=med(r["ratio_same"] for r in rounds[t]),
-                             ratio_torch=med(r["ratio_torch"] for r in rounds[t]), rounds=rounds[t],
-                             max_abs_engine=err_engine, max_abs_ort_same=err_ort, max_abs_ort_torch=err_torch))
-        say(f"{tag} max |x - transformers|: perceiver-edge {fmt(err_engine, '.3g')}, onnxruntime same graph "
-            f"{fmt(err_ort, '.3g')}, onnxruntime on transformers' export {fmt(err_torch, '.3g')}")
+                        inproc.threads(t)
+                    # In one process the order alternates too: onnxruntime first, then last.
+                    order = [2, 1, 0] if inproc and r % 2 else [0, 1, 2]
+                    times = [None] * 3
+                    for i in order:
+                        times[i] = timers[i]()
+                        if inproc:
+                            time.sleep(PAUSE_S)
+                    o, p, e = times
+                    rr = dict(engine_ms=e, ort_same_ms=o, ort_torch_ms=p,
+                              ratio_same=e / o if e and o else None, ratio_torch=e / p if e and p else None)
+                    rounds[t].append(rr)
+                    say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
+                        f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
+                        f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
+            del sessions, inproc
+            for t in threads:
+                rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
+                                 engine_ms=med(r["engine_ms"] for r in rounds[t]),
+                                 ort_same_ms=med(r["ort_same_ms"] for r in rounds[t]),
+                                 ort_torch_ms=med(r["ort_torch_ms"] for r in rounds[t]),
+                                 ratio_same=med(r["ratio_same"] for r in rounds[t]),
+                                 ratio_torch=med(r["ratio_torch"] for r in rounds[t]), rounds=rounds[t],
+                                 max_abs_engine=err_engine, max_abs_ort_same=err_ort, max_abs_ort_torch=err_torch))
+            say(f"{tag} max |x - transformers|: perceiver-edge {fmt(err_engine, '.3g')}, onnxruntime same graph "
+                f"{fmt(err_ort, '.3g')}, onnxruntime on transformers' export {fmt(err_torch, '.3g')}")
 
 
 def scaling(rows) -> list[dict]:
@@ -438,6 +461,9 @@ def checked_args(a, prefix: str) -> list[int] | None:
             print("--in-process: the Python package is not installed in this Python "
                   f"({sys.executable}): pip install ./engine/python", file=sys.stderr)
             return None
+    if a.busy_core is not None and not (hasattr(os, "sched_setaffinity") and 0 <= a.busy_core < (os.cpu_count() or 1)):
+        print(f"--busy-core {a.busy_core}: expected a CPU from 0 to {(os.cpu_count() or 1) - 1} (Linux)", file=sys.stderr)
+        return None
     if not Path(a.bin).is_file():
         print(f"--bin: {a.bin} not found (cargo build --release)", file=sys.stderr)
         return None
@@ -465,13 +491,16 @@ def main() -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="time perceiver-edge in this process (the Python package, `pip install ./engine/python`) "
                          "alternated with onnxruntime, instead of a `perceiver-edge bench` process a round")
+    ap.add_argument("--busy-core", type=int, metavar="N",
+                    help="run a busy loop pinned to CPU N beside the timed runs (Linux): a busy neighbour")
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
     threads = checked_args(a, prefix="pe-peer-")
     if threads is None:
         return 1
-    say(f"work folder {a.work}; binary {a.bin}; threads {threads}; {os.cpu_count()} CPUs")
+    say(f"work folder {a.work}; binary {a.bin}; threads {threads}; {os.cpu_count()} CPUs"
+        + (f"; a busy loop on CPU {a.busy_core} beside the timed runs" if a.busy_core is not None else ""))
     if a.in_process:
         import perceiver_edge
 
@@ -503,7 +532,7 @@ def main() -> int:
               f"onnxruntime on transformers' export {fmt(s['ort_torch_ms'])}x")
     if a.json:
         a.json.write_text(json.dumps(dict(bin=a.bin, work=str(a.work), cpus=os.cpu_count(), threads=threads,
-                                          rounds=a.rounds, in_process=a.in_process, rows=rows, scaling=scale), indent=1))
+                                          rounds=a.rounds, in_process=a.in_process, busy_core=a.busy_core, rows=rows, scaling=scale), indent=1))
         say(f"wrote {a.json}")
     return 0
 

@@ -220,8 +220,7 @@ pub(crate) const TRIAL_RUNS: usize = 2 * TRIALS + 2;
 /// Runs after which a session that chose one thread tries the pool again: a trial is a moment of
 /// a shared host, whose other cores may have been busy then (a robot node runs for hours). A
 /// session where one thread is really faster pays its trial's pool runs once in this many runs:
-/// under 1 % of its time. Also the runs for which a session that kept the pool after a probe (its
-/// threads short of CPU, but still faster than one thread) checks their share no more.
+/// under 1 % of its time.
 const RETRY_AFTER: usize = 1024;
 
 /// Time after which a session on one thread tries the pool again, when [`RETRY_AFTER`] runs take
@@ -341,9 +340,12 @@ pub(crate) struct Placement {
     phase: Phase,
     /// The pool's runs since their share was last checked, while the pool is chosen.
     span: Span,
-    /// The run count from which the pool's share is checked (a probe that kept the pool puts it
-    /// [`RETRY_AFTER`] runs later).
-    checks_from: usize,
+    /// Probes in a row that kept the pool (its threads short of CPU but faster than one thread).
+    kept: u32,
+    /// Pool run time left before the share is checked again: [`CHECK_SPAN`] times 2 to the
+    /// power `kept` after such a probe (at most [`RETRY_TIME`]), so that a pool that stays faster
+    /// pays ever fewer probes, and one that became slower is found within seconds.
+    quiet: std::time::Duration,
     /// When the session chose one thread.
     since: Option<std::time::Instant>,
     /// Where its runs went, from the session's load (kept when a trial starts over).
@@ -443,8 +445,11 @@ impl Placement {
                 if self.here.len() >= timed {
                     let (pool, here) = (median(&self.pool), median(&self.here));
                     self.choose(here * 20 > pool * 19);
-                    // Kept though short of CPU: no new probe for a while.
-                    self.checks_from = self.runs + 1 + RETRY_AFTER;
+                    if self.phase == Phase::Chosen(true) {
+                        // Kept though short of CPU: no new probe for a while.
+                        self.kept += 1;
+                        self.quiet = (CHECK_SPAN * 2u32.saturating_pow(self.kept)).min(RETRY_TIME);
+                    }
                 }
             }
             Phase::Chosen(_) => {}
@@ -466,9 +471,14 @@ impl Placement {
         self.since = (!pool).then(std::time::Instant::now);
     }
 
-    /// Adds a pool run to the span; once it covers [`CHECK_SPAN`], starts a probe if the threads
-    /// had under [`SHARE_MIN`] of their cores, and a new span.
+    /// Adds a pool run to the span (once the quiet time after a probe is over); once it covers
+    /// [`CHECK_SPAN`], starts a probe if the threads had under [`SHARE_MIN`] of their cores, and
+    /// a new span.
     fn check(&mut self, took: std::time::Duration, share: Share) {
+        if !self.quiet.is_zero() {
+            self.quiet = self.quiet.saturating_sub(took);
+            return;
+        }
         let span = &mut self.span;
         if span.times.len() == SPAN_TIMES {
             span.times.pop_front();
@@ -479,7 +489,9 @@ impl Placement {
             return;
         }
         let span = std::mem::take(&mut self.span);
-        if span.share.ratio() < SHARE_MIN && self.runs >= self.checks_from {
+        if span.share.ratio() >= SHARE_MIN {
+            self.kept = 0;
+        } else {
             self.pool = span.times.into();
             self.here.clear();
             let long = median(&self.pool) >= LONG_RUN;
@@ -779,15 +791,23 @@ mod tests {
         assert!(!multithread_tract_scope(Executor::multithread(2), || p.settled()), "a probe is not settled");
         one_thread_runs(&mut p, 4, 1 + TRIALS);
         assert_eq!(p.phase, Phase::Chosen(false), "one thread faster than the pool's median");
-        // The same with one thread slower: the pool stays, and is not probed again before
-        // RETRY_AFTER runs.
+        // The same with one thread slower: the pool stays, and is probed again after twice
+        // CHECK_SPAN of its runs (40 of 5 ms) and a span (20), then after four times (80 + 20),
+        // then eight (160 + 20); back to twice once its threads had their cores.
         let mut p = on_the_pool();
         pool_runs(&mut p, 5, 0.5, 20);
+        for quiet in [40, 80, 160] {
+            one_thread_runs(&mut p, 6, 1 + TRIALS);
+            assert_eq!(p.phase, Phase::Chosen(true));
+            let phases = pool_runs(&mut p, 5, 0.5, 1000);
+            assert_eq!(phases.len(), quiet + 20, "probed again after {} runs, not {quiet} + 20", phases.len());
+        }
         one_thread_runs(&mut p, 6, 1 + TRIALS);
-        assert_eq!(p.phase, Phase::Chosen(true));
-        let phases = pool_runs(&mut p, 5, 0.5, RETRY_AFTER + 20);
-        let first = phases.iter().position(|ph| *ph != Phase::Chosen(true)).expect("probed again");
-        assert!(first >= RETRY_AFTER - 1, "probed again after {first} runs");
+        pool_runs(&mut p, 5, 0.5, 320);
+        pool_runs(&mut p, 5, 0.9, 20);
+        assert_eq!(pool_runs(&mut p, 5, 0.5, 1000).len(), 20, "a span short of CPU right after one that was not");
+        one_thread_runs(&mut p, 6, 1 + TRIALS);
+        assert_eq!(pool_runs(&mut p, 5, 0.5, 1000).len(), 40 + 20);
         // The pool's median decides, not its best run: pool runs mostly 10 ms, one 1 ms.
         let mut p = on_the_pool();
         pool_runs(&mut p, 1, 0.5, 1);
