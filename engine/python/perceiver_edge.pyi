@@ -76,7 +76,8 @@ class Model:
         inputs: Optional[Mapping[str, npt.NDArray[Any]]] = None,
     ) -> Dict[str, Any]:
         """``perceiver-edge bench --json`` as a dict: ``model, precision, file_bytes,
-        resident_weight_bytes, load_ms, warmup, runs, threads, latency_ms{min, mean, p50, p90,
+        resident_weight_bytes, load_ms, warmup, runs, threads, pool_runs, pool_share,
+        latency_ms{min, mean, p50, p90,
         p99, max, stddev}, throughput_per_s, memory{peak_rss, rss_after_warmup, rss_end,
         peak_heap, heap_after_warmup, heap_end}, paced`` (times in ms, memory in bytes; ``paced``
         is None unless ``rate`` is given). The model file is loaded again (``load_ms``);

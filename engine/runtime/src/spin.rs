@@ -26,9 +26,9 @@
 //! watches the pool's threads' share of their cores ([`Share`]): a busy neighbour (a camera
 //! driver, another node of the robot) on one of the pool's cores stalls every split op until the
 //! thread it preempted gets its core back, and two threads then ran slower than one (the bench
-//! model with a busy loop on the second core, `bench --threads 2`: p50 19.8-22.6 ms, p99 93-180,
-//! against 8.9-9.8 ms on one thread). When they had under [`SHARE_MIN`] of their time, the session
-//! times a few runs on one thread and keeps the faster.
+//! model with a busy loop on the second core, `bench --threads 2`: p50 22.6 ms, p99 124, against
+//! 9.0 ms on one thread; docs/performance.md, session 46). When they had under [`SHARE_MIN`] of
+//! their time, the session times a few runs on one thread and keeps the faster.
 
 // Without threads every run is the caller's: the pool's side is unused.
 #![cfg_attr(not(feature = "threads"), allow(dead_code))]
@@ -237,7 +237,7 @@ const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(20);
 /// share printed per run): alone, medians 0.93-0.97 (a tenth of runs under 0.89; the published
 /// architectures' runs 0.89-0.99); beside a loop busy 3 ms in 10 on the second core 0.82-0.86,
 /// the pool then as fast as one thread (p50 8.3-10.6 ms against 9.2); busy 3 in 6, 0.74-0.78
-/// (11.0-13.3 ms); busy all the time, 0.50-0.54 (19.7-20.6 ms).
+/// (11.0-13.3 ms); busy all the time, 0.50-0.54 (12.3-13.2 ms).
 pub(crate) const SHARE_MIN: f64 = 0.8;
 
 /// Wall time of the pool runs whose [`Share`] is summed before it is checked against
@@ -515,8 +515,8 @@ static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 /// Polls for work a spinner makes without finding any before it yields its core between polls
 /// (tens of microseconds; between two split ops of the bench model the run does 5-100 us of
 /// serial work). With a busy loop on the second core and two threads forced onto the pool, the
-/// bench model's p50 fell from 19.7-20.6 ms to 10.1-13.2 ms (`bench --threads 2`, three runs of
-/// each); with nothing else running no change beyond the host's noise (p50 4.9-7.6 ms either way,
+/// bench model's p50 fell from 19.7-20.6 ms to 12.3-13.2 ms (`bench --threads 2`, three runs of
+/// each); with nothing else running no change beyond the host's noise (p50 4.8-7.7 ms either way,
 /// six alternated runs of each).
 #[cfg(feature = "threads")]
 const SPINS_BEFORE_YIELD: u32 = 100;
