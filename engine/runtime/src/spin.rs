@@ -488,11 +488,14 @@ impl Placement {
         if span.share.wall < CHECK_SPAN * self.threads as u32 {
             return;
         }
-        let span = std::mem::take(&mut self.span);
-        if span.share.ratio() >= SHARE_MIN {
+        // A new span, in the same buffer (no allocation from run to run).
+        let share = std::mem::take(&mut self.span.share);
+        if share.ratio() >= SHARE_MIN {
             self.kept = 0;
+            self.span.times.clear();
         } else {
-            self.pool = span.times.into();
+            self.pool.clear();
+            self.pool.extend(self.span.times.drain(..));
             self.here.clear();
             let long = median(&self.pool) >= LONG_RUN;
             self.began = self.runs + 1;
