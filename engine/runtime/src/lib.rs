@@ -975,8 +975,9 @@ impl Session {
     /// Warm-up: runs the model `runs` times on `inputs` (outputs dropped) and, at more than one
     /// thread, on until it has chosen where its runs go: a session whose first run is short (under
     /// 20 ms) times a few runs on the pool and a few on one thread before it chooses (at most 12
-    /// runs, again after a change of [`set_threads`]), and runs timed before then would time the
-    /// trial. `runs` 0 runs nothing. Returns the runs made.
+    /// runs, again after a change of [`set_threads`]; a session whose pool threads were short of
+    /// CPU times a few on one thread again), and runs timed before then would time the trial.
+    /// `runs` 0 runs nothing. Returns the runs made.
     pub fn warm_up(&mut self, inputs: &[Tensor], runs: usize) -> Result<usize> {
         let mut made = 0;
         while made < runs || runs > 0 && !self.placement.settled() && made < runs + spin::TRIAL_RUNS {
@@ -1124,7 +1125,13 @@ mod warm_up_tests {
             let made = s.warm_up(&x, 1).unwrap();
             assert!((1..=1 + spin::TRIAL_RUNS).contains(&made), "{made} runs");
             assert!(s.placement.settled(), "timed runs after warm_up(1) would time the trial ({made} runs made)");
-            assert_eq!(s.warm_up(&x, 2).unwrap(), 2, "once chosen, exactly the runs asked for");
+            // Once chosen, exactly the runs asked for, unless the pool's threads were short of
+            // CPU meanwhile (tests run side by side): then up to a probe's runs more, on one thread.
+            let before = s.pool_use();
+            let more = s.warm_up(&x, 2).unwrap();
+            let probed = s.pool_use().one_thread_runs > before.one_thread_runs && before.pool_runs > 0;
+            assert!(more == 2 || (probed && more <= 2 + spin::TRIAL_RUNS), "{more} runs for 2");
+            assert!(s.placement.settled());
         });
         // One thread: nothing to choose.
         multithread_tract_scope(Executor::SingleThread, || assert_eq!(s.warm_up(&x, 3).unwrap(), 3));

@@ -342,9 +342,10 @@ pub(crate) struct Placement {
     span: Span,
     /// Probes in a row that kept the pool (its threads short of CPU but faster than one thread).
     kept: u32,
-    /// Pool run time left before the share is checked again: [`CHECK_SPAN`] times 2 to the
-    /// power `kept` after such a probe (at most [`RETRY_TIME`]), so that a pool that stays faster
-    /// pays ever fewer probes, and one that became slower is found within seconds.
+    /// Pool run time left before the share is checked again: [`CHECK_SPAN`] (or the pool's
+    /// median run, when longer) times 2 to the power `kept` after such a probe (at most
+    /// [`RETRY_TIME`], or 64 runs), so that a pool that stays faster pays ever fewer probes, and
+    /// one that became slower is found within seconds.
     quiet: std::time::Duration,
     /// When the session chose one thread.
     since: Option<std::time::Instant>,
@@ -446,9 +447,11 @@ impl Placement {
                     let (pool, here) = (median(&self.pool), median(&self.here));
                     self.choose(here * 20 > pool * 19);
                     if self.phase == Phase::Chosen(true) {
-                        // Kept though short of CPU: no new probe for a while.
+                        // Kept though short of CPU: no new probe for a while, counted in spans
+                        // (or runs, when longer).
                         self.kept += 1;
-                        self.quiet = (CHECK_SPAN * 2u32.saturating_pow(self.kept)).min(RETRY_TIME);
+                        let unit = CHECK_SPAN.max(pool);
+                        self.quiet = (unit * 2u32.saturating_pow(self.kept.min(16))).min(RETRY_TIME.max(unit * 64));
                     }
                 }
             }
@@ -833,6 +836,15 @@ mod tests {
         assert_eq!(pool_runs(&mut p, 3000, 0.5, 1), [Phase::Probe { untimed: false, timed: LONG_PROBES }]);
         one_thread_runs(&mut p, 2500, LONG_PROBES);
         assert_eq!(p.phase, Phase::Chosen(false));
+        // One thread slower: the pool stays, checked again after two runs, then four, counted
+        // in runs (not in CHECK_SPAN, which would probe after every run).
+        let mut p = Placement { threads: 2, ..Placement::default() };
+        pool_runs(&mut p, 3000, 0.5, 1);
+        for quiet in [2, 4] {
+            one_thread_runs(&mut p, 3500, LONG_PROBES);
+            assert_eq!(p.phase, Phase::Chosen(true));
+            assert_eq!(pool_runs(&mut p, 3000, 0.5, 100).len(), quiet + 1);
+        }
         // Given its cores, it stays.
         let mut p = Placement { threads: 2, ..Placement::default() };
         assert_eq!(pool_runs(&mut p, 3000, 0.95, 3), [Phase::Chosen(true); 3]);
