@@ -53,8 +53,8 @@ use std::path::Path;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
-/// The tract ONNX crate this runtime is built on (for examples and tools that need its API).
 pub use spin::{PoolUse, Share};
+/// The tract ONNX crate this runtime is built on (for examples and tools that need its API).
 pub use tract_onnx;
 pub use tract_onnx::prelude::{DatumType, Tensor};
 
