@@ -65,6 +65,12 @@ class Model:
         """Runs the model ``runs`` times on ``inputs`` (outputs dropped) and, at more than one
         thread (``set_threads``), on until the engine has chosen between its thread pool and one
         thread for this model (at most 12 more runs). Returns the runs made."""
+    def pool_use(self) -> Dict[str, Any]:
+        """Where this model's runs went at more than one thread (``set_threads``), from its load:
+        ``{"pool_runs", "one_thread_runs", "pool_share"}``. The engine runs on one thread where
+        that is faster (a small model, or the pool's cores busy with another process);
+        ``pool_share`` is the share of their cores the pool's threads had (None without pool
+        runs)."""
     def bench(
         self,
         runs: int = 100,

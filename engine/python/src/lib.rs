@@ -444,6 +444,19 @@ impl Model {
         })
     }
 
+    /// Where this model's runs went at more than one thread (`set_threads`), from its load:
+    /// `{"pool_runs", "one_thread_runs", "pool_share"}`. The engine runs on one thread where
+    /// that is faster (a small model, or the pool's cores busy with another process);
+    /// `pool_share` is the share of their cores the pool's threads had (None without pool runs).
+    fn pool_use<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let used = self.session.lock().unwrap_or_else(|p| p.into_inner()).pool_use();
+        let d = PyDict::new(py);
+        d.set_item("pool_runs", used.pool_runs)?;
+        d.set_item("one_thread_runs", used.one_thread_runs)?;
+        d.set_item("pool_share", used.share.filter(|_| used.pool_runs > 0).map(|s| s.ratio()))?;
+        Ok(d)
+    }
+
     /// Benchmarks the model like `perceiver-edge bench --json`: loads the file again (load +
     /// optimise time), `warmup` unmeasured runs, then `runs` measured runs (or `duration`
     /// seconds of them), optionally paced at `rate` Hz, on `inputs` or synthetic inputs.

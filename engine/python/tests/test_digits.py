@@ -201,6 +201,8 @@ def test_warm_up(digits_onnx):
     model = perceiver_edge.Model.load(digits_onnx)
     assert model.warm_up(x, 3) == 3  # one thread: nothing to choose
     assert model.warm_up(x, 0) == 0
+    # Runs at one thread are not counted: there is no pool to choose.
+    assert model.pool_use() == {"pool_runs": 0, "one_thread_runs": 0, "pool_share": None}
     perceiver_edge.set_threads(2)
     try:
         # digits' runs are short (well under 20 ms): the engine times its pool against one thread
@@ -210,6 +212,12 @@ def test_warm_up(digits_onnx):
         if len(os.sched_getaffinity(0)) >= 2:
             assert made > 1
         assert model.warm_up(x, 2) == 2, "once chosen, exactly the runs asked for"
+        if len(os.sched_getaffinity(0)) >= 2:
+            # Every run at two threads counted once, the trial's first on the pool.
+            used = model.pool_use()
+            assert used["pool_runs"] + used["one_thread_runs"] == made + 2, used
+            assert used["pool_runs"] >= 1, used
+            assert used["pool_share"] is None or 0 < used["pool_share"] <= 1.01, used
     finally:
         perceiver_edge.set_threads(1)
     with pytest.raises(ValueError, match="pixel_values"):
