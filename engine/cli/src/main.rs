@@ -1193,7 +1193,7 @@ fn print_bench(r: &bench::BenchReport) {
     println!("runs         {} measured after {} warm-up, {} thread(s)", r.runs, r.warmup, r.threads);
     if r.threads > 1 {
         let share = r.pool_share.map_or(String::new(), |s| format!(" (which had {:.0} % of their cores)", 100.0 * s));
-        let here = r.runs as u64 - r.pool_runs.min(r.runs as u64);
+        let here = (r.runs as u64).saturating_sub(r.pool_runs);
         let here = if here > 0 { format!("; {here} on one thread, found faster") } else { String::new() };
         println!("pool         {} of {} runs on the {} threads{share}{here}", r.pool_runs, r.runs, r.threads);
     }

@@ -453,7 +453,7 @@ impl Model {
         let d = PyDict::new(py);
         d.set_item("pool_runs", used.pool_runs)?;
         d.set_item("one_thread_runs", used.one_thread_runs)?;
-        d.set_item("pool_share", used.share.filter(|_| used.pool_runs > 0).map(|s| s.ratio()))?;
+        d.set_item("pool_share", used.pool_share())?;
         Ok(d)
     }
 

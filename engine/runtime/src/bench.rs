@@ -390,7 +390,7 @@ pub fn bench_on(
         runs: samples.len(),
         threads,
         pool_runs: used.pool_runs,
-        pool_share: used.share.filter(|_| used.pool_runs > 0).map(|s| s.ratio()),
+        pool_share: used.pool_share(),
         nonfinite_input_values,
         nonfinite_output_runs,
         latency_ms,

@@ -277,10 +277,16 @@ impl PoolUse {
             _ => None,
         };
         PoolUse {
-            pool_runs: self.pool_runs - earlier.pool_runs.min(self.pool_runs),
-            one_thread_runs: self.one_thread_runs - earlier.one_thread_runs.min(self.one_thread_runs),
+            pool_runs: self.pool_runs.saturating_sub(earlier.pool_runs),
+            one_thread_runs: self.one_thread_runs.saturating_sub(earlier.one_thread_runs),
             share,
         }
+    }
+
+    /// The pool's threads' share of their cores ([`Share::ratio`]) over its runs; `None` without
+    /// pool runs or a CPU clock per thread.
+    pub fn pool_share(&self) -> Option<f64> {
+        self.share.filter(|_| self.pool_runs > 0).map(|s| s.ratio())
     }
 }
 
@@ -451,7 +457,8 @@ impl Placement {
                         // (or runs, when longer).
                         self.kept += 1;
                         let unit = CHECK_SPAN.max(pool);
-                        self.quiet = (unit * 2u32.saturating_pow(self.kept.min(16))).min(RETRY_TIME.max(unit * 64));
+                        let longest = RETRY_TIME.max(unit.saturating_mul(64));
+                        self.quiet = unit.saturating_mul(2u32.saturating_pow(self.kept.min(16))).min(longest);
                     }
                 }
             }
