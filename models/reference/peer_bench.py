@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """perceiver-edge vs onnxruntime at real sizes (issue #11 item 1): latency and fidelity of the
 bench model (bench_vs_onnxruntime.py) and of the published PerceiverIO architectures (published.py:
-vision-fourier, vision-learned, vision-conv at 224x224, language at sequence 2048; random weights).
+vision-fourier, vision-learned, vision-conv at 224x224, language at sequence 2048; on request optical
+flow at 368x496; random weights).
 
 Usage (from the repository root, after ``cargo build --release``):
 
     /work/refvenv/bin/python models/reference/peer_bench.py [--models bench,vision-conv,...]
         [--precisions f32,f16,int8,int8-7bit,q4] [--threads 1,2,all] [--rounds 3] [--runs R] [--warmup W]
         [--work DIR] [--bin target/release/perceiver-edge] [--skip-torch-export] [--reexport]
-        [--in-process] [--busy-core N] [--json FILE]
+        [--in-process] [--busy-core N] [--one-session] [--json FILE]
 
 For each model: checkpoints go to WORK/MODEL/ (generated once with seeded random weights, reused
 when WORK/MODEL/model.safetensors exists); a seeded input (images: standard normal [1, 3, H, W];
-language: token ids in [0, 262) [1, 2048] with an attention mask of ones) and transformers' output
+language: token ids in [0, 262) [1, 2048] with an attention mask of ones; flow: standard normal
+[1, 2, 27, 368, 496], two frames' 3x3 patches) and transformers' output
 for it (torch, eval, no_grad) are cached as WORK/MODEL.in.NAME.npy and WORK/MODEL.ref.npy. For
 each precision the script exports WORK/MODEL-PREC.onnx with ``perceiver-edge export`` (int8-7bit:
 ``--precision int8 --reduce-range``, 7-bit weights; reused when
@@ -29,6 +31,11 @@ run``) and of onnxruntime, a markdown table, each row's range of per-round ratio
 are at or under 1.0) and the thread scaling (p50 at the fewest threads /
 p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
 model, 3 and 1 for the published ones.
+
+--models flow (optical flow at 368x496, not in the default list: ~10 s a run at one thread) makes
+each onnxruntime session just before its timed series and drops it after (as --one-session does
+for any model): onnxruntime held 7.6 GiB after two runs on perceiver-edge's graph and 13.4 GiB on
+transformers' export, more than a 24 GiB host has for four held sessions.
 
 --busy-core N (Linux) runs a busy loop pinned to CPU N from each graph's sessions to its last round
 (warm-ups included): a neighbour process taking one of the cores, as another node of a robot does.
@@ -56,6 +63,11 @@ from bench_vs_onnxruntime import build_model  # noqa: E402
 from published import ARCHS, generate  # noqa: E402
 
 MODELS = ["bench", "vision-fourier", "vision-learned", "vision-conv", "language"]
+# Taken when named in --models, not by default: optical flow at 368x496 takes seconds a run at
+# one thread and about 4 GiB a session (its cross-attention scores are [2048, 182528]).
+ON_REQUEST = ["flow"]
+# Models whose onnxruntime sessions are made one at a time (as --one-session does).
+ONE_SESSION = {"flow"}
 PRECISIONS = ["f32", "f16", "int8", "int8-7bit", "q4"]
 # Export flags of each precision: int8-7bit is int8 with 7-bit weights (`--reduce-range`).
 EXPORT_FLAGS = {"int8-7bit": ["--precision", "int8", "--reduce-range"]}
@@ -99,6 +111,9 @@ def make_inputs(name: str, ck: Path, work: Path) -> dict[str, np.ndarray]:
     if name == "language":
         arrays = {"input_ids": rng.integers(0, 262, size=(1, SEQ_LEN), dtype=np.int64),
                   "attention_mask": np.ones((1, SEQ_LEN), dtype=np.int64)}
+    elif name == "flow":
+        size = json.loads((ck / "config.json").read_text())["train_size"]
+        arrays = {"inputs": rng.standard_normal((1, 2, 27, *size)).astype(np.float32)}
     else:
         size = json.loads((ck / "config.json").read_text())["image_size"]
         h, w = (size, size) if isinstance(size, int) else size
@@ -167,6 +182,48 @@ def session(path: Path, threads: int, feed, warmup: int):
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several kinds; report and go on
         say(f"  onnxruntime cannot run {path.name}: {str(e).strip()[:300]}")
         return None, None
+
+
+class OrtPeer:
+    """onnxruntime on one graph at `threads` intra-op threads. With `hold` its session is made
+    (and warmed up) here and kept. Without, each timed series runs in a child process that makes
+    the session, warms it up, times the runs and exits, so that one session at a time holds memory
+    and its memory goes back with the process: onnxruntime held 7.6 GiB after two runs of optical
+    flow on perceiver-edge's graph and 13.4 GiB on transformers' export, and sessions dropped in
+    this process did not give theirs back (a 24 GiB host ran out at the third). Making and warming
+    up stay untimed either way. `first_out` is the first output of its first warm-up series (None
+    while none ran, or if onnxruntime cannot run the graph)."""
+
+    def __init__(self, path: Path, threads: int, feed: dict, warmup: int, hold: bool):
+        self.path, self.threads, self.feed, self.warmup, self.hold = path, threads, feed, warmup, hold
+        self.sess = self.first_out = None
+        self.failed = False
+        if hold:
+            self.sess, self.first_out = session(path, threads, feed, warmup)
+            self.failed = self.sess is None
+
+    def time(self, runs: int) -> float | None:
+        """Median ms of `runs` runs, None if onnxruntime cannot run the graph."""
+        if self.failed:
+            return None
+        if self.hold:
+            return ort_time(self.sess, self.feed, runs)[0]
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads of this one's
+        with ctx.Pool(1) as pool:
+            ms, out = pool.apply(child_series, (self.path, self.threads, self.feed, self.warmup, runs))
+        self.failed = ms is None
+        if self.first_out is None:
+            self.first_out = out
+        return ms
+
+
+def child_series(path: Path, threads: int, feed: dict, warmup: int, runs: int):
+    """(median ms of `runs` runs, first output of the warm-up) of a new session on `path`, (None,
+    None) if onnxruntime cannot run it (`OrtPeer`'s child process)."""
+    sess, out = session(path, threads, feed, warmup)
+    return (ort_time(sess, feed, runs)[0], out) if sess is not None else (None, None)
 
 
 def ort_time(sess, feed, runs: int):
@@ -356,14 +413,9 @@ def bench_model(name, a, threads, rows):
             f"max |perceiver-edge - transformers| = {err_engine:.3g}")
         with busy(a.busy_core):
             use_torch = torch_path if prec == "f32" else None
-            err_ort = err_torch = None
-            sessions = {}
-            for t in threads:
-                same, out = session(pe_path, t, feed, warmup)
-                err_ort = max_abs(out, ref) if err_ort is None else err_ort
-                peer, out = session(use_torch, t, feeds, warmup) if use_torch else (None, None)
-                err_torch = max_abs(out, ref) if err_torch is None else err_torch
-                sessions[t] = (same, peer)
+            hold = not (a.one_session or name in ONE_SESSION)
+            sessions = {t: (OrtPeer(pe_path, t, feed, warmup, hold),
+                            OrtPeer(use_torch, t, feeds, warmup, hold) if use_torch else None) for t in threads}
             inproc = None
             if a.in_process:
                 try:
@@ -381,8 +433,8 @@ def bench_model(name, a, threads, rows):
                     same, peer = sessions[t]
                     cmd = [a.bin, "bench", str(pe_path), "--runs", str(runs), "--warmup", str(warmup),
                            "--threads", str(t), "--json"] + sum((["--input", str(f)] for f in files), [])
-                    timers = [lambda: ort_time(same, feed, runs)[0] if same else None,
-                              lambda: ort_time(peer, feeds, runs)[0] if peer else None,
+                    timers = [lambda: same.time(runs),
+                              lambda: peer.time(runs) if peer else None,
                               (lambda: inproc.time(runs)) if inproc else (lambda: engine_p50(cmd, tag, t))]
                     if inproc:
                         inproc.threads(t)
@@ -400,6 +452,9 @@ def bench_model(name, a, threads, rows):
                     say(f"{tag} T={t} round {r}: perceiver-edge {fmt(e, ms=True)}, onnxruntime same graph "
                         f"{fmt(o, ms=True)} (ratio {fmt(rr['ratio_same'], '.3f')}), onnxruntime on transformers' "
                         f"export {fmt(p, ms=True)} (ratio {fmt(rr['ratio_torch'], '.3f')})")
+            firsts = [[p.first_out for p in pair if p] for pair in sessions.values()]
+            err_ort = next((max_abs(f[0], ref) for f in firsts if f[0] is not None), None)
+            err_torch = next((max_abs(f[1], ref) for f in firsts if len(f) > 1 and f[1] is not None), None)
             del sessions, inproc
             for t in threads:
                 rows.append(dict(model=name, precision=prec, threads=t, runs=runs, warmup=warmup,
@@ -443,7 +498,7 @@ def checked_args(a, prefix: str) -> list[int] | None:
     wrong."""
     a.models = a.models.split(",")
     a.precisions = a.precisions.split(",")
-    for what, got, known in (("--models", a.models, MODELS), ("--precisions", a.precisions, PRECISIONS)):
+    for what, got, known in (("--models", a.models, MODELS + ON_REQUEST), ("--precisions", a.precisions, PRECISIONS)):
         bad = [x for x in got if x not in known]
         if bad:
             print(f"{what}: unknown {', '.join(map(repr, bad))} (expected one of {', '.join(known)})", file=sys.stderr)
@@ -478,7 +533,7 @@ def checked_args(a, prefix: str) -> list[int] | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS + ON_REQUEST)} (default all but {', '.join(ON_REQUEST)})")
     ap.add_argument("--precisions", default="f32", help=f"comma-separated, of: {', '.join(PRECISIONS)}")
     ap.add_argument("--threads", default="1,2,all", help="comma-separated thread counts; all = os.cpu_count()")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each times every thread count in turn)")
@@ -493,6 +548,9 @@ def main() -> int:
                          "alternated with onnxruntime, instead of a `perceiver-edge bench` process a round")
     ap.add_argument("--busy-core", type=int, metavar="N",
                     help="run a busy loop pinned to CPU N beside the timed runs (Linux): a busy neighbour")
+    ap.add_argument("--one-session", action="store_true",
+                    help="make each onnxruntime session before its timed runs and drop it after (untimed), so "
+                         "that one at a time holds memory [always for flow]")
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
