@@ -32,10 +32,11 @@ are at or under 1.0) and the thread scaling (p50 at the fewest threads /
 p50 at T, the median of the per-round ratios). Defaults: --runs 20 and --warmup 3 for the bench
 model, 3 and 1 for the published ones.
 
---models flow (optical flow at 368x496, not in the default list: ~10 s a run at one thread) makes
-each onnxruntime session just before its timed series and drops it after (as --one-session does
-for any model): onnxruntime held 7.6 GiB after two runs on perceiver-edge's graph and 13.4 GiB on
-transformers' export, more than a 24 GiB host has for four held sessions.
+--models flow (optical flow at 368x496, not in the default list: 10-30 s a run at one thread)
+runs each onnxruntime timed series in a child process that makes, warms up and times its own
+session (as --one-session does for any model): onnxruntime held 7.6 GiB after two runs on
+perceiver-edge's graph and 13.4 GiB on transformers' export, more than a 24 GiB host has for four
+held sessions, and a session dropped in this process did not give its memory back.
 
 --busy-core N (Linux) runs a busy loop pinned to CPU N from each graph's sessions to its last round
 (warm-ups included): a neighbour process taking one of the cores, as another node of a robot does.
@@ -549,8 +550,8 @@ def main() -> int:
     ap.add_argument("--busy-core", type=int, metavar="N",
                     help="run a busy loop pinned to CPU N beside the timed runs (Linux): a busy neighbour")
     ap.add_argument("--one-session", action="store_true",
-                    help="make each onnxruntime session before its timed runs and drop it after (untimed), so "
-                         "that one at a time holds memory [always for flow]")
+                    help="time onnxruntime in a child process per series that makes its own session (untimed), "
+                         "so that one session at a time holds memory [always for flow]")
     ap.add_argument("--json", type=Path, help="write all figures to this file")
     a = ap.parse_args()
 
