@@ -322,6 +322,11 @@ def fmt(x, spec=".2f", ms=False) -> str:
     return "n/a" if x is None else format(x, spec) + (" ms" if ms else "")
 
 
+def times(x) -> str:
+    """A speed-up as `1.23x`, or n/a."""
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def reference(name, ck, feeds, a):
     """transformers' output for `feeds` (cached) and its ONNX export (None if skipped or failed)."""
     model = None
@@ -587,8 +592,8 @@ def main() -> int:
         print()
     for s in scale:
         print(f"thread scaling {s['model']} {s['precision']} (p50 at {s['base_threads']} / p50 at {s['threads']}): "
-              f"perceiver-edge {fmt(s['engine_ms'])}x, onnxruntime same graph {fmt(s['ort_same_ms'])}x, "
-              f"onnxruntime on transformers' export {fmt(s['ort_torch_ms'])}x")
+              f"perceiver-edge {times(s['engine_ms'])}, onnxruntime same graph {times(s['ort_same_ms'])}, "
+              f"onnxruntime on transformers' export {times(s['ort_torch_ms'])}")
     if a.json:
         a.json.write_text(json.dumps(dict(bin=a.bin, work=str(a.work), cpus=os.cpu_count(), threads=threads,
                                           rounds=a.rounds, in_process=a.in_process, busy_core=a.busy_core, rows=rows, scaling=scale), indent=1))
