@@ -64,8 +64,8 @@ from bench_vs_onnxruntime import build_model  # noqa: E402
 from published import ARCHS, generate  # noqa: E402
 
 MODELS = ["bench", "vision-fourier", "vision-learned", "vision-conv", "language"]
-# Taken when named in --models, not by default: optical flow at 368x496 takes seconds a run at
-# one thread and about 4 GiB a session (its cross-attention scores are [2048, 182528]).
+# Taken when named in --models, not by default: optical flow at 368x496 takes 10-30 s a run at
+# one thread, and onnxruntime 7.6-13.4 GiB a session.
 ON_REQUEST = ["flow"]
 # Models whose onnxruntime sessions are made one at a time (as --one-session does).
 ONE_SESSION = {"flow"}
