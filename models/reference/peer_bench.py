@@ -64,11 +64,9 @@ from bench_vs_onnxruntime import build_model  # noqa: E402
 from published import ARCHS, generate  # noqa: E402
 
 MODELS = ["bench", "vision-fourier", "vision-learned", "vision-conv", "language"]
-# Taken when named in --models, not by default: optical flow at 368x496 takes 10-30 s a run at
-# one thread, and onnxruntime 7.6-13.4 GiB a session.
+# Taken when named in --models, not by default, and with onnxruntime's sessions one at a time
+# (as --one-session does): see the module's note on --models flow.
 ON_REQUEST = ["flow"]
-# Models whose onnxruntime sessions are made one at a time (as --one-session does).
-ONE_SESSION = {"flow"}
 PRECISIONS = ["f32", "f16", "int8", "int8-7bit", "q4"]
 # Export flags of each precision: int8-7bit is int8 with 7-bit weights (`--reduce-range`).
 EXPORT_FLAGS = {"int8-7bit": ["--precision", "int8", "--reduce-range"]}
@@ -189,10 +187,8 @@ class OrtPeer:
     """onnxruntime on one graph at `threads` intra-op threads. With `hold` its session is made
     (and warmed up) here and kept. Without, each timed series runs in a child process that makes
     the session, warms it up, times the runs and exits, so that one session at a time holds memory
-    and its memory goes back with the process: onnxruntime held 7.6 GiB after two runs of optical
-    flow on perceiver-edge's graph and 13.4 GiB on transformers' export, and sessions dropped in
-    this process did not give theirs back (a 24 GiB host ran out at the third). Making and warming
-    up stay untimed either way. `first_out` is the first output of its first warm-up series (None
+    and its memory goes back with the process (why: the module's note on --models flow). Making
+    and warming up stay untimed either way. `first_out` is the first output of its first warm-up series (None
     while none ran, or if onnxruntime cannot run the graph)."""
 
     def __init__(self, path: Path, threads: int, feed: dict, warmup: int, hold: bool):
@@ -419,7 +415,7 @@ def bench_model(name, a, threads, rows):
             f"max |perceiver-edge - transformers| = {err_engine:.3g}")
         with busy(a.busy_core):
             use_torch = torch_path if prec == "f32" else None
-            hold = not (a.one_session or name in ONE_SESSION)
+            hold = not (a.one_session or name in ON_REQUEST)
             sessions = {t: (OrtPeer(pe_path, t, feed, warmup, hold),
                             OrtPeer(use_torch, t, feeds, warmup, hold) if use_torch else None) for t in threads}
             inproc = None
