@@ -19,18 +19,18 @@ pub struct Counting;
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: `layout` is the caller's, valid for the system allocator.
-        counted(layout, || unsafe { System.alloc(layout) })
+        counted(layout, false, || unsafe { System.alloc(layout) })
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // A fresh map is zero already.
+        // A fresh map is zero already; a kept one is zeroed.
         // SAFETY: as in `alloc`.
-        counted(layout, || unsafe { System.alloc_zeroed(layout) })
+        counted(layout, true, || unsafe { System.alloc_zeroed(layout) })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        if !unsafe { huge::unmap(ptr, layout.size()) } {
+        if !unsafe { huge::unmap(ptr, layout.size()) || keep::free(ptr, layout.size()) } {
             unsafe { System.dealloc(ptr, layout) };
         }
         IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
@@ -38,7 +38,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        let p = match unsafe { huge::remap(ptr, layout, new_size) } {
+        let p = match unsafe { huge::remap(ptr, layout, new_size).or_else(|| keep::realloc(ptr, layout, new_size)) } {
             Some(p) => p,
             None => unsafe { System.realloc(ptr, layout, new_size) },
         };
@@ -51,10 +51,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// A huge-page map for `layout` while loading, else what `system` gives, counted; a refusal
-/// exits ([`refused`]).
-fn counted(layout: Layout, system: impl FnOnce() -> *mut u8) -> *mut u8 {
+/// A huge-page map for `layout` while loading, a kept map at run time for a large buffer (zeroed
+/// where `zeroed`), else what `system` gives, counted; a refusal exits ([`refused`]).
+fn counted(layout: Layout, zeroed: bool, system: impl FnOnce() -> *mut u8) -> *mut u8 {
     let mut p = huge::map(layout);
+    if p.is_null() && !huge::LOADING.load(Ordering::Relaxed) {
+        p = keep::alloc(layout, zeroed);
+    }
     if p.is_null() {
         p = system();
     }
@@ -103,6 +106,7 @@ pub fn reset_peak() {
 /// mapped): called once a model is loaded, so the resident set after loading is what the
 /// session holds, not the loader's peak. A no-op where the C library has no `malloc_trim`.
 pub fn release_freed() {
+    keep::release();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap memory to the system; it takes no pointers.
     unsafe {
@@ -147,7 +151,8 @@ impl Drop for LoadPhase {
 }
 
 /// The allocator's regime between loads: allocations of 32 MiB and more (the most glibc would
-/// pick itself) get their own memory maps, smaller ones come from the heap, and up to 64 MiB of
+/// pick itself) get their own memory maps (kept when freed: [`set_keep_freed`]), smaller ones
+/// come from the heap, and up to 64 MiB of
 /// freed memory stays at the top of the heap (`M_TRIM_THRESHOLD`: twice the map threshold, as
 /// glibc keeps it; setting the map threshold stops glibc from adjusting it, and at its default of
 /// 128 KiB each run gave back the activations it freed and faulted them in again at the next:
@@ -172,6 +177,51 @@ fn set_regime(mmap_threshold: i32, mmap_max: i32, trim: i32) {
     let _ = (mmap_threshold, mmap_max, trim);
 }
 
+/// Whether freed run-time buffers of 32 MiB or more are kept for the next ones (on by default;
+/// off for comparisons: each is then unmapped when freed and the next faults its pages in again).
+/// Has effect only with [`Counting`] installed, on Linux with glibc.
+pub fn set_keep_freed(on: bool) {
+    keep::ENABLED.store(on, Ordering::Relaxed);
+    if !on {
+        keep::release();
+    }
+}
+
+/// Bytes of freed large buffers kept for the next ones (see [`set_keep_freed`]).
+pub fn kept() -> u64 {
+    keep::kept_bytes() as u64
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod keep;
+
+/// Without glibc on Linux every buffer comes from the system allocator.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod keep {
+    use std::alloc::Layout;
+    use std::sync::atomic::AtomicBool;
+
+    pub static ENABLED: AtomicBool = AtomicBool::new(true);
+
+    pub fn alloc(_: Layout, _: bool) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+
+    pub unsafe fn free(_: *mut u8, _: usize) -> bool {
+        false
+    }
+
+    pub unsafe fn realloc(_: *mut u8, _: Layout, _: usize) -> Option<*mut u8> {
+        None
+    }
+
+    pub fn release() {}
+
+    pub fn kept_bytes() -> usize {
+        0
+    }
+}
+
 /// Whether large buffers allocated while loading get huge pages (on by default; off for
 /// comparisons). Has effect only with [`Counting`] installed, on Linux with glibc.
 pub fn set_huge_pages(on: bool) {
@@ -186,8 +236,9 @@ pub fn set_huge_pages(on: bool) {
 /// 2 MiB or more gets a memory map of its own, aligned to 2 MiB and advised as transparent huge
 /// pages (`MADV_HUGEPAGE`), so the kernel maps it 2 MiB at a time. A map is zero when made, so a
 /// zeroed buffer is not written twice. Its address is kept in a fixed table (nothing here
-/// allocates), and freeing it unmaps it whenever that happens. At run time large buffers stay with
-/// glibc: a huge page the kernel must first compact memory for would show up as a slow run.
+/// allocates), and freeing it unmaps it whenever that happens. Run-time buffers get no huge pages:
+/// a huge page the kernel must first compact memory for would show up as a slow run (those of
+/// 32 MiB or more are kept from run to run instead: [`set_keep_freed`]).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod huge {
     use std::alloc::Layout;
