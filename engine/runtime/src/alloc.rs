@@ -5,6 +5,9 @@
 //! It also turns an allocation the system refuses into a one-line `error:` and exit status 1
 //! instead of Rust's abort (SIGABRT): a size that slipped past the checks in [`crate::limits`]
 //! still ends like any other bad input.
+//!
+//! Large buffers get memory maps of their own: huge pages while loading ([`LoadPhase`]), pages
+//! kept from run to run after ([`set_keep_freed`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -151,14 +154,14 @@ impl Drop for LoadPhase {
 }
 
 /// The allocator's regime between loads: allocations of 32 MiB and more (the most glibc would
-/// pick itself) get their own memory maps (kept when freed: [`set_keep_freed`]), smaller ones
-/// come from the heap, and up to 64 MiB of
-/// freed memory stays at the top of the heap (`M_TRIM_THRESHOLD`: twice the map threshold, as
-/// glibc keeps it; setting the map threshold stops glibc from adjusting it, and at its default of
-/// 128 KiB each run gave back the activations it freed and faulted them in again at the next:
-/// bench model, p50 12.4 -> 11.9 ms). Taking every allocation from the heap instead (`M_MMAP_MAX`
-/// 0) saved vision-perceiver-fourier the page faults of its 98 MiB scores at each run (6 %), but
-/// the heap fragmented: peak RSS 523 -> 602 MiB, growing from run to run.
+/// pick itself) get their own memory maps (their pages kept when freed: [`set_keep_freed`]),
+/// smaller ones come from the heap, and up to 64 MiB of freed memory stays at the top of the
+/// heap (`M_TRIM_THRESHOLD`: twice the map threshold, as glibc keeps it; setting the map
+/// threshold stops glibc from adjusting it, and at its default of 128 KiB each run gave back the
+/// activations it freed and faulted them in again at the next: bench model, p50 12.4 -> 11.9 ms).
+/// Taking every allocation from the heap instead (`M_MMAP_MAX` 0) saved vision-perceiver-fourier
+/// the page faults of its 98 MiB scores at each run (6 %), but the heap fragmented: peak RSS
+/// 523 -> 602 MiB, growing from run to run.
 fn running_regime() {
     set_regime(32 << 20, 65536, 64 << 20);
 }
@@ -257,7 +260,8 @@ mod huge {
     /// One past the highest slot ever used: lookups scan only that far.
     static USED: AtomicUsize = AtomicUsize::new(0);
 
-    fn page() -> usize {
+    /// The system's page size (4 KiB where it does not say).
+    pub(super) fn page() -> usize {
         // SAFETY: sysconf takes no pointers.
         let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         if p > 0 {

@@ -17,6 +17,7 @@
 //! every kept piece and starts the mark anew. Nothing here allocates: the state is fixed tables
 //! behind a mutex, taken only for large buffers.
 
+use super::huge::page;
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -58,16 +59,6 @@ static STATE: Mutex<State> = Mutex::new(State::new());
 
 fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn page() -> usize {
-    // SAFETY: sysconf takes no pointers.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
-    }
 }
 
 /// Unmaps a piece nothing refers to.
