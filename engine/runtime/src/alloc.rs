@@ -163,8 +163,12 @@ impl Drop for LoadPhase {
 /// the page faults of its 98 MiB scores at each run (6 %), but the heap fragmented: peak RSS
 /// 523 -> 602 MiB, growing from run to run.
 fn running_regime() {
-    set_regime(32 << 20, 65536, 64 << 20);
+    set_regime(RUN_MAP_THRESHOLD as i32, 65536, 2 * RUN_MAP_THRESHOLD as i32);
 }
+
+/// glibc's map threshold between loads (the most it would pick itself): buffers from this size on
+/// are the ones [`set_keep_freed`] keeps.
+const RUN_MAP_THRESHOLD: usize = 32 << 20;
 
 /// Sets glibc's `M_MMAP_THRESHOLD`, `M_MMAP_MAX` and `M_TRIM_THRESHOLD` (free memory at the top
 /// of the heap above which `free` returns it to the system).

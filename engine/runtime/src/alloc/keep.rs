@@ -22,8 +22,8 @@ use std::alloc::Layout;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-/// Buffers from this size on are made here (glibc maps these on its own whatever its settings).
-pub const MIN: usize = 32 << 20;
+/// Buffers from this size on are made here: glibc's map threshold at run time.
+const MIN: usize = super::RUN_MAP_THRESHOLD;
 /// Large buffers in use at once that are tracked; more go to glibc.
 const LIVE: usize = 256;
 /// Pieces a buffer is made of at most.
@@ -230,7 +230,8 @@ pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*
         let slot = s.find(ptr as usize)?;
         let old = layout.size().next_multiple_of(page());
         if s.live[slot].n == 1 && new_size >= MIN && layout.align() <= page() {
-            let new = new_size.checked_next_multiple_of(page())?;
+            // A size past the last page is refused here: the buffer is this module's, not glibc's.
+            let Some(new) = new_size.checked_next_multiple_of(page()) else { return Some(std::ptr::null_mut()) };
             // SAFETY: the buffer's one map; the kernel moves it if it must.
             let p = unsafe { libc::mremap(ptr as *mut libc::c_void, old, new, libc::MREMAP_MAYMOVE) };
             if p == libc::MAP_FAILED {
