@@ -24,6 +24,13 @@ use std::path::PathBuf;
 use std::ptr;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
+/// Large buffers in memory maps of their own, as in the CLI: huge pages while loading, and the
+/// pages of run-time buffers of 32 MiB or more kept from run to run instead of faulted in again
+/// at every run (they go back to the system with `pe_model_free`). A refused allocation aborts,
+/// as with the system allocator.
+#[global_allocator]
+static ALLOC: perceiver_edge_runtime::alloc::Mapped = perceiver_edge_runtime::alloc::Mapped;
+
 /// Status code returned by every `pe_*` function that can fail. On anything but `PE_OK`,
 /// `pe_last_error()` gives a one-line message naming the function and the argument at fault.
 #[repr(C)]

@@ -7,7 +7,8 @@
 //! still ends like any other bad input.
 //!
 //! Large buffers get memory maps of their own: huge pages while loading ([`LoadPhase`]), pages
-//! kept from run to run after ([`set_keep_freed`]).
+//! kept from run to run after ([`set_keep_freed`]). A library inside another program (the C API)
+//! installs [`Mapped`] instead: the same maps, no counting, and a refusal left to Rust's handler.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,58 +17,108 @@ static IN_USE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
-/// The system allocator with byte counting.
+/// The system allocator with byte counting and large buffers in maps of their own.
 pub struct Counting;
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: `layout` is the caller's, valid for the system allocator.
-        counted(layout, false, || unsafe { System.alloc(layout) })
+        counted(layout.size(), place(layout, false))
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // A fresh map is zero already; a kept one is zeroed.
-        // SAFETY: as in `alloc`.
-        counted(layout, true, || unsafe { System.alloc_zeroed(layout) })
+        counted(layout.size(), place(layout, true))
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        if !unsafe { huge::unmap(ptr, layout.size()) || keep::free(ptr, layout.size()) } {
-            unsafe { System.dealloc(ptr, layout) };
-        }
+        unsafe { free(ptr, layout) };
         IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        let p = match unsafe { huge::remap(ptr, layout, new_size).or_else(|| keep::realloc(ptr, layout, new_size)) } {
-            Some(p) => p,
-            None => unsafe { System.realloc(ptr, layout, new_size) },
-        };
-        if p.is_null() {
-            refused(new_size);
-        }
+        let p = unsafe { resize(ptr, layout, new_size) };
         IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-        grow(new_size as u64);
-        p
+        counted(new_size, p)
+    }
+}
+
+/// The system allocator with [`Counting`]'s memory maps for large buffers (huge pages while
+/// loading, pages kept from run to run after), without its counting or its exit: a refused
+/// allocation returns null, and Rust's handler aborts as with the system allocator. For a library
+/// loaded into another program (the C API), which must not end that program with status 1.
+pub struct Mapped;
+
+unsafe impl GlobalAlloc for Mapped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        place(layout, false)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        place(layout, true)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        unsafe { free(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        unsafe { resize(ptr, layout, new_size) }
     }
 }
 
 /// A huge-page map for `layout` while loading, a kept map at run time for a large buffer (zeroed
-/// where `zeroed`), else what `system` gives, counted; a refusal exits ([`refused`]).
-fn counted(layout: Layout, zeroed: bool, system: impl FnOnce() -> *mut u8) -> *mut u8 {
+/// where `zeroed`: a fresh map is zero already, a kept one is zeroed), else the system
+/// allocator's buffer; null if refused.
+fn place(layout: Layout, zeroed: bool) -> *mut u8 {
     let mut p = huge::map(layout);
     if p.is_null() && !huge::LOADING.load(Ordering::Relaxed) {
         p = keep::alloc(layout, zeroed);
     }
     if p.is_null() {
-        p = system();
+        // SAFETY: `layout` is the caller's, valid for the system allocator.
+        p = unsafe {
+            if zeroed {
+                System.alloc_zeroed(layout)
+            } else {
+                System.alloc(layout)
+            }
+        };
     }
+    p
+}
+
+/// Frees a buffer [`place`] or [`resize`] gave: unmaps or keeps a map of ours, else the system's.
+///
+/// # Safety
+/// `ptr` and `layout` are such a buffer, not used after.
+unsafe fn free(ptr: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    if !unsafe { huge::unmap(ptr, layout.size()) || keep::free(ptr, layout.size()) } {
+        unsafe { System.dealloc(ptr, layout) };
+    }
+}
+
+/// Resizes a buffer [`place`] or [`resize`] gave, as `GlobalAlloc::realloc`; null if refused.
+///
+/// # Safety
+/// As `GlobalAlloc::realloc`.
+unsafe fn resize(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    match unsafe { huge::remap(ptr, layout, new_size).or_else(|| keep::realloc(ptr, layout, new_size)) } {
+        Some(p) => p,
+        None => unsafe { System.realloc(ptr, layout, new_size) },
+    }
+}
+
+/// Counts `bytes` newly in use at `p`, or exits if the allocation was refused ([`refused`]).
+fn counted(bytes: usize, p: *mut u8) -> *mut u8 {
     if p.is_null() {
-        refused(layout.size());
+        refused(bytes);
     }
-    grow(layout.size() as u64);
+    grow(bytes as u64);
     p
 }
 
@@ -114,6 +165,17 @@ pub fn release_freed() {
     // SAFETY: malloc_trim only returns free heap memory to the system; it takes no pointers.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Calls [`release_freed`] when dropped: the last field of a `Session`, so the pages kept from
+/// its large buffers (and free heap memory) go back to the system when it is dropped, not when
+/// the next model loads (a C or Python host that frees a model gets its memory back).
+pub(crate) struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_freed();
     }
 }
 
@@ -186,7 +248,7 @@ fn set_regime(mmap_threshold: i32, mmap_max: i32, trim: i32) {
 
 /// Whether freed run-time buffers of 32 MiB or more are kept for the next ones (on by default;
 /// off for comparisons: each is then unmapped when freed and the next faults its pages in again).
-/// Has effect only with [`Counting`] installed, on Linux with glibc.
+/// Has effect only with [`Counting`] or [`Mapped`] installed, on Linux with glibc.
 pub fn set_keep_freed(on: bool) {
     keep::ENABLED.store(on, Ordering::Relaxed);
     if !on {
@@ -230,7 +292,7 @@ mod keep {
 }
 
 /// Whether large buffers allocated while loading get huge pages (on by default; off for
-/// comparisons). Has effect only with [`Counting`] installed, on Linux with glibc.
+/// comparisons). Has effect only with [`Counting`] or [`Mapped`] installed, on Linux with glibc.
 pub fn set_huge_pages(on: bool) {
     huge::ENABLED.store(on, Ordering::Relaxed);
 }

@@ -541,6 +541,9 @@ pub struct Session {
     f16_in_f32: bool,
     /// Where its runs go: the thread pool, or the calling thread where a trial found that faster.
     placement: spin::Placement,
+    /// Last, so it drops after the plan and its state: the pages kept from their large buffers
+    /// go back to the system with the session, not at the next load.
+    _release: alloc::ReleaseOnDrop,
 }
 
 fn fixed_shape(fact: &TypedFact, what: &str, name: &str) -> Result<Vec<usize>> {
@@ -834,6 +837,7 @@ impl Session {
                 external_bytes: external,
                 f16_in_f32,
                 placement: Default::default(),
+                _release: alloc::ReleaseOnDrop,
             },
             exposed,
         ))
