@@ -11,6 +11,8 @@ use perceiver_edge_runtime::alloc;
 mod common;
 use common::*;
 
+// Shared with the runtime's keep_freed.rs, which uses all of it.
+#[allow(dead_code)]
 #[path = "../../runtime/tests/support/wide_matmul.rs"]
 mod wide;
 

@@ -22,40 +22,11 @@ pub struct Counting;
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        counted(layout.size(), place(layout, false))
+        counted(place(layout, false), layout.size(), 0, true)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        counted(layout.size(), place(layout, true))
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        unsafe { free(ptr, layout) };
-        IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        let p = unsafe { resize(ptr, layout, new_size) };
-        IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-        counted(new_size, p)
-    }
-}
-
-/// The system allocator with [`Counting`]'s memory maps for large buffers (huge pages while
-/// loading, pages kept from run to run after), without its counting or its exit: a refused
-/// allocation returns null, and Rust's handler aborts as with the system allocator. For a library
-/// loaded into another program (the C API), which must not end that program with status 1.
-pub struct Mapped;
-
-unsafe impl GlobalAlloc for Mapped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        place(layout, false)
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        place(layout, true)
+        counted(place(layout, true), layout.size(), 0, true)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -65,7 +36,32 @@ unsafe impl GlobalAlloc for Mapped {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `ptr` and `layout` are an allocation of this allocator.
-        unsafe { resize(ptr, layout, new_size) }
+        counted(unsafe { resize(ptr, layout, new_size) }, new_size, layout.size(), true)
+    }
+}
+
+/// [`Counting`] without its exit: a refused allocation returns null, and Rust's handler aborts
+/// as with the system allocator. For a library loaded into another program (the C API), which
+/// must not end that program with status 1.
+pub struct Mapped;
+
+unsafe impl GlobalAlloc for Mapped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        counted(place(layout, false), layout.size(), 0, false)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        counted(place(layout, true), layout.size(), 0, false)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        unsafe { free(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` and `layout` are an allocation of this allocator.
+        counted(unsafe { resize(ptr, layout, new_size) }, new_size, layout.size(), false)
     }
 }
 
@@ -90,7 +86,8 @@ fn place(layout: Layout, zeroed: bool) -> *mut u8 {
     p
 }
 
-/// Frees a buffer [`place`] or [`resize`] gave: unmaps or keeps a map of ours, else the system's.
+/// Frees a buffer [`place`] or [`resize`] gave (unmaps or keeps a map of ours, else the system
+/// allocator frees it) and counts its bytes out.
 ///
 /// # Safety
 /// `ptr` and `layout` are such a buffer, not used after.
@@ -99,6 +96,7 @@ unsafe fn free(ptr: *mut u8, layout: Layout) {
     if !unsafe { huge::unmap(ptr, layout.size()) || keep::free(ptr, layout.size()) } {
         unsafe { System.dealloc(ptr, layout) };
     }
+    IN_USE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
 }
 
 /// Resizes a buffer [`place`] or [`resize`] gave, as `GlobalAlloc::realloc`; null if refused.
@@ -113,12 +111,20 @@ unsafe fn resize(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
     }
 }
 
-/// Counts `bytes` newly in use at `p`, or exits if the allocation was refused ([`refused`]).
-fn counted(bytes: usize, p: *mut u8) -> *mut u8 {
+/// Counts `bytes` in use at `p` in place of `replaced` bytes (a `realloc`'s old buffer); a null
+/// `p` (refused) exits where `exit` ([`refused`]), else is returned as it is.
+fn counted(p: *mut u8, bytes: usize, replaced: usize, exit: bool) -> *mut u8 {
     if p.is_null() {
-        refused(bytes);
+        if exit {
+            refused(bytes);
+        }
+        return p;
     }
-    grow(bytes as u64);
+    ACTIVE.store(true, Ordering::Relaxed);
+    IN_USE.fetch_sub(replaced as u64, Ordering::Relaxed);
+    let now = IN_USE.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+    keep::bound(bytes);
     p
 }
 
@@ -135,13 +141,7 @@ fn refused(bytes: usize) -> ! {
     std::process::exit(1)
 }
 
-fn grow(bytes: u64) {
-    ACTIVE.store(true, Ordering::Relaxed);
-    let now = IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-/// Heap bytes in use, if the counting allocator is installed.
+/// Heap bytes in use, if [`Counting`] or [`Mapped`] is installed.
 pub fn in_use() -> Option<u64> {
     ACTIVE.load(Ordering::Relaxed).then(|| IN_USE.load(Ordering::Relaxed))
 }
@@ -285,6 +285,8 @@ mod keep {
     }
 
     pub fn release() {}
+
+    pub fn bound(_: usize) {}
 
     pub fn kept_bytes() -> usize {
         0

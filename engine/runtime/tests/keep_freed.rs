@@ -1,7 +1,8 @@
 //! Freed run-time buffers of 32 MiB or more kept for the next run (`alloc::set_keep_freed`):
 //! a graph with 36 MB activations, run with keeping on and off, gives the same outputs, matching
 //! a product computed here in f64, and with keeping on its later runs fault no page of them in;
-//! dropping the session hands the kept pages back.
+//! smaller buffers growing the heap take the kept pages' room (peak RSS as without); dropping the
+//! session hands the kept pages back.
 //! One test in its own binary: the allocator's state is the process's.
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -69,6 +70,25 @@ fn kept_buffers_serve_the_next_runs_without_faulting_their_pages_in() {
             "kept buffers are not faulted in again: {kept_faults} faults (without: {plain_faults})"
         );
     }
+
+    // Smaller buffers growing the heap take the kept pages' room: the resident set peaks where
+    // it would have without kept pages (give or take the 1 MiB between reads), not above.
+    let kept_before = alloc::kept();
+    let (rss_before, max_before) = (wide::rss(), wide::max_rss());
+    let chunks = 2 * kept_before / (4 << 20) + 1;
+    let heap: Vec<Vec<u8>> = (0..chunks).map(|_| vec![1u8; 4 << 20]).collect();
+    let without = max_before.max(rss_before - kept_before + chunks * (4 << 20));
+    assert!(alloc::kept() < kept_before, "{} of {kept_before} bytes kept", alloc::kept());
+    let mib = |b: u64| b >> 20;
+    assert!(
+        wide::max_rss() <= without + (8 << 20),
+        "peak RSS {} MiB, {} MiB without kept pages",
+        mib(wide::max_rss()),
+        mib(without)
+    );
+    drop(heap);
+    let (plain_again, _, _) = three_runs(&mut on, &x);
+    assert!(plain_again == plain, "the same outputs after kept pages were unmapped");
 
     // A large buffer grown (`mremap`), then shrunk into glibc's heap, keeps its bytes.
     let before = alloc::kept();

@@ -10,16 +10,20 @@
 //! pieces moved side by side into a new range with `mremap` (which moves pages, not bytes), up to
 //! [`PIECES`], new pages only for what they do not cover.
 //!
-//! Pages are never dropped to make a buffer, so buffers in use plus pages kept never exceed the
-//! high-water mark of large buffers in use since the last [`release`]: the peak is the one the
-//! process would have reached without keeping anything, and the resident set between runs is that
-//! peak instead of the buffers still in use. [`release`] (called once a model is loaded) unmaps
-//! every kept piece and starts the mark anew. Nothing here allocates: the state is fixed tables
-//! behind a mutex, taken only for large buffers.
+//! Kept pages only fill room the process would have held anyway: every megabyte allocated (and
+//! before a large buffer's pages are kept) the resident set is read, and kept pages are unmapped
+//! while it is past the most the process held besides kept pages since the last [`release`]
+//! ([`sample`]). Between runs the process holds what the run left room for. (Bounded by the
+//! large buffers in use, as in session 48, kept pages stayed resident while smaller buffers grew
+//! the heap later in the run: one `run` of vision-perceiver-learned int8 peaked at 264-295 MiB
+//! RSS against 241-245 without keeping; the bytes in use, or the heap's high-water mark, missed
+//! what glibc's heap holds beyond them.) [`release`] (called once a model is loaded, and when a
+//! session is dropped) unmaps every kept piece and starts the mark anew. Nothing here allocates: the
+//! state is fixed tables behind a mutex, taken only for large buffers and to unmap.
 
 use super::huge::page;
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Buffers from this size on are made here: glibc's map threshold at run time.
@@ -33,6 +37,20 @@ const KEPT: usize = 256;
 
 /// Whether freed large buffers are kept (on by default).
 pub static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// The process's kept bytes, read without the lock on every allocation ([`bound`]).
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Whether a buffer was made here since [`release`]: only then is the resident set sampled.
+static SAMPLING: AtomicBool = AtomicBool::new(false);
+/// Bytes allocated since the resident set was last read ([`bound`]).
+static SINCE: AtomicU64 = AtomicU64::new(0);
+/// The resident set is read again once this many bytes were allocated.
+const SAMPLE_EVERY: u64 = 1 << 20;
+/// The most the process held besides its kept pages (resident set less kept bytes) at the reads
+/// since [`release`]: what it would have held without keeping, and what it may hold with them.
+static HIGH: AtomicU64 = AtomicU64::new(0);
+/// `/proc/self/statm`, opened once (-1: not yet, or not to be had).
+static STATM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// An address range, `(address, bytes)`, page-aligned, within one memory map.
 type Piece = (usize, usize);
@@ -49,16 +67,36 @@ struct State {
     live: [Live; LIVE],
     kept: [Piece; KEPT],
     kept_n: usize,
-    /// Bytes of buffers in use, of kept pieces, and the most in use at once since [`release`].
-    in_use: usize,
+    /// Bytes of kept pieces.
     kept_bytes: usize,
-    high: usize,
 }
 
 static STATE: Mutex<State> = Mutex::new(State::new());
 
-fn state() -> std::sync::MutexGuard<'static, State> {
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
+/// The process's state, whose kept bytes are published to [`KEPT_BYTES`] when the guard drops.
+struct Guard(std::sync::MutexGuard<'static, State>);
+
+impl std::ops::Deref for Guard {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        KEPT_BYTES.store(self.0.kept_bytes, Ordering::Relaxed);
+    }
+}
+
+fn state() -> Guard {
+    Guard(STATE.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Unmaps a piece nothing refers to.
@@ -73,9 +111,7 @@ impl State {
             live: [Live { addr: 0, pieces: [(0, 0); PIECES], n: 0 }; LIVE],
             kept: [(0, 0); KEPT],
             kept_n: 0,
-            in_use: 0,
             kept_bytes: 0,
-            high: 0,
         }
     }
 
@@ -154,14 +190,20 @@ impl State {
         Some((pieces, n, at))
     }
 
-    /// Counts `len` more bytes in use, then unmaps kept pieces (smallest first) until in use
-    /// plus kept is within the high-water mark.
-    fn count(&mut self, len: usize) {
-        self.in_use += len;
-        self.high = self.high.max(self.in_use);
-        while self.in_use + self.kept_bytes > self.high && self.kept_n > 0 {
+    /// Unmaps at least `bytes` of kept pages (all of them if fewer are kept): the smallest pieces
+    /// whole, then the end of the one that covers what is left.
+    fn trim(&mut self, bytes: usize) {
+        let mut left = bytes.next_multiple_of(page());
+        while left > 0 && self.kept_n > 0 {
             let i = (0..self.kept_n).min_by_key(|&i| self.kept[i].1).expect("a kept piece");
-            unmap(self.remove_kept(i));
+            let (addr, len) = self.remove_kept(i);
+            if len > left {
+                unmap((addr + len - left, left));
+                self.keep((addr, len - left));
+                return;
+            }
+            unmap((addr, len));
+            left -= len;
         }
     }
 
@@ -187,7 +229,7 @@ pub fn alloc(layout: Layout, zeroed: bool) -> *mut u8 {
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0, reused) };
     }
     s.live[slot] = Live { addr, pieces, n };
-    s.count(len);
+    SAMPLING.store(true, Ordering::Relaxed);
     addr as *mut u8
 }
 
@@ -202,8 +244,9 @@ pub unsafe fn free(ptr: *mut u8, size: usize) -> bool {
     }
     let mut s = state();
     let Some(slot) = s.find(ptr as usize) else { return false };
+    // Its pages in use are part of the resident set now: a read before keeping them.
+    sample(&mut s);
     let live = std::mem::replace(&mut s.live[slot], Live { addr: 0, pieces: [(0, 0); PIECES], n: 0 });
-    s.in_use -= size.next_multiple_of(page());
     let on = ENABLED.load(Ordering::Relaxed);
     for &piece in &live.pieces[..live.n] {
         if on {
@@ -239,8 +282,6 @@ pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*
             }
             s.live[slot].addr = p as usize;
             s.live[slot].pieces[0] = (p as usize, new);
-            s.in_use -= old;
-            s.count(new);
             return Some(p as *mut u8);
         }
     }
@@ -261,14 +302,71 @@ pub unsafe fn realloc(ptr: *mut u8, layout: Layout, new_size: usize) -> Option<*
     Some(p)
 }
 
-/// Unmaps every kept piece and starts the high-water mark from the buffers in use.
+/// Unmaps every kept piece and starts the high-water mark anew from the resident set.
 pub fn release() {
     let mut s = state();
     while s.kept_n > 0 {
         let last = s.kept_n - 1;
         unmap(s.remove_kept(last));
     }
-    s.high = s.in_use;
+    HIGH.store(resident().unwrap_or(0), Ordering::Relaxed);
+    SAMPLING.store(false, Ordering::Relaxed);
+    SINCE.store(0, Ordering::Relaxed);
+}
+
+/// Counts an allocation of `bytes`; past [`SAMPLE_EVERY`] bytes since the last read (and once a
+/// buffer was made here), reads the resident set ([`sample`]). Called after every allocation.
+pub fn bound(bytes: usize) {
+    if !SAMPLING.load(Ordering::Relaxed)
+        || SINCE.fetch_add(bytes as u64, Ordering::Relaxed) + (bytes as u64) < SAMPLE_EVERY
+    {
+        return;
+    }
+    SINCE.store(0, Ordering::Relaxed);
+    sample(&mut state());
+}
+
+/// Reads the resident set, raises [`HIGH`] to what the process holds besides its kept pages, and
+/// unmaps kept pages (the smallest pieces first) past it: the process never holds more than it
+/// would have without keeping, give or take what was allocated since the last read. Where the
+/// resident set cannot be read, nothing is kept.
+fn sample(s: &mut State) {
+    if s.kept_n == 0 && !SAMPLING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(rss) = resident() else { return s.trim(usize::MAX) };
+    let kept = s.kept_bytes as u64;
+    let besides = rss.saturating_sub(kept);
+    let high = HIGH.fetch_max(besides, Ordering::Relaxed).max(besides);
+    if rss > high {
+        s.trim((rss - high) as usize);
+    }
+}
+
+/// The resident set in bytes (`/proc/self/statm`, its second field), without allocating.
+fn resident() -> Option<u64> {
+    let mut fd = STATM.load(Ordering::Relaxed);
+    if fd < 0 {
+        // SAFETY: a NUL-terminated path; the descriptor is kept for the process's life.
+        fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        if let Err(other) = STATM.compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed) {
+            // SAFETY: the descriptor just opened, not shared.
+            unsafe { libc::close(fd) };
+            fd = other;
+        }
+    }
+    let mut buf = [0u8; 128];
+    // SAFETY: reads at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n <= 0 {
+        return None;
+    }
+    let text = std::str::from_utf8(&buf[..n as usize]).ok()?;
+    let pages: u64 = text.split_ascii_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page() as u64)
 }
 
 /// Bytes of kept pieces.
@@ -283,10 +381,9 @@ mod tests {
     const MIB: usize = 1 << 20;
 
     /// A state (not the process's) holding kept maps of these sizes (MiB), each filled with its
-    /// index plus one, after `high` MiB were in use at once.
-    fn with_kept(sizes: &[usize], high: usize) -> State {
+    /// index plus one.
+    fn with_kept(sizes: &[usize]) -> State {
         let mut s = State::new();
-        s.high = high * MIB;
         for (i, &b) in sizes.iter().enumerate() {
             let p = super::super::huge::anonymous(b * MIB);
             assert_ne!(p, libc::MAP_FAILED);
@@ -306,7 +403,6 @@ mod tests {
     /// Makes a buffer of `len` MiB as `alloc` does: its bytes, one per MiB, and its pieces.
     fn make(s: &mut State, len: usize) -> (Vec<u8>, Live) {
         let (pieces, n, _) = s.make(len * MIB).expect("a buffer");
-        s.count(len * MIB);
         let live = Live { addr: pieces[0].0, pieces, n };
         // SAFETY: the buffer just made, `len` MiB.
         let bytes = (0..len).map(|m| unsafe { *((live.addr + m * MIB) as *const u8) }).collect();
@@ -324,32 +420,47 @@ mod tests {
     }
 
     #[test]
-    fn buffers_are_made_of_kept_pages_within_the_high_water_mark() {
-        let mut s = with_kept(&[40, 64, 100], 204);
+    fn buffers_are_made_of_kept_pages() {
+        let mut s = with_kept(&[40, 64, 100]);
         // The smallest piece that holds it, the rest of that piece kept.
         let (a, la) = make(&mut s, 50);
         assert_eq!((a, la.n), (vec![2; 50], 1), "the 64 MiB map's pages");
-        assert_eq!((s.in_use / MIB, kept_sizes(&s)), (50, vec![14, 40, 100]));
+        assert_eq!(kept_sizes(&s), vec![14, 40, 100]);
         // None holds it: the largest pieces side by side, in one range.
         let (b, lb) = make(&mut s, 150);
         let want: Vec<u8> = [vec![3; 100], vec![1; 40], vec![2; 10]].concat();
         assert_eq!((b, lb.n), (want, 3), "the 100, 40 and 14 MiB pieces' pages");
         let at: Vec<usize> = lb.pieces[..3].iter().map(|p| (p.0 - lb.addr) / MIB).collect();
         assert_eq!(at, [0, 100, 140], "side by side");
-        assert_eq!((s.in_use / MIB, kept_sizes(&s), s.high / MIB), (200, vec![4], 204));
-        // Past the kept pages: new ones (zero), a new high-water mark, nothing kept beside.
+        assert_eq!(kept_sizes(&s), vec![4]);
+        // Past the kept pages: new ones (zero).
         let (c, lc) = make(&mut s, 60);
         assert_eq!((c, lc.n), ([vec![2; 4], vec![0; 56]].concat(), 2));
-        assert_eq!((s.in_use / MIB, kept_sizes(&s), s.high / MIB), (260, vec![], 260));
+        assert_eq!(kept_sizes(&s), Vec::<usize>::new());
         release_all(s, &[la, lb, lc]);
     }
 
     #[test]
+    fn trimming_unmaps_the_smallest_pieces_then_the_end_of_one() {
+        let mut s = with_kept(&[40, 64, 100]);
+        s.trim(50 * MIB);
+        assert_eq!((kept_sizes(&s), s.kept_bytes / MIB), (vec![54, 100], 154), "40 whole, 10 off the 64");
+        // The head of the cut piece still holds its bytes: a buffer made of it.
+        let (a, la) = make(&mut s, 54);
+        assert_eq!(a, vec![2; 54]);
+        s.trim(1);
+        assert_eq!(s.kept_bytes, 100 * MIB - page(), "a byte: one page off the end of the 100 MiB piece");
+        s.trim(1 << 40);
+        assert_eq!((s.kept_n, s.kept_bytes), (0, 0), "more than kept: all");
+        release_all(s, &[la]);
+    }
+
+    #[test]
     fn a_full_table_unmaps_the_smallest_piece() {
-        let mut s = with_kept(&vec![1; KEPT], KEPT);
-        s.keep(with_kept(&[2], 2).remove_kept(0));
+        let mut s = with_kept(&vec![1; KEPT]);
+        s.keep(with_kept(&[2]).remove_kept(0));
         assert_eq!((s.kept_n, s.kept_bytes / MIB), (KEPT, KEPT + 1), "a 1 MiB piece unmapped for the 2 MiB one");
-        let small = with_kept(&[1], 1).remove_kept(0);
+        let small = with_kept(&[1]).remove_kept(0);
         s.keep(small);
         assert_eq!((s.kept_n, s.kept_bytes / MIB), (KEPT, KEPT + 1), "no smaller piece: this one unmapped");
         release_all(s, &[]);

@@ -92,6 +92,24 @@ pub fn faults() -> i64 {
     }
 }
 
+/// The resident set now, in bytes (`/proc/self/statm`).
+pub fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf takes no pointers.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// The largest resident set so far, in bytes (`getrusage`).
+pub fn max_rss() -> u64 {
+    // SAFETY: getrusage writes the struct it is given.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u.ru_maxrss as u64 * 1024
+    }
+}
+
 /// Pages of one activation.
 pub fn activation_pages() -> i64 {
     // SAFETY: sysconf takes no pointers.
