@@ -193,7 +193,7 @@ impl State {
     /// Unmaps at least `bytes` of kept pages (all of them if fewer are kept): the smallest pieces
     /// whole, then the end of the one that covers what is left.
     fn trim(&mut self, bytes: usize) {
-        let mut left = bytes.next_multiple_of(page());
+        let mut left = bytes.checked_next_multiple_of(page()).unwrap_or(usize::MAX);
         while left > 0 && self.kept_n > 0 {
             let i = (0..self.kept_n).min_by_key(|&i| self.kept[i].1).expect("a kept piece");
             let (addr, len) = self.remove_kept(i);
@@ -450,8 +450,8 @@ mod tests {
         assert_eq!(a, vec![2; 54]);
         s.trim(1);
         assert_eq!(s.kept_bytes, 100 * MIB - page(), "a byte: one page off the end of the 100 MiB piece");
-        s.trim(1 << 40);
-        assert_eq!((s.kept_n, s.kept_bytes), (0, 0), "more than kept: all");
+        s.trim(usize::MAX);
+        assert_eq!((s.kept_n, s.kept_bytes), (0, 0), "more than kept (all there is): all");
         release_all(s, &[la]);
     }
 
