@@ -18,12 +18,12 @@
 //! the heap later in the run: one `run` of vision-perceiver-learned int8 peaked at 264-295 MiB
 //! RSS against 241-245 without keeping; the bytes in use, or the heap's high-water mark, missed
 //! what glibc's heap holds beyond them.) [`release`] (called once a model is loaded, and when a
-//! session is dropped) unmaps every kept piece and starts the mark anew. Nothing here allocates: the
-//! state is fixed tables behind a mutex, taken only for large buffers and to unmap.
+//! session is dropped) unmaps every kept piece and starts the mark anew. Nothing here allocates:
+//! the state is fixed tables behind a mutex, taken only for large buffers and to unmap.
 
 use super::huge::page;
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Buffers from this size on are made here: glibc's map threshold at run time.
@@ -49,8 +49,10 @@ const SAMPLE_EVERY: u64 = 1 << 20;
 /// The most the process held besides its kept pages (resident set less kept bytes) at the reads
 /// since [`release`]: what it would have held without keeping, and what it may hold with them.
 static HIGH: AtomicU64 = AtomicU64::new(0);
-/// `/proc/self/statm`, opened once (-1: not yet, or not to be had).
-static STATM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// `/proc/self/statm` opened (-1: not yet), and the process it was opened in (a forked child
+/// opens its own).
+static STATM: AtomicI32 = AtomicI32::new(-1);
+static STATM_PID: AtomicI32 = AtomicI32::new(0);
 
 /// An address range, `(address, bytes)`, page-aligned, within one memory map.
 type Piece = (usize, usize);
@@ -343,19 +345,23 @@ fn sample(s: &mut State) {
     }
 }
 
-/// The resident set in bytes (`/proc/self/statm`, its second field), without allocating.
+/// The resident set in bytes (`/proc/self/statm`, its second field), without allocating. Called
+/// with the state's lock held, so one thread at a time opens the file.
 fn resident() -> Option<u64> {
+    // SAFETY: getpid takes no pointers.
+    let pid = unsafe { libc::getpid() };
     let mut fd = STATM.load(Ordering::Relaxed);
-    if fd < 0 {
+    if fd < 0 || STATM_PID.load(Ordering::Relaxed) != pid {
+        if fd >= 0 {
+            // SAFETY: this process's copy of the parent's descriptor, used only here.
+            unsafe { libc::close(fd) };
+        }
         // SAFETY: a NUL-terminated path; the descriptor is kept for the process's life.
         fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        STATM.store(fd, Ordering::Relaxed);
+        STATM_PID.store(pid, Ordering::Relaxed);
         if fd < 0 {
             return None;
-        }
-        if let Err(other) = STATM.compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed) {
-            // SAFETY: the descriptor just opened, not shared.
-            unsafe { libc::close(fd) };
-            fd = other;
         }
     }
     let mut buf = [0u8; 128];
@@ -453,6 +459,25 @@ mod tests {
         s.trim(usize::MAX);
         assert_eq!((s.kept_n, s.kept_bytes), (0, 0), "more than kept (all there is): all");
         release_all(s, &[la]);
+    }
+
+    #[test]
+    fn the_resident_set_is_this_processs_even_after_a_fork() {
+        let _lock = state();
+        let from_file = || -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * page() as u64
+        };
+        let near = |a: u64, b: u64| a.abs_diff(b) <= 16 << 20;
+        let (got, want) = (resident().expect("statm"), from_file());
+        assert!(near(got, want), "{got} vs {want}");
+        // A forked child finds its parent's descriptor: the pid differs, so it opens its own.
+        // SAFETY: getpid takes no pointers.
+        let pid = unsafe { libc::getpid() };
+        STATM_PID.store(pid + 1, Ordering::Relaxed);
+        let (got, want) = (resident().expect("statm"), from_file());
+        assert!(near(got, want), "{got} vs {want}");
+        assert_eq!(STATM_PID.load(Ordering::Relaxed), pid);
     }
 
     #[test]
