@@ -124,7 +124,7 @@ fn counted(p: *mut u8, bytes: usize, replaced: usize, exit: bool) -> *mut u8 {
     IN_USE.fetch_sub(replaced as u64, Ordering::Relaxed);
     let now = IN_USE.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
     PEAK.fetch_max(now, Ordering::Relaxed);
-    keep::bound(bytes);
+    keep::bound(p, bytes);
     p
 }
 
@@ -286,7 +286,7 @@ mod keep {
 
     pub fn release() {}
 
-    pub fn bound(_: usize) {}
+    pub fn bound(_: *mut u8, _: usize) {}
 
     pub fn kept_bytes() -> usize {
         0

@@ -247,7 +247,7 @@ pub unsafe fn free(ptr: *mut u8, size: usize) -> bool {
     let mut s = state();
     let Some(slot) = s.find(ptr as usize) else { return false };
     // Its pages in use are part of the resident set now: a read before keeping them.
-    sample(&mut s);
+    sample(&mut s, 0);
     let live = std::mem::replace(&mut s.live[slot], Live { addr: 0, pieces: [(0, 0); PIECES], n: 0 });
     let on = ENABLED.load(Ordering::Relaxed);
     for &piece in &live.pieces[..live.n] {
@@ -316,27 +316,59 @@ pub fn release() {
     SINCE.store(0, Ordering::Relaxed);
 }
 
-/// Counts an allocation of `bytes`; past [`SAMPLE_EVERY`] bytes since the last read (and once a
-/// buffer was made here), reads the resident set ([`sample`]). Called after every allocation.
-pub fn bound(bytes: usize) {
-    if !SAMPLING.load(Ordering::Relaxed)
-        || SINCE.fetch_add(bytes as u64, Ordering::Relaxed) + (bytes as u64) < SAMPLE_EVERY
-    {
+/// Buffers from this size on (and under [`MIN`]) are checked for pages not yet resident when
+/// made, while pages are kept ([`bound`]).
+const PREDICT_MIN: usize = 256 << 10;
+
+/// Counts an allocation of `bytes` at `ptr` (once a buffer was made here since [`release`]):
+/// glibc's buffer of [`PREDICT_MIN`] or more, with pages kept, is checked for pages its first
+/// writes will bring in (`mincore`), and the resident set is read with them counted ([`sample`]),
+/// before they are touched; past [`SAMPLE_EVERY`] bytes since the last read, it is read anyway.
+/// Called after every allocation.
+pub fn bound(ptr: *mut u8, bytes: usize) {
+    if !SAMPLING.load(Ordering::Relaxed) {
         return;
     }
-    SINCE.store(0, Ordering::Relaxed);
-    sample(&mut state());
+    if (PREDICT_MIN..MIN).contains(&bytes) && KEPT_BYTES.load(Ordering::Relaxed) > 0 {
+        SINCE.store(0, Ordering::Relaxed);
+        return sample(&mut state(), untouched(ptr as usize, bytes));
+    }
+    if SINCE.fetch_add(bytes as u64, Ordering::Relaxed) + (bytes as u64) >= SAMPLE_EVERY {
+        SINCE.store(0, Ordering::Relaxed);
+        sample(&mut state(), 0);
+    }
 }
 
-/// Reads the resident set, raises [`HIGH`] to what the process holds besides its kept pages, and
-/// unmaps kept pages (the smallest pieces first) past it: the process never holds more than it
-/// would have without keeping, give or take what was allocated since the last read. Where the
-/// resident set cannot be read, nothing is kept.
-fn sample(s: &mut State) {
+/// Bytes of the pages of `[addr, addr + bytes)` that are not resident (0 if `mincore` fails).
+fn untouched(addr: usize, bytes: usize) -> u64 {
+    let page = page();
+    let start = addr / page * page;
+    let pages = (addr + bytes).div_ceil(page) - start / page;
+    let mut vec = [0u8; 4096];
+    let mut missing = 0u64;
+    for first in (0..pages).step_by(vec.len()) {
+        let n = vec.len().min(pages - first);
+        // SAFETY: a range of this process's mapped pages (a live buffer's), `n` bytes of `vec`.
+        let r = unsafe { libc::mincore((start + first * page) as *mut libc::c_void, n * page, vec.as_mut_ptr()) };
+        if r != 0 {
+            return 0;
+        }
+        missing += vec[..n].iter().filter(|&&b| b & 1 == 0).count() as u64;
+    }
+    missing * page as u64
+}
+
+/// Reads the resident set, adds `coming` bytes about to be brought in (a new buffer's pages),
+/// raises [`HIGH`] to what the process then holds besides its kept pages, and unmaps kept pages
+/// (the smallest pieces first) past it: the process never holds more than it would have without
+/// keeping, give or take what was allocated and touched since the last read. Where the resident
+/// set cannot be read, nothing is kept.
+fn sample(s: &mut State, coming: u64) {
     if s.kept_n == 0 && !SAMPLING.load(Ordering::Relaxed) {
         return;
     }
     let Some(rss) = resident() else { return s.trim(usize::MAX) };
+    let rss = rss + coming;
     let kept = s.kept_bytes as u64;
     let besides = rss.saturating_sub(kept);
     let high = HIGH.fetch_max(besides, Ordering::Relaxed).max(besides);
@@ -478,6 +510,21 @@ mod tests {
         let (got, want) = (resident().expect("statm"), from_file());
         assert!(near(got, want), "{got} vs {want}");
         assert_eq!(STATM_PID.load(Ordering::Relaxed), pid);
+    }
+
+    #[test]
+    fn untouched_counts_the_pages_not_yet_brought_in() {
+        let page = page();
+        let p = super::super::huge::anonymous(8 * page) as usize;
+        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        for i in [0, 3, 7] {
+            // SAFETY: a page of the map just made.
+            unsafe { *((p + i * page) as *mut u8) = 1 };
+        }
+        assert_eq!(untouched(p, 8 * page), 5 * page as u64);
+        // A range inside pages: every page it touches counts (pages 3 and 4, the 4th not in).
+        assert_eq!(untouched(p + 3 * page + 100, page), page as u64);
+        unmap((p, 8 * page));
     }
 
     #[test]
