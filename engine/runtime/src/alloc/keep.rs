@@ -10,10 +10,11 @@
 //! pieces moved side by side into a new range with `mremap` (which moves pages, not bytes), up to
 //! [`PIECES`], new pages only for what they do not cover.
 //!
-//! Kept pages only fill room the process would have held anyway: every megabyte allocated (and
-//! before a large buffer's pages are kept) the resident set is read, and kept pages are unmapped
-//! while it is past the most the process held besides kept pages since the last [`release`]
-//! ([`sample`]). Between runs the process holds what the run left room for. (Bounded by the
+//! Kept pages only fill room the process would have held anyway: every megabyte allocated, when
+//! glibc makes a buffer of [`PREDICT_MIN`] or more (its pages not yet resident counted, before it
+//! is written), and before a large buffer's pages are kept, the resident set is read, and kept
+//! pages are unmapped while it is past the most the process held besides kept pages since the
+//! last [`release`] ([`sample`]). Between runs the process holds what the run left room for. (Bounded by the
 //! large buffers in use, as in session 48, kept pages stayed resident while smaller buffers grew
 //! the heap later in the run: one `run` of vision-perceiver-learned int8 peaked at 264-295 MiB
 //! RSS against 241-245 without keeping; the bytes in use, or the heap's high-water mark, missed
