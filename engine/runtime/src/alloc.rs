@@ -121,7 +121,9 @@ fn counted(p: *mut u8, bytes: usize, replaced: usize, exit: bool) -> *mut u8 {
         return p;
     }
     ACTIVE.store(true, Ordering::Relaxed);
-    IN_USE.fetch_sub(replaced as u64, Ordering::Relaxed);
+    if replaced > 0 {
+        IN_USE.fetch_sub(replaced as u64, Ordering::Relaxed);
+    }
     let now = IN_USE.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
     PEAK.fetch_max(now, Ordering::Relaxed);
     keep::bound(p, bytes);
