@@ -8,7 +8,7 @@
 //!
 //! Large buffers get memory maps of their own: huge pages while loading ([`LoadPhase`]), pages
 //! kept from run to run after ([`set_keep_freed`]). A library inside another program (the C API)
-//! installs [`Mapped`] instead: the same maps, no counting, and a refusal left to Rust's handler.
+//! installs [`Mapped`] instead: the same maps and counts, and a refusal left to Rust's handler.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
