@@ -321,18 +321,20 @@ pub fn release() {
 /// made, while pages are kept ([`bound`]).
 const PREDICT_MIN: usize = 256 << 10;
 
-/// Counts an allocation of `bytes` at `ptr` (once a buffer was made here since [`release`]):
-/// glibc's buffer of [`PREDICT_MIN`] or more, with pages kept, is checked for pages its first
-/// writes will bring in (`mincore`), and the resident set is read with them counted ([`sample`]),
-/// before they are touched; past [`SAMPLE_EVERY`] bytes since the last read, it is read anyway.
-/// Called after every allocation.
+/// Counts an allocation of `bytes` at `ptr` (once a buffer was made here since [`release`]): a
+/// buffer of [`PREDICT_MIN`] or more but under [`MIN`] (glibc's, or a huge-page map while
+/// loading), with pages kept, is checked for pages its first writes will bring in (`mincore`),
+/// and the resident set is read with them counted ([`sample`]), before they are touched; past
+/// [`SAMPLE_EVERY`] bytes since the last read, it is read anyway. Called after every allocation.
 pub fn bound(ptr: *mut u8, bytes: usize) {
     if !SAMPLING.load(Ordering::Relaxed) {
         return;
     }
     if (PREDICT_MIN..MIN).contains(&bytes) && KEPT_BYTES.load(Ordering::Relaxed) > 0 {
         SINCE.store(0, Ordering::Relaxed);
-        return sample(&mut state(), untouched(ptr as usize, bytes));
+        // Counted before the lock is taken: `mincore` needs none.
+        let coming = untouched(ptr as usize, bytes);
+        return sample(&mut state(), coming);
     }
     if SINCE.fetch_add(bytes as u64, Ordering::Relaxed) + (bytes as u64) >= SAMPLE_EVERY {
         SINCE.store(0, Ordering::Relaxed);
